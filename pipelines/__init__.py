@@ -1,0 +1,1 @@
+"""Beam pipelines assembled from stages, and the CLI."""

@@ -1,0 +1,1 @@
+"""Records, the Parquet schema and the config models."""

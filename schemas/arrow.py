@@ -1,0 +1,359 @@
+"""The one pyarrow schema of orsgen's Parquet output, and row converters.
+
+One row per image (the RefCOCO-M-on-the-Hub layout): the image bytes, its
+instances with COCO RLE masks, its RefCOCO-family refs and a nested ``samples``
+list that carries every referring sample with its trainer targets. Splits are
+image-disjoint, so a row never straddles two splits.
+
+``tests/test_schemas.py`` checks that every struct here names exactly the
+fields of its dataclass in ``schemas.records``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pyarrow as pa
+
+from orsgen.schemas.records import (
+    ImageExample,
+    ImageRecord,
+    Instance,
+    Ref,
+    RefSentence,
+    Reject,
+    Rle,
+    Sample,
+    TargetGeometry,
+)
+
+RLE_TYPE = pa.struct([pa.field("size", pa.list_(pa.int32())), pa.field("counts", pa.string())])
+BOX_TYPE = pa.list_(pa.float64())
+POINT_TYPE = pa.list_(pa.int32())
+
+INSTANCE_TYPE = pa.struct(
+    [
+        pa.field("instance_id", pa.string()),
+        pa.field("image_id", pa.string()),
+        pa.field("rle", RLE_TYPE),
+        pa.field("bbox_xywh", BOX_TYPE),
+        pa.field("bbox_xyxy", BOX_TYPE),
+        pa.field("area_px", pa.int64()),
+        pa.field("category_id", pa.int64()),
+        pa.field("category_name", pa.string()),
+        pa.field("supercategory", pa.string()),
+        pa.field("iscrowd", pa.bool_()),
+        pa.field("predicted_iou", pa.float64()),
+        pa.field("stability_score", pa.float64()),
+        pa.field("point_coords", pa.list_(pa.list_(pa.float64()))),
+        pa.field("crop_box", BOX_TYPE),
+        pa.field("source_ann_id", pa.int64()),
+        pa.field("mask_origin", pa.string()),
+    ]
+)
+
+SENTENCE_TYPE = pa.struct(
+    [pa.field("sent_id", pa.int64()), pa.field("raw", pa.string()), pa.field("sent", pa.string())]
+)
+
+REF_TYPE = pa.struct(
+    [
+        pa.field("ref_id", pa.int64()),
+        pa.field("image_id", pa.string()),
+        pa.field("ann_ids", pa.list_(pa.int64())),
+        pa.field("category_ids", pa.list_(pa.int64())),
+        pa.field("split", pa.string()),
+        pa.field("sentences", pa.list_(SENTENCE_TYPE)),
+        pa.field("dataset", pa.string()),
+    ]
+)
+
+TARGET_TYPE = pa.struct(
+    [
+        pa.field("instance_id", pa.string()),
+        pa.field("bbox_xyxy", BOX_TYPE),
+        pa.field("point_1", POINT_TYPE),
+        pa.field("point_2", POINT_TYPE),
+        pa.field("qwen_box", POINT_TYPE),
+    ]
+)
+
+SAMPLE_TYPE = pa.struct(
+    [
+        pa.field("sample_id", pa.string()),
+        pa.field("image_id", pa.string()),
+        pa.field("expression", pa.string()),
+        pa.field("kind", pa.string()),
+        pa.field("target_ids", pa.list_(pa.string())),
+        pa.field("split", pa.string()),
+        pa.field("generator", pa.string()),
+        pa.field("template", pa.string()),
+        pa.field("model", pa.string()),
+        pa.field("union_rle", RLE_TYPE),
+        pa.field("union_svg", pa.string()),
+        pa.field("targets", pa.list_(TARGET_TYPE)),
+        pa.field("sam2_ious", pa.list_(pa.float64())),
+        pa.field("reground_box", BOX_TYPE),
+        pa.field("reground_iou", pa.float64()),
+        # Free-form provenance as a JSON string: a struct would need a fixed shape.
+        pa.field("metadata", pa.string()),
+    ]
+)
+
+# Image-level columns first, so that the dataset viewer shows them up front.
+IMAGE_COLUMNS = ("image_id", "source", "uri", "width", "height", "sha256", "file_name")
+
+EXAMPLE_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("source", pa.string()),
+        pa.field("uri", pa.string()),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("sha256", pa.string()),
+        pa.field("file_name", pa.string()),
+        pa.field("split", pa.string()),
+        pa.field("input_name", pa.string()),
+        pa.field("image", pa.binary()),
+        pa.field("instances", pa.list_(INSTANCE_TYPE)),
+        pa.field("refs", pa.list_(REF_TYPE)),
+        pa.field("samples", pa.list_(SAMPLE_TYPE)),
+    ],
+    metadata={b"orsgen.schema": b"example/1"},
+)
+
+REJECT_SCHEMA = pa.schema(
+    [
+        pa.field("source_key", pa.string(), nullable=False),
+        pa.field("stage", pa.string(), nullable=False),
+        pa.field("reason", pa.string(), nullable=False),
+        pa.field("message", pa.string()),
+        pa.field("level", pa.string()),
+        pa.field("image_id", pa.string()),
+    ],
+    metadata={b"orsgen.schema": b"reject/1"},
+)
+
+# Which dataclass each struct mirrors: the sync test walks this table.
+STRUCT_OF: dict[type, pa.DataType] = {
+    Rle: RLE_TYPE,
+    Instance: INSTANCE_TYPE,
+    RefSentence: SENTENCE_TYPE,
+    Ref: REF_TYPE,
+    TargetGeometry: TARGET_TYPE,
+    Sample: SAMPLE_TYPE,
+}
+
+
+def _rle_row(rle: Rle | None) -> dict[str, Any] | None:
+    return None if rle is None else {"size": [int(rle.size[0]), int(rle.size[1])], "counts": rle.counts}
+
+
+def _opt_list(v: Any) -> list[Any] | None:
+    return None if v is None else [float(x) for x in v]
+
+
+def instance_to_row(inst: Instance) -> dict[str, Any]:
+    """Converts an ``Instance`` to a row of ``INSTANCE_TYPE``."""
+    return {
+        "instance_id": inst.instance_id,
+        "image_id": inst.image_id,
+        "rle": _rle_row(inst.rle),
+        "bbox_xywh": [float(v) for v in inst.bbox_xywh],
+        "bbox_xyxy": [float(v) for v in inst.bbox_xyxy],
+        "area_px": int(inst.area_px),
+        "category_id": inst.category_id,
+        "category_name": inst.category_name,
+        "supercategory": inst.supercategory,
+        "iscrowd": bool(inst.iscrowd),
+        "predicted_iou": inst.predicted_iou,
+        "stability_score": inst.stability_score,
+        "point_coords": [[float(x), float(y)] for x, y in inst.point_coords],
+        "crop_box": _opt_list(inst.crop_box),
+        "source_ann_id": inst.source_ann_id,
+        "mask_origin": inst.mask_origin,
+    }
+
+
+def ref_to_row(ref: Ref) -> dict[str, Any]:
+    """Converts a ``Ref`` to a row of ``REF_TYPE``."""
+    return {
+        "ref_id": int(ref.ref_id),
+        "image_id": ref.image_id,
+        "ann_ids": [int(a) for a in ref.ann_ids],
+        "category_ids": [int(c) for c in ref.category_ids],
+        "split": ref.split,
+        "sentences": [{"sent_id": s.sent_id, "raw": s.raw, "sent": s.sent} for s in ref.sentences],
+        "dataset": ref.dataset,
+    }
+
+
+def target_to_row(t: TargetGeometry) -> dict[str, Any]:
+    """Converts a ``TargetGeometry`` to a row of ``TARGET_TYPE``."""
+    return {
+        "instance_id": t.instance_id,
+        "bbox_xyxy": [float(v) for v in t.bbox_xyxy],
+        "point_1": [int(v) for v in t.point_1],
+        "point_2": [int(v) for v in t.point_2],
+        "qwen_box": [int(v) for v in t.qwen_box],
+    }
+
+
+def sample_to_row(s: Sample) -> dict[str, Any]:
+    """Converts a ``Sample`` to a row of ``SAMPLE_TYPE``."""
+    return {
+        "sample_id": s.sample_id,
+        "image_id": s.image_id,
+        "expression": s.expression,
+        "kind": str(s.kind),
+        "target_ids": list(s.target_ids),
+        "split": s.split,
+        "generator": s.generator,
+        "template": s.template,
+        "model": s.model,
+        "union_rle": _rle_row(s.union_rle),
+        "union_svg": s.union_svg,
+        "targets": [target_to_row(t) for t in s.targets],
+        "sam2_ious": [float(v) for v in s.sam2_ious],
+        "reground_box": _opt_list(s.reground_box),
+        "reground_iou": s.reground_iou,
+        "metadata": json.dumps(s.metadata, sort_keys=True, separators=(",", ":")),
+    }
+
+
+def example_to_row(ex: ImageExample) -> dict[str, Any]:
+    """Converts an ``ImageExample`` to a row of ``EXAMPLE_SCHEMA``."""
+    img = ex.image
+    return {
+        "key": ex.key,
+        "image_id": img.image_id,
+        "source": img.source,
+        "uri": img.uri,
+        "width": int(img.width),
+        "height": int(img.height),
+        "sha256": img.sha256,
+        "file_name": img.file_name,
+        "split": ex.split,
+        "input_name": ex.input_name,
+        "image": ex.image_bytes,
+        "instances": [instance_to_row(i) for i in ex.instances],
+        "refs": [ref_to_row(r) for r in ex.refs],
+        "samples": [sample_to_row(s) for s in ex.samples],
+    }
+
+
+def reject_to_row(r: Reject) -> dict[str, Any]:
+    """Converts a ``Reject`` to a row of ``REJECT_SCHEMA``."""
+    return {
+        "source_key": r.source_key,
+        "stage": r.stage,
+        "reason": r.reason,
+        "message": r.message,
+        "level": str(r.level),
+        "image_id": r.image_id,
+    }
+
+
+def _rle_from_row(row: dict[str, Any] | None) -> Rle | None:
+    return None if row is None else Rle(size=(int(row["size"][0]), int(row["size"][1])), counts=row["counts"])
+
+
+def _box(v: Any) -> tuple[float, float, float, float] | None:
+    return None if v is None else tuple(float(x) for x in v)  # type: ignore[return-value]
+
+
+def instance_from_row(row: dict[str, Any]) -> Instance:
+    """Inverse of ``instance_to_row``."""
+    rle = _rle_from_row(row["rle"])
+    assert rle is not None
+    return Instance(
+        instance_id=row["instance_id"],
+        image_id=row["image_id"],
+        rle=rle,
+        bbox_xywh=_box(row["bbox_xywh"]),  # type: ignore[arg-type]
+        bbox_xyxy=_box(row["bbox_xyxy"]),  # type: ignore[arg-type]
+        area_px=int(row["area_px"]),
+        category_id=row["category_id"],
+        category_name=row["category_name"],
+        supercategory=row["supercategory"],
+        iscrowd=bool(row["iscrowd"]),
+        predicted_iou=row["predicted_iou"],
+        stability_score=row["stability_score"],
+        point_coords=tuple((float(p[0]), float(p[1])) for p in row["point_coords"] or ()),
+        crop_box=_box(row["crop_box"]),
+        source_ann_id=row["source_ann_id"],
+        mask_origin=row["mask_origin"],
+    )
+
+
+def ref_from_row(row: dict[str, Any]) -> Ref:
+    """Inverse of ``ref_to_row``."""
+    return Ref(
+        ref_id=int(row["ref_id"]),
+        image_id=row["image_id"],
+        ann_ids=tuple(int(a) for a in row["ann_ids"]),
+        category_ids=tuple(int(c) for c in row["category_ids"]),
+        split=row["split"],
+        sentences=tuple(RefSentence(int(s["sent_id"]), s["raw"], s["sent"]) for s in row["sentences"]),
+        dataset=row["dataset"],
+    )
+
+
+def target_from_row(row: dict[str, Any]) -> TargetGeometry:
+    """Inverse of ``target_to_row``."""
+    return TargetGeometry(
+        instance_id=row["instance_id"],
+        bbox_xyxy=_box(row["bbox_xyxy"]),  # type: ignore[arg-type]
+        point_1=(int(row["point_1"][0]), int(row["point_1"][1])),
+        point_2=(int(row["point_2"][0]), int(row["point_2"][1])),
+        qwen_box=tuple(int(v) for v in row["qwen_box"]),  # type: ignore[arg-type]
+    )
+
+
+def sample_from_row(row: dict[str, Any]) -> Sample:
+    """Inverse of ``sample_to_row``."""
+    return Sample(
+        sample_id=row["sample_id"],
+        image_id=row["image_id"],
+        expression=row["expression"],
+        kind=row["kind"],
+        target_ids=tuple(row["target_ids"]),
+        split=row["split"],
+        generator=row["generator"],
+        template=row["template"],
+        model=row["model"],
+        union_rle=_rle_from_row(row["union_rle"]),
+        union_svg=row["union_svg"],
+        targets=tuple(target_from_row(t) for t in row["targets"]),
+        sam2_ious=tuple(float(v) for v in row["sam2_ious"]),
+        reground_box=_box(row["reground_box"]),
+        reground_iou=row["reground_iou"],
+        metadata=json.loads(row["metadata"]) if row["metadata"] else {},
+    )
+
+
+def example_from_row(row: dict[str, Any]) -> ImageExample:
+    """Inverse of ``example_to_row``: rebuilds the record from a Parquet row."""
+    return ImageExample(
+        key=row["key"],
+        image=ImageRecord(**{c: row[c] for c in IMAGE_COLUMNS}),
+        image_bytes=row["image"],
+        instances=tuple(instance_from_row(i) for i in row["instances"]),
+        refs=tuple(ref_from_row(r) for r in row["refs"]),
+        samples=tuple(sample_from_row(s) for s in row["samples"]),
+        split=row["split"],
+        input_name=row["input_name"],
+    )
+
+
+def example_to_json(ex: ImageExample) -> dict[str, Any]:
+    """The WebDataset ``json`` field: every column but the image bytes.
+
+    The same content as the Parquet row (so both outputs carry the same
+    annotations), with the image stored beside it as the ``jpg`` field.
+    """
+    row = example_to_row(ex)
+    del row["image"]
+    return row

@@ -1,0 +1,345 @@
+"""The record schema of orsgen, defined once.
+
+Frozen dataclasses cross every stage boundary. ``schemas.arrow`` holds the one
+pyarrow schema that mirrors them for Parquet, and ``tests/test_schemas.py``
+keeps the two in sync.
+
+Conventions (COCO's, so that every tool of the field reads them):
+
+* masks are COCO compressed RLE: ``{"size": [h, w], "counts": str}``;
+* ``bbox_xywh`` is COCO's ``[x, y, w, h]`` in absolute pixels;
+* ``bbox_xyxy`` is ``[x0, y0, x1, y1]`` in absolute pixels (exclusive max);
+* points are ``(x, y)`` pixel coordinates;
+* ``qwen_box`` is ``[x0, y0, x1, y1]`` normalised to 0..1000 (Qwen3-VL style).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+
+class ExpressionKind(StrEnum):
+    """Kinds of referring expressions (ORS-Bench types plus human and no-target)."""
+
+    CATEGORY_SINGLE = "category_single"
+    CATEGORY_MULTI = "category_multi"
+    PHRASE = "phrase"
+    DESCRIPTION = "description"
+    HUMAN = "human"
+    NO_TARGET = "no_target"
+
+
+class Source(StrEnum):
+    """Where an image and its annotations come from."""
+
+    SA1B = "sa1b"
+    COCO = "coco"
+    REFCOCO = "refcoco"
+    GREFCOCO = "grefcoco"
+
+
+class RejectLevel(StrEnum):
+    """The unit a reject stands for; reconciliation is kept per level."""
+
+    SHARD = "shard"
+    IMAGE = "image"
+    INSTANCE = "instance"
+    REF = "ref"
+    SAMPLE = "sample"
+
+
+@dataclass(frozen=True, slots=True)
+class Rle:
+    """A COCO compressed RLE mask.
+
+    Attributes:
+        size: ``(h, w)`` of the image the mask lives in, in pixels.
+        counts: the compressed counts string (COCO's LEB128-like encoding).
+    """
+
+    size: tuple[int, int]
+    counts: str
+
+    def to_coco(self) -> dict[str, Any]:
+        """Returns the dict pycocotools expects (``counts`` as bytes)."""
+        return {"size": [int(self.size[0]), int(self.size[1])], "counts": self.counts.encode("ascii")}
+
+    def to_json(self) -> dict[str, Any]:
+        """Returns a JSON-serialisable dict (``counts`` as str)."""
+        return {"size": [int(self.size[0]), int(self.size[1])], "counts": self.counts}
+
+    @classmethod
+    def from_coco(cls, rle: dict[str, Any]) -> "Rle":
+        """Builds from a pycocotools / JSON compressed RLE dict."""
+        counts = rle["counts"]
+        if isinstance(counts, bytes):
+            counts = counts.decode("ascii")
+        h, w = rle["size"]
+        return cls(size=(int(h), int(w)), counts=str(counts))
+
+
+@dataclass(frozen=True, slots=True)
+class Category:
+    """One entry of a source's category vocabulary (COCO ``categories``)."""
+
+    id: int
+    name: str
+    supercategory: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ImageRecord:
+    """One source image.
+
+    Attributes:
+        image_id: stable id such as ``sa1b:123`` or ``coco:391895``.
+        source: where it comes from (``Source``).
+        uri: where the bytes were read from (tar member, path or URL).
+        width: width in pixels.
+        height: height in pixels.
+        sha256: hex digest of the encoded image bytes.
+        file_name: the source's own file name.
+    """
+
+    image_id: str
+    source: str
+    uri: str
+    width: int
+    height: int
+    sha256: str
+    file_name: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Instance:
+    """One region / annotated instance of an image.
+
+    Attributes:
+        instance_id: stable id unique in the image, e.g. ``sa1b:123/ann:456``.
+        image_id: the image it belongs to.
+        rle: the mask.
+        bbox_xywh: COCO box ``[x, y, w, h]`` in pixels.
+        bbox_xyxy: ``[x0, y0, x1, y1]`` in pixels.
+        area_px: mask area in pixels.
+        category_id: COCO category id, or None for class-agnostic regions (SA-1B).
+        category_name: category name, or None.
+        supercategory: COCO supercategory, or None.
+        iscrowd: COCO crowd flag.
+        predicted_iou: SA-1B / SAM score, or None.
+        stability_score: SA-1B / SAM score, or None.
+        point_coords: SA-1B prompt points ``[(x, y), ...]``.
+        crop_box: SA-1B crop box ``[x, y, w, h]``, or None.
+        source_ann_id: the annotation id in the source file.
+        mask_origin: how the mask was encoded at the source (``polygon``,
+            ``rle``, ``uncompressed_rle``) or rewritten (``sam2_refined``).
+    """
+
+    instance_id: str
+    image_id: str
+    rle: Rle
+    bbox_xywh: tuple[float, float, float, float]
+    bbox_xyxy: tuple[float, float, float, float]
+    area_px: int
+    category_id: int | None = None
+    category_name: str | None = None
+    supercategory: str | None = None
+    iscrowd: bool = False
+    predicted_iou: float | None = None
+    stability_score: float | None = None
+    point_coords: tuple[tuple[float, float], ...] = ()
+    crop_box: tuple[float, float, float, float] | None = None
+    source_ann_id: int | None = None
+    mask_origin: str = "rle"
+
+
+@dataclass(frozen=True, slots=True)
+class RefSentence:
+    """One human sentence of a RefCOCO-family ref."""
+
+    sent_id: int
+    raw: str
+    sent: str
+
+
+@dataclass(frozen=True, slots=True)
+class Ref:
+    """A RefCOCO / RefCOCO+ / RefCOCOg / gRefCOCO referring annotation.
+
+    Attributes:
+        ref_id: the dataset's ref id.
+        image_id: orsgen image id (``coco:<id>``).
+        ann_ids: source annotation ids of the targets; empty means no target
+            (gRefCOCO's ``[-1]``).
+        category_ids: category ids of the targets.
+        split: the dataset's own split (train/val/testA/testB/...).
+        sentences: the human sentences.
+        dataset: e.g. ``refcoco_unc`` or ``grefcoco_unc``.
+    """
+
+    ref_id: int
+    image_id: str
+    ann_ids: tuple[int, ...]
+    category_ids: tuple[int, ...]
+    split: str
+    sentences: tuple[RefSentence, ...]
+    dataset: str
+
+
+@dataclass(frozen=True, slots=True)
+class TargetGeometry:
+    """Trainer targets of one target instance of a sample.
+
+    Attributes:
+        instance_id: the target instance.
+        bbox_xyxy: absolute pixel box ``[x0, y0, x1, y1]``.
+        point_1: first interior point ``(x, y)`` (distance-transform maximum).
+        point_2: second interior point ``(x, y)`` (Seg-Zero rule).
+        qwen_box: ``[x0, y0, x1, y1]`` normalised to 0..1000.
+    """
+
+    instance_id: str
+    bbox_xyxy: tuple[float, float, float, float]
+    point_1: tuple[int, int]
+    point_2: tuple[int, int]
+    qwen_box: tuple[int, int, int, int]
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One referring sample: an expression and the instances it refers to.
+
+    Attributes:
+        sample_id: stable id, unique in the dataset.
+        image_id: the image the expression refers into.
+        expression: the referring expression text.
+        kind: an ``ExpressionKind`` value.
+        target_ids: instance ids of the targets (empty for ``no_target``).
+        split: split name, or "" before split assignment.
+        generator: what produced the expression (``refcoco``, ``template``,
+            ``vlm``).
+        template: the template / prompt id and version, or "".
+        model: the model that wrote or verified it, or "".
+        union_rle: the union mask of the targets, or None before targets are
+            computed (an empty mask for ``no_target``).
+        union_svg: normalised SVG path of the union, or "".
+        targets: per-target trainer geometry.
+        sam2_ious: per-target IoU of SAM2's re-prediction, when verified.
+        reground_box: re-grounded box (xyxy px) from the DeRS check, or None.
+        reground_iou: IoU of that box with the target box, or None.
+        metadata: free-form provenance, JSON-serialisable.
+    """
+
+    sample_id: str
+    image_id: str
+    expression: str
+    kind: str
+    target_ids: tuple[str, ...]
+    split: str = ""
+    generator: str = ""
+    template: str = ""
+    model: str = ""
+    union_rle: Rle | None = None
+    union_svg: str = ""
+    targets: tuple[TargetGeometry, ...] = ()
+    sam2_ious: tuple[float, ...] = ()
+    reground_box: tuple[float, float, float, float] | None = None
+    reground_iou: float | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    """A record that did not make it into the output, and why.
+
+    Attributes:
+        source_key: where it came from (shard URL + member, image id, ...).
+        stage: the stage that rejected it (``ingest_sa1b``, ``regions``, ...).
+        reason: a short reason code (``corrupt_image``, ``dropped_small``).
+        message: a human-readable sentence with the details.
+        level: the unit it stands for (``RejectLevel``).
+        image_id: the image it belongs to, when known.
+    """
+
+    source_key: str
+    stage: str
+    reason: str
+    message: str
+    level: str = RejectLevel.IMAGE
+    image_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ImageExample:
+    """The unit that flows through the pipeline: an image with everything on it.
+
+    Attributes:
+        key: output key, unique in the dataset, without dots.
+        image: the image record.
+        image_bytes: the encoded image (JPEG/PNG) bytes.
+        instances: its instances / regions.
+        refs: RefCOCO-family refs on it.
+        samples: referring samples built so far.
+        split: assigned split, or "".
+        input_name: the config input it came from.
+    """
+
+    key: str
+    image: ImageRecord
+    image_bytes: bytes
+    instances: tuple[Instance, ...] = ()
+    refs: tuple[Ref, ...] = ()
+    samples: tuple[Sample, ...] = ()
+    split: str = ""
+    input_name: str = ""
+
+    def replace(self, **changes: Any) -> "ImageExample":
+        """Returns a copy with ``changes`` applied (the record is frozen)."""
+        return dataclasses.replace(self, **changes)
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Converts records (and tuples/enums inside) to plain JSON values.
+
+    Args:
+        obj: a record, a container of records, or a plain value.
+
+    Returns:
+        The same content as dicts, lists, str, int, float, bool and None.
+    """
+    if isinstance(obj, Rle):
+        return obj.to_json()
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, StrEnum):
+        return str(obj)
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, bytes):
+        raise TypeError("bytes are not JSON values; store them beside the JSON (e.g. the jpg field).")
+    return obj
+
+
+def canonical_json(obj: Any) -> bytes:
+    """Serialises ``obj`` to deterministic JSON bytes (sorted keys, no spaces)."""
+    return json.dumps(to_jsonable(obj), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def safe_key(text: str) -> str:
+    """Turns an id into a WebDataset-safe key: no dots, slashes or colons.
+
+    WebDataset treats everything after the first dot of a member name as the
+    extension, so keys must not contain dots.
+
+    Args:
+        text: any id, e.g. ``refcoco_unc-coco:391895``.
+
+    Returns:
+        The id with every character outside ``[A-Za-z0-9_-]`` replaced by ``_``.
+    """
+    return "".join(c if (c.isascii() and (c.isalnum() or c in "_-")) else "_" for c in text)

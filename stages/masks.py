@@ -1,0 +1,521 @@
+"""Mask geometry in COCO RLE space, with crop-local decoding where pixels are needed.
+
+Everything here is a pure function over ``schemas.records.Rle``. Area, box,
+IoU and unions run inside pycocotools' C code on the run-length encoding; no
+full-image array is decoded. Where pixels are needed (interior points,
+polygons), only the mask's bounding box is decoded (``decode_crop``), straight
+from the runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import cv2
+import numpy as np
+from pycocotools import mask as mask_utils
+import shapely
+from shapely.geometry import MultiPolygon, Polygon
+from shapely.geometry.base import BaseGeometry
+
+from orsgen.schemas.records import Rle
+
+
+class MaskError(ValueError):
+    """A mask is malformed; ``reason`` is the reject reason code."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+# ---------------------------------------------------------------- RLE space
+
+
+def encode_mask(mask: np.ndarray) -> Rle:
+    """Encodes a full-image boolean/uint8 mask ``(h, w)`` as compressed RLE."""
+    m = np.asfortranarray(mask.astype(np.uint8, copy=False))
+    return Rle.from_coco(mask_utils.encode(m))
+
+
+def empty_rle(height: int, width: int) -> Rle:
+    """An all-zero mask of ``height`` x ``width`` pixels, without allocating it."""
+    return Rle.from_coco(mask_utils.frPyObjects({"size": [height, width], "counts": [height * width]}, height, width))
+
+
+def rle_area(rle: Rle) -> int:
+    """Mask area in pixels, from the runs."""
+    return int(mask_utils.area(rle.to_coco()))
+
+
+def rle_bbox_xywh(rle: Rle) -> tuple[float, float, float, float]:
+    """COCO box ``[x, y, w, h]`` (pixels) of the mask; zeros for an empty mask."""
+    x, y, w, h = mask_utils.toBbox(rle.to_coco()).tolist()
+    return (float(x), float(y), float(w), float(h))
+
+
+def xywh_to_xyxy(b: Sequence[float]) -> tuple[float, float, float, float]:
+    """``[x, y, w, h]`` -> ``[x0, y0, x1, y1]``."""
+    x, y, w, h = (float(v) for v in b)
+    return (x, y, x + w, y + h)
+
+
+def xyxy_to_xywh(b: Sequence[float]) -> tuple[float, float, float, float]:
+    """``[x0, y0, x1, y1]`` -> ``[x, y, w, h]``."""
+    x0, y0, x1, y1 = (float(v) for v in b)
+    return (x0, y0, x1 - x0, y1 - y0)
+
+
+def rle_iou_matrix(a: Sequence[Rle], b: Sequence[Rle]) -> np.ndarray:
+    """Pairwise mask IoU, computed on the runs.
+
+    Args:
+        a: ``n`` masks of one size.
+        b: ``m`` masks of the same size.
+
+    Returns:
+        ``(n, m)`` float64 IoU matrix (0 where both masks are empty).
+    """
+    if not a or not b:
+        return np.zeros((len(a), len(b)), dtype=np.float64)
+    ious = mask_utils.iou([r.to_coco() for r in a], [r.to_coco() for r in b], [0] * len(b))
+    return np.asarray(ious, dtype=np.float64).reshape(len(a), len(b))
+
+
+def rle_iou(a: Rle, b: Rle) -> float:
+    """IoU of two masks of one size, on the runs."""
+    return float(rle_iou_matrix([a], [b])[0, 0])
+
+
+def rle_intersection_area(a: Rle, b: Rle) -> int:
+    """Pixels in both masks, on the runs."""
+    inter = mask_utils.merge([a.to_coco(), b.to_coco()], intersect=True)
+    return int(mask_utils.area(inter))
+
+
+def rle_union(rles: Sequence[Rle], size: tuple[int, int] | None = None) -> Rle:
+    """Union of masks, on the runs.
+
+    Args:
+        rles: masks of one size; may be empty if ``size`` is given.
+        size: ``(h, w)``; needed when ``rles`` is empty (gives an empty mask).
+
+    Returns:
+        The union mask.
+    """
+    if not rles:
+        if size is None:
+            raise ValueError("rle_union of no masks needs size=(h, w) to build the empty mask.")
+        return empty_rle(*size)
+    if len(rles) == 1:
+        return rles[0]
+    return Rle.from_coco(mask_utils.merge([r.to_coco() for r in rles], intersect=False))
+
+
+def rle_from_runs(runs: Sequence[int], size: tuple[int, int]) -> Rle:
+    """Compresses uncompressed run lengths (zeros first, column-major) into an RLE."""
+    h, w = size
+    return Rle.from_coco(mask_utils.frPyObjects({"size": [h, w], "counts": [int(r) for r in runs]}, h, w))
+
+
+def rle_complement(rle: Rle) -> Rle:
+    """The inverted mask, on the runs: swapping which runs are foreground."""
+    runs = rle_counts_to_runs(rle.counts).tolist()
+    if runs and runs[0] == 0:
+        runs = runs[1:]
+    else:
+        runs = [0, *runs]
+    return rle_from_runs(runs, rle.size)
+
+
+def rle_difference(a: Rle, b: Rle) -> Rle:
+    """Pixels of ``a`` not in ``b`` (``a AND NOT b``), on the runs."""
+    return Rle.from_coco(mask_utils.merge([a.to_coco(), rle_complement(b).to_coco()], intersect=True))
+
+
+# ---------------------------------------------------------------- runs and crops
+
+
+def rle_counts_to_runs(counts: str) -> np.ndarray:
+    """Decodes COCO's compressed counts string into run lengths.
+
+    COCO packs each run as 5-bit groups (LEB128-like, offset by 48) and stores
+    runs after the second as deltas from the run two before. pycocotools does
+    not expose this decoder, and decoding the whole mask to get runs would
+    defeat the purpose, so it is done here.
+
+    Args:
+        counts: the compressed counts string.
+
+    Returns:
+        int64 array of alternating run lengths, starting with zeros, in
+        column-major (Fortran) pixel order.
+
+    Raises:
+        MaskError: the string is not valid compressed RLE.
+    """
+    data = counts.encode("ascii") if isinstance(counts, str) else counts
+    runs: list[int] = []
+    p = 0
+    n = len(data)
+    while p < n:
+        x = 0
+        k = 0
+        more = 1
+        while more:
+            if p >= n:
+                raise MaskError("bad_rle", "compressed RLE counts end in the middle of a run.")
+            c = data[p] - 48
+            if c < 0 or c > 63:
+                raise MaskError("bad_rle", f"compressed RLE counts hold an invalid byte {data[p]!r}.")
+            x |= (c & 0x1F) << (5 * k)
+            more = c & 0x20
+            p += 1
+            k += 1
+            if not more and (c & 0x10):
+                x |= -1 << (5 * k)
+        if len(runs) > 2:
+            x += runs[-2]
+        runs.append(x)
+    arr = np.asarray(runs, dtype=np.int64)
+    if arr.size and (arr < 0).any():
+        raise MaskError("bad_rle", "compressed RLE decodes to a negative run length.")
+    return arr
+
+
+def validate_rle(rle: Rle) -> None:
+    """Checks that the runs add up to ``h * w``.
+
+    Raises:
+        MaskError: with reason ``bad_rle`` or ``rle_size_mismatch``.
+    """
+    h, w = rle.size
+    if h <= 0 or w <= 0:
+        raise MaskError("bad_rle", f"RLE size {list(rle.size)} is not positive.")
+    total = int(rle_counts_to_runs(rle.counts).sum())
+    if total != h * w:
+        raise MaskError(
+            "rle_size_mismatch",
+            f"RLE runs cover {total} pixels but its size {h}x{w} needs {h * w}.",
+        )
+
+
+def decode_crop(
+    rle: Rle,
+    bbox_xyxy: Sequence[float] | None = None,
+    pad_px: int = 0,
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """Decodes only the part of a mask inside a box.
+
+    Only the image columns the box spans are expanded from the runs (the
+    encoding is column-major), then the rows are cut; memory is
+    ``h * box_width`` at most, never the whole image.
+
+    Args:
+        rle: the mask.
+        bbox_xyxy: the window ``[x0, y0, x1, y1]`` in pixels; None uses the
+            mask's own bounding box.
+        pad_px: grow the window by this many pixels on each side; the part
+            outside the image is zero-filled, so the returned crop is exactly
+            the padded window.
+
+    Returns:
+        ``(crop, (x0, y0))``: a ``bool`` array of the (padded) window and the
+        image coordinates of its top-left pixel (may be negative with padding).
+    """
+    h, w = rle.size
+    if bbox_xyxy is None:
+        bbox_xyxy = xywh_to_xyxy(rle_bbox_xywh(rle))
+    bx0, by0, bx1, by1 = bbox_xyxy
+    # Pixel window covering the box (exclusive max).
+    wx0 = int(np.floor(bx0)) - pad_px
+    wy0 = int(np.floor(by0)) - pad_px
+    wx1 = max(int(np.ceil(bx1)), int(np.floor(bx0)) + 1) + pad_px
+    wy1 = max(int(np.ceil(by1)), int(np.floor(by0)) + 1) + pad_px
+    out = np.zeros((wy1 - wy0, wx1 - wx0), dtype=bool)
+    cx0, cx1 = max(wx0, 0), min(wx1, w)
+    cy0, cy1 = max(wy0, 0), min(wy1, h)
+    if cx0 >= cx1 or cy0 >= cy1:
+        return out, (wx0, wy0)
+    runs = rle_counts_to_runs(rle.counts)
+    ends = np.cumsum(runs)
+    starts = ends - runs
+    lo, hi = cx0 * h, cx1 * h
+    # Foreground runs are the odd ones; keep those overlapping the column strip.
+    fg = np.arange(runs.size) % 2 == 1
+    sel = fg & (ends > lo) & (starts < hi)
+    strip = np.zeros(hi - lo, dtype=bool)
+    for s, e in zip(np.maximum(starts[sel], lo) - lo, np.minimum(ends[sel], hi) - lo):
+        strip[s:e] = True
+    cols = strip.reshape(cx1 - cx0, h).T  # column-major -> (h, ncols)
+    out[cy0 - wy0 : cy1 - wy0, cx0 - wx0 : cx1 - wx0] = cols[cy0:cy1]
+    return out, (wx0, wy0)
+
+
+def encode_crop(crop: np.ndarray, origin_xy: tuple[int, int], size: tuple[int, int]) -> Rle:
+    """Encodes a crop (as from ``decode_crop``) back into a full-size RLE.
+
+    Args:
+        crop: boolean window.
+        origin_xy: image coordinates of the window's top-left pixel.
+        size: ``(h, w)`` of the image.
+
+    Returns:
+        The full-image mask (pixels outside the image are discarded).
+    """
+    h, w = size
+    x0, y0 = origin_xy
+    cx0, cy0 = max(x0, 0), max(y0, 0)
+    cx1, cy1 = min(x0 + crop.shape[1], w), min(y0 + crop.shape[0], h)
+    full = np.zeros((h, w), dtype=np.uint8)
+    if cx0 < cx1 and cy0 < cy1:
+        full[cy0:cy1, cx0:cx1] = crop[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0]
+    return encode_mask(full)
+
+
+# ---------------------------------------------------------------- points
+
+
+def interior_points(rle: Rle) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Two interior points by the Seg-Zero rule.
+
+    The first point is the maximum of the mask's distance transform (the
+    pixel deepest inside). The second is the distance-transform maximum among
+    mask pixels farther from the first point than the median such distance,
+    which puts it in another part of the object. Pixels outside the image count
+    as background, so points keep away from the image border too. Ties break
+    on the first pixel in row-major order, so the result is deterministic.
+
+    Args:
+        rle: a non-empty mask.
+
+    Returns:
+        ``((x1, y1), (x2, y2))`` in integer image pixel coordinates.
+
+    Raises:
+        MaskError: the mask is empty (reason ``empty_mask``).
+    """
+    if rle_area(rle) == 0:
+        raise MaskError("empty_mask", "interior points of an empty mask do not exist.")
+    crop, (ox, oy) = decode_crop(rle, pad_px=1)
+    dist = cv2.distanceTransform(crop.astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    i1 = int(np.argmax(dist))
+    y1, x1 = divmod(i1, dist.shape[1])
+    ys, xs = np.nonzero(crop)
+    d1 = np.hypot(xs - x1, ys - y1)
+    far = d1 > np.median(d1)
+    if not far.any():
+        p2 = (x1, y1)
+    else:
+        cand_d = dist[ys[far], xs[far]]
+        # nonzero() is row-major, and argmax takes the first maximum.
+        j = int(np.argmax(cand_d))
+        p2 = (int(xs[far][j]), int(ys[far][j]))
+    return (int(x1 + ox), int(y1 + oy)), (int(p2[0] + ox), int(p2[1] + oy))
+
+
+# ---------------------------------------------------------------- polygons
+
+
+def rle_to_geometry(rle: Rle, tolerance_px: float = 0.0) -> BaseGeometry:
+    """A valid shapely (Multi)Polygon tracing the mask's pixel outline.
+
+    Contours come from OpenCV on the cropped mask (outer rings and holes).
+    Contour points are pixel centres, so each ring is grown by half a pixel
+    (mitred) to trace the pixel edges; rasterising the result gives back the
+    mask up to boundary rounding.
+
+    Args:
+        rle: the mask.
+        tolerance_px: Douglas-Peucker simplification tolerance in pixels
+            (0 keeps every vertex).
+
+    Returns:
+        A valid ``Polygon`` or ``MultiPolygon`` in image pixel coordinates; an
+        empty ``Polygon`` for an empty mask.
+    """
+    if rle_area(rle) == 0:
+        return Polygon()
+    crop, (ox, oy) = decode_crop(rle, pad_px=1)
+    contours, hierarchy = cv2.findContours(crop.astype(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+    if hierarchy is None:
+        return Polygon()
+    hier = hierarchy[0]
+    polys: list[BaseGeometry] = []
+    for i, cnt in enumerate(contours):
+        if hier[i][3] != -1:
+            continue  # a hole; attached to its parent below
+        outer = _ring_geometry(cnt, ox, oy)
+        child = hier[i][2]
+        while child != -1:
+            hole = _ring_geometry(contours[child], ox, oy, grow=False)
+            outer = outer.difference(hole.buffer(-0.5, join_style="mitre")) if not hole.is_empty else outer
+            child = hier[child][0]
+        polys.append(outer)
+    geom = shapely.unary_union(polys)
+    geom = shapely.make_valid(geom)
+    if tolerance_px > 0:
+        geom = shapely.make_valid(geom.simplify(tolerance_px, preserve_topology=True))
+    return _polygonal(geom)
+
+
+def _ring_geometry(cnt: np.ndarray, ox: int, oy: int, grow: bool = True) -> BaseGeometry:
+    pts = cnt.reshape(-1, 2).astype(np.float64) + np.array([ox + 0.5, oy + 0.5])
+    if len(pts) == 1:
+        g: BaseGeometry = shapely.Point(pts[0])
+    elif len(pts) == 2:
+        g = shapely.LineString(pts)
+    else:
+        g = shapely.make_valid(Polygon(pts))
+    return g.buffer(0.5, join_style="mitre", cap_style="square") if grow else g
+
+
+def _polygonal(geom: BaseGeometry) -> BaseGeometry:
+    """Keeps only the polygonal parts of a geometry."""
+    if isinstance(geom, (Polygon, MultiPolygon)):
+        return geom
+    parts = [g for g in getattr(geom, "geoms", []) if isinstance(g, (Polygon, MultiPolygon))]
+    if not parts:
+        return Polygon()
+    return shapely.make_valid(shapely.unary_union(parts))
+
+
+def geometry_to_coco_polygons(geom: BaseGeometry) -> list[list[float]]:
+    """Flattens a (Multi)Polygon's exterior rings into COCO polygon lists.
+
+    COCO polygons cannot hold holes; a hole is kept by rasterising with
+    ``geometry_to_rle`` instead. Use this for export formats that want
+    ``[[x0, y0, x1, y1, ...], ...]``.
+    """
+    out: list[list[float]] = []
+    for poly in _iter_polygons(geom):
+        coords = np.asarray(poly.exterior.coords)[:-1]
+        if len(coords) >= 3:
+            out.append([float(v) for v in coords.reshape(-1)])
+    return out
+
+
+def _iter_polygons(geom: BaseGeometry) -> list[Polygon]:
+    if geom.is_empty:
+        return []
+    if isinstance(geom, Polygon):
+        return [geom]
+    return [g for g in getattr(geom, "geoms", []) if isinstance(g, Polygon) and not g.is_empty]
+
+
+def polygons_to_rle(polygons: Sequence[Sequence[float]], height: int, width: int) -> Rle:
+    """Rasterises COCO polygon lists ``[[x0, y0, x1, y1, ...], ...]`` to one RLE.
+
+    Raises:
+        MaskError: a polygon has fewer than 3 points (reason ``bad_polygon``).
+    """
+    polys = [list(map(float, p)) for p in polygons]
+    if not polys:
+        return empty_rle(height, width)
+    for p in polys:
+        if len(p) < 6 or len(p) % 2:
+            raise MaskError("bad_polygon", f"a COCO polygon needs >= 3 (x, y) pairs, got {len(p)} numbers.")
+    rles = mask_utils.frPyObjects(polys, height, width)
+    return Rle.from_coco(mask_utils.merge(rles))
+
+
+def geometry_to_rle(geom: BaseGeometry, height: int, width: int) -> Rle:
+    """Rasterises a shapely (Multi)Polygon, holes included, to an RLE.
+
+    The exteriors are rasterised with pycocotools and each hole is subtracted,
+    both in RLE space.
+    """
+    polys = _iter_polygons(geom)
+    if not polys:
+        return empty_rle(height, width)
+    outer = polygons_to_rle(
+        [np.asarray(p.exterior.coords)[:-1].reshape(-1).tolist() for p in polys if len(p.exterior.coords) >= 4],
+        height,
+        width,
+    )
+    holes = [
+        np.asarray(r.coords)[:-1].reshape(-1).tolist() for p in polys for r in p.interiors if len(r.coords) >= 4
+    ]
+    if not holes:
+        return outer
+    return rle_difference(outer, polygons_to_rle(holes, height, width))
+
+
+def svg_path(geom: BaseGeometry, width: int, height: int, precision: int = 4) -> str:
+    """A normalised SVG path: ``M x y L x y ... Z`` per ring, coordinates in 0..1.
+
+    Holes are written as further sub-paths, so an SVG renderer with the
+    ``evenodd`` fill rule draws them as holes.
+
+    Args:
+        geom: a (Multi)Polygon in pixel coordinates.
+        width: image width in pixels (x is divided by it).
+        height: image height in pixels (y is divided by it).
+        precision: decimals per coordinate.
+
+    Returns:
+        The path string; "" for an empty geometry.
+    """
+    parts: list[str] = []
+
+    def ring(coords: Any) -> str:
+        pts = np.asarray(coords)[:-1]
+        xs = np.clip(pts[:, 0] / width, 0.0, 1.0)
+        ys = np.clip(pts[:, 1] / height, 0.0, 1.0)
+        cmds = [f"{'M' if i == 0 else 'L'} {x:.{precision}f} {y:.{precision}f}" for i, (x, y) in enumerate(zip(xs, ys))]
+        return " ".join(cmds) + " Z"
+
+    for poly in _iter_polygons(geom):
+        parts.append(ring(poly.exterior.coords))
+        parts.extend(ring(r.coords) for r in poly.interiors)
+    return " ".join(parts)
+
+
+# ---------------------------------------------------------------- COCO segmentations
+
+
+def segmentation_to_rle(segm: Any, height: int, width: int) -> tuple[Rle, str]:
+    """Converts any COCO ``segmentation`` to compressed RLE.
+
+    Accepts polygons (list of lists), uncompressed RLE (``counts`` a list) and
+    compressed RLE (``counts`` a string), as COCO files mix all three.
+
+    Args:
+        segm: the annotation's ``segmentation`` value.
+        height: image height in pixels.
+        width: image width in pixels.
+
+    Returns:
+        ``(rle, origin)`` with origin ``polygon``, ``uncompressed_rle`` or ``rle``.
+
+    Raises:
+        MaskError: malformed segmentation, or an RLE whose size disagrees with
+            the image (reason ``rle_size_mismatch``).
+    """
+    if isinstance(segm, list):
+        if not segm:
+            raise MaskError("empty_mask", "segmentation is an empty polygon list.")
+        if not all(isinstance(p, list) and all(isinstance(v, (int, float)) for v in p) for p in segm):
+            raise MaskError("bad_polygon", "segmentation polygons must be lists of numbers.")
+        return polygons_to_rle(segm, height, width), "polygon"
+    if isinstance(segm, dict) and "counts" in segm and "size" in segm:
+        size = segm["size"]
+        if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) for v in size)):
+            raise MaskError("bad_rle", f"RLE size must be [h, w] integers, got {size!r}.")
+        if [int(size[0]), int(size[1])] != [height, width]:
+            raise MaskError(
+                "rle_size_mismatch",
+                f"RLE size {size} disagrees with the image size [{height}, {width}].",
+            )
+        counts = segm["counts"]
+        if isinstance(counts, list):
+            if not all(isinstance(c, int) and c >= 0 for c in counts) or sum(counts) != height * width:
+                raise MaskError("bad_rle", "uncompressed RLE counts must be non-negative ints summing to h*w.")
+            return Rle.from_coco(mask_utils.frPyObjects(segm, height, width)), "uncompressed_rle"
+        if isinstance(counts, (str, bytes)):
+            rle = Rle.from_coco(segm)
+            validate_rle(rle)
+            return rle, "rle"
+        raise MaskError("bad_rle", f"RLE counts must be a list or a string, got {type(counts).__name__}.")
+    raise MaskError("bad_segmentation", f"segmentation must be polygons or an RLE dict, got {type(segm).__name__}.")
