@@ -133,6 +133,9 @@ class RegionConfig(_Model):
             overlapping instances are usually real.
         drop_crowd: drop ``iscrowd`` instances (False keeps them so that
             category samples can know a category's extent is unknowable).
+        apply_to: input types whose regions are selected. RefCOCO-family
+            inputs are left out by default: their human sentences point at
+            specific annotations that must not disappear.
     """
 
     min_area_frac: float = Field(default=0.0005, ge=0.0, le=1.0)
@@ -146,6 +149,7 @@ class RegionConfig(_Model):
     max_regions_per_image: int = Field(default=64, ge=1)
     nms_annotated: bool = False
     drop_crowd: bool = False
+    apply_to: list[Literal["sa1b", "coco", "refcoco", "grefcoco"]] = Field(default_factory=lambda: ["sa1b", "coco"])
 
     @model_validator(mode="after")
     def _check_range(self) -> "RegionConfig":

@@ -1,0 +1,314 @@
+"""The orsgen Beam pipeline, assembled from stages.
+
+    inputs ──► ingest (SA-1B shards │ COCO/RefCOCO plan → load)
+           ──► regions ──► refs → human samples ──► splits
+           ──► GroupByKey(split, bucket) ──► WebDataset + Parquet shards
+    rejects ──► GroupByKey(bucket) ──► rejects Parquet
+    stats + counts ──► manifest.json
+
+Everything runner-specific stays in Beam's ``PipelineOptions``; the same graph
+runs on the Python direct runner, Dataflow, Flink or Spark.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import apache_beam as beam
+import fsspec
+
+import orsgen
+from orsgen.pipelines.transforms import EVENTS, REJECTS, IngestDoFn, StageDoFn
+from orsgen.schemas.config import CocoInput, GrefcocoInput, OrsgenConfig, RefcocoInput, Sa1bInput
+from orsgen.schemas.records import ImageExample, Reject, RejectLevel
+from orsgen.stages import ingest_coco, ingest_sa1b
+from orsgen.stages.refs import add_human_samples, ref_source_split
+from orsgen.stages.regions import select_regions
+from orsgen.stages.splits import assign_split
+from orsgen.stages.write import (
+    OutputConflictError,
+    ShardStats,
+    bucket_of,
+    build_manifest,
+    write_bucket,
+    write_manifest,
+    write_rejects_bucket,
+)
+
+MANIFEST = "manifest.json"
+
+
+# ------------------------------------------------------------------ stage cores
+
+
+def regions_stage(ex: ImageExample, cfg: OrsgenConfig, input_types: dict[str, str]) -> tuple[ImageExample | None, list[Reject]]:
+    """Region selection for one example (pure; the Beam wrapper is StageDoFn)."""
+    itype = input_types.get(ex.input_name, "")
+    if itype not in cfg.regions.apply_to:
+        return ex, []
+    kept, dropped = select_regions(
+        ex.instances, ex.image.width, ex.image.height, cfg.regions, annotated=itype != "sa1b"
+    )
+    rejects = [
+        Reject(inst.instance_id, "regions", reason, msg, RejectLevel.INSTANCE, ex.image.image_id)
+        for inst, reason, msg in dropped
+    ]
+    if itype == "sa1b" and not kept:
+        # A class-agnostic image with no usable region has nothing to refer to.
+        rejects.append(
+            Reject(ex.key, "regions", "no_regions", f"all {len(ex.instances)} regions were dropped.",
+                   RejectLevel.IMAGE, ex.image.image_id)
+        )
+        return None, rejects
+    return ex.replace(instances=tuple(kept)), rejects
+
+
+def refs_stage(ex: ImageExample) -> tuple[ImageExample | None, list[Reject]]:
+    """RefCOCO-family sentences become human samples."""
+    return add_human_samples(ex)
+
+
+def splits_stage(ex: ImageExample, cfg: OrsgenConfig) -> tuple[ImageExample | None, list[Reject]]:
+    """Assigns the image's split and stamps it on its samples."""
+    split = assign_split(ex.image.image_id, cfg.splits, ref_source_split(ex))
+    samples = tuple(s if s.split == split else _with_split(s, split) for s in ex.samples)
+    return ex.replace(split=split, samples=samples), []
+
+
+def _with_split(sample: Any, split: str) -> Any:
+    import dataclasses
+
+    return dataclasses.replace(sample, split=split)
+
+
+# ------------------------------------------------------------------ write DoFns
+
+
+class WriteBucketDoFn(beam.DoFn):
+    """Writes one (split, bucket) group as WebDataset and Parquet shards."""
+
+    def __init__(self, out: str, cfg: OrsgenConfig) -> None:
+        self._out = out
+        self._cfg = cfg
+
+    def process(self, element: tuple[tuple[str, int], Iterable[ImageExample]]) -> Iterator[Any]:
+        (split, bucket), examples = element
+        examples = list(examples)
+        for ex in examples:
+            yield beam.pvalue.TaggedOutput(EVENTS, ("written/images", 1))
+            yield beam.pvalue.TaggedOutput(EVENTS, ("written/instances", len(ex.instances)))
+            yield beam.pvalue.TaggedOutput(EVENTS, ("written/refs", len(ex.refs)))
+            yield beam.pvalue.TaggedOutput(EVENTS, ("written/samples", len(ex.samples)))
+        yield from write_bucket(self._out, split, bucket, examples, self._cfg.write)
+
+
+class WriteRejectsDoFn(beam.DoFn):
+    """Writes one bucket of rejects as a Parquet file."""
+
+    def __init__(self, out: str) -> None:
+        self._out = out
+
+    def process(self, element: tuple[int, Iterable[Reject]]) -> Iterator[ShardStats]:
+        bucket, rejects = element
+        yield write_rejects_bucket(self._out, bucket, list(rejects))
+
+
+def reconcile(events: dict[str, int], rejects_by_level: dict[str, int]) -> dict[str, Any]:
+    """Builds the per-level ``inputs = written + rejected`` accounting.
+
+    Args:
+        events: summed counting events of the run.
+        rejects_by_level: reject counts per level.
+
+    Returns:
+        ``{level: {inputs, written, rejected, reconciled}}`` for images,
+        instances, refs and samples.
+    """
+    g = events.get
+    levels: dict[str, Any] = {}
+    img_in = g("read/images", 0) + g("ingest_rejects/image", 0)
+    levels["images"] = (img_in, g("written/images", 0), rejects_by_level.get("image", 0))
+    inst_in = g("read/instances", 0) + g("ingest_rejects/instance", 0)
+    levels["instances"] = (
+        inst_in,
+        g("written/instances", 0),
+        rejects_by_level.get("instance", 0) + g("dropped_with_image/instances", 0),
+    )
+    ref_in = g("read/refs", 0) + g("ingest_rejects/ref", 0)
+    levels["refs"] = (ref_in, g("written/refs", 0), rejects_by_level.get("ref", 0) + g("dropped_with_image/refs", 0))
+    sample_in = g("written/samples", 0) + rejects_by_level.get("sample", 0)
+    levels["samples"] = (sample_in, g("written/samples", 0), rejects_by_level.get("sample", 0))
+    return {
+        k: {"inputs": i, "written": w, "rejected": r, "reconciled": i == w + r} for k, (i, w, r) in levels.items()
+    }
+
+
+def _manifest_fn(
+    _: Any,
+    *,
+    out: str,
+    cfg: OrsgenConfig,
+    stats: list[ShardStats],
+    events: dict[str, int],
+) -> str:
+    rejects_by_level: dict[str, int] = {}
+    rejects_by_reason: dict[str, int] = {}
+    for s in stats:
+        if s.format != "rejects":
+            continue
+        for key, n in s.rejects_by_reason.items():
+            level = key.split("/", 1)[0]
+            rejects_by_level[level] = rejects_by_level.get(level, 0) + n
+            rejects_by_reason[key] = rejects_by_reason.get(key, 0) + n
+    levels = reconcile(events, rejects_by_level)
+    counts = {
+        "inputs": levels["images"]["inputs"],
+        "written": levels["images"]["written"],
+        "rejected": levels["images"]["rejected"],
+        "levels": levels,
+        "rejected_by_reason": dict(sorted(rejects_by_reason.items())),
+        "shard_rejects": rejects_by_level.get("shard", 0),
+    }
+    manifest = build_manifest(
+        name=cfg.name,
+        config=cfg.model_dump(mode="json"),
+        config_sha256=cfg.sha256(),
+        version=orsgen.__version__,
+        shard_stats=stats,
+        counts=counts,
+    )
+    return write_manifest(out, manifest)
+
+
+# ------------------------------------------------------------------ assembly
+
+
+def _read_input(p: beam.Pipeline, inp: Any, cfg: OrsgenConfig) -> tuple[Any, list[Any], list[Any]]:
+    """Ingest of one input: (examples, [rejects pcolls], [events pcolls])."""
+    label = f"Ingest[{inp.name}]"
+    if isinstance(inp, Sa1bInput):
+        shards = ingest_sa1b.expand_shards(inp.shards)
+        reader = functools.partial(
+            ingest_sa1b.read_sa1b_shard, input_name=inp.name, image_cfg=cfg.image, max_images=inp.max_images
+        )
+        res = (
+            p
+            | f"{label}/Shards" >> beam.Create(shards)
+            | f"{label}/Spread" >> beam.Reshuffle()
+            | f"{label}/Read" >> beam.ParDo(IngestDoFn(inp.name, reader)).with_outputs(REJECTS, EVENTS, main="examples")
+        )
+        return res.examples, [res[REJECTS]], [res[EVENTS]]
+    assert isinstance(inp, (CocoInput, RefcocoInput, GrefcocoInput))
+    planned = (
+        p
+        | f"{label}/Config" >> beam.Create([inp])
+        | f"{label}/Plan" >> beam.FlatMap(_plan_items).with_outputs(REJECTS, EVENTS, main="tasks")
+    )
+    loader = functools.partial(ingest_coco.load_task, image_cfg=cfg.image)
+    res = (
+        planned.tasks
+        | f"{label}/Spread" >> beam.Reshuffle()
+        | f"{label}/Load" >> beam.ParDo(IngestDoFn(inp.name, loader)).with_outputs(REJECTS, EVENTS, main="examples")
+    )
+    return res.examples, [planned[REJECTS], res[REJECTS]], [planned[EVENTS], res[EVENTS]]
+
+
+def _plan_items(inp: Any) -> Iterator[Any]:
+    _categories, items = ingest_coco.plan_input(inp)
+    for item in items:
+        if isinstance(item, Reject):
+            yield beam.pvalue.TaggedOutput(REJECTS, item)
+            yield beam.pvalue.TaggedOutput(EVENTS, (f"ingest_rejects/{item.level}", 1))
+        else:
+            yield item
+
+
+def build_pipeline(p: beam.Pipeline, cfg: OrsgenConfig, out: str) -> None:
+    """Adds the whole orsgen graph to ``p``.
+
+    Args:
+        p: a Beam pipeline (any runner).
+        cfg: the validated config.
+        out: output root, a local path or fsspec URL (gs://, s3://...).
+    """
+    input_types = {inp.name: inp.type for inp in cfg.inputs}
+    examples_l, rejects_l, events_l = [], [], []
+    for inp in cfg.inputs:
+        ex, rej, ev = _read_input(p, inp, cfg)
+        examples_l.append(ex)
+        rejects_l.extend(rej)
+        events_l.extend(ev)
+    examples = examples_l | "AllExamples" >> beam.Flatten()
+
+    stages = [
+        ("Regions", functools.partial(regions_stage, cfg=cfg, input_types=input_types)),
+        ("HumanSamples", refs_stage),
+        ("Splits", functools.partial(splits_stage, cfg=cfg)),
+    ]
+    for name, fn in stages:
+        res = examples | name >> beam.ParDo(StageDoFn(name, fn)).with_outputs(REJECTS, EVENTS, main="examples")
+        examples = res.examples
+        rejects_l.append(res[REJECTS])
+        events_l.append(res[EVENTS])
+
+    nb = cfg.write.num_buckets
+    written = (
+        examples
+        | "KeyByBucket" >> beam.Map(lambda ex: ((ex.split, bucket_of(ex.key, nb)), ex))
+        | "GroupBuckets" >> beam.GroupByKey()
+        | "WriteShards" >> beam.ParDo(WriteBucketDoFn(out, cfg)).with_outputs(EVENTS, main="stats")
+    )
+    events_l.append(written[EVENTS])
+    reject_stats = (
+        rejects_l
+        | "AllRejects" >> beam.Flatten()
+        | "KeyRejects" >> beam.Map(lambda r: (bucket_of(r.source_key, nb), r))
+        | "GroupRejects" >> beam.GroupByKey()
+        | "WriteRejects" >> beam.ParDo(WriteRejectsDoFn(out))
+    )
+    stats = (written.stats, reject_stats) | "AllStats" >> beam.Flatten()
+    events = events_l | "AllEvents" >> beam.Flatten() | "SumEvents" >> beam.CombinePerKey(sum)
+    _ = (
+        p
+        | "ManifestTrigger" >> beam.Create([None])
+        | "WriteManifest"
+        >> beam.Map(
+            _manifest_fn,
+            out=out,
+            cfg=cfg,
+            stats=beam.pvalue.AsList(stats),
+            events=beam.pvalue.AsDict(events),
+        )
+    )
+
+
+def check_output_compatible(cfg: OrsgenConfig, out: str) -> None:
+    """Refuses to write into an output made by a different config.
+
+    Shard names are the same for any config, so mixing two runs in one folder
+    would silently combine datasets; a rerun of the same config is fine (it
+    skips completed shards).
+
+    Raises:
+        OutputConflictError: ``out`` holds a manifest of another config.
+    """
+    fs, root = fsspec.core.url_to_fs(out)
+    path = f"{root.rstrip('/')}/{MANIFEST}"
+    if not fs.exists(path):
+        return
+    with fs.open(path, "rb") as f:
+        try:
+            old = json.load(f)
+        except json.JSONDecodeError:
+            raise OutputConflictError(
+                f"{out}/{MANIFEST} exists but is not valid JSON; move it away or choose a new --out."
+            ) from None
+    if old.get("config_sha256") != cfg.sha256():
+        raise OutputConflictError(
+            f"{out} already holds a dataset built from another config (config_sha256 "
+            f"{str(old.get('config_sha256'))[:12]}..., this run {cfg.sha256()[:12]}...). "
+            "Choose a new --out; orsgen never overwrites an existing dataset."
+        )

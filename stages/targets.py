@@ -1,0 +1,91 @@
+"""Trainer targets of a sample: union mask, boxes, interior points, Qwen boxes, SVG.
+
+Trainers of the Seg-Zero / LENS / GenSeg-R1 / Qwen3-VL-Seg family consume a
+box plus two interior points per target; Moondream-style trainers consume a
+normalised SVG path. Every sample carries all of them, computed once here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+
+from orsgen.schemas.records import Instance, Sample, TargetGeometry
+from orsgen.stages.masks import interior_points, rle_to_geometry, rle_union, svg_path
+
+
+class TargetError(ValueError):
+    """A sample's targets cannot be resolved; ``reason`` is the reject reason code."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def qwen_box(bbox_xyxy: Sequence[float], width: int, height: int) -> tuple[int, int, int, int]:
+    """Normalises an absolute pixel box to Qwen3-VL's 0..1000 integer grid.
+
+    Args:
+        bbox_xyxy: ``[x0, y0, x1, y1]`` in pixels.
+        width: image width in pixels.
+        height: image height in pixels.
+
+    Returns:
+        ``(x0, y0, x1, y1)`` as ints in 0..1000 (rounded half up).
+    """
+    x0, y0, x1, y1 = bbox_xyxy
+
+    def norm(v: float, size: int) -> int:
+        return max(0, min(1000, int(v / size * 1000 + 0.5)))
+
+    return (norm(x0, width), norm(y0, height), norm(x1, width), norm(y1, height))
+
+
+def target_geometry(inst: Instance, width: int, height: int) -> TargetGeometry:
+    """Box, interior points and Qwen box of one target instance."""
+    p1, p2 = interior_points(inst.rle)
+    return TargetGeometry(
+        instance_id=inst.instance_id,
+        bbox_xyxy=tuple(float(v) for v in inst.bbox_xyxy),  # type: ignore[arg-type]
+        point_1=p1,
+        point_2=p2,
+        qwen_box=qwen_box(inst.bbox_xyxy, width, height),
+    )
+
+
+def attach_targets(
+    sample: Sample,
+    instances: Mapping[str, Instance],
+    width: int,
+    height: int,
+    *,
+    svg_tolerance_px: float = 1.0,
+) -> Sample:
+    """Fills a sample's trainer targets from its ``target_ids``.
+
+    Args:
+        sample: the sample; ``target_ids`` name instances of its image.
+        instances: the image's instances by id.
+        width: image width in pixels.
+        height: image height in pixels.
+        svg_tolerance_px: simplification tolerance of the SVG path, in pixels.
+
+    Returns:
+        The sample with ``union_rle``, ``union_svg`` and ``targets`` set; a
+        ``no_target`` sample gets an empty union mask and no targets.
+
+    Raises:
+        TargetError: a target id is unknown (``missing_target``) or its mask
+            is empty (``empty_mask``).
+    """
+    missing = [t for t in sample.target_ids if t not in instances]
+    if missing:
+        raise TargetError("missing_target", f"targets {missing} are not instances of image {sample.image_id}.")
+    targets = [instances[t] for t in sample.target_ids]
+    for t in targets:
+        if t.area_px <= 0:
+            raise TargetError("empty_mask", f"target {t.instance_id} has an empty mask.")
+    union = rle_union([t.rle for t in targets], size=(height, width))
+    geoms = tuple(target_geometry(t, width, height) for t in targets)
+    svg = svg_path(rle_to_geometry(union, svg_tolerance_px), width, height) if targets else ""
+    return dataclasses.replace(sample, union_rle=union, union_svg=svg, targets=geoms)

@@ -1,0 +1,42 @@
+"""Shared fixtures: tiny images and masks built in memory."""
+
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+# Tests never touch the network: the hub stays offline.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def jpeg_bytes(width: int, height: int, seed: int = 0) -> bytes:
+    """A small deterministic JPEG."""
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 255, size=(height, width, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def random_mask(rng: np.random.Generator, h: int, w: int, n_blobs: int = 3) -> np.ndarray:
+    """A random union of rectangles and discs, possibly with speckle."""
+    m = np.zeros((h, w), dtype=bool)
+    yy, xx = np.mgrid[0:h, 0:w]
+    for _ in range(n_blobs):
+        if rng.random() < 0.5:
+            x0, y0 = rng.integers(0, w), rng.integers(0, h)
+            m[y0 : y0 + rng.integers(1, h), x0 : x0 + rng.integers(1, w)] = True
+        else:
+            cx, cy, r = rng.integers(0, w), rng.integers(0, h), rng.integers(1, max(2, min(h, w) // 2))
+            m |= (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r
+    return m
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(1234)

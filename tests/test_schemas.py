@@ -1,0 +1,82 @@
+"""The pyarrow schema mirrors the record dataclasses, and rows round-trip."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pyarrow as pa
+import pytest
+
+from orsgen.schemas import arrow
+from orsgen.schemas.records import (
+    ImageExample,
+    ImageRecord,
+    Instance,
+    Ref,
+    RefSentence,
+    Reject,
+    Rle,
+    Sample,
+    TargetGeometry,
+    safe_key,
+)
+
+
+@pytest.mark.parametrize("cls,struct", list(arrow.STRUCT_OF.items()), ids=lambda v: getattr(v, "__name__", ""))
+def test_struct_fields_match_dataclass(cls, struct):
+    names = [f.name for f in dataclasses.fields(cls)]
+    assert [struct.field(i).name for i in range(struct.num_fields)] == names
+
+
+def test_example_schema_matches_records():
+    img_fields = [f.name for f in dataclasses.fields(ImageRecord)]
+    ex_fields = {f.name for f in dataclasses.fields(ImageExample)}
+    schema_names = arrow.EXAMPLE_SCHEMA.names
+    # Image fields are flattened into the row; image_bytes is stored as "image".
+    assert list(arrow.IMAGE_COLUMNS) == img_fields
+    expected = {"key", "split", "input_name", "instances", "refs", "samples"} | set(img_fields) | {"image"}
+    assert set(schema_names) == expected
+    assert ex_fields - {"image", "image_bytes"} <= set(schema_names)
+
+
+def test_reject_schema_matches_records():
+    assert arrow.REJECT_SCHEMA.names == [f.name for f in dataclasses.fields(Reject)]
+
+
+def _example() -> ImageExample:
+    rle = Rle((4, 5), "04N0")
+    inst = Instance(
+        instance_id="coco:1/ann:2", image_id="coco:1", rle=rle, bbox_xywh=(0, 0, 1, 4), bbox_xyxy=(0, 0, 1, 4),
+        area_px=4, category_id=3, category_name="cup", supercategory="kitchen", iscrowd=False,
+        predicted_iou=0.9, stability_score=None, point_coords=((1.0, 2.0),), crop_box=None, source_ann_id=2,
+        mask_origin="polygon",
+    )
+    ref = Ref(7, "coco:1", (2,), (3,), "val", (RefSentence(9, "The cup", "the cup"),), "refcoco_unc")
+    sample = Sample(
+        sample_id="s1", image_id="coco:1", expression="the cup", kind="human", target_ids=("coco:1/ann:2",),
+        split="val", generator="refcoco_unc", union_rle=rle, union_svg="M 0 0 L 1 0 L 1 1 Z",
+        targets=(TargetGeometry("coco:1/ann:2", (0, 0, 1, 4), (0, 1), (0, 2), (0, 0, 200, 1000)),),
+        sam2_ious=(0.8,), reground_box=(0, 0, 1, 4), reground_iou=0.9, metadata={"ref_id": 7},
+    )
+    return ImageExample(
+        key="x-coco_1", image=ImageRecord("coco:1", "coco", "mem://1.jpg", 5, 4, "ab", "1.jpg"),
+        image_bytes=b"\xff\xd8", instances=(inst,), refs=(ref,), samples=(sample,), split="val", input_name="x",
+    )
+
+
+def test_row_round_trip_through_arrow():
+    ex = _example()
+    table = pa.Table.from_pylist([arrow.example_to_row(ex)], schema=arrow.EXAMPLE_SCHEMA)
+    back = arrow.example_from_row(table.to_pylist()[0])
+    assert back == ex
+
+
+def test_row_rejects_wrong_types():
+    row = arrow.example_to_row(_example())
+    row["width"] = "wide"
+    with pytest.raises((pa.ArrowInvalid, pa.ArrowTypeError)):
+        pa.Table.from_pylist([row], schema=arrow.EXAMPLE_SCHEMA)
+
+
+def test_safe_key_has_no_dots():
+    assert safe_key("refcoco.unc-coco:1/2") == "refcoco_unc-coco_1_2"
