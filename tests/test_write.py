@@ -1,0 +1,501 @@
+"""Tests of stages/write.py: shard layout, formats, determinism and safety."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from orsgen.schemas.arrow import EXAMPLE_SCHEMA, REJECT_SCHEMA, example_from_row, example_to_json
+from orsgen.schemas.config import WriteConfig
+from orsgen.schemas.records import (
+    ImageExample,
+    ImageRecord,
+    Instance,
+    Ref,
+    RefSentence,
+    Reject,
+    Rle,
+    Sample,
+    TargetGeometry,
+    canonical_json,
+)
+from orsgen.stages import write as W
+
+
+# ------------------------------------------------------------------ fixtures
+
+
+def _jpeg(seed: int, w: int = 48, h: int = 32) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _rle(h: int, w: int, x0: int, y0: int, x1: int, y1: int) -> Rle:
+    m = np.zeros((h, w), dtype=np.uint8)
+    m[y0:y1, x0:x1] = 1
+    return Rle.from_coco(mask_utils.encode(np.asfortranarray(m)))
+
+
+def _example(i: int, split: str = "train", n_inst: int = 2) -> ImageExample:
+    h, w = 32, 48
+    image_bytes = _jpeg(i, w, h)
+    image_id = f"coco:{1000 + i}"
+    coco = i % 2 == 0  # alternate COCO-like (categories) and SA-1B-like (scores) fields
+    instances = tuple(
+        Instance(
+            instance_id=f"{image_id}/ann:{j}",
+            image_id=image_id,
+            rle=_rle(h, w, 2 + j, 3, 10 + j, 12),
+            bbox_xywh=(2.0 + j, 3.0, 8.0, 9.0),
+            bbox_xyxy=(2.0 + j, 3.0, 10.0 + j, 12.0),
+            area_px=72,
+            category_id=1 if coco else None,
+            category_name="person" if coco else None,
+            supercategory="person" if coco else None,
+            predicted_iou=None if coco else 0.9,
+            stability_score=None if coco else 0.95,
+            point_coords=() if coco else ((5.0, 6.0),),
+            crop_box=None if coco else (0.0, 0.0, float(w), float(h)),
+            source_ann_id=j,
+        )
+        for j in range(n_inst)
+    )
+    refs = (
+        (
+            Ref(
+                ref_id=i,
+                image_id=image_id,
+                ann_ids=(0,),
+                category_ids=(1,),
+                split=split,
+                sentences=(RefSentence(sent_id=i, raw="The Man.", sent="the man"),),
+                dataset="refcoco_unc",
+            ),
+        )
+        if coco
+        else ()
+    )
+    samples = (
+        Sample(
+            sample_id=f"s{i}-0",
+            image_id=image_id,
+            expression="the man on the left",
+            kind="phrase",
+            target_ids=(instances[0].instance_id,),
+            split=split,
+            generator="template",
+            union_rle=instances[0].rle,
+            targets=(TargetGeometry(instances[0].instance_id, (2.0, 3.0, 10.0, 12.0), (5, 6), (7, 8), (42, 94, 208, 375)),),
+            sam2_ious=(0.91,),
+            metadata={"template": "t1", "n": i},
+        ),
+        Sample(
+            sample_id=f"s{i}-1",
+            image_id=image_id,
+            expression="a giraffe",
+            kind="no_target",
+            target_ids=(),
+            split=split,
+            union_rle=Rle(size=(h, w), counts=mask_utils.encode(np.zeros((h, w), np.uint8, order="F"))["counts"].decode()),
+        ),
+    )
+    return ImageExample(
+        key=f"coco-{1000 + i}",
+        image=ImageRecord(image_id, "coco", f"/data/{i}.jpg", w, h, f"{i:064x}", f"{i}.jpg"),
+        image_bytes=image_bytes,
+        instances=instances,
+        refs=refs,
+        samples=samples,
+        split=split,
+        input_name="coco",
+    )
+
+
+@pytest.fixture
+def examples() -> list[ImageExample]:
+    # Deliberately unsorted: the writer must sort by key.
+    return [_example(i) for i in (3, 0, 5, 1, 4, 2)]
+
+
+def _cfg(**kw) -> WriteConfig:
+    return WriteConfig(**{"formats": ["webdataset", "parquet"], "num_buckets": 1, **kw})
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _tmp_files(root: Path) -> list[str]:
+    return [p.name for p in root.rglob("*") if ".tmp-" in p.name]
+
+
+# ------------------------------------------------------------------ planning
+
+
+def test_bucket_of_is_stable_and_in_range():
+    assert [W.bucket_of(f"k{i}", 7) for i in range(50)] == [W.bucket_of(f"k{i}", 7) for i in range(50)]
+    buckets = {W.bucket_of(f"k{i}", 7) for i in range(200)}
+    assert buckets == set(range(7))
+    assert W.bucket_of("anything", 1) == 0
+    # Fixed value: the hash must not change between releases, or reruns move keys.
+    assert W.bucket_of("coco-1000", 1000) == int.from_bytes(__import__("hashlib").sha256(b"coco-1000").digest()[:8], "big") % 1000
+
+
+def test_bucket_of_rejects_zero_buckets():
+    with pytest.raises(ValueError, match="num_buckets"):
+        W.bucket_of("k", 0)
+
+
+def test_plan_parts_rolls_over_by_count(examples):
+    parts = W.plan_parts(examples, max_images=4, max_bytes=10**9)
+    assert [len(p) for p in parts] == [4, 2]
+    keys = [ex.key for p in parts for ex in p]
+    assert keys == sorted(ex.key for ex in examples)
+
+
+def test_plan_parts_rolls_over_by_bytes(examples):
+    one = W.plan_parts(examples[:1], 1, 10**9)  # any single example
+    sizes = [W._prepare(ex).size for ex in sorted(examples, key=lambda e: e.key)]
+    # Room for two examples plus the tar trailer, not three.
+    cap = sizes[0] + sizes[1] + W._TAR_RECORD + 10
+    parts = W.plan_parts(examples, max_images=100, max_bytes=cap)
+    assert len(one) == 1
+    assert all(1 <= len(p) <= 2 for p in parts) and len(parts) >= 3
+    assert sum(len(p) for p in parts) == len(examples)
+
+
+def test_plan_parts_gives_an_oversized_example_its_own_part(examples):
+    parts = W.plan_parts(examples, max_images=100, max_bytes=1)
+    assert [len(p) for p in parts] == [1] * len(examples)
+    assert W.plan_parts([], 10, 10) == []
+
+
+def test_plan_parts_rejects_unsafe_and_duplicate_keys(examples):
+    with pytest.raises(ValueError, match="not WebDataset-safe"):
+        W.plan_parts([examples[0].replace(key="coco.1000")], 10, 10**9)
+    with pytest.raises(ValueError, match="more than once"):
+        W.plan_parts([examples[0], examples[0]], 10, 10**9)
+
+
+def test_json_member_is_canonical_json_of_example_to_json(examples):
+    for ex in examples:
+        assert W._prepare(ex).json == canonical_json(example_to_json(ex))
+
+
+# ------------------------------------------------------------------- formats
+
+
+def test_parquet_round_trip(tmp_path, examples):
+    stats = W.write_bucket(str(tmp_path), "train", 0, examples, _cfg(formats=["parquet"]))
+    assert [s.path for s in stats] == ["parquet/train/train-b00000-0000.parquet"]
+    table = pq.read_table(tmp_path / stats[0].path)
+    # Types match exactly; list children come back named "element" (the
+    # Parquet spec's compliant nested naming) where Arrow says "item".
+    assert table.schema.equals(EXAMPLE_SCHEMA)
+    assert table.schema.metadata[b"orsgen.schema"] == b"example/1"
+    got = [example_from_row(r) for r in table.to_pylist()]
+    assert got == sorted(examples, key=lambda e: e.key)
+    s = stats[0]
+    assert (s.n_images, s.n_samples, s.n_instances) == (6, 12, 12)
+    assert s.samples_by_kind == {"no_target": 6, "phrase": 6}
+    assert s.n_bytes == (tmp_path / s.path).stat().st_size
+    assert not s.skipped
+    assert not (tmp_path / "webdataset").exists()
+
+
+def test_webdataset_reads_every_key(tmp_path, examples):
+    import webdataset as wds
+
+    stats = W.write_bucket(str(tmp_path), "train", 0, examples, _cfg(formats=["webdataset"], shard_max_images=4))
+    urls = [str(tmp_path / s.path) for s in stats]
+    assert [Path(u).name for u in urls] == ["train-b00000-0000.tar", "train-b00000-0001.tar"]
+    by_key = {ex.key: ex for ex in examples}
+    seen = []
+    for sample in wds.WebDataset(urls, shardshuffle=False):
+        ex = by_key[sample["__key__"]]
+        assert set(sample) >= {"jpg", "json"}
+        assert sample["jpg"] == ex.image_bytes
+        assert sample["json"] == canonical_json(example_to_json(ex))
+        seen.append(sample["__key__"])
+    assert seen == sorted(by_key)
+
+
+def test_tar_headers_are_deterministic(tmp_path, examples):
+    stats = W.write_bucket(str(tmp_path), "train", 0, examples, _cfg(formats=["webdataset"]))
+    with tarfile.open(tmp_path / stats[0].path) as tar:
+        members = tar.getmembers()
+    names = [m.name for m in members]
+    assert names == [f"{k}.{e}" for k in sorted(ex.key for ex in examples) for e in ("jpg", "json")]
+    for m in members:
+        assert (m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode, m.type) == (0, 0, 0, "", "", 0o644, tarfile.REGTYPE)
+
+
+def test_mismatched_split_is_refused(tmp_path, examples):
+    with pytest.raises(ValueError, match="split 'train' but is written to split 'val'"):
+        W.write_bucket(str(tmp_path), "val", 0, examples, _cfg())
+    assert not any(tmp_path.iterdir())
+
+
+def test_empty_bucket_writes_nothing(tmp_path):
+    assert W.write_bucket(str(tmp_path), "train", 0, [], _cfg()) == []
+    assert W.write_rejects_bucket(str(tmp_path), 0, []) is None
+    assert not any(tmp_path.iterdir())
+
+
+def test_row_groups_stay_under_the_cap(tmp_path, examples):
+    # A group costs ~10 KB of page headers before any row (58 leaf columns),
+    # so the smallest useful cap is a few tens of KB; rows here are ~8 KB.
+    cap = 40 * 1024
+    big = [ex.replace(image_bytes=_jpeg(i, 96, 64)) for i, ex in enumerate(examples)]
+    stats = W.write_bucket(str(tmp_path), "train", 0, big, _cfg(formats=["parquet"], parquet_row_group_max_bytes=cap))
+    md = pq.ParquetFile(tmp_path / stats[0].path).metadata
+    assert md.num_row_groups > 1
+    assert md.num_rows == len(big)
+    for i in range(md.num_row_groups):
+        assert md.row_group(i).total_byte_size <= cap
+
+
+def test_load_dataset_parquet_and_webdataset(tmp_path, examples, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True, raising=False)
+    out = tmp_path / "out"
+    val = [_example(i, split="val") for i in (10, 11)]
+    stats = W.write_bucket(str(out), "train", 0, examples, _cfg(shard_max_images=4))
+    stats += W.write_bucket(str(out), "val", 0, val, _cfg())
+    cache = str(tmp_path / "cache")
+
+    ds = datasets.load_dataset("parquet", data_dir=str(out / "parquet"), cache_dir=cache)
+    assert sorted(ds) == ["train", "validation"]
+    assert ds["train"].num_rows == len(examples) and ds["validation"].num_rows == len(val)
+    assert sorted(ds["train"]["key"]) == sorted(ex.key for ex in examples)
+
+    tars = {
+        "train": [str(out / s.path) for s in stats if s.format == "webdataset" and s.split == "train"],
+        "validation": [str(out / s.path) for s in stats if s.format == "webdataset" and s.split == "val"],
+    }
+    wd = datasets.load_dataset("webdataset", data_files=tars, cache_dir=cache)
+    assert wd["train"].num_rows == len(examples)
+    row = wd["train"][0]
+    assert set(row) >= {"__key__", "jpg", "json"}
+    assert row["json"]["key"] == row["__key__"]
+
+
+def test_load_dataset_webdataset_with_nulls_first_needs_features(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
+    # Six SA-1B-like samples (null category_id, no refs) sort before a COCO-like one.
+    exs = [_example(i) for i in (1, 3, 5, 7, 9, 11, 20)]
+    stats = W.write_bucket(str(tmp_path / "out"), "train", 0, exs, _cfg(formats=["webdataset"]))
+    files = {"train": [str(tmp_path / "out" / s.path) for s in stats]}
+    # Without features, datasets 5.2 infers category_id as null from the first
+    # five samples and fails on the sixth ("Couldn't cast int64 to null").
+    ds = datasets.load_dataset(
+        "webdataset", data_files=files, cache_dir=str(tmp_path / "c"), features=W.webdataset_features()
+    )
+    last = ds["train"][len(exs) - 1]
+    assert last["__key__"] == "coco-1020"
+    assert last["json"]["instances"][0]["category_id"] == 1
+    assert last["json"]["refs"][0]["sentences"][0]["sent"] == "the man"
+
+
+# --------------------------------------------------------- rerun and safety
+
+
+def test_rerun_into_a_fresh_dir_is_byte_identical(tmp_path, examples):
+    rejects = [Reject("s/1", "ingest", "corrupt_image", "bad"), Reject("s/0", "regions", "dropped_small", "tiny", "instance")]
+    trees = []
+    for name, order in (("a", examples), ("b", list(reversed(examples)))):
+        out = tmp_path / name
+        W.write_bucket(str(out), "train", 0, order, _cfg(shard_max_images=4, parquet_row_group_max_bytes=4096))
+        W.write_rejects_bucket(str(out), 0, rejects if name == "a" else rejects[::-1])
+        trees.append(_tree(out))
+    assert trees[0] == trees[1]
+    assert "_meta/shards/webdataset/train/train-b00000-0001.tar.done" in trees[0]
+    assert "_meta/shards/parquet/train/train-b00000-0000.parquet.stats.json" in trees[0]
+    assert "_meta/shards/rejects/rejects-b00000.parquet.done" in trees[0]
+
+
+def test_rerun_into_the_same_dir_skips(tmp_path, examples):
+    first = W.write_bucket(str(tmp_path), "train", 0, examples, _cfg(shard_max_images=4))
+    mtimes = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+    again = W.write_bucket(str(tmp_path), "train", 0, examples, _cfg(shard_max_images=4))
+    assert all(s.skipped for s in again)
+    assert [W.ShardStats(**{**{f: getattr(s, f) for f in s.__slots__}, "skipped": False}) for s in again] == first
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()} == mtimes
+
+
+def test_completed_shard_of_other_inputs_is_a_conflict(tmp_path, examples):
+    W.write_bucket(str(tmp_path), "train", 0, examples, _cfg())
+    with pytest.raises(W.OutputConflictError, match="completed shard of another run"):
+        W.write_bucket(str(tmp_path), "train", 0, examples[:3], _cfg())
+
+
+def test_existing_different_file_is_a_conflict_and_kept(tmp_path, examples):
+    shard = tmp_path / "webdataset/train/train-b00000-0000.tar"
+    shard.parent.mkdir(parents=True)
+    shard.write_bytes(b"a user's own file")
+    with pytest.raises(W.OutputConflictError, match=r"train-b00000-0000\.tar already exists.*new --out"):
+        W.write_bucket(str(tmp_path), "train", 0, examples, _cfg(formats=["webdataset"]))
+    assert shard.read_bytes() == b"a user's own file"
+    assert _tmp_files(tmp_path) == []
+    assert not (tmp_path / "_meta").exists()
+
+
+def test_existing_identical_file_without_marker_is_adopted(tmp_path, examples):
+    ref = tmp_path / "ref"
+    (stats,) = W.write_bucket(str(ref), "train", 0, examples, _cfg(formats=["parquet"]))
+    out = tmp_path / "out"
+    shard = out / stats.path
+    shard.parent.mkdir(parents=True)
+    shard.write_bytes((ref / stats.path).read_bytes())
+    before = shard.stat().st_mtime_ns
+    (got,) = W.write_bucket(str(out), "train", 0, examples, _cfg(formats=["parquet"]))
+    assert got == stats and not got.skipped
+    assert shard.stat().st_mtime_ns == before
+    assert _tree(out) == _tree(ref)
+
+
+def test_crash_before_rename_leaves_no_partial_or_tmp_file(tmp_path, examples, monkeypatch):
+    def boom(src, dst):
+        raise OSError("injected crash between tmp write and rename")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError, match="injected crash"):
+        W.write_bucket(str(tmp_path), "train", 0, examples, _cfg())
+    assert not list(tmp_path.rglob("*.tar")) and not list(tmp_path.rglob("*.parquet"))
+    assert _tmp_files(tmp_path) == []
+    monkeypatch.undo()
+    # The next run completes normally.
+    assert len(W.write_bucket(str(tmp_path), "train", 0, examples, _cfg())) == 2
+
+
+def test_crash_before_the_marker_is_recovered_by_a_rerun(tmp_path, examples, monkeypatch):
+    real_replace = os.replace
+
+    def replace_but_markers(src, dst):
+        if str(dst).endswith(".done"):
+            raise OSError("injected crash before the marker")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace_but_markers)
+    with pytest.raises(OSError, match="before the marker"):
+        W.write_bucket(str(tmp_path / "out"), "train", 0, examples, _cfg(formats=["parquet"]))
+    monkeypatch.undo()
+    shard = tmp_path / "out/parquet/train/train-b00000-0000.parquet"
+    assert shard.exists() and not list(tmp_path.rglob("*.done")) and _tmp_files(tmp_path) == []
+    # The rerun finds the shard without its marker, verifies its bytes and completes it.
+    (stats,) = W.write_bucket(str(tmp_path / "out"), "train", 0, examples, _cfg(formats=["parquet"]))
+    assert not stats.skipped
+    W.write_bucket(str(tmp_path / "ref"), "train", 0, examples, _cfg(formats=["parquet"]))
+    assert _tree(tmp_path / "out") == _tree(tmp_path / "ref")
+
+
+def test_non_local_filesystem_uses_the_same_rules(examples):
+    import hashlib
+    import uuid
+
+    import fsspec
+
+    out = f"memory://orsgen-test-{uuid.uuid4().hex}"
+    fs = fsspec.filesystem("memory")
+    try:
+        stats = W.write_bucket(out, "train", 0, examples, _cfg(shard_max_images=4))
+        assert len(stats) == 4
+        for s in stats:
+            data = fs.cat_file(f"{out}/{s.path}")
+            assert hashlib.sha256(data).hexdigest() == s.sha256 and len(data) == s.n_bytes
+            assert fs.exists(f"{out}/_meta/shards/{s.path}.done")
+        assert not [p for p in fs.find(out) if ".tmp-" in p]
+        assert all(s.skipped for s in W.write_bucket(out, "train", 0, examples, _cfg(shard_max_images=4)))
+        path = W.write_manifest(out, {"name": "x"})
+        assert path == f"{out}/manifest.json" and json.loads(fs.cat_file(path)) == {"name": "x"}
+    finally:
+        fs.rm(out, recursive=True)
+
+
+# ------------------------------------------------------------------- rejects
+
+
+def test_rejects_are_sorted_and_counted(tmp_path):
+    rejects = [
+        Reject("b", "regions", "dropped_small", "m2", "instance", "coco:1"),
+        Reject("a", "ingest", "corrupt_image", "m1", "image", "coco:2"),
+        Reject("a", "regions", "dropped_small", "m1", "instance", "coco:1"),
+    ]
+    stats = W.write_rejects_bucket(str(tmp_path), 3, rejects)
+    assert stats is not None and stats.path == "rejects/rejects-b00003.parquet"
+    assert stats.rejects_by_reason == {"image/corrupt_image": 1, "instance/dropped_small": 2}
+    table = pq.read_table(tmp_path / stats.path)
+    assert table.schema.equals(REJECT_SCHEMA, check_metadata=True)  # flat: no list names to differ
+    assert table.column("source_key").to_pylist() == ["a", "a", "b"]
+    assert table.column("level").to_pylist() == ["image", "instance", "instance"]
+    again = W.write_rejects_bucket(str(tmp_path), 3, rejects)
+    assert again is not None and again.skipped
+
+
+# ------------------------------------------------------------------ manifest
+
+
+def _manifest(tmp_path, examples, counts=None) -> tuple[dict, list[W.ShardStats]]:
+    stats = W.write_bucket(str(tmp_path), "train", 0, examples, _cfg(shard_max_images=4))
+    rej = W.write_rejects_bucket(str(tmp_path), 0, [Reject("x", "ingest", "corrupt_image", "bad")])
+    assert rej is not None
+    stats.append(rej)
+    m = W.build_manifest(
+        name="demo",
+        config={"write": {"num_buckets": 1}},
+        config_sha256="ab" * 32,
+        version="0.1.0",
+        shard_stats=list(reversed(stats)),
+        counts=counts or {"image": {"inputs": 7, "written": 6, "rejected": 1}},
+    )
+    return m, stats
+
+
+def test_manifest_content(tmp_path, examples):
+    m, stats = _manifest(tmp_path, examples)
+    assert m["splits"] == {"train": {"images": 6, "samples": 12, "samples_by_kind": {"no_target": 6, "phrase": 6}}}
+    assert m["rejects_by_reason"] == {"image/corrupt_image": 1}
+    assert [s["path"] for s in m["shards"]] == sorted(s.path for s in stats)
+    assert set(m) == {"name", "orsgen_version", "config_sha256", "config", "counts", "splits", "rejects_by_reason", "shards"}
+    assert m["counts"]["image"]["written"] == 6
+
+
+def test_manifest_refuses_formats_that_disagree(tmp_path, examples):
+    _, stats = _manifest(tmp_path, examples)
+    with pytest.raises(ValueError, match="disagree"):
+        W.build_manifest(name="d", config={}, config_sha256="", version="", shard_stats=stats[:1] + stats[3:], counts={})
+
+
+def test_write_manifest_identical_rerun_and_conflict(tmp_path, examples):
+    m, _ = _manifest(tmp_path, examples)
+    path = W.write_manifest(str(tmp_path), m)
+    target = tmp_path / "manifest.json"
+    assert path == str(target)
+    assert json.loads(target.read_bytes()) == m
+    before = (target.read_bytes(), target.stat().st_mtime_ns)
+    assert W.write_manifest(str(tmp_path), m) == path
+    assert (target.read_bytes(), target.stat().st_mtime_ns) == before
+    with pytest.raises(W.OutputConflictError, match="manifest.json already exists"):
+        W.write_manifest(str(tmp_path), {**m, "name": "other"})
+    assert target.read_bytes() == before[0]
+    assert _tmp_files(tmp_path) == []
