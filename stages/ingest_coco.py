@@ -1,0 +1,918 @@
+"""Reads COCO instances and RefCOCO-family refs into ``ImageExample`` records.
+
+Three inputs share this reader:
+
+* ``CocoInput``: an ``instances_*.json`` (``images``, ``annotations``,
+  ``categories``) plus an image folder or URL prefix;
+* ``RefcocoInput``: RefCOCO / RefCOCO+ / RefCOCOg ``refs(<splitBy>).p`` (a
+  Python 2 pickle, read only through ``stages.safe_pickle``) or a JSON list of
+  the same refs, plus the COCO instances they point into;
+* ``GrefcocoInput``: gRefCOCO ``grefs(unc).json`` (or ``.p``), whose refs may
+  have several targets or none (``ann_id == [-1]``).
+
+The work is split in two so that Beam can spread it:
+
+1. ``plan_input`` reads the one big JSON (and refs file) of an input, checks
+   the structure and returns the category vocabulary and one light, hashable
+   ``CocoImageTask`` per image (no image bytes, annotations as canonical
+   JSON), plus the rejects found on the way;
+2. ``load_task`` runs on a worker per task: it reads and checks the image
+   bytes, converts every annotation to compressed RLE and returns the
+   ``ImageExample`` with its instance- and ref-level rejects.
+
+Files are read through ``fsspec``, so local paths, ``gs://``, ``s3://`` and
+``http(s)://`` all work. Bad data never raises: it becomes a ``Reject`` with
+one of the reason codes below. A missing top-level file (annotations, refs) is
+a config mistake and raises ``FileNotFoundError``; an image read error other
+than "not found" (network, permissions) also raises, so that Beam retries it.
+
+Accounting: an image-level reject stands for the image and everything on it
+(its annotations and refs get no rejects of their own). In ``refcoco`` /
+``grefcoco`` mode only images with at least one kept ref are read, and
+problems of the instances file that cannot be tied to such an image are not
+reported (the file holds all of COCO train2014).
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+
+from orsgen.schemas.config import CocoInput, GrefcocoInput, ImageConfig, RefcocoInput
+from orsgen.schemas.records import (
+    Category,
+    ImageExample,
+    ImageRecord,
+    Instance,
+    Ref,
+    RefSentence,
+    Reject,
+    RejectLevel,
+    safe_key,
+)
+from orsgen.stages.images import ImageError, check_image
+from orsgen.stages.masks import MaskError, rle_area, rle_bbox_xywh, segmentation_to_rle, xywh_to_xyxy
+from orsgen.stages.safe_pickle import UnsafePickleError, restricted_loads
+
+#: ``Reject.stage`` of every reject this module makes.
+STAGE = "ingest_coco"
+
+# ---------------------------------------------------------------- reason codes
+# Shard level: a whole input file.
+#: The annotations / instances file is not JSON, or lacks ``images``,
+#: ``annotations`` or ``categories`` lists. No tasks come from the input.
+UNREADABLE_ANNOTATIONS = "unreadable_annotations"
+#: The refs file is neither JSON nor a valid pickle, or is not a list of refs.
+UNREADABLE_REFS = "unreadable_refs"
+#: The refs pickle names a global or a persistent id (it could run code).
+UNSAFE_PICKLE = "unsafe_pickle"
+#: A ``categories`` entry lacks an int ``id`` / str ``name``, or repeats an id.
+#: Its annotations then fail with ``unknown_category``.
+BAD_CATEGORY = "bad_category"
+
+# Image level. check_image adds ``empty_image``, ``image_too_large``,
+# ``corrupt_image`` and ``image_size_mismatch``.
+#: An ``images`` entry lacks an int ``id``, a str ``file_name`` or positive
+#: int ``width`` / ``height``.
+BAD_JSON = "bad_json"
+#: An ``images`` entry repeats the id of an earlier one (the first is kept).
+DUPLICATE_IMAGE = "duplicate_image"
+#: ``file_name`` would escape the image prefix (``..``, absolute, backslash,
+#: ``:``, ``%``, ``?``, ``#``, control characters, empty segments).
+UNSAFE_PATH = "unsafe_path"
+#: The image file does not exist under the prefix.
+MISSING_IMAGE = "missing_image"
+
+# Instance level. segmentation_to_rle adds ``bad_polygon``, ``bad_rle``,
+# ``bad_segmentation``, ``rle_size_mismatch`` and ``empty_mask``.
+#: An annotation is not an object, or lacks / mistypes ``id``, ``image_id``,
+#: ``category_id``, ``segmentation`` or ``iscrowd``.
+BAD_ANNOTATION = "bad_annotation"
+#: An annotation repeats the id of an earlier one (the first is kept).
+DUPLICATE_ANNOTATION = "duplicate_annotation"
+#: An annotation's ``image_id`` is not in ``images`` (COCO mode only).
+ORPHAN_ANNOTATION = "orphan_annotation"
+#: An annotation's ``category_id`` is not in ``categories``.
+UNKNOWN_CATEGORY = "unknown_category"
+#: Mask decoded to zero pixels (also raised by segmentation_to_rle).
+EMPTY_MASK = "empty_mask"
+#: Polygon coordinates that are not finite or lie far outside the image
+#: (also raised by segmentation_to_rle for polygons of fewer than 3 points).
+BAD_POLYGON = "bad_polygon"
+
+# Ref level.
+#: A ref lacks / mistypes ``ref_id``, ``image_id``, ``split``, ``ann_id``,
+#: ``category_id`` or ``sentences``, or contradicts itself (``no_target``).
+BAD_REF = "bad_ref"
+#: A ref repeats the ``ref_id`` of an earlier one (the first is kept).
+DUPLICATE_REF = "duplicate_ref"
+#: A ref's ``image_id`` is not in the instances ``images``.
+ORPHAN_REF = "orphan_ref"
+#: A ref's ``ann_id`` is not an annotation of its image.
+MISSING_ANNOTATION = "missing_annotation"
+#: A ref's target annotation exists but was rejected at load time (bad
+#: segmentation, ...); the ref is dropped rather than kept with fewer targets.
+TARGET_REJECTED = "target_rejected"
+
+_SOURCE_BY_TYPE = {"coco": "coco", "refcoco": "refcoco", "grefcoco": "grefcoco"}
+_UNSAFE_CHARS = frozenset("\\:%?#")
+
+
+@dataclass(frozen=True, slots=True)
+class CocoImageTask:
+    """Everything needed to load one image, without its bytes.
+
+    Light and hashable so that Beam can reshuffle it cheaply.
+
+    Attributes:
+        input_name: the config input it came from (prefixes output keys).
+        source: ``coco``, ``refcoco`` or ``grefcoco``.
+        coco_image_id: the COCO image id.
+        file_name: COCO ``file_name`` (checked to stay inside the prefix).
+        width: width in pixels from the annotations file.
+        height: height in pixels from the annotations file.
+        image_uri: where the bytes are read from (prefix + ``/`` + file_name).
+        annotations_json: canonical JSON (sorted keys, no spaces) of the list
+            of this image's raw COCO annotation dicts, sorted by id.
+        refs: refs on this image, sorted by ref id (empty for COCO).
+        categories_json: canonical JSON of ``{"<id>": {"name", "supercategory"}}``
+            for the known categories the annotations use.
+        annotations_url: the annotations / instances file (for reject keys).
+        refs_url: the refs file, or "" for COCO (for reject keys).
+    """
+
+    input_name: str
+    source: str
+    coco_image_id: int
+    file_name: str
+    width: int
+    height: int
+    image_uri: str
+    annotations_json: str
+    refs: tuple[Ref, ...]
+    categories_json: str
+    annotations_url: str = ""
+    refs_url: str = ""
+
+
+# ---------------------------------------------------------------- small helpers
+
+
+def _as_int(value: Any) -> int | None:
+    """``value`` if it is an int (bools excluded), else None."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    return None
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _reject(source_key: str, reason: str, message: str, level: RejectLevel, image_id: int | None = None) -> Reject:
+    return Reject(
+        source_key=source_key,
+        stage=STAGE,
+        reason=reason,
+        message=message,
+        level=level,
+        image_id=f"coco:{image_id}" if image_id is not None else "",
+    )
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    try:
+        text = repr(value)
+    except RecursionError:  # a hostile file can nest containers very deeply
+        return f"<{type(value).__name__} nested too deeply to show>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def unsafe_file_name_problem(file_name: Any) -> str | None:
+    r"""Says why ``file_name`` cannot be joined to an image prefix, or None if it can.
+
+    A file name must be a relative POSIX path that stays inside the prefix
+    for every fsspec backend: no absolute path, no ``.``/``..``/empty segment,
+    and none of ``\\ : % ? #`` (backslash paths, URL schemes and fsspec
+    ``::`` chaining, percent-encoded ``..``, URL query and fragment) nor
+    control characters.
+
+    Args:
+        file_name: the ``images[].file_name`` value.
+
+    Returns:
+        A sentence naming the problem, or None for a safe name.
+    """
+    if not isinstance(file_name, str) or not file_name:
+        return f"file_name must be a non-empty string, got {_short(file_name)}."
+    if file_name.startswith("/"):
+        return f"file_name {_short(file_name)} is an absolute path."
+    bad = sorted({c for c in file_name if c in _UNSAFE_CHARS or ord(c) < 32 or ord(c) == 127})
+    if bad:
+        return f"file_name {_short(file_name)} holds the characters {bad!r}, which could leave the image prefix."
+    if any(part in ("", ".", "..") for part in file_name.split("/")):
+        return f"file_name {_short(file_name)} has an empty, '.' or '..' path segment."
+    return None
+
+
+def _join_uri(prefix: str, file_name: str) -> str:
+    return prefix.rstrip("/") + "/" + file_name if prefix else file_name
+
+
+def _read_top_level(url: str, what: str) -> bytes:
+    """Reads a whole top-level input file; a missing one is a config error."""
+    try:
+        with fsspec.open(url, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"the {what} file {url!r} does not exist; fix the input's path in the config."
+        ) from None
+
+
+def _parse_json(data: bytes) -> Any:
+    """Parses JSON bytes; raises ValueError (or RecursionError) on bad JSON."""
+    return json.loads(data)
+
+
+# ---------------------------------------------------------------- COCO instances
+
+
+@dataclass(slots=True)
+class _Instances:
+    """What ``_parse_instances`` learnt about a COCO instances file."""
+
+    categories: dict[int, Category]
+    images: dict[int, tuple[str, int, int]]  # id -> (file_name, width, height)
+    image_rejects: dict[int, Reject]  # known ids whose entry is rejected
+    loose_image_rejects: list[tuple[int | None, Reject]]  # rejects not standing for a known id
+    all_image_ids: set[int]
+    anns_by_image: dict[int, list[dict[str, Any]]]
+    ann_rejects: list[tuple[int | None, Reject]]  # (image id if known, reject)
+    shard_rejects: list[Reject]
+
+
+def _parse_instances(url: str) -> _Instances | Reject:
+    """Reads and checks the structure of a COCO instances file.
+
+    Returns:
+        The parsed file, or one shard-level ``unreadable_annotations`` reject.
+    """
+    data = _read_top_level(url, "annotations")
+    try:
+        doc = _parse_json(data)
+    except (ValueError, RecursionError) as err:
+        return _reject(url, UNREADABLE_ANNOTATIONS, f"the annotations file is not valid JSON: {err}", RejectLevel.SHARD)
+    missing = (
+        ["images", "annotations", "categories"]
+        if not isinstance(doc, dict)
+        else [k for k in ("images", "annotations", "categories") if not isinstance(doc.get(k), list)]
+    )
+    if missing:
+        return _reject(
+            url,
+            UNREADABLE_ANNOTATIONS,
+            f"the annotations file must be a JSON object with the lists {missing} (COCO instances format); "
+            f"got {type(doc).__name__}.",
+            RejectLevel.SHARD,
+        )
+
+    shard_rejects: list[Reject] = []
+    categories: dict[int, Category] = {}
+    for i, cat in enumerate(doc["categories"]):
+        cid = _as_int(cat.get("id")) if isinstance(cat, dict) else None
+        name = cat.get("name") if isinstance(cat, dict) else None
+        sup = cat.get("supercategory", "") if isinstance(cat, dict) else None
+        key = f"{url}#category:{cid}" if cid is not None else f"{url}#category_index:{i}"
+        if cid is None or not isinstance(name, str) or not isinstance(sup, str):
+            shard_rejects.append(
+                _reject(
+                    key,
+                    BAD_CATEGORY,
+                    f"category entry {_short(cat)} needs an int id, a str name and a str supercategory.",
+                    RejectLevel.SHARD,
+                )
+            )
+        elif cid in categories:
+            shard_rejects.append(
+                _reject(
+                    key,
+                    BAD_CATEGORY,
+                    f"category id {cid} appears more than once; the first is kept.",
+                    RejectLevel.SHARD,
+                )
+            )
+        else:
+            categories[cid] = Category(id=cid, name=name, supercategory=sup)
+
+    images: dict[int, tuple[str, int, int]] = {}
+    image_rejects: dict[int, Reject] = {}
+    loose_image_rejects: list[tuple[int | None, Reject]] = []
+    all_image_ids: set[int] = set()
+    for i, img in enumerate(doc["images"]):
+        iid = _as_int(img.get("id")) if isinstance(img, dict) else None
+        if iid is None:
+            loose_image_rejects.append(
+                (
+                    None,
+                    _reject(
+                        f"{url}#image_index:{i}",
+                        BAD_JSON,
+                        f"images[{i}] has no int id: {_short(img)}.",
+                        RejectLevel.IMAGE,
+                    ),
+                )
+            )
+            continue
+        key = f"{url}#image:{iid}"
+        if iid in all_image_ids:
+            loose_image_rejects.append(
+                (
+                    iid,
+                    _reject(
+                        f"{url}#image_index:{i}",
+                        DUPLICATE_IMAGE,
+                        f"image id {iid} appears more than once; the first entry is kept.",
+                        RejectLevel.IMAGE,
+                        iid,
+                    ),
+                )
+            )
+            continue
+        all_image_ids.add(iid)
+        file_name, width, height = img.get("file_name"), _as_int(img.get("width")), _as_int(img.get("height"))
+        if not isinstance(file_name, str) or width is None or height is None or width <= 0 or height <= 0:
+            image_rejects[iid] = _reject(
+                key,
+                BAD_JSON,
+                f"image {iid} needs a str file_name and positive int width and height, got "
+                f"file_name={_short(file_name)}, width={_short(img.get('width'))}, height={_short(img.get('height'))}.",
+                RejectLevel.IMAGE,
+                iid,
+            )
+            continue
+        problem = unsafe_file_name_problem(file_name)
+        if problem is not None:
+            image_rejects[iid] = _reject(key, UNSAFE_PATH, problem, RejectLevel.IMAGE, iid)
+            continue
+        images[iid] = (file_name, width, height)
+
+    anns_by_image: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    ann_rejects: list[tuple[int | None, Reject]] = []
+    seen_ann_ids: set[int] = set()
+    for i, ann in enumerate(doc["annotations"]):
+        aid = _as_int(ann.get("id")) if isinstance(ann, dict) else None
+        img_id = _as_int(ann.get("image_id")) if isinstance(ann, dict) else None
+        key = f"{url}#ann:{aid}" if aid is not None else f"{url}#ann_index:{i}"
+        if aid is None or img_id is None:
+            ann_rejects.append(
+                (
+                    img_id,
+                    _reject(
+                        key,
+                        BAD_ANNOTATION,
+                        f"annotations[{i}] needs int id and image_id: {_short(ann)}.",
+                        RejectLevel.INSTANCE,
+                        img_id,
+                    ),
+                )
+            )
+            continue
+        if aid in seen_ann_ids:
+            ann_rejects.append(
+                (
+                    img_id,
+                    _reject(
+                        f"{url}#ann_index:{i}",
+                        DUPLICATE_ANNOTATION,
+                        f"annotation id {aid} appears more than once; the first is kept.",
+                        RejectLevel.INSTANCE,
+                        img_id,
+                    ),
+                )
+            )
+            continue
+        seen_ann_ids.add(aid)
+        if img_id not in all_image_ids:
+            ann_rejects.append(
+                (
+                    img_id,
+                    _reject(
+                        key,
+                        ORPHAN_ANNOTATION,
+                        f"annotation {aid} points at image {img_id}, which is not in images.",
+                        RejectLevel.INSTANCE,
+                        img_id,
+                    ),
+                )
+            )
+            continue
+        anns_by_image[img_id].append(ann)
+
+    return _Instances(
+        categories=categories,
+        images=images,
+        image_rejects=image_rejects,
+        loose_image_rejects=loose_image_rejects,
+        all_image_ids=all_image_ids,
+        anns_by_image=dict(anns_by_image),
+        ann_rejects=ann_rejects,
+        shard_rejects=shard_rejects,
+    )
+
+
+def _make_task(
+    cfg: CocoInput | RefcocoInput | GrefcocoInput,
+    source: str,
+    inst: _Instances,
+    image_id: int,
+    refs: tuple[Ref, ...],
+) -> CocoImageTask:
+    file_name, width, height = inst.images[image_id]
+    anns = sorted(inst.anns_by_image.get(image_id, []), key=lambda a: a["id"])
+    used = {_as_int(a.get("category_id")) for a in anns}
+    cats = {
+        str(c.id): {"name": c.name, "supercategory": c.supercategory}
+        for cid, c in inst.categories.items()
+        if cid in used
+    }
+    return CocoImageTask(
+        input_name=cfg.name,
+        source=source,
+        coco_image_id=image_id,
+        file_name=file_name,
+        width=width,
+        height=height,
+        image_uri=_join_uri(cfg.images, file_name),
+        annotations_json=_dumps(anns),
+        refs=refs,
+        categories_json=_dumps(cats),
+        annotations_url=cfg.annotations if isinstance(cfg, CocoInput) else cfg.instances,
+        refs_url="" if isinstance(cfg, CocoInput) else cfg.refs,
+    )
+
+
+# ---------------------------------------------------------------- refs
+
+
+def _read_refs(url: str) -> list[Any] | Reject:
+    """Reads a refs file: JSON (``.json`` or sniffed) or a restricted pickle."""
+    data = _read_top_level(url, "refs")
+    path = url.split("?", 1)[0].lower()
+    head = data.lstrip()[:1]
+    as_json = path.endswith(".json") or (not path.endswith((".p", ".pkl", ".pickle")) and head in (b"[", b"{"))
+    if as_json:
+        try:
+            doc = _parse_json(data)
+        except (ValueError, RecursionError) as err:
+            return _reject(url, UNREADABLE_REFS, f"the refs file is not valid JSON: {err}", RejectLevel.SHARD)
+    else:
+        try:
+            doc = restricted_loads(data)
+        except UnsafePickleError as err:
+            return _reject(url, UNSAFE_PICKLE, f"the refs pickle was refused: {err}", RejectLevel.SHARD)
+        except pickle.UnpicklingError as err:
+            return _reject(url, UNREADABLE_REFS, f"the refs file is not a valid pickle: {err}", RejectLevel.SHARD)
+    if isinstance(doc, dict) and isinstance(doc.get("refs"), list):
+        doc = doc["refs"]
+    if not isinstance(doc, list):
+        return _reject(
+            url,
+            UNREADABLE_REFS,
+            f"the refs file must hold a list of refs, got {type(doc).__name__}.",
+            RejectLevel.SHARD,
+        )
+    return doc
+
+
+def _int_list(value: Any) -> list[int] | None:
+    """An int or a list/tuple of ints as a list; None for anything else."""
+    if _as_int(value) is not None:
+        return [value]
+    if isinstance(value, (list, tuple)) and all(_as_int(v) is not None for v in value):
+        return list(value)
+    return None
+
+
+def _parse_sentences(value: Any) -> tuple[RefSentence, ...] | str:
+    if not isinstance(value, (list, tuple)) or not value:
+        return f"sentences must be a non-empty list, got {_short(value)}."
+    out = []
+    for s in value:
+        if not isinstance(s, dict):
+            return f"a sentence must be an object, got {_short(s)}."
+        sent_id = _as_int(s.get("sent_id"))
+        raw, sent = s.get("raw"), s.get("sent")
+        raw = raw if isinstance(raw, str) else sent
+        sent = sent if isinstance(sent, str) else raw
+        if sent_id is None or not isinstance(raw, str) or not isinstance(sent, str):
+            return f"a sentence needs an int sent_id and a str raw or sent, got {_short(s)}."
+        out.append(RefSentence(sent_id=sent_id, raw=raw, sent=sent))
+    return tuple(out)
+
+
+def _parse_ref(r: dict[str, Any], multi_target: bool, dataset: str) -> Ref | str:
+    """Checks one raw ref; returns the ``Ref`` or a sentence saying what is wrong."""
+    ref_id, image_id, split = _as_int(r.get("ref_id")), _as_int(r.get("image_id")), r.get("split")
+    if ref_id is None or image_id is None or not isinstance(split, str):
+        return (
+            f"a ref needs int ref_id and image_id and a str split, got ref_id={_short(r.get('ref_id'))}, "
+            f"image_id={_short(r.get('image_id'))}, split={_short(split)}."
+        )
+    ann_ids = _int_list(r.get("ann_id"))
+    if ann_ids is None:
+        return f"ann_id must be an int or a list of ints, got {_short(r.get('ann_id'))}."
+    if ann_ids in ([], [-1]):
+        ann_ids = []
+    elif any(a < 0 for a in ann_ids) or len(set(ann_ids)) != len(ann_ids):
+        return f"ann_id {ann_ids} mixes -1 (no target) with targets, or repeats an id."
+    no_target = r.get("no_target")
+    if no_target is not None and not isinstance(no_target, bool):
+        return f"no_target must be a bool, got {_short(no_target)}."
+    if no_target is True and ann_ids:
+        return f"no_target is true but ann_id lists targets {ann_ids}."
+    if not multi_target and len(ann_ids) != 1:
+        return (
+            f"a RefCOCO ref has exactly one target, got ann_id={_short(r.get('ann_id'))}; "
+            "use an input of type grefcoco for multi-target and no-target refs."
+        )
+    cat_ids = _int_list(r.get("category_id"))
+    if cat_ids is None:
+        return f"category_id must be an int or a list of ints, got {_short(r.get('category_id'))}."
+    cat_ids = [c for c in cat_ids if c != -1] if ann_ids else []
+    if ann_ids and not cat_ids:
+        return f"a ref with targets {ann_ids} needs a category_id."
+    sentences = _parse_sentences(r.get("sentences"))
+    if isinstance(sentences, str):
+        return sentences
+    return Ref(
+        ref_id=ref_id,
+        image_id=f"coco:{image_id}",
+        ann_ids=tuple(ann_ids),
+        category_ids=tuple(cat_ids),
+        split=split,
+        sentences=sentences,
+        dataset=dataset,
+    )
+
+
+# ---------------------------------------------------------------- planning
+
+
+def _plan_coco(cfg: CocoInput, inst: _Instances) -> list[CocoImageTask | Reject]:
+    out: list[CocoImageTask | Reject] = []
+    chosen = sorted(set(inst.images) | set(inst.image_rejects))
+    if cfg.max_images is not None:
+        chosen = chosen[: cfg.max_images]
+    chosen_set = set(chosen)
+    out.extend(r for _, r in inst.loose_image_rejects)
+    for iid in chosen:
+        if iid in inst.image_rejects:
+            out.append(inst.image_rejects[iid])
+        else:
+            out.append(_make_task(cfg, "coco", inst, iid, ()))
+    # Rejects of annotations on skipped (max_images) or rejected images are left out.
+    for img_id, rej in inst.ann_rejects:
+        if (
+            img_id is None
+            or img_id not in inst.all_image_ids
+            or (img_id in chosen_set and img_id not in inst.image_rejects)
+        ):
+            out.append(rej)
+    return out
+
+
+def _plan_refs(cfg: RefcocoInput | GrefcocoInput, source: str, inst: _Instances) -> list[CocoImageTask | Reject]:
+    raw_refs = _read_refs(cfg.refs)
+    if isinstance(raw_refs, Reject):
+        return [raw_refs]
+    multi_target = source == "grefcoco"
+    keep_splits = set(cfg.splits) if cfg.splits is not None else None
+    out: list[CocoImageTask | Reject] = []
+    refs_by_image: dict[int, list[Ref]] = defaultdict(list)
+    seen: set[int] = set()
+    for i, r in enumerate(raw_refs):
+        if (
+            isinstance(r, dict)
+            and keep_splits is not None
+            and isinstance(r.get("split"), str)
+            and r["split"] not in keep_splits
+        ):
+            continue  # filtered by config, not a problem of the data
+        rid = _as_int(r.get("ref_id")) if isinstance(r, dict) else None
+        img = _as_int(r.get("image_id")) if isinstance(r, dict) else None
+        key = f"{cfg.refs}#ref:{rid}" if rid is not None else f"{cfg.refs}#ref_index:{i}"
+        if not isinstance(r, dict):
+            out.append(_reject(key, BAD_REF, f"refs[{i}] is not an object: {_short(r)}.", RejectLevel.REF))
+            continue
+        if keep_splits is not None and not isinstance(r.get("split"), str):
+            out.append(
+                _reject(key, BAD_REF, f"ref split must be a str, got {_short(r.get('split'))}.", RejectLevel.REF, img)
+            )
+            continue
+        parsed = _parse_ref(r, multi_target, cfg.dataset)
+        if isinstance(parsed, str):
+            out.append(_reject(key, BAD_REF, parsed, RejectLevel.REF, img))
+            continue
+        if parsed.ref_id in seen:
+            out.append(
+                _reject(
+                    f"{cfg.refs}#ref_index:{i}",
+                    DUPLICATE_REF,
+                    f"ref id {parsed.ref_id} appears more than once; the first is kept.",
+                    RejectLevel.REF,
+                    img,
+                )
+            )
+            continue
+        seen.add(parsed.ref_id)
+        refs_by_image[img].append(parsed)  # type: ignore[index]  # img is an int once parsed
+
+    out.extend(r for iid, r in inst.loose_image_rejects if iid in refs_by_image)
+    ann_rejects_by_image: dict[int | None, list[Reject]] = defaultdict(list)
+    for img_id, rej in inst.ann_rejects:
+        ann_rejects_by_image[img_id].append(rej)
+    n_images = 0
+    for iid in sorted(refs_by_image):
+        refs = sorted(refs_by_image[iid], key=lambda x: x.ref_id)
+        if iid not in inst.all_image_ids:
+            out.extend(
+                _reject(
+                    f"{cfg.refs}#ref:{ref.ref_id}",
+                    ORPHAN_REF,
+                    f"ref {ref.ref_id} points at image {iid}, which is not in the instances file {cfg.instances!r}.",
+                    RejectLevel.REF,
+                    iid,
+                )
+                for ref in refs
+            )
+            continue
+        if cfg.max_images is not None and n_images >= cfg.max_images:
+            break
+        if iid in inst.image_rejects:
+            out.append(inst.image_rejects[iid])
+            n_images += 1
+            continue
+        ann_ids = {a["id"] for a in inst.anns_by_image.get(iid, [])}
+        kept: list[Ref] = []
+        for ref in refs:
+            missing = [a for a in ref.ann_ids if a not in ann_ids]
+            if missing:
+                out.append(
+                    _reject(
+                        f"{cfg.refs}#ref:{ref.ref_id}",
+                        MISSING_ANNOTATION,
+                        f"ref {ref.ref_id} targets annotations {missing}, which are not annotations "
+                        f"of image {iid} in {cfg.instances!r}.",
+                        RejectLevel.REF,
+                        iid,
+                    )
+                )
+            else:
+                kept.append(ref)
+        if not kept:
+            continue
+        out.append(_make_task(cfg, source, inst, iid, tuple(kept)))
+        out.extend(ann_rejects_by_image.get(iid, ()))
+        n_images += 1
+    return out
+
+
+def plan_input(
+    cfg: CocoInput | RefcocoInput | GrefcocoInput,
+) -> tuple[list[Category], list[CocoImageTask | Reject]]:
+    """Reads an input's annotation files and plans one task per image.
+
+    Runs once per input (it reads the one big JSON, and the refs file). Tasks
+    are sorted by COCO image id; ``max_images`` keeps the first ones.
+
+    Args:
+        cfg: a COCO, RefCOCO-family or gRefCOCO input.
+
+    Returns:
+        ``(categories, items)``: the category vocabulary sorted by id, and the
+        tasks mixed with the shard-, image-, instance- and ref-level rejects
+        found while planning.
+
+    Raises:
+        FileNotFoundError: the annotations / instances or refs file is missing.
+        TypeError: ``cfg`` is not one of the three input types.
+    """
+    if not isinstance(cfg, (CocoInput, RefcocoInput, GrefcocoInput)):
+        raise TypeError(f"ingest_coco reads coco, refcoco and grefcoco inputs, got {type(cfg).__name__}.")
+    source = _SOURCE_BY_TYPE[cfg.type]
+    url = cfg.annotations if isinstance(cfg, CocoInput) else cfg.instances
+    inst = _parse_instances(url)
+    if isinstance(inst, Reject):
+        return [], [inst]
+    categories = [inst.categories[c] for c in sorted(inst.categories)]
+    items: list[CocoImageTask | Reject] = list(inst.shard_rejects)
+    if isinstance(cfg, CocoInput):
+        items.extend(_plan_coco(cfg, inst))
+    else:
+        items.extend(_plan_refs(cfg, source, inst))
+    return categories, items
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _read_image(uri: str, max_bytes: int) -> bytes:
+    # Read one byte past the cap so check_image can refuse it without
+    # loading an arbitrarily large file.
+    with fsspec.open(uri, "rb") as f:
+        return f.read(max_bytes + 1)
+
+
+def _polygon_range_problem(segm: Any, width: int, height: int) -> str | None:
+    """Says why polygon coordinates are unsafe to rasterise, or None.
+
+    pycocotools rasterises a polygon by walking its edges at 5x scale in C
+    ints: a coordinate such as 1e9 overflows and crashes the process (it
+    segfaults), and NaN/inf give garbage. COCO polygons overshoot the image by
+    a pixel or so at most, so anything beyond one image size outside it is
+    refused before pycocotools sees it.
+    """
+    if not isinstance(segm, list):
+        return None
+    for poly in segm:
+        if not isinstance(poly, list):
+            continue  # segmentation_to_rle names the type error
+        for j, v in enumerate(poly):
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue
+            lim = width if j % 2 == 0 else height
+            if not (-lim <= v <= 2 * lim):  # also False for NaN
+                axis = "x" if j % 2 == 0 else "y"
+                return (
+                    f"polygon {axis} coordinate {v!r} is not finite or lies more than one image size outside "
+                    f"the {width}x{height} image."
+                )
+    return None
+
+
+def _annotation_to_instance(
+    ann: dict[str, Any],
+    task: CocoImageTask,
+    categories: dict[int, dict[str, str]],
+) -> Instance | tuple[str, str]:
+    """Converts one raw annotation; returns the instance or ``(reason, message)``."""
+    aid = ann["id"]
+    cid = _as_int(ann.get("category_id"))
+    if cid is None:
+        return BAD_ANNOTATION, f"annotation {aid} needs an int category_id, got {_short(ann.get('category_id'))}."
+    if "segmentation" not in ann:
+        return BAD_ANNOTATION, f"annotation {aid} has no segmentation."
+    iscrowd = ann.get("iscrowd", 0)
+    if iscrowd not in (0, 1) or (not isinstance(iscrowd, (int, bool))):
+        return BAD_ANNOTATION, f"annotation {aid} iscrowd must be 0 or 1, got {_short(iscrowd)}."
+    cat = categories.get(cid)
+    if cat is None:
+        return UNKNOWN_CATEGORY, f"annotation {aid} has category_id {cid}, which is not in categories."
+    segm = ann["segmentation"]
+    problem = _polygon_range_problem(segm, task.width, task.height)
+    if problem is not None:
+        return BAD_POLYGON, f"annotation {aid}: {problem}"
+    try:
+        rle, origin = segmentation_to_rle(segm, task.height, task.width)
+    except MaskError as err:
+        return err.reason, f"annotation {aid}: {err}"
+    except (ValueError, TypeError, OverflowError) as err:
+        # pycocotools / ASCII decoding errors on malformed counts or sizes.
+        return "bad_segmentation", f"annotation {aid} segmentation cannot be converted: {type(err).__name__}: {err}"
+    area = rle_area(rle)
+    if area == 0:
+        return EMPTY_MASK, f"annotation {aid} mask has no pixels."
+    bbox = rle_bbox_xywh(rle)
+    return Instance(
+        instance_id=f"coco:{task.coco_image_id}/ann:{aid}",
+        image_id=f"coco:{task.coco_image_id}",
+        rle=rle,
+        bbox_xywh=bbox,
+        bbox_xyxy=xywh_to_xyxy(bbox),
+        area_px=area,
+        category_id=cid,
+        category_name=cat["name"],
+        supercategory=cat["supercategory"],
+        iscrowd=bool(iscrowd),
+        source_ann_id=aid,
+        mask_origin=origin,
+    )
+
+
+def load_task(task: CocoImageTask, image_cfg: ImageConfig) -> list[ImageExample | Reject]:
+    """Reads one image and converts its annotations.
+
+    Args:
+        task: a task from ``plan_input``.
+        image_cfg: image size limits and verification mode.
+
+    Returns:
+        On success the ``ImageExample`` first, then the instance-level rejects
+        of its bad annotations and the ref-level ``target_rejected`` rejects of
+        refs that lost a target. If the image itself fails, one image-level
+        reject (``missing_image`` or a ``check_image`` reason) and nothing else.
+
+    Raises:
+        OSError: reading the image failed for a reason other than "not found"
+            (network, permissions), so that the runner retries.
+    """
+    image_id = f"coco:{task.coco_image_id}"
+    try:
+        data = _read_image(task.image_uri, image_cfg.max_bytes)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return [
+            _reject(
+                task.image_uri,
+                MISSING_IMAGE,
+                f"image {task.coco_image_id} file {task.image_uri!r} does not exist.",
+                RejectLevel.IMAGE,
+                task.coco_image_id,
+            )
+        ]
+    try:
+        info = check_image(data, image_cfg, expect_wh=(task.width, task.height))
+    except ImageError as err:
+        return [
+            _reject(
+                task.image_uri, err.reason, f"image {task.coco_image_id}: {err}", RejectLevel.IMAGE, task.coco_image_id
+            )
+        ]
+
+    categories = {int(k): v for k, v in json.loads(task.categories_json).items()}
+    rejects: list[Reject] = []
+    instances: list[Instance] = []
+    for ann in sorted(json.loads(task.annotations_json), key=lambda a: a["id"]):
+        result = _annotation_to_instance(ann, task, categories)
+        if isinstance(result, Instance):
+            instances.append(result)
+        else:
+            reason, message = result
+            rejects.append(
+                _reject(
+                    f"{task.annotations_url}#ann:{ann['id']}", reason, message, RejectLevel.INSTANCE, task.coco_image_id
+                )
+            )
+    kept_ann_ids = {i.source_ann_id for i in instances}
+    refs: list[Ref] = []
+    for ref in task.refs:
+        lost = [a for a in ref.ann_ids if a not in kept_ann_ids]
+        if lost:
+            rejects.append(
+                _reject(
+                    f"{task.refs_url or task.input_name}#ref:{ref.ref_id}",
+                    TARGET_REJECTED,
+                    f"ref {ref.ref_id} targets annotations {lost}, which were rejected; see their instance rejects.",
+                    RejectLevel.REF,
+                    task.coco_image_id,
+                )
+            )
+        else:
+            refs.append(ref)
+    record = ImageRecord(
+        image_id=image_id,
+        source=task.source,
+        uri=task.image_uri,
+        width=info.width,
+        height=info.height,
+        sha256=info.sha256,
+        file_name=task.file_name,
+    )
+    example = ImageExample(
+        key=safe_key(f"{task.input_name}-coco_{task.coco_image_id}"),
+        image=record,
+        image_bytes=data,
+        instances=tuple(instances),
+        refs=tuple(refs),
+        input_name=task.input_name,
+    )
+    return [example, *rejects]
+
+
+def read_input(
+    cfg: CocoInput | RefcocoInput | GrefcocoInput,
+    image_cfg: ImageConfig,
+) -> Iterator[ImageExample | Reject | Category]:
+    """Plans and loads a whole input in this process (tests and small runs).
+
+    Args:
+        cfg: a COCO, RefCOCO-family or gRefCOCO input.
+        image_cfg: image size limits and verification mode.
+
+    Yields:
+        The categories first, then for each planned item in order its reject,
+        or the results of ``load_task``.
+    """
+    categories, items = plan_input(cfg)
+    yield from categories
+    for item in items:
+        if isinstance(item, Reject):
+            yield item
+        else:
+            yield from load_task(item, image_cfg)
