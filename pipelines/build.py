@@ -139,8 +139,12 @@ def reconcile(events: dict[str, int], rejects_by_level: dict[str, int]) -> dict[
     )
     ref_in = g("read/refs", 0) + g("ingest_rejects/ref", 0)
     levels["refs"] = (ref_in, g("written/refs", 0), rejects_by_level.get("ref", 0) + g("dropped_with_image/refs", 0))
-    sample_in = g("written/samples", 0) + rejects_by_level.get("sample", 0)
-    levels["samples"] = (sample_in, g("written/samples", 0), rejects_by_level.get("sample", 0))
+    sample_in = g("read/samples", 0) + g("created/samples", 0)
+    levels["samples"] = (
+        sample_in,
+        g("written/samples", 0),
+        rejects_by_level.get("sample", 0) + g("dropped_with_image/samples", 0),
+    )
     return {
         k: {"inputs": i, "written": w, "rejected": r, "reconciled": i == w + r} for k, (i, w, r) in levels.items()
     }

@@ -53,18 +53,44 @@ class StageDoFn(beam.DoFn):
         for r in rejects:
             Metrics.counter(NAMESPACE, f"dropped_{r.reason}").inc()
             yield TaggedOutput(REJECTS, r)
-        if out is not None:
-            yield out
-        elif not any(r.level == RejectLevel.IMAGE for r in rejects):
-            raise RuntimeError(
-                f"stage {self._name} dropped image {ex.image.image_id} without an image-level reject; "
-                "this is a bug in that stage."
-            )
-        else:
-            # The instances and refs go with the image; count them so their
-            # levels reconcile too.
+        if out is None:
+            if not any(r.level == RejectLevel.IMAGE for r in rejects):
+                raise RuntimeError(
+                    f"stage {self._name} dropped image {ex.image.image_id} without an image-level reject; "
+                    "this is a bug in that stage."
+                )
+            # The instances, refs and samples go with the image; count them so
+            # their levels reconcile too.
             yield TaggedOutput(EVENTS, ("dropped_with_image/instances", len(ex.instances)))
             yield TaggedOutput(EVENTS, ("dropped_with_image/refs", len(ex.refs)))
+            yield TaggedOutput(EVENTS, ("dropped_with_image/samples", len(ex.samples)))
+            return
+        yield from self._account(ex, out, rejects)
+        yield out
+
+    def _account(self, ex: ImageExample, out: ImageExample, rejects: list[Reject]) -> Iterator[Any]:
+        """Checks that nothing vanished without a reject, and counts new samples.
+
+        A stage may remove an instance or a sample only with a reject whose
+        ``source_key`` is that id; anything else is a silent drop, which is a
+        bug. Samples created here are counted independently of what is written
+        later, which is what makes the manifest's sample reconciliation a check.
+        """
+        for level, before, after in (
+            (RejectLevel.INSTANCE, {i.instance_id for i in ex.instances}, {i.instance_id for i in out.instances}),
+            (RejectLevel.SAMPLE, {s.sample_id for s in ex.samples}, {s.sample_id for s in out.samples}),
+        ):
+            keys = {r.source_key for r in rejects if r.level == level}
+            vanished = before - after - keys
+            if vanished:
+                raise RuntimeError(
+                    f"stage {self._name} removed {level}s {sorted(vanished)[:5]} of image {ex.image.image_id} "
+                    "without a reject; this is a bug in that stage."
+                )
+            if level == RejectLevel.SAMPLE:
+                created = len(after - before) + len(keys - before)
+                if created:
+                    yield TaggedOutput(EVENTS, ("created/samples", created))
 
 
 class IngestDoFn(beam.DoFn):

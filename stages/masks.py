@@ -416,6 +416,12 @@ def polygons_to_rle(polygons: Sequence[Sequence[float]], height: int, width: int
     for p in polys:
         if len(p) < 6 or len(p) % 2:
             raise MaskError("bad_polygon", f"a COCO polygon needs >= 3 (x, y) pairs, got {len(p)} numbers.")
+        arr = np.asarray(p)
+        # pycocotools' rasteriser crashes the process (not an exception) on
+        # huge or non-finite coordinates, so refuse them before it sees them.
+        lim = 2.0 * max(height, width) + 1.0
+        if not np.isfinite(arr).all() or (np.abs(arr) > lim).any():
+            raise MaskError("bad_polygon", f"polygon coordinates must be finite and within {lim:.0f} px of the image.")
     rles = mask_utils.frPyObjects(polys, height, width)
     return Rle.from_coco(mask_utils.merge(rles))
 
