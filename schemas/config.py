@@ -207,6 +207,101 @@ class WriteConfig(_Model):
     parquet_compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
 
 
+class CorsConfig(_Model):
+    """SA1B-CoRS: VLM boxes + labels matched to SA-1B fragments, then verified.
+
+    Attributes:
+        iof_thresh: a fragment joins a box's instance when at least this
+            fraction of the fragment lies inside the box (intersection over
+            fragment, IoF). IoF rather than IoU, because SA-1B splits one
+            object into many parts, each with a low IoU against the box.
+        min_box_iou: the merged mask's tight box must have at least this IoU
+            with the VLM box, or the merge failed (fragments cover only a corner).
+        min_coverage: the merged mask must fill at least this fraction of the
+            VLM box's pixels, or the merge failed (a few scattered slivers).
+        fallback: what to try, in order, when merging fails: ``best_region``
+            takes the single region with the highest mask IoU with the box
+            rectangle (at least ``fallback_min_iou``); ``box`` uses the box
+            rectangle itself as the mask (``mask_origin: vlm_box``, marked in the
+            sample's metadata). A box that nothing matches rejects its label's
+            sample (``cors_no_match``).
+        fallback_min_iou: least mask IoU of the ``best_region`` fallback.
+        max_boxes_per_image: grounded boxes kept per image (whole labels are
+            kept or rejected, ``cors_too_many_boxes``), a guard against
+            repetition loops.
+        verify: run the verification pass (one ``cors_verify`` request per
+            label); a negative verdict rejects the sample (``cors_verify_failed``).
+    """
+
+    iof_thresh: float = Field(default=0.8, gt=0.0, le=1.0)
+    min_box_iou: float = Field(default=0.5, ge=0.0, le=1.0)
+    min_coverage: float = Field(default=0.2, ge=0.0, le=1.0)
+    fallback: list[Literal["best_region", "box"]] = Field(default_factory=lambda: ["best_region", "box"])
+    fallback_min_iou: float = Field(default=0.5, ge=0.0, le=1.0)
+    max_boxes_per_image: int = Field(default=64, ge=1)
+    verify: bool = True
+
+
+class DersConfig(_Model):
+    """SA1B-DeRS: one discriminative description per salient region, re-grounded.
+
+    Attributes:
+        min_area_frac: saliency gate; only regions covering at least this
+            fraction of the image are described (smaller ones are counted as
+            ``caption/ders_not_salient`` events, not rejected: they stay in
+            the dataset, just without a description).
+        max_regions_per_image: describe at most this many regions per image,
+            largest first (the rest count as ``caption/ders_over_cap``).
+        reground_iou_thresh: keep a description only if the box the VLM finds
+            for it on the original image has at least this IoU with the target
+            box (the recipe's 0.8).
+        reject_ambiguous: reject a description whose re-grounding returns more
+            than one distinct box (it is not discriminative).
+        send_original: send the original image beside the overlay (two images
+            per describe request; better descriptions, about twice the image tokens).
+    """
+
+    min_area_frac: float = Field(default=0.01, ge=0.0, le=1.0)
+    max_regions_per_image: int = Field(default=8, ge=1)
+    reground_iou_thresh: float = Field(default=0.8, ge=0.0, le=1.0)
+    reject_ambiguous: bool = True
+    send_original: bool = True
+
+
+class OverlayConfig(_Model):
+    """How targets are drawn for the VLM (DeRS describe, CoRS verify).
+
+    Attributes:
+        fill_rgb: fill and contour colour.
+        fill_alpha: fill opacity, 0..1.
+        contour_px: contour thickness in pixels.
+        box_rgb: box colour.
+        box_px: box line thickness in pixels.
+    """
+
+    fill_rgb: tuple[int, int, int] = (255, 0, 0)
+    fill_alpha: float = Field(default=0.45, ge=0.0, le=1.0)
+    contour_px: int = Field(default=2, ge=0)
+    box_rgb: tuple[int, int, int] = (0, 255, 0)
+    box_px: int = Field(default=2, ge=0)
+
+
+class CaptionSamplingConfig(_Model):
+    """Generation parameters of every caption request (part of the cache key).
+
+    Attributes:
+        max_tokens: most tokens per answer (grounding lists need the most).
+        temperature: 0 is greedy.
+        top_p: nucleus mass.
+        seed: sampling seed, where the server honours it.
+    """
+
+    max_tokens: int = Field(default=1024, ge=1)
+    temperature: float = Field(default=0.0, ge=0.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    seed: int = 0
+
+
 class OrsgenConfig(_Model):
     """The root config of one orsgen run.
 
