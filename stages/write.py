@@ -1,9 +1,12 @@
 """Shard writers: WebDataset tars, Parquet files, rejects and the manifest.
 
-The pure core of the ``write`` stage. The Beam wrapper groups examples by
-``(split, bucket_of(key, num_buckets))`` and calls ``write_bucket`` once per
-group; rejects are grouped by bucket and go to ``write_rejects_bucket``; the
-collected ``ShardStats`` go to ``build_manifest`` and ``write_manifest``.
+The pure core of the ``write`` stage. The Beam wrapper encodes every example
+with ``encode_example`` (a parallel map on all workers, before the shuffle),
+groups the ``EncodedExample`` values by ``(split, bucket_of(key, num_buckets))``
+and calls ``write_bucket`` once per group, which then only sorts, plans and
+streams bytes; rejects are grouped by bucket and go to
+``write_rejects_bucket``; the collected ``ShardStats`` go to
+``build_manifest`` and ``write_manifest``.
 
 Layout under an output root ``out`` (any fsspec URL)::
 
@@ -43,7 +46,7 @@ import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 import fsspec
 import pyarrow as pa
@@ -65,8 +68,6 @@ _EXTENSION = {"webdataset": "tar", "parquet": "parquet"}
 _TAR_BLOCK = 512
 # tarfile pads the archive to a multiple of this record size on close.
 _TAR_RECORD = tarfile.RECORDSIZE
-# One write per tar member instead of tarfile's default 16 KiB chunks.
-_TAR_COPY_BUFSIZE = 4 * 1024 * 1024
 _HASH_CHUNK = 4 * 1024 * 1024
 # Parquet's own per-value framing (4-byte lengths, levels) on top of the JSON
 # estimate of a row, and a per-row-group allowance for page headers: keeps
@@ -168,18 +169,58 @@ def _tar_member_bytes(n: int) -> int:
     return _TAR_BLOCK + -(-n // _TAR_BLOCK) * _TAR_BLOCK
 
 
-@dataclass(slots=True)
-class _Prepared:
-    """An example with its encodings, computed once and shared by both formats.
+@dataclass(frozen=True, slots=True)
+class EncodedExample:
+    """An example with its output encodings, ready for the serial shard writer.
 
-    ``row`` is the Parquet row, kept only when Parquet is written (the rows
-    are the bulk of a bucket's Python objects).
+    Built by ``encode_example`` on the workers before the shuffle, so the
+    per-bucket writer does no per-example Python encoding; it only plans,
+    concatenates and streams these bytes.
+
+    Attributes:
+        key: the example key (WebDataset-safe, unique in the dataset).
+        split: the example's split.
+        image: the encoded image bytes (the tar's ``.jpg`` member and the
+            Parquet ``image`` column).
+        json: the tar's ``.json`` member: canonical JSON of every
+            ``EXAMPLE_SCHEMA`` column but ``image``.
+        arrow: the example's one-row ``EXAMPLE_SCHEMA`` record batch,
+            serialized without its schema (``RecordBatch.serialize()``), with
+            the ``image`` column left empty: the writer takes it from
+            ``image`` so the shuffle carries the image bytes once, not twice.
+            ``record_batch()`` gives the complete row. ``b""`` when Parquet
+            is not among the formats.
+        n_instances: instances on the image.
+        n_refs: RefCOCO-family refs on the image (for the pipeline's counts).
+        n_samples: referring samples on the image.
+        samples_by_kind: ``(kind, count)`` pairs, sorted by kind.
+        size: the bytes the example adds to a tar (both members with their
+            headers and padding), used to plan parts.
     """
 
-    ex: ImageExample
-    row: dict[str, Any] | None
+    key: str
+    split: str
+    image: bytes
     json: bytes
+    arrow: bytes
+    n_instances: int
+    n_refs: int
+    n_samples: int
+    samples_by_kind: tuple[tuple[str, int], ...]
     size: int
+
+    def record_batch(self) -> pa.RecordBatch:
+        """Returns the complete one-row ``EXAMPLE_SCHEMA`` batch, image included.
+
+        Raises:
+            ValueError: the example was encoded without Parquet.
+        """
+        batch = _read_arrow(self)
+        images = pa.array([self.image], type=pa.binary())
+        return batch.set_column(_IMAGE_INDEX, EXAMPLE_SCHEMA.field(_IMAGE_INDEX), images)
+
+
+_IMAGE_INDEX = EXAMPLE_SCHEMA.get_field_index("image")
 
 
 def _json_bytes(row: dict[str, Any]) -> bytes:
@@ -190,11 +231,48 @@ def _json_bytes(row: dict[str, Any]) -> bytes:
     return json.dumps(row, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
-def _prepare(ex: ImageExample, keep_row: bool = False) -> _Prepared:
+def encode_example(ex: ImageExample, formats: Sequence[str]) -> EncodedExample:
+    """Encodes one example for the shard writers (pure; runs before the shuffle).
+
+    Args:
+        ex: the example.
+        formats: the output formats (``WriteConfig.formats``); the Arrow row
+            is built only when ``parquet`` is among them.
+
+    Returns:
+        The example's tar members, Arrow row and counts.
+    """
     row = example_to_row(ex)
-    data = _json_bytes({k: v for k, v in row.items() if k != "image"})
-    size = _tar_member_bytes(len(ex.image_bytes)) + _tar_member_bytes(len(data))
-    return _Prepared(ex, row if keep_row else None, data, size)
+    image = row.pop("image")
+    data = _json_bytes(row)
+    arrow = b""
+    if "parquet" in formats:
+        # The image travels in ``image`` only; the writer splices it back.
+        row["image"] = b""
+        arrow = pa.RecordBatch.from_pylist([row], schema=EXAMPLE_SCHEMA).serialize().to_pybytes()
+    kinds = Counter(str(s.kind) for s in ex.samples)
+    return EncodedExample(
+        key=ex.key,
+        split=ex.split,
+        image=image,
+        json=data,
+        arrow=arrow,
+        n_instances=len(ex.instances),
+        n_refs=len(ex.refs),
+        n_samples=len(ex.samples),
+        samples_by_kind=tuple(sorted(kinds.items())),
+        size=_tar_member_bytes(len(image)) + _tar_member_bytes(len(data)),
+    )
+
+
+def _read_arrow(enc: EncodedExample) -> pa.RecordBatch:
+    if not enc.arrow:
+        raise ValueError(
+            f"example {enc.key!r} was encoded without its Parquet row; "
+            "encode with encode_example(ex, formats) using the same formats as the writer."
+        )
+    # Zero-copy: the batch's buffers point into ``enc.arrow``.
+    return pa.ipc.read_record_batch(pa.py_buffer(enc.arrow), EXAMPLE_SCHEMA)
 
 
 def _split_by_size(sizes: Sequence[int], max_items: int, max_bytes: int) -> list[tuple[int, int]]:
@@ -211,14 +289,15 @@ def _split_by_size(sizes: Sequence[int], max_items: int, max_bytes: int) -> list
     return ranges
 
 
-def _plan(prepared: Sequence[_Prepared], max_images: int, max_bytes: int) -> list[list[_Prepared]]:
+def _plan(sizes: Sequence[int], max_images: int, max_bytes: int) -> list[tuple[int, int]]:
     # The tar end-of-archive padding is paid once per shard; keep room for it.
-    budget = max(1, max_bytes - _TAR_RECORD)
-    ranges = _split_by_size([p.size for p in prepared], max_images, budget)
-    return [list(prepared[a:b]) for a, b in ranges]
+    return _split_by_size(sizes, max_images, max(1, max_bytes - _TAR_RECORD))
 
 
-def _sorted_checked(examples: Iterable[ImageExample]) -> list[ImageExample]:
+_E = TypeVar("_E", bound="ImageExample | EncodedExample")
+
+
+def _sorted_checked(examples: Iterable[_E]) -> list[_E]:
     items = sorted(examples, key=lambda ex: ex.key)
     for i, ex in enumerate(items):
         if not ex.key or ex.key != safe_key(ex.key):
@@ -231,7 +310,12 @@ def _sorted_checked(examples: Iterable[ImageExample]) -> list[ImageExample]:
     return items
 
 
-def plan_parts(examples: Sequence[ImageExample], max_images: int, max_bytes: int) -> list[list[ImageExample]]:
+def _size_of(item: ImageExample | EncodedExample) -> int:
+    # Only the tar size matters for planning, so no Arrow row is built.
+    return item.size if isinstance(item, EncodedExample) else encode_example(item, ()).size
+
+
+def plan_parts(examples: Sequence[_E], max_images: int, max_bytes: int) -> list[list[_E]]:
     """Splits a bucket's examples into parts (shards), in key order.
 
     A part rolls over when adding the next example would pass ``max_images``
@@ -241,12 +325,14 @@ def plan_parts(examples: Sequence[ImageExample], max_images: int, max_bytes: int
     ``max_bytes`` on its own still gets a part of its own.
 
     Args:
-        examples: the bucket's examples, in any order.
+        examples: the bucket's examples (``ImageExample`` or
+            ``EncodedExample``), in any order.
         max_images: at most this many examples per part, at least 1.
         max_bytes: approximate size cap of a part in bytes, at least 1.
 
     Returns:
-        The parts, each a non-empty list sorted by key; ``[]`` for no examples.
+        The parts, each a non-empty list of the given objects sorted by key;
+        ``[]`` for no examples.
 
     Raises:
         ValueError: a key is not WebDataset-safe or appears twice, or a cap is
@@ -254,8 +340,8 @@ def plan_parts(examples: Sequence[ImageExample], max_images: int, max_bytes: int
     """
     if max_images < 1 or max_bytes < 1:
         raise ValueError(f"max_images ({max_images}) and max_bytes ({max_bytes}) must both be at least 1.")
-    prepared = [_prepare(ex) for ex in _sorted_checked(examples)]
-    return [[p.ex for p in part] for part in _plan(prepared, max_images, max_bytes)]
+    items = _sorted_checked(examples)
+    return [items[a:b] for a, b in _plan([_size_of(x) for x in items], max_images, max_bytes)]
 
 
 # --------------------------------------------------------------- file system
@@ -283,7 +369,7 @@ class _NullFile:
 class _HashingWriter:
     """Hashes and counts bytes on their way to a file, so no second read is needed.
 
-    ``tell`` is what ``tarfile`` needs from a non-seekable sink.
+    ``tell`` is what pyarrow's Parquet writer needs from a non-seekable sink.
     """
 
     def __init__(self, f: "BinaryIO | _NullFile") -> None:
@@ -443,39 +529,46 @@ def _publish(
 # ------------------------------------------------------------------- writers
 
 
-def _tar_writer(part: Sequence[_Prepared]) -> Callable[[_HashingWriter], None]:
+def _tar_header(name: str, size: int) -> bytes:
+    """The header block(s) ``tarfile`` writes for a regular member in PAX format.
+
+    PAX is fixed so that long keys get the same headers on every Python;
+    every header field that varies between machines is zeroed.
+    """
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = 0
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    info.type = tarfile.REGTYPE
+    return info.tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape")
+
+
+def _tar_writer(part: Sequence[EncodedExample]) -> Callable[[_HashingWriter], None]:
     def produce(sink: _HashingWriter) -> None:
-        # PAX is fixed so that long keys get the same headers on every Python;
-        # every header field that varies between machines is zeroed.
-        with tarfile.open(
-            fileobj=sink, mode="w", format=tarfile.PAX_FORMAT, copybufsize=_TAR_COPY_BUFSIZE  # type: ignore[arg-type]
-        ) as tar:
-            for p in part:
-                for ext, data in (("jpg", p.ex.image_bytes), ("json", p.json)):
-                    info = tarfile.TarInfo(f"{p.ex.key}.{ext}")
-                    info.size = len(data)
-                    info.mtime = 0
-                    info.mode = 0o644
-                    info.uid = info.gid = 0
-                    info.uname = info.gname = ""
-                    info.type = tarfile.REGTYPE
-                    tar.addfile(info, _BytesReader(data))
+        # The same bytes as ``tarfile.open(mode="w", format=PAX_FORMAT)`` with
+        # ``addfile`` per member (tests/test_write.py checks it), written
+        # straight to the sink: the member data is passed on as is, with no
+        # file-object wrapper or chunked copy, and the small pieces between
+        # two data members (padding and the next header) go out as one write.
+        offset = 0
+        pending = b""  # padding of the previous member + the next header
+        for e in part:
+            for ext, data in (("jpg", e.image), ("json", e.json)):
+                header = _tar_header(f"{e.key}.{ext}", len(data))
+                sink.write(pending + header)
+                sink.write(data)
+                offset += len(pending) + len(header) + len(data)
+                pending = _NUL_BLOCK[: -len(data) % _TAR_BLOCK]
+        # End of archive: two zero blocks, then zeros up to a whole record.
+        end = len(pending) + 2 * _TAR_BLOCK
+        sink.write(pending + bytes(2 * _TAR_BLOCK + -(offset + end) % _TAR_RECORD))
 
     return produce
 
 
-class _BytesReader:
-    """A zero-copy ``read`` over bytes for ``tarfile.addfile`` (BytesIO would copy)."""
-
-    def __init__(self, data: bytes) -> None:
-        self._view = memoryview(data)
-        self._pos = 0
-
-    def read(self, n: int = -1) -> memoryview:
-        end = len(self._view) if n < 0 else min(len(self._view), self._pos + n)
-        chunk = self._view[self._pos : end]
-        self._pos = end
-        return chunk
+_NUL_BLOCK = bytes(_TAR_BLOCK)
 
 
 def _leaf_paths(schema: pa.Schema) -> list[str]:
@@ -498,7 +591,18 @@ def _leaf_paths(schema: pa.Schema) -> list[str]:
 _DICTIONARY_COLUMNS = [p for p in _leaf_paths(EXAMPLE_SCHEMA) if p != "image"]
 
 
-def _parquet_writer(part: Sequence[_Prepared], cfg: WriteConfig) -> Callable[[_HashingWriter], None]:
+def _row_group(part: Sequence[EncodedExample]) -> pa.Table:
+    """Concatenates the examples' one-row batches into one row group's table."""
+    batches = [_read_arrow(e) for e in part]
+    # One chunk per column, as Table.from_pylist gives: the Parquet writer
+    # cuts pages per chunk, so a table of one-row chunks would write other
+    # page boundaries (and other bytes) than the same rows in one chunk.
+    table = pa.Table.from_batches(batches, schema=EXAMPLE_SCHEMA).combine_chunks()
+    images = pa.array([e.image for e in part], type=pa.binary())
+    return table.set_column(_IMAGE_INDEX, EXAMPLE_SCHEMA.field(_IMAGE_INDEX), images)
+
+
+def _parquet_writer(part: Sequence[EncodedExample], cfg: WriteConfig) -> Callable[[_HashingWriter], None]:
     cap = cfg.parquet_row_group_max_bytes
 
     def produce(sink: _HashingWriter) -> None:
@@ -511,19 +615,19 @@ def _parquet_writer(part: Sequence[_Prepared], cfg: WriteConfig) -> Callable[[_H
         try:
             # Row groups are built one at a time so memory stays at one group,
             # not one shard.
-            sizes = [len(p.ex.image_bytes) + len(p.json) + _PARQUET_ROW_OVERHEAD for p in part]
+            sizes = [len(e.image) + len(e.json) + _PARQUET_ROW_OVERHEAD for e in part]
             for a, b in _split_by_size(sizes, len(part), max(1, cap - _PARQUET_GROUP_OVERHEAD)):
-                rows = [p.row if p.row is not None else example_to_row(p.ex) for p in part[a:b]]
-                table = pa.Table.from_pylist(rows, schema=EXAMPLE_SCHEMA)
-                writer.write_table(table, row_group_size=b - a)
+                writer.write_table(_row_group(part[a:b]), row_group_size=b - a)
         finally:
             writer.close()
 
     return produce
 
 
-def _data_stats(fmt: str, split: str, bucket: int, part_no: int, part: Sequence[_Prepared]) -> ShardStats:
-    kinds = Counter(str(s.kind) for p in part for s in p.ex.samples)
+def _data_stats(fmt: str, split: str, bucket: int, part_no: int, part: Sequence[EncodedExample]) -> ShardStats:
+    kinds: Counter[str] = Counter()
+    for e in part:
+        kinds.update(dict(e.samples_by_kind))
     return ShardStats(
         path=f"{fmt}/{split}/{shard_name(split, bucket, part_no, fmt)}",
         format=fmt,
@@ -531,8 +635,8 @@ def _data_stats(fmt: str, split: str, bucket: int, part_no: int, part: Sequence[
         bucket=bucket,
         part=part_no,
         n_images=len(part),
-        n_samples=sum(len(p.ex.samples) for p in part),
-        n_instances=sum(len(p.ex.instances) for p in part),
+        n_samples=sum(e.n_samples for e in part),
+        n_instances=sum(e.n_instances for e in part),
         samples_by_kind=dict(sorted(kinds.items())),
         rejects_by_reason={},
         n_bytes=0,
@@ -555,7 +659,7 @@ def _check_skip(found: ShardStats, planned: ShardStats, root: str) -> ShardStats
 
 
 def write_bucket(
-    out: str, split: str, bucket: int, examples: Iterable[ImageExample], cfg: WriteConfig
+    out: str, split: str, bucket: int, examples: Iterable[EncodedExample | ImageExample], cfg: WriteConfig
 ) -> list[ShardStats]:
     """Writes one ``(split, bucket)`` group as shards in every configured format.
 
@@ -564,6 +668,11 @@ def write_bucket(
     written as ``<format>/<split>/<split>-b<bucket>-<part>.<ext>``, then its
     stats sidecar, then its ``.done`` marker. A shard that already has its
     marker is not rewritten (its stats come back with ``skipped=True``).
+
+    Pass ``EncodedExample`` values (from ``encode_example`` with
+    ``cfg.formats``) so that the encoding runs in parallel before the
+    shuffle; ``ImageExample`` values are encoded here, serially, and give the
+    same bytes.
 
     The whole group is held in memory (it must be sorted), so choose
     ``num_buckets`` such that a bucket fits in a worker.
@@ -579,24 +688,27 @@ def write_bucket(
         Stats of every shard, in ``cfg.formats`` order, then part order.
 
     Raises:
-        ValueError: a key is unsafe or repeated, or an example's ``split``
-            differs from ``split``.
+        ValueError: a key is unsafe or repeated, an example's ``split``
+            differs from ``split``, or an ``EncodedExample`` lacks its
+            Arrow row while Parquet is written.
         OutputConflictError: a shard path holds different bytes, or a
             completed shard of a different run.
     """
+    formats = list(dict.fromkeys(cfg.formats))  # dedupe, keep order
     items = _sorted_checked(examples)
-    for ex in items:
-        if ex.split != split:
+    encoded = [x if isinstance(x, EncodedExample) else encode_example(x, formats) for x in items]
+    for e in encoded:
+        if e.split != split:
             raise ValueError(
-                f"example {ex.key!r} has split {ex.split!r} but is written to split {split!r}; "
+                f"example {e.key!r} has split {e.split!r} but is written to split {split!r}; "
                 "group examples by their own split before writing."
             )
-    if not items:
+        if "parquet" in formats and not e.arrow:
+            _read_arrow(e)  # raises, before any file is written
+    if not encoded:
         return []
     fs, root = _fs_root(out)
-    formats = list(dict.fromkeys(cfg.formats))  # dedupe, keep order
-    keep_rows = "parquet" in formats
-    parts = _plan([_prepare(ex, keep_rows) for ex in items], cfg.shard_max_images, cfg.shard_max_bytes)
+    parts = [encoded[a:b] for a, b in _plan([e.size for e in encoded], cfg.shard_max_images, cfg.shard_max_bytes)]
     stats: list[ShardStats] = []
     for fmt in formats:
         for part_no, part in enumerate(parts):

@@ -9,12 +9,13 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from orsgen.schemas.arrow import EXAMPLE_SCHEMA, REJECT_SCHEMA, example_from_row, example_to_json
+from orsgen.schemas.arrow import EXAMPLE_SCHEMA, REJECT_SCHEMA, example_from_row, example_to_json, example_to_row
 from orsgen.schemas.config import WriteConfig
 from orsgen.schemas.records import (
     ImageExample,
@@ -166,7 +167,7 @@ def test_plan_parts_rolls_over_by_count(examples):
 
 def test_plan_parts_rolls_over_by_bytes(examples):
     one = W.plan_parts(examples[:1], 1, 10**9)  # any single example
-    sizes = [W._prepare(ex).size for ex in sorted(examples, key=lambda e: e.key)]
+    sizes = [W.encode_example(ex, ["webdataset"]).size for ex in sorted(examples, key=lambda e: e.key)]
     # Room for two examples plus the tar trailer, not three.
     cap = sizes[0] + sizes[1] + W._TAR_RECORD + 10
     parts = W.plan_parts(examples, max_images=100, max_bytes=cap)
@@ -190,7 +191,117 @@ def test_plan_parts_rejects_unsafe_and_duplicate_keys(examples):
 
 def test_json_member_is_canonical_json_of_example_to_json(examples):
     for ex in examples:
-        assert W._prepare(ex).json == canonical_json(example_to_json(ex))
+        assert W.encode_example(ex, ["webdataset"]).json == canonical_json(example_to_json(ex))
+
+
+def test_plan_parts_of_encoded_examples_matches_and_returns_them(examples):
+    encoded = [W.encode_example(ex, ["webdataset"]) for ex in examples]
+    parts = W.plan_parts(encoded, max_images=100, max_bytes=2 * encoded[0].size + W._TAR_RECORD + 10)
+    assert all(isinstance(e, W.EncodedExample) for p in parts for e in p)
+    plain = W.plan_parts(examples, max_images=100, max_bytes=2 * encoded[0].size + W._TAR_RECORD + 10)
+    assert [[e.key for e in p] for p in parts] == [[ex.key for ex in p] for p in plain]
+
+
+# ------------------------------------------------------------------ encoding
+
+
+def test_encode_example_fields(examples):
+    import pickle
+
+    ex = examples[1]  # coco-1000: has refs
+    enc = W.encode_example(ex, ["webdataset", "parquet"])
+    assert (enc.key, enc.split, enc.image) == (ex.key, ex.split, ex.image_bytes)
+    assert enc.json == canonical_json(example_to_json(ex))
+    assert (enc.n_instances, enc.n_refs, enc.n_samples) == (2, 1, 2)
+    assert enc.samples_by_kind == (("no_target", 1), ("phrase", 1))
+    assert enc.size == sum(512 + -(-n // 512) * 512 for n in (len(ex.image_bytes), len(enc.json)))
+    # The Arrow row reads back with the schema alone; the image rides in
+    # ``image`` only and record_batch() puts it back.
+    batch = pa.ipc.read_record_batch(pa.py_buffer(enc.arrow), EXAMPLE_SCHEMA)
+    assert batch.num_rows == 1 and batch.column("image").to_pylist() == [b""]
+    full = enc.record_batch()
+    assert full.equals(pa.RecordBatch.from_pylist([example_to_row(ex)], schema=EXAMPLE_SCHEMA))
+    assert example_from_row(full.to_pylist()[0]) == ex
+    # Beam moves it between workers by pickling; it is immutable.
+    assert pickle.loads(pickle.dumps(enc)) == enc
+    with pytest.raises(AttributeError):
+        enc.key = "other"  # type: ignore[misc]
+
+
+def test_encode_example_without_parquet_has_no_arrow_row(examples, tmp_path):
+    enc = W.encode_example(examples[0], ["webdataset"])
+    assert enc.arrow == b""
+    with pytest.raises(ValueError, match="encoded without its Parquet row"):
+        W.write_bucket(str(tmp_path), "train", 0, [enc], _cfg())
+    assert not any(tmp_path.iterdir())
+
+
+def _reference_files(out: Path, examples: list[ImageExample], cfg: WriteConfig) -> dict[str, bytes]:
+    """The shard bytes the writer made before encoding moved out of it.
+
+    ``tarfile.addfile`` per member and ``Table.from_pylist`` of
+    ``example_to_row`` rows per row group: an independent path to the same
+    files, so the fast writer is checked against plain library calls.
+    """
+    items = sorted(examples, key=lambda e: e.key)
+    files: dict[str, bytes] = {}
+    parts = W.plan_parts(items, cfg.shard_max_images, cfg.shard_max_bytes)
+    for part_no, part in enumerate(parts):
+        tar_path = out / "tar" / f"{part_no}.tar"
+        tar_path.parent.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(tar_path, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            for ex in part:
+                for ext, data in (("jpg", ex.image_bytes), ("json", canonical_json(example_to_json(ex)))):
+                    info = tarfile.TarInfo(f"{ex.key}.{ext}")
+                    info.size, info.mtime, info.mode = len(data), 0, 0o644
+                    tar.addfile(info, io.BytesIO(data))
+        files[f"webdataset/train/{W.shard_name('train', 0, part_no, 'webdataset')}"] = tar_path.read_bytes()
+        pq_path = out / "pq" / f"{part_no}.parquet"
+        pq_path.parent.mkdir(parents=True, exist_ok=True)
+        rows = [example_to_row(ex) for ex in part]
+        sizes = [len(ex.image_bytes) + len(canonical_json(example_to_json(ex))) + W._PARQUET_ROW_OVERHEAD for ex in part]
+        cap = max(1, cfg.parquet_row_group_max_bytes - W._PARQUET_GROUP_OVERHEAD)
+        with pq.ParquetWriter(
+            pq_path, EXAMPLE_SCHEMA, compression=cfg.parquet_compression, use_dictionary=W._DICTIONARY_COLUMNS
+        ) as writer:
+            for a, b in W._split_by_size(sizes, len(part), cap):
+                writer.write_table(pa.Table.from_pylist(rows[a:b], schema=EXAMPLE_SCHEMA), row_group_size=b - a)
+        files[f"parquet/train/{W.shard_name('train', 0, part_no, 'parquet')}"] = pq_path.read_bytes()
+    return files
+
+
+@pytest.mark.parametrize(
+    "cfg_kw",
+    [
+        {"shard_max_images": 4},
+        {"parquet_row_group_max_bytes": 40 * 1024, "parquet_compression": "snappy"},
+        {"shard_max_bytes": 60_000},
+    ],
+)
+def test_encoded_and_image_examples_give_identical_files(tmp_path, cfg_kw):
+    # Varied rows (nulls, empty lists, refs or not, long keys that need PAX
+    # headers, empty JSON-sized images) and more than one part and row group.
+    exs = [_example(i, n_inst=1 + i % 3) for i in range(9)]
+    exs.append(_example(20).replace(key="k" * 120))  # PAX path header
+    exs.append(_example(21).replace(key="k" * 96, image_bytes=b""))  # 100-char .json name, empty jpg
+    exs.append(_example(22).replace(image_bytes=_jpeg(22, 97, 61)[:1024]))  # exactly two blocks
+    cfg = _cfg(**cfg_kw)
+    W.write_bucket(str(tmp_path / "plain"), "train", 0, exs, cfg)
+    encoded = [W.encode_example(ex, cfg.formats) for ex in reversed(exs)]
+    W.write_bucket(str(tmp_path / "encoded"), "train", 0, encoded, cfg)
+    mixed = encoded[::2] + exs[-2::-2]  # both kinds in one bucket
+    assert sorted(e.key for e in mixed) == sorted(ex.key for ex in exs)
+    W.write_bucket(str(tmp_path / "mixed"), "train", 0, mixed, cfg)
+    plain = _tree(tmp_path / "plain")
+    assert plain == _tree(tmp_path / "encoded") == _tree(tmp_path / "mixed")
+    data = {k: v for k, v in plain.items() if not k.startswith("_meta/")}
+    ref = _reference_files(tmp_path / "ref", exs, cfg)
+    assert set(data) == set(ref)
+    # Each case spans more than one part or more than one row group.
+    groups = [pq.ParquetFile(io.BytesIO(v)).metadata.num_row_groups for k, v in ref.items() if k.endswith(".parquet")]
+    assert len(groups) > 1 or groups[0] > 1
+    for path, want in ref.items():
+        assert data[path] == want, path
 
 
 # ------------------------------------------------------------------- formats
