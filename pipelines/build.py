@@ -25,6 +25,7 @@ from orsgen.pipelines.transforms import EVENTS, REJECTS, IngestDoFn, StageDoFn
 from orsgen.schemas.config import CocoInput, GrefcocoInput, OrsgenConfig, RefcocoInput, Sa1bInput
 from orsgen.schemas.records import ImageExample, Reject, RejectLevel
 from orsgen.stages import ingest_coco, ingest_sa1b
+from orsgen.stages.dedupe import dedupe_by_key
 from orsgen.stages.refs import add_human_samples, ref_source_split
 from orsgen.stages.regions import select_regions
 from orsgen.stages.splits import assign_split
@@ -98,7 +99,13 @@ class WriteBucketDoFn(beam.DoFn):
 
     def process(self, element: tuple[tuple[str, int], Iterable[EncodedExample]]) -> Iterator[Any]:
         (split, bucket), examples = element
-        examples = list(examples)
+        # Copies of one key hash to the same bucket: keep one, reject the rest.
+        examples, dropped = dedupe_by_key(examples)
+        for dup, reject in dropped:
+            yield beam.pvalue.TaggedOutput(REJECTS, reject)
+            yield beam.pvalue.TaggedOutput(EVENTS, ("dropped_with_image/instances", dup.n_instances))
+            yield beam.pvalue.TaggedOutput(EVENTS, ("dropped_with_image/refs", dup.n_refs))
+            yield beam.pvalue.TaggedOutput(EVENTS, ("dropped_with_image/samples", dup.n_samples))
         # The counts come from the encoded fields: the ImageExamples do not
         # cross the shuffle. One event per level per bucket, not per example.
         yield beam.pvalue.TaggedOutput(EVENTS, ("written/images", len(examples)))
@@ -269,9 +276,10 @@ def build_pipeline(p: beam.Pipeline, cfg: OrsgenConfig, out: str) -> None:
         | "Encode" >> beam.Map(encode_example, formats=list(cfg.write.formats))
         | "KeyByBucket" >> beam.Map(lambda enc: ((enc.split, bucket_of(enc.key, nb)), enc))
         | "GroupBuckets" >> beam.GroupByKey()
-        | "WriteShards" >> beam.ParDo(WriteBucketDoFn(out, cfg)).with_outputs(EVENTS, main="stats")
+        | "WriteShards" >> beam.ParDo(WriteBucketDoFn(out, cfg)).with_outputs(EVENTS, REJECTS, main="stats")
     )
     events_l.append(written[EVENTS])
+    rejects_l.append(written[REJECTS])
     reject_stats = (
         rejects_l
         | "AllRejects" >> beam.Flatten()

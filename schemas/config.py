@@ -180,8 +180,9 @@ class SplitConfig(_Model):
         if not self.ratios or any(v < 0 for v in self.ratios.values()) or abs(total - 1.0) > 1e-6:
             raise ValueError(f"ratios must be non-negative and sum to 1, got {self.ratios} (sum {total:.6g}).")
         for name in self.ratios:
-            if not name.replace("_", "").replace("-", "").isalnum():
-                raise ValueError(f"split name {name!r} must use only letters, digits, '_' and '-'.")
+            # Hugging Face `datasets` accepts split names matching \w+ only.
+            if not (name.isascii() and name.replace("_", "").isalnum()):
+                raise ValueError(f"split name {name!r} must use only letters, digits and '_' (a Hugging Face split name).")
         return self
 
 
@@ -202,7 +203,7 @@ class WriteConfig(_Model):
     formats: list[Literal["webdataset", "parquet"]] = Field(default_factory=lambda: ["webdataset", "parquet"])
     shard_max_images: int = Field(default=1000, ge=1)
     shard_max_bytes: int = Field(default=1_000_000_000, ge=1024)
-    num_buckets: int = Field(default=4, ge=1, le=100_000)
+    num_buckets: int = Field(default=4, ge=1, le=99_999)
     parquet_row_group_max_bytes: int = Field(default=128 * 1024 * 1024, ge=1024)
     parquet_compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
 

@@ -10,8 +10,8 @@ streams bytes; rejects are grouped by bucket and go to
 
 Layout under an output root ``out`` (any fsspec URL)::
 
-    out/webdataset/<split>/<split>-b<bucket:05d>-<part:04d>.tar
-    out/parquet/<split>/<split>-b<bucket:05d>-<part:04d>.parquet
+    out/webdataset/data/<split>-<bucket:05d>-of-<num_buckets:05d>-<part:04d>.tar
+    out/parquet/data/<split>-<bucket:05d>-of-<num_buckets:05d>-<part:04d>.parquet
     out/rejects/rejects-b<bucket:05d>.parquet
     out/_meta/shards/<data file path>.stats.json   # per-shard stats sidecar
     out/_meta/shards/<data file path>.done         # completion marker, written last
@@ -159,9 +159,22 @@ def bucket_of(key: str, num_buckets: int) -> int:
     return int.from_bytes(digest[:8], "big") % num_buckets
 
 
-def shard_name(split: str, bucket: int, part: int, fmt: str) -> str:
-    """Returns a data shard's file name, e.g. ``train-b00003-0001.tar``."""
-    return f"{split}-b{bucket:05d}-{part:04d}.{_EXTENSION[fmt]}"
+def shard_name(split: str, bucket: int, part: int, fmt: str, num_buckets: int) -> str:
+    """Returns a data shard's file name, e.g. ``testA-00003-of-00016-0001.tar``.
+
+    The ``<split>-NNNNN-of-NNNNN`` stem is Hugging Face's sharded-file pattern:
+    under a ``data/`` folder, ``datasets.load_dataset(..., data_dir=...)``
+    infers every split from it, custom names (``testA``, ``ood_area``)
+    included. Bucket index and bucket count are both known before writing,
+    so the name never depends on how many shards other workers write; the
+    rollover part follows as a suffix.
+    """
+    return f"{split}-{bucket:05d}-of-{num_buckets:05d}-{part:04d}.{_EXTENSION[fmt]}"
+
+
+def shard_path(split: str, bucket: int, part: int, fmt: str, num_buckets: int) -> str:
+    """A data shard's path relative to the output root: ``<format>/data/<name>``."""
+    return f"{fmt}/data/{shard_name(split, bucket, part, fmt, num_buckets)}"
 
 
 def _tar_member_bytes(n: int) -> int:
@@ -196,6 +209,9 @@ class EncodedExample:
         samples_by_kind: ``(kind, count)`` pairs, sorted by kind.
         size: the bytes the example adds to a tar (both members with their
             headers and padding), used to plan parts.
+        image_id: the image's id (for rejects of duplicate copies).
+        uri: where the image was read from.
+        sha256: the image bytes' sha256 (duplicates are ranked by content).
     """
 
     key: str
@@ -208,6 +224,9 @@ class EncodedExample:
     n_samples: int
     samples_by_kind: tuple[tuple[str, int], ...]
     size: int
+    image_id: str = ""
+    uri: str = ""
+    sha256: str = ""
 
     def record_batch(self) -> pa.RecordBatch:
         """Returns the complete one-row ``EXAMPLE_SCHEMA`` batch, image included.
@@ -262,6 +281,9 @@ def encode_example(ex: ImageExample, formats: Sequence[str]) -> EncodedExample:
         n_samples=len(ex.samples),
         samples_by_kind=tuple(sorted(kinds.items())),
         size=_tar_member_bytes(len(image)) + _tar_member_bytes(len(data)),
+        image_id=ex.image.image_id,
+        uri=ex.image.uri,
+        sha256=ex.image.sha256,
     )
 
 
@@ -624,12 +646,14 @@ def _parquet_writer(part: Sequence[EncodedExample], cfg: WriteConfig) -> Callabl
     return produce
 
 
-def _data_stats(fmt: str, split: str, bucket: int, part_no: int, part: Sequence[EncodedExample]) -> ShardStats:
+def _data_stats(
+    fmt: str, split: str, bucket: int, part_no: int, part: Sequence[EncodedExample], num_buckets: int
+) -> ShardStats:
     kinds: Counter[str] = Counter()
     for e in part:
         kinds.update(dict(e.samples_by_kind))
     return ShardStats(
-        path=f"{fmt}/{split}/{shard_name(split, bucket, part_no, fmt)}",
+        path=shard_path(split, bucket, part_no, fmt, num_buckets),
         format=fmt,
         split=split,
         bucket=bucket,
@@ -665,7 +689,7 @@ def write_bucket(
 
     The examples are sorted by key and planned into parts with
     ``plan_parts(cfg.shard_max_images, cfg.shard_max_bytes)``; each part is
-    written as ``<format>/<split>/<split>-b<bucket>-<part>.<ext>``, then its
+    written as ``<format>/data/<split>-<bucket>-of-<num_buckets>-<part>.<ext>``, then its
     stats sidecar, then its ``.done`` marker. A shard that already has its
     marker is not rewritten (its stats come back with ``skipped=True``).
 
@@ -712,7 +736,7 @@ def write_bucket(
     stats: list[ShardStats] = []
     for fmt in formats:
         for part_no, part in enumerate(parts):
-            planned = _data_stats(fmt, split, bucket, part_no, part)
+            planned = _data_stats(fmt, split, bucket, part_no, part, cfg.num_buckets)
             found = _completed(fs, root, planned.path)
             if found is not None:
                 stats.append(_check_skip(found, planned, root))

@@ -255,7 +255,7 @@ def _reference_files(out: Path, examples: list[ImageExample], cfg: WriteConfig) 
                     info = tarfile.TarInfo(f"{ex.key}.{ext}")
                     info.size, info.mtime, info.mode = len(data), 0, 0o644
                     tar.addfile(info, io.BytesIO(data))
-        files[f"webdataset/train/{W.shard_name('train', 0, part_no, 'webdataset')}"] = tar_path.read_bytes()
+        files[W.shard_path('train', 0, part_no, 'webdataset', cfg.num_buckets)] = tar_path.read_bytes()
         pq_path = out / "pq" / f"{part_no}.parquet"
         pq_path.parent.mkdir(parents=True, exist_ok=True)
         rows = [example_to_row(ex) for ex in part]
@@ -266,7 +266,7 @@ def _reference_files(out: Path, examples: list[ImageExample], cfg: WriteConfig) 
         ) as writer:
             for a, b in W._split_by_size(sizes, len(part), cap):
                 writer.write_table(pa.Table.from_pylist(rows[a:b], schema=EXAMPLE_SCHEMA), row_group_size=b - a)
-        files[f"parquet/train/{W.shard_name('train', 0, part_no, 'parquet')}"] = pq_path.read_bytes()
+        files[W.shard_path('train', 0, part_no, 'parquet', cfg.num_buckets)] = pq_path.read_bytes()
     return files
 
 
@@ -309,7 +309,7 @@ def test_encoded_and_image_examples_give_identical_files(tmp_path, cfg_kw):
 
 def test_parquet_round_trip(tmp_path, examples):
     stats = W.write_bucket(str(tmp_path), "train", 0, examples, _cfg(formats=["parquet"]))
-    assert [s.path for s in stats] == ["parquet/train/train-b00000-0000.parquet"]
+    assert [s.path for s in stats] == ["parquet/data/train-00000-of-00001-0000.parquet"]
     table = pq.read_table(tmp_path / stats[0].path)
     # Types match exactly; list children come back named "element" (the
     # Parquet spec's compliant nested naming) where Arrow says "item".
@@ -330,7 +330,7 @@ def test_webdataset_reads_every_key(tmp_path, examples):
 
     stats = W.write_bucket(str(tmp_path), "train", 0, examples, _cfg(formats=["webdataset"], shard_max_images=4))
     urls = [str(tmp_path / s.path) for s in stats]
-    assert [Path(u).name for u in urls] == ["train-b00000-0000.tar", "train-b00000-0001.tar"]
+    assert [Path(u).name for u in urls] == ["train-00000-of-00001-0000.tar", "train-00000-of-00001-0001.tar"]
     by_key = {ex.key: ex for ex in examples}
     seen = []
     for sample in wds.WebDataset(urls, shardshuffle=False):
@@ -392,8 +392,8 @@ def test_load_dataset_parquet_and_webdataset(tmp_path, examples, monkeypatch):
     cache = str(tmp_path / "cache")
 
     ds = datasets.load_dataset("parquet", data_dir=str(out / "parquet"), cache_dir=cache)
-    assert sorted(ds) == ["train", "validation"]
-    assert ds["train"].num_rows == len(examples) and ds["validation"].num_rows == len(val)
+    assert sorted(ds) == ["train", "val"]  # split names kept verbatim
+    assert ds["train"].num_rows == len(examples) and ds["val"].num_rows == len(val)
     assert sorted(ds["train"]["key"]) == sorted(ex.key for ex in examples)
 
     tars = {
@@ -402,6 +402,10 @@ def test_load_dataset_parquet_and_webdataset(tmp_path, examples, monkeypatch):
     }
     wd = datasets.load_dataset("webdataset", data_files=tars, cache_dir=cache)
     assert wd["train"].num_rows == len(examples)
+    # The same split inference works for the tars through data_dir.
+    wd2 = datasets.load_dataset("webdataset", data_dir=str(out / "webdataset"), cache_dir=cache,
+                                features=W.webdataset_features())
+    assert sorted(wd2) == ["train", "val"] and wd2["val"].num_rows == len(val)
     row = wd["train"][0]
     assert set(row) >= {"__key__", "jpg", "json"}
     assert row["json"]["key"] == row["__key__"]
@@ -440,8 +444,8 @@ def test_rerun_into_a_fresh_dir_is_byte_identical(tmp_path, examples):
         W.write_rejects_bucket(str(out), 0, rejects if name == "a" else rejects[::-1])
         trees.append(_tree(out))
     assert trees[0] == trees[1]
-    assert "_meta/shards/webdataset/train/train-b00000-0001.tar.done" in trees[0]
-    assert "_meta/shards/parquet/train/train-b00000-0000.parquet.stats.json" in trees[0]
+    assert "_meta/shards/webdataset/data/train-00000-of-00001-0001.tar.done" in trees[0]
+    assert "_meta/shards/parquet/data/train-00000-of-00001-0000.parquet.stats.json" in trees[0]
     assert "_meta/shards/rejects/rejects-b00000.parquet.done" in trees[0]
 
 
@@ -461,10 +465,10 @@ def test_completed_shard_of_other_inputs_is_a_conflict(tmp_path, examples):
 
 
 def test_existing_different_file_is_a_conflict_and_kept(tmp_path, examples):
-    shard = tmp_path / "webdataset/train/train-b00000-0000.tar"
+    shard = tmp_path / "webdataset/data/train-00000-of-00001-0000.tar"
     shard.parent.mkdir(parents=True)
     shard.write_bytes(b"a user's own file")
-    with pytest.raises(W.OutputConflictError, match=r"train-b00000-0000\.tar already exists.*new --out"):
+    with pytest.raises(W.OutputConflictError, match=r"train-00000-of-00001-0000\.tar already exists.*new --out"):
         W.write_bucket(str(tmp_path), "train", 0, examples, _cfg(formats=["webdataset"]))
     assert shard.read_bytes() == b"a user's own file"
     assert _tmp_files(tmp_path) == []
@@ -511,7 +515,7 @@ def test_crash_before_the_marker_is_recovered_by_a_rerun(tmp_path, examples, mon
     with pytest.raises(OSError, match="before the marker"):
         W.write_bucket(str(tmp_path / "out"), "train", 0, examples, _cfg(formats=["parquet"]))
     monkeypatch.undo()
-    shard = tmp_path / "out/parquet/train/train-b00000-0000.parquet"
+    shard = tmp_path / "out/parquet/data/train-00000-of-00001-0000.parquet"
     assert shard.exists() and not list(tmp_path.rglob("*.done")) and _tmp_files(tmp_path) == []
     # The rerun finds the shard without its marker, verifies its bytes and completes it.
     (stats,) = W.write_bucket(str(tmp_path / "out"), "train", 0, examples, _cfg(formats=["parquet"]))

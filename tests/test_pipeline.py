@@ -1,0 +1,208 @@
+"""The whole pipeline on the demo inputs, through Beam's Python direct runner.
+
+One module-scoped build in-process and one with two worker processes; the
+tests check they are byte-identical, load with `datasets` and `webdataset`,
+reconcile, survive reruns, and route bad input to rejects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from orsgen.pipelines.cli import run_pipeline
+from orsgen.pipelines.demo_data import generate_demo_inputs
+from orsgen.schemas.config import load_config
+from orsgen.stages.write import OutputConflictError
+
+pytestmark = pytest.mark.slow
+
+MULTI = ["--direct_num_workers=2", "--direct_running_mode=multi_processing"]
+
+
+def _digests(root: Path) -> dict[str, str]:
+    """sha256 of every output file except the hidden temp names (none should exist)."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    base = tmp_path_factory.mktemp("demo")
+    cfg_path = generate_demo_inputs(base / "inputs", seed=0)
+    cfg = load_config(cfg_path)
+    out1 = base / "out_inprocess"
+    out2 = base / "out_multiproc"
+    m1 = run_pipeline(cfg, str(out1), ["--runner=FnApiRunner"], show_progress=False)
+    m2 = run_pipeline(cfg, str(out2), ["--runner=FnApiRunner", *MULTI], show_progress=False)
+    return {"base": base, "cfg_path": cfg_path, "cfg": cfg, "out1": out1, "out2": out2, "m1": m1, "m2": m2}
+
+
+def test_in_process_and_multi_process_are_byte_identical(demo):
+    d1, d2 = _digests(demo["out1"]), _digests(demo["out2"])
+    assert d1 == d2
+    assert any(k.startswith("webdataset/") for k in d1) and any(k.startswith("parquet/") for k in d1)
+    assert not [k for k in d1 if "/." in k or k.startswith(".")], "temporary files left behind"
+
+
+def test_manifest_reconciles_every_level(demo):
+    m = demo["m1"]
+    c = m["counts"]
+    assert c["inputs"] == c["written"] + c["rejected"] > 0
+    for level, v in c["levels"].items():
+        assert v["inputs"] == v["written"] + v["rejected"], level
+        assert v["reconciled"], level
+    assert c["levels"]["instances"]["rejected"] > 0  # region selection dropped some
+    assert m["config_sha256"] == demo["cfg"].sha256()
+    # Every shard listed exists with its sha256.
+    for s in m["shards"]:
+        data = (demo["out1"] / s["path"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == s["sha256"]
+    # Per-split counts add up to what was written.
+    assert sum(v["images"] for v in m["splits"].values()) == c["written"]
+
+
+def test_loads_with_datasets_parquet_and_webdataset(demo, monkeypatch, tmp_path):
+    import datasets
+
+    from orsgen.stages.write import webdataset_features
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    cache = str(tmp_path / "hf")
+    out = demo["out1"]
+    m = demo["m1"]
+    pq = datasets.load_dataset("parquet", data_dir=str(out / "parquet"), cache_dir=cache)
+    n_pq = sum(len(v) for v in pq.values())
+    assert n_pq == m["counts"]["written"]
+    row = next(iter(next(iter(pq.values()))))
+    assert isinstance(row["image"], bytes) and row["image"][:2] == b"\xff\xd8"
+    splits = sorted({s["split"] for s in m["shards"] if s["format"] == "webdataset"})
+    assert sorted(pq) == splits  # custom split names (testA, testB) included
+    wds = datasets.load_dataset(
+        "webdataset", data_dir=str(out / "webdataset"), features=webdataset_features(), cache_dir=cache
+    )
+    assert sorted(wds) == splits
+    assert sum(len(v) for v in wds.values()) == m["counts"]["written"]
+
+
+def test_loads_with_webdataset_library(demo):
+    import webdataset as wds
+
+    tars = sorted(str(p) for p in (demo["out1"] / "webdataset").rglob("*.tar"))
+    n = 0
+    for sample in wds.WebDataset(tars, shardshuffle=False):
+        assert set(sample) >= {"__key__", "jpg", "json"}
+        assert "." not in sample["__key__"]
+        meta = json.loads(sample["json"])
+        assert meta["key"] == sample["__key__"]
+        n += 1
+    assert n == demo["m1"]["counts"]["written"]
+
+
+def test_human_samples_have_targets_and_masks(demo):
+    import pyarrow.parquet as pq
+
+    from orsgen.stages.masks import rle_area, rle_union
+    from orsgen.schemas.records import Rle
+
+    kinds = set()
+    for p in (demo["out1"] / "parquet").rglob("*.parquet"):
+        for row in pq.read_table(p).to_pylist():
+            insts = {i["instance_id"]: i for i in row["instances"]}
+            for s in row["samples"]:
+                kinds.add(s["kind"])
+                if s["kind"] == "no_target":
+                    assert s["target_ids"] == [] and rle_area(Rle.from_coco(s["union_rle"])) == 0
+                    continue
+                assert s["target_ids"] and len(s["targets"]) == len(s["target_ids"])
+                union = rle_union([Rle.from_coco(insts[t]["rle"]) for t in s["target_ids"]])
+                assert Rle.from_coco(s["union_rle"]) == union
+                assert s["split"] == row["split"]
+    assert {"human", "no_target"} <= kinds
+
+
+def test_rerun_skips_completed_shards(demo):
+    out = demo["out1"]
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and "_meta" not in p.parts}
+    digests = _digests(out)
+    m = run_pipeline(demo["cfg"], str(out), ["--runner=FnApiRunner"], show_progress=False)
+    assert m == demo["m1"]
+    assert _digests(out) == digests
+    after = {p: p.stat().st_mtime_ns for p in before}
+    assert after == before, "a completed shard was rewritten"
+
+
+def test_other_config_into_same_output_is_refused(demo):
+    cfg = load_config(demo["cfg_path"], ["regions.min_area_px=100"])
+    with pytest.raises(OutputConflictError, match="another config"):
+        run_pipeline(cfg, str(demo["out1"]), ["--runner=FnApiRunner"], show_progress=False)
+
+
+def test_bad_inputs_become_rejects_end_to_end(demo, tmp_path):
+    """A truncated shard, a corrupt JPEG and an unsafe member flow to rejects; counts reconcile."""
+    inputs = tmp_path / "inputs"
+    shutil.copytree(demo["base"] / "inputs", inputs)
+    sa1b = inputs / "sa1b"
+    good = (sa1b / "sa_000000.tar").read_bytes()
+    (sa1b / "sa_000009.tar").write_bytes(good[: len(good) // 2])  # truncated
+    # A shard with a corrupt image, a path-traversal member and a valid pair.
+    with tarfile.open(sa1b / "sa_000000.tar") as src:
+        members = [(m, src.extractfile(m).read()) for m in src.getmembers() if m.isfile()]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for i, (m, data) in enumerate(members[:4]):
+            name = m.name  # copies of images already in sa_000000.tar
+            if i == 0 and name.endswith(".jpg"):
+                data = data[:40] + b"\x00" * 64
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        evil = b"{}"
+        info = tarfile.TarInfo("../evil.json")
+        info.size = len(evil)
+        tar.addfile(info, io.BytesIO(evil))
+    (sa1b / "sa_000008.tar").write_bytes(buf.getvalue())
+    cfg = load_config(inputs / "demo.yaml", ["inputs.0.shards=[sa1b/sa_*.tar]"])
+    assert len(cfg.inputs[0].shards) == 1 and cfg.inputs[0].shards[0].endswith("sa_*.tar")
+    out = tmp_path / "out"
+    m = run_pipeline(cfg, str(out), ["--runner=FnApiRunner"], show_progress=False)
+    c = m["counts"]
+    reasons = c["rejected_by_reason"]
+    assert reasons.get("shard/truncated_tar", 0) >= 1
+    # The truncated copy repeats images of sa_000000.tar: kept once, the rest rejected.
+    assert reasons.get("image/duplicate_image", 0) >= 1
+    assert reasons.get("image/corrupt_image", 0) == 1
+    assert reasons.get("shard/unsafe_member", 0) == 1
+    for level, v in c["levels"].items():
+        assert v["inputs"] == v["written"] + v["rejected"], level
+    assert not (tmp_path / "evil.json").exists() and not (out.parent / "evil.json").exists()
+    # The rejects Parquet holds them with their source keys.
+    import pyarrow.parquet as pq
+
+    rows = [r for p in (out / "rejects").glob("*.parquet") for r in pq.read_table(p).to_pylist()]
+    assert any(r["reason"] == "corrupt_image" and "sa_000008.tar" in r["source_key"] for r in rows)
+    assert len(rows) == sum(reasons.values())
+
+
+def test_cli_demo_runs(tmp_path):
+    from typer.testing import CliRunner
+
+    from orsgen.pipelines.cli import app
+
+    res = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "d"), "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "d" / "dataset" / "manifest.json").exists()
+    bad = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "d"), "--set", "regions.min_area_frac=-1"])
+    assert bad.exit_code == 2
+    assert "regions.min_area_frac = -1" in bad.output
+    assert os.path.exists(tmp_path / "d" / "inputs" / "demo.yaml")
