@@ -36,6 +36,20 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 
+
+class _BeamImportNoise(logging.Filter):
+    """Drops Beam's import-time warning about optional GCP client libraries.
+
+    Beam logs it on the root logger whenever the gcp extra is not installed,
+    which is the normal local setup; it says nothing about the run.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "apitools not found" not in record.getMessage()
+
+
+logging.getLogger().addFilter(_BeamImportNoise())
+
 DEFAULT_RUNNER = "FnApiRunner"
 
 
