@@ -314,9 +314,10 @@ def test_overlay_tints_the_mask_and_draws_contour_and_box(scene):
     core = cv2.erode(inside.astype(np.uint8), np.ones((3, 3), np.uint8), iterations=3).astype(bool)
     assert core.sum() > 40
     assert (out[core][:, 0] > 150).all() and (out[core][:, 1] < 90).all()
-    # The contour: red pixels on the mask's border (4-neighbours outside the mask).
+    # The contour: pure red on the mask's border (drawn without the box, which would cover part of it).
+    no_box = decode_rgb(render_overlay(_png(rgb), [(ball.rle, ball.bbox_xyxy)], OverlayStyle(image_format="PNG", box_px=0)))
     border = inside & ~np.roll(inside, 1, 0) | inside & ~np.roll(inside, -1, 0)
-    assert (out[border][:, 0] == 255).mean() > 0.9
+    assert (no_box[border] == (255, 0, 0)).all(axis=1).mean() > 0.9
     # The box: green on its top edge row, inside the box's columns.
     x0, y0, x1, _y1 = (int(v) for v in ball.bbox_xyxy)
     assert (out[y0, x0 + 1 : x1 - 1, 1] == 255).all()
