@@ -161,6 +161,39 @@ class RegionConfig(_Model):
         return self
 
 
+class OodRule(_Model):
+    """An out-of-distribution holdout (ORS-Bench style): matching images go to ``name``.
+
+    An image matches when it holds an instance (crowd included) of one of
+    ``categories``, or a sample whose union target mask covers a fraction of
+    the image inside ``[min_area_frac, max_area_frac]`` (either bound may be
+    left out). Splits stay image-disjoint, so the whole image moves.
+
+    Attributes:
+        name: the split name; must start with ``ood_``.
+        categories: held-out category names. They are also never used as
+            ``no_target`` negatives on other images, so the words do not leak
+            into training.
+        min_area_frac: lower bound of the extreme target-area range.
+        max_area_frac: upper bound of the extreme target-area range.
+    """
+
+    name: str = Field(pattern=r"^ood_[A-Za-z0-9_]+$")
+    categories: list[str] = Field(default_factory=list)
+    min_area_frac: float | None = Field(default=None, ge=0.0, le=1.0)
+    max_area_frac: float | None = Field(default=None, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "OodRule":
+        if not self.categories and self.min_area_frac is None and self.max_area_frac is None:
+            raise ValueError(f"OOD rule {self.name!r} holds nothing out; give categories and/or min_area_frac / max_area_frac.")
+        if self.min_area_frac is not None and self.max_area_frac is not None and self.min_area_frac > self.max_area_frac:
+            raise ValueError(
+                f"OOD rule {self.name!r}: min_area_frac ({self.min_area_frac}) is above max_area_frac ({self.max_area_frac})."
+            )
+        return self
+
+
 class SplitConfig(_Model):
     """Split assignment.
 
@@ -168,11 +201,23 @@ class SplitConfig(_Model):
         ratios: split name -> fraction; assigned by a salted hash of image_id.
         salt: salt of that hash; change it to draw a different partition.
         keep_source_splits: keep a source's own split (RefCOCO train/val/...).
+        ood: out-of-distribution holdouts, checked in order before everything
+            else (source splits included, so held-out categories never leak
+            into a source's train split); the first match wins.
     """
 
     ratios: dict[str, float] = Field(default_factory=lambda: {"train": 0.9, "val": 0.05, "test": 0.05})
     salt: str = "orsgen"
     keep_source_splits: bool = True
+    ood: list[OodRule] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _check_ood(self) -> "SplitConfig":
+        names = [r.name for r in self.ood]
+        dupes = sorted({n for n in names if names.count(n) > 1 or n in self.ratios})
+        if dupes:
+            raise ValueError(f"OOD split names must be unique and differ from the ratios' splits; {dupes} repeat.")
+        return self
 
     @model_validator(mode="after")
     def _check_ratios(self) -> "SplitConfig":
@@ -184,6 +229,82 @@ class SplitConfig(_Model):
             if not (name.isascii() and name.replace("_", "").isalnum()):
                 raise ValueError(f"split name {name!r} must use only letters, digits and '_' (a Hugging Face split name).")
         return self
+
+
+class ExpressionKinds(_Model):
+    """Which annotation-derived expression kinds the ``expressions`` stage writes."""
+
+    category_single: bool = True
+    category_multi: bool = True
+    phrase: bool = True
+    description: bool = True
+    no_target: bool = True
+
+
+class ExpressionCaps(_Model):
+    """Most samples of each kind per image (after deduplication)."""
+
+    category_single: int = Field(default=4, ge=0)
+    category_multi: int = Field(default=4, ge=0)
+    phrase: int = Field(default=6, ge=0)
+    description: int = Field(default=8, ge=0)
+    no_target: int = Field(default=4, ge=0)
+
+
+class ExpressionConfig(_Model):
+    """Referring expressions from annotations (categories, templates, negatives).
+
+    Attributes:
+        enabled: run the stage at all.
+        apply_to: input types whose images get expressions (they need
+            category annotations; SA-1B regions have none).
+        templates: templates YAML (local path or fsspec URL; relative paths
+            are resolved against the config file); None uses the bundled
+            ``configs/templates/expressions.yaml``.
+        kinds: per-kind switches.
+        families: descriptive template families to use.
+        max_per_image: most samples per image, all kinds together.
+        max_per_kind: most samples per kind per image.
+        max_per_target: most phrase + description samples per target set.
+        margin_px: smallest position margin in pixels: a condition must hold
+            by more than the margin, and rivals must fail it by more than the
+            margin, or nothing is emitted (near-ties never become data).
+        margin_frac: position margin as a fraction of ``min(width, height)``;
+            the larger of the two applies.
+        size_margin: "largest" needs a visible area this fraction above every
+            other instance's (0.25 = 25% larger); "smallest" mirrors it.
+        next_to_max_gap_frac: boxes at most this far apart (fraction of
+            ``min(width, height)``) are ``next_to``.
+        max_instances_per_category: categories with more instances than this
+            get no descriptive samples (crowded scenes defeat short descriptions).
+        crowd_policy: ``skip``: a category with a crowd annotation gets no
+            category or descriptive samples (its extent is unknowable);
+            ``non_crowd``: category samples target its non-crowd instances.
+            Descriptions never target or anchor on a crowd category.
+        negative_ratio: expected ``no_target`` samples per positive sample
+            (stochastic rounding seeded by image id and ``seed``).
+        hard_negatives: draw negatives from the supercategories present in
+            the image first (a dog-free image with a cat gets "dog").
+    """
+
+    enabled: bool = True
+    apply_to: list[Literal["coco", "refcoco", "grefcoco"]] = Field(default_factory=lambda: ["coco"])
+    templates: str | None = None
+    kinds: ExpressionKinds = ExpressionKinds()
+    families: list[Literal["absolute", "ordinal", "size", "relation"]] = Field(
+        default_factory=lambda: ["absolute", "ordinal", "size", "relation"]
+    )
+    max_per_image: int = Field(default=24, ge=0)
+    max_per_kind: ExpressionCaps = ExpressionCaps()
+    max_per_target: int = Field(default=3, ge=1)
+    margin_px: float = Field(default=4.0, ge=0.0)
+    margin_frac: float = Field(default=0.03, ge=0.0, le=0.5)
+    size_margin: float = Field(default=0.25, ge=0.0)
+    next_to_max_gap_frac: float = Field(default=0.05, ge=0.0, le=1.0)
+    max_instances_per_category: int = Field(default=10, ge=1)
+    crowd_policy: Literal["skip", "non_crowd"] = "skip"
+    negative_ratio: float = Field(default=0.25, ge=0.0)
+    hard_negatives: bool = True
 
 
 class WriteConfig(_Model):
@@ -454,6 +575,8 @@ class OrsgenConfig(_Model):
         splits: split assignment.
         write: shard writers.
         verify_sam2: SAM2 consistency filter and mask cleaner (off by default).
+        expressions: referring expressions from annotations (categories,
+            templates, no-target negatives).
     """
 
     name: str = "orsgen-dataset"
@@ -464,6 +587,7 @@ class OrsgenConfig(_Model):
     splits: SplitConfig = SplitConfig()
     write: WriteConfig = WriteConfig()
     verify_sam2: VerifySam2Config = VerifySam2Config()
+    expressions: ExpressionConfig = ExpressionConfig()
 
     @model_validator(mode="after")
     def _unique_names(self) -> "OrsgenConfig":
@@ -586,6 +710,11 @@ def _is_url(s: str) -> bool:
 
 
 def _resolve_relative_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
+    expr = data.get("expressions")
+    if isinstance(expr, dict) and isinstance(expr.get("templates"), str):
+        t = expr["templates"]
+        if not _is_url(t) and not Path(t).is_absolute():
+            expr["templates"] = str((base / t).resolve())
     for inp in data.get("inputs") or []:
         if not isinstance(inp, dict):
             continue

@@ -1,0 +1,408 @@
+"""Exact geometric semantics of the descriptive template families.
+
+Every descriptive expression orsgen writes is a statement about instance
+geometry that this module can evaluate: centroids (first moments of the mask,
+computed on the RLE runs without decoding), visible mask areas and pixel
+boxes. A predicate is a conjunction of scalar conditions, each ``value > 0``
+in pixels (or log-area units for size). With a margin ``m`` a condition is
+
+* clearly true when ``value > m``,
+* clearly false when ``value < -m``,
+* unsure otherwise.
+
+An instance is ``TRUE`` when all conditions are clearly true, ``FALSE`` when
+at least one is clearly false, and ``UNSURE`` otherwise. An expression is
+emitted only when at least one instance of the named category is ``TRUE`` and
+none is ``UNSURE``: near-ties never become data, and what the expression
+says picks out exactly its targets among all instances of the category.
+
+Families (``cx, cy`` centroid; ``x0, y0, x1, y1`` box, exclusive max; ``W, H``
+image size; ``a`` visible mask area):
+
+* ``absolute``: image thirds. ``left``: ``W/3 - cx``; ``right``: ``cx - 2W/3``;
+  ``top``: ``H/3 - cy``; ``bottom``: ``cy - 2H/3``; ``center``: the four
+  conditions of the middle cell; corners: the two conditions of the cell.
+* ``ordinal`` (side, rank ``k``): with ``v = cx`` (left), ``-cx`` (right),
+  ``cy`` (top) or ``-cy`` (bottom), instance ``i`` is ``TRUE`` when exactly
+  ``k`` others have ``v < v_i - m`` and none lies within ``m`` of it;
+  ``FALSE`` when its possible ranks exclude ``k``.
+* ``size``: ``largest`` is ``TRUE`` when ``a_i > (1 + s) a_j`` for every
+  other ``j``, ``FALSE`` when some ``a_j > (1 + s) a_i``; ``smallest``
+  mirrors it (``s`` is the size margin).
+* ``relation`` to an anchor ``r`` (another category with exactly one
+  instance): ``left_of``: ``cx_r - cx_i``; ``right_of``: ``cx_i - cx_r``;
+  ``above``: ``cy_r - cy_i``; ``below``: ``cy_i - cy_r``; ``next_to``:
+  ``near - gap`` with ``gap`` the Euclidean distance between the two boxes
+  (0 when they overlap); ``on``: ``overlap_x - 0.6 w_i`` (mostly over the
+  anchor), ``y1_i - y0_r`` (its bottom below the anchor's top edge),
+  ``cy_r - y1_i`` (its bottom above the anchor's centroid) and
+  ``y0_r - y0_i`` (it rises above the anchor); ``holding``: the anchor's box
+  inside the subject's box (four conditions), the anchor's centroid in the
+  band 20%-75% down the subject's box, and ``log(0.5 a_i / a_r)`` (the anchor
+  is at most half the subject's area; size margin).
+
+These are the definitions the independent test in
+``tests/test_expression_semantics.py`` re-implements on dense masks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import Enum
+
+import numpy as np
+
+from orsgen.schemas.records import Instance, Rle
+from orsgen.stages.masks import rle_counts_to_runs
+
+#: ``on``: the subject's box must overlap the anchor's box on at least this
+#: fraction of the subject's width.
+ON_MIN_X_OVERLAP = 0.6
+#: ``holding``: the anchor's centroid lies in this band of the subject's box
+#: height (fractions from its top): hands, not head or feet.
+HOLD_BAND = (0.2, 0.75)
+#: ``holding``: the anchor covers at most this fraction of the subject's area.
+HOLD_MAX_AREA_RATIO = 0.5
+
+ABSOLUTE_REGIONS = (
+    "left",
+    "right",
+    "top",
+    "bottom",
+    "center",
+    "top_left",
+    "top_right",
+    "bottom_left",
+    "bottom_right",
+)
+ORDINAL_SIDES = ("left", "right", "top", "bottom")
+SIZE_ORDERS = ("largest", "smallest")
+RELATIONS = ("left_of", "right_of", "above", "below", "next_to", "on", "holding")
+
+
+class Truth(Enum):
+    """Whether an instance satisfies a predicate, with the margin applied."""
+
+    TRUE = "true"
+    FALSE = "false"
+    UNSURE = "unsure"
+
+
+@dataclass(frozen=True, slots=True)
+class Geom:
+    """The geometry of one instance that the semantics read.
+
+    Attributes:
+        instance_id: the instance.
+        category: its category name, or None (class-agnostic).
+        iscrowd: COCO crowd flag.
+        area_px: visible mask area in pixels.
+        cx: centroid x in pixels (pixel centres at ``x + 0.5``).
+        cy: centroid y in pixels.
+        x0: box left (pixels).
+        y0: box top.
+        x1: box right (exclusive).
+        y1: box bottom (exclusive).
+    """
+
+    instance_id: str
+    category: str | None
+    iscrowd: bool
+    area_px: float
+    cx: float
+    cy: float
+    x0: float
+    y0: float
+    x1: float
+    y1: float
+
+    @property
+    def width(self) -> float:
+        """Box width in pixels."""
+        return self.x1 - self.x0
+
+    @property
+    def height(self) -> float:
+        """Box height in pixels."""
+        return self.y1 - self.y0
+
+
+@dataclass(frozen=True, slots=True)
+class Margins:
+    """Margins of the semantics for one image.
+
+    Attributes:
+        position_px: margin of every pixel-valued condition.
+        size_log: margin of size conditions, in natural-log area units.
+        near_px: the largest box gap that counts as ``next_to``.
+    """
+
+    position_px: float
+    size_log: float
+    near_px: float
+
+    @classmethod
+    def for_image(
+        cls,
+        width: int,
+        height: int,
+        *,
+        margin_px: float,
+        margin_frac: float,
+        size_margin: float,
+        next_to_max_gap_frac: float,
+    ) -> "Margins":
+        """Margins scaled to an image.
+
+        Args:
+            width: image width in pixels.
+            height: image height in pixels.
+            margin_px: the smallest position margin, in pixels.
+            margin_frac: position margin as a fraction of ``min(width, height)``;
+                the larger of the two margins applies.
+            size_margin: an area must exceed another by this fraction (0.25:
+                25% larger) to count as clearly larger.
+            next_to_max_gap_frac: ``next_to`` box gap limit, as a fraction of
+                ``min(width, height)``.
+        """
+        side = float(min(width, height))
+        return cls(
+            position_px=max(float(margin_px), float(margin_frac) * side),
+            size_log=math.log1p(float(size_margin)),
+            near_px=float(next_to_max_gap_frac) * side,
+        )
+
+
+# ---------------------------------------------------------------- moments
+
+
+def rle_moments(rle: Rle) -> tuple[int, float, float]:
+    """Area and pixel-coordinate sums of a mask, computed on its runs.
+
+    COCO runs are column-major: pixel ``p`` is at ``x = p // h``,
+    ``y = p % h``. A foreground run splits into a partial first column, whole
+    middle columns and a partial last column, whose coordinate sums have
+    closed forms, so no pixel is decoded.
+
+    Args:
+        rle: the mask.
+
+    Returns:
+        ``(area, sum_x, sum_y)`` over the mask's pixels (integer pixel
+        indices, not centres).
+    """
+    h, _w = rle.size
+    runs = rle_counts_to_runs(rle.counts)
+    if runs.size < 2:
+        return 0, 0.0, 0.0
+    ends = np.cumsum(runs)
+    starts = ends - runs
+    fg = slice(1, None, 2)
+    s, e = starts[fg], ends[fg]
+    keep = e > s
+    s, e = s[keep], e[keep]
+    if s.size == 0:
+        return 0, 0.0, 0.0
+    c0, r0 = np.divmod(s, h)
+    c1, r1 = np.divmod(e - 1, h)
+    one = c0 == c1
+    # Runs within one column.
+    n_one = (e - s)[one]
+    sx = float((n_one * c0[one]).sum())
+    sy = float(((r0[one] + r1[one]) * n_one).sum()) / 2.0
+    area = int(n_one.sum())
+    # Runs spanning columns: first partial, middle full, last partial.
+    m = ~one
+    if m.any():
+        a0, b0, a1, b1 = c0[m], r0[m], c1[m], r1[m]
+        n_first = h - b0
+        n_last = b1 + 1
+        n_mid_cols = a1 - a0 - 1
+        area += int((n_first + n_last + n_mid_cols * h).sum())
+        sx += float((n_first * a0).sum() + (n_last * a1).sum())
+        # Sum of the columns a0+1 .. a1-1, each h pixels.
+        sx += float((h * (a0 + a1) * n_mid_cols).sum()) / 2.0
+        sy += float(((b0 + h - 1) * n_first).sum()) / 2.0
+        sy += float((b1 * (b1 + 1)).sum()) / 2.0
+        sy += float((n_mid_cols * h * (h - 1)).sum()) / 2.0
+    return area, sx, sy
+
+
+def instance_geom(inst: Instance) -> Geom:
+    """The ``Geom`` of an instance: centroid from RLE moments, box from the record."""
+    area, sx, sy = rle_moments(inst.rle)
+    if area:
+        cx, cy = sx / area + 0.5, sy / area + 0.5
+    else:
+        x0, y0, x1, y1 = inst.bbox_xyxy
+        cx, cy = (x0 + x1) / 2.0, (y0 + y1) / 2.0
+    x0, y0, x1, y1 = (float(v) for v in inst.bbox_xyxy)
+    return Geom(
+        instance_id=inst.instance_id,
+        category=inst.category_name,
+        iscrowd=bool(inst.iscrowd),
+        area_px=float(area),
+        cx=float(cx),
+        cy=float(cy),
+        x0=x0,
+        y0=y0,
+        x1=x1,
+        y1=y1,
+    )
+
+
+# ---------------------------------------------------------------- conditions
+
+
+def _truth(conditions: Sequence[tuple[float, float]]) -> Truth:
+    """Combines ``(value, margin)`` conditions (a conjunction) into a ``Truth``."""
+    if any(v < -m for v, m in conditions):
+        return Truth.FALSE
+    if all(v > m for v, m in conditions):
+        return Truth.TRUE
+    return Truth.UNSURE
+
+
+def absolute_conditions(g: Geom, region: str, width: int, height: int) -> list[float]:
+    """Condition values (pixels) of an absolute-position region."""
+    left = width / 3.0 - g.cx
+    right = g.cx - 2.0 * width / 3.0
+    top = height / 3.0 - g.cy
+    bottom = g.cy - 2.0 * height / 3.0
+    table = {
+        "left": [left],
+        "right": [right],
+        "top": [top],
+        "bottom": [bottom],
+        "center": [-left, -right, -top, -bottom],
+        "top_left": [top, left],
+        "top_right": [top, right],
+        "bottom_left": [bottom, left],
+        "bottom_right": [bottom, right],
+    }
+    try:
+        return table[region]
+    except KeyError:
+        raise ValueError(f"unknown absolute region {region!r}; use one of {ABSOLUTE_REGIONS}.") from None
+
+
+def box_gap_px(a: Geom, b: Geom) -> float:
+    """Euclidean distance between two boxes; 0 when they overlap or touch."""
+    dx = max(0.0, b.x0 - a.x1, a.x0 - b.x1)
+    dy = max(0.0, b.y0 - a.y1, a.y0 - b.y1)
+    return math.hypot(dx, dy)
+
+
+def relation_conditions(g: Geom, anchor: Geom, relation: str, margins: Margins) -> list[tuple[float, float]]:
+    """``(value, margin)`` conditions of ``g <relation> anchor``."""
+    m = margins.position_px
+    if relation == "left_of":
+        return [(anchor.cx - g.cx, m)]
+    if relation == "right_of":
+        return [(g.cx - anchor.cx, m)]
+    if relation == "above":
+        return [(anchor.cy - g.cy, m)]
+    if relation == "below":
+        return [(g.cy - anchor.cy, m)]
+    if relation == "next_to":
+        return [(margins.near_px - box_gap_px(g, anchor), m)]
+    if relation == "on":
+        overlap_x = min(g.x1, anchor.x1) - max(g.x0, anchor.x0)
+        acy = anchor.cy
+        return [
+            (overlap_x - ON_MIN_X_OVERLAP * g.width, m),
+            (g.y1 - anchor.y0, m),
+            (acy - g.y1, m),
+            (anchor.y0 - g.y0, m),
+        ]
+    if relation == "holding":
+        band_top = g.y0 + HOLD_BAND[0] * g.height
+        band_bottom = g.y0 + HOLD_BAND[1] * g.height
+        ratio = (HOLD_MAX_AREA_RATIO * g.area_px) / anchor.area_px if anchor.area_px > 0 else 0.0
+        return [
+            (anchor.x0 - g.x0, m),
+            (g.x1 - anchor.x1, m),
+            (anchor.y0 - g.y0, m),
+            (g.y1 - anchor.y1, m),
+            (anchor.cy - band_top, m),
+            (band_bottom - anchor.cy, m),
+            (math.log(ratio) if ratio > 0 else -math.inf, margins.size_log),
+        ]
+    raise ValueError(f"unknown relation {relation!r}; use one of {RELATIONS}.")
+
+
+def _ordinal_value(g: Geom, side: str) -> float:
+    if side == "left":
+        return g.cx
+    if side == "right":
+        return -g.cx
+    if side == "top":
+        return g.cy
+    if side == "bottom":
+        return -g.cy
+    raise ValueError(f"unknown ordinal side {side!r}; use one of {ORDINAL_SIDES}.")
+
+
+# ---------------------------------------------------------------- per-family truth
+
+
+def absolute_truth(pool: Sequence[Geom], region: str, width: int, height: int, margins: Margins) -> list[Truth]:
+    """Truth of an absolute-position region for every instance of ``pool``."""
+    m = margins.position_px
+    return [_truth([(v, m) for v in absolute_conditions(g, region, width, height)]) for g in pool]
+
+
+def ordinal_truth(pool: Sequence[Geom], side: str, rank: int, margins: Margins) -> list[Truth]:
+    """Truth of "``rank``-th from ``side``" (0 = the -most) for every instance."""
+    m = margins.position_px
+    vals = [_ordinal_value(g, side) for g in pool]
+    out = []
+    for i, v in enumerate(vals):
+        others = [u for j, u in enumerate(vals) if j != i]
+        lo = sum(1 for u in others if u < v - m)  # certainly before it
+        hi = sum(1 for u in others if u <= v + m)  # possibly before it
+        if lo == hi == rank:
+            out.append(Truth.TRUE)
+        elif rank < lo or rank > hi:
+            out.append(Truth.FALSE)
+        else:
+            out.append(Truth.UNSURE)
+    return out
+
+
+def size_truth(pool: Sequence[Geom], order: str, margins: Margins) -> list[Truth]:
+    """Truth of ``largest`` / ``smallest`` (visible mask area) for every instance."""
+    if order not in SIZE_ORDERS:
+        raise ValueError(f"unknown size order {order!r}; use one of {SIZE_ORDERS}.")
+    s = margins.size_log
+    logs = [math.log(max(g.area_px, 1e-9)) for g in pool]
+    out = []
+    for i, li in enumerate(logs):
+        diffs = [li - lj for j, lj in enumerate(logs) if j != i]
+        if order == "smallest":
+            diffs = [-d for d in diffs]
+        if diffs and all(d > s for d in diffs):
+            out.append(Truth.TRUE)
+        elif any(d < -s for d in diffs):
+            out.append(Truth.FALSE)
+        else:
+            out.append(Truth.UNSURE)
+    return out
+
+
+def relation_truth(pool: Sequence[Geom], anchor: Geom, relation: str, margins: Margins) -> list[Truth]:
+    """Truth of ``<instance> <relation> anchor`` for every instance of ``pool``."""
+    return [_truth(relation_conditions(g, anchor, relation, margins)) for g in pool]
+
+
+def unique_selection(truths: Sequence[Truth]) -> list[int] | None:
+    """Indices of the ``TRUE`` instances, or None when the predicate is not decisive.
+
+    Decisive means: at least one ``TRUE`` and no ``UNSURE``.
+    """
+    if any(t is Truth.UNSURE for t in truths):
+        return None
+    sel = [i for i, t in enumerate(truths) if t is Truth.TRUE]
+    return sel or None
