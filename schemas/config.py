@@ -424,6 +424,114 @@ class CaptionSamplingConfig(_Model):
     seed: int = 0
 
 
+class CaptionBackendConfig(_Model):
+    """The VLM backend of the caption stages (``stages/caption/backends.py``).
+
+    Attributes:
+        backend: ``openai`` (any OpenAI-compatible server: vLLM, SGLang,
+            ``transformers serve``), ``managed`` (orsgen starts
+            ``server_command`` on each worker) or ``transformers`` (in-process).
+        model: served model name (``openai`` / ``managed``; vLLM serves the
+            path or hub id it was given unless ``--served-model-name``) or a
+            local path / hub id (``transformers``).
+        base_url: ``openai``: server URL, e.g. ``http://127.0.0.1:8000/v1``.
+        api_key_env: NAME of the environment variable holding the API key
+            (the key itself never goes in a config); None: no key.
+        server_command: ``managed``: argv with ``{model}``, ``{host}``,
+            ``{port}`` placeholders, e.g. ``[/opt/vllm-venv/bin/vllm, serve,
+            "{model}", --host, "{host}", --port, "{port}"]``.
+        server_env: ``managed``: extra environment of the server.
+        server_host: ``managed``: interface the server binds.
+        server_port: ``managed``: port (0: a free one).
+        server_startup_timeout_s: ``managed``: wait for ``/v1/models`` this long.
+        server_max_restarts: ``managed``: restarts after the server dies.
+        max_in_flight: most concurrent requests per client (per worker).
+        timeout_s: per-request timeout.
+        max_retries: resends after 429, 5xx, timeouts and dropped connections.
+        backoff_initial_s: first backoff, doubled per retry (with jitter).
+        backoff_max_s: backoff cap.
+        max_image_side_px: images are resized to at most this longest side
+            before sending (part of the cache key; box conversion uses it).
+        response_format: ``auto`` sends each prompt's JSON schema as
+            ``response_format`` and stops when a server rejects it;
+            ``json_schema`` always; ``none`` never.
+        extra_body: extra fields of every request, e.g. ``{top_k: 20}`` or
+            ``{chat_template_kwargs: {enable_thinking: false}}``.
+        send_seed: send the sampling seed.
+        box_convention: how the model writes boxes: ``absolute`` (Qwen2.5-VL,
+            pixels of the resized input) or ``relative_1000`` (Qwen3-VL).
+        image_factor_px: the processor's resize factor (28 Qwen2.5-VL, 32 Qwen3-VL).
+        image_min_pixels: the processor's ``min_pixels``.
+        image_max_pixels: the processor's ``max_pixels`` (as the server runs it).
+        device: ``transformers``: ``auto``, ``cpu``, ``cuda``, ``cuda:1``...
+        dtype: ``transformers``: ``auto`` (bfloat16 on CUDA, float32 on CPU) or a dtype.
+        batch_size: ``transformers``: requests per ``generate`` call.
+        min_batch_size: Beam ``RunInference`` batching (``batch_elements_kwargs``).
+        max_batch_size: same; for HTTP backends keep it near ``max_in_flight``
+            so one bundle fills the concurrency budget.
+        share_model_across_processes: one captioner (one managed server, one
+            model copy) per worker machine instead of per process; None: on for
+            ``managed`` and ``transformers``, off for ``openai``.
+        cache: keep a response cache under ``OUT/_cache/vlm`` (or ``cache_dir``).
+        cache_dir: where the cache lives (None: under the output directory).
+    """
+
+    backend: Literal["openai", "managed", "transformers"] = "openai"
+    model: str = ""
+    base_url: str = "http://127.0.0.1:8000/v1"
+    api_key_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    server_command: list[str] = Field(default_factory=list)
+    server_env: dict[str, str] = Field(default_factory=dict)
+    server_host: str = "127.0.0.1"
+    server_port: int = Field(default=0, ge=0, le=65535)
+    server_startup_timeout_s: float = Field(default=900.0, gt=0)
+    server_max_restarts: int = Field(default=3, ge=0)
+    max_in_flight: int = Field(default=64, ge=1, le=4096)
+    timeout_s: float = Field(default=120.0, gt=0)
+    max_retries: int = Field(default=4, ge=0, le=20)
+    backoff_initial_s: float = Field(default=0.5, ge=0)
+    backoff_max_s: float = Field(default=30.0, ge=0)
+    max_image_side_px: int = Field(default=1024, ge=32)
+    response_format: Literal["auto", "json_schema", "none"] = "auto"
+    extra_body: dict[str, Any] = Field(default_factory=dict)
+    send_seed: bool = True
+    box_convention: Literal["absolute", "relative_1000"] = "absolute"
+    image_factor_px: int = Field(default=28, ge=1)
+    image_min_pixels: int = Field(default=3136, ge=1)
+    image_max_pixels: int = Field(default=12_845_056, ge=1)
+    device: str = "auto"
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    batch_size: int = Field(default=8, ge=1)
+    min_batch_size: int = Field(default=1, ge=1)
+    max_batch_size: int = Field(default=64, ge=1)
+    share_model_across_processes: bool | None = None
+    cache: bool = True
+    cache_dir: str | None = None
+
+    @model_validator(mode="after")
+    def _check_backend(self) -> "CaptionBackendConfig":
+        if self.backend == "openai" and not self.base_url.startswith(("http://", "https://")):
+            raise ValueError(f"base_url {self.base_url!r} must be an http(s) URL such as http://127.0.0.1:8000/v1.")
+        if self.backend == "managed" and not self.server_command:
+            raise ValueError(
+                "backend 'managed' needs server_command, e.g. [vllm, serve, '{model}', --host, '{host}', --port, '{port}']."
+            )
+        if self.backend == "managed" and not any("{port}" in a for a in self.server_command) and self.server_port == 0:
+            raise ValueError("server_command has no '{port}' placeholder; add one or set server_port to the port it listens on.")
+        if self.min_batch_size > self.max_batch_size:
+            raise ValueError(f"min_batch_size ({self.min_batch_size}) is above max_batch_size ({self.max_batch_size}).")
+        if "stop" in self.extra_body:
+            raise ValueError("extra_body must not set 'stop': transformers serve answers HTTP 500 to it for VLMs, and the prompts ask for JSON instead.")
+        return self
+
+    @property
+    def shares_model(self) -> bool:
+        """Whether one captioner serves all processes of a worker."""
+        if self.share_model_across_processes is not None:
+            return self.share_model_across_processes
+        return self.backend in ("managed", "transformers")
+
+
 class Sam2FilterConfig(_Model):
     """SAM2 consistency filter (Seg-Zero style).
 
