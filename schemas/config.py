@@ -353,6 +353,10 @@ class CorsConfig(_Model):
             repetition loops.
         verify: run the verification pass (one ``cors_verify`` request per
             label); a negative verdict rejects the sample (``cors_verify_failed``).
+            A verdict is positive when the category is correct, the coverage
+            complete and at most ``verify_max_missed`` instances are missed.
+        verify_max_missed: missed instances the verifier may report for a
+            label to be kept (0: a category sample must name every instance).
     """
 
     iof_thresh: float = Field(default=0.8, gt=0.0, le=1.0)
@@ -362,6 +366,7 @@ class CorsConfig(_Model):
     fallback_min_iou: float = Field(default=0.5, ge=0.0, le=1.0)
     max_boxes_per_image: int = Field(default=64, ge=1)
     verify: bool = True
+    verify_max_missed: int = Field(default=0, ge=0)
 
 
 class DersConfig(_Model):
@@ -532,6 +537,49 @@ class CaptionBackendConfig(_Model):
         return self.backend in ("managed", "transformers")
 
 
+class CaptionConfig(_Model):
+    """VLM captioning: SA1B-CoRS category samples and SA1B-DeRS descriptions.
+
+    Off by default: it needs a VLM (a vLLM / OpenAI-compatible server, a
+    managed server, or an in-process transformers model).
+
+    Attributes:
+        enabled: run the caption stage (after region selection, before splits).
+        apply_to: input types whose images are captioned.
+        paths: ``cors`` (category-oriented: grounding, IoF merging,
+            verification) and / or ``ders`` (descriptive: overlay, description,
+            re-grounding).
+        backend: the VLM backend (server URL, model, box convention, retries,
+            cache).
+        prompts: a prompt template file or folder (None: the bundled
+            ``configs/prompts/``); relative paths are resolved against the
+            config file's folder.
+        sampling: generation parameters of every request.
+        cors: CoRS thresholds.
+        ders: DeRS thresholds.
+        overlay: how targets are highlighted for the VLM.
+    """
+
+    enabled: bool = False
+    apply_to: list[Literal["sa1b", "coco"]] = Field(default_factory=lambda: ["sa1b"], min_length=1)
+    paths: list[Literal["cors", "ders"]] = Field(default_factory=lambda: ["cors", "ders"], min_length=1)
+    backend: CaptionBackendConfig = CaptionBackendConfig()
+    prompts: str | None = None
+    sampling: CaptionSamplingConfig = CaptionSamplingConfig()
+    cors: CorsConfig = CorsConfig()
+    ders: DersConfig = DersConfig()
+    overlay: OverlayConfig = OverlayConfig()
+
+    @model_validator(mode="after")
+    def _check_enabled(self) -> "CaptionConfig":
+        if self.enabled and not self.backend.model:
+            raise ValueError(
+                "caption is enabled but caption.backend.model is empty; set the served model name "
+                "(e.g. Qwen/Qwen2.5-VL-72B-Instruct) or a local path for backend 'transformers'."
+            )
+        return self
+
+
 class Sam2FilterConfig(_Model):
     """SAM2 consistency filter (Seg-Zero style).
 
@@ -685,6 +733,7 @@ class OrsgenConfig(_Model):
         verify_sam2: SAM2 consistency filter and mask cleaner (off by default).
         expressions: referring expressions from annotations (categories,
             templates, no-target negatives).
+        caption: VLM captioning, SA1B-CoRS and SA1B-DeRS (off by default).
     """
 
     name: str = "orsgen-dataset"
@@ -696,6 +745,7 @@ class OrsgenConfig(_Model):
     write: WriteConfig = WriteConfig()
     verify_sam2: VerifySam2Config = VerifySam2Config()
     expressions: ExpressionConfig = ExpressionConfig()
+    caption: CaptionConfig = CaptionConfig()
 
     @model_validator(mode="after")
     def _unique_names(self) -> "OrsgenConfig":
@@ -818,6 +868,11 @@ def _is_url(s: str) -> bool:
 
 
 def _resolve_relative_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
+    cap = data.get("caption")
+    if isinstance(cap, dict) and isinstance(cap.get("prompts"), str):
+        t = cap["prompts"]
+        if not _is_url(t) and not Path(t).is_absolute():
+            cap["prompts"] = str((base / t).resolve())
     expr = data.get("expressions")
     if isinstance(expr, dict) and isinstance(expr.get("templates"), str):
         t = expr["templates"]

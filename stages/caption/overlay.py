@@ -23,7 +23,7 @@ from orsgen.stages.masks import decode_crop, rle_area
 class OverlayError(ValueError):
     """The image cannot be drawn on (undecodable, or its size disagrees with the mask)."""
 
-    reason = "overlay_failed"
+    reason = "caption_image_failed"
 
 
 @dataclass(frozen=True, slots=True)
