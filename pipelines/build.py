@@ -22,13 +22,17 @@ import fsspec
 
 import orsgen
 from orsgen.pipelines.transforms import EVENTS, REJECTS, IngestDoFn, StageDoFn
+
+#: Tagged output of the COCO-family plan step: ``(input name, categories)``.
+VOCABULARY = "vocabulary"
 from orsgen.schemas.config import CocoInput, GrefcocoInput, OrsgenConfig, RefcocoInput, Sa1bInput
 from orsgen.schemas.records import ImageExample, Reject, RejectLevel
 from orsgen.stages import ingest_coco, ingest_sa1b
 from orsgen.stages.dedupe import dedupe_by_key
 from orsgen.stages.refs import add_human_samples, ref_source_split
 from orsgen.stages.regions import select_regions
-from orsgen.stages.splits import assign_split
+from orsgen.stages.expressions import expressions_stage, load_templates
+from orsgen.stages.splits import assign_split, example_ood_split
 from orsgen.stages.write import (
     EncodedExample,
     OutputConflictError,
@@ -59,6 +63,19 @@ def regions_stage(ex: ImageExample, cfg: OrsgenConfig, input_types: dict[str, st
         Reject(inst.instance_id, "regions", reason, msg, RejectLevel.INSTANCE, ex.image.image_id)
         for inst, reason, msg in dropped
     ]
+    kept_ids = {i.instance_id for i in kept}
+    samples = ex.samples
+    gone = [s for s in samples if any(t not in kept_ids for t in s.target_ids)]
+    if gone:
+        # The expressions stage only targets instances that survive selection,
+        # so this is a safety net: a sample never points at a dropped instance.
+        rejects += [
+            Reject(s.sample_id, "regions", "target_dropped",
+                   f"targets {[t for t in s.target_ids if t not in kept_ids]} were dropped by region selection.",
+                   RejectLevel.SAMPLE, ex.image.image_id)
+            for s in gone
+        ]
+        samples = tuple(s for s in samples if s not in gone)
     if itype == "sa1b" and not kept:
         # A class-agnostic image with no usable region has nothing to refer to.
         rejects.append(
@@ -66,7 +83,7 @@ def regions_stage(ex: ImageExample, cfg: OrsgenConfig, input_types: dict[str, st
                    RejectLevel.IMAGE, ex.image.image_id)
         )
         return None, rejects
-    return ex.replace(instances=tuple(kept)), rejects
+    return ex.replace(instances=tuple(kept), samples=samples), rejects
 
 
 def refs_stage(ex: ImageExample) -> tuple[ImageExample | None, list[Reject]]:
@@ -76,7 +93,7 @@ def refs_stage(ex: ImageExample) -> tuple[ImageExample | None, list[Reject]]:
 
 def splits_stage(ex: ImageExample, cfg: OrsgenConfig) -> tuple[ImageExample | None, list[Reject]]:
     """Assigns the image's split and stamps it on its samples."""
-    split = assign_split(ex.image.image_id, cfg.splits, ref_source_split(ex))
+    split = assign_split(ex.image.image_id, cfg.splits, ref_source_split(ex), example_ood_split(ex, cfg.splits))
     samples = tuple(s if s.split == split else _with_split(s, split) for s in ex.samples)
     return ex.replace(split=split, samples=samples), []
 
@@ -200,8 +217,14 @@ def _manifest_fn(
 # ------------------------------------------------------------------ assembly
 
 
-def _read_input(p: beam.Pipeline, inp: Any, cfg: OrsgenConfig) -> tuple[Any, list[Any], list[Any]]:
-    """Ingest of one input: (examples, [rejects pcolls], [events pcolls])."""
+def _read_input(
+    p: beam.Pipeline, inp: Any, cfg: OrsgenConfig, vocab_l: list[Any] | None = None
+) -> tuple[Any, list[Any], list[Any]]:
+    """Ingest of one input: (examples, [rejects pcolls], [events pcolls]).
+
+    A COCO-family input also appends its ``(name, categories)`` PCollection
+    to ``vocab_l`` (the vocabulary side input of the expressions stage).
+    """
     label = f"Ingest[{inp.name}]"
     if isinstance(inp, Sa1bInput):
         shards = ingest_sa1b.expand_shards(inp.shards)
@@ -219,8 +242,10 @@ def _read_input(p: beam.Pipeline, inp: Any, cfg: OrsgenConfig) -> tuple[Any, lis
     planned = (
         p
         | f"{label}/Config" >> beam.Create([inp])
-        | f"{label}/Plan" >> beam.FlatMap(_plan_items).with_outputs(REJECTS, EVENTS, main="tasks")
+        | f"{label}/Plan" >> beam.FlatMap(_plan_items).with_outputs(REJECTS, EVENTS, VOCABULARY, main="tasks")
     )
+    if vocab_l is not None:
+        vocab_l.append(planned[VOCABULARY])
     loader = functools.partial(ingest_coco.load_task, image_cfg=cfg.image)
     res = (
         planned.tasks
@@ -231,7 +256,8 @@ def _read_input(p: beam.Pipeline, inp: Any, cfg: OrsgenConfig) -> tuple[Any, lis
 
 
 def _plan_items(inp: Any) -> Iterator[Any]:
-    _categories, items = ingest_coco.plan_input(inp)
+    categories, items = ingest_coco.plan_input(inp)
+    yield beam.pvalue.TaggedOutput(VOCABULARY, (inp.name, tuple(categories)))
     for item in items:
         if isinstance(item, Reject):
             yield beam.pvalue.TaggedOutput(REJECTS, item)
@@ -249,21 +275,31 @@ def build_pipeline(p: beam.Pipeline, cfg: OrsgenConfig, out: str) -> None:
         out: output root, a local path or fsspec URL (gs://, s3://...).
     """
     input_types = {inp.name: inp.type for inp in cfg.inputs}
-    examples_l, rejects_l, events_l = [], [], []
+    examples_l, rejects_l, events_l, vocab_l = [], [], [], []
     for inp in cfg.inputs:
-        ex, rej, ev = _read_input(p, inp, cfg)
+        ex, rej, ev = _read_input(p, inp, cfg, vocab_l)
         examples_l.append(ex)
         rejects_l.extend(rej)
         events_l.extend(ev)
     examples = examples_l | "AllExamples" >> beam.Flatten()
 
+    # The category vocabularies (small: one list per input) reach the
+    # expressions stage as a side input; templates are read once, here.
+    vocab = (vocab_l or [p | "NoVocabulary" >> beam.Create([])]) | "AllVocabularies" >> beam.Flatten()
+    side_inputs: dict[str, tuple[Any, ...]] = {"Expressions": (beam.pvalue.AsDict(vocab),)}
+    templates = load_templates(cfg.expressions.templates) if cfg.expressions.enabled else None
     stages = [
+        # Before Regions: instances that selection drops are still visible, so
+        # they must count for uniqueness and category extent (never as targets).
+        ("Expressions", functools.partial(expressions_stage, cfg=cfg, input_types=input_types, templates=templates)),
         ("Regions", functools.partial(regions_stage, cfg=cfg, input_types=input_types)),
         ("HumanSamples", refs_stage),
         ("Splits", functools.partial(splits_stage, cfg=cfg)),
     ]
     for name, fn in stages:
-        res = examples | name >> beam.ParDo(StageDoFn(name, fn)).with_outputs(REJECTS, EVENTS, main="examples")
+        res = examples | name >> beam.ParDo(StageDoFn(name, fn), *side_inputs.get(name, ())).with_outputs(
+            REJECTS, EVENTS, main="examples"
+        )
         examples = res.examples
         rejects_l.append(res[REJECTS])
         events_l.append(res[EVENTS])

@@ -47,9 +47,12 @@ class StageDoFn(beam.DoFn):
         self._fn = fn
         self._in = Metrics.counter(NAMESPACE, f"{name}_in")
 
-    def process(self, ex: ImageExample) -> Iterator[Any]:
+    def process(self, ex: ImageExample, *side_inputs) -> Iterator[Any]:  # type: ignore[no-untyped-def]
+        # Side inputs given to ParDo (e.g. a category vocabulary) reach the
+        # stage function as extra positional arguments. (Unannotated: Beam reads
+        # an annotation on *args as a type hint of one tuple-valued input.)
         self._in.inc()
-        out, rejects = self._fn(ex)
+        out, rejects = self._fn(ex, *side_inputs)
         for r in rejects:
             Metrics.counter(NAMESPACE, f"dropped_{r.reason}").inc()
             yield TaggedOutput(REJECTS, r)

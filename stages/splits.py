@@ -3,13 +3,20 @@
 A split is a function of the image id (salted hash) or of the source's own
 split, never of worker count, bundle order or run time, so reruns and
 different runners put every image in the same split.
+
+OOD holdouts (``splits.ood``, ORS-Bench style) come first: an image with a
+held-out category, or with a sample whose target area falls in an extreme
+range, goes to that rule's ``ood_*`` split, whole.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 
-from orsgen.schemas.config import SplitConfig
+from orsgen.schemas.config import OodRule, SplitConfig
+from orsgen.schemas.records import ImageExample
+from orsgen.stages.masks import rle_area
 
 
 def hash_unit(text: str, salt: str) -> float:
@@ -18,7 +25,47 @@ def hash_unit(text: str, salt: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
-def assign_split(image_id: str, cfg: SplitConfig, source_split: str = "") -> str:
+def ood_split(
+    rules: Iterable[OodRule],
+    category_names: Iterable[str] = (),
+    target_area_fracs: Iterable[float] = (),
+) -> str:
+    """The first OOD rule an image matches, or "".
+
+    Args:
+        rules: the OOD rules, in config order.
+        category_names: categories annotated in the image (crowd included).
+        target_area_fracs: for each sample with targets, its union target
+            mask area as a fraction of the image.
+
+    Returns:
+        The matching rule's split name, or "" when none matches.
+    """
+    names = set(category_names)
+    fracs = list(target_area_fracs)
+    for rule in rules:
+        if names & set(rule.categories):
+            return rule.name
+        if rule.min_area_frac is None and rule.max_area_frac is None:
+            continue
+        lo = rule.min_area_frac if rule.min_area_frac is not None else 0.0
+        hi = rule.max_area_frac if rule.max_area_frac is not None else 1.0
+        if any(lo <= f <= hi for f in fracs):
+            return rule.name
+    return ""
+
+
+def example_ood_split(ex: ImageExample, cfg: SplitConfig) -> str:
+    """``ood_split`` of an example: its instances' categories and its samples' target areas."""
+    if not cfg.ood:
+        return ""
+    img_area = float(ex.image.width * ex.image.height) or 1.0
+    names = [i.category_name for i in ex.instances if i.category_name]
+    fracs = [rle_area(s.union_rle) / img_area for s in ex.samples if s.target_ids and s.union_rle is not None]
+    return ood_split(cfg.ood, names, fracs)
+
+
+def assign_split(image_id: str, cfg: SplitConfig, source_split: str = "", ood: str = "") -> str:
     """The split of one image.
 
     Args:
@@ -26,10 +73,15 @@ def assign_split(image_id: str, cfg: SplitConfig, source_split: str = "") -> str
         cfg: ratios, salt and whether to keep source splits.
         source_split: the source's own split (RefCOCO train/val/testA/...),
             or "" when the source has none.
+        ood: the OOD split the image matches (``example_ood_split``), or "";
+            it wins over everything else, so that a held-out category never
+            reaches a training split, not even a source's own.
 
     Returns:
         The split name.
     """
+    if ood:
+        return ood
     if source_split and cfg.keep_source_splits:
         return source_split
     u = hash_unit(image_id, cfg.salt)

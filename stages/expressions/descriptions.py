@@ -1,0 +1,158 @@
+"""Descriptive samples (SA1B-DeRS style) with verified uniqueness.
+
+Every enabled template is tried on every category of the image (and, for
+relations, every possible anchor). ``geometry`` evaluates the template's
+predicate on each non-crowd instance of the category: ``TRUE``, ``FALSE`` or
+``UNSURE`` under the configured margins. A candidate is written only when the
+result is decisive (no ``UNSURE``, at least one ``TRUE``): the expression
+then picks out exactly its targets among all instances of the category in the
+image, whether or not region selection keeps them. Several ``TRUE`` instances
+give a plural text ("the cups on the left") when the template has one.
+
+Categories with a crowd annotation are never described nor used as anchors:
+where the crowd's members are is unknown. An anchor is a category with
+exactly one instance, so that "the {anchor}" itself refers unambiguously.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+from orsgen.schemas.records import ExpressionKind
+from orsgen.stages.expressions.context import Candidate, ImageContext
+from orsgen.stages.expressions.geometry import (
+    Geom,
+    Truth,
+    absolute_truth,
+    ordinal_truth,
+    relation_truth,
+    size_truth,
+    unique_selection,
+)
+from orsgen.stages.expressions.templates import (
+    AbsoluteTemplate,
+    OrdinalTemplate,
+    RelationTemplate,
+    SizeTemplate,
+    TemplateSet,
+    noun_forms,
+)
+
+_FAMILY_FIELDS = {"absolute": ("region",), "ordinal": ("side", "rank"), "size": ("order",), "relation": ("relation",)}
+
+
+def template_semantics(t: Any) -> dict[str, Any]:
+    """The family and parameters of a template, as stored in sample metadata."""
+    return {"family": t.family, **{k: getattr(t, k) for k in _FAMILY_FIELDS[t.family]}}
+
+
+def evaluate(t: Any, pool: Sequence[Geom], ctx: ImageContext, anchor: Geom | None = None) -> list[Truth]:
+    """Truth of template ``t`` for each instance of ``pool`` in image ``ctx``."""
+    m = ctx.margins
+    if isinstance(t, AbsoluteTemplate):
+        return absolute_truth(pool, t.region, ctx.width, ctx.height, m)
+    if isinstance(t, OrdinalTemplate):
+        return ordinal_truth(pool, t.side, t.rank, m)
+    if isinstance(t, SizeTemplate):
+        return size_truth(pool, t.order, m)
+    if isinstance(t, RelationTemplate):
+        if anchor is None:
+            raise ValueError(f"relation template {t.id!r} needs an anchor.")
+        return relation_truth(pool, anchor, t.relation, m)
+    raise TypeError(f"unknown template type {type(t).__name__}.")
+
+
+def _anchors(ctx: ImageContext, target_category: str) -> list[tuple[str, Geom]]:
+    """Categories other than the target's with exactly one instance and no crowd, kept by region selection."""
+    out = []
+    for name in sorted(ctx.pools):
+        pool = ctx.pools[name]
+        if name == target_category or name in ctx.crowd_categories or len(pool) != 1:
+            continue
+        if pool[0].instance_id in ctx.kept_ids:
+            out.append((name, pool[0]))
+    return out
+
+
+def description_candidates(
+    ctx: ImageContext,
+    templates: TemplateSet,
+    *,
+    families: Sequence[str],
+    phrase: bool = True,
+    description: bool = True,
+    max_instances_per_category: int = 10,
+) -> tuple[list[Candidate], Counter[str]]:
+    """Descriptive candidates of one image.
+
+    Args:
+        ctx: the image.
+        templates: the template set (texts, noun forms).
+        families: template families to use.
+        phrase: write ``phrase`` candidates.
+        description: write ``description`` candidates.
+        max_instances_per_category: skip categories with more instances.
+
+    Returns:
+        ``(candidates, counts)``; ``counts`` holds ``indecisive`` (some
+        instance within the margin, or none matching), ``target_dropped``
+        (the match would target an instance region selection drops) and
+        ``crowd`` (a crowd category left out).
+    """
+    out: list[Candidate] = []
+    counts: Counter[str] = Counter()
+    kinds = [k for k, on in ((ExpressionKind.DESCRIPTION, description), (ExpressionKind.PHRASE, phrase)) if on]
+    if not kinds:
+        return out, counts
+    active = [t for t in templates.enabled() if t.family in families]
+    for name in sorted(ctx.pools):
+        if name in ctx.crowd_categories:
+            counts["crowd"] += 1
+            continue
+        pool = ctx.pools[name]
+        n = len(pool)
+        if n > max_instances_per_category:
+            counts["too_many_instances"] += 1
+            continue
+        forms = noun_forms(name, templates.nouns)
+        for t in active:
+            if n < t.min_count or (t.max_count is not None and n > t.max_count):
+                continue
+            if t.categories is not None and name not in t.categories:
+                continue
+            anchors: list[tuple[str, Geom] | None] = _anchors(ctx, name) if t.family == "relation" else [None]
+            for anchor in anchors:
+                anchor_geom = anchor[1] if anchor else None
+                sel = unique_selection(evaluate(t, pool, ctx, anchor_geom))
+                if sel is None:
+                    counts["indecisive"] += 1
+                    continue
+                targets = tuple(sorted(pool[i].instance_id for i in sel))
+                if any(tid not in ctx.kept_ids for tid in targets):
+                    counts["target_dropped"] += 1
+                    continue
+                plural = len(targets) > 1
+                anchor_forms = noun_forms(anchor[0], templates.nouns) if anchor else None
+                meta: dict[str, Any] = {
+                    "category": name,
+                    "n_instances": n,
+                    "semantics": template_semantics(t),
+                    "margin_px": round(ctx.margins.position_px, 4),
+                }
+                if anchor:
+                    meta["anchor_category"] = anchor[0]
+                    meta["anchor_id"] = anchor[1].instance_id
+                for kind in kinds:
+                    key = str(kind)
+                    texts = getattr(t, f"{key}_plural" if plural else key)
+                    if not texts:
+                        continue
+                    text = ctx.pick(texts, t.id, key, anchor[0] if anchor else "", *targets).format(
+                        noun=forms.singular,
+                        plural=forms.plural,
+                        anchor=anchor_forms.singular if anchor_forms else "",
+                    )
+                    out.append(Candidate(kind=key, expression=text, target_ids=targets, template=t.id, metadata=dict(meta)))
+    return out, counts
