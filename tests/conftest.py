@@ -40,3 +40,43 @@ def random_mask(rng: np.random.Generator, h: int, w: int, n_blobs: int = 3) -> n
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
+
+
+# ------------------------------------------------------------------ tiny VLMs (tests/vlm_fixtures.py)
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm(tmp_path_factory):
+    """Tiny Qwen2.5-VL models built offline: ``.random`` (noise) and ``.scripted``.
+
+    ``.scripted`` answers ``vlm_fixtures.SCRIPTED_ANSWER`` (greedy) to every prompt.
+    ``.hub_cache`` is an empty HF_HUB_CACHE folder for servers.
+    """
+    pytest.importorskip("torch")
+    pytest.importorskip("torchvision")
+    import types
+
+    from vlm_fixtures import build_tiny_qwen25vl
+
+    root = tmp_path_factory.mktemp("tiny_vlm")
+    return types.SimpleNamespace(
+        random=str(build_tiny_qwen25vl(root / "random")),
+        scripted=str(build_tiny_qwen25vl(root / "scripted", scripted=True)),
+        hub_cache=str(root / "hub"),
+        root=root,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm_server(tiny_vlm):
+    """Base URL (``http://127.0.0.1:P/v1``) of one ``transformers serve`` for the session.
+
+    It is not pinned to a model: requests name ``tiny_vlm.random`` or
+    ``tiny_vlm.scripted``. Requests run one at a time; ``response_format``
+    and ``n`` are ignored; never send ``stop`` (HTTP 500 for VLMs).
+    """
+    pytest.importorskip("fastapi")
+    from vlm_fixtures import transformers_server
+
+    with transformers_server(None, tiny_vlm.hub_cache, tiny_vlm.root / "serve.log") as url:
+        yield url

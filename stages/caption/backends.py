@@ -488,6 +488,7 @@ class OpenAICompatibleCaptioner:
         body = self._body(r, messages)
         url = f"{self.base_url}/chat/completions"
         attempt = 0
+        rf_rejected = ""
         while True:
             error: VlmError
             message: str
@@ -506,16 +507,15 @@ class OpenAICompatibleCaptioner:
                 if status == 200:
                     if "response_format" in body and self.response_format_supported is None:
                         self.response_format_supported = True
-                    return self._answer(r, http, time.monotonic() - t0)
+                    return self._answer(r, http, time.monotonic() - t0, rf_rejected)
                 text = http.text[:500]
-                if status in (400, 422) and "response_format" in body and self.response_format_supported is not True:
-                    # The server may not know response_format / json_schema:
-                    # resend without it at once; _fallback_succeeded remembers
-                    # it for this server if that works.
+                if status in (400, 422) and "response_format" in body and _mentions_response_format(text):
+                    # The server does not take response_format / this schema:
+                    # resend without it at once (not a retry); if that works
+                    # and the server never accepted a schema, stop sending it.
                     self.stats.response_format_fallbacks += 1
                     body = {k: v for k, v in body.items() if k != "response_format"}
-                    self._rf_rejection = f"HTTP {status}: {text[:200]}"
-                    self._rf_pending = True
+                    rf_rejected = f"HTTP {status}: {text[:200]}"
                     continue
                 if status == 429 or 500 <= status < 600:
                     error, message = VlmError.HTTP_ERROR, f"HTTP {status}: {text}"
@@ -534,16 +534,13 @@ class OpenAICompatibleCaptioner:
             self.stats.retries += 1
             await asyncio.sleep(delay)
 
-    _rf_pending = False
-    _rf_rejection = ""
-
-    def _answer(self, r: VlmRequest, http: Any, latency_s: float) -> VlmResponse:
-        if self._rf_pending and self.response_format_supported is None:
+    def _answer(self, r: VlmRequest, http: Any, latency_s: float, rf_rejected: str = "") -> VlmResponse:
+        if rf_rejected and self.response_format_supported is None:
             self.response_format_supported = False
             log.warning(
                 "the server at %s rejected response_format (%s); sending requests without it and parsing answers tolerantly.",
                 self.base_url,
-                self._rf_rejection,
+                rf_rejected,
             )
         try:
             data = http.json()
@@ -560,6 +557,14 @@ class OpenAICompatibleCaptioner:
                 return error_response(r, model, VlmError.REFUSAL, str(msg["refusal"])[:300], latency_s)
             return error_response(r, model, VlmError.EMPTY, f"empty answer (finish_reason={choice.get('finish_reason')})", latency_s)
         return VlmResponse(request_id=r.request_id, text=content, model=model, latency_s=latency_s)
+
+
+_RF_WORDS = ("response_format", "json_schema", "schema", "guided", "grammar", "structured")
+
+
+def _mentions_response_format(error_text: str) -> bool:
+    low = error_text.lower()
+    return any(w in low for w in _RF_WORDS)
 
 
 def _retry_after_s(value: str | None) -> float | None:
