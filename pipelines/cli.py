@@ -212,6 +212,9 @@ def demo(
         console.print(f"done in {time.monotonic() - started:.1f} s; dataset in {dataset}")
 
 
+from orsgen.pipelines import cli_publish  # noqa: E402,F401
+
+
 def main() -> None:
     """Console-script entry point."""
     app()
