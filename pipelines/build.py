@@ -158,7 +158,8 @@ def reconcile(events: dict[str, int], rejects_by_level: dict[str, int]) -> dict[
     levels: dict[str, Any] = {}
     img_in = g("read/images", 0) + g("ingest_rejects/image", 0)
     levels["images"] = (img_in, g("written/images", 0), rejects_by_level.get("image", 0))
-    inst_in = g("read/instances", 0) + g("ingest_rejects/instance", 0)
+    # Stages may create instances (CoRS merges SA-1B fragments into new ones).
+    inst_in = g("read/instances", 0) + g("ingest_rejects/instance", 0) + g("created/instances", 0)
     levels["instances"] = (
         inst_in,
         g("written/instances", 0),
@@ -294,7 +295,6 @@ def build_pipeline(p: beam.Pipeline, cfg: OrsgenConfig, out: str) -> None:
         ("Expressions", functools.partial(expressions_stage, cfg=cfg, input_types=input_types, templates=templates)),
         ("Regions", functools.partial(regions_stage, cfg=cfg, input_types=input_types)),
         ("HumanSamples", refs_stage),
-        ("Splits", functools.partial(splits_stage, cfg=cfg)),
     ]
     for name, fn in stages:
         res = examples | name >> beam.ParDo(StageDoFn(name, fn), *side_inputs.get(name, ())).with_outputs(
@@ -303,6 +303,33 @@ def build_pipeline(p: beam.Pipeline, cfg: OrsgenConfig, out: str) -> None:
         examples = res.examples
         rejects_l.append(res[REJECTS])
         events_l.append(res[EVENTS])
+
+    # VLM captioning (SA1B-CoRS / SA1B-DeRS): after region selection, before SAM2
+    # verification and splits (off by default: it needs a VLM server or model).
+    if cfg.caption.enabled:
+        from orsgen.pipelines.caption import CaptionExamples, caption_model_handler
+
+        examples, cap_rejects, cap_events = examples | "Caption" >> CaptionExamples(
+            cfg.caption, input_types, caption_model_handler(cfg.caption, out)
+        )
+        rejects_l.append(cap_rejects)
+        events_l.append(cap_events)
+
+    # SAM2 consistency filter / mask cleaner: after every stage that makes
+    # samples, before splits (off by default; needs the sam2 extra and a model).
+    if cfg.verify_sam2.active:
+        from orsgen.pipelines.verify_sam2 import VerifySam2
+
+        examples, sam2_rejects, sam2_events = examples | "VerifySam2" >> VerifySam2(cfg, out)
+        rejects_l.append(sam2_rejects)
+        events_l.append(sam2_events)
+
+    res = examples | "Splits" >> beam.ParDo(
+        StageDoFn("Splits", functools.partial(splits_stage, cfg=cfg))
+    ).with_outputs(REJECTS, EVENTS, main="examples")
+    examples = res.examples
+    rejects_l.append(res[REJECTS])
+    events_l.append(res[EVENTS])
 
     nb = cfg.write.num_buckets
     written = (
