@@ -80,3 +80,20 @@ def tiny_vlm_server(tiny_vlm):
 
     with transformers_server(None, tiny_vlm.hub_cache, tiny_vlm.root / "serve.log") as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def demo_output(tmp_path_factory):
+    """The output folder of one demo build, shared by the publish/export/loader/eval tests.
+
+    Read-only for the tests: they copy it before changing anything.
+    """
+    from orsgen.pipelines.cli import run_pipeline
+    from orsgen.pipelines.demo_data import generate_demo_inputs
+    from orsgen.schemas.config import load_config
+
+    base = tmp_path_factory.mktemp("demo_output")
+    cfg = load_config(generate_demo_inputs(base / "inputs", seed=0))
+    out = base / "dataset"
+    run_pipeline(cfg, str(out), ["--runner=FnApiRunner"], show_progress=False)
+    return out
