@@ -337,3 +337,10 @@ def test_overlay_of_several_targets_and_errors(scene):
         draw_targets(np.zeros((10, 10, 3), dtype=np.uint8), targets)
     with pytest.raises(OverlayError, match="cannot decode"):
         render_overlay(b"not an image", targets)
+
+
+def test_whole_region_beside_its_parts_is_reused(scene):
+    whole = _inst(9, scene["dog_a"])
+    regions = [*scene["insts"], whole]
+    m = cors.match_box((9.0, 9.0, 41.0, 31.0), regions, H, W, CorsConfig())
+    assert m is not None and m.method == cors.SINGLE and m.fragment_ids == (whole.instance_id,)

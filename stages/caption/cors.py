@@ -46,6 +46,10 @@ BOX = "box"  # fallback: the box rectangle itself
 
 Box = tuple[float, float, float, float]
 
+#: A merge whose largest fragment already holds this fraction of the union reuses
+#: that fragment (SA-1B's whole-object mask beside its parts).
+REUSE_FRACTION = 0.99
+
 _ARTICLES = re.compile(r"^(?:a|an|the)\s+")
 _SPACES = re.compile(r"\s+")
 _EDGE_PUNCT = re.compile(r"^[\W_]+|[\W_]+$")
@@ -150,8 +154,9 @@ def match_box(
 
     Order: IoF merging (every fragment with IoF >= ``iof_thresh``, unioned,
     accepted if its tight box has IoU >= ``min_box_iou`` with the VLM box and
-    it fills >= ``min_coverage`` of the box); then the fallbacks of
-    ``cfg.fallback`` in order.
+    it fills >= ``min_coverage`` of the box; when one fragment already holds
+    ``REUSE_FRACTION`` of the union, that fragment is used as it is); then the
+    fallbacks of ``cfg.fallback`` in order.
 
     Args:
         box: the VLM box in image pixels, already clipped.
@@ -173,8 +178,18 @@ def match_box(
         b_iou = box_iou(xywh_to_xyxy(rle_bbox_xywh(union)), box)
         cov = rle_intersection_area(union, bmask) / barea
         if b_iou >= cfg.min_box_iou and cov >= cfg.min_coverage:
+            # SA-1B is hierarchical: a whole object often comes with its parts,
+            # and their union is the whole. Reuse that region rather than add a
+            # near-copy of it as a new instance.
+            u_area = max(rle_area(union), 1)
+            whole = max(chosen, key=lambda i: (regions[i].area_px, -int(i)))
+            if len(chosen) == 1 or regions[whole].area_px >= REUSE_FRACTION * u_area:
+                r = regions[whole]
+                return BoxMatch(box, SINGLE, (r.instance_id,), r.rle,
+                                box_iou(xywh_to_xyxy(rle_bbox_xywh(r.rle)), box),
+                                rle_intersection_area(r.rle, bmask) / barea)
             ids = tuple(regions[i].instance_id for i in chosen)
-            return BoxMatch(box, MERGED if len(ids) > 1 else SINGLE, ids, union, b_iou, cov)
+            return BoxMatch(box, MERGED, ids, union, b_iou, cov)
     for fb in cfg.fallback:
         if fb == BEST_REGION and regions:
             ious = np.asarray(
