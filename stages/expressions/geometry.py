@@ -10,7 +10,9 @@ in pixels (or log-area units for size). With a margin ``m`` a condition is
 * clearly false when ``value < -m``,
 * unsure otherwise.
 
-An instance is ``TRUE`` when all conditions are clearly true, ``FALSE`` when
+Relative conditions ("larger than") use a relative margin ``s`` instead:
+``x > y`` is clearly true when ``x > (1 + s) y`` and clearly false when
+``(1 + s) x < y``. An instance is ``TRUE`` when all conditions are clearly true, ``FALSE`` when
 at least one is clearly false, and ``UNSURE`` otherwise. An expression is
 emitted only when at least one instance of the named category is ``TRUE`` and
 none is ``UNSURE``: near-ties never become data, and what the expression
@@ -26,9 +28,9 @@ image size; ``a`` visible mask area):
   ``cy`` (top) or ``-cy`` (bottom), instance ``i`` is ``TRUE`` when exactly
   ``k`` others have ``v < v_i - m`` and none lies within ``m`` of it;
   ``FALSE`` when its possible ranks exclude ``k``.
-* ``size``: ``largest`` is ``TRUE`` when ``a_i > (1 + s) a_j`` for every
-  other ``j``, ``FALSE`` when some ``a_j > (1 + s) a_i``; ``smallest``
-  mirrors it (``s`` is the size margin).
+* ``size``: ``largest`` is ``a_i > a_j`` for every other ``j`` (relative
+  margin ``s``: ``TRUE`` when ``a_i > (1 + s) a_j`` for all, ``FALSE`` when
+  some ``a_j > (1 + s) a_i``); ``smallest`` mirrors it.
 * ``relation`` to an anchor ``r`` (another category with exactly one
   instance): ``left_of``: ``cx_r - cx_i``; ``right_of``: ``cx_i - cx_r``;
   ``above``: ``cy_r - cy_i``; ``below``: ``cy_i - cy_r``; ``next_to``:
@@ -38,8 +40,8 @@ image size; ``a`` visible mask area):
   ``cy_r - y1_i`` (its bottom above the anchor's centroid) and
   ``y0_r - y0_i`` (it rises above the anchor); ``holding``: the anchor's box
   inside the subject's box (four conditions), the anchor's centroid in the
-  band 20%-75% down the subject's box, and ``log(0.5 a_i / a_r)`` (the anchor
-  is at most half the subject's area; size margin).
+  band 20%-75% down the subject's box, and ``0.5 a_i > a_r`` (the anchor
+  is at most half the subject's area; relative size margin).
 
 These are the definitions the independent test in
 ``tests/test_expression_semantics.py`` re-implements on dense masks.
@@ -135,12 +137,12 @@ class Margins:
 
     Attributes:
         position_px: margin of every pixel-valued condition.
-        size_log: margin of size conditions, in natural-log area units.
+        size_ratio: relative margin of size conditions (0.25: 25% larger).
         near_px: the largest box gap that counts as ``next_to``.
     """
 
     position_px: float
-    size_log: float
+    size_ratio: float
     near_px: float
 
     @classmethod
@@ -170,7 +172,7 @@ class Margins:
         side = float(min(width, height))
         return cls(
             position_px=max(float(margin_px), float(margin_frac) * side),
-            size_log=math.log1p(float(size_margin)),
+            size_ratio=float(size_margin),
             near_px=float(next_to_max_gap_frac) * side,
         )
 
@@ -256,11 +258,31 @@ def instance_geom(inst: Instance) -> Geom:
 # ---------------------------------------------------------------- conditions
 
 
-def _truth(conditions: Sequence[tuple[float, float]]) -> Truth:
-    """Combines ``(value, margin)`` conditions (a conjunction) into a ``Truth``."""
-    if any(v < -m for v, m in conditions):
+#: A condition as ``(true_if_positive, false_if_negative)``: clearly true when
+#: the first value is > 0, clearly false when the second is < 0.
+Condition = tuple[float, float]
+
+
+def additive(value: float, margin: float) -> Condition:
+    """``value > 0`` with an additive margin: true above ``margin``, false below ``-margin``."""
+    return (value - margin, value + margin)
+
+
+def ratio(x: float, y: float, margin: float) -> Condition:
+    """``x > y`` with a relative margin: true when ``x > (1 + margin) y``, false when ``(1 + margin) x < y``.
+
+    Compared as products, not logarithms, so that a boundary case is decided
+    the same way by anyone who writes the definition down.
+    """
+    f = 1.0 + margin
+    return (x - f * y, f * x - y)
+
+
+def _truth(conditions: Sequence[Condition]) -> Truth:
+    """Combines conditions (a conjunction) into a ``Truth``."""
+    if any(fv < 0 for _tv, fv in conditions):
         return Truth.FALSE
-    if all(v > m for v, m in conditions):
+    if all(tv > 0 for tv, _fv in conditions):
         return Truth.TRUE
     return Truth.UNSURE
 
@@ -295,40 +317,38 @@ def box_gap_px(a: Geom, b: Geom) -> float:
     return math.hypot(dx, dy)
 
 
-def relation_conditions(g: Geom, anchor: Geom, relation: str, margins: Margins) -> list[tuple[float, float]]:
-    """``(value, margin)`` conditions of ``g <relation> anchor``."""
+def relation_conditions(g: Geom, anchor: Geom, relation: str, margins: Margins) -> list[Condition]:
+    """The conditions of ``g <relation> anchor``."""
     m = margins.position_px
     if relation == "left_of":
-        return [(anchor.cx - g.cx, m)]
+        return [additive(anchor.cx - g.cx, m)]
     if relation == "right_of":
-        return [(g.cx - anchor.cx, m)]
+        return [additive(g.cx - anchor.cx, m)]
     if relation == "above":
-        return [(anchor.cy - g.cy, m)]
+        return [additive(anchor.cy - g.cy, m)]
     if relation == "below":
-        return [(g.cy - anchor.cy, m)]
+        return [additive(g.cy - anchor.cy, m)]
     if relation == "next_to":
-        return [(margins.near_px - box_gap_px(g, anchor), m)]
+        return [additive(margins.near_px - box_gap_px(g, anchor), m)]
     if relation == "on":
         overlap_x = min(g.x1, anchor.x1) - max(g.x0, anchor.x0)
-        acy = anchor.cy
         return [
-            (overlap_x - ON_MIN_X_OVERLAP * g.width, m),
-            (g.y1 - anchor.y0, m),
-            (acy - g.y1, m),
-            (anchor.y0 - g.y0, m),
+            additive(overlap_x - ON_MIN_X_OVERLAP * g.width, m),
+            additive(g.y1 - anchor.y0, m),
+            additive(anchor.cy - g.y1, m),
+            additive(anchor.y0 - g.y0, m),
         ]
     if relation == "holding":
         band_top = g.y0 + HOLD_BAND[0] * g.height
         band_bottom = g.y0 + HOLD_BAND[1] * g.height
-        ratio = (HOLD_MAX_AREA_RATIO * g.area_px) / anchor.area_px if anchor.area_px > 0 else 0.0
         return [
-            (anchor.x0 - g.x0, m),
-            (g.x1 - anchor.x1, m),
-            (anchor.y0 - g.y0, m),
-            (g.y1 - anchor.y1, m),
-            (anchor.cy - band_top, m),
-            (band_bottom - anchor.cy, m),
-            (math.log(ratio) if ratio > 0 else -math.inf, margins.size_log),
+            additive(anchor.x0 - g.x0, m),
+            additive(g.x1 - anchor.x1, m),
+            additive(anchor.y0 - g.y0, m),
+            additive(g.y1 - anchor.y1, m),
+            additive(anchor.cy - band_top, m),
+            additive(band_bottom - anchor.cy, m),
+            ratio(HOLD_MAX_AREA_RATIO * g.area_px, anchor.area_px, margins.size_ratio),
         ]
     raise ValueError(f"unknown relation {relation!r}; use one of {RELATIONS}.")
 
@@ -351,7 +371,7 @@ def _ordinal_value(g: Geom, side: str) -> float:
 def absolute_truth(pool: Sequence[Geom], region: str, width: int, height: int, margins: Margins) -> list[Truth]:
     """Truth of an absolute-position region for every instance of ``pool``."""
     m = margins.position_px
-    return [_truth([(v, m) for v in absolute_conditions(g, region, width, height)]) for g in pool]
+    return [_truth([additive(v, m) for v in absolute_conditions(g, region, width, height)]) for g in pool]
 
 
 def ordinal_truth(pool: Sequence[Geom], side: str, rank: int, margins: Margins) -> list[Truth]:
@@ -376,19 +396,15 @@ def size_truth(pool: Sequence[Geom], order: str, margins: Margins) -> list[Truth
     """Truth of ``largest`` / ``smallest`` (visible mask area) for every instance."""
     if order not in SIZE_ORDERS:
         raise ValueError(f"unknown size order {order!r}; use one of {SIZE_ORDERS}.")
-    s = margins.size_log
-    logs = [math.log(max(g.area_px, 1e-9)) for g in pool]
+    s = margins.size_ratio
     out = []
-    for i, li in enumerate(logs):
-        diffs = [li - lj for j, lj in enumerate(logs) if j != i]
-        if order == "smallest":
-            diffs = [-d for d in diffs]
-        if diffs and all(d > s for d in diffs):
-            out.append(Truth.TRUE)
-        elif any(d < -s for d in diffs):
-            out.append(Truth.FALSE)
+    for i, g in enumerate(pool):
+        others = [h for j, h in enumerate(pool) if j != i]
+        if order == "largest":
+            conds = [ratio(g.area_px, h.area_px, s) for h in others]
         else:
-            out.append(Truth.UNSURE)
+            conds = [ratio(h.area_px, g.area_px, s) for h in others]
+        out.append(_truth(conds) if conds else Truth.UNSURE)
     return out
 
 
