@@ -18,7 +18,8 @@ mask ``P_i`` (empty when the model says "nothing"):
   target samples a non-empty prediction is a TN and an empty one an FP.
   **N-acc** = ``TP / (TP + FN)`` (no-target samples recognised as such) and
   **T-acc** = ``TN / (TN + FP)`` (target samples not mistaken for no-target);
-* **Pr@τ** = fraction of target samples with ``IoU_i > τ`` (τ = 0.5 ... 0.9).
+* **Pr@τ** = fraction of target samples with ``IoU_i >= τ`` (τ = 0.5 ... 0.9, as LAVT /
+  CRIS count it).
 
 Predictions are JSONL, one object per sample: ``{"sample_id": ..., and one of
 "segmentation" | "mask" | "rle" | "polygons"}``; the value is a COCO RLE
@@ -116,7 +117,7 @@ class Metrics:
             else:
                 self.tn += 1
             for t in PR_THRESHOLDS:
-                if s.iou > t:
+                if s.iou >= t:
                     self.pr_hits[t] += 1
 
     def to_json(self) -> dict[str, Any]:

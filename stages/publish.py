@@ -39,7 +39,7 @@ import re
 import secrets
 import shutil
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -48,15 +48,7 @@ import fsspec
 import numpy as np
 import yaml
 
-from orsgen.stages.read import (
-    check_split_name,
-    iter_rows,
-    list_splits,
-    load_manifest,
-    parquet_files,
-    tar_files,
-    url_of,
-)
+from orsgen.stages.read import check_split_name, iter_rows, list_splits, load_manifest, shards
 
 if TYPE_CHECKING:
     from huggingface_hub import HfApi
@@ -262,44 +254,38 @@ def plan_layout(root: str, *, max_files_per_folder: int = MAX_FILES_PER_FOLDER) 
     if max_files_per_folder < 1:
         raise PublishError(f"max_files_per_folder must be at least 1, got {max_files_per_folder}.")
     manifest = load_manifest(root)
-    by_path = {s["path"]: s for s in manifest.get("shards", [])}
     splits = list_splits(root)
     for s in splits:
         check_split_name(s)
     layout = HubLayout()
     layout.rows = {s: int(v.get("images", 0)) for s, v in (manifest.get("splits") or {}).items()}
-    base = str(root).rstrip("/")
 
-    def add(target: dict[str, list[str]], folder: str, ext: str, files_of: Callable[[str], list[str]], sub: str) -> None:
-        per_split = {s: files_of(s) for s in splits}
+    def add(target: dict[str, list[str]], folder: str, ext: str, fmt: str) -> None:
+        per_split = {s: shards(root, fmt, s) for s in splits}
         total = sum(len(v) for v in per_split.values())
-        for split, srcs in per_split.items():
-            if not srcs:
+        for split, refs in per_split.items():
+            if not refs:
                 continue
-            dests, pattern = _place(folder, split, srcs, ext, total, max_files_per_folder)
-            for src, dest in zip(srcs, dests):
-                rel = f"{sub}/{split}/{posixpath.basename(src)}"
-                info = by_path.get(rel, {})
-                layout.files.append(HubFile(src, dest, info.get("sha256", ""), int(info.get("n_bytes", -1))))
+            dests, pattern = _place(folder, split, [r.url for r in refs], ext, total, max_files_per_folder)
+            for ref, dest in zip(refs, dests):
+                layout.files.append(HubFile(ref.url, dest, ref.sha256, ref.n_bytes))
             target[split] = [pattern]
 
     default: dict[str, list[str]] = {}
-    add(default, "data", "parquet", lambda s: parquet_files(root, s), "parquet")
+    add(default, "data", "parquet", "parquet")
     if not default:
         raise PublishError(f"{root} has no Parquet shards; build with write.formats including parquet to publish.")
     layout.configs["default"] = default
-    add(layout.webdataset, "webdataset", "tar", lambda s: tar_files(root, s), "webdataset")
-
-    fs, rpath = fsspec.core.url_to_fs(base)
-    rej_dir = posixpath.join(rpath.rstrip("/"), "rejects")
-    if fs.exists(rej_dir):
-        rejects = sorted(p for p in fs.ls(rej_dir, detail=False) if p.endswith(".parquet") and not posixpath.basename(p).startswith("."))
-        n = len(rejects)
-        for i, p in enumerate(rejects):
-            info = by_path.get(f"rejects/{posixpath.basename(p)}", {})
-            layout.files.append(HubFile(url_of(fs, p), f"rejects/rejects-{i:05d}-of-{n:05d}.parquet", info.get("sha256", ""), int(info.get("n_bytes", -1))))
-        if n:
-            layout.configs["rejects"] = {"rejects": ["rejects/*.parquet"]}
+    add(layout.webdataset, "webdataset", "tar", "webdataset")
+    rejects = shards(root, "rejects")
+    n = len(rejects)
+    for i, ref in enumerate(rejects):
+        # Rejects are few files; past the cap they would need chunking like the data.
+        layout.files.append(HubFile(ref.url, f"rejects/rejects-{i:05d}-of-{n:05d}.parquet", ref.sha256, ref.n_bytes))
+    if n:
+        if n > max_files_per_folder:
+            raise PublishError(f"{n} rejects shards exceed {max_files_per_folder} files per folder; write fewer buckets.")
+        layout.configs["rejects"] = {"rejects": ["rejects/*.parquet"]}
     return layout
 
 
@@ -528,7 +514,6 @@ def build_card(
     sources = sources_of(manifest)
     lic = license or default_license(sources)
     name = pretty_name or str(manifest.get("name") or repo_id.split("/")[-1])
-    counts = manifest.get("counts") or {}
     splits = manifest.get("splits") or {}
     n_rows = sum(int(v.get("images", 0)) for v in splits.values())
 
@@ -665,9 +650,9 @@ def _card_body(
     parts += [
         f"- orsgen version: `{manifest.get('orsgen_version', '')}`",
         f"- config sha256: `{manifest.get('config_sha256', '')}` (the resolved config is in `manifest.json`)",
-        f"- expression generators: " + (", ".join(f"`{k}` ({v})" for k, v in summary.generators.most_common()) or "none"),
-        f"- models: " + (", ".join(f"`{k}` ({v} samples)" for k, v in summary.models.most_common()) or "none (annotation-driven samples only)"),
-        f"- templates / prompt versions: " + (", ".join(f"`{k}` ({v})" for k, v in summary.templates.most_common()) or "none"),
+        "- expression generators: " + (", ".join(f"`{k}` ({v})" for k, v in summary.generators.most_common()) or "none"),
+        "- models: " + (", ".join(f"`{k}` ({v} samples)" for k, v in summary.models.most_common()) or "none (annotation-driven samples only)"),
+        "- templates / prompt versions: " + (", ".join(f"`{k}` ({v})" for k, v in summary.templates.most_common()) or "none"),
         "",
     ]
     if prov["models"] or prov["prompts"]:

@@ -3,9 +3,12 @@
 The readers behind ``publish``, ``export``, ``eval`` and the PyTorch loaders.
 They only rely on the documented output layout (``stages/write.py``)::
 
-    DIR/parquet/<split>/*.parquet      one row per image, EXAMPLE_SCHEMA
-    DIR/webdataset/<split>/*.tar       <key>.jpg + <key>.json per image
-    DIR/manifest.json
+    DIR/manifest.json                  every shard: path, format, split, sha256, counts
+    DIR/parquet/...                    one row per image, EXAMPLE_SCHEMA
+    DIR/webdataset/...                 <key>.jpg + <key>.json per image
+
+Shards are found through the manifest, so the readers do not depend on the
+folder naming of a given orsgen version.
 
 ``DIR`` is any fsspec URL. Rows stream one Parquet record batch at a time, and
 a reader that does not need the image bytes leaves the ``image`` column out
@@ -19,6 +22,7 @@ import json
 import posixpath
 import re
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import fsspec
@@ -28,8 +32,6 @@ from fsspec.implementations.local import LocalFileSystem
 from orsgen.schemas.arrow import EXAMPLE_SCHEMA
 
 MANIFEST_NAME = "manifest.json"
-PARQUET_DIR = "parquet"
-WEBDATASET_DIR = "webdataset"
 
 # Hugging Face ``datasets`` accepts split names matching this (no dashes, so
 # ``data/<split>-*`` globs never catch another split's files).
@@ -74,22 +76,11 @@ def load_manifest(root: str) -> dict[str, Any]:
 
 
 def list_splits(root: str) -> list[str]:
-    """The splits of an output folder, sorted.
-
-    Taken from the manifest's ``splits`` when there is one, else from the
-    folders under ``parquet/`` and ``webdataset/``.
-    """
-    fs, base = _fs_root(root)
-    if fs.exists(_join(fs, base, MANIFEST_NAME)):
-        splits = load_manifest(root).get("splits") or {}
-        if splits:
-            return sorted(splits)
-    found: set[str] = set()
-    for sub in (PARQUET_DIR, WEBDATASET_DIR):
-        d = _join(fs, base, sub)
-        if fs.exists(d):
-            found.update(posixpath.basename(p.rstrip("/")) for p in fs.ls(d, detail=False) if fs.isdir(p))
-    return sorted(found)
+    """The splits of an output folder, sorted: the manifest's ``splits``, plus any split a shard names."""
+    manifest = load_manifest(root)
+    found = set(manifest.get("splits") or {})
+    found |= {s.get("split", "") for s in manifest.get("shards", []) if s.get("format") in ("parquet", "webdataset")}
+    return sorted(x for x in found if x)
 
 
 def check_split_name(split: str) -> None:
@@ -122,13 +113,66 @@ def resolve_splits(root: str, wanted: Sequence[str] | None) -> list[str]:
     return list(dict.fromkeys(wanted))
 
 
-def _data_files(root: str, sub: str, split: str, ext: str) -> list[str]:
+@dataclass(frozen=True, slots=True)
+class ShardRef:
+    """One data shard of a run.
+
+    Attributes:
+        url: where to open it (plain path when local).
+        path: its path relative to the output folder (``parquet/data/...``).
+        split: its split ("" for rejects).
+        format: ``parquet``, ``webdataset`` or ``rejects``.
+        sha256: the digest the manifest recorded ("" without a manifest).
+        n_bytes: its size per the manifest (-1 without one).
+        n_images: images in it per the manifest (-1 without one).
+        n_samples: referring samples in it per the manifest (-1 without one).
+    """
+
+    url: str
+    path: str
+    split: str
+    format: str
+    sha256: str = ""
+    n_bytes: int = -1
+    n_images: int = -1
+    n_samples: int = -1
+
+    @property
+    def name(self) -> str:
+        return posixpath.basename(self.path)
+
+
+def shards(root: str, fmt: str, split: str | None = None) -> list[ShardRef]:
+    """The shards of one format (and split), sorted by path.
+
+    The manifest is the source of truth: it names every shard with its
+    sha256 and counts, whatever the folder layout of the orsgen version that
+    wrote it.
+
+    Args:
+        root: the output folder.
+        fmt: ``parquet``, ``webdataset`` or ``rejects``.
+        split: only this split (None: all; ignored for rejects).
+
+    Raises:
+        DatasetReadError: there is no manifest.
+    """
     fs, base = _fs_root(root)
-    d = _join(fs, base, sub, split)
-    if not fs.exists(d):
-        return []
-    names = [p for p in fs.ls(d, detail=False) if p.endswith(ext) and not posixpath.basename(p).startswith(".")]
-    return sorted(url_of(fs, p) for p in names)
+    out = [
+        ShardRef(
+            url=url_of(fs, _join(fs, base, s["path"])),
+            path=s["path"],
+            split=s.get("split", ""),
+            format=s["format"],
+            sha256=s.get("sha256", ""),
+            n_bytes=int(s.get("n_bytes", -1)),
+            n_images=int(s.get("n_images", -1)),
+            n_samples=int(s.get("n_samples", -1)),
+        )
+        for s in load_manifest(root).get("shards", [])
+        if s.get("format") == fmt and (split is None or fmt == "rejects" or s.get("split") == split)
+    ]
+    return sorted(out, key=lambda r: r.path)
 
 
 def url_of(fs: fsspec.AbstractFileSystem, path: str) -> str:
@@ -137,13 +181,13 @@ def url_of(fs: fsspec.AbstractFileSystem, path: str) -> str:
 
 
 def parquet_files(root: str, split: str) -> list[str]:
-    """Sorted Parquet shard paths of one split (hidden temp files excluded)."""
-    return _data_files(root, PARQUET_DIR, split, ".parquet")
+    """Sorted Parquet shard URLs of one split."""
+    return [r.url for r in shards(root, "parquet", split)]
 
 
 def tar_files(root: str, split: str) -> list[str]:
-    """Sorted WebDataset tar paths of one split (hidden temp files excluded)."""
-    return _data_files(root, WEBDATASET_DIR, split, ".tar")
+    """Sorted WebDataset tar URLs of one split."""
+    return [r.url for r in shards(root, "webdataset", split)]
 
 
 def iter_rows(
@@ -172,8 +216,7 @@ def iter_rows(
     files = parquet_files(root, split)
     if not files:
         raise DatasetReadError(
-            f"split {split!r} of {root} has no Parquet shards under parquet/{split}/; "
-            "build with write.formats including parquet."
+            f"split {split!r} of {root} has no Parquet shards; build with write.formats including parquet."
         )
     if columns is not None:
         unknown = [c for c in columns if c not in EXAMPLE_SCHEMA.names]
@@ -195,11 +238,7 @@ def shard_sizes(root: str, split: str, fmt: str) -> dict[str, dict[str, int]]:
         fmt: ``webdataset`` or ``parquet``.
 
     Returns:
-        ``{shard file name: {"n_images": .., "n_samples": ..}}``; empty when
-        the manifest lists no shard of that split and format.
+        ``{shard file name: {"n_images": .., "n_samples": ..}}``; shards the
+        manifest does not count are left out.
     """
-    out: dict[str, dict[str, int]] = {}
-    for s in load_manifest(root).get("shards", []):
-        if s.get("format") == fmt and s.get("split") == split:
-            out[posixpath.basename(s["path"])] = {"n_images": int(s["n_images"]), "n_samples": int(s["n_samples"])}
-    return out
+    return {r.name: {"n_images": r.n_images, "n_samples": r.n_samples} for r in shards(root, fmt, split) if r.n_images >= 0}
