@@ -204,6 +204,11 @@ def _manifest_fn(
         "rejected_by_reason": dict(sorted(rejects_by_reason.items())),
         "shard_rejects": rejects_by_level.get("shard", 0),
     }
+    caption = {k.split("/", 1)[1]: n for k, n in sorted(events.items()) if k.startswith("caption/")}
+    if caption:
+        # What the VLM stage asked and skipped (requests per task, regions under
+        # the saliency gate, match methods): events, not rejects.
+        counts["caption"] = caption
     manifest = build_manifest(
         name=cfg.name,
         config=cfg.model_dump(mode="json"),

@@ -287,3 +287,58 @@ def test_rerun_sends_zero_requests(scripted, sa1b_shards, tmp_path_factory):
         assert sorted(s.sample_id for _e, s in _samples(out)) == sorted(s.sample_id for _e, s in _samples(tmp / "out2"))
     finally:
         vlm.inject = True
+
+
+# ------------------------------------------------------------------ tiny Qwen2.5-VL: real server and in-process
+
+# The tiny processor's pixel budget (tests/vlm_fixtures.py), so that absolute
+# boxes map back through the same smart_resize the model's processor applies.
+TINY_GEOMETRY = {"box_convention": "absolute", "image_factor_px": 28, "image_min_pixels": 28 * 28 * 4,
+                 "image_max_pixels": 28 * 28 * 64, "max_image_side_px": 320}
+
+
+def _tiny_backend(kind: str, model: str, server_url: str | None) -> dict[str, Any]:
+    if kind == "server":
+        # transformers serve ignores response_format; "none" skips the probe.
+        return {"backend": "openai", "base_url": server_url, "model": model, "response_format": "none",
+                "max_in_flight": 4, **TINY_GEOMETRY}
+    return {"backend": "transformers", "model": model, "device": "cpu", "dtype": "float32", "batch_size": 4,
+            **TINY_GEOMETRY}
+
+
+@pytest.mark.parametrize("kind", ["server", "inprocess"])
+def test_tiny_random_model_answers_become_rejects(kind, request, tiny_vlm, sa1b_shards, tmp_path):
+    url = request.getfixturevalue("tiny_vlm_server") if kind == "server" else None
+    # Few regions and short answers: noise is slow to generate on CPU and proves nothing more in bulk.
+    cfg = _config(tmp_path, sa1b_shards, _tiny_backend(kind, tiny_vlm.random, url),
+                  sampling={"max_tokens": 16, "temperature": 0.0}, ders={"min_area_frac": 0.02, "max_regions_per_image": 2})
+    m = run_pipeline(cfg, str(tmp_path / "out"), RUNNER, show_progress=False)
+    _reconciled(m)
+    rejects = [r for r in _rejects(tmp_path / "out") if r["stage"] == "caption"]
+    # Noise does not parse: the grounding of each image and the descriptions fail as samples.
+    assert rejects and all(r["reason"].startswith("vlm_") for r in rejects), {r["reason"] for r in rejects}
+    assert {r["source_key"] for r in rejects if r["source_key"].endswith("-cors")} == {
+        "sa1b-sa1b_1-cors", "sa1b-sa1b_2-cors"}
+    assert m["counts"]["caption"]["requests_cors_ground"] == N_IMAGES
+
+
+@pytest.mark.parametrize("kind", ["server", "inprocess"])
+def test_tiny_scripted_model_happy_path(kind, request, tiny_vlm, sa1b_shards, tmp_path):
+    """The scripted tiny model answers one valid JSON object: a grounded 'red square', a description, a yes."""
+    url = request.getfixturevalue("tiny_vlm_server") if kind == "server" else None
+    cfg = _config(tmp_path, sa1b_shards, _tiny_backend(kind, tiny_vlm.scripted, url),
+                  sampling={"max_tokens": 24, "temperature": 0.0})
+    m = run_pipeline(cfg, str(tmp_path / "out"), RUNNER, show_progress=False)
+    _reconciled(m)
+    samples = [s for _ex, s in _samples(tmp_path / "out")]
+    cors_samples = [s for s in samples if s.kind == "category_single"]
+    assert len(cors_samples) == N_IMAGES
+    for s in cors_samples:
+        assert s.expression == "red square" and s.metadata["verified"] is True and s.model.startswith(tiny_vlm.scripted)
+        assert s.union_rle is not None and s.targets
+    # The description is re-grounded to the same fixed box; the IoU gate decides, and either way it is accounted.
+    reasons = {r["reason"] for r in _rejects(tmp_path / "out") if r["stage"] == "caption"}
+    assert reasons <= {"ders_reground_failed"}
+    n_ders = m["counts"]["caption"]["requests_ders_describe"]
+    assert len([s for s in samples if s.kind == "description"]) + m["counts"]["rejected_by_reason"].get(
+        "sample/ders_reground_failed", 0) == n_ders
