@@ -281,3 +281,109 @@ def transformers_server(model_dir: str | Path | None, hub_cache: str | Path, log
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, 9)
                 proc.wait()
+
+
+# ------------------------------------------------------------------ a scripted HTTP server
+
+
+class MockOpenAIServer:
+    """A real HTTP server on 127.0.0.1 that speaks ``/v1/chat/completions``.
+
+    What it answers is decided per request by ``script(body, n)`` (``n``
+    counts requests from 0), which returns ``(status, payload, headers,
+    delay_s)``: a dict payload is sent as JSON, a str as text. The default
+    script answers ``answer`` after ``latency_s``. It records every request
+    body and the most requests it ever held at once. Delays are capped at
+    ``max_delay_s`` so that no test can hang on it.
+    """
+
+    def __init__(self, script=None, *, answer: str = "[]", latency_s: float = 0.0, max_delay_s: float = 5.0) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.bodies: list[dict] = []
+        self.headers: list[dict] = []
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.answer = answer
+        self.latency_s = latency_s
+        self._script = script or self.default_script
+        self._lock = threading.Lock()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # keep test output quiet
+                pass
+
+            def _send(self, status, payload, headers=None):
+                data = json.dumps(payload).encode() if isinstance(payload, (dict, list)) else str(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json" if isinstance(payload, (dict, list)) else "text/plain")
+                self.send_header("Content-Length", str(len(data)))
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                try:
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+            def do_GET(self):
+                if self.path.rstrip("/").endswith("/models"):
+                    self._send(200, {"object": "list", "data": [{"id": "mock-vl", "object": "model"}]})
+                else:
+                    self._send(404, {"error": "not found"})
+
+            def do_POST(self):
+                length = int(self.headers.get("Content-Length", 0))
+                raw = self.rfile.read(length)
+                try:
+                    body = json.loads(raw)
+                except ValueError:
+                    body = {}
+                with outer._lock:
+                    n = len(outer.bodies)
+                    outer.bodies.append(body)
+                    outer.headers.append(dict(self.headers))
+                    outer.in_flight += 1
+                    outer.max_in_flight = max(outer.max_in_flight, outer.in_flight)
+                try:
+                    status, payload, headers, delay = outer._script(body, n)
+                    time.sleep(min(delay, max_delay_s))
+                    self._send(status, payload, headers)
+                finally:
+                    with outer._lock:
+                        outer.in_flight -= 1
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/v1"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @staticmethod
+    def completion(body: dict, content) -> dict:
+        """An OpenAI chat completion answering ``content``."""
+        return {
+            "id": "cmpl-mock",
+            "object": "chat.completion",
+            "model": body.get("model", "mock-vl"),
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+        }
+
+    def default_script(self, body: dict, n: int):
+        return 200, self.completion(body, self.answer), {}, self.latency_s
+
+    @property
+    def requests(self) -> int:
+        """Requests received so far."""
+        return len(self.bodies)
+
+    def __enter__(self) -> "MockOpenAIServer":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.shutdown()
+        self._server.server_close()
