@@ -344,3 +344,151 @@ def test_whole_region_beside_its_parts_is_reused(scene):
     regions = [*scene["insts"], whole]
     m = cors.match_box((9.0, 9.0, 41.0, 31.0), regions, H, W, CorsConfig())
     assert m is not None and m.method == cors.SINGLE and m.fragment_ids == (whole.instance_id,)
+
+
+# ------------------------------------------------------------------ rounds: planning, answers, failures
+
+from orsgen.pipelines import caption as cap  # noqa: E402
+from orsgen.schemas.config import CaptionBackendConfig, CaptionConfig  # noqa: E402
+from orsgen.stages.caption.types import VlmRequest, VlmResponse, VlmTask  # noqa: E402
+
+
+def _ctx(**caption) -> "cap.CaptionContext":
+    backend = CaptionBackendConfig(model="m", box_convention="relative_1000", max_image_side_px=1024)
+    return cap.CaptionContext.from_config(CaptionConfig(enabled=True, backend=backend, **caption))
+
+
+def _resp(req_id: str, text: str = "", error: str = "", message: str = "") -> VlmResponse:
+    return VlmResponse(request_id=req_id, text=text, model="m", error=error, message=message)
+
+
+def test_plan_round1_requests(scene):
+    ex = scene["ex"]
+    ctx = _ctx(ders=DersConfig(min_area_frac=0.05))
+    reqs, rejects, events = cap.plan_round1(ex, ctx)
+    assert not rejects
+    tasks = [r.task for r in reqs]
+    assert tasks.count("cors_ground") == 1 and tasks.count("ders_describe") == 2  # dog_b and background
+    ground = next(r for r in reqs if r.task == "cors_ground")
+    assert ground.request_id == f"{cors.cors_group_id(ex.key)}/cors_ground" and ground.images == (ex.image_bytes,)
+    describe = next(r for r in reqs if r.region == f"{IMG}/ann:3")
+    assert len(describe.images) == 2 and describe.images[0] == ex.image_bytes and describe.images[1] != ex.image_bytes
+    # The target box [60, 50, 90, 70] in Qwen3-VL's 0..1000 convention on a 100 x 80 image.
+    assert "[600, 625, 900, 875]" in describe.user
+    assert events["caption/ders_not_salient"] == 3 and events["caption/requests_ders_describe"] == 2
+    only_overlay = cap.plan_round1(ex, _ctx(paths=["ders"], ders=DersConfig(min_area_frac=0.05, send_original=False)))[0]
+    assert [len(r.images) for r in only_overlay] == [1, 1]
+
+
+def test_undrawable_image_is_rejected_while_planning(scene):
+    ex = scene["ex"].replace(image_bytes=b"\xff\xd8 broken")
+    ctx = _ctx(ders=DersConfig(min_area_frac=0.05))
+    reqs, rejects, _ = cap.plan_round1(ex, ctx)
+    # Grounding sends the bytes as they are (the client refuses them later); overlays need pixels.
+    assert [r.task for r in reqs] == ["cors_ground"]
+    assert {r.reason for r in rejects} == {"caption_image_failed"} and len(rejects) == 2
+    state, rejects1, _ = cap.assemble_round1(ex, {r.request_id for r in reqs}, {}, ctx)
+    assert [r.source_key for r in rejects1] == [cors.cors_group_id(ex.key)] and not state.ders_candidates
+
+
+@pytest.mark.parametrize(
+    ("text", "error", "reason"),
+    [
+        ("", "vlm_timeout", "vlm_timeout"),
+        ("", "vlm_server_dead", "vlm_server_dead"),
+        ("", "vlm_http_error", "vlm_http_error"),
+        ("I'm sorry, I cannot help with that.", "", "vlm_refusal"),
+        ("<|im_end|>", "", "vlm_empty_answer"),
+        ("bbox bbox {{ [", "", "vlm_malformed_output"),
+    ],
+)
+def test_round1_failures_are_sample_rejects(scene, text, error, reason):
+    ex = scene["ex"]
+    ctx = _ctx(ders=DersConfig(min_area_frac=0.05))
+    reqs, _, _ = cap.plan_round1(ex, ctx)
+    responses = {r.request_id: _resp(r.request_id, text, error, "details") for r in reqs}
+    state, rejects, _ = cap.assemble_round1(ex, {r.request_id for r in reqs}, responses, ctx)
+    assert not state.cors_candidates and not state.ders_candidates
+    assert {r.reason for r in rejects} == {reason}
+    assert sorted(r.source_key for r in rejects) == sorted(
+        [cors.cors_group_id(ex.key), *(ders.ders_sample_id(ex.key, f"{IMG}/ann:{n}") for n in (3, 5))]
+    )
+    assert all(r.level == RejectLevel.SAMPLE and r.stage == "caption" for r in rejects)
+
+
+def test_missing_response_is_a_backend_error_and_empty_grounding_is_nothing_found(scene):
+    ex = scene["ex"]
+    ctx = _ctx(paths=["cors"])
+    reqs, _, _ = cap.plan_round1(ex, ctx)
+    _state, rejects, _ = cap.assemble_round1(ex, {r.request_id for r in reqs}, {}, ctx)
+    assert [r.reason for r in rejects] == ["vlm_backend_error"]
+    rid = reqs[0].request_id
+    state, rejects, events = cap.assemble_round1(ex, {rid}, {rid: _resp(rid, "[]")}, ctx)
+    assert not rejects and not state.cors_candidates and events["caption/cors_nothing_found"] == 1
+
+
+def _two_rounds(ex, ctx, answer_round1, answer_round2):
+    reqs, rej0, _ = cap.plan_round1(ex, ctx)
+    r1 = {r.request_id: _resp(r.request_id, answer_round1(r)) for r in reqs}
+    state, rej1, _ = cap.assemble_round1(ex, {r.request_id for r in reqs}, r1, ctx)
+    reqs2, rej2, _ = cap.plan_round2(state, ctx)
+    r2 = {r.request_id: answer_round2(r) for r in reqs2}
+    out, rej3, events = cap.assemble_round2(state, {r.request_id for r in reqs2}, r2, ctx)
+    return out, [*rej0, *rej1, *rej2, *rej3], events, reqs2
+
+
+def test_two_rounds_happy_path_and_round2_failures(scene):
+    ex = scene["ex"]
+    ctx = _ctx(ders=DersConfig(min_area_frac=0.05))
+
+    def round1(r: VlmRequest) -> str:
+        if r.task == "cors_ground":
+            # 0..1000 boxes of the first dog (two fragments) and the ball, in Qwen's style.
+            return '[{"bbox_2d": [90, 112, 410, 388], "label": "dog"}, {"bbox_2d": [110, 637, 300, 875], "label": "ball"}]'
+        return '{"expression": "the big thing"}' if r.region.endswith("ann:3") else "The whole background."
+
+    def round2(r: VlmRequest) -> VlmResponse:
+        if r.task == "cors_verify":
+            ok = "dog" in r.user
+            return _resp(r.request_id, f'{{"category_correct": {str(ok).lower()}, "coverage_complete": true, "missed_instances": 0}}')
+        if r.region.endswith("ann:3"):
+            return _resp(r.request_id, '[{"bbox_2d": [600, 625, 900, 875], "label": "thing"}]')
+        return _resp(r.request_id, "", "vlm_timeout", "no answer within 120 s (after 5 attempts)")
+
+    out, rejects, events, reqs2 = _two_rounds(ex, ctx, round1, round2)
+    assert sorted(r.task for r in reqs2) == ["cors_verify", "cors_verify", "reground", "reground"]
+    verify = next(r for r in reqs2 if r.task == "cors_verify" and "dog" in r.user)
+    assert len(verify.images) == 1 and verify.images[0] != ex.image_bytes  # the overlay of the label's masks
+    new = {s.sample_id: s for s in out.samples}
+    dog = new[cors.cors_sample_id(ex.key, "dog")]
+    assert dog.kind == "category_single" and dog.metadata["match"] == ["merged"]
+    desc = new[ders.ders_sample_id(ex.key, f"{IMG}/ann:3")]
+    assert desc.kind == "description" and desc.reground_iou == pytest.approx(1.0) and desc.expression == "the big thing"
+    # The merged dog is a new instance; the existing ones are untouched and first.
+    assert out.instances[: len(ex.instances)] == ex.instances
+    assert [i.instance_id for i in out.instances[len(ex.instances):]] == [f"{IMG}/cors:0"]
+    assert events["created/instances"] == 1
+    assert {r.source_key: r.reason for r in rejects} == {
+        cors.cors_sample_id(ex.key, "ball"): "cors_verify_failed",
+        ders.ders_sample_id(ex.key, f"{IMG}/ann:5"): "vlm_timeout",
+    }
+
+
+def test_absolute_boxes_map_back_through_the_model_input_size(scene):
+    ex = scene["ex"]
+    backend = CaptionBackendConfig(model="m", box_convention="absolute", max_image_side_px=50)
+    ctx = cap.CaptionContext.from_config(CaptionConfig(enabled=True, backend=backend))
+    mw, mh = ctx.model_wh(W, H)  # 100 x 80 -> 50 x 40 (client) -> 56 x 56 (min pixels) -> processor grid
+    assert (mw % 28, mh % 28) == (0, 0)
+    model_box = (60 * mw / W, 50 * mh / H, 90 * mw / W, 70 * mh / H)
+    assert ctx.from_model(model_box, W, H) == pytest.approx((60.0, 50.0, 90.0, 70.0))
+    reqs, _, _ = cap.plan_round1(ex, ctx)
+    assert all(max(Image.open(io.BytesIO(b)).size) <= 50 for r in reqs for b in r.images)
+
+
+def test_dead_letters_become_backend_error_responses():
+    req = VlmRequest("k-ders-x/ders_describe", VlmTask.DERS_DESCRIBE.value, "v", "", "u", (), ())
+    dead = ([("k", req), ("k", req)], (RuntimeError, "RuntimeError('boom')", ["tb"]))
+    out = list(cap.dead_letters_to_responses(dead))
+    assert [k for k, _ in out] == ["k", "k"]
+    assert all(r.error == "vlm_backend_error" and "boom" in r.message for _, r in out)

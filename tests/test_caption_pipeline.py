@@ -342,3 +342,51 @@ def test_tiny_scripted_model_happy_path(kind, request, tiny_vlm, sa1b_shards, tm
     n_ders = m["counts"]["caption"]["requests_ders_describe"]
     assert len([s for s in samples if s.kind == "description"]) + m["counts"]["rejected_by_reason"].get(
         "sample/ders_reground_failed", 0) == n_ders
+
+
+# ------------------------------------------------------------------ dead letters through Beam
+
+
+def test_inference_exceptions_become_rejects_not_a_failed_job(sa1b_shards, tmp_path):
+    """A backend that raises (a bug, a crash) sends its batches to RunInference's dead letters."""
+    import apache_beam as beam
+    from apache_beam.testing.test_pipeline import TestPipeline
+    from apache_beam.testing.util import assert_that, equal_to
+
+    from orsgen.pipelines.caption import CaptionExamples
+    from orsgen.schemas.config import CaptionBackendConfig, CaptionConfig, ImageConfig
+    from orsgen.stages.caption.handler import VlmModelHandler
+    from orsgen.stages.ingest_sa1b import read_sa1b_shard
+
+    class _NoModel:
+        model_name = "none"
+
+    class Exploding(VlmModelHandler):
+        def load_model(self) -> Any:
+            return _NoModel()
+
+        def run_inference(self, batch, model, inference_args=None):
+            raise RuntimeError("backend exploded")
+
+    examples = [e for e in read_sa1b_shard(sa1b_shards[0], input_name="sa1b", image_cfg=ImageConfig()) if hasattr(e, "key")]
+    cfg = CaptionConfig(enabled=True, backend=CaptionBackendConfig(model="m", cache=False),
+                        ders={"min_area_frac": 0.05, "max_regions_per_image": 2})
+    with TestPipeline(runner="FnApiRunner") as p:
+        out, rejects, events = (
+            p | beam.Create(examples) | CaptionExamples(cfg, {"sa1b": "sa1b"}, Exploding(cfg.backend))
+        )
+        assert_that(out | "Keys" >> beam.Map(lambda e: (e.key, len(e.samples), len(e.instances))),
+                    equal_to([(e.key, 0, len(e.instances)) for e in examples]), label="unchanged")
+        assert_that(rejects | "Reasons" >> beam.Map(lambda r: (r.reason, r.level)) | "UniqReasons" >> beam.Distinct(),
+                    equal_to([("vlm_backend_error", "sample")]), label="reasons")
+        # Every reject stands for a created sample, so the sample level reconciles.
+        created = (events | "Created" >> beam.Filter(lambda kv: kv[0] == "created/samples")
+                   | "CreatedN" >> beam.Values() | "CreatedSum" >> beam.CombineGlobally(sum))
+        n_rejects = rejects | "NRejects" >> beam.combiners.Count.Globally()
+        n_distinct = ((created, n_rejects) | "Both" >> beam.Flatten() | "Uniq" >> beam.Distinct()
+                      | "NDistinct" >> beam.combiners.Count.Globally())
+        assert_that(n_distinct, equal_to([1]), label="created_equals_rejected")
+        assert_that(n_rejects | "Positive" >> beam.Map(lambda n: n > 0), equal_to([True]), label="some_rejects")
+        # The message is the dead letter's exception, not a lost response.
+        assert_that(rejects | "Raised" >> beam.Map(lambda r: "backend exploded" in r.message) | "UniqRaised" >> beam.Distinct(),
+                    equal_to([True]), label="from_dead_letters")
