@@ -213,6 +213,7 @@ def demo(
 
 
 from orsgen.pipelines import cli_publish  # noqa: E402,F401
+from orsgen.pipelines import cli_preview  # noqa: E402,F401
 
 
 def main() -> None:

@@ -1,0 +1,452 @@
+"""Preview of an orsgen output: a contact sheet (PNG) and an HTML page of samples.
+
+Each tile shows one sample: the image, each target's mask tinted in its own
+colour, the target boxes, the two Seg-Zero interior points (filled dot:
+``point_1``, ring: ``point_2``), and below it the sample's kind and expression.
+The HTML page lists the same samples with their tiles, ids, targets and
+trainer geometry, so a reviewer can read what the picture shows.
+
+Samples are read from the Parquet shards (``DIR/parquet/<split>/*.parquet``),
+or from the WebDataset shards when there is no Parquet output, in sorted file
+and row order, and picked round-robin across kinds so that every kind shows.
+Everything here is pure and deterministic; ``pipelines/cli_preview.py`` is the
+command.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import os
+import posixpath
+import tarfile
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow.parquet as pq
+from PIL import Image, ImageDraw, ImageFont
+from pycocotools import mask as mask_utils
+
+from orsgen.schemas.arrow import example_from_row
+from orsgen.schemas.records import ExpressionKind, ImageExample, Instance, Sample
+
+#: Kinds in the order the sheet cycles through them.
+KIND_ORDER = (
+    str(ExpressionKind.CATEGORY_SINGLE),
+    str(ExpressionKind.CATEGORY_MULTI),
+    str(ExpressionKind.PHRASE),
+    str(ExpressionKind.DESCRIPTION),
+    str(ExpressionKind.HUMAN),
+    str(ExpressionKind.NO_TARGET),
+)
+KIND_COLOURS: dict[str, tuple[int, int, int]] = {
+    "category_single": (46, 125, 50),
+    "category_multi": (0, 121, 107),
+    "phrase": (21, 101, 192),
+    "description": (94, 53, 177),
+    "human": (173, 20, 87),
+    "no_target": (97, 97, 97),
+}
+#: Target colours (one per target, cycling): saturated and distinct.
+PALETTE: tuple[tuple[int, int, int], ...] = (
+    (255, 0, 200),
+    (0, 230, 255),
+    (255, 200, 0),
+    (60, 255, 60),
+    (255, 90, 40),
+    (150, 110, 255),
+)
+OVERLAY_ALPHA = 0.5
+CAPTION_PX = 64
+PAD_PX = 6
+
+
+class PreviewError(ValueError):
+    """Nothing to preview (no shards, unknown split, no samples)."""
+
+
+@dataclass(frozen=True)
+class PreviewItem:
+    """One sample to draw, with what drawing it needs.
+
+    Attributes:
+        key: the example key.
+        split: its split.
+        image_bytes: the encoded image.
+        width: image width in pixels.
+        height: image height in pixels.
+        sample: the sample.
+        instances: the example's instances by id (for per-target masks).
+    """
+
+    key: str
+    split: str
+    image_bytes: bytes
+    width: int
+    height: int
+    sample: Sample
+    instances: dict[str, Instance]
+
+
+@dataclass(frozen=True)
+class TileLayout:
+    """Where a tile's image lies, so a test can find a pixel of the source.
+
+    Attributes:
+        x0: left of the tile in the sheet.
+        y0: top of the tile in the sheet.
+        image_x0: left of the image inside the tile.
+        image_y0: top of the image inside the tile.
+        image_w: drawn image width in pixels.
+        image_h: drawn image height in pixels.
+        scale: drawn pixels per source pixel.
+    """
+
+    x0: int
+    y0: int
+    image_x0: int
+    image_y0: int
+    image_w: int
+    image_h: int
+    scale: float
+
+
+# ---------------------------------------------------------------- reading
+
+
+def _split_dirs(fs: Any, base: str, split: str | None) -> list[str]:
+    if not fs.exists(base):
+        return []
+    names = sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(base, detail=False) if fs.isdir(p))
+    if split is None:
+        return names
+    return [split] if split in names else []
+
+
+def iter_examples(root: str, split: str | None = None) -> Iterator[ImageExample]:
+    """Examples of an output folder in a fixed order: split, shard, row.
+
+    Args:
+        root: the output folder (any fsspec URL).
+        split: one split, or None for all.
+
+    Raises:
+        PreviewError: the folder has no shards (of that split).
+    """
+    fs, base = fsspec.core.url_to_fs(str(root))
+    base = base.rstrip("/")
+    pq_splits = _split_dirs(fs, f"{base}/parquet", split)
+    if pq_splits:
+        for sp in pq_splits:
+            for path in sorted(fs.glob(f"{base}/parquet/{sp}/*.parquet")):
+                with fs.open(path, "rb") as f:
+                    pf = pq.ParquetFile(f)
+                    for batch in pf.iter_batches(batch_size=64):
+                        for row in batch.to_pylist():
+                            yield example_from_row(row)
+        return
+    wds_splits = _split_dirs(fs, f"{base}/webdataset", split)
+    if not wds_splits:
+        where = f"split {split!r} of {root}" if split else str(root)
+        raise PreviewError(
+            f"no Parquet or WebDataset shards found for {where}; pass an orsgen output folder"
+            + (" and one of its splits." if split else ".")
+        )
+    for sp in wds_splits:
+        for path in sorted(fs.glob(f"{base}/webdataset/{sp}/*.tar")):
+            yield from _tar_examples(fs, path)
+
+
+def _tar_examples(fs: Any, path: str) -> Iterator[ImageExample]:
+    pending: dict[str, dict[str, bytes]] = {}
+    with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            key, _, ext = member.name.partition(".")
+            data = tar.extractfile(member)
+            if data is None:
+                continue
+            pending.setdefault(key, {})[ext] = data.read()
+            item = pending[key]
+            if "json" in item and "jpg" in item:
+                row = json.loads(item["json"])
+                row["image"] = item["jpg"]
+                del pending[key]
+                yield example_from_row(row)
+
+
+def pick_items(
+    examples: Iterator[ImageExample],
+    n: int,
+    kinds: Sequence[str] | None = None,
+) -> list[PreviewItem]:
+    """Up to ``n`` samples, round-robin across kinds (``KIND_ORDER``), in reading order.
+
+    Each kind takes at most one sample per image, so the sheet shows many
+    images. Reading stops as soon as every wanted kind has ``n`` samples, so a
+    large split is not read to the end.
+
+    Args:
+        examples: examples in a fixed order.
+        n: how many samples.
+        kinds: only these kinds (None: all).
+    """
+    wanted = list(kinds) if kinds else list(KIND_ORDER)
+    by_kind: dict[str, list[PreviewItem]] = defaultdict(list)
+    for ex in examples:
+        insts = {i.instance_id: i for i in ex.instances}
+        taken: set[str] = set()
+        for s in ex.samples:
+            if s.kind not in wanted or s.kind in taken or len(by_kind[s.kind]) >= n:
+                continue
+            taken.add(s.kind)
+            by_kind[s.kind].append(
+                PreviewItem(ex.key, ex.split, ex.image_bytes, ex.image.width, ex.image.height, s, insts)
+            )
+        if all(len(by_kind[k]) >= n for k in wanted):
+            break
+    order = [k for k in wanted if k in KIND_ORDER] + sorted(k for k in by_kind if k not in KIND_ORDER)
+    out: list[PreviewItem] = []
+    depth = 0
+    while len(out) < n and any(depth < len(by_kind[k]) for k in order):
+        for k in order:
+            if depth < len(by_kind[k]) and len(out) < n:
+                out.append(by_kind[k][depth])
+        depth += 1
+    return out
+
+
+# ---------------------------------------------------------------- drawing
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):  # Pillow without FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _wrap(draw: ImageDraw.ImageDraw, text: str, font: Any, width_px: int, max_lines: int) -> list[str]:
+    words, lines, cur = text.split(), [], ""
+    for w in words:
+        trial = f"{cur} {w}".strip()
+        if draw.textlength(trial, font=font) <= width_px or not cur:
+            cur = trial
+        else:
+            lines.append(cur)
+            cur = w
+    if cur:
+        lines.append(cur)
+    if len(lines) > max_lines:
+        lines = lines[:max_lines]
+        lines[-1] = lines[-1].rstrip(".") + "..."
+    return lines
+
+
+def scaled_image(item: PreviewItem, tile_w: int, image_h: int) -> tuple[np.ndarray, float]:
+    """The item's image as RGB uint8, scaled to fit ``tile_w`` x ``image_h``."""
+    with Image.open(io.BytesIO(item.image_bytes)) as im:
+        rgb = im.convert("RGB")
+    scale = min(tile_w / rgb.width, image_h / rgb.height)
+    size = (max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale)))
+    return np.asarray(rgb.resize(size, Image.Resampling.BILINEAR), dtype=np.uint8), scale
+
+
+def target_masks(item: PreviewItem, size_wh: tuple[int, int]) -> list[np.ndarray]:
+    """Each target's mask, resized (nearest) to ``size_wh``; the union when instances are missing."""
+    rles = [item.instances[t].rle for t in item.sample.target_ids if t in item.instances]
+    if len(rles) != len(item.sample.target_ids) and item.sample.union_rle is not None:
+        rles = [item.sample.union_rle]
+    out = []
+    for rle in rles:
+        full = mask_utils.decode(rle.to_coco()).astype(np.uint8)
+        out.append(np.asarray(Image.fromarray(full * 255).resize(size_wh, Image.Resampling.NEAREST)) > 127)
+    return out
+
+
+def render_tile(item: PreviewItem, tile_w: int = 300, image_h: int = 225) -> tuple[Image.Image, TileLayout]:
+    """Draws one sample.
+
+    Args:
+        item: the sample and its image.
+        tile_w: tile width in pixels.
+        image_h: height of the image area in pixels (the caption goes below).
+
+    Returns:
+        ``(tile, layout)``; ``layout`` has x0 = y0 = 0 (the sheet moves it).
+    """
+    base, scale = scaled_image(item, tile_w, image_h)
+    ih, iw = base.shape[:2]
+    arr = base.astype(np.float64)
+    for k, m in enumerate(target_masks(item, (iw, ih))):
+        colour = np.asarray(PALETTE[k % len(PALETTE)], dtype=np.float64)
+        arr[m] = arr[m] * (1 - OVERLAY_ALPHA) + colour * OVERLAY_ALPHA
+    tile = Image.new("RGB", (tile_w, image_h + CAPTION_PX), (255, 255, 255))
+    ox, oy = (tile_w - iw) // 2, (image_h - ih) // 2
+    tile.paste(Image.fromarray(np.rint(arr).astype(np.uint8)), (ox, oy))
+    draw = ImageDraw.Draw(tile)
+    s = item.sample
+    for k, t in enumerate(s.targets):
+        colour = PALETTE[k % len(PALETTE)]
+        x0, y0, x1, y1 = (v * scale for v in t.bbox_xyxy)
+        draw.rectangle([ox + x0, oy + y0, ox + x1 - 1, oy + y1 - 1], outline=colour, width=2)
+        for j, (px, py) in enumerate((t.point_1, t.point_2)):
+            cx, cy = ox + (px + 0.5) * scale, oy + (py + 0.5) * scale
+            r = 4
+            if j == 0:
+                draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour, outline=(0, 0, 0))
+            else:
+                draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=colour, width=2)
+    small, big = _font(11), _font(13)
+    kind_colour = KIND_COLOURS.get(s.kind, (60, 60, 60))
+    label = s.kind if s.target_ids else f"{s.kind} (empty mask)"
+    ty = image_h + 3
+    lw = draw.textlength(label, font=small)
+    draw.rounded_rectangle([PAD_PX - 2, ty, PAD_PX + lw + 4, ty + 14], radius=4, fill=kind_colour)
+    draw.text((PAD_PX + 1, ty + 1), label, fill=(255, 255, 255), font=small)
+    n = len(s.target_ids)
+    meta = f"{n} target{'s' if n != 1 else ''}  |  {item.split}"
+    draw.text((PAD_PX + lw + 12, ty + 1), meta, fill=(110, 110, 110), font=small)
+    for i, line in enumerate(_wrap(draw, f"\u201c{s.expression}\u201d", big, tile_w - 2 * PAD_PX, 3)):
+        draw.text((PAD_PX, ty + 17 + 15 * i), line, fill=(20, 20, 20), font=big)
+    layout = TileLayout(0, 0, ox, oy, iw, ih, scale)
+    return tile, layout
+
+
+def render_sheet(
+    items: Sequence[PreviewItem], cols: int = 4, tile_w: int = 300, image_h: int = 225
+) -> tuple[Image.Image, list[Image.Image], list[TileLayout]]:
+    """A contact sheet of ``items``, ``cols`` tiles per row.
+
+    Returns:
+        ``(sheet, tiles, layouts)``; each layout's ``x0, y0`` place its tile.
+
+    Raises:
+        PreviewError: no items.
+    """
+    if not items:
+        raise PreviewError("no samples to preview; check --split and --kind, or that the dataset has samples.")
+    cols = max(1, min(cols, len(items)))
+    rows = -(-len(items) // cols)
+    th = image_h + CAPTION_PX
+    gap = 4
+    sheet = Image.new("RGB", (cols * tile_w + (cols + 1) * gap, rows * th + (rows + 1) * gap), (225, 225, 225))
+    tiles, layouts = [], []
+    for i, item in enumerate(items):
+        tile, lay = render_tile(item, tile_w, image_h)
+        x0 = gap + (i % cols) * (tile_w + gap)
+        y0 = gap + (i // cols) * (th + gap)
+        sheet.paste(tile, (x0, y0))
+        tiles.append(tile)
+        layouts.append(TileLayout(x0, y0, lay.image_x0, lay.image_y0, lay.image_w, lay.image_h, lay.scale))
+    return sheet, tiles, layouts
+
+
+def _png(im: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
+def _jpeg(im: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=85)
+    return buf.getvalue()
+
+
+def render_html(items: Sequence[PreviewItem], tiles: Sequence[Image.Image], sheet_name: str, title: str) -> str:
+    """A self-contained HTML page listing the samples (tiles embedded as data URIs)."""
+    e = html.escape
+    rows = []
+    for i, (item, tile) in enumerate(zip(items, tiles)):
+        s = item.sample
+        # JPEG keeps the page small; the PNG sheet is the lossless picture.
+        data = base64.b64encode(_jpeg(tile)).decode("ascii")
+        targets = "<br>".join(
+            f"<code>{e(t.instance_id)}</code> box {[round(v, 1) for v in t.bbox_xyxy]} "
+            f"p1 {list(t.point_1)} p2 {list(t.point_2)} qwen {list(t.qwen_box)}"
+            for t in s.targets
+        ) or "<i>none</i>"
+        rows.append(
+            f"<tr><td>{i + 1}</td><td><img src=\"data:image/jpeg;base64,{data}\" width=\"{tile.width}\" "
+            f"alt=\"{e(s.expression)}\"></td><td><span class=\"kind\" style=\"background:rgb{KIND_COLOURS.get(s.kind, (60, 60, 60))}\">"
+            f"{e(s.kind)}</span><p class=\"expr\">{e(s.expression)}</p>"
+            f"<p>split <b>{e(item.split)}</b> · key <code>{e(item.key)}</code><br>sample <code>{e(s.sample_id)}</code><br>"
+            f"generator <code>{e(s.generator)}</code> template <code>{e(s.template or '-')}</code></p>"
+            f"<p>{targets}</p></td></tr>"
+        )
+    return (
+        "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>"
+        + e(title)
+        + "</title><style>body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse}"
+        "td{border-top:1px solid #ddd;padding:6px;vertical-align:top}.kind{color:#fff;border-radius:4px;"
+        "padding:1px 6px;font-size:85%}.expr{font-size:120%;margin:.4em 0}code{font-size:85%}</style></head><body>\n"
+        f"<h1>{e(title)}</h1><p>{len(items)} samples · contact sheet: <a href=\"{e(sheet_name)}\">{e(sheet_name)}</a>. "
+        "Tinted: target masks; boxes: target boxes; filled dot / ring: interior points 1 / 2.</p>\n"
+        "<table>\n" + "\n".join(rows) + "\n</table></body></html>\n"
+    )
+
+
+def _write_atomic(path: str, data: bytes, overwrite: bool) -> None:
+    fs, p = fsspec.core.url_to_fs(path)
+    if fs.exists(p) and not overwrite:
+        raise FileExistsError(f"{path} already exists; choose another --out or pass --overwrite to replace it.")
+    parent = posixpath.dirname(p)
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    tmp = posixpath.join(parent, f".{posixpath.basename(p)}.tmp-{os.getpid()}")
+    with fs.open(tmp, "wb") as f:
+        f.write(data)
+    fs.mv(tmp, p)
+
+
+def write_preview(
+    root: str,
+    out_png: str,
+    *,
+    split: str | None = None,
+    n: int = 24,
+    kinds: Sequence[str] | None = None,
+    cols: int = 4,
+    html_path: str | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Renders the contact sheet and the HTML page of an output folder.
+
+    Args:
+        root: the orsgen output folder.
+        out_png: the sheet's path (PNG).
+        split: one split, or None for all.
+        n: how many samples (>= 1).
+        kinds: only these kinds (None: all).
+        cols: tiles per row.
+        html_path: the page's path; None puts it beside the PNG (``.html``).
+        overwrite: replace existing files (otherwise an existing file is an error).
+
+    Returns:
+        ``{"png", "html", "samples", "by_kind"}``.
+
+    Raises:
+        PreviewError: nothing to preview.
+        FileExistsError: an output exists and ``overwrite`` is False.
+    """
+    if n < 1:
+        raise PreviewError(f"--n must be at least 1, got {n}.")
+    items = pick_items(iter_examples(root, split), n, kinds)
+    sheet, tiles, _layouts = render_sheet(items, cols)
+    html_path = html_path or (os.path.splitext(out_png)[0] + ".html")
+    title = f"orsgen preview: {root}" + (f" [{split}]" if split else "")
+    _write_atomic(out_png, _png(sheet), overwrite)
+    page = render_html(items, tiles, posixpath.basename(out_png), title)
+    _write_atomic(html_path, page.encode("utf-8"), overwrite)
+    by_kind: dict[str, int] = defaultdict(int)
+    for it in items:
+        by_kind[it.sample.kind] += 1
+    return {"png": out_png, "html": html_path, "samples": len(items), "by_kind": dict(by_kind)}
