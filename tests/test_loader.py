@@ -1,0 +1,115 @@
+"""PyTorch loaders: every sample exactly once across workers and ranks, equal counts for DDP, lazy masks."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections import Counter
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from pycocotools import mask as mask_utils  # noqa: E402
+
+from orsgen.stages.loader import (  # noqa: E402
+    ParquetSamples,
+    WebDatasetSamples,
+    assign_shards,
+    collate_lists,
+)
+from orsgen.stages.read import iter_rows, tar_files  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def truth(demo_output):
+    """split -> {sample_id: sample} from the Parquet shards."""
+    out = {}
+    for split in ("train", "testA"):
+        out[split] = {s["sample_id"]: s for row in iter_rows(str(demo_output), split, ["samples"]) for s in row["samples"]}
+    return out
+
+
+def test_dataloader_with_two_workers_sees_every_sample_once(demo_output, truth):
+    ds = WebDatasetSamples(str(demo_output), "train", mask="rle", decode_images=False)
+    assert len(tar_files(str(demo_output), "train")) >= 2
+    assert len(ds) == len(truth["train"])
+    dl = torch.utils.data.DataLoader(ds, batch_size=5, num_workers=2, collate_fn=collate_lists)
+    seen = Counter(sid for batch in dl for sid in batch["sample_id"])
+    assert set(seen) == set(truth["train"]) and max(seen.values()) == 1
+    # Per-image items too.
+    ds_img = WebDatasetSamples(str(demo_output), "train", unit="image", decode_images=False)
+    keys = Counter(b["key"] for b in torch.utils.data.DataLoader(ds_img, batch_size=None, num_workers=2))
+    assert max(keys.values()) == 1 and sum(keys.values()) == len(ds_img)
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 8])
+def test_ranks_split_shards_exactly_or_equalize(demo_output, truth, world_size):
+    n_shards = len(tar_files(str(demo_output), "train"))
+    exact = [
+        [x["sample_id"] for x in WebDatasetSamples(str(demo_output), "train", mask="none", decode_images=False, rank=r, world_size=world_size)]
+        for r in range(world_size)
+    ]
+    flat = [sid for part in exact for sid in part]
+    assert sorted(flat) == sorted(truth["train"])  # every sample exactly once over all ranks
+    if world_size > n_shards:
+        assert any(not part for part in exact)  # some ranks have no shard: DDP would hang...
+
+    total = len(truth["train"])
+    eq = []
+    for r in range(world_size):
+        ds = WebDatasetSamples(str(demo_output), "train", mask="none", decode_images=False, rank=r, world_size=world_size, equalize=True)
+        # ...so equalize gives every rank the same count, with two workers per rank too.
+        items = [sid for b in torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2) for sid in [b["sample_id"]]]
+        assert len(items) == len(ds) == total // world_size > 0
+        assert set(items) <= set(truth["train"])
+        eq.append(items)
+    assert len({len(e) for e in eq}) == 1
+
+
+def test_shard_assignment_is_a_partition():
+    shards = [f"s{i}" for i in range(7)]
+    got = [assign_shards(shards, r, 2, w, 3) for r in range(2) for w in range(3)]
+    flat = [s for g in got for s in g]
+    assert sorted(flat) == sorted(shards) and len(flat) == len(set(flat))
+
+
+def test_masks_are_decoded_lazily_full_or_crop(demo_output, truth):
+    full = WebDatasetSamples(str(demo_output), "testA", mask="full")
+    crop = WebDatasetSamples(str(demo_output), "testA", mask="crop", decode_images=False)
+    for a, b in zip(full, crop):
+        s = truth["testA"][a["sample_id"]]
+        want = mask_utils.decode({"size": s["union_rle"]["size"], "counts": s["union_rle"]["counts"].encode()}).astype(bool)
+        assert a["mask"].shape == (a["height"], a["width"]) and a["mask"].dtype == torch.bool
+        assert np.array_equal(a["mask"].numpy(), want)
+        assert a["image"].size == (a["width"], a["height"])
+        assert b["mask_crop"].sum() == want.sum()
+        if want.any():
+            x0, y0 = b["mask_origin"]
+            h, w = b["mask_crop"].shape
+            assert np.array_equal(want[y0 : y0 + h, x0 : x0 + w], b["mask_crop"].numpy())
+            assert h * w < want.size  # only the box was decoded
+        assert a["boxes"].shape == (len(s["targets"]), 4) and a["points"].shape == (len(s["targets"]), 2, 2)
+        assert a["no_target"] == (s["kind"] == "no_target")
+
+
+def test_parquet_map_style_dataset(demo_output, truth, tmp_path):
+    ds = ParquetSamples(str(demo_output), "train", mask="crop", cache_dir=str(tmp_path / "hf"))
+    assert len(ds) == len(truth["train"])
+    item = ds[len(ds) - 1]
+    assert item["sample_id"] in truth["train"] and item["image"].size == (item["width"], item["height"])
+    dl = torch.utils.data.DataLoader(ds, batch_size=7, num_workers=2, shuffle=True, collate_fn=collate_lists)
+    seen = Counter(sid for b in dl for sid in b["sample_id"])
+    assert set(seen) == set(truth["train"]) and max(seen.values()) == 1
+    # DistributedSampler splits it across simulated ranks.
+    parts = [list(torch.utils.data.DistributedSampler(ds, num_replicas=2, rank=r, shuffle=False)) for r in range(2)]
+    assert len(parts[0]) == len(parts[1])
+    with pytest.raises(IndexError):
+        ds[len(ds)]
+
+
+def test_missing_torch_names_the_extra():
+    code = "import sys; sys.modules['torch'] = None\nimport orsgen.stages.loader"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0 and "pip install 'orsgen[train]'" in res.stderr
