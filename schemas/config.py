@@ -417,13 +417,15 @@ class CaptionSamplingConfig(_Model):
     """Generation parameters of every caption request (part of the cache key).
 
     Attributes:
-        max_tokens: most tokens per answer (grounding lists need the most).
+        max_tokens: most tokens per answer. Grounding lists need the most:
+            about 25 tokens per box, so 64 boxes take ~1600; a list cut off by
+            the limit keeps only its complete entries.
         temperature: 0 is greedy.
         top_p: nucleus mass.
         seed: sampling seed, where the server honours it.
     """
 
-    max_tokens: int = Field(default=1024, ge=1)
+    max_tokens: int = Field(default=2048, ge=1)
     temperature: float = Field(default=0.0, ge=0.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int = 0
