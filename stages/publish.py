@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import os
 import posixpath
@@ -45,7 +46,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import fsspec
-import numpy as np
 import yaml
 
 from orsgen.stages.read import check_split_name, iter_rows, list_splits, load_manifest, shards
@@ -56,6 +56,8 @@ if TYPE_CHECKING:
 MAX_FILES_PER_FOLDER = 10_000
 MARKER_NAME = ".orsgen-publish.json"
 PREVIEW_PATH = "assets/preview.png"
+# The card preview looks at most this many images (round-robin over kinds).
+PREVIEW_MAX_IMAGES = 2000
 _COPY_CHUNK = 8 * 1024 * 1024
 
 # Hugging Face size categories, by number of rows (images).
@@ -322,22 +324,17 @@ class DataSummary:
     models: Counter[str] = field(default_factory=Counter)
     templates: Counter[str] = field(default_factory=Counter)
     examples_by_kind: dict[str, dict[str, Any]] = field(default_factory=dict)
-    preview_rows: list[tuple[dict[str, Any], dict[str, Any]]] = field(default_factory=list)
 
 
-def scan_samples(root: str, splits: Sequence[str], *, preview_n: int = 12) -> DataSummary:
-    """Counts generators, models and prompt/template versions, and picks preview samples.
+def scan_samples(root: str, splits: Sequence[str]) -> DataSummary:
+    """Counts generators, models and prompt/template versions, and an example per kind.
 
-    Only the annotation columns are read (no image bytes). Preview samples
-    cover every kind first, then fill up in key order, so the pick is
-    deterministic.
+    Only the annotation columns are read (no image bytes).
     """
     out = DataSummary()
-    by_kind: list[tuple[str, str, str]] = []  # (split, key, sample_id): the first sample of every kind
-    by_image: list[tuple[str, str, str]] = []  # then the first sample of every image
     for split in splits:
         for row in iter_rows(root, split, ["key", "samples"]):
-            for i, s in enumerate(row["samples"] or ()):
+            for s in row["samples"] or ():
                 out.generators[s["generator"] or "-"] += 1
                 if s["model"]:
                     out.models[s["model"]] += 1
@@ -345,91 +342,34 @@ def scan_samples(root: str, splits: Sequence[str], *, preview_n: int = 12) -> Da
                     out.templates[s["template"]] += 1
                 if s["kind"] not in out.examples_by_kind:
                     out.examples_by_kind[s["kind"]] = {"expression": s["expression"], "split": split, "n_targets": len(s["target_ids"])}
-                    by_kind.append((split, row["key"], s["sample_id"]))
-                elif i == 0 and len(by_image) < preview_n:
-                    by_image.append((split, row["key"], s["sample_id"]))
-    chosen = list(dict.fromkeys(by_kind + by_image))[:preview_n]
-    want: dict[str, set[str]] = {}
-    for split, _, sid in chosen:
-        want.setdefault(split, set()).add(sid)
-    keys = {key for _, key, _ in chosen}
-    got: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
-    for split, sids in want.items():
-        for row in iter_rows(root, split, ["key", "image", "width", "height", "samples"]):
-            if row["key"] in keys:
-                for s in row["samples"]:
-                    if s["sample_id"] in sids:
-                        got[s["sample_id"]] = (row, s)
-    out.preview_rows = [got[sid] for _, _, sid in chosen if sid in got]
     return out
 
 
 # ------------------------------------------------------------------ preview
 
 
-def _eroded(m: np.ndarray) -> np.ndarray:
-    import cv2
+def render_preview(root: str, splits: Sequence[str], kinds: Sequence[str], *, n: int = 12, max_images: int = PREVIEW_MAX_IMAGES) -> bytes | None:
+    """The card's contact sheet, drawn by ``stages.preview`` (the ``orsgen preview`` renderer).
 
-    return cv2.erode(m.astype(np.uint8), np.ones((3, 3), np.uint8), borderType=cv2.BORDER_CONSTANT, borderValue=0).astype(bool)
-
-
-def render_preview(items: Sequence[tuple[dict[str, Any], dict[str, Any]]], *, tile_px: int = 256, cols: int = 4) -> bytes:
-    """A contact sheet PNG: image, union-mask overlay, target boxes, points, kind and expression.
-
-    Masks are decoded only inside their bounding box (``decode_crop``).
-
-    Args:
-        items: ``(row, sample)`` pairs; the row needs ``image``, ``width``
-            and ``height``.
-        tile_px: width and height of one tile's image area.
-        cols: tiles per row.
+    Samples are picked round-robin across ``kinds`` from the first
+    ``max_images`` images, so a large dataset is not read to the end for a
+    rare kind.
 
     Returns:
-        PNG bytes.
+        PNG bytes, or None when there is no sample to show.
     """
-    from PIL import Image, ImageDraw, ImageFont
+    from orsgen.schemas.arrow import example_from_row
+    from orsgen.stages import preview
 
-    from orsgen.schemas.records import Rle
-    from orsgen.stages.masks import decode_crop, rle_area
+    def examples() -> Any:
+        for split in splits:
+            for row in iter_rows(root, split):
+                yield example_from_row(row)
 
-    text_h = 34
-    n = max(1, len(items))
-    cols = max(1, min(cols, n))
-    rows_n = -(-n // cols)
-    sheet = Image.new("RGB", (cols * tile_px, rows_n * (tile_px + text_h)), (255, 255, 255))
-    draw = ImageDraw.Draw(sheet)
-    font = ImageFont.load_default()
-    for i, (row, s) in enumerate(items):
-        x0, y0 = (i % cols) * tile_px, (i // cols) * (tile_px + text_h)
-        img = Image.open(io.BytesIO(row["image"])).convert("RGB")
-        w, h = int(row["width"]), int(row["height"])
-        scale = min(tile_px / w, tile_px / h)
-        arr = np.asarray(img, dtype=np.float32).copy()
-        union = s.get("union_rle")
-        if union is not None:
-            rle = Rle.from_coco(union)
-            if rle_area(rle) > 0:
-                crop, (ox, oy) = decode_crop(rle)
-                ch, cw = crop.shape
-                ys, xs = slice(max(oy, 0), min(oy + ch, h)), slice(max(ox, 0), min(ox + cw, w))
-                sub = crop[ys.start - oy : ys.stop - oy, xs.start - ox : xs.stop - ox]
-                region = arr[ys, xs]
-                region[sub] = 0.4 * region[sub] + 0.6 * np.array([0.0, 255.0, 255.0])
-                # A dark outline keeps the overlay visible on any colour.
-                edge = sub & ~_eroded(sub)
-                region[edge] = (0.0, 0.0, 0.0)
-        tile = Image.fromarray(arr.clip(0, 255).astype(np.uint8)).resize((max(1, int(w * scale)), max(1, int(h * scale))))
-        sheet.paste(tile, (x0, y0))
-        for t in s.get("targets") or ():
-            bx = [v * scale for v in t["bbox_xyxy"]]
-            draw.rectangle([x0 + bx[0], y0 + bx[1], x0 + bx[2], y0 + bx[3]], outline=(40, 220, 40), width=2)
-            for p, color in ((t["point_1"], (255, 255, 0)), (t["point_2"], (0, 200, 255))):
-                px, py = x0 + p[0] * scale, y0 + p[1] * scale
-                draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=color, outline=(0, 0, 0))
-        text = f"[{s['kind']}] {s['expression']}"
-        draw.text((x0 + 3, y0 + tile_px + 2), text[:40], fill=(0, 0, 0), font=font)
-        if len(text) > 40:
-            draw.text((x0 + 3, y0 + tile_px + 16), text[40:80], fill=(0, 0, 0), font=font)
+    items = preview.pick_items(itertools.islice(examples(), max_images), n, list(kinds))
+    if not items:
+        return None
+    sheet, _, _ = preview.render_sheet(items, cols=4)
     buf = io.BytesIO()
     sheet.save(buf, format="PNG", optimize=True)
     return buf.getvalue()
@@ -826,11 +766,13 @@ def prepare_hub_folder(
             _copy_checked(f.source, tmp / f.dest, f.sha256, link)
         with fsspec.open(posixpath.join(str(root).rstrip("/"), "manifest.json"), "rb") as fin:
             (tmp / "manifest.json").write_bytes(fin.read())
-        summary = scan_samples(root, sorted(layout.configs["default"]), preview_n=preview_n)
-        has_preview = bool(summary.preview_rows)
-        if has_preview:
+        splits = sorted(layout.configs["default"])
+        summary = scan_samples(root, splits)
+        png = render_preview(root, splits, sorted(summary.examples_by_kind), n=preview_n)
+        has_preview = png is not None
+        if png is not None:
             (tmp / PREVIEW_PATH).parent.mkdir(parents=True, exist_ok=True)
-            (tmp / PREVIEW_PATH).write_bytes(render_preview(summary.preview_rows))
+            (tmp / PREVIEW_PATH).write_bytes(png)
         card = build_card(manifest, layout, summary, repo_id=repo_id, license=license, pretty_name=pretty_name, has_preview=has_preview)
         (tmp / "README.md").write_text(card, encoding="utf-8")
         if (license or default_license(sources_of(manifest))) == "other":
