@@ -300,6 +300,11 @@ def interior_points(rle: Rle) -> tuple[tuple[int, int], tuple[int, int]]:
         raise MaskError("empty_mask", "interior points of an empty mask do not exist.")
     crop, (ox, oy) = decode_crop(rle, pad_px=1)
     dist = cv2.distanceTransform(crop.astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    # The precise transform is exact: sqrt of an integer squared distance. Its
+    # float32 result varies in the last bits between calls on different
+    # threads (as Beam makes them), which flips ties; the rounded squared
+    # distance is the exact integer, so ties break the same way every time.
+    dist = np.rint(dist.astype(np.float64) ** 2)
     i1 = int(np.argmax(dist))
     y1, x1 = divmod(i1, dist.shape[1])
     ys, xs = np.nonzero(crop)

@@ -432,3 +432,20 @@ def test_ood_config_errors(ood, needle):
 
         config_from_dict({"inputs": [{"type": "coco", "name": "c", "annotations": "a", "images": "i"}], "splits": {"ood": ood}})
     assert needle in str(err.value)
+
+
+def test_interior_points_are_the_same_on_every_thread():
+    """Beam calls stages from several threads; trainer targets must not depend on which."""
+    import threading
+
+    from orsgen.stages.masks import interior_points
+
+    yy, xx = np.mgrid[0:90, 0:120]
+    rles = [encode_mask((xx - 60) ** 2 + (yy - 45) ** 2 <= r * r) for r in range(8, 40, 3)]
+    ref = [interior_points(r) for r in rles]
+    for _ in range(3):
+        out: list = []
+        t = threading.Thread(target=lambda: out.extend(interior_points(r) for r in rles))
+        t.start()
+        t.join()
+        assert out == ref
