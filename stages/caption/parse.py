@@ -94,9 +94,10 @@ def clean_text(text: str) -> str:
 def json_values(text: str) -> list[Any]:
     """Every top-level JSON (or Python-literal) value found in ``text``, in order.
 
-    Fenced blocks are read first; then the text is scanned for ``[`` / ``{``
-    starts, skipping starts inside a value already found, so a list cut off
-    by the token limit still yields its complete entries.
+    Fenced blocks are read first when each decodes as a whole; otherwise the
+    text is scanned for ``[`` / ``{`` starts, skipping starts inside a value
+    already found, so a list cut off by the token limit still yields its
+    complete entries.
 
     Args:
         text: cleaned answer text.
@@ -107,10 +108,15 @@ def json_values(text: str) -> list[Any]:
     values: list[Any] = []
     for m in _FENCE.finditer(text):
         body = m.group(2).strip()
-        if body:
-            v = _decode_whole(body)
-            if v is not _NOTHING:
-                values.append(v)
+        if not body:
+            continue
+        v = _decode_whole(body)
+        if v is _NOTHING:
+            # Prose or a cut-off list in the fence, or a fence mark inside a
+            # string that split the block: scan the whole text instead.
+            values = []
+            break
+        values.append(v)
     if values:
         return values
     starts = 0
@@ -154,7 +160,9 @@ def _next_start(text: str, i: int) -> int:
 
 
 def _decode_whole(body: str) -> Any:
-    """A fenced body: strict JSON, then repaired JSON, then a Python literal, then a scan."""
+    """A fenced body as one value: strict JSON, repaired JSON, then a Python literal."""
+    if len(body) > MAX_LITERAL_CHARS * 4:
+        return _NOTHING
     for candidate in (body, _TRAILING_COMMA.sub(r"\1", body)):
         try:
             return json.loads(candidate)
@@ -163,26 +171,24 @@ def _decode_whole(body: str) -> Any:
     try:
         return ast.literal_eval(body)
     except _DECODE_ERRORS:
-        pass
-    # Prose inside the fence, or a truncated list: scan it. A scan of the body
-    # cannot see another fence, so this does not recurse further.
-    found = json_values(body) if "```" not in body else []
-    if len(found) == 1:
-        return found[0]
-    return found if found else _NOTHING
+        return _NOTHING
 
 
 def _literal_at(text: str, j: int) -> tuple[Any, int]:
-    """Python-style literal (single quotes, trailing commas) starting at ``j``."""
+    """A repaired JSON or Python-style literal (single quotes, trailing commas) starting at ``j``."""
     close = {"[": "]", "{": "}"}[text[j]]
     end = text.find(close, j)
     # Try the shortest balanced-looking spans first; bounded tries.
     tries = 0
     while 0 <= end < j + MAX_LITERAL_CHARS and tries < 8:
         tries += 1
-        chunk = text[j : end + 1]
+        chunk = _TRAILING_COMMA.sub(r"\1", text[j : end + 1])
         try:
-            return ast.literal_eval(_TRAILING_COMMA.sub(r"\1", chunk)), end + 1
+            return json.loads(chunk), end + 1  # JSON with a trailing comma
+        except _DECODE_ERRORS:
+            pass
+        try:
+            return ast.literal_eval(chunk), end + 1  # Python literal: single quotes, True/None
         except _DECODE_ERRORS:
             end = text.find(close, end + 1)
     return _NOTHING, j + 1

@@ -403,9 +403,11 @@ def to_model_box(
     Returns:
         Integer ``[x1, y1, x2, y2]`` as the model writes boxes.
     """
-    sx, sy = _scales(image_wh, convention, model_wh)
+    _scales(image_wh, convention, model_wh)
+    w, h = image_wh
+    mw, mh = (1000, 1000) if BoxConvention(convention) is BoxConvention.RELATIVE_1000 else model_wh  # type: ignore[misc]
     x0, y0, x1, y1 = (float(v) for v in box_xyxy)
-    return round(x0 * sx), round(y0 * sy), round(x1 * sx), round(y1 * sy)
+    return round(x0 * mw / w), round(y0 * mh / h), round(x1 * mw / w), round(y1 * mh / h)
 
 
 def from_model_box(
@@ -428,11 +430,13 @@ def from_model_box(
     Returns:
         ``(x0, y0, x1, y1)`` in source pixels, ``0 <= x0 <= x1 <= width``.
     """
-    sx, sy = _scales(image_wh, convention, model_wh)
+    _scales(image_wh, convention, model_wh)  # validates the arguments
     w, h = image_wh
+    mw, mh = (1000, 1000) if BoxConvention(convention) is BoxConvention.RELATIVE_1000 else model_wh  # type: ignore[misc]
     a, b, c, d = (float(v) for v in box)
-    x0, x1 = sorted((a / sx, c / sx))
-    y0, y1 = sorted((b / sy, d / sy))
+    # Multiply before dividing: 28 * 100 / 56 is exactly 50, 28 / 0.56 is not.
+    x0, x1 = sorted((a * w / mw, c * w / mw))
+    y0, y1 = sorted((b * h / mh, d * h / mh))
     clip = lambda v, hi: min(max(v, 0.0), float(hi))  # noqa: E731
     return clip(x0, w), clip(y0, h), clip(x1, w), clip(y1, h)
 
@@ -444,13 +448,9 @@ def format_box(box: Sequence[float]) -> str:
 
 def _scales(
     image_wh: tuple[int, int], convention: BoxConvention | str, model_wh: tuple[int, int] | None
-) -> tuple[float, float]:
+) -> None:
     w, h = image_wh
     if w <= 0 or h <= 0:
         raise ValueError(f"image size must be positive, got {image_wh}.")
-    conv = BoxConvention(convention)
-    if conv is BoxConvention.RELATIVE_1000:
-        return 1000.0 / w, 1000.0 / h
-    if model_wh is None:
+    if BoxConvention(convention) is BoxConvention.ABSOLUTE and (model_wh is None or min(model_wh) <= 0):
         raise ValueError("absolute boxes need model_wh, the size the model sees (model_input_size()).")
-    return model_wh[0] / w, model_wh[1] / h
