@@ -6,8 +6,8 @@ colour, the target boxes, the two Seg-Zero interior points (filled dot:
 The HTML page lists the same samples with their tiles, ids, targets and
 trainer geometry, so a reviewer can read what the picture shows.
 
-Samples are read from the Parquet shards (``DIR/parquet/<split>/*.parquet``),
-or from the WebDataset shards when there is no Parquet output, in sorted file
+Samples are read from the Parquet shards, or from the WebDataset shards when
+there is no Parquet output (both found through the manifest), in sorted shard
 and row order, and picked round-robin across kinds so that every kind shows.
 Everything here is pure and deterministic; ``pipelines/cli_preview.py`` is the
 command.
@@ -120,52 +120,45 @@ class TileLayout:
 # ---------------------------------------------------------------- reading
 
 
-def _split_dirs(fs: Any, base: str, split: str | None) -> list[str]:
-    if not fs.exists(base):
-        return []
-    names = sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(base, detail=False) if fs.isdir(p))
-    if split is None:
-        return names
-    return [split] if split in names else []
-
-
 def iter_examples(root: str, split: str | None = None) -> Iterator[ImageExample]:
     """Examples of an output folder in a fixed order: split, shard, row.
+
+    Shards are found through the manifest (``stages.read``), so the folder
+    layout of whichever orsgen version wrote them does not matter. Parquet is
+    read when the run wrote it, else the WebDataset tars.
 
     Args:
         root: the output folder (any fsspec URL).
         split: one split, or None for all.
 
     Raises:
-        PreviewError: the folder has no shards (of that split).
+        PreviewError: no manifest, an unknown split, or no shards.
     """
-    fs, base = fsspec.core.url_to_fs(str(root))
-    base = base.rstrip("/")
-    pq_splits = _split_dirs(fs, f"{base}/parquet", split)
-    if pq_splits:
-        for sp in pq_splits:
-            for path in sorted(fs.glob(f"{base}/parquet/{sp}/*.parquet")):
-                with fs.open(path, "rb") as f:
+    from orsgen.stages.read import DatasetReadError, list_splits, shards
+
+    try:
+        have = list_splits(root)
+    except DatasetReadError as err:
+        raise PreviewError(f"{root} is not an orsgen output folder: {err}") from None
+    if split is not None and split not in have:
+        raise PreviewError(f"no Parquet or WebDataset shards found for split {split!r} of {root}; it has {have}.")
+    for sp in [split] if split is not None else have:
+        pq_shards = shards(root, "parquet", sp)
+        if pq_shards:
+            for ref in pq_shards:
+                with fsspec.open(ref.url, "rb") as f:
                     pf = pq.ParquetFile(f)
                     for batch in pf.iter_batches(batch_size=64):
                         for row in batch.to_pylist():
                             yield example_from_row(row)
-        return
-    wds_splits = _split_dirs(fs, f"{base}/webdataset", split)
-    if not wds_splits:
-        where = f"split {split!r} of {root}" if split else str(root)
-        raise PreviewError(
-            f"no Parquet or WebDataset shards found for {where}; pass an orsgen output folder"
-            + (" and one of its splits." if split else ".")
-        )
-    for sp in wds_splits:
-        for path in sorted(fs.glob(f"{base}/webdataset/{sp}/*.tar")):
-            yield from _tar_examples(fs, path)
+        else:
+            for ref in shards(root, "webdataset", sp):
+                yield from _tar_examples(ref.url)
 
 
-def _tar_examples(fs: Any, path: str) -> Iterator[ImageExample]:
+def _tar_examples(url: str) -> Iterator[ImageExample]:
     pending: dict[str, dict[str, bytes]] = {}
-    with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+    with fsspec.open(url, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
         for member in tar:
             if not member.isfile():
                 continue
