@@ -209,6 +209,10 @@ def _manifest_fn(
         # What the VLM stage asked and skipped (requests per task, regions under
         # the saliency gate, match methods): events, not rejects.
         counts["caption"] = caption
+    expressions = {k.split("/", 1)[1]: n for k, n in sorted(events.items()) if k.startswith("expressions/")}
+    if expressions:
+        # What the expressions stage left out and why (crowds, near-ties, caps): events, not rejects.
+        counts["expressions"] = expressions
     manifest = build_manifest(
         name=cfg.name,
         config=cfg.model_dump(mode="json"),

@@ -21,7 +21,9 @@ REJECTS = "rejects"
 EVENTS = "events"
 NAMESPACE = "orsgen"
 
-StageFunction = Callable[[ImageExample], tuple[ImageExample | None, list[Reject]]]
+#: ``example -> (example or None, rejects)``, optionally with a third item of
+#: counting events ``[(key, n)]``.
+StageFunction = Callable[..., tuple[Any, ...]]
 
 
 def example_events(prefix: str, ex: ImageExample) -> list[tuple[str, int]]:
@@ -52,7 +54,13 @@ class StageDoFn(beam.DoFn):
         # stage function as extra positional arguments. (Unannotated: Beam reads
         # an annotation on *args as a type hint of one tuple-valued input.)
         self._in.inc()
-        out, rejects = self._fn(ex, *side_inputs)
+        result = self._fn(ex, *side_inputs)
+        out, rejects = result[0], result[1]
+        # A stage may also return counting events ``[(key, n)]`` (what it
+        # skipped and why); they reach the manifest like every other event.
+        for key, n in result[2] if len(result) > 2 else ():
+            if n:
+                yield TaggedOutput(EVENTS, (key, n))
         for r in rejects:
             Metrics.counter(NAMESPACE, f"dropped_{r.reason}").inc()
             yield TaggedOutput(REJECTS, r)

@@ -287,7 +287,7 @@ def test_negative_ratio_holds_on_average():
 
 def test_add_expressions_attaches_trainer_targets_deterministically():
     ex = _example(_scene())
-    out, rejects = add_expressions(ex, VOCAB, TEMPLATES, ExpressionConfig(), seed=0)
+    out, rejects, _ = add_expressions(ex, VOCAB, TEMPLATES, ExpressionConfig(), seed=0)
     assert rejects == []
     kinds = {s.kind for s in out.samples}
     assert {"category_single", "category_multi", "description", "phrase", "no_target"} <= kinds
@@ -306,16 +306,16 @@ def test_add_expressions_attaches_trainer_targets_deterministically():
             crop = insts[t.instance_id]
             assert tuple(t.bbox_xyxy) == tuple(crop.bbox_xyxy)
         assert s.union_svg.startswith("M ")
-    again, _ = add_expressions(ex, VOCAB, TEMPLATES, ExpressionConfig(), seed=0)
+    again, _, _ = add_expressions(ex, VOCAB, TEMPLATES, ExpressionConfig(), seed=0)
     assert again == out
     # Rerunning the stage on its own output adds nothing twice.
-    twice, _ = add_expressions(out, VOCAB, TEMPLATES, ExpressionConfig(), seed=0)
+    twice, _, _ = add_expressions(out, VOCAB, TEMPLATES, ExpressionConfig(), seed=0)
     assert [s.sample_id for s in twice.samples] == ids
 
 
 def test_kind_switches_turn_kinds_off():
     cfg = ExpressionConfig(kinds={"phrase": False, "no_target": False})
-    out, _ = add_expressions(_example(_scene()), VOCAB, TEMPLATES, cfg, seed=0)
+    out, _, _ = add_expressions(_example(_scene()), VOCAB, TEMPLATES, cfg, seed=0)
     kinds = {s.kind for s in out.samples}
     assert "phrase" not in kinds and "no_target" not in kinds and "description" in kinds
 
@@ -324,7 +324,7 @@ def test_bad_target_becomes_a_sample_reject():
     insts = _scene()
     bad = insts[2]
     insts[2] = Instance(**{**{f: getattr(bad, f) for f in bad.__slots__}, "area_px": 0})
-    out, rejects = add_expressions(_example(insts), VOCAB, TEMPLATES, ExpressionConfig(), seed=0)
+    out, rejects, _ = add_expressions(_example(insts), VOCAB, TEMPLATES, ExpressionConfig(), seed=0)
     assert rejects and all(r.level == "sample" and r.reason == "empty_mask" and r.stage == "expressions" for r in rejects)
     assert not any("coco:1/ann:3" in s.target_ids for s in out.samples)
 
@@ -335,10 +335,10 @@ def _cfg(**kw) -> OrsgenConfig:
 
 def test_stage_skips_other_input_types_and_respects_enabled():
     ex = _example(_scene(), input_name="sa")
-    out, _ = expressions_stage(ex, {}, cfg=_cfg(), input_types={"sa": "sa1b"}, templates=TEMPLATES)
+    out, _, _ = expressions_stage(ex, {}, cfg=_cfg(), input_types={"sa": "sa1b"}, templates=TEMPLATES)
     assert out is ex
     ex = _example(_scene())
-    out, _ = expressions_stage(ex, {}, cfg=_cfg(expressions={"enabled": False}), input_types={"coco": "coco"}, templates=TEMPLATES)
+    out, _, _ = expressions_stage(ex, {}, cfg=_cfg(expressions={"enabled": False}), input_types={"coco": "coco"}, templates=TEMPLATES)
     assert out is ex
 
 
@@ -353,7 +353,7 @@ def test_instances_region_selection_drops_count_for_uniqueness_but_are_never_tar
     # No caps, so that every verified candidate is visible.
     cfg = _cfg(expressions={"max_per_target": 99, "max_per_image": 999,
                             "max_per_kind": {"description": 99, "phrase": 99}})
-    out, rejects = expressions_stage(
+    out, rejects, events = expressions_stage(
         _example(insts), {"coco": VOCAB}, cfg=cfg, input_types={"coco": "coco"}, templates=TEMPLATES
     )
     assert rejects == []
@@ -362,6 +362,7 @@ def test_instances_region_selection_drops_count_for_uniqueness_but_are_never_tar
         if s.template == "ordinal.leftmost":
             raise AssertionError(f"{s.expression!r} would point at the second cup from the left")
     assert not [s for s in out.samples if s.kind == "category_multi" and s.metadata["category"] == "cup"]
+    assert dict(events)["expressions/category/target_dropped"] == 1  # counted for the manifest
     assert any(s.template == "ordinal.rightmost" and s.target_ids == ("coco:1/ann:3",) for s in out.samples)
     # The Regions stage then drops the tiny cup; nothing points at it, so no sample goes.
     after, rej = regions_stage(out, cfg, {"coco": "coco"})
@@ -399,7 +400,7 @@ def test_ood_rules_by_category_and_target_area():
 
 def test_example_ood_split_reads_instances_and_sample_areas():
     ex = _example(_scene())
-    out, _ = add_expressions(ex, VOCAB, TEMPLATES, ExpressionConfig(), seed=0)
+    out, _, _ = add_expressions(ex, VOCAB, TEMPLATES, ExpressionConfig(), seed=0)
     assert example_ood_split(out, SplitConfig(ood=[{"name": "ood_books", "categories": ["book"]}])) == "ood_books"
     assert example_ood_split(out, SplitConfig(ood=[{"name": "ood_big", "min_area_frac": 0.5}])) == ""
     assert example_ood_split(out, SplitConfig(ood=[{"name": "ood_small", "max_area_frac": 0.02}])) == "ood_small"
@@ -409,7 +410,7 @@ def test_example_ood_split_reads_instances_and_sample_areas():
 def test_held_out_categories_are_never_negatives():
     cfg = _cfg(splits={"ood": [{"name": "ood_kitchen", "categories": ["bowl", "bottle"]}]})
     for seed in range(5):
-        out, _ = expressions_stage(
+        out, _, _ = expressions_stage(
             _example(_scene()), {"coco": VOCAB}, cfg=cfg.model_copy(update={"seed": seed}),
             input_types={"coco": "coco"}, templates=TEMPLATES,
         )

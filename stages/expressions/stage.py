@@ -113,7 +113,7 @@ def add_expressions(
     seed: int,
     kept_ids: Collection[str] | None = None,
     held_out: Collection[str] = (),
-) -> tuple[ImageExample, list[Reject]]:
+) -> tuple[ImageExample, list[Reject], Counter[str]]:
     """Adds annotation-derived referring samples to one image.
 
     Args:
@@ -127,14 +127,17 @@ def add_expressions(
         held_out: OOD category names, never used as negatives.
 
     Returns:
-        ``(example with samples appended, rejects)``; a candidate whose
-        trainer targets cannot be computed becomes a sample-level reject.
+        ``(example with samples appended, rejects, counts)``; a candidate
+        whose trainer targets cannot be computed becomes a sample-level
+        reject; ``counts`` says what was left out and why
+        (``description/indecisive``, ``category/crowd``,
+        ``balance/over_kind_cap``, ...).
     """
     w, h = ex.image.width, ex.image.height
     ctx = ImageContext.build(
         ex.image.image_id, w, h, ex.instances, margins_for(cfg, w, h), seed=seed, kept_ids=kept_ids
     )
-    selected, _counts = generate_candidates(ctx, vocabulary, templates, cfg, held_out=held_out)
+    selected, counts = generate_candidates(ctx, vocabulary, templates, cfg, held_out=held_out)
     by_id = {i.instance_id: i for i in ex.instances}
     samples: list[Sample] = []
     rejects: list[Reject] = []
@@ -157,7 +160,8 @@ def add_expressions(
             samples.append(attach_targets(sample, by_id, w, h))
         except TargetError as err:
             rejects.append(Reject(sid, STAGE, err.reason, str(err), RejectLevel.SAMPLE, ex.image.image_id))
-    return ex.replace(samples=ex.samples + tuple(samples)), rejects
+    counts["images"] += 1
+    return ex.replace(samples=ex.samples + tuple(samples)), rejects, counts
 
 
 def expressions_stage(
@@ -167,7 +171,7 @@ def expressions_stage(
     cfg: OrsgenConfig,
     input_types: Mapping[str, str],
     templates: TemplateSet,
-) -> tuple[ImageExample | None, list[Reject]]:
+) -> tuple[ImageExample | None, list[Reject], list[tuple[str, int]]]:
     """The pipeline stage: expressions for images of the configured input types.
 
     Args:
@@ -178,24 +182,24 @@ def expressions_stage(
         templates: the loaded template set.
 
     Returns:
-        ``(example, rejects)``; images of other input types pass unchanged.
+        ``(example, rejects, events)``; images of other input types pass
+        unchanged. Events are ``("expressions/<what>", n)`` counts for the
+        manifest.
     """
     ecfg = cfg.expressions
     itype = input_types.get(ex.input_name, "")
     if not ecfg.enabled or itype not in ecfg.apply_to:
-        return ex, []
+        return ex, [], []
     kept_ids = None
     if itype in cfg.regions.apply_to:
         kept, _dropped = select_regions(
             ex.instances, ex.image.width, ex.image.height, cfg.regions, annotated=itype != "sa1b"
         )
         kept_ids = {i.instance_id for i in kept}
-    return add_expressions(
-        ex,
-        tuple(vocabularies.get(ex.input_name, ())),
-        templates,
-        ecfg,
-        seed=cfg.seed,
-        kept_ids=kept_ids,
-        held_out=held_out_categories(cfg),
+    vocabulary = tuple(vocabularies.get(ex.input_name, ()))
+    out, rejects, counts = add_expressions(
+        ex, vocabulary, templates, ecfg, seed=cfg.seed, kept_ids=kept_ids, held_out=held_out_categories(cfg)
     )
+    if not vocabulary and ecfg.kinds.no_target:
+        counts["negatives/no_vocabulary"] += 1
+    return out, rejects, [(f"expressions/{k}", int(n)) for k, n in sorted(counts.items())]
