@@ -182,8 +182,8 @@ def pick_items(
 ) -> list[PreviewItem]:
     """Up to ``n`` samples, round-robin across kinds (``KIND_ORDER``), in reading order.
 
-    Each kind takes at most one sample per image, so the sheet shows many
-    images. Reading stops as soon as every wanted kind has ``n`` samples, so a
+    Each kind takes at most one sample per example, and an image's
+    expression shows once, so the sheet shows many images. Reading stops as soon as every wanted kind has ``n`` samples, so a
     large split is not read to the end.
 
     Args:
@@ -193,13 +193,17 @@ def pick_items(
     """
     wanted = list(kinds) if kinds else list(KIND_ORDER)
     by_kind: dict[str, list[PreviewItem]] = defaultdict(list)
+    # RefCOCO and gRefCOCO share images and sentences: show each pair once.
+    shown: set[tuple[str, str]] = set()
     for ex in examples:
         insts = {i.instance_id: i for i in ex.instances}
         taken: set[str] = set()
         for s in ex.samples:
-            if s.kind not in wanted or s.kind in taken or len(by_kind[s.kind]) >= n:
+            seen_key = (ex.image.image_id, s.expression.lower())
+            if s.kind not in wanted or s.kind in taken or len(by_kind[s.kind]) >= n or seen_key in shown:
                 continue
             taken.add(s.kind)
+            shown.add(seen_key)
             by_kind[s.kind].append(
                 PreviewItem(ex.key, ex.split, ex.image_bytes, ex.image.width, ex.image.height, s, insts)
             )
