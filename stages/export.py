@@ -42,7 +42,7 @@ import re
 import secrets
 import shutil
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -54,7 +54,7 @@ import pyarrow.parquet as pq
 from pycocotools import mask as mask_utils
 
 from orsgen.schemas.records import ExpressionKind, Rle
-from orsgen.stages.masks import empty_rle, polygons_to_rle, rle_area, rle_bbox_xywh, rle_difference, rle_union
+from orsgen.stages.masks import empty_rle, polygons_to_rle, rle_bbox_xywh, rle_difference, rle_union
 from orsgen.stages.read import check_split_name, iter_rows, resolve_splits
 
 if TYPE_CHECKING:
@@ -822,28 +822,3 @@ def iter_export_records(path: str | Path, split: str) -> Iterator[dict[str, Any]
         return
     for f in sorted((p / "data").glob(f"{split}-*.parquet")):
         yield from pq.read_table(f).to_pylist()
-
-
-def rle_of(obj: dict[str, Any]) -> Rle:
-    """An ``Rle`` from a JSON / Arrow RLE dict (``counts`` str, ``size`` [h, w])."""
-    return Rle.from_coco(obj)
-
-
-def union_of(rles: Iterable[dict[str, Any]], size: tuple[int, int]) -> Rle:
-    """The union of RLE dicts, on the runs (empty when there are none)."""
-    return rle_union([rle_of(r) for r in rles], size=size)
-
-
-__all__ = [
-    "FORMATS",
-    "ExportError",
-    "export_dataset",
-    "iter_export_records",
-    "parse_segzero_solution",
-    "rle_area",
-    "scale_box",
-    "scale_point",
-    "segzero_solution",
-    "smart_resize",
-    "svg_path_to_rle",
-]
