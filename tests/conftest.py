@@ -68,18 +68,44 @@ def tiny_vlm(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tiny_vlm_server(tiny_vlm):
-    """Base URL (``http://127.0.0.1:P/v1``) of one ``transformers serve`` for the session.
+def tiny_vlm_managed(tiny_vlm):
+    """One ``transformers serve`` for the session, run by ``ManagedServerCaptioner``.
 
     It is not pinned to a model: requests name ``tiny_vlm.random`` or
-    ``tiny_vlm.scripted``. Requests run one at a time; ``response_format``
-    and ``n`` are ignored; never send ``stop`` (HTTP 500 for VLMs).
+    ``tiny_vlm.scripted`` (the captioner's own model is the scripted one).
+    Requests run one at a time; ``response_format`` and ``n`` are ignored;
+    never send ``stop`` (HTTP 500 for VLMs). A test may kill the server: the
+    captioner restarts it on the same port (``max_restarts=2``).
     """
     pytest.importorskip("fastapi")
-    from vlm_fixtures import transformers_server
+    from orsgen.stages.caption.backends import ManagedServerCaptioner
+    from vlm_fixtures import serve_command, serve_env
 
-    with transformers_server(None, tiny_vlm.hub_cache, tiny_vlm.root / "serve.log") as url:
-        yield url
+    cap = ManagedServerCaptioner(
+        serve_command(None),
+        tiny_vlm.scripted,
+        env=serve_env(tiny_vlm.hub_cache),
+        startup_timeout_s=180,
+        max_restarts=2,
+        max_image_side_px=64,
+        timeout_s=120,
+        max_retries=2,
+        backoff_initial_s=0.05,
+        log_path=str(tiny_vlm.root / "serve.log"),
+    )
+    yield cap
+    pid = cap.pid
+    cap.close()
+    # Stopped cleanly: the process (group) is gone.
+    assert not cap.alive()
+    with pytest.raises(ProcessLookupError):
+        os.killpg(pid, 0)
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm_server(tiny_vlm_managed):
+    """Base URL (``http://127.0.0.1:P/v1``) of the session's ``transformers serve``."""
+    return tiny_vlm_managed.client.base_url
 
 
 @pytest.fixture(scope="session")

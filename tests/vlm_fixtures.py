@@ -250,7 +250,7 @@ def transformers_server(model_dir: str | Path | None, hub_cache: str | Path, log
         log_path: the server's stdout and stderr.
         timeout_s: readiness deadline.
     """
-    import httpx
+    from orsgen.stages.caption.backends import http_get_json
 
     port = free_port()
     env = {**os.environ, **serve_env(hub_cache)}
@@ -265,9 +265,9 @@ def transformers_server(model_dir: str | Path | None, hub_cache: str | Path, log
             if proc.poll() is not None:
                 raise RuntimeError(f"transformers serve exited with {proc.returncode}: {Path(log_path).read_text()[-3000:]}")
             try:
-                if httpx.get(f"{base}/models", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
+                http_get_json(f"{base}/models", timeout_s=2)
+                break
+            except (OSError, ValueError):
                 pass
             if time.monotonic() > deadline:
                 raise RuntimeError(f"transformers serve not ready in {timeout_s} s: {Path(log_path).read_text()[-3000:]}")

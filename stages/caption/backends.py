@@ -1,8 +1,8 @@
 """VLM backends behind one ``Captioner`` interface.
 
 * ``OpenAICompatibleCaptioner``: any ``/v1/chat/completions`` server (vLLM,
-  SGLang, ``transformers serve``, a hosted API). An asyncio + httpx client on
-  its own event-loop thread, with a semaphore bounding requests in flight,
+  SGLang, ``transformers serve``, a hosted API). An asyncio + aiohttp client
+  on its own event-loop thread, with a semaphore bounding requests in flight,
   per-request timeouts, retries with exponential backoff and jitter on 429,
   5xx, timeouts and dropped connections, images as base64 data URLs resized
   to a max side, and ``response_format`` JSON-schema constraints with a
@@ -72,12 +72,29 @@ class Captioner(Protocol):
         ...
 
 
-def _import_httpx() -> Any:
+def _import_aiohttp() -> Any:
+    # aiohttp rather than httpx: against a local server httpx's AsyncClient
+    # tops out near 75 requests/s at 64 in flight, aiohttp near 550
+    # (benchmarks/bench_caption.py); the client must not be the bottleneck.
     try:
-        import httpx
+        import aiohttp
     except ImportError as err:  # pragma: no cover - the vlm extra installs it
-        raise ImportError(f"the OpenAI-compatible VLM client needs httpx: {VLM_EXTRA_HINT}") from err
-    return httpx
+        raise ImportError(f"the OpenAI-compatible VLM client needs aiohttp: {VLM_EXTRA_HINT}") from err
+    return aiohttp
+
+
+def http_get_json(url: str, headers: Mapping[str, str] | None = None, timeout_s: float = 5.0) -> Any:
+    """A blocking GET returning parsed JSON (health checks; stdlib only).
+
+    Raises:
+        OSError: no connection, timeout, or a non-2xx status (``urllib.error.HTTPError``).
+        ValueError: the body is not JSON.
+    """
+    import urllib.request
+
+    req = urllib.request.Request(url, headers=dict(headers or {}))
+    with urllib.request.urlopen(req, timeout=timeout_s) as resp:  # noqa: S310 - http(s) URLs checked by normalize_base_url
+        return json.loads(resp.read().decode("utf-8"))
 
 
 def error_response(request: VlmRequest, model: str, error: VlmError, message: str, latency_s: float = 0.0) -> VlmResponse:
@@ -304,7 +321,7 @@ class OpenAICompatibleCaptioner:
         send_seed: bool = True,
         abort_retries: Callable[[], bool] | None = None,
     ) -> None:
-        self._httpx = _import_httpx()
+        self._aiohttp = _import_aiohttp()
         if not model:
             raise ValueError("OpenAICompatibleCaptioner needs the served model name (model=...).")
         if max_in_flight < 1:
@@ -339,10 +356,12 @@ class OpenAICompatibleCaptioner:
         self._images = _ImageLru()
         self._pool = ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1)), thread_name_prefix="vlm-img")
         self._loop = _LoopThread("vlm-client")
-        self._client: Any = None
+        # The session lives in a holder so that the finalizer (which must not
+        # reference self) can close it when a captioner is dropped unclosed.
+        self._holder: dict[str, Any] = {"session": None}
         self._sem: asyncio.Semaphore | None = None
         self._closed = False
-        self._finalizer = weakref.finalize(self, _close_loop, self._loop, self._pool)
+        self._finalizer = weakref.finalize(self, _close_loop, self._loop, self._pool, self._holder)
 
     def __repr__(self) -> str:  # never shows the key
         return f"OpenAICompatibleCaptioner(base_url={self.base_url!r}, model={self.model_name!r}, max_in_flight={self.max_in_flight})"
@@ -373,12 +392,11 @@ class OpenAICompatibleCaptioner:
         """Model ids from ``GET /v1/models``.
 
         Raises:
-            httpx.HTTPError: the server did not answer.
+            OSError: the server did not answer (or not with 2xx).
+            ValueError: the answer is not JSON.
         """
-        httpx = self._httpx
-        r = httpx.get(f"{self.base_url}/models", headers=self._headers, timeout=timeout_s)
-        r.raise_for_status()
-        return [m.get("id", "") for m in r.json().get("data", [])]
+        data = http_get_json(f"{self.base_url}/models", self._headers, timeout_s)
+        return [str(m.get("id", "")) for m in data.get("data", [])]
 
     def wait_until_ready(self, timeout_s: float = 60.0, poll_s: float = 0.5) -> None:
         """Polls ``/v1/models`` until it answers 200.
@@ -392,7 +410,7 @@ class OpenAICompatibleCaptioner:
             try:
                 self.list_models(timeout_s=min(5.0, timeout_s))
                 return
-            except (self._httpx.HTTPError, ValueError) as err:
+            except (OSError, ValueError, AttributeError) as err:
                 last = str(err)
             time.sleep(poll_s)
         raise TimeoutError(f"no OpenAI-compatible server answered at {self.base_url}/models within {timeout_s:.0f} s ({last}).")
@@ -402,22 +420,21 @@ class OpenAICompatibleCaptioner:
         if self._closed:
             return
         self._closed = True
-        if self._client is not None:
-            try:
-                self._loop.run(self._client.aclose())
-            except RuntimeError:
-                pass
         self._finalizer()
 
     # -- internals
 
     async def _generate(self, requests: list[VlmRequest]) -> list[VlmResponse]:
-        httpx = self._httpx
-        if self._client is None:
-            limits = httpx.Limits(max_connections=self.max_in_flight, max_keepalive_connections=self.max_in_flight)
-            self._client = httpx.AsyncClient(limits=limits, headers=self._headers)
+        aiohttp = self._aiohttp
+        if self._holder["session"] is None:
+            connector = aiohttp.TCPConnector(limit=self.max_in_flight, limit_per_host=self.max_in_flight)
+            self._holder["session"] = aiohttp.ClientSession(connector=connector, headers=self._headers)
             self._sem = asyncio.Semaphore(self.max_in_flight)
         return list(await asyncio.gather(*(self._one(r) for r in requests)))
+
+    def _payload(self, r: VlmRequest, response_format: bool) -> bytes:
+        """The request body as JSON bytes (CPU work: runs on the image thread pool)."""
+        return json.dumps(self._body(r, self._messages(r), response_format), ensure_ascii=False).encode("utf-8")
 
     def _messages(self, r: VlmRequest) -> list[dict[str, Any]]:
         parts: list[dict[str, Any]] = [
@@ -431,7 +448,7 @@ class OpenAICompatibleCaptioner:
         messages.append({"role": "user", "content": parts})
         return messages
 
-    def _body(self, r: VlmRequest, messages: list[dict[str, Any]]) -> dict[str, Any]:
+    def _body(self, r: VlmRequest, messages: list[dict[str, Any]], response_format: bool = True) -> dict[str, Any]:
         s: SamplingParams = r.sampling
         body: dict[str, Any] = {
             "model": self.model_name,
@@ -443,7 +460,7 @@ class OpenAICompatibleCaptioner:
         if self.send_seed:
             body["seed"] = s.seed
         body.update(self.extra_body)
-        if r.json_schema and self._send_response_format():
+        if response_format and r.json_schema and self._send_response_format():
             try:
                 schema = json.loads(r.json_schema)
             except ValueError:
@@ -479,14 +496,16 @@ class OpenAICompatibleCaptioner:
         return resp
 
     async def _send(self, r: VlmRequest) -> VlmResponse:
-        httpx = self._httpx
+        aiohttp = self._aiohttp
         t0 = time.monotonic()
+        loop = asyncio.get_running_loop()
+        with_rf = bool(r.json_schema) and self._send_response_format()
         try:
-            messages = await asyncio.get_running_loop().run_in_executor(self._pool, self._messages, r)
+            payload = await loop.run_in_executor(self._pool, self._payload, r, with_rf)
         except ImageError as err:
             return error_response(r, self.model_name, VlmError.BACKEND, f"request {r.request_id}: {err}")
-        body = self._body(r, messages)
         url = f"{self.base_url}/chat/completions"
+        timeout = aiohttp.ClientTimeout(total=self.timeout_s)
         attempt = 0
         rf_rejected = ""
         while True:
@@ -495,33 +514,37 @@ class OpenAICompatibleCaptioner:
             retry_after: float | None = None
             self.stats.requests_sent += 1
             try:
-                http = await self._client.post(url, json=body, timeout=self.timeout_s)
-            except httpx.TimeoutException as err:
+                async with self._holder["session"].post(url, data=payload, timeout=timeout) as http:
+                    status = http.status
+                    text = await http.text(errors="replace")
+                    retry_header = http.headers.get("Retry-After")
+            except (asyncio.TimeoutError, TimeoutError) as err:
                 error, message = VlmError.TIMEOUT, f"no answer within {self.timeout_s:g} s ({type(err).__name__})"
-            except httpx.ConnectError as err:
+            except aiohttp.ClientConnectorError as err:
                 error, message = VlmError.SERVER_DEAD, f"cannot connect to {self.base_url}: {err}"
-            except httpx.TransportError as err:  # connection dropped mid-request
+            except aiohttp.ClientError as err:  # connection dropped mid-request, bad framing
                 error, message = VlmError.HTTP_ERROR, f"{type(err).__name__}: {err}"
             else:
-                status = http.status_code
                 if status == 200:
-                    if "response_format" in body and self.response_format_supported is None:
+                    if with_rf and self.response_format_supported is None:
                         self.response_format_supported = True
-                    return self._answer(r, http, time.monotonic() - t0, rf_rejected)
-                text = http.text[:500]
-                if status in (400, 422) and "response_format" in body and _mentions_response_format(text):
+                    return self._answer(r, text, time.monotonic() - t0, rf_rejected)
+                if status in (400, 422) and with_rf and _mentions_response_format(text):
                     # The server does not take response_format / this schema:
                     # resend without it at once (not a retry); if that works
                     # and the server never accepted a schema, stop sending it.
                     self.stats.response_format_fallbacks += 1
-                    body = {k: v for k, v in body.items() if k != "response_format"}
                     rf_rejected = f"HTTP {status}: {text[:200]}"
+                    with_rf = False
+                    payload = await loop.run_in_executor(self._pool, self._payload, r, False)
                     continue
                 if status == 429 or 500 <= status < 600:
-                    error, message = VlmError.HTTP_ERROR, f"HTTP {status}: {text}"
-                    retry_after = _retry_after_s(http.headers.get("retry-after"))
+                    error, message = VlmError.HTTP_ERROR, f"HTTP {status}: {text[:500]}"
+                    retry_after = _retry_after_s(retry_header)
                 else:
-                    return error_response(r, self.model_name, VlmError.HTTP_ERROR, f"HTTP {status}: {text}", time.monotonic() - t0)
+                    return error_response(
+                        r, self.model_name, VlmError.HTTP_ERROR, f"HTTP {status}: {text[:500]}", time.monotonic() - t0
+                    )
             if attempt >= self.max_retries or (self._abort_retries is not None and self._abort_retries()):
                 tries = attempt + 1
                 return error_response(
@@ -534,7 +557,7 @@ class OpenAICompatibleCaptioner:
             self.stats.retries += 1
             await asyncio.sleep(delay)
 
-    def _answer(self, r: VlmRequest, http: Any, latency_s: float, rf_rejected: str = "") -> VlmResponse:
+    def _answer(self, r: VlmRequest, body: str, latency_s: float, rf_rejected: str = "") -> VlmResponse:
         if rf_rejected and self.response_format_supported is None:
             self.response_format_supported = False
             log.warning(
@@ -543,13 +566,13 @@ class OpenAICompatibleCaptioner:
                 rf_rejected,
             )
         try:
-            data = http.json()
+            data = json.loads(body)
             choice = data["choices"][0]
             msg = choice.get("message") or {}
             content = msg.get("content")
             model = str(data.get("model") or self.model_name)
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as err:
-            return error_response(r, self.model_name, VlmError.BACKEND, f"unexpected response body ({err}): {http.text[:300]}", latency_s)
+            return error_response(r, self.model_name, VlmError.BACKEND, f"unexpected response body ({err}): {body[:300]}", latency_s)
         if isinstance(content, list):  # content parts
             content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
         if not isinstance(content, str) or not content.strip():
@@ -576,7 +599,14 @@ def _retry_after_s(value: str | None) -> float | None:
         return None  # an HTTP date: fall back to our own backoff
 
 
-def _close_loop(loop: _LoopThread, pool: ThreadPoolExecutor) -> None:
+def _close_loop(loop: _LoopThread, pool: ThreadPoolExecutor, holder: dict[str, Any]) -> None:
+    session = holder.get("session")
+    if session is not None and loop.loop.is_running():
+        try:
+            asyncio.run_coroutine_threadsafe(session.close(), loop.loop).result(timeout=10)
+        except (RuntimeError, TimeoutError, OSError):
+            pass
+    holder["session"] = None
     loop.stop()
     pool.shutdown(wait=False)
 
@@ -706,7 +736,6 @@ class ManagedServerCaptioner:
         self._finalizer.detach()
         self._finalizer = weakref.finalize(self, _stop_process, self._proc)
         deadline = time.monotonic() + self.startup_timeout_s
-        httpx = _import_httpx()
         url = f"http://{self.host}:{self.port}/v1/models"
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
@@ -714,10 +743,10 @@ class ManagedServerCaptioner:
                     f"the server exited with code {self._proc.returncode} before it was ready; log {self.log_path}:\n{self.log_tail()}"
                 )
             try:
-                if httpx.get(url, timeout=2.0).status_code == 200:
-                    log.info("VLM server ready at %s (pid %s)", url, self._proc.pid)
-                    return
-            except httpx.HTTPError:
+                http_get_json(url, timeout_s=2.0)
+                log.info("VLM server ready at %s (pid %s)", url, self._proc.pid)
+                return
+            except (OSError, ValueError):
                 pass
             time.sleep(0.25)
         self.stop()

@@ -9,7 +9,7 @@ Use with ``RunInference``::
     )
 
 The captioner is built in ``load_model`` on the worker (never at import or
-pipeline construction), with lazy imports of httpx / torch / transformers.
+pipeline construction), with lazy imports of aiohttp / torch / transformers.
 ``run_inference`` never raises for a bad answer: the response carries a
 ``VlmError`` code. Counters ``orsgen_vlm/vlm_answered``, ``vlm_cached`` and
 ``vlm_error_<reason>`` are reported per batch.
