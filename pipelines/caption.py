@@ -13,7 +13,7 @@
                     examples with new samples (+ merged instances), rejects, events
 
 The per-example work (request planning, response assembly) is pure and lives in
-the functions at the top of this module and in ``stages/caption/{cors,ders}``;
+the plain functions of this module and in ``stages/caption/{cors,ders}``;
 the DoFns only move records and count. Every request that fails (an error in
 its response, an answer that does not parse, a dead letter from RunInference)
 becomes a sample-level reject with its reason code, keyed by the sample it was
@@ -23,8 +23,6 @@ input types the stage does not apply to bypass both rounds.
 
 from __future__ import annotations
 
-import dataclasses
-import io
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -37,7 +35,7 @@ from PIL import Image
 
 from orsgen.pipelines.transforms import EVENTS, NAMESPACE, REJECTS
 from orsgen.schemas.config import CaptionConfig
-from orsgen.schemas.records import ImageExample, Instance, Reject, RejectLevel
+from orsgen.schemas.records import ImageExample, Reject, RejectLevel
 from orsgen.stages.caption import cors, ders
 from orsgen.stages.caption.overlay import OverlayError, OverlayStyle, decode_rgb, draw_targets, encode_rgb
 from orsgen.stages.caption.parse import parse_description, parse_grounding, parse_verification

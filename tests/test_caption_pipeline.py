@@ -33,7 +33,6 @@ from orsgen.pipelines.cli import run_pipeline
 from orsgen.pipelines.demo_data import _BY_ID, _jpeg, demo_sa1b_image, write_sa1b
 from orsgen.schemas.arrow import sample_from_row
 from orsgen.schemas.config import load_config
-from orsgen.schemas.records import Rle
 from orsgen.stages.masks import encode_mask, rle_iou
 
 pytestmark = pytest.mark.slow
