@@ -187,6 +187,27 @@ def test_request_payload_base64_resized_image_and_no_stop():
     assert body["response_format"]["json_schema"]["schema"] == {"type": "object"}
 
 
+def test_prompt_containing_the_image_slot_text_still_encodes():
+    from orsgen.stages.caption.backends import _IMAGE_SLOT
+
+    with MockOpenAIServer(answer="[]") as srv:
+        c = OpenAICompatibleCaptioner(srv.url, "m", max_image_side_px=32)
+        try:
+            req = _with_user(_requests(1)[0], "say " + _IMAGE_SLOT.decode())
+            assert c.generate([req])[0].error == ""
+        finally:
+            c.close()
+    body = srv.bodies[0]
+    assert body["messages"][1]["content"][-1]["text"] == "say " + _IMAGE_SLOT.decode()
+    assert body["messages"][1]["content"][0]["image_url"]["url"].startswith("data:image/jpeg;base64,")
+
+
+def _with_user(req: VlmRequest, user: str) -> VlmRequest:
+    import dataclasses
+
+    return dataclasses.replace(req, user=user)
+
+
 def test_small_images_are_sent_unchanged():
     data = jpeg_bytes(40, 30)
     p = prepare_image(data, 64)

@@ -185,26 +185,30 @@ def load_pil_image(data: bytes, max_side_px: int | None) -> Image.Image:
 
 
 class _ImageLru:
-    """Prepared images by sha256: DeRS sends one image with many regions."""
+    """Data URLs (as UTF-8 bytes) of prepared images by sha256.
+
+    DeRS sends one image with many regions, and CoRS verification one image
+    per label: decoding, resizing and base64 happen once per image.
+    """
 
     def __init__(self, capacity: int = 128) -> None:
-        self._items: OrderedDict[tuple[str, int | None], PreparedImage] = OrderedDict()
+        self._items: OrderedDict[tuple[str, int | None], bytes] = OrderedDict()
         self._cap = capacity
         self._lock = threading.Lock()
 
-    def get(self, data: bytes, max_side_px: int | None, jpeg_quality: int) -> PreparedImage:
+    def get(self, data: bytes, max_side_px: int | None, jpeg_quality: int) -> bytes:
         key = (hashlib.sha256(data).hexdigest(), max_side_px)
         with self._lock:
             hit = self._items.get(key)
             if hit is not None:
                 self._items.move_to_end(key)
                 return hit
-        prepared = prepare_image(data, max_side_px, jpeg_quality)
+        url = prepare_image(data, max_side_px, jpeg_quality).data_url().encode("ascii")
         with self._lock:
-            self._items[key] = prepared
+            self._items[key] = url
             while len(self._items) > self._cap:
                 self._items.popitem(last=False)
-        return prepared
+        return url
 
 
 # ------------------------------------------------------------------ OpenAI-compatible client
@@ -433,13 +437,29 @@ class OpenAICompatibleCaptioner:
         return list(await asyncio.gather(*(self._one(r) for r in requests)))
 
     def _payload(self, r: VlmRequest, response_format: bool) -> bytes:
-        """The request body as JSON bytes (CPU work: runs on the image thread pool)."""
-        return json.dumps(self._body(r, self._messages(r), response_format), ensure_ascii=False).encode("utf-8")
+        """The request body as JSON bytes (CPU work: runs on the image thread pool).
 
-    def _messages(self, r: VlmRequest) -> list[dict[str, Any]]:
+        The JSON is encoded with a short placeholder per image and the cached
+        data URLs are spliced in as bytes: base64 needs no JSON escaping, and
+        a 1024 px image is ~300 KB of it, too much to re-encode per request.
+        """
+        urls = [self._images.get(img, self.max_image_side_px, self.jpeg_quality) for img in r.images]
+        body = json.dumps(self._body(r, self._messages(r), response_format), ensure_ascii=False).encode("utf-8")
+        if not urls:
+            return body
+        pieces = body.split(_IMAGE_SLOT)
+        if len(pieces) != len(urls) + 1:  # the slot text also occurs in the prompt: encode plainly
+            messages = self._messages(r, [u.decode("ascii") for u in urls])
+            return json.dumps(self._body(r, messages, response_format), ensure_ascii=False).encode("utf-8")
+        out = [pieces[0]]
+        for url, piece in zip(urls, pieces[1:]):
+            out += [url, piece]
+        return b"".join(out)
+
+    def _messages(self, r: VlmRequest, urls: Sequence[str] | None = None) -> list[dict[str, Any]]:
+        slot = _IMAGE_SLOT.decode("ascii")
         parts: list[dict[str, Any]] = [
-            {"type": "image_url", "image_url": {"url": self._images.get(img, self.max_image_side_px, self.jpeg_quality).data_url()}}
-            for img in r.images
+            {"type": "image_url", "image_url": {"url": urls[k] if urls is not None else slot}} for k in range(len(r.images))
         ]
         parts.append({"type": "text", "text": r.user})
         messages: list[dict[str, Any]] = []
@@ -582,6 +602,7 @@ class OpenAICompatibleCaptioner:
         return VlmResponse(request_id=r.request_id, text=content, model=model, latency_s=latency_s)
 
 
+_IMAGE_SLOT = b"@@orsgen-image-slot@@"
 _RF_WORDS = ("response_format", "json_schema", "schema", "guided", "grammar", "structured")
 
 
