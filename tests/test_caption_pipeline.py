@@ -276,6 +276,11 @@ def test_rerun_sends_zero_requests(scripted, sa1b_shards, tmp_path_factory):
         m1 = run_pipeline(cfg, str(out), RUNNER, show_progress=False)
         first = vlm.requests - n0
         assert first > 0 and any((out / "_cache" / "vlm").rglob("*"))
+        # A rerun into the same output: every answer comes from OUT/_cache/vlm.
+        n_again = vlm.requests
+        m_again = run_pipeline(cfg, str(out), RUNNER, show_progress=False)
+        assert vlm.requests - n_again == 0
+        assert m_again["counts"] == m1["counts"]
         # A second build into a fresh folder, sharing the first one's cache.
         cfg2 = _config(tmp, sa1b_shards, {"model": "scripted-vl", "base_url": url, "box_convention": "relative_1000",
                                           "cache_dir": str(out / "_cache" / "vlm")})
