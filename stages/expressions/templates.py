@@ -26,7 +26,6 @@ from __future__ import annotations
 import functools
 import string
 from importlib import resources
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import fsspec
@@ -320,10 +319,3 @@ def noun_forms(name: str, overrides: dict[str, NounForms] | None = None) -> Noun
     if overrides and name in overrides:
         return overrides[name]
     return NounForms(singular=name, plural=_plural(name))
-
-
-def resolve_path(path: str | None, base: Path | None) -> str | None:
-    """A templates path relative to ``base`` (the config file's folder), if relative."""
-    if path is None or base is None or "://" in path or Path(path).is_absolute():
-        return path
-    return str((base / path).resolve())
