@@ -128,7 +128,7 @@ def test_every_kind_is_produced_and_counted(demo):
         assert v["reconciled"], level
     # What the stage left out, and why, is counted too (two demo images hold a crowd).
     left_out = m["counts"]["expressions"]
-    assert left_out["images"] == 8 and left_out["category/crowd"] == 2 and left_out["description/indecisive"] > 0
+    assert left_out["images"] == 8 and left_out["category/crowd"] == 2 and left_out["description/near_tie"] > 0
     written = sum(len(r["samples"]) for r in demo["rows"])
     assert written == m["counts"]["levels"]["samples"]["written"] == sum(kinds.values())
 

@@ -96,8 +96,10 @@ def description_candidates(
         max_instances_per_category: skip categories with more instances.
 
     Returns:
-        ``(candidates, counts)``; ``counts`` holds ``indecisive`` (some
-        instance within the margin, or none matching), ``target_dropped``
+        ``(candidates, counts)``; ``counts`` holds ``near_tie`` (some
+        instance within the margin), ``no_match`` (no instance matches),
+        ``plural_unsupported`` (several match, the template has no plural
+        text), ``too_many_instances``, ``target_dropped``
         (the match would target an instance region selection drops) and
         ``crowd`` (a crowd category left out).
     """
@@ -125,15 +127,19 @@ def description_candidates(
             anchors: list[tuple[str, Geom] | None] = _anchors(ctx, name) if t.family == "relation" else [None]
             for anchor in anchors:
                 anchor_geom = anchor[1] if anchor else None
-                sel = unique_selection(evaluate(t, pool, ctx, anchor_geom))
+                truths = evaluate(t, pool, ctx, anchor_geom)
+                sel = unique_selection(truths)
                 if sel is None:
-                    counts["indecisive"] += 1
+                    counts["near_tie" if Truth.UNSURE in truths else "no_match"] += 1
                     continue
                 targets = tuple(sorted(pool[i].instance_id for i in sel))
                 if any(tid not in ctx.kept_ids for tid in targets):
                     counts["target_dropped"] += 1
                     continue
                 plural = len(targets) > 1
+                if plural and not (t.description_plural or t.phrase_plural):
+                    counts["plural_unsupported"] += 1
+                    continue
                 anchor_forms = noun_forms(anchor[0], templates.nouns) if anchor else None
                 meta: dict[str, Any] = {
                     "category": name,

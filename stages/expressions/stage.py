@@ -130,7 +130,7 @@ def add_expressions(
         ``(example with samples appended, rejects, counts)``; a candidate
         whose trainer targets cannot be computed becomes a sample-level
         reject; ``counts`` says what was left out and why
-        (``description/indecisive``, ``category/crowd``,
+        (``description/near_tie``, ``category/crowd``,
         ``balance/over_kind_cap``, ...).
     """
     w, h = ex.image.width, ex.image.height
