@@ -67,7 +67,8 @@ async def _mock_main(port: int, latency_s: float) -> None:
                     k, _, v = h.decode("latin-1").partition(":")
                     if k.strip().lower() == "content-length":
                         length = int(v.strip())
-                body = await reader.readexactly(length) if length else b""
+                if length:
+                    await reader.readexactly(length)  # read and dropped
                 if method == "POST":
                     state["requests"] += 1
                     state["in_flight"] += 1

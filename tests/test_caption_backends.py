@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import os
 import signal
 import sys
@@ -35,7 +34,7 @@ from orsgen.stages.caption.backends import (
 from orsgen.stages.caption.parse import parse_description, parse_grounding, parse_verification
 from orsgen.stages.caption.prompts import load_prompts, make_request
 from orsgen.stages.caption.types import SamplingParams, VlmError, VlmRequest, VlmTask
-from vlm_fixtures import SCRIPTED_ANSWER, MockOpenAIServer, serve_command, serve_env
+from vlm_fixtures import SCRIPTED_ANSWER, MockOpenAIServer
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0, seed=0)
 HOT = SamplingParams(max_tokens=12, temperature=1.0, seed=1)
@@ -448,7 +447,7 @@ def test_managed_server_restarts_a_scripted_server(tmp_path):
     )
     try:
         assert cap.generate(_requests(1))[0].error == ""
-        for k in range(2):
+        for _k in range(2):
             os.kill(cap.pid, signal.SIGKILL)
             cap._proc.wait(timeout=10)
             assert cap.generate(_requests(2))[0].error == ""
