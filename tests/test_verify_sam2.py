@@ -33,7 +33,6 @@ from orsgen.schemas.records import (  # noqa: E402
     Ref,
     RefSentence,
     RejectLevel,
-    Rle,
     Sample,
 )
 from orsgen.stages import verify_sam2 as v  # noqa: E402
@@ -41,7 +40,6 @@ from orsgen.stages.masks import encode_mask, rle_area, rle_bbox_xywh, rle_iou, x
 from orsgen.stages.sam2_backend import (  # noqa: E402
     MetaSam2Backend,
     Sam2Prediction,
-    Sam2Prompt,
     TransformersSam2Backend,
 )
 from orsgen.stages.sam2_random import save_random_sam2  # noqa: E402
@@ -412,7 +410,6 @@ def test_beam_stage_refines_and_turns_failed_inference_into_image_rejects(tiny_s
     from apache_beam.testing.test_pipeline import TestPipeline
     from apache_beam.testing.util import assert_that, equal_to
 
-    from orsgen.pipelines.transforms import EVENTS
     from orsgen.pipelines.verify_sam2 import VerifySam2
 
     good = _scene_example(0, 100_001, key="coco-coco_100001")
@@ -440,7 +437,6 @@ def test_beam_stage_refines_and_turns_failed_inference_into_image_rejects(tiny_s
     report = json.loads((tmp_path / "reports" / "verify_sam2" / "report.json").read_text())
     assert report["cleaner"]["refined"] == len(good.instances)
     assert (tmp_path / "reports" / "verify_sam2" / "worst_clean.png").read_bytes().startswith(b"\x89PNG")
-    assert EVENTS == "events"
 
 
 def test_pipeline_end_to_end_reconciles_with_filter_and_cleaner(tiny_sam2, tmp_path):
