@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import re
 import secrets
@@ -53,6 +52,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pycocotools import mask as mask_utils
 
+from orsgen.stages.qwen_resize import smart_resize as _smart_resize
 from orsgen.schemas.records import ExpressionKind, Rle
 from orsgen.stages.masks import empty_rle, polygons_to_rle, rle_bbox_xywh, rle_difference, rle_union
 from orsgen.stages.read import check_split_name, iter_rows, resolve_splits
@@ -128,19 +128,10 @@ def smart_resize(
     Raises:
         ExportError: the aspect ratio is above 200 (Qwen refuses those).
     """
-    if max(height, width) / min(height, width) > 200:
-        raise ExportError(f"aspect ratio of {width}x{height} is above 200, which Qwen's resize rule refuses.")
-    h_bar = max(factor, round(height / factor) * factor)
-    w_bar = max(factor, round(width / factor) * factor)
-    if h_bar * w_bar > max_pixels:
-        beta = math.sqrt((height * width) / max_pixels)
-        h_bar = max(factor, math.floor(height / beta / factor) * factor)
-        w_bar = max(factor, math.floor(width / beta / factor) * factor)
-    elif h_bar * w_bar < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h_bar = math.ceil(height * beta / factor) * factor
-        w_bar = math.ceil(width * beta / factor) * factor
-    return h_bar, w_bar
+    try:
+        return _smart_resize(height, width, factor, min_pixels, max_pixels)
+    except ValueError as err:
+        raise ExportError(str(err)) from None
 
 
 def lens_solutions(box: Sequence[float], width: int, height: int) -> dict[str, list[int]]:

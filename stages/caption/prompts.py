@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import string
 from collections.abc import Mapping, Sequence
 from enum import StrEnum
@@ -35,6 +34,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from orsgen.stages.qwen_resize import smart_resize as _smart_resize
 from orsgen.stages.caption.types import SamplingParams, VlmRequest, VlmTask
 
 #: The bundled templates.
@@ -333,25 +333,15 @@ def smart_resize(
     min_pixels: int = QWEN_MIN_PIXELS,
     max_pixels: int = QWEN_MAX_PIXELS,
 ) -> tuple[int, int]:
-    """The Qwen-VL processors' resize: sides to multiples of ``factor`` within a pixel budget.
+    """The Qwen-VL processors' resize with the captioner's defaults.
 
-    Mirrors ``transformers.models.qwen2_vl.image_processing_qwen2_vl.smart_resize``
-    (kept here so that box conversion needs no transformers import).
+    See ``stages.qwen_resize.smart_resize``; kept importable here so that box
+    conversion needs no transformers import.
 
     Returns:
         ``(height, width)`` in px.
     """
-    h_bar = round(height / factor) * factor
-    w_bar = round(width / factor) * factor
-    if h_bar * w_bar > max_pixels:
-        beta = math.sqrt((height * width) / max_pixels)
-        h_bar = max(factor, math.floor(height / beta / factor) * factor)
-        w_bar = max(factor, math.floor(width / beta / factor) * factor)
-    elif h_bar * w_bar < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h_bar = math.ceil(height * beta / factor) * factor
-        w_bar = math.ceil(width * beta / factor) * factor
-    return h_bar, w_bar
+    return _smart_resize(height, width, factor, min_pixels, max_pixels)
 
 
 def model_input_size(
