@@ -1,8 +1,9 @@
 """The orsgen Beam pipeline, assembled from stages.
 
-    inputs ──► ingest (SA-1B shards │ COCO/RefCOCO plan → load)
-           ──► regions ──► refs → human samples ──► splits
-           ──► GroupByKey(split, bucket) ──► WebDataset + Parquet shards
+    inputs ──► ingest (SA-1B shards │ COCO/RefCOCO plan → load; vocabulary side output)
+           ──► expressions (categories, descriptions, negatives) ──► regions
+           ──► refs → human samples ──► [caption: CoRS / DeRS] ──► [verify_sam2]
+           ──► splits ──► encode ──► GroupByKey(split, bucket) ──► WebDataset + Parquet
     rejects ──► GroupByKey(bucket) ──► rejects Parquet
     stats + counts ──► manifest.json
 
@@ -22,9 +23,6 @@ import fsspec
 
 import orsgen
 from orsgen.pipelines.transforms import EVENTS, REJECTS, IngestDoFn, StageDoFn
-
-#: Tagged output of the COCO-family plan step: ``(input name, categories)``.
-VOCABULARY = "vocabulary"
 from orsgen.schemas.config import CocoInput, GrefcocoInput, OrsgenConfig, RefcocoInput, Sa1bInput
 from orsgen.schemas.records import ImageExample, Reject, RejectLevel
 from orsgen.stages import ingest_coco, ingest_sa1b
@@ -46,6 +44,8 @@ from orsgen.stages.write import (
 )
 
 MANIFEST = "manifest.json"
+#: Tagged output of the COCO-family plan step: ``(input name, categories)``.
+VOCABULARY = "vocabulary"
 
 
 # ------------------------------------------------------------------ stage cores
