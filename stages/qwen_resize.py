@@ -13,7 +13,14 @@ import math
 MAX_ASPECT_RATIO = 200
 
 
-def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+def smart_resize(
+    height: int,
+    width: int,
+    factor: int,
+    min_pixels: int,
+    max_pixels: int,
+    max_aspect_ratio: float | None = MAX_ASPECT_RATIO,
+) -> tuple[int, int]:
     """Mirrors ``qwen_vl_utils.smart_resize`` (and transformers' Qwen2-VL copy).
 
     Both sides become multiples of ``factor`` (at least ``factor``), the pixel
@@ -26,17 +33,22 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
         factor: side multiple in px (28 for Qwen2/2.5-VL, 32 for Qwen3-VL).
         min_pixels: smallest pixel budget.
         max_pixels: largest pixel budget.
+        max_aspect_ratio: refuse longer/shorter side ratios above this, as
+            Qwen's processors do; None computes a size for any ratio (the
+            captioner's box mapping must never fail on an odd image).
 
     Returns:
         ``(resized_height, resized_width)`` in px.
 
     Raises:
-        ValueError: the aspect ratio is above 200, which Qwen's processors refuse.
+        ValueError: the aspect ratio is above ``max_aspect_ratio``.
     """
     if min(height, width) <= 0:
         raise ValueError(f"image size {width}x{height} must be positive.")
-    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
-        raise ValueError(f"aspect ratio of {width}x{height} is above {MAX_ASPECT_RATIO}, which Qwen's resize rule refuses.")
+    if max_aspect_ratio is not None and max(height, width) / min(height, width) > max_aspect_ratio:
+        raise ValueError(
+            f"aspect ratio of {width}x{height} is above {max_aspect_ratio:g}, which Qwen's resize rule refuses."
+        )
     h_bar = max(factor, round(height / factor) * factor)
     w_bar = max(factor, round(width / factor) * factor)
     if h_bar * w_bar > max_pixels:

@@ -9,6 +9,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
+# CI replays the same hypothesis examples on every run (a red CI must mean a
+# change broke something, not that a new random draw was made); local runs keep
+# exploring new examples. CI sets CI=true.
+try:
+    from hypothesis import settings as _hyp_settings
+
+    _hyp_settings.register_profile("ci", derandomize=True, print_blob=True)
+    if os.environ.get("CI"):
+        _hyp_settings.load_profile("ci")
+except ImportError:  # hypothesis is a dev dependency
+    pass
+
 # Tests never touch the network: the hub stays offline.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

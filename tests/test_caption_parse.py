@@ -61,12 +61,18 @@ def test_hostile_inputs(text):
     _check(parse_verification(text), dict)
 
 
-# Labels are any text except what the parsers strip by design: <think> tags and
-# <|special|> tokens (a model that writes them inside a label is not answering).
+def _no_markup(s: str) -> bool:
+    """Text the parsers keep verbatim: no <think> tags and no special tokens."""
+    return not any(t in s for t in ("think>", "<|", "<s>", "</s>", "<pad>", "<unk>"))
+
+
+# Labels and reasons are any text except what the parsers strip by design:
+# <think> tags and <|special|> tokens (a model writing them inside a value is
+# not answering; clean_text removes reasoning markup before parsing).
 labels = (
     st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs", "Cc")), min_size=1, max_size=20)
     .map(lambda s: " ".join(s.split()) or "x")
-    .filter(lambda s: "think>" not in s and "<|" not in s and "<s>" not in s and "</s>" not in s and "<pad>" not in s and "<unk>" not in s)
+    .filter(_no_markup)
 )
 coords = st.integers(min_value=0, max_value=2000)
 
@@ -209,12 +215,19 @@ def test_verification_failures(text, error):
 
 
 @FAST
-@given(st.booleans(), st.booleans(), st.integers(0, 50), st.text(max_size=40))
+@given(st.booleans(), st.booleans(), st.integers(0, 50), st.text(max_size=40).filter(_no_markup))
 def test_valid_verification_parses(cat, cov, missed, reason):
     obj = {"category_correct": cat, "coverage_complete": cov, "missed_instances": missed, "reason": reason}
     for text in (json.dumps(obj), f"```json\n{json.dumps(obj, indent=2)}\n```", f"Here: {json.dumps(obj)}<|im_end|>"):
         got = parse_verification(text)
         assert got == {**obj, "reason": " ".join(reason.split())}
+
+
+def test_think_tags_inside_a_string_value_still_parse():
+    obj = {"category_correct": True, "coverage_complete": False, "missed_instances": 1, "reason": "a <think> tag"}
+    assert parse_verification(json.dumps(obj))["reason"] == "a <think> tag"
+    assert parse_grounding('[{"bbox_2d": [1, 2, 3, 4], "label": ",]"},]') == [(",]", (1.0, 2.0, 3.0, 4.0))]
+    assert parse_grounding("[{'bbox_2d': [1, 2, 3, 4], 'label': ',]'}]") == [(",]", (1.0, 2.0, 3.0, 4.0))]
 
 
 def test_clean_text_and_json_values():

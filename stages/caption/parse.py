@@ -60,7 +60,43 @@ _REFUSAL = re.compile(
     r"|as an ai|unfortunately,? i)",
     re.I,
 )
-_TRAILING_COMMA = re.compile(r",\s*([\]}])")
+
+
+def _strip_trailing_commas(text: str) -> str:
+    """Drops commas that directly precede ``]`` or ``}``, outside string literals.
+
+    A regex would also rewrite a label such as ``",]"``; this scanner tracks
+    single- and double-quoted strings (with backslash escapes) so only the
+    structure is repaired.
+    """
+    out: list[str] = []
+    quote = ""
+    i, n = 0, len(text)
+    while i < n:
+        c = text[i]
+        if quote:
+            out.append(c)
+            if c == "\\" and i + 1 < n:
+                out.append(text[i + 1])
+                i += 2
+                continue
+            if c == quote:
+                quote = ""
+        elif c in "\"'":
+            quote = c
+            out.append(c)
+        elif c == ",":
+            k = i + 1
+            while k < n and text[k] in " \t\r\n":
+                k += 1
+            if k < n and text[k] in "]}":
+                i += 1
+                continue  # a trailing comma: drop it
+            out.append(c)
+        else:
+            out.append(c)
+        i += 1
+    return "".join(out)
 _BOX_KEYS = ("bbox_2d", "bbox")
 _LABEL_KEYS = ("label", "category", "name")
 _DESCRIPTION_KEYS = ("expression", "referring_expression", "description", "caption", "answer", "text")
@@ -71,11 +107,14 @@ _json_decoder = json.JSONDecoder()
 _DECODE_ERRORS = (ValueError, RecursionError, MemoryError, TypeError, SyntaxError, OverflowError)
 
 
-def clean_text(text: str) -> str:
+def clean_text(text: str, strip_think: bool = True) -> str:
     """Removes special tokens and ``<think>`` blocks, and trims.
 
     Args:
         text: a raw answer.
+        strip_think: remove reasoning blocks; the parsers retry with False
+            when an answer only parses that way (a string value that itself
+            contains ``<think>``).
 
     Returns:
         The visible answer ("" for a non-string).
@@ -83,6 +122,8 @@ def clean_text(text: str) -> str:
     if not isinstance(text, str):
         return ""
     text = text[:MAX_TEXT_CHARS]
+    if not strip_think:
+        return _SPECIAL_TOKEN.sub("", text).strip()
     text = _THINK_BLOCK.sub(" ", text)
     if "</think>" in text:  # an unopened close: the reasoning came before it
         text = text.rsplit("</think>", 1)[1]
@@ -163,7 +204,7 @@ def _decode_whole(body: str) -> Any:
     """A fenced body as one value: strict JSON, repaired JSON, then a Python literal."""
     if len(body) > MAX_LITERAL_CHARS * 4:
         return _NOTHING
-    for candidate in (body, _TRAILING_COMMA.sub(r"\1", body)):
+    for candidate in (body, _strip_trailing_commas(body)):
         try:
             return json.loads(candidate)
         except _DECODE_ERRORS:
@@ -182,13 +223,14 @@ def _literal_at(text: str, j: int) -> tuple[Any, int]:
     tries = 0
     while 0 <= end < j + MAX_LITERAL_CHARS and tries < 8:
         tries += 1
-        chunk = _TRAILING_COMMA.sub(r"\1", text[j : end + 1])
+        raw = text[j : end + 1]
         try:
-            return json.loads(chunk), end + 1  # JSON with a trailing comma
+            return json.loads(_strip_trailing_commas(raw)), end + 1  # JSON with a trailing comma
         except _DECODE_ERRORS:
             pass
         try:
-            return ast.literal_eval(chunk), end + 1  # Python literal: single quotes, True/None
+            # Python literals allow trailing commas themselves: parse the text as written.
+            return ast.literal_eval(raw), end + 1  # single quotes, True/None
         except _DECODE_ERRORS:
             end = text.find(close, end + 1)
     return _NOTHING, j + 1
@@ -257,6 +299,20 @@ def _grounding_items(value: Any, depth: int = 0) -> Iterator[Any]:
                 yield from _grounding_items(v, depth + 1)
 
 
+def _with_think_fallback(parse: Any, text: str) -> Any:
+    """Runs ``parse(text)``; if that is malformed and the answer has think tags,
+    retries with them kept, since they may sit inside a string value."""
+    try:
+        result = parse(text)
+        if result is VlmError.MALFORMED and isinstance(text, str) and "think>" in text:
+            retry = parse(text, strip_think=False)
+            if not isinstance(retry, VlmError):
+                return retry
+        return result
+    except RecursionError:  # pathological nesting past the parsers' own checks
+        return VlmError.MALFORMED
+
+
 def parse_grounding(text: str) -> list[tuple[str, Box]] | VlmError:
     """Parses a grounding answer into ``[(label, box)]``.
 
@@ -270,13 +326,10 @@ def parse_grounding(text: str) -> list[tuple[str, Box]] | VlmError:
         ``VlmError``: ``EMPTY`` (no visible text), ``REFUSAL``, or
         ``MALFORMED`` (no JSON, or entries without a usable 4-number box).
     """
-    try:
-        return _parse_grounding(text)
-    except RecursionError:  # pathological nesting past the checks above
-        return VlmError.MALFORMED
+    return _with_think_fallback(_parse_grounding, text)
 
 
-def _parse_grounding(text: str) -> list[tuple[str, Box]] | VlmError:
+def _parse_grounding(text: str, strip_think: bool = True) -> list[tuple[str, Box]] | VlmError:
     if not isinstance(text, str):
         return VlmError.MALFORMED
     raw = text[:MAX_TEXT_CHARS]
@@ -285,7 +338,7 @@ def _parse_grounding(text: str) -> list[tuple[str, Box]] | VlmError:
         for m in _QWEN2_BOX.finditer(raw)
     ]
     token_items = [(lab, b) for lab, b in tokens if b is not None]
-    cleaned = clean_text(raw)
+    cleaned = clean_text(raw, strip_think)
     if not cleaned and not token_items:
         return VlmError.EMPTY
     values = json_values(cleaned)
@@ -337,14 +390,11 @@ def parse_description(text: str) -> str | VlmError:
         syntax, no letters, or longer than ``MAX_DESCRIPTION_CHARS`` /
         ``MAX_DESCRIPTION_WORDS``).
     """
-    try:
-        return _parse_description(text)
-    except RecursionError:
-        return VlmError.MALFORMED
+    return _with_think_fallback(_parse_description, text)
 
 
-def _parse_description(text: str) -> str | VlmError:
-    cleaned = clean_text(text)
+def _parse_description(text: str, strip_think: bool = True) -> str | VlmError:
+    cleaned = clean_text(text, strip_think)
     if not cleaned:
         return VlmError.EMPTY
     candidate: str | None = None
@@ -436,10 +486,7 @@ def parse_verification(text: str) -> dict | VlmError:
         accepted as booleans), or ``EMPTY``, ``REFUSAL`` or ``MALFORMED``
         (no object with both booleans).
     """
-    try:
-        return _parse_verification(text)
-    except RecursionError:
-        return VlmError.MALFORMED
+    return _with_think_fallback(_parse_verification, text)
 
 
 def _pick(d: dict, key: str) -> Any:
@@ -449,8 +496,8 @@ def _pick(d: dict, key: str) -> Any:
     return None
 
 
-def _parse_verification(text: str) -> dict | VlmError:
-    cleaned = clean_text(text)
+def _parse_verification(text: str, strip_think: bool = True) -> dict | VlmError:
+    cleaned = clean_text(text, strip_think)
     if not cleaned:
         return VlmError.EMPTY
     values = json_values(cleaned)

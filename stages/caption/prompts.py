@@ -341,7 +341,7 @@ def smart_resize(
     Returns:
         ``(height, width)`` in px.
     """
-    return _smart_resize(height, width, factor, min_pixels, max_pixels)
+    return _smart_resize(height, width, factor, min_pixels, max_pixels, max_aspect_ratio=None)
 
 
 def model_input_size(
