@@ -603,7 +603,9 @@ class Sam2FilterConfig(_Model):
     enabled: bool = False
     iou_thresh: float = Field(default=0.6, ge=0.0, le=1.0)
     multimask_output: bool = False
-    kinds: list[str] | None = None
+    kinds: (
+        list[Literal["category_single", "category_multi", "phrase", "description", "human", "no_target"]] | None
+    ) = None
 
 
 class Sam2CleanConfig(_Model):
@@ -630,7 +632,7 @@ class Sam2CleanConfig(_Model):
         pred_iou_thresh: minimum SAM2 predicted IoU of the refined mask.
         on_reject: what happens to an instance whose refinement is not
             accepted: ``keep`` the original, ``flag`` it (kept; samples that
-            refer to it get ``metadata.sam2_flagged``), or ``drop`` it (an
+            refer to it get ``metadata.sam2.flagged``), or ``drop`` it (an
             instance reject ``sam2_unrecoverable_mask``; samples and refs that
             refer to it are rejected ``sam2_target_dropped``).
     """

@@ -145,6 +145,29 @@ def test_encoder_batch_across_images_matches_per_image(backend):
     assert together[2] == backend.predict_images([(b.image_bytes, pb)])[0]
 
 
+def test_image_encoder_runs_once_per_batch_and_decoder_in_prompt_chunks(backend):
+    # The point of the backend: the encoder once per image (here one call for a
+    # batch of two images), never once per prompt; the decoder in chunks of
+    # prompts_per_batch (4) per image and mode.
+    a, b = _scene_example(0, 100_001), _scene_example(0, 100_002)
+    pa = [v.instance_prompt(i, False) for i in a.instances]
+    pb = [v.instance_prompt(i, mm) for i in b.instances for mm in (False, True)]
+    calls = {"encoder": 0, "decoder": 0}
+    model = backend._model  # counting calls of the real modules
+    hooks = [
+        model.vision_encoder.register_forward_hook(lambda *_: calls.__setitem__("encoder", calls["encoder"] + 1)),
+        model.mask_decoder.register_forward_hook(lambda *_: calls.__setitem__("decoder", calls["decoder"] + 1)),
+    ]
+    try:
+        preds = backend.predict_images([(a.image_bytes, pa), (b.image_bytes, pb)])
+    finally:
+        for h in hooks:
+            h.remove()
+    assert [len(p) for p in preds] == [len(pa), len(pb)]
+    assert calls["encoder"] == 1
+    assert calls["decoder"] == math.ceil(len(pa) / 4) + 2 * math.ceil(len(b.instances) / 4)
+
+
 def test_bfloat16_runs_and_describes_itself(tiny_sam2):
     be = TransformersSam2Backend(str(tiny_sam2), device="cpu", dtype="bfloat16")
     assert be.describe() == {"backend": "transformers", "model": str(tiny_sam2), "device": "cpu", "dtype": "bfloat16"}
@@ -381,6 +404,10 @@ def test_config_is_off_by_default_and_errors_name_the_key():
     with pytest.raises(ConfigError, match="iou_band"):
         config_from_dict({"inputs": [{"type": "coco", "name": "c", "annotations": "a", "images": "i"}],
                           "verify_sam2": {"clean": {"iou_band": [0.9, 0.5]}}})
+    # A misspelt kind would silently verify nothing: it is an error instead.
+    with pytest.raises(ConfigError, match=r"verify_sam2.filter.kinds.0 = \"humman\""):
+        config_from_dict({"inputs": [{"type": "coco", "name": "c", "annotations": "a", "images": "i"}],
+                          "verify_sam2": {"filter": {"kinds": ["humman"]}}})
 
 
 def test_refcoco_m_config_loads():
