@@ -63,6 +63,33 @@ def pipeline_options(beam_args: list[str]) -> Any:
     return PipelineOptions(args)
 
 
+def check_inputs_exist(cfg: OrsgenConfig) -> None:
+    """Fails before the job starts when a top-level input file is missing.
+
+    Inside the job the same mistake surfaces as a worker error wrapped in
+    Beam's traceback; here it is one sentence naming the config key.
+    (SA-1B shard globs are expanded, and checked, while the graph is built.)
+
+    Args:
+        cfg: validated config.
+
+    Raises:
+        FileNotFoundError: an ``annotations``, ``instances`` or ``refs`` file
+            does not exist.
+    """
+    for i, inp in enumerate(cfg.inputs):
+        for key in ("annotations", "instances", "refs"):
+            url = getattr(inp, key, None)
+            if not url:
+                continue
+            fs, path = fsspec.core.url_to_fs(url)
+            if not fs.exists(path):
+                raise FileNotFoundError(
+                    f"the {key} file {url!r} of input {inp.name!r} does not exist; "
+                    f"fix inputs.{i}.{key} in the config (relative paths are resolved against the YAML file's folder)."
+                )
+
+
 def run_pipeline(cfg: OrsgenConfig, out: str, beam_args: list[str] | None = None, *, show_progress: bool = True) -> dict[str, Any]:
     """Builds and runs the pipeline, then returns the manifest.
 
@@ -79,6 +106,7 @@ def run_pipeline(cfg: OrsgenConfig, out: str, beam_args: list[str] | None = None
 
     from orsgen.pipelines.build import MANIFEST, build_pipeline, check_output_compatible
 
+    check_inputs_exist(cfg)
     check_output_compatible(cfg, out)
     fs, root = fsspec.core.url_to_fs(out)
     fs.makedirs(root, exist_ok=True)
@@ -175,7 +203,9 @@ def run(
         _fail(str(err))
     try:
         manifest = run_pipeline(cfg, out, beam_args or [], show_progress=not quiet)
-    except OutputConflictError as err:
+    except (OutputConflictError, FileNotFoundError) as err:
+        # FileNotFoundError: a top-level input (shard glob, annotations or refs
+        # file) is missing, a config mistake whose message names the path.
         _fail(str(err))
     if not quiet:
         print_summary(manifest, out)
@@ -205,7 +235,7 @@ def demo(
     started = time.monotonic()
     try:
         manifest = run_pipeline(cfg, dataset, beam_args or [], show_progress=not quiet)
-    except OutputConflictError as err:
+    except (OutputConflictError, FileNotFoundError) as err:
         _fail(str(err))
     if not quiet:
         print_summary(manifest, dataset)

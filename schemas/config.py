@@ -70,6 +70,7 @@ class RefcocoInput(_Model):
         images: folder or URL prefix of the COCO train2014 images.
         dataset: dataset tag stored on refs, e.g. ``refcoco_unc``.
         splits: keep only refs of these source splits (None: all).
+        max_images: read at most this many images (None: all).
     """
 
     type: Literal["refcoco"] = "refcoco"
@@ -83,7 +84,18 @@ class RefcocoInput(_Model):
 
 
 class GrefcocoInput(_Model):
-    """gRefCOCO ``grefs(unc)`` as ``.p`` or ``.json``: multi-target and no-target refs."""
+    """gRefCOCO ``grefs(unc)`` as ``.p`` or ``.json``: multi-target and no-target refs.
+
+    Attributes:
+        name: unique name of this input.
+        refs: path of ``grefs(unc).json`` or the ``.p`` pickle (read with a
+            restricted unpickler); ``ann_id`` is a list, ``[-1]`` means no target.
+        instances: the COCO ``instances.json`` the refs point into.
+        images: folder or URL prefix of the COCO train2014 images.
+        dataset: dataset tag stored on refs.
+        splits: keep only refs of these source splits (None: all).
+        max_images: read at most this many images (None: all).
+    """
 
     type: Literal["grefcoco"] = "grefcoco"
     name: str = Field(pattern=r"^[A-Za-z0-9_-]+$")
@@ -852,7 +864,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> OrsgenC
     """
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"config file {str(p)!r} does not exist; pass the path of a YAML config such as configs/demo.yaml.")
+        raise ConfigError(f"config file {str(p)!r} does not exist; pass the path of a YAML config such as configs/sa1b.yaml (or run `orsgen demo`).")
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:

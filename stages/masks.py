@@ -412,8 +412,18 @@ def _iter_polygons(geom: BaseGeometry) -> list[Polygon]:
 def polygons_to_rle(polygons: Sequence[Sequence[float]], height: int, width: int) -> Rle:
     """Rasterises COCO polygon lists ``[[x0, y0, x1, y1, ...], ...]`` to one RLE.
 
+    Args:
+        polygons: COCO polygons in image pixel coordinates; several polygons
+            are merged into one mask; an empty list gives an empty mask.
+        height: image height in pixels.
+        width: image width in pixels.
+
+    Returns:
+        The union of the polygons as compressed RLE of size ``(height, width)``.
+
     Raises:
-        MaskError: a polygon has fewer than 3 points (reason ``bad_polygon``).
+        MaskError: a polygon has fewer than 3 points, or non-finite or far
+            out-of-image coordinates (reason ``bad_polygon``).
     """
     polys = [list(map(float, p)) for p in polygons]
     if not polys:
@@ -436,6 +446,15 @@ def geometry_to_rle(geom: BaseGeometry, height: int, width: int) -> Rle:
 
     The exteriors are rasterised with pycocotools and each hole is subtracted,
     both in RLE space.
+
+    Args:
+        geom: a (Multi)Polygon in image pixel coordinates (as from
+            ``rle_to_geometry``); other geometry parts are ignored.
+        height: image height in pixels.
+        width: image width in pixels.
+
+    Returns:
+        The mask as compressed RLE; an empty mask for an empty geometry.
     """
     polys = _iter_polygons(geom)
     if not polys:

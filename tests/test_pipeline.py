@@ -93,6 +93,13 @@ def test_loads_with_datasets_parquet_and_webdataset(demo, monkeypatch, tmp_path)
     )
     assert sorted(wds) == splits
     assert sum(len(v) for v in wds.values()) == m["counts"]["written"]
+    # The same tars named explicitly, split by split (the manifest lists them).
+    files = {
+        split: [str(out / s["path"]) for s in m["shards"] if s["format"] == "webdataset" and s["split"] == split]
+        for split in splits
+    }
+    wds_files = datasets.load_dataset("webdataset", data_files=files, features=webdataset_features(), cache_dir=cache)
+    assert {k: len(v) for k, v in wds_files.items()} == {k: len(v) for k, v in wds.items()}
 
 
 def test_loads_with_webdataset_library(demo):
@@ -206,3 +213,43 @@ def test_cli_demo_runs(tmp_path):
     assert bad.exit_code == 2
     assert "regions.min_area_frac = -1" in bad.output
     assert os.path.exists(tmp_path / "d" / "inputs" / "demo.yaml")
+
+
+def test_cli_run_passes_beam_flags_through_and_reports_missing_inputs(tmp_path, monkeypatch):
+    """`orsgen run CONFIG --out DIR --set k=v -- <Beam flags>`: flags reach Beam untouched."""
+    from typer.testing import CliRunner
+
+    from orsgen.pipelines import cli
+
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text("inputs:\n  - {type: coco, name: co, annotations: a.json, images: imgs/}\n")
+    (tmp_path / "a.json").write_text("{}")
+    seen = {}
+
+    def capture(cfg, out, beam_args, *, show_progress):
+        # Only the CLI's parsing is under test here; the real runs are above.
+        seen.update(cfg=cfg, out=out, beam_args=beam_args)
+        return {"counts": {}}
+
+    monkeypatch.setattr(cli, "run_pipeline", capture)
+    flags = ["--runner=DataflowRunner", "--project=p", "--direct_num_workers=2"]
+    res = CliRunner().invoke(
+        cli.app, ["run", str(cfg_path), "--out", str(tmp_path / "o"), "--set", "regions.min_area_px=5", "--quiet", "--", *flags]
+    )
+    assert res.exit_code == 0, res.output
+    assert seen["beam_args"] == flags and seen["out"] == str(tmp_path / "o")
+    assert seen["cfg"].regions.min_area_px == 5
+    opts = cli.pipeline_options(seen["beam_args"]).get_all_options()
+    assert (opts["runner"], opts["project"], opts["direct_num_workers"]) == ("DataflowRunner", "p", 2)
+    assert cli.pipeline_options([]).get_all_options()["runner"] == cli.DEFAULT_RUNNER
+    monkeypatch.undo()
+
+    # A missing top-level input is one clear sentence naming the key, before any job starts.
+    (tmp_path / "a.json").unlink()
+    res = CliRunner().invoke(cli.app, ["run", str(cfg_path), "--out", str(tmp_path / "o2"), "--quiet"])
+    assert res.exit_code == 2
+    assert "inputs.0.annotations" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "o2").exists()
+    cfg_path.write_text("inputs:\n  - {type: sa1b, name: sa, shards: [nope/sa_*.tar]}\n")
+    res = CliRunner().invoke(cli.app, ["run", str(cfg_path), "--out", str(tmp_path / "o3"), "--quiet"])
+    assert res.exit_code == 2 and "matches no file" in res.output and "Traceback" not in res.output
