@@ -53,7 +53,8 @@ def sam2_config(preset: str = "tiny") -> Any:
         preset: ``tiny`` (128 px input, ~0.1 M parameters, for tests),
             ``base`` (transformers' default config: hiera-tiny-like trunk at
             1024 px, ~31 M parameters) or ``hiera-large`` (the architecture of
-            ``facebook/sam2.1-hiera-large``: 1024 px, ~224 M parameters).
+            ``facebook/sam2.1-hiera-large``: 1024 px, ~217 M parameters, the
+            image model without Meta's video memory modules).
 
     Returns:
         The config.
