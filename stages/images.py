@@ -93,11 +93,20 @@ def check_image(
                     f"the image is {width}x{height} = {width * height} px, above image.max_pixels={cfg.max_pixels}.",
                 )
             if cfg.verify == "full":
-                Image.MAX_IMAGE_PIXELS = None  # our own cap was applied above
                 img.load()
     except ImageError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+    except Image.DecompressionBombError as err:
+        # Pillow's own guard fires inside Image.open(), before the header can
+        # reach the cap above, for claims over 2 * Image.MAX_IMAGE_PIXELS. It is
+        # left in place (not disabled process-wide), so the same bytes get the
+        # same reason on every worker, whatever that worker decoded before.
+        raise ImageError(
+            "image_too_large",
+            f"the image header claims more pixels than Pillow opens ({err}); "
+            "image.max_pixels cannot raise Pillow's limit (PIL.Image.MAX_IMAGE_PIXELS).",
+        ) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise ImageError("corrupt_image", f"the image cannot be decoded: {err}") from None
     if expect_wh is not None and (int(expect_wh[0]), int(expect_wh[1])) != (width, height):
         raise ImageError(
