@@ -132,7 +132,7 @@ def eval_(
     if c["missing"] or c["unknown"] or c["invalid"]:
         console.print(
             f"[yellow]{c['missing']} sample(s) without a prediction (scored as empty), {c['unknown']} prediction(s) "
-            f"for unknown samples (ignored), {c['invalid']} invalid prediction(s) (scored as empty; see the report).[/]"
+            f"for samples not in the evaluated split(s) (ignored), {c['invalid']} invalid prediction(s) (scored as empty; see the report).[/]"
         )
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -249,6 +249,19 @@ class WebDatasetSamples(IterableDataset):
     def _sizes_known(self) -> bool:
         return all(_name(u) in self.shard_items for u in self.urls)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # DataLoader workers started with spawn / forkserver (ranks launched by
+        # torch.multiprocessing.spawn, Python 3.14's default) do not inherit
+        # torch.distributed's state, and without RANK / WORLD_SIZE they would
+        # all read as rank 0 of 1. The rank seen here, in the parent that
+        # pickles the dataset for them, travels with it.
+        state = self.__dict__.copy()
+        if state["rank"] is None and state["world_size"] is None:
+            rank, world, _, _ = worker_info()
+            if world > 1:
+                state["rank"], state["world_size"] = rank, world
+        return state
+
     def set_epoch(self, epoch: int) -> None:
         """Sets the epoch (reshuffles shards when ``shuffle_shards``); call it on every rank."""
         self.epoch = int(epoch)

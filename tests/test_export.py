@@ -111,6 +111,38 @@ def test_segzero_syntax_and_round_trip(exports, source):
     assert img.size == (SEGZERO_SIZE, SEGZERO_SIZE)
 
 
+def test_segzero_family_rounds_half_up_on_840_over_w_and_h(exports, source):
+    from orsgen.stages.export import scale_box, scale_coord
+
+    # int(v * 840 / W + 0.5): a half rounds up (Python's round() would give 0 and 2 here).
+    assert scale_coord(1, 1680) == 1 and scale_coord(5, 1680) == 3
+    # x on 840 / W, y on 840 / H.
+    assert scale_box([10, 10, 20, 20], 1680, 420) == [5, 20, 10, 40]
+
+    def sz(v: float, n: int) -> int:
+        return int(v * (SEGZERO_SIZE / n) + 0.5)
+
+    # Every exported row, character for character.
+    for r in _records(exports["segzero"]):
+        row, s = source[r["id"]]
+        w, h = row["width"], row["height"]
+        t = s["targets"][0]
+        (x0, y0, x1, y1), p1, p2 = t["bbox_xyxy"], t["point_1"], t["point_2"]
+        assert r["solution"] == (
+            f"<box>({sz(x0, w)},{sz(y0, h)}),({sz(x1, w)},{sz(y1, h)})</box>"
+            f"<points>({sz(p1[0], w)},{sz(p1[1], h)}),({sz(p2[0], w)},{sz(p2[1], h)})</points>"
+        )
+    for r in _records(exports["visionreasoner"]):
+        row, s = source[r["id"]]
+        w, h = row["width"], row["height"]
+        want = [
+            {"bbox_2d": [sz(b[0], w), sz(b[1], h), sz(b[2], w), sz(b[3], h)], "point_2d": [sz(t["point_1"][0], w), sz(t["point_1"][1], h)]}
+            for t in s["targets"]
+            for b in [t["bbox_xyxy"]]
+        ]
+        assert r["solution"] == json.dumps(want)
+
+
 def test_visionreasoner_syntax_and_round_trip(exports, source):
     recs = _records(exports["visionreasoner"])
     assert len(recs) == len(source)

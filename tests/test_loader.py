@@ -72,6 +72,27 @@ def test_ranks_split_shards_exactly_or_equalize(demo_output, truth, world_size):
     assert len({len(e) for e in eq}) == 1
 
 
+def test_rank_travels_to_spawned_workers(demo_output, monkeypatch):
+    # Workers started with spawn / forkserver (ranks launched by mp.spawn) do not
+    # inherit torch.distributed; the parent's rank must travel with the pickle.
+    import pickle
+
+    import torch.distributed as dist
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    ds = WebDatasetSamples(str(demo_output), "train", mask="none", decode_images=False)
+    with monkeypatch.context() as m:  # the parent: an initialised group, rank 1 of 3
+        m.setattr(dist, "is_initialized", lambda: True)
+        m.setattr(dist, "get_rank", lambda group=None: 1)
+        m.setattr(dist, "get_world_size", lambda group=None: 3)
+        blob = pickle.dumps(ds)
+    child = pickle.loads(blob)  # the worker: torch.distributed not initialised
+    want = [x["sample_id"] for x in WebDatasetSamples(str(demo_output), "train", mask="none", decode_images=False, rank=1, world_size=3)]
+    assert [x["sample_id"] for x in child] == want and 0 < len(want) < len(ds)
+    assert pickle.loads(pickle.dumps(ds)).rank is None  # without a group, nothing is pinned
+
+
 def test_shard_assignment_is_a_partition():
     shards = [f"s{i}" for i in range(7)]
     got = [assign_shards(shards, r, 2, w, 3) for r in range(2) for w in range(3)]
