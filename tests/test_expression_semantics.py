@@ -6,7 +6,9 @@ real generator. ``tests/expression_oracle.py`` re-implements the semantics on
 dense masks, and checks every phrase and description: right template text,
 predicate clearly true for exactly the targets, clearly false for every other
 instance of the category, unique anchor. It also checks the converse: every
-description the oracle finds decisive was generated.
+description the oracle finds decisive was generated. The random scenes rarely
+line objects up for ``on``, ``next_to`` and ``holding``, so scenes built around
+an anchor check those relations the same way.
 """
 
 from __future__ import annotations
@@ -197,3 +199,75 @@ def test_margin_scales_with_the_image_and_config():
     assert m.position_px == pytest.approx(15.0) and m.near_px == pytest.approx(25.0)
     m = Margins.for_image(50, 40, margin_px=4, margin_frac=0.03, size_margin=0.25, next_to_max_gap_frac=0.05)
     assert m.position_px == 4.0
+
+
+def _box_mask(w: int, h: int, x0: int, y0: int, bw: int, bh: int) -> np.ndarray:
+    m = np.zeros((h, w), dtype=bool)
+    m[max(y0, 0) : max(y0 + bh, 0), max(x0, 0) : max(x0 + bw, 0)] = True
+    return m
+
+
+def relation_scene(rng: np.random.Generator) -> tuple[int, int, list[DenseInstance]]:
+    """One anchor (a book) and 1-3 subjects placed on it, beside it, around it (holding) or anywhere.
+
+    The random scenes above rarely line objects up like this, so ``on``,
+    ``next_to`` and ``holding`` get their own scenes; offsets are drawn
+    around the margins, so that clear cases and near-ties both occur.
+    """
+    w, h = int(rng.integers(48, 128)), int(rng.integers(48, 128))
+    aw, ah = int(rng.integers(12, w // 2)), int(rng.integers(16, h // 2))
+    ax, ay = int(rng.integers(0, w - aw)), int(rng.integers(h // 4, h - ah))
+    anchor = _box_mask(w, h, ax, ay, aw, ah)
+    holding = rng.random() < 0.3
+    subjects = []
+    for _ in range(int(rng.integers(1, 4))):
+        how = "holding" if holding else str(rng.choice(["on", "beside", "anywhere"], p=[0.5, 0.3, 0.2]))
+        if how == "on":
+            bw = int(rng.integers(max(2, aw // 4), aw + 3))  # mostly narrower: the book's top stays visible
+            sink = int(rng.integers(-2, ah // 2 + 3))  # how far its bottom reaches into the book's box
+            bh = max(2, sink + int(rng.integers(-2, 14)))
+            m = _box_mask(w, h, ax + int(rng.integers(-4, max(-3, aw - bw + 5))), ay + sink - bh, bw, bh)
+        elif how == "beside":
+            bw, bh = int(rng.integers(3, 16)), int(rng.integers(3, 20))
+            gap = int(rng.integers(0, 12))
+            x0 = ax + aw + gap if rng.random() < 0.5 else ax - gap - bw
+            m = _box_mask(w, h, x0, ay + int(rng.integers(-bh, ah)), bw, bh)
+        elif how == "holding":
+            bw, bh = aw + int(rng.integers(4, 40)), ah * 2 + int(rng.integers(0, 60))
+            m = _box_mask(w, h, ax - int(rng.integers(0, bw - aw + 1)), ay - int(rng.integers(0, bh - ah + 1)), bw, bh)
+        else:
+            m = _shape(rng, w, h)
+        if m.any():
+            subjects.append(m)
+    cat = "person" if holding or rng.random() < 0.3 else "cup"
+    # The book is in front of a holder and behind what stands on it.
+    layers = [(cat, m) for m in subjects] + [("book", anchor)] if holding else [("book", anchor)] + [(cat, m) for m in subjects]
+    out: list[DenseInstance] = []
+    covered = np.zeros((h, w), dtype=bool)
+    for k, (c, mask) in reversed(list(enumerate(layers))):
+        vis = mask & ~covered
+        covered |= mask
+        if vis.any():
+            out.append(DenseInstance(f"img/ann:{k:02d}", c, False, vis))
+    return w, h, out[::-1]
+
+
+def test_on_next_to_and_holding_scenes_match_the_oracle():
+    rng = np.random.default_rng(7)
+    emitted_by_relation: dict[str, int] = {}
+    for scene in range(1500):
+        w, h, dense = relation_scene(rng)
+        ctx = ImageContext.build("img", w, h, to_instances(dense), margins_for(CFG, w, h), seed=scene)
+        cands, _ = description_candidates(ctx, TEMPLATES, families=["relation"])
+        expected = decisive_selections(dense, w, h, PARAMS, RAW, ["relation"], CFG.max_instances_per_category)
+        emitted = {(c.template, c.metadata.get("anchor_id", ""), tuple(c.target_ids)) for c in cands}
+        assert emitted == expected, f"scene {scene}: wrong {emitted - expected}, missed {expected - emitted}"
+        for c in cands:
+            why = check_expression(
+                c.expression, c.kind, c.template, c.target_ids, c.metadata, dense, w, h, PARAMS, RAW, FORMS
+            )
+            assert why is None, f"scene {scene}: {c.kind} {c.expression!r} ({c.template}): {why}"
+        for tid, _a, _t in emitted:
+            emitted_by_relation[tid] = emitted_by_relation.get(tid, 0) + 1
+    for rel in ("relation.on", "relation.next_to", "relation.holding"):
+        assert emitted_by_relation.get(rel, 0) > 50, sorted(emitted_by_relation.items())
