@@ -21,6 +21,7 @@ from typing import Any, Optional
 
 import fsspec
 import typer
+import yaml
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -227,6 +228,18 @@ def demo(
     cfg_path = inputs / "demo.yaml"
     if not cfg_path.exists():
         generate_demo_inputs(inputs, seed=seed)
+    else:
+        # The inputs are reused, not regenerated: a different --seed would
+        # otherwise be ignored without a word.
+        try:
+            existing = yaml.safe_load(cfg_path.read_text(encoding="utf-8")).get("seed")
+        except (yaml.YAMLError, AttributeError):
+            existing = None
+        if existing != seed:
+            _fail(
+                f"{inputs} already holds demo inputs generated with --seed {existing}; "
+                f"pass --seed {existing} to build from them again, or choose a new --out for --seed {seed}."
+            )
     try:
         cfg = load_config(cfg_path, set_)
     except ConfigError as err:

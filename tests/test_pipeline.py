@@ -213,6 +213,9 @@ def test_cli_demo_runs(tmp_path):
     assert bad.exit_code == 2
     assert "regions.min_area_frac = -1" in bad.output
     assert os.path.exists(tmp_path / "d" / "inputs" / "demo.yaml")
+    # Inputs of another seed are not silently reused.
+    other = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "d"), "--seed", "1", "--quiet"])
+    assert other.exit_code == 2 and "--seed 0" in other.output
 
 
 def test_cli_run_passes_beam_flags_through_and_reports_missing_inputs(tmp_path, monkeypatch):
