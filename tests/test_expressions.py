@@ -213,6 +213,20 @@ def test_negatives_absent_only_crowd_counts_hard_first_held_out_never():
     assert [n.metadata["category"] for n in negs] == names
 
 
+def test_a_category_annotated_only_as_a_crowd_is_present():
+    """A crowd of kites and no single kite: no kite sample of any kind, and "kite" is never a negative."""
+    insts = _scene() + [_inst(6, "kite", _box(60, 85, 30, 80), crowd=True)]
+    ctx = _ctx(insts)
+    assert "kite" not in [c.name for c, _ in absent_categories(ctx, VOCAB, TEMPLATES)]
+    for policy in ("skip", "non_crowd"):
+        cands, _ = category_candidates(ctx, TEMPLATES, crowd_policy=policy)
+        assert "kite" not in {c.metadata["category"] for c in cands}
+    for seed in range(4):
+        out, _, _ = add_expressions(_example(insts), VOCAB, TEMPLATES, ExpressionConfig(negative_ratio=2.0), seed=seed)
+        assert not [s for s in out.samples if s.metadata.get("category") == "kite"]
+        assert any(s.kind == "no_target" for s in out.samples)
+
+
 def test_negatives_skip_categories_written_like_a_present_one():
     vocab = VOCAB + (Category(200, "ball", "toys"),)  # written "ball", like "sports ball"
     names = [c.name for c, _ in absent_categories(_ctx(_scene()), vocab, TEMPLATES)]
