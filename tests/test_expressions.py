@@ -327,6 +327,19 @@ def test_add_expressions_attaches_trainer_targets_deterministically():
     assert [s.sample_id for s in twice.samples] == ids
 
 
+def test_qwen_box_is_the_pixel_box_on_a_0_1000_grid():
+    from orsgen.stages.targets import qwen_box
+
+    # 120 x 90 image: x / 120 * 1000 and y / 90 * 1000, rounded half up, clamped.
+    assert qwen_box((5, 40, 25, 60), W, H) == (42, 444, 208, 667)
+    assert qwen_box((0, 0, W, H), W, H) == (0, 0, 1000, 1000)
+    assert qwen_box((3, 0, 9, 9), W, H) == (25, 0, 75, 100)  # 25.0 and 75.0 exactly; 100.0
+    out, _, _ = add_expressions(_example(_scene()), VOCAB, TEMPLATES, ExpressionConfig(), seed=0)
+    ball = next(s for s in out.samples if s.target_ids == ("coco:1/ann:3",))
+    t = ball.targets[0]
+    assert t.bbox_xyxy == (50.0, 45.0, 62.0, 55.0) and t.qwen_box == (417, 500, 517, 611)
+
+
 def test_kind_switches_turn_kinds_off():
     cfg = ExpressionConfig(kinds={"phrase": False, "no_target": False})
     out, _, _ = add_expressions(_example(_scene()), VOCAB, TEMPLATES, cfg, seed=0)
