@@ -23,6 +23,7 @@ input types the stage does not apply to bypass both rounds.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -568,10 +569,15 @@ def dead_letters_to_responses(element: Any) -> Iterator[tuple[str, VlmResponse]]
             )
 
 
-def _infer(reqs: beam.PCollection, handler: Any, label: str) -> beam.PCollection:
+def _infer(reqs: beam.PCollection, handler: Any, label: str, model_identifier: str) -> beam.PCollection:
     from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 
-    main, other = reqs | f"{label}/RunInference" >> RunInference(KeyedModelHandler(handler)).with_exception_handling()
+    # One model_identifier for both rounds: with share_model_across_processes
+    # they then use one captioner per worker (one managed server, one model
+    # copy); Beam's default, a fresh uuid per RunInference, would start two
+    # vLLM servers on one GPU.
+    ri = RunInference(KeyedModelHandler(handler), model_identifier=model_identifier)
+    main, other = reqs | f"{label}/RunInference" >> ri.with_exception_handling()
     dead = other.failed_inferences | f"{label}/DeadLetters" >> beam.FlatMap(dead_letters_to_responses)
     return (main, dead) | f"{label}/All" >> beam.Flatten()
 
@@ -594,6 +600,8 @@ class CaptionExamples(beam.PTransform):
         self._cfg = cfg
         self._types = dict(input_types)
         self._handler = model_handler
+        # Shared by the two rounds' RunInference (see _infer); unique per transform.
+        self._model_identifier = f"orsgen-vlm-{uuid.uuid4().hex}"
 
     def expand(self, examples: beam.PCollection) -> tuple[beam.PCollection, beam.PCollection, beam.PCollection]:
         apply_to = set(self._cfg.apply_to)
@@ -606,7 +614,7 @@ class CaptionExamples(beam.PTransform):
         r1 = todo | "PlanRound1" >> beam.ParDo(PlanRound1DoFn(self._cfg)).with_outputs(
             REJECTS, EVENTS, PLANNED, main="requests"
         )
-        resp1 = _infer(r1.requests, self._handler, "Round1")
+        resp1 = _infer(r1.requests, self._handler, "Round1", self._model_identifier)
         joined1 = {
             "examples": todo | "KeyExamples" >> beam.Map(lambda ex: (ex.key, ex)),
             "planned": r1[PLANNED],
@@ -618,7 +626,7 @@ class CaptionExamples(beam.PTransform):
         r2 = a1.states | "PlanRound2" >> beam.ParDo(PlanRound2DoFn(self._cfg)).with_outputs(
             REJECTS, EVENTS, PLANNED, main="requests"
         )
-        resp2 = _infer(r2.requests, self._handler, "Round2")
+        resp2 = _infer(r2.requests, self._handler, "Round2", self._model_identifier)
         joined2 = {
             "states": a1.states | "KeyStates" >> beam.Map(lambda s: (s.example.key, s)),
             "planned": r2[PLANNED],

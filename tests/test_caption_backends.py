@@ -353,6 +353,16 @@ def test_concurrency_is_bounded_by_max_in_flight():
     assert elapsed >= 0.35  # 16 requests, 4 at a time, 0.1 s each: at least 4 rounds
 
 
+def test_default_concurrency_is_at_least_64():
+    # Enough to keep a vLLM server's batch full; benchmarks/bench_caption.py shows 64 in flight at the server.
+    assert CaptionBackendConfig().max_in_flight >= 64
+    c = OpenAICompatibleCaptioner("http://127.0.0.1:1/v1", "m")
+    try:
+        assert c.max_in_flight >= 64
+    finally:
+        c.close()
+
+
 def test_concurrent_generate_calls_share_one_budget():
     from concurrent.futures import ThreadPoolExecutor
 
@@ -425,6 +435,15 @@ def test_managed_server_that_exits_reports_its_log(tmp_path):
     cmd = [sys.executable, "-c", "import sys; print('bad flag --port {port}'); sys.exit(3)"]
     with pytest.raises(ServerStartError, match=r"exited with code 3[\s\S]*bad flag --port \d+"):
         ManagedServerCaptioner(cmd, "m", startup_timeout_s=30, log_path=str(tmp_path / "s.log"))
+
+
+def test_managed_server_never_logs_a_key_in_its_command(tmp_path):
+    cmd = [sys.executable, "-c", "import sys; sys.exit(3)", "--api-key", "sk-secret-1", "--hf-token=hf_secret_2", "{port}"]
+    with pytest.raises(ServerStartError) as info:
+        ManagedServerCaptioner(cmd, "m", startup_timeout_s=30, log_path=str(tmp_path / "s.log"))
+    text = str(info.value) + (tmp_path / "s.log").read_text()
+    assert "--api-key ***" in text and "--hf-token=***" in text
+    assert "sk-secret-1" not in text and "hf_secret_2" not in text
 
 
 def test_managed_server_restarts_a_scripted_server(tmp_path):

@@ -160,6 +160,49 @@ def test_description_styles(text, expected):
     assert parse_description(text) == expected
 
 
+def _plain_expression(e: str) -> bool:
+    """What a referring expression looks like after parsing (see parse_description)."""
+    from orsgen.stages.caption.parse import _LEAD_IN, _REFUSAL
+
+    edge = " \"'`“”‘’."
+    return (
+        any(c.isalpha() for c in e)
+        and e[0] not in edge
+        and e[-1] not in edge
+        and not _REFUSAL.search(e)
+        and not _LEAD_IN.match(e)
+    )
+
+
+expressions = (
+    st.lists(
+        st.text(alphabet=st.characters(categories=("L", "N"), include_characters="-,'/"), min_size=1, max_size=12),
+        min_size=1,
+        max_size=25,
+    )
+    .map(" ".join)
+    .filter(_plain_expression)
+)
+
+
+@FAST
+@given(expressions, st.sampled_from(["expression", "referring_expression", "description", "caption", "answer"]))
+def test_valid_description_parses_in_every_style(expr, key):
+    obj = json.dumps({key: expr}, ensure_ascii=False)
+    styles = [
+        obj,
+        f"```json\n{json.dumps({key: expr}, indent=2)}\n```",
+        f"{obj}<|im_end|>",
+        f"<think>which region? [maybe]</think>{obj}",
+        f"Here it is: {obj}",
+        json.dumps(expr, ensure_ascii=False),  # a JSON string
+        f"{expr}\nIt is the only one.",  # plain text: the first line
+        f"Expression: {expr}",
+    ]
+    for text in styles:
+        assert parse_description(text) == expr, text
+
+
 @pytest.mark.parametrize(
     ("text", "error"),
     [

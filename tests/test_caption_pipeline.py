@@ -394,3 +394,57 @@ def test_inference_exceptions_become_rejects_not_a_failed_job(sa1b_shards, tmp_p
         # The message is the dead letter's exception, not a lost response.
         assert_that(rejects | "Raised" >> beam.Map(lambda r: "backend exploded" in r.message) | "UniqRaised" >> beam.Distinct(),
                     equal_to([True]), label="from_dead_letters")
+
+
+
+def test_both_rounds_share_one_managed_server_per_worker():
+    """Round 1 and round 2 name one model: a managed vLLM must not start twice on one GPU.
+
+    Beam gives every RunInference a fresh model tag unless ``model_identifier``
+    is set, and with ``share_model_across_processes`` the tag decides which
+    loaded model (here: which managed server) a step uses. Checked on the graph:
+    a real count of server starts through Beam takes ~8 s (process spawning).
+    """
+    import apache_beam as beam
+    from apache_beam.ml.inference.base import RunInference
+
+    from orsgen.pipelines.caption import CaptionExamples
+    from orsgen.schemas.config import CaptionBackendConfig, CaptionConfig
+    from orsgen.stages.caption.handler import VlmModelHandler
+
+    backend = CaptionBackendConfig(backend="managed", model="m", server_command=["vllm", "serve", "{model}", "--port", "{port}"])
+    handler = VlmModelHandler(backend)
+    assert handler.share_model_across_processes()
+    cfg = CaptionConfig(enabled=True, backend=backend)
+    p = beam.Pipeline(runner="FnApiRunner")
+    _ = p | beam.Create([]) | CaptionExamples(cfg, {"sa1b": "sa1b"}, handler)
+    tags = {}
+
+    class Visit(beam.pipeline.PipelineVisitor):
+        def enter_composite_transform(self, node):
+            if isinstance(node.transform, RunInference):
+                tags[node.full_label] = node.transform._model_tag
+
+    p.visit(Visit())
+    assert len(tags) == 2 and len(set(tags.values())) == 1, tags
+    # A second caption transform (another config) gets its own model.
+    p2 = beam.Pipeline(runner="FnApiRunner")
+    _ = p2 | beam.Create([]) | CaptionExamples(cfg, {"sa1b": "sa1b"}, handler)
+    first = set(tags.values())
+    tags.clear()
+    p2.visit(Visit())
+    assert len(set(tags.values())) == 1 and set(tags.values()) != first
+
+
+def test_server_down_for_the_whole_run_is_rejects_not_a_crash(sa1b_shards, tmp_path):
+    """Nobody listens at base_url: every caption sample is a counted vlm_server_dead reject."""
+    from vlm_fixtures import free_port
+
+    cfg = _config(tmp_path, sa1b_shards, {"model": "m", "base_url": f"http://127.0.0.1:{free_port()}/v1", "cache": False},
+                  ders={"min_area_frac": 0.05, "max_regions_per_image": 1})
+    m = run_pipeline(cfg, str(tmp_path / "out"), RUNNER, show_progress=False)
+    _reconciled(m)
+    rejects = [r for r in _rejects(tmp_path / "out") if r["stage"] == "caption"]
+    assert rejects and {r["reason"] for r in rejects} == {"vlm_server_dead"}
+    assert m["counts"]["rejected_by_reason"]["sample/vlm_server_dead"] == len(rejects)
+    assert not [s for _ex, s in _samples(tmp_path / "out") if s.generator == "vlm"]

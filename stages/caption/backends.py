@@ -646,6 +646,35 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+#: Flags whose value is a secret (vLLM / SGLang ``--api-key``, hub tokens).
+_SECRET_FLAGS = ("--api-key", "--api_key", "--token", "--hf-token", "--hf_token")
+
+
+def redact_argv(argv: Sequence[str]) -> list[str]:
+    """A command line safe to log: values of secret flags become ``***``.
+
+    Handles ``--api-key KEY`` and ``--api-key=KEY``. Prefer passing keys
+    through the environment (e.g. ``VLLM_API_KEY``, inherited by the server).
+    """
+    out: list[str] = []
+    hide_next = False
+    for a in argv:
+        if hide_next:
+            out.append("***")
+            hide_next = False
+            continue
+        flag, eq, _value = a.partition("=")
+        if flag in _SECRET_FLAGS:
+            if eq:
+                out.append(f"{flag}=***")
+            else:
+                out.append(a)
+                hide_next = True
+            continue
+        out.append(a)
+    return out
+
+
 def _fill(arg: str, values: Mapping[str, str]) -> str:
     for k, v in values.items():
         arg = arg.replace("{" + k + "}", v)
@@ -717,7 +746,7 @@ class ManagedServerCaptioner:
         self._start()
 
     def __repr__(self) -> str:
-        return f"ManagedServerCaptioner(command={self.command[:3]}..., port={self.port}, model={self.model_name!r})"
+        return f"ManagedServerCaptioner(command={redact_argv(self.command)[:3]}..., port={self.port}, model={self.model_name!r})"
 
     @property
     def client(self) -> OpenAICompatibleCaptioner:
@@ -744,7 +773,7 @@ class ManagedServerCaptioner:
     def _start(self) -> None:
         env = {**os.environ, **self.env}
         with open(self.log_path, "ab") as logf:
-            logf.write(f"\n=== orsgen: starting {' '.join(self.command)}\n".encode())
+            logf.write(f"\n=== orsgen: starting {' '.join(redact_argv(self.command))}\n".encode())
             logf.flush()
             try:
                 # Own session: stop() signals the server's whole process group
