@@ -464,7 +464,8 @@ class CaptionBackendConfig(_Model):
         server_port: ``managed``: port (0: a free one).
         server_startup_timeout_s: ``managed``: wait for ``/v1/models`` this long.
         server_max_restarts: ``managed``: restarts after the server dies.
-        max_in_flight: most concurrent requests per client (per worker).
+        max_in_flight: most concurrent requests per client: one client per Beam
+            SDK process and round for ``openai``, one per worker when shared.
         timeout_s: per-request timeout.
         max_retries: resends after 429, 5xx, timeouts and dropped connections.
         backoff_initial_s: first backoff, doubled per retry (with jitter).
