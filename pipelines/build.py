@@ -30,7 +30,7 @@ from orsgen.stages.dedupe import dedupe_by_key
 from orsgen.stages.refs import add_human_samples, ref_source_split
 from orsgen.stages.regions import select_regions
 from orsgen.stages.expressions import expressions_stage, load_templates
-from orsgen.stages.splits import assign_split, example_ood_split
+from orsgen.stages.splits import assign_split, example_ood_split, resolve_split_conflicts
 from orsgen.stages.write import (
     EncodedExample,
     OutputConflictError,
@@ -91,11 +91,43 @@ def refs_stage(ex: ImageExample) -> tuple[ImageExample | None, list[Reject]]:
     return add_human_samples(ex)
 
 
+def natural_split(ex: ImageExample, cfg: OrsgenConfig) -> str:
+    """The split one input's copy of an image asks for: OOD rule, source split or hash."""
+    return assign_split(ex.image.image_id, cfg.splits, ref_source_split(ex), example_ood_split(ex, cfg.splits))
+
+
+def _stamp_split(ex: ImageExample, split: str) -> ImageExample:
+    samples = tuple(s if s.split == split else _with_split(s, split) for s in ex.samples)
+    return ex.replace(split=split, samples=samples)
+
+
 def splits_stage(ex: ImageExample, cfg: OrsgenConfig) -> tuple[ImageExample | None, list[Reject]]:
     """Assigns the image's split and stamps it on its samples."""
-    split = assign_split(ex.image.image_id, cfg.splits, ref_source_split(ex), example_ood_split(ex, cfg.splits))
-    samples = tuple(s if s.split == split else _with_split(s, split) for s in ex.samples)
-    return ex.replace(split=split, samples=samples), []
+    return _stamp_split(ex, natural_split(ex, cfg)), []
+
+
+class ImageSplitsDoFn(beam.DoFn):
+    """Splits for the copies of one image that arrived through several inputs.
+
+    Input: ``(image_id, examples)`` after a GroupByKey on the image id. Copies
+    that agree keep their split; on disagreement the most protected split wins
+    and the other copies become ``split_conflict`` image rejects.
+    """
+
+    def __init__(self, cfg: OrsgenConfig) -> None:
+        self._cfg = cfg
+
+    def process(self, element: tuple[str, Iterable[ImageExample]]) -> Iterator[Any]:
+        _, examples = element
+        copies = [(ex, natural_split(ex, self._cfg)) for ex in examples]
+        kept, dropped = resolve_split_conflicts(copies, self._cfg.splits.train_splits)
+        for ex, reject in dropped:
+            yield beam.pvalue.TaggedOutput(REJECTS, reject)
+            yield beam.pvalue.TaggedOutput(EVENTS, ("dropped_with_image/instances", len(ex.instances)))
+            yield beam.pvalue.TaggedOutput(EVENTS, ("dropped_with_image/refs", len(ex.refs)))
+            yield beam.pvalue.TaggedOutput(EVENTS, ("dropped_with_image/samples", len(ex.samples)))
+        for ex, split in kept:
+            yield _stamp_split(ex, split)
 
 
 def _with_split(sample: Any, split: str) -> Any:
@@ -333,9 +365,20 @@ def build_pipeline(p: beam.Pipeline, cfg: OrsgenConfig, out: str) -> None:
         rejects_l.append(sam2_rejects)
         events_l.append(sam2_events)
 
-    res = examples | "Splits" >> beam.ParDo(
-        StageDoFn("Splits", functools.partial(splits_stage, cfg=cfg))
-    ).with_outputs(REJECTS, EVENTS, main="examples")
+    if len(cfg.inputs) > 1:
+        # Several inputs can hold the same image (RefCOCO/+/g and COCO share
+        # images) with different source splits; deciding per image keeps the
+        # splits image-disjoint across inputs.
+        res = (
+            examples
+            | "KeyByImage" >> beam.Map(lambda ex: (ex.image.image_id, ex))
+            | "GroupByImage" >> beam.GroupByKey()
+            | "Splits" >> beam.ParDo(ImageSplitsDoFn(cfg)).with_outputs(REJECTS, EVENTS, main="examples")
+        )
+    else:
+        res = examples | "Splits" >> beam.ParDo(
+            StageDoFn("Splits", functools.partial(splits_stage, cfg=cfg))
+        ).with_outputs(REJECTS, EVENTS, main="examples")
     examples = res.examples
     rejects_l.append(res[REJECTS])
     events_l.append(res[EVENTS])

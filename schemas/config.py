@@ -216,12 +216,18 @@ class SplitConfig(_Model):
         ood: out-of-distribution holdouts, checked in order before everything
             else (source splits included, so held-out categories never leak
             into a source's train split); the first match wins.
+        train_splits: the splits used for training. When one image arrives
+            through several inputs whose splits disagree (RefCOCO unc and
+            RefCOCOg umd share COCO images), the image goes to the evaluation
+            (or ``ood_*``) split and its training copies are rejected as
+            ``split_conflict``: evaluation images are never trained on.
     """
 
     ratios: dict[str, float] = Field(default_factory=lambda: {"train": 0.9, "val": 0.05, "test": 0.05})
     salt: str = "orsgen"
     keep_source_splits: bool = True
     ood: list[OodRule] = Field(default_factory=list)
+    train_splits: list[str] = Field(default_factory=lambda: ["train"])
 
     @model_validator(mode="after")
     def _check_ood(self) -> "SplitConfig":

@@ -7,15 +7,21 @@ different runners put every image in the same split.
 OOD holdouts (``splits.ood``, ORS-Bench style) come first: an image with a
 held-out category, or with a sample whose target area falls in an extreme
 range, goes to that rule's ``ood_*`` split, whole.
+
+One image can arrive through several inputs (RefCOCO, RefCOCO+, RefCOCOg and
+COCO share images) whose own splits disagree. ``resolve_split_conflicts``
+keeps splits image-disjoint across inputs: the image goes to its most
+protected split (``ood_*``, then evaluation splits, then training) and the
+copies that wanted another split become ``split_conflict`` rejects.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable, Sequence
 
 from orsgen.schemas.config import OodRule, SplitConfig
-from orsgen.schemas.records import ImageExample
+from orsgen.schemas.records import ImageExample, Reject, RejectLevel
 from orsgen.stages.masks import rle_area
 
 
@@ -95,3 +101,62 @@ def assign_split(image_id: str, cfg: SplitConfig, source_split: str = "", ood: s
         if u < acc:
             return name
     return last  # float rounding at the top end
+
+
+SPLIT_CONFLICT = "split_conflict"
+
+
+def split_priority(split: str, train_splits: Collection[str]) -> tuple[int, str]:
+    """Sort key of splits by protection: ``ood_*`` first, then evaluation, then training.
+
+    Ties break alphabetically, so every runner resolves a conflict the same way.
+    """
+    if split.startswith("ood_"):
+        return (0, split)
+    if split not in train_splits:
+        return (1, split)
+    return (2, split)
+
+
+def resolve_split_conflicts(
+    copies: Sequence[tuple[ImageExample, str]], train_splits: Collection[str]
+) -> tuple[list[tuple[ImageExample, str]], list[tuple[ImageExample, Reject]]]:
+    """Puts every copy of one image in one split.
+
+    Args:
+        copies: ``(example, its own split)`` for each input that holds the
+            image (same ``image_id``, different input names).
+        train_splits: the training split names (``splits.train_splits``).
+
+    Returns:
+        ``(kept, dropped)``: the copies whose split is the image's split, and
+        each other copy with its image-level ``split_conflict`` reject.
+    """
+    if not copies:
+        return [], []
+    ordered = sorted(copies, key=lambda c: c[0].key)
+    chosen = min((s for _, s in ordered), key=lambda s: split_priority(s, train_splits))
+    kept = [(ex, s) for ex, s in ordered if s == chosen]
+    dropped = []
+    for ex, s in ordered:
+        if s == chosen:
+            continue
+        holders = sorted({k.input_name for k, ks in ordered if ks == chosen})
+        dropped.append(
+            (
+                ex,
+                Reject(
+                    source_key=ex.key,
+                    stage="splits",
+                    reason=SPLIT_CONFLICT,
+                    message=(
+                        f"image {ex.image.image_id} is in split {s!r} of input {ex.input_name!r} but in split "
+                        f"{chosen!r} of {holders}; splits stay image-disjoint, so this copy is left out "
+                        "(set splits.keep_source_splits: false to hash all inputs into one partition instead)."
+                    ),
+                    level=RejectLevel.IMAGE,
+                    image_id=ex.image.image_id,
+                ),
+            )
+        )
+    return kept, dropped

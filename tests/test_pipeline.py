@@ -256,3 +256,30 @@ def test_cli_run_passes_beam_flags_through_and_reports_missing_inputs(tmp_path, 
     cfg_path.write_text("inputs:\n  - {type: sa1b, name: sa, shards: [nope/sa_*.tar]}\n")
     res = CliRunner().invoke(cli.app, ["run", str(cfg_path), "--out", str(tmp_path / "o3"), "--quiet"])
     assert res.exit_code == 2 and "matches no file" in res.output and "Traceback" not in res.output
+
+
+def test_splits_stay_image_disjoint_when_inputs_disagree(demo, tmp_path):
+    """RefCOCO and gRefCOCO copies of one image with different source splits: one split wins."""
+    import pyarrow.parquet as pq
+
+    inputs = tmp_path / "inputs"
+    shutil.copytree(demo["base"] / "inputs", inputs)
+    grefs_path = inputs / "grefcoco" / "grefs(unc).json"
+    grefs = json.loads(grefs_path.read_text())
+    for r in grefs:
+        r["split"] = "train"  # RefCOCO puts some of these images in val/testA/testB
+    grefs_path.write_text(json.dumps(grefs))
+    cfg = load_config(inputs / "demo.yaml")
+    out = tmp_path / "out"
+    m = run_pipeline(cfg, str(out), ["--runner=FnApiRunner"], show_progress=False)
+    splits_of: dict[str, set[str]] = {}
+    for p in (out / "parquet").rglob("*.parquet"):
+        for row in pq.read_table(p, columns=["image_id", "split"]).to_pylist():
+            splits_of.setdefault(row["image_id"], set()).add(row["split"])
+    assert all(len(v) == 1 for v in splits_of.values()), {k: v for k, v in splits_of.items() if len(v) > 1}
+    conflicts = m["counts"]["rejected_by_reason"].get("image/split_conflict", 0)
+    assert conflicts >= 1
+    # The evaluation copies won: no RefCOCO evaluation image is in train.
+    assert {"testA", "testB", "val"} & {s for v in splits_of.values() for s in v}
+    for level, v in m["counts"]["levels"].items():
+        assert v["inputs"] == v["written"] + v["rejected"], level
