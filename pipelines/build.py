@@ -23,7 +23,7 @@ import fsspec
 
 import orsgen
 from orsgen.pipelines.transforms import EVENTS, REJECTS, IngestDoFn, StageDoFn
-from orsgen.schemas.config import CocoInput, GrefcocoInput, OrsgenConfig, RefcocoInput, Sa1bInput
+from orsgen.schemas.config import CocoInput, GrefcocoInput, OrsgenConfig, RefcocoInput, Sa1bInput, redacted_config
 from orsgen.schemas.records import ImageExample, Reject, RejectLevel
 from orsgen.stages import ingest_coco, ingest_sa1b
 from orsgen.stages.dedupe import dedupe_by_key
@@ -247,7 +247,7 @@ def _manifest_fn(
         counts["expressions"] = expressions
     manifest = build_manifest(
         name=cfg.name,
-        config=cfg.model_dump(mode="json"),
+        config=redacted_config(cfg),
         config_sha256=cfg.sha256(),
         version=orsgen.__version__,
         shard_stats=stats,

@@ -402,14 +402,53 @@ _MODEL_RE = re.compile(r"(model|checkpoint|backend|endpoint)", re.I)
 _PROMPT_RE = re.compile(r"(prompt|template|version)", re.I)
 
 
+def _disabled_sections(data: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted paths of config sections that did not run.
+
+    A section is off when it says ``enabled: false``, or when it has sub-jobs
+    (child sections with an ``enabled`` flag) and all of them are off, as
+    ``verify_sam2`` with both its filter and cleaner disabled (its ``report``
+    sub-section is not a job). The card must not name models or thresholds of
+    stages that never ran.
+    """
+    off: list[str] = []
+    jobs: list[bool] = []
+    for key, value in data.items():
+        if not isinstance(value, dict):
+            continue
+        path = f"{prefix}{key}"
+        if value.get("enabled") is False:
+            off.append(path)
+            jobs.append(False)
+            continue
+        if "enabled" in value and key != "report":  # a report of nothing is not a job
+            jobs.append(True)
+        sub_off = _disabled_sections(value, path + ".")
+        if sub_off == [path]:
+            off.append(path)
+        else:
+            off.extend(sub_off)
+    if prefix and jobs and not any(jobs):
+        return [prefix.rstrip(".")]
+    return off
+
+
 def provenance_of(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Models, prompt/template versions and thresholds named in the run's config.
 
     Found by key name in the flattened config, so the stages other issues add
     (VLM captioning, SAM2 verification) show up without this code knowing them.
     """
-    flat = _flatten(manifest.get("config") or {})
-    flat = {k: v for k, v in flat.items() if not k.startswith("inputs.") and v not in (None, "", [], {})}
+    config = manifest.get("config") or {}
+    off = _disabled_sections(config)
+    flat = _flatten(config)
+    flat = {
+        k: v
+        for k, v in flat.items()
+        if not k.startswith("inputs.")
+        and v not in (None, "", [], {})
+        and not any(k == p or k.startswith(p + ".") for p in off)
+    }
     return {
         "models": {k: v for k, v in flat.items() if _MODEL_RE.search(k.rsplit(".", 1)[-1])},
         "prompts": {k: v for k, v in flat.items() if _PROMPT_RE.search(k.rsplit(".", 1)[-1])},

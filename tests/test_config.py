@@ -64,3 +64,28 @@ def test_duplicate_input_names(tmp_path):
     p.write_text(GOOD.replace("name: co", "name: sa"))
     with pytest.raises(ConfigError, match="unique"):
         load_config(p)
+
+
+def test_redacted_config_masks_secret_values(tmp_path):
+    import json
+
+    from orsgen.schemas.config import redact_argv, redacted_config
+
+    p = tmp_path / "c.yaml"
+    p.write_text(GOOD)
+    cfg = load_config(
+        p,
+        [
+            "caption.backend.backend=managed",
+            "caption.backend.model=Qwen/Qwen2.5-VL-7B-Instruct",
+            "caption.backend.server_command=[vllm, serve, '{model}', --port, '{port}', --api-key, sk-SECRET1]",
+            "caption.backend.server_env={HF_TOKEN: hf_SECRET2}",
+        ],
+    )
+    dumped = json.dumps(redacted_config(cfg))
+    assert "SECRET" not in dumped
+    assert '"HF_TOKEN": "***"' in dumped and "--api-key" in dumped
+    # The full config (and so its sha256) still holds the values; only what is written is masked.
+    assert "SECRET1" in json.dumps(cfg.model_dump(mode="json"))
+    assert redact_argv(["serve", "--token=abc", "--api-key", "k", "--port", "1"]) == [
+        "serve", "--token=***", "--api-key", "***", "--port", "1"]

@@ -248,3 +248,22 @@ def test_card_helpers():
         }
     ]
     assert hub_card_yaml("---\nlicense: mit\n---\n\nbody")["license"] == "mit"
+
+
+def test_card_provenance_skips_stages_that_did_not_run():
+    from orsgen.stages.publish import provenance_of
+
+    config = {
+        "caption": {"enabled": False, "backend": {"model": "Qwen/Qwen2.5-VL-72B-Instruct"}},
+        "verify_sam2": {"model": "facebook/sam2.1-hiera-large", "filter": {"enabled": False, "iou_thresh": 0.6},
+                        "clean": {"enabled": False}, "report": {"enabled": True}},
+        "regions": {"pred_iou_thresh": 0.88},
+    }
+    prov = provenance_of({"config": config})
+    assert not any(k.startswith(("caption", "verify_sam2")) for part in prov.values() for k in part)
+    assert prov["thresholds"] == {"regions.pred_iou_thresh": 0.88}
+    config["verify_sam2"]["filter"]["enabled"] = True
+    prov = provenance_of({"config": config})
+    assert prov["models"]["verify_sam2.model"] == "facebook/sam2.1-hiera-large"
+    assert "verify_sam2.filter.iou_thresh" in prov["thresholds"]
+    assert not any(k.startswith("caption") for part in prov.values() for k in part)

@@ -46,6 +46,7 @@ from urllib.parse import urlsplit
 
 from PIL import Image
 
+from orsgen.schemas.config import redact_argv  # re-exported: one list of secret flags
 from orsgen.stages.caption.prompts import fit_max_side
 from orsgen.stages.caption.types import SamplingParams, VlmError, VlmRequest, VlmResponse
 
@@ -644,35 +645,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
-
-
-#: Flags whose value is a secret (vLLM / SGLang ``--api-key``, hub tokens).
-_SECRET_FLAGS = ("--api-key", "--api_key", "--token", "--hf-token", "--hf_token")
-
-
-def redact_argv(argv: Sequence[str]) -> list[str]:
-    """A command line safe to log: values of secret flags become ``***``.
-
-    Handles ``--api-key KEY`` and ``--api-key=KEY``. Prefer passing keys
-    through the environment (e.g. ``VLLM_API_KEY``, inherited by the server).
-    """
-    out: list[str] = []
-    hide_next = False
-    for a in argv:
-        if hide_next:
-            out.append("***")
-            hide_next = False
-            continue
-        flag, eq, _value = a.partition("=")
-        if flag in _SECRET_FLAGS:
-            if eq:
-                out.append(f"{flag}=***")
-            else:
-                out.append(a)
-                hide_next = True
-            continue
-        out.append(a)
-    return out
 
 
 def _fill(arg: str, values: Mapping[str, str]) -> str:
