@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from orsgen.stages.torch_device import resolve_device, resolve_dtype
 from orsgen.schemas.records import ImageExample, Rle
 
 INSTALL_HINT = "pip install 'orsgen[sam2]'"
@@ -185,27 +186,6 @@ def _import_torch() -> Any:
     return torch
 
 
-def resolve_device(device: str) -> str:
-    """``auto`` becomes ``cuda`` when a CUDA device is visible, else ``cpu``."""
-    torch = _import_torch()
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(
-            f"verify_sam2.device is {device!r} but torch sees no CUDA device; "
-            "set verify_sam2.device=cpu (slow) or run on a machine with a GPU."
-        )
-    return device
-
-
-def resolve_dtype(dtype: str, device: str) -> Any:
-    """``auto`` is bfloat16 on CUDA and float32 elsewhere."""
-    torch = _import_torch()
-    if dtype == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-
-
 # ------------------------------------------------------------------ transformers
 
 
@@ -244,8 +224,8 @@ class TransformersSam2Backend:
             ) from err
         self._torch = torch
         self._model_id = model
-        self._device = resolve_device(device)
-        self._dtype = resolve_dtype(dtype, self._device)
+        self._device = resolve_device(torch, device, "verify_sam2.device")
+        self._dtype = resolve_dtype(torch, dtype, self._device, "verify_sam2.dtype")
         self._prompts_per_batch = int(prompts_per_batch)
         self._mask_threshold = float(mask_threshold)
         self._model = Sam2Model.from_pretrained(model, dtype=self._dtype).to(self._device).eval()
@@ -444,8 +424,8 @@ class MetaSam2Backend:
             ) from err
         self._torch = torch
         self._model_id = model
-        self._device = resolve_device(device)
-        self._dtype = resolve_dtype(dtype, self._device)
+        self._device = resolve_device(torch, device, "verify_sam2.device")
+        self._dtype = resolve_dtype(torch, dtype, self._device, "verify_sam2.dtype")
         self._prompts_per_batch = int(prompts_per_batch)
         if os.path.isfile(model) or model.endswith((".pt", ".pth")):
             if not model_cfg:

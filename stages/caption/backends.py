@@ -47,6 +47,7 @@ from urllib.parse import urlsplit
 from PIL import Image
 
 from orsgen.schemas.config import redact_argv  # re-exported: one list of secret flags
+from orsgen.stages.torch_device import resolve_device, resolve_dtype
 from orsgen.stages.caption.prompts import fit_max_side
 from orsgen.stages.caption.types import SamplingParams, VlmError, VlmRequest, VlmResponse
 
@@ -880,7 +881,6 @@ def _import_torch_transformers() -> tuple[Any, Any]:
     return torch, transformers
 
 
-_DTYPES = {"bfloat16", "float16", "float32"}
 
 
 class TransformersCaptioner:
@@ -916,14 +916,8 @@ class TransformersCaptioner:
         self._torch = torch
         if not model:
             raise ValueError("TransformersCaptioner needs a model path or hub id.")
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if dtype == "auto":
-            torch_dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-        elif dtype in _DTYPES:
-            torch_dtype = getattr(torch, dtype)
-        else:
-            raise ValueError(f"dtype {dtype!r} is not one of auto, {', '.join(sorted(_DTYPES))}.")
+        device = resolve_device(torch, device, "caption.backend.device")
+        torch_dtype = resolve_dtype(torch, dtype, device, "caption.backend.dtype")
         self.model_name = model
         self.device = device
         self.batch_size = max(1, int(batch_size))
