@@ -57,7 +57,7 @@ from orsgen.schemas.records import (
     safe_key,
 )
 from orsgen.stages.images import ImageError, check_image
-from orsgen.stages.masks import MaskError, rle_area, rle_bbox_xywh, segmentation_to_rle, xywh_to_xyxy
+from orsgen.stages.masks import MaskError, instance_geometry, segmentation_to_rle
 from orsgen.stages.safe_pickle import UnsafePickleError, restricted_loads
 
 #: ``Reject.stage`` of every reject this module makes.
@@ -786,17 +786,14 @@ def _annotation_to_instance(
     except (ValueError, TypeError, OverflowError) as err:
         # pycocotools / ASCII decoding errors on malformed counts or sizes.
         return "bad_segmentation", f"annotation {aid} segmentation cannot be converted: {type(err).__name__}: {err}"
-    area = rle_area(rle)
-    if area == 0:
+    geometry = instance_geometry(rle)
+    if geometry["area_px"] == 0:
         return EMPTY_MASK, f"annotation {aid} mask has no pixels."
-    bbox = rle_bbox_xywh(rle)
     return Instance(
         instance_id=f"coco:{task.coco_image_id}/ann:{aid}",
         image_id=f"coco:{task.coco_image_id}",
         rle=rle,
-        bbox_xywh=bbox,
-        bbox_xyxy=xywh_to_xyxy(bbox),
-        area_px=area,
+        **geometry,
         category_id=cid,
         category_name=cat["name"],
         supercategory=cat["supercategory"],

@@ -77,7 +77,7 @@ from orsgen.schemas.records import (
     safe_key,
 )
 from orsgen.stages.images import ImageError, check_image
-from orsgen.stages.masks import MaskError, rle_area, rle_bbox_xywh, segmentation_to_rle, xywh_to_xyxy
+from orsgen.stages.masks import MaskError, instance_geometry, segmentation_to_rle
 
 STAGE = "ingest_sa1b"
 
@@ -592,17 +592,14 @@ def _to_instance(ann: Any, image_id: str, height: int, width: int, seen_ids: set
     except UnicodeError:
         # validate_rle encodes counts as ASCII; anything else is not COCO RLE.
         raise _BadAnnotation("bad_rle", "compressed RLE counts hold non-ASCII characters.") from None
-    area = rle_area(rle)
-    if area == 0:
+    geometry = instance_geometry(rle)
+    if geometry["area_px"] == 0:
         raise _BadAnnotation(EMPTY_MASK, "the mask has no pixels.")
-    bbox = rle_bbox_xywh(rle)
     return Instance(
         instance_id=f"{image_id}/ann:{ann_id}",
         image_id=image_id,
         rle=rle,
-        bbox_xywh=bbox,
-        bbox_xyxy=xywh_to_xyxy(bbox),
-        area_px=area,
+        **geometry,
         predicted_iou=predicted_iou,
         stability_score=stability_score,
         point_coords=point_coords,

@@ -67,6 +67,20 @@ def xyxy_to_xywh(b: Sequence[float]) -> tuple[float, float, float, float]:
     return (x0, y0, x1 - x0, y1 - y0)
 
 
+def instance_geometry(rle: Rle) -> dict[str, Any]:
+    """The ``Instance`` fields that derive from its mask, computed on the runs.
+
+    Every stage that makes or rewrites an instance (readers, CoRS merging,
+    SAM2 refinement) uses this, so box and area always agree with the mask.
+
+    Returns:
+        ``{"bbox_xywh", "bbox_xyxy", "area_px"}``, ready for
+        ``Instance(**...)`` or ``dataclasses.replace(inst, **...)``.
+    """
+    bbox = rle_bbox_xywh(rle)
+    return {"bbox_xywh": bbox, "bbox_xyxy": xywh_to_xyxy(bbox), "area_px": rle_area(rle)}
+
+
 def rle_iou_matrix(a: Sequence[Rle], b: Sequence[Rle]) -> np.ndarray:
     """Pairwise mask IoU, computed on the runs.
 

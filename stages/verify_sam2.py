@@ -38,7 +38,7 @@ from orsgen.schemas.records import (
     Sample,
     TargetGeometry,
 )
-from orsgen.stages.masks import interior_points, rle_area, rle_bbox_xywh, rle_iou, xywh_to_xyxy
+from orsgen.stages.masks import instance_geometry, interior_points, rle_area, rle_iou
 from orsgen.stages.sam2_backend import Sam2Prediction, Sam2Prompt
 from orsgen.stages.targets import TargetError, attach_targets
 
@@ -252,13 +252,10 @@ def refine_instance(inst: Instance, mask: Rle, pred_iou: float, prompt: Sam2Prom
     ``predicted_iou`` becomes SAM2's predicted IoU and ``point_coords`` the
     prompt points, as for SAM-generated (SA-1B) regions.
     """
-    bbox = rle_bbox_xywh(mask)
     return dataclasses.replace(
         inst,
         rle=mask,
-        bbox_xywh=bbox,
-        bbox_xyxy=xywh_to_xyxy(bbox),
-        area_px=rle_area(mask),
+        **instance_geometry(mask),
         predicted_iou=round(float(pred_iou), 6),
         point_coords=prompt.points_xy if prompt is not None else inst.point_coords,
         mask_origin=REFINED_ORIGIN,

@@ -28,7 +28,7 @@ from pycocotools import mask as mask_utils
 
 from orsgen.schemas.config import CorsConfig
 from orsgen.schemas.records import ExpressionKind, ImageExample, Instance, Reject, RejectLevel, Rle, Sample, safe_key
-from orsgen.stages.masks import rle_area, rle_bbox_xywh, rle_intersection_area, rle_union, xywh_to_xyxy
+from orsgen.stages.masks import instance_geometry, rle_area, rle_bbox_xywh, rle_intersection_area, rle_union, xywh_to_xyxy
 from orsgen.stages.targets import TargetError, attach_targets
 
 STAGE = "caption"
@@ -266,14 +266,11 @@ def cors_sample_id(key: str, label: str) -> str:
 
 
 def _new_instance(image_id: str, n: int, m: BoxMatch) -> Instance:
-    x, y, w, h = rle_bbox_xywh(m.rle)
     return Instance(
         instance_id=f"{image_id}/cors:{n}",
         image_id=image_id,
         rle=m.rle,
-        bbox_xywh=(x, y, w, h),
-        bbox_xyxy=(x, y, x + w, y + h),
-        area_px=rle_area(m.rle),
+        **instance_geometry(m.rle),
         mask_origin="cors_merged" if m.method == MERGED else "vlm_box",
     )
 
