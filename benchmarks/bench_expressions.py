@@ -24,7 +24,7 @@ from orsgen.stages.expressions.context import ImageContext
 from orsgen.stages.expressions.geometry import instance_geom
 from orsgen.stages.expressions.stage import add_expressions, generate_candidates, margins_for
 from orsgen.stages.expressions.templates import load_templates, noun_forms
-from orsgen.stages.masks import encode_mask, rle_area, rle_bbox_xywh, xywh_to_xyxy
+from orsgen.stages.common.masks import encode_mask, rle_area, rle_bbox_xywh, xywh_to_xyxy
 
 W, H = 640, 480
 CATS = [Category(i, n, s) for i, (n, s) in enumerate(

@@ -24,7 +24,7 @@ from pycocotools import mask as mask_utils
 
 from orsgen.schemas.config import RegionConfig
 from orsgen.schemas.records import Instance
-from orsgen.stages.masks import encode_mask, rle_area, rle_bbox_xywh, xywh_to_xyxy
+from orsgen.stages.common.masks import encode_mask, rle_area, rle_bbox_xywh, xywh_to_xyxy
 from orsgen.stages.regions import select_regions
 
 

@@ -35,7 +35,7 @@ import time
 import numpy as np
 from PIL import Image
 
-from orsgen.stages.masks import encode_mask, interior_points, rle_area, rle_bbox_xywh, rle_iou, xywh_to_xyxy
+from orsgen.stages.common.masks import encode_mask, interior_points, rle_area, rle_bbox_xywh, rle_iou, xywh_to_xyxy
 from orsgen.stages.sam2_backend import Sam2Prompt, TransformersSam2Backend
 from orsgen.stages.sam2_random import save_random_sam2
 

@@ -52,9 +52,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pycocotools import mask as mask_utils
 
-from orsgen.stages.qwen_resize import smart_resize as _smart_resize
+from orsgen.stages.common.qwen_resize import smart_resize as _smart_resize
 from orsgen.schemas.records import ExpressionKind, Rle
-from orsgen.stages.masks import empty_rle, polygons_to_rle, rle_bbox_xywh, rle_difference, rle_union
+from orsgen.stages.common.masks import empty_rle, polygons_to_rle, rle_bbox_xywh, rle_difference, rle_union
 from orsgen.stages.read import check_split_name, iter_rows, resolve_splits
 
 if TYPE_CHECKING:
@@ -181,7 +181,7 @@ _SVG_TOKEN_RE = re.compile(r"[MLZ]|-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")
 def svg_path_to_rle(path: str, height: int, width: int) -> Rle:
     """Rasterises a normalised SVG path (``M x y L x y ... Z``, 0..1) to an RLE.
 
-    The inverse of ``stages.masks.svg_path`` (Moondream's convention): every
+    The inverse of ``stages.common.masks.svg_path`` (Moondream's convention): every
     sub-path is a ring, and rings combine with the ``evenodd`` rule (a hole is
     a ring inside another), computed as XOR in RLE space.
 

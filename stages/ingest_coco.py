@@ -57,7 +57,7 @@ from orsgen.schemas.records import (
     safe_key,
 )
 from orsgen.stages.images import ImageError, check_image
-from orsgen.stages.masks import MaskError, instance_geometry, segmentation_to_rle
+from orsgen.stages.common.masks import MaskError, instance_geometry, segmentation_to_rle
 from orsgen.stages.safe_pickle import UnsafePickleError, restricted_loads
 
 #: ``Reject.stage`` of every reject this module makes.

@@ -40,7 +40,7 @@ Instance level (``source_key`` is ``<url>#<json member>/ann:<ann id>``, or
     * ``bad_annotation``: not an object, a missing or mistyped field, or a
       repeated annotation id.
     * ``empty_mask``: the mask has no pixels.
-    * from ``stages.masks.segmentation_to_rle``: ``rle_size_mismatch``,
+    * from ``stages.common.masks.segmentation_to_rle``: ``rle_size_mismatch``,
       ``bad_rle``, ``bad_segmentation``, ``bad_polygon``.
 
 Accounting: every ``sa_<id>`` stem met in a shard ends as exactly one
@@ -77,7 +77,7 @@ from orsgen.schemas.records import (
     safe_key,
 )
 from orsgen.stages.images import ImageError, check_image
-from orsgen.stages.masks import MaskError, instance_geometry, segmentation_to_rle
+from orsgen.stages.common.masks import MaskError, instance_geometry, segmentation_to_rle
 
 STAGE = "ingest_sa1b"
 

@@ -37,7 +37,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from orsgen.schemas.records import ExpressionKind, Rle
-from orsgen.stages.masks import decode_crop, rle_area
+from orsgen.stages.common.masks import decode_crop, rle_area
 from orsgen.stages.read import load_manifest, parquet_files, shard_sizes, tar_files
 
 try:

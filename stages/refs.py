@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import Counter
 
 from orsgen.schemas.records import ExpressionKind, ImageExample, Reject, RejectLevel, Sample, safe_key
-from orsgen.stages.targets import TargetError, attach_targets
+from orsgen.stages.common.targets import TargetError, attach_targets
 
 STAGE = "refs"
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from orsgen.schemas.config import RegionConfig
 from orsgen.schemas.records import Instance
-from orsgen.stages.masks import rle_iou_matrix
+from orsgen.stages.common.masks import rle_iou_matrix
 
 DROPPED_CROWD = "dropped_crowd"
 DROPPED_SMALL = "dropped_small"

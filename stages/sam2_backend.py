@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from orsgen.stages.torch_device import resolve_device, resolve_dtype
+from orsgen.stages.common.torch_device import resolve_device, resolve_dtype
 from orsgen.schemas.records import ImageExample, Rle
 
 INSTALL_HINT = "pip install 'orsgen[sam2]'"

@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from orsgen.schemas.config import VerifySam2Config
-from orsgen.stages.masks import decode_crop
+from orsgen.stages.common.masks import decode_crop
 from orsgen.stages.sam2_backend import decode_rgb
 from orsgen.stages.verify_sam2 import CLEAN, FILTER, SAMPLE, Sam2Outcome
 

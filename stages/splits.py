@@ -22,7 +22,7 @@ from collections.abc import Collection, Iterable, Sequence
 
 from orsgen.schemas.config import OodRule, SplitConfig
 from orsgen.schemas.records import ImageExample, Reject, RejectLevel
-from orsgen.stages.masks import rle_area
+from orsgen.stages.common.masks import rle_area
 
 
 def hash_unit(text: str, salt: str) -> float:

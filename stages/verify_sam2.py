@@ -38,9 +38,9 @@ from orsgen.schemas.records import (
     Sample,
     TargetGeometry,
 )
-from orsgen.stages.masks import instance_geometry, interior_points, rle_area, rle_iou
+from orsgen.stages.common.masks import instance_geometry, interior_points, rle_area, rle_iou
 from orsgen.stages.sam2_backend import Sam2Prediction, Sam2Prompt
-from orsgen.stages.targets import TargetError, attach_targets
+from orsgen.stages.common.targets import TargetError, attach_targets
 
 STAGE = "verify_sam2"
 

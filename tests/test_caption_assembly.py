@@ -18,7 +18,7 @@ from orsgen.schemas.config import CorsConfig, DersConfig
 from orsgen.schemas.records import ImageExample, ImageRecord, Instance, RejectLevel, Sample
 from orsgen.stages.caption import cors, ders
 from orsgen.stages.caption.overlay import OverlayError, OverlayStyle, decode_rgb, draw_targets, render_overlay
-from orsgen.stages.masks import decode_crop, encode_mask, rle_area, rle_bbox_xywh, rle_iou, xywh_to_xyxy
+from orsgen.stages.common.masks import decode_crop, encode_mask, rle_area, rle_bbox_xywh, rle_iou, xywh_to_xyxy
 
 H, W = 80, 100
 IMG = "sa1b:7"

@@ -33,7 +33,7 @@ from orsgen.pipelines.cli import run_pipeline
 from orsgen.pipelines.demo_data import _BY_ID, _jpeg, demo_sa1b_image, write_sa1b
 from orsgen.schemas.arrow import sample_from_row
 from orsgen.schemas.config import load_config
-from orsgen.stages.masks import encode_mask, rle_iou
+from orsgen.stages.common.masks import encode_mask, rle_iou
 
 pytestmark = pytest.mark.slow
 

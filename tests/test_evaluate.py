@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from orsgen.pipelines.cli import app
 from orsgen.schemas.records import Rle
 from orsgen.stages.evaluate import EvalError, GroundTruth, evaluate, load_ground_truth
-from orsgen.stages.masks import encode_mask
+from orsgen.stages.common.masks import encode_mask
 from orsgen.stages.read import iter_rows
 
 

@@ -25,7 +25,7 @@ from orsgen.stages.export import (
     smart_resize,
     svg_path_to_rle,
 )
-from orsgen.stages.masks import rle_iou, rle_union
+from orsgen.stages.common.masks import rle_iou, rle_union
 from orsgen.stages.read import iter_rows
 
 SPLITS = ("train", "val", "testA")

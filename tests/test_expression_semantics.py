@@ -25,7 +25,7 @@ from orsgen.stages.expressions.descriptions import description_candidates
 from orsgen.stages.expressions.geometry import Margins, rle_moments
 from orsgen.stages.expressions.stage import margins_for
 from orsgen.stages.expressions.templates import noun_forms, parse_templates
-from orsgen.stages.masks import encode_mask, rle_area, rle_bbox_xywh, xywh_to_xyxy
+from orsgen.stages.common.masks import encode_mask, rle_area, rle_bbox_xywh, xywh_to_xyxy
 
 from expression_oracle import (
     DenseInstance,

@@ -18,7 +18,7 @@ from orsgen.stages.expressions.context import Candidate, ImageContext
 from orsgen.stages.expressions.negatives import absent_categories, negative_candidates
 from orsgen.stages.expressions.stage import add_expressions, expressions_stage, margins_for
 from orsgen.stages.expressions.templates import TemplateError, load_templates, noun_forms, parse_templates
-from orsgen.stages.masks import encode_mask, rle_area, rle_bbox_xywh, rle_union, xywh_to_xyxy
+from orsgen.stages.common.masks import encode_mask, rle_area, rle_bbox_xywh, rle_union, xywh_to_xyxy
 from orsgen.stages.splits import assign_split, example_ood_split, ood_split
 
 from expression_oracle import bundled_templates
@@ -328,7 +328,7 @@ def test_add_expressions_attaches_trainer_targets_deterministically():
 
 
 def test_qwen_box_is_the_pixel_box_on_a_0_1000_grid():
-    from orsgen.stages.targets import qwen_box
+    from orsgen.stages.common.targets import qwen_box
 
     # 120 x 90 image: x / 120 * 1000 and y / 90 * 1000, rounded half up, clamped.
     assert qwen_box((5, 40, 25, 60), W, H) == (42, 444, 208, 667)
@@ -466,7 +466,7 @@ def test_interior_points_are_the_same_on_every_thread():
     """Beam calls stages from several threads; trainer targets must not depend on which."""
     import threading
 
-    from orsgen.stages.masks import interior_points
+    from orsgen.stages.common.masks import interior_points
 
     yy, xx = np.mgrid[0:90, 0:120]
     rles = [encode_mask((xx - 60) ** 2 + (yy - 45) ** 2 <= r * r) for r in range(8, 40, 3)]

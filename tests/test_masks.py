@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import shapely
 
-from orsgen.stages import masks as M
+from orsgen.stages.common import masks as M
 from tests.conftest import random_mask
 
 

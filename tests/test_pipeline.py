@@ -119,7 +119,7 @@ def test_loads_with_webdataset_library(demo):
 def test_human_samples_have_targets_and_masks(demo):
     import pyarrow.parquet as pq
 
-    from orsgen.stages.masks import rle_area, rle_union
+    from orsgen.stages.common.masks import rle_area, rle_union
     from orsgen.schemas.records import Rle
 
     kinds = set()

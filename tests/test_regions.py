@@ -7,7 +7,7 @@ import numpy as np
 from orsgen.schemas.config import RegionConfig
 from orsgen.schemas.records import Instance
 from orsgen.stages import regions as R
-from orsgen.stages.masks import encode_mask, rle_area, rle_bbox_xywh, xywh_to_xyxy
+from orsgen.stages.common.masks import encode_mask, rle_area, rle_bbox_xywh, xywh_to_xyxy
 
 
 def _inst(i: int, m: np.ndarray, piou: float | None = 0.95, stab: float | None = 0.97, crowd: bool = False) -> Instance:

@@ -36,7 +36,7 @@ from orsgen.schemas.records import (  # noqa: E402
     Sample,
 )
 from orsgen.stages import verify_sam2 as v  # noqa: E402
-from orsgen.stages.masks import encode_mask, rle_area, rle_bbox_xywh, rle_iou, xywh_to_xyxy  # noqa: E402
+from orsgen.stages.common.masks import encode_mask, rle_area, rle_bbox_xywh, rle_iou, xywh_to_xyxy  # noqa: E402
 from orsgen.stages.sam2_backend import (  # noqa: E402
     MetaSam2Backend,
     Sam2Prediction,
@@ -44,7 +44,7 @@ from orsgen.stages.sam2_backend import (  # noqa: E402
 )
 from orsgen.stages.sam2_random import save_random_sam2  # noqa: E402
 from orsgen.stages.sam2_report import ReportAccumulator, histogram_png, summarize, write_report  # noqa: E402
-from orsgen.stages.targets import attach_targets  # noqa: E402
+from orsgen.stages.common.targets import attach_targets  # noqa: E402
 
 H, W = 60, 80
 

@@ -47,7 +47,7 @@ from urllib.parse import urlsplit
 from PIL import Image
 
 from orsgen.schemas.config import redact_argv  # re-exported: one list of secret flags
-from orsgen.stages.torch_device import resolve_device, resolve_dtype
+from orsgen.stages.common.torch_device import resolve_device, resolve_dtype
 from orsgen.stages.caption.prompts import fit_max_side
 from orsgen.stages.caption.types import SamplingParams, VlmError, VlmRequest, VlmResponse
 

@@ -28,8 +28,8 @@ from pycocotools import mask as mask_utils
 
 from orsgen.schemas.config import CorsConfig
 from orsgen.schemas.records import ExpressionKind, ImageExample, Instance, Reject, RejectLevel, Rle, Sample, safe_key
-from orsgen.stages.masks import instance_geometry, rle_area, rle_bbox_xywh, rle_intersection_area, rle_union, xywh_to_xyxy
-from orsgen.stages.targets import TargetError, attach_targets
+from orsgen.stages.common.masks import instance_geometry, rle_area, rle_bbox_xywh, rle_intersection_area, rle_union, xywh_to_xyxy
+from orsgen.stages.common.targets import TargetError, attach_targets
 
 STAGE = "caption"
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from orsgen.schemas.config import DersConfig
 from orsgen.schemas.records import ExpressionKind, ImageExample, Instance, Reject, RejectLevel, Sample, safe_key
 from orsgen.stages.caption.cors import Box, box_iou, clip_box
-from orsgen.stages.targets import TargetError, attach_targets
+from orsgen.stages.common.targets import TargetError, attach_targets
 
 STAGE = "caption"
 

@@ -3,7 +3,7 @@
 The DeRS recipe shows the VLM the image with the target highlighted, so that it
 describes *that* region and not its neighbour; the CoRS verification pass shows
 every mask of one label at once. Only each mask's bounding box is decoded
-(``stages.masks.decode_crop``); the image itself is decoded once.
+(``stages.common.masks.decode_crop``); the image itself is decoded once.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from orsgen.schemas.records import Rle
-from orsgen.stages.masks import decode_crop, rle_area
+from orsgen.stages.common.masks import decode_crop, rle_area
 
 
 class OverlayError(ValueError):

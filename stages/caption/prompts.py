@@ -34,7 +34,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from orsgen.stages.qwen_resize import smart_resize as _smart_resize
+from orsgen.stages.common.qwen_resize import smart_resize as _smart_resize
 from orsgen.stages.caption.types import SamplingParams, VlmRequest, VlmTask
 
 #: The bundled templates.
@@ -335,7 +335,7 @@ def smart_resize(
 ) -> tuple[int, int]:
     """The Qwen-VL processors' resize with the captioner's defaults.
 
-    See ``stages.qwen_resize.smart_resize``; kept importable here so that box
+    See ``stages.common.qwen_resize.smart_resize``; kept importable here so that box
     conversion needs no transformers import.
 
     Returns:

@@ -57,7 +57,7 @@ from enum import Enum
 import numpy as np
 
 from orsgen.schemas.records import Instance, Rle
-from orsgen.stages.masks import rle_counts_to_runs
+from orsgen.stages.common.masks import rle_counts_to_runs
 
 #: ``on``: the subject's box must overlap the anchor's box on at least this
 #: fraction of the subject's width.

@@ -4,7 +4,7 @@
 with its new samples and any sample-level rejects out); ``expressions_stage``
 adapts it to the pipeline's stage signature. Each sample gets its trainer
 targets (union RLE, SVG path, per-target box, Seg-Zero points, Qwen box)
-from ``stages.targets.attach_targets``.
+from ``stages.common.targets.attach_targets``.
 
 The stage runs *before* region selection: an instance that region selection
 will drop (too small, say) is still visible in the image, so it must still
@@ -30,7 +30,7 @@ from orsgen.stages.expressions.geometry import Margins
 from orsgen.stages.expressions.negatives import negative_candidates
 from orsgen.stages.expressions.templates import TemplateSet
 from orsgen.stages.regions import select_regions
-from orsgen.stages.targets import TargetError, attach_targets
+from orsgen.stages.common.targets import TargetError, attach_targets
 
 STAGE = "expressions"
 GENERATOR = "template"

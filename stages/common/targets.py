@@ -11,7 +11,7 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 
 from orsgen.schemas.records import Instance, Sample, TargetGeometry
-from orsgen.stages.masks import interior_points, rle_to_geometry, rle_union, svg_path
+from orsgen.stages.common.masks import interior_points, rle_to_geometry, rle_union, svg_path
 
 
 class TargetError(ValueError):
