@@ -25,8 +25,8 @@ import orsgen
 from orsgen.pipelines.transforms import EVENTS, REJECTS, IngestDoFn, StageDoFn
 from orsgen.schemas.config import CocoInput, GrefcocoInput, OrsgenConfig, RefcocoInput, Sa1bInput, redacted_config
 from orsgen.schemas.records import ImageExample, Reject, RejectLevel
-from orsgen.stages import ingest_coco, ingest_sa1b
-from orsgen.stages.dedupe import dedupe_by_key
+from orsgen.stages.ingest import coco as ingest_coco, sa1b as ingest_sa1b
+from orsgen.stages.ingest.dedupe import dedupe_by_key
 from orsgen.stages.refs import add_human_samples, ref_source_split
 from orsgen.stages.regions import select_regions
 from orsgen.stages.expressions import expressions_stage, load_templates

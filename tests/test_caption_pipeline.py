@@ -360,7 +360,7 @@ def test_inference_exceptions_become_rejects_not_a_failed_job(sa1b_shards, tmp_p
     from orsgen.pipelines.caption import CaptionExamples
     from orsgen.schemas.config import CaptionBackendConfig, CaptionConfig, ImageConfig
     from orsgen.stages.caption.handler import VlmModelHandler
-    from orsgen.stages.ingest_sa1b import read_sa1b_shard
+    from orsgen.stages.ingest.sa1b import read_sa1b_shard
 
     class _NoModel:
         model_name = "none"

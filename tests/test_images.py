@@ -1,4 +1,4 @@
-"""stages.images.check_image: the size caps, decoding and reason codes every reader relies on."""
+"""stages.ingest.images.check_image: the size caps, decoding and reason codes every reader relies on."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from orsgen.schemas.config import ImageConfig
-from orsgen.stages.images import ImageError, check_image, sha256_hex
+from orsgen.stages.ingest.images import ImageError, check_image, sha256_hex
 
 
 def _jpeg(w: int = 20, h: int = 16) -> bytes:

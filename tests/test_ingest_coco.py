@@ -1,4 +1,4 @@
-"""Tests of stages.ingest_coco on tiny generated COCO / RefCOCO / gRefCOCO inputs."""
+"""Tests of stages.ingest.coco on tiny generated COCO / RefCOCO / gRefCOCO inputs."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ from pycocotools import mask as mask_utils
 
 from orsgen.schemas.config import CocoInput, GrefcocoInput, ImageConfig, RefcocoInput
 from orsgen.schemas.records import Category, ImageExample, Ref, RefSentence, Reject, RejectLevel
-from orsgen.stages import ingest_coco as ic
-from orsgen.stages.ingest_coco import CocoImageTask, load_task, plan_input, read_input, unsafe_file_name_problem
+from orsgen.stages.ingest import coco as ic
+from orsgen.stages.ingest.coco import CocoImageTask, load_task, plan_input, read_input, unsafe_file_name_problem
 
 W, H = 20, 16
 IMAGE_CFG = ImageConfig()

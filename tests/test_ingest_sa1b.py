@@ -1,4 +1,4 @@
-"""Tests of stages.ingest_sa1b on tiny SA-1B shards built in tmp_path."""
+"""Tests of stages.ingest.sa1b on tiny SA-1B shards built in tmp_path."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from pycocotools import mask as mask_utils
 
 from orsgen.schemas.config import ImageConfig
 from orsgen.schemas.records import ImageExample, Reject, RejectLevel
-from orsgen.stages.images import sha256_hex
-from orsgen.stages.ingest_sa1b import expand_shards, read_sa1b_shard
+from orsgen.stages.ingest.images import sha256_hex
+from orsgen.stages.ingest.sa1b import expand_shards, read_sa1b_shard
 
 CFG = ImageConfig()
 
@@ -303,7 +303,7 @@ def test_jpeg_member_above_max_bytes_is_not_read(tmp_path: Path) -> None:
 
 
 def test_json_member_above_cap_is_not_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import orsgen.stages.ingest_sa1b as ingest
+    import orsgen.stages.ingest.sa1b as ingest
 
     (jpg1, json1), pair2 = _pair(1), _pair(2)
     monkeypatch.setattr(ingest, "MAX_JSON_BYTES", len(json1[1]) - 1)

@@ -1,4 +1,4 @@
-"""Tests of stages.safe_pickle: plain data loads, anything that could run code is refused."""
+"""Tests of stages.ingest.safe_pickle: plain data loads, anything that could run code is refused."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from orsgen.stages.safe_pickle import UnsafePickleError, restricted_load, restricted_loads
+from orsgen.stages.ingest.safe_pickle import UnsafePickleError, restricted_load, restricted_loads
 
 
 def py2_dumps(obj: Any) -> bytes:

@@ -31,7 +31,7 @@ Image level (``source_key`` is ``<url>#<member>``, ``image_id`` is ``sa1b:<id>``
     * ``json_too_large``: the JSON member is above ``MAX_JSON_BYTES``.
     * ``bad_json``: not JSON, or a missing / mistyped field (the message names
       it), or ``image.image_id`` disagrees with the member name.
-    * from ``stages.images.check_image``: ``empty_image``, ``image_too_large``
+    * from ``stages.ingest.images.check_image``: ``empty_image``, ``image_too_large``
       (also raised here, unread, when the member is above
       ``image.max_bytes``), ``corrupt_image``, ``image_size_mismatch``.
 
@@ -76,7 +76,7 @@ from orsgen.schemas.records import (
     Source,
     safe_key,
 )
-from orsgen.stages.images import ImageError, check_image
+from orsgen.stages.ingest.images import ImageError, check_image
 from orsgen.stages.common.masks import MaskError, instance_geometry, segmentation_to_rle
 
 STAGE = "ingest_sa1b"

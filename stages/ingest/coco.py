@@ -5,7 +5,7 @@ Three inputs share this reader:
 * ``CocoInput``: an ``instances_*.json`` (``images``, ``annotations``,
   ``categories``) plus an image folder or URL prefix;
 * ``RefcocoInput``: RefCOCO / RefCOCO+ / RefCOCOg ``refs(<splitBy>).p`` (a
-  Python 2 pickle, read only through ``stages.safe_pickle``) or a JSON list of
+  Python 2 pickle, read only through ``stages.ingest.safe_pickle``) or a JSON list of
   the same refs, plus the COCO instances they point into;
 * ``GrefcocoInput``: gRefCOCO ``grefs(unc).json`` (or ``.p``), whose refs may
   have several targets or none (``ann_id == [-1]``).
@@ -56,9 +56,9 @@ from orsgen.schemas.records import (
     RejectLevel,
     safe_key,
 )
-from orsgen.stages.images import ImageError, check_image
+from orsgen.stages.ingest.images import ImageError, check_image
 from orsgen.stages.common.masks import MaskError, instance_geometry, segmentation_to_rle
-from orsgen.stages.safe_pickle import UnsafePickleError, restricted_loads
+from orsgen.stages.ingest.safe_pickle import UnsafePickleError, restricted_loads
 
 #: ``Reject.stage`` of every reject this module makes.
 STAGE = "ingest_coco"
