@@ -1,7 +1,7 @@
 """SAM2 prompting cost: one encoder pass + batched prompts per image vs one call per mask.
 
 Both sides run the same transformers ``Sam2Model`` (random weights: speed does
-not depend on them) through ``stages.sam2_backend.TransformersSam2Backend``,
+not depend on them) through ``stages.verify.backend.TransformersSam2Backend``,
 on the same images and prompts, in one run:
 
 * orsgen: ``predict_images``: the image encoder once per image
@@ -36,7 +36,7 @@ import numpy as np
 from PIL import Image
 
 from orsgen.stages.common.masks import encode_mask, interior_points, rle_area, rle_bbox_xywh, rle_iou, xywh_to_xyxy
-from orsgen.stages.sam2_backend import Sam2Prompt, TransformersSam2Backend
+from orsgen.stages.verify.backend import Sam2Prompt, TransformersSam2Backend
 from orsgen.stages.sam2_random import save_random_sam2
 
 

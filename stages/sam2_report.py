@@ -33,8 +33,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from orsgen.schemas.config import VerifySam2Config
 from orsgen.stages.common.masks import decode_crop
-from orsgen.stages.sam2_backend import decode_rgb
-from orsgen.stages.verify_sam2 import CLEAN, FILTER, SAMPLE, Sam2Outcome
+from orsgen.stages.verify.backend import decode_rgb
+from orsgen.stages.verify.sam2 import CLEAN, FILTER, SAMPLE, Sam2Outcome
 
 REPORT_DIR = "reports/verify_sam2"
 GREEN = (40, 220, 40)

@@ -35,9 +35,9 @@ from orsgen.schemas.records import (  # noqa: E402
     RejectLevel,
     Sample,
 )
-from orsgen.stages import verify_sam2 as v  # noqa: E402
+from orsgen.stages.verify import sam2 as v  # noqa: E402
 from orsgen.stages.common.masks import encode_mask, rle_area, rle_bbox_xywh, rle_iou, xywh_to_xyxy  # noqa: E402
-from orsgen.stages.sam2_backend import (  # noqa: E402
+from orsgen.stages.verify.backend import (  # noqa: E402
     MetaSam2Backend,
     Sam2Prediction,
     TransformersSam2Backend,

@@ -17,7 +17,7 @@ Prompts are planned once per image from the masks as they arrive
 (``plan_prompts``), so that the image encoder runs once even with both uses
 on; a sample whose target was refined is then checked against the refined
 mask. Everything here is a pure function over records; the Beam wiring is
-``pipelines/verify_sam2.py`` and the model code ``stages/sam2_backend.py``.
+``pipelines/verify_sam2.py`` and the model code ``stages/verify/backend.py``.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from orsgen.schemas.records import (
     TargetGeometry,
 )
 from orsgen.stages.common.masks import instance_geometry, interior_points, rle_area, rle_iou
-from orsgen.stages.sam2_backend import Sam2Prediction, Sam2Prompt
+from orsgen.stages.verify.backend import Sam2Prediction, Sam2Prompt
 from orsgen.stages.common.targets import TargetError, attach_targets
 
 STAGE = "verify_sam2"

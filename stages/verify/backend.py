@@ -13,7 +13,7 @@ Two backends share one interface (``Sam2Backend.predict_images``):
 A prompt is one instance's box plus its positive interior points; the answer
 is SAM2's candidate masks (COCO RLE, full image size) with their predicted
 IoUs. Choosing among candidates is the caller's business
-(``stages.verify_sam2.choose_candidate``).
+(``stages.verify.sam2.choose_candidate``).
 
 torch, transformers and Meta's ``sam2`` are imported lazily, so that importing
 this module costs nothing where the ``sam2`` extra is not installed.
