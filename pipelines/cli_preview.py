@@ -24,7 +24,7 @@ def preview(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files."),
 ) -> None:
     """Draw samples of DIR (image, masks, boxes, points, expression, kind) into --out and an HTML page."""
-    from orsgen.stages.preview import PreviewError, write_preview
+    from orsgen.stages.dataset.preview import PreviewError, write_preview
 
     try:
         res = write_preview(

@@ -35,8 +35,8 @@ def publish(
     max_files_per_folder: int = typer.Option(10_000, "--max-files-per-folder", min=1, help="Folder file cap (Hub advice: 10 000)."),
 ) -> None:
     """Lay a run out for the Hugging Face Hub (card, Parquet, WebDataset) and upload it, resumably."""
-    from orsgen.stages.publish import PublishError, default_staging, prepare_hub_folder, redact, upload_hub_folder
-    from orsgen.stages.read import DatasetReadError
+    from orsgen.stages.dataset.publish import PublishError, default_staging, prepare_hub_folder, redact, upload_hub_folder
+    from orsgen.stages.dataset.read import DatasetReadError
 
     target = staging or default_staging(directory)
     try:
@@ -76,8 +76,8 @@ def export(
     split: list[str] = typer.Option([], "--split", help="Split(s) to export (repeatable; default: all)."),
 ) -> None:
     """Write trainer-ready Parquet / JSONL in a seed's own conventions."""
-    from orsgen.stages.export import ExportError, export_dataset
-    from orsgen.stages.read import DatasetReadError
+    from orsgen.stages.dataset.export import ExportError, export_dataset
+    from orsgen.stages.dataset.read import DatasetReadError
 
     try:
         summary = export_dataset(directory, fmt, out, split or None)
@@ -104,8 +104,8 @@ def eval_(
     out: Optional[Path] = typer.Option(None, "--out", help="Write the full report as JSON here (must not exist)."),
 ) -> None:
     """Score predictions: cIoU, gIoU, mIoU, N-acc, T-acc, Pr@τ, by kind and split."""
-    from orsgen.stages.evaluate import EvalError, evaluate_files
-    from orsgen.stages.read import DatasetReadError
+    from orsgen.stages.dataset.evaluate import EvalError, evaluate_files
+    from orsgen.stages.dataset.read import DatasetReadError
 
     if out is not None and out.exists():
         _fail(f"{out} already exists; orsgen never overwrites files. Choose a new --out.")

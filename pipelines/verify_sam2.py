@@ -27,7 +27,7 @@ from orsgen.pipelines.transforms import EVENTS, NAMESPACE, REJECTS, StageDoFn
 from orsgen.schemas.config import OrsgenConfig, VerifySam2Config
 from orsgen.schemas.records import ImageExample, Reject
 from orsgen.stages.verify.backend import Sam2Backend, Sam2Request, Sam2Result, load_backend
-from orsgen.stages.sam2_report import ReportAccumulator, render_tiles, report_files, summarize, write_report
+from orsgen.stages.dataset.sam2_report import ReportAccumulator, render_tiles, report_files, summarize, write_report
 from orsgen.stages.verify.sam2 import Sam2Outcome, apply_predictions, inference_failed_reject, plan_prompts
 
 BYPASS = "bypass"

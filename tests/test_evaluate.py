@@ -10,9 +10,9 @@ from typer.testing import CliRunner
 
 from orsgen.pipelines.cli import app
 from orsgen.schemas.records import Rle
-from orsgen.stages.evaluate import EvalError, GroundTruth, evaluate, load_ground_truth
+from orsgen.stages.dataset.evaluate import EvalError, GroundTruth, evaluate, load_ground_truth
 from orsgen.stages.common.masks import encode_mask
-from orsgen.stages.read import iter_rows
+from orsgen.stages.dataset.read import iter_rows
 
 
 def _mask(h: int, w: int, pixels: list[tuple[int, int]]) -> np.ndarray:

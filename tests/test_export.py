@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from orsgen.pipelines.cli import app
 from orsgen.schemas.records import Rle
-from orsgen.stages.export import (
+from orsgen.stages.dataset.export import (
     FORMATS,
     SEGZERO_SIZE,
     ExportError,
@@ -26,7 +26,7 @@ from orsgen.stages.export import (
     svg_path_to_rle,
 )
 from orsgen.stages.common.masks import rle_iou, rle_union
-from orsgen.stages.read import iter_rows
+from orsgen.stages.dataset.read import iter_rows
 
 SPLITS = ("train", "val", "testA")
 
@@ -112,7 +112,7 @@ def test_segzero_syntax_and_round_trip(exports, source):
 
 
 def test_segzero_family_rounds_half_up_on_840_over_w_and_h(exports, source):
-    from orsgen.stages.export import scale_box, scale_coord
+    from orsgen.stages.dataset.export import scale_box, scale_coord
 
     # int(v * 840 / W + 0.5): a half rounds up (Python's round() would give 0 and 2 here).
     assert scale_coord(1, 1680) == 1 and scale_coord(5, 1680) == 3

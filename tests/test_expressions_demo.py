@@ -30,7 +30,7 @@ from orsgen.pipelines.cli import run_pipeline
 from orsgen.pipelines.demo_data import generate_demo_inputs
 from orsgen.schemas.config import load_config
 from orsgen.schemas.records import Rle
-from orsgen.stages.preview import (
+from orsgen.stages.dataset.preview import (
     OVERLAY_ALPHA,
     PALETTE,
     PreviewError,

@@ -13,13 +13,13 @@ torch = pytest.importorskip("torch")
 
 from pycocotools import mask as mask_utils  # noqa: E402
 
-from orsgen.stages.loader import (  # noqa: E402
+from orsgen.stages.dataset.loader import (  # noqa: E402
     ParquetSamples,
     WebDatasetSamples,
     assign_shards,
     collate_lists,
 )
-from orsgen.stages.read import iter_rows, tar_files  # noqa: E402
+from orsgen.stages.dataset.read import iter_rows, tar_files  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +135,6 @@ def test_parquet_map_style_dataset(demo_output, truth, tmp_path):
 
 
 def test_missing_torch_names_the_extra():
-    code = "import sys; sys.modules['torch'] = None\nimport orsgen.stages.loader"
+    code = "import sys; sys.modules['torch'] = None\nimport orsgen.stages.dataset.loader"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode != 0 and "pip install 'orsgen[train]'" in res.stderr

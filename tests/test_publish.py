@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from orsgen.pipelines.cli import app
-from orsgen.stages.publish import (
+from orsgen.stages.dataset.publish import (
     PublishError,
     card_yaml_configs,
     hub_card_yaml,
@@ -251,7 +251,7 @@ def test_card_helpers():
 
 
 def test_card_provenance_skips_stages_that_did_not_run():
-    from orsgen.stages.publish import provenance_of
+    from orsgen.stages.dataset.publish import provenance_of
 
     config = {
         "caption": {"enabled": False, "backend": {"model": "Qwen/Qwen2.5-VL-72B-Instruct"}},

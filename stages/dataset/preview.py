@@ -123,7 +123,7 @@ class TileLayout:
 def iter_examples(root: str, split: str | None = None) -> Iterator[ImageExample]:
     """Examples of an output folder in a fixed order: split, shard, row.
 
-    Shards are found through the manifest (``stages.read``), so the folder
+    Shards are found through the manifest (``stages.dataset.read``), so the folder
     layout of whichever orsgen version wrote them does not matter. Parquet is
     read when the run wrote it, else the WebDataset tars.
 
@@ -134,7 +134,7 @@ def iter_examples(root: str, split: str | None = None) -> Iterator[ImageExample]
     Raises:
         PreviewError: no manifest, an unknown split, or no shards.
     """
-    from orsgen.stages.read import DatasetReadError, list_splits, shards
+    from orsgen.stages.dataset.read import DatasetReadError, list_splits, shards
 
     try:
         have = list_splits(root)

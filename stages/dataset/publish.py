@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 import fsspec
 import yaml
 
-from orsgen.stages.read import check_split_name, iter_rows, list_splits, load_manifest, shards
+from orsgen.stages.dataset.read import check_split_name, iter_rows, list_splits, load_manifest, shards
 
 if TYPE_CHECKING:
     from huggingface_hub import HfApi
@@ -349,7 +349,7 @@ def scan_samples(root: str, splits: Sequence[str]) -> DataSummary:
 
 
 def render_preview(root: str, splits: Sequence[str], kinds: Sequence[str], *, n: int = 12, max_images: int = PREVIEW_MAX_IMAGES) -> bytes | None:
-    """The card's contact sheet, drawn by ``stages.preview`` (the ``orsgen preview`` renderer).
+    """The card's contact sheet, drawn by ``stages.dataset.preview`` (the ``orsgen preview`` renderer).
 
     Samples are picked round-robin across ``kinds`` from the first
     ``max_images`` images, so a large dataset is not read to the end for a
@@ -359,7 +359,7 @@ def render_preview(root: str, splits: Sequence[str], kinds: Sequence[str], *, n:
         PNG bytes, or None when there is no sample to show.
     """
     from orsgen.schemas.arrow import example_from_row
-    from orsgen.stages import preview
+    from orsgen.stages.dataset import preview
 
     def examples() -> Any:
         for split in splits:
@@ -581,7 +581,7 @@ def _card_body(
         parts += [
             "The WebDataset shards are not a `configs` entry: `datasets` builds every config of a repository with",
             "one builder (the default config's format), so they are read with the snippet above, with the",
-            "`webdataset` library, or with orsgen's PyTorch loader (`orsgen.stages.loader`).",
+            "`webdataset` library, or with orsgen's PyTorch loader (`orsgen.stages.dataset.loader`).",
             "",
         ]
     parts += [

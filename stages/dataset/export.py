@@ -55,7 +55,7 @@ from pycocotools import mask as mask_utils
 from orsgen.stages.common.qwen_resize import smart_resize as _smart_resize
 from orsgen.schemas.records import ExpressionKind, Rle
 from orsgen.stages.common.masks import empty_rle, polygons_to_rle, rle_bbox_xywh, rle_difference, rle_union
-from orsgen.stages.read import check_split_name, iter_rows, resolve_splits
+from orsgen.stages.dataset.read import check_split_name, iter_rows, resolve_splits
 
 if TYPE_CHECKING:
     import datasets
@@ -789,7 +789,7 @@ def export_dataset(
 
 def _write_loader_card(tmp: Path, fmt: str, files: dict[str, list[str]], features: "datasets.Features") -> None:
     """A minimal README.md whose YAML ``configs`` let ``load_dataset(OUT)`` find every split."""
-    from orsgen.stages.publish import card_yaml_configs
+    from orsgen.stages.dataset.publish import card_yaml_configs
 
     configs = card_yaml_configs({"default": {s: [f"data/{s}-*.parquet"] for s, fl in files.items() if fl}})
     import yaml

@@ -38,13 +38,13 @@ from pycocotools import mask as mask_utils
 
 from orsgen.schemas.records import ExpressionKind, Rle
 from orsgen.stages.common.masks import decode_crop, rle_area
-from orsgen.stages.read import load_manifest, parquet_files, shard_sizes, tar_files
+from orsgen.stages.dataset.read import load_manifest, parquet_files, shard_sizes, tar_files
 
 try:
     import torch
     from torch.utils.data import Dataset, IterableDataset
 except ImportError as _err:  # pragma: no cover - torch is installed in dev
-    raise ImportError("orsgen.stages.loader needs torch: pip install 'orsgen[train]'") from _err
+    raise ImportError("orsgen.stages.dataset.loader needs torch: pip install 'orsgen[train]'") from _err
 
 log = logging.getLogger(__name__)
 

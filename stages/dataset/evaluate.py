@@ -41,7 +41,7 @@ from pycocotools import mask as mask_utils
 
 from orsgen.schemas.records import ExpressionKind, Rle
 from orsgen.stages.common.masks import MaskError, empty_rle, polygons_to_rle, rle_area, validate_rle
-from orsgen.stages.read import iter_rows, resolve_splits
+from orsgen.stages.dataset.read import iter_rows, resolve_splits
 
 PR_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
 MASK_KEYS = ("segmentation", "mask", "rle", "polygons")
