@@ -30,14 +30,19 @@ from __future__ import annotations
 import argparse
 import io
 import tempfile
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from orsgen.stages.common.masks import encode_mask, interior_points, rle_area, rle_bbox_xywh, rle_iou, xywh_to_xyxy
 from orsgen.stages.verify.backend import Sam2Prompt, TransformersSam2Backend
-from orsgen.stages.sam2_random import save_random_sam2
+
+# Random SAM2 checkpoints are a test helper, not part of the product package.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from sam2_random import save_random_sam2  # noqa: E402
 
 
 def make_image(rng: np.random.Generator, w: int, h: int, n: int) -> tuple[bytes, list[Sam2Prompt]]:

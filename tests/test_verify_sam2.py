@@ -42,7 +42,7 @@ from orsgen.stages.verify.backend import (  # noqa: E402
     Sam2Prediction,
     TransformersSam2Backend,
 )
-from orsgen.stages.sam2_random import save_random_sam2  # noqa: E402
+from sam2_random import save_random_sam2  # noqa: E402  (tests/ helper)
 from orsgen.stages.dataset.sam2_report import ReportAccumulator, histogram_png, summarize, write_report  # noqa: E402
 from orsgen.stages.common.targets import attach_targets  # noqa: E402
 

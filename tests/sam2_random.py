@@ -6,7 +6,7 @@ weights. Speed does not depend on the weights, so the ``hiera-large`` preset
 (the architecture of ``facebook/sam2.1-hiera-large``) measures real
 throughput; the masks are of course meaningless.
 
-    python -m orsgen.stages.sam2_random /tmp/tiny-sam2 --preset tiny
+    python tests/sam2_random.py /tmp/tiny-sam2 --preset tiny
 
 writes a ``save_pretrained`` folder (model + processor) that
 ``verify_sam2.model`` accepts.
@@ -138,7 +138,7 @@ def save_random_sam2(path: str | Path, preset: str = "tiny", seed: int = 0) -> P
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m orsgen.stages.sam2_random PATH [--preset P] [--seed N]``."""
+    """``python tests/sam2_random.py PATH [--preset P] [--seed N]``."""
     ap = argparse.ArgumentParser(description="Write a randomly initialised SAM2 checkpoint (for tests and benchmarks).")
     ap.add_argument("path")
     ap.add_argument("--preset", choices=PRESETS, default="tiny")
