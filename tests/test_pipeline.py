@@ -75,7 +75,7 @@ def test_manifest_reconciles_every_level(demo):
 def test_loads_with_datasets_parquet_and_webdataset(demo, monkeypatch, tmp_path):
     import datasets
 
-    from orsgen.stages.write import webdataset_features
+    from orsgen.stages.dataset.features import webdataset_features
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     cache = str(tmp_path / "hf")

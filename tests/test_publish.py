@@ -87,7 +87,7 @@ def test_folder_loads_offline_with_every_config_and_split(staged, demo_output, t
     rej = datasets.load_dataset(st, "rejects", cache_dir=str(tmp_path / "cache"))
     assert rej["rejects"].num_rows == sum(manifest["rejects_by_reason"].values())
     # The WebDataset variant reads with the snippet the card documents.
-    from orsgen.stages.write import webdataset_features
+    from orsgen.stages.dataset.features import webdataset_features
 
     wds = datasets.load_dataset(
         "webdataset",

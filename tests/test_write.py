@@ -1,4 +1,4 @@
-"""Tests of stages/write.py: shard layout, formats, determinism and safety."""
+"""Tests of stages/write/: shard layout, formats, determinism and safety."""
 
 from __future__ import annotations
 
@@ -30,6 +30,9 @@ from orsgen.schemas.records import (
     canonical_json,
 )
 from orsgen.stages import write as W
+from orsgen.stages.dataset.features import webdataset_features
+from orsgen.stages.write import plan as WP
+from orsgen.stages.write import shards as WS
 
 
 # ------------------------------------------------------------------ fixtures
@@ -169,7 +172,7 @@ def test_plan_parts_rolls_over_by_bytes(examples):
     one = W.plan_parts(examples[:1], 1, 10**9)  # any single example
     sizes = [W.encode_example(ex, ["webdataset"]).size for ex in sorted(examples, key=lambda e: e.key)]
     # Room for two examples plus the tar trailer, not three.
-    cap = sizes[0] + sizes[1] + W._TAR_RECORD + 10
+    cap = sizes[0] + sizes[1] + WP._TAR_RECORD + 10
     parts = W.plan_parts(examples, max_images=100, max_bytes=cap)
     assert len(one) == 1
     assert all(1 <= len(p) <= 2 for p in parts) and len(parts) >= 3
@@ -196,9 +199,9 @@ def test_json_member_is_canonical_json_of_example_to_json(examples):
 
 def test_plan_parts_of_encoded_examples_matches_and_returns_them(examples):
     encoded = [W.encode_example(ex, ["webdataset"]) for ex in examples]
-    parts = W.plan_parts(encoded, max_images=100, max_bytes=2 * encoded[0].size + W._TAR_RECORD + 10)
+    parts = W.plan_parts(encoded, max_images=100, max_bytes=2 * encoded[0].size + WP._TAR_RECORD + 10)
     assert all(isinstance(e, W.EncodedExample) for p in parts for e in p)
-    plain = W.plan_parts(examples, max_images=100, max_bytes=2 * encoded[0].size + W._TAR_RECORD + 10)
+    plain = W.plan_parts(examples, max_images=100, max_bytes=2 * encoded[0].size + WP._TAR_RECORD + 10)
     assert [[e.key for e in p] for p in parts] == [[ex.key for ex in p] for p in plain]
 
 
@@ -259,12 +262,12 @@ def _reference_files(out: Path, examples: list[ImageExample], cfg: WriteConfig) 
         pq_path = out / "pq" / f"{part_no}.parquet"
         pq_path.parent.mkdir(parents=True, exist_ok=True)
         rows = [example_to_row(ex) for ex in part]
-        sizes = [len(ex.image_bytes) + len(canonical_json(example_to_json(ex))) + W._PARQUET_ROW_OVERHEAD for ex in part]
-        cap = max(1, cfg.parquet_row_group_max_bytes - W._PARQUET_GROUP_OVERHEAD)
+        sizes = [len(ex.image_bytes) + len(canonical_json(example_to_json(ex))) + WP._PARQUET_ROW_OVERHEAD for ex in part]
+        cap = max(1, cfg.parquet_row_group_max_bytes - WP._PARQUET_GROUP_OVERHEAD)
         with pq.ParquetWriter(
-            pq_path, EXAMPLE_SCHEMA, compression=cfg.parquet_compression, use_dictionary=W._DICTIONARY_COLUMNS
+            pq_path, EXAMPLE_SCHEMA, compression=cfg.parquet_compression, use_dictionary=WS._DICTIONARY_COLUMNS
         ) as writer:
-            for a, b in W._split_by_size(sizes, len(part), cap):
+            for a, b in WP._split_by_size(sizes, len(part), cap):
                 writer.write_table(pa.Table.from_pylist(rows[a:b], schema=EXAMPLE_SCHEMA), row_group_size=b - a)
         files[W.shard_path('train', 0, part_no, 'parquet', cfg.num_buckets)] = pq_path.read_bytes()
     return files
@@ -404,7 +407,7 @@ def test_load_dataset_parquet_and_webdataset(tmp_path, examples, monkeypatch):
     assert wd["train"].num_rows == len(examples)
     # The same split inference works for the tars through data_dir.
     wd2 = datasets.load_dataset("webdataset", data_dir=str(out / "webdataset"), cache_dir=cache,
-                                features=W.webdataset_features())
+                                features=webdataset_features())
     assert sorted(wd2) == ["train", "val"] and wd2["val"].num_rows == len(val)
     row = wd["train"][0]
     assert set(row) >= {"__key__", "jpg", "json"}
@@ -424,7 +427,7 @@ def test_load_dataset_webdataset_with_nulls_first_needs_features(tmp_path, monke
     # Without features, datasets 5.2 infers category_id as null from the first
     # five samples and fails on the sixth ("Couldn't cast int64 to null").
     ds = datasets.load_dataset(
-        "webdataset", data_files=files, cache_dir=str(tmp_path / "c"), features=W.webdataset_features()
+        "webdataset", data_files=files, cache_dir=str(tmp_path / "c"), features=webdataset_features()
     )
     last = ds["train"][len(exs) - 1]
     assert last["__key__"] == "coco-1020"

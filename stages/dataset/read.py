@@ -1,7 +1,7 @@
 """Read an orsgen output folder: manifest, splits, shards and rows.
 
 The readers behind ``publish``, ``export``, ``eval`` and the PyTorch loaders.
-They only rely on the documented output layout (``stages/write.py``)::
+They only rely on the documented output layout (``stages/write/``)::
 
     DIR/manifest.json                  every shard: path, format, split, sha256, counts
     DIR/parquet/...                    one row per image, EXAMPLE_SCHEMA

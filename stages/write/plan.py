@@ -1,0 +1,326 @@
+"""Shard planning: constants, shard names, buckets, encoding before the shuffle, and part plans."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tarfile
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import pyarrow as pa
+
+from orsgen.schemas.arrow import EXAMPLE_SCHEMA, example_to_row
+from orsgen.schemas.records import ImageExample, safe_key
+
+if TYPE_CHECKING:
+    pass
+
+
+REJECTS_FORMAT = "rejects"
+META_DIR = "_meta/shards"
+MANIFEST_NAME = "manifest.json"
+
+_EXTENSION = {"webdataset": "tar", "parquet": "parquet"}
+_TAR_BLOCK = 512
+# tarfile pads the archive to a multiple of this record size on close.
+_TAR_RECORD = tarfile.RECORDSIZE
+_HASH_CHUNK = 4 * 1024 * 1024
+# Parquet's own per-value framing (4-byte lengths, levels) on top of the JSON
+# estimate of a row, and a per-row-group allowance for page headers: keeps
+# the estimate above the size Parquet reports, so row groups stay under the cap.
+_PARQUET_ROW_OVERHEAD = 64
+_PARQUET_GROUP_OVERHEAD = 16 * 1024
+
+
+class OutputConflictError(RuntimeError):
+    """A file that orsgen would write already exists with different content."""
+
+
+@dataclass(frozen=True, slots=True)
+class ShardStats:
+    """What one shard holds; also the content of its JSON sidecar.
+
+    Attributes:
+        path: the shard's path relative to the output root, posix style.
+        format: ``webdataset``, ``parquet`` or ``rejects``.
+        split: the split, or "" for rejects shards.
+        bucket: the bucket, in ``[0, num_buckets)``.
+        part: the part inside the bucket, from 0 (always 0 for rejects).
+        n_images: images (rows / tar samples) in the shard; 0 for rejects.
+        n_samples: referring samples on those images.
+        n_instances: instances on those images.
+        samples_by_kind: referring samples per ``ExpressionKind`` value.
+        rejects_by_reason: for rejects shards, rows per ``"<level>/<reason>"``.
+        n_bytes: size of the shard file in bytes.
+        sha256: hex sha256 of the shard file.
+        skipped: True when a completed shard was found and not rewritten; not
+            stored in the sidecar (it describes this run, not the file).
+    """
+
+    path: str
+    format: str
+    split: str
+    bucket: int
+    part: int
+    n_images: int
+    n_samples: int
+    n_instances: int
+    samples_by_kind: dict[str, int]
+    rejects_by_reason: dict[str, int]
+    n_bytes: int
+    sha256: str
+    skipped: bool = False
+
+    def to_json(self) -> bytes:
+        """Returns the sidecar bytes: canonical JSON without ``skipped``."""
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "skipped"}
+        return (json.dumps(data, sort_keys=True, indent=2) + "\n").encode("utf-8")
+
+    @classmethod
+    def from_json(cls, data: bytes | str, *, skipped: bool = False) -> "ShardStats":
+        """Parses sidecar bytes.
+
+        Raises:
+            ValueError: the bytes are not a sidecar of this version.
+        """
+        obj = json.loads(data)
+        names = {f.name for f in dataclasses.fields(cls)} - {"skipped"}
+        if not isinstance(obj, dict) or set(obj) != names:
+            raise ValueError(f"not a shard stats sidecar: expected keys {sorted(names)}.")
+        return cls(**obj, skipped=skipped)
+
+
+# ------------------------------------------------------------------ planning
+
+
+def bucket_of(key: str, num_buckets: int) -> int:
+    """Assigns a key to a bucket with a hash that is stable across processes.
+
+    Python's ``hash()`` is salted per process, so workers would disagree;
+    sha256 gives every worker and every rerun the same bucket.
+
+    Args:
+        key: the example key.
+        num_buckets: how many buckets, at least 1.
+
+    Returns:
+        The bucket, in ``[0, num_buckets)``.
+
+    Raises:
+        ValueError: ``num_buckets`` is below 1.
+    """
+    if num_buckets < 1:
+        raise ValueError(f"num_buckets must be at least 1, got {num_buckets}; set write.num_buckets >= 1.")
+    digest = hashlib.sha256(key.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") % num_buckets
+
+
+def shard_name(split: str, bucket: int, part: int, fmt: str, num_buckets: int) -> str:
+    """Returns a data shard's file name, e.g. ``testA-00003-of-00016-0001.tar``.
+
+    The ``<split>-NNNNN-of-NNNNN`` stem is Hugging Face's sharded-file pattern:
+    under a ``data/`` folder, ``datasets.load_dataset(..., data_dir=...)``
+    infers every split from it, custom names (``testA``, ``ood_area``)
+    included. Bucket index and bucket count are both known before writing,
+    so the name never depends on how many shards other workers write; the
+    rollover part follows as a suffix.
+    """
+    return f"{split}-{bucket:05d}-of-{num_buckets:05d}-{part:04d}.{_EXTENSION[fmt]}"
+
+
+def shard_path(split: str, bucket: int, part: int, fmt: str, num_buckets: int) -> str:
+    """A data shard's path relative to the output root: ``<format>/data/<name>``."""
+    return f"{fmt}/data/{shard_name(split, bucket, part, fmt, num_buckets)}"
+
+
+def _tar_member_bytes(n: int) -> int:
+    # A ustar header block plus the data padded to whole blocks.
+    return _TAR_BLOCK + -(-n // _TAR_BLOCK) * _TAR_BLOCK
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedExample:
+    """An example with its output encodings, ready for the serial shard writer.
+
+    Built by ``encode_example`` on the workers before the shuffle, so the
+    per-bucket writer does no per-example Python encoding; it only plans,
+    concatenates and streams these bytes.
+
+    Attributes:
+        key: the example key (WebDataset-safe, unique in the dataset).
+        split: the example's split.
+        image: the encoded image bytes (the tar's ``.jpg`` member and the
+            Parquet ``image`` column).
+        json: the tar's ``.json`` member: canonical JSON of every
+            ``EXAMPLE_SCHEMA`` column but ``image``.
+        arrow: the example's one-row ``EXAMPLE_SCHEMA`` record batch,
+            serialized without its schema (``RecordBatch.serialize()``), with
+            the ``image`` column left empty: the writer takes it from
+            ``image`` so the shuffle carries the image bytes once, not twice.
+            ``record_batch()`` gives the complete row. ``b""`` when Parquet
+            is not among the formats.
+        n_instances: instances on the image.
+        n_refs: RefCOCO-family refs on the image (for the pipeline's counts).
+        n_samples: referring samples on the image.
+        samples_by_kind: ``(kind, count)`` pairs, sorted by kind.
+        size: the bytes the example adds to a tar (both members with their
+            headers and padding), used to plan parts.
+        image_id: the image's id (for rejects of duplicate copies).
+        uri: where the image was read from.
+        sha256: the image bytes' sha256 (duplicates are ranked by content).
+    """
+
+    key: str
+    split: str
+    image: bytes
+    json: bytes
+    arrow: bytes
+    n_instances: int
+    n_refs: int
+    n_samples: int
+    samples_by_kind: tuple[tuple[str, int], ...]
+    size: int
+    image_id: str = ""
+    uri: str = ""
+    sha256: str = ""
+
+    def record_batch(self) -> pa.RecordBatch:
+        """Returns the complete one-row ``EXAMPLE_SCHEMA`` batch, image included.
+
+        Raises:
+            ValueError: the example was encoded without Parquet.
+        """
+        batch = _read_arrow(self)
+        images = pa.array([self.image], type=pa.binary())
+        return batch.set_column(_IMAGE_INDEX, EXAMPLE_SCHEMA.field(_IMAGE_INDEX), images)
+
+
+_IMAGE_INDEX = EXAMPLE_SCHEMA.get_field_index("image")
+
+
+def _json_bytes(row: dict[str, Any]) -> bytes:
+    # ``example_to_row`` yields plain JSON values already, so json.dumps with
+    # canonical_json's settings gives the same bytes as
+    # canonical_json(example_to_json(ex)) without walking the tree again
+    # (tests/test_write.py checks the equality).
+    return json.dumps(row, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def encode_example(ex: ImageExample, formats: Sequence[str]) -> EncodedExample:
+    """Encodes one example for the shard writers (pure; runs before the shuffle).
+
+    Args:
+        ex: the example.
+        formats: the output formats (``WriteConfig.formats``); the Arrow row
+            is built only when ``parquet`` is among them.
+
+    Returns:
+        The example's tar members, Arrow row and counts.
+    """
+    row = example_to_row(ex)
+    image = row.pop("image")
+    data = _json_bytes(row)
+    arrow = b""
+    if "parquet" in formats:
+        # The image travels in ``image`` only; the writer splices it back.
+        row["image"] = b""
+        arrow = pa.RecordBatch.from_pylist([row], schema=EXAMPLE_SCHEMA).serialize().to_pybytes()
+    kinds = Counter(str(s.kind) for s in ex.samples)
+    return EncodedExample(
+        key=ex.key,
+        split=ex.split,
+        image=image,
+        json=data,
+        arrow=arrow,
+        n_instances=len(ex.instances),
+        n_refs=len(ex.refs),
+        n_samples=len(ex.samples),
+        samples_by_kind=tuple(sorted(kinds.items())),
+        size=_tar_member_bytes(len(image)) + _tar_member_bytes(len(data)),
+        image_id=ex.image.image_id,
+        uri=ex.image.uri,
+        sha256=ex.image.sha256,
+    )
+
+
+def _read_arrow(enc: EncodedExample) -> pa.RecordBatch:
+    if not enc.arrow:
+        raise ValueError(
+            f"example {enc.key!r} was encoded without its Parquet row; "
+            "encode with encode_example(ex, formats) using the same formats as the writer."
+        )
+    # Zero-copy: the batch's buffers point into ``enc.arrow``.
+    return pa.ipc.read_record_batch(pa.py_buffer(enc.arrow), EXAMPLE_SCHEMA)
+
+
+def _split_by_size(sizes: Sequence[int], max_items: int, max_bytes: int) -> list[tuple[int, int]]:
+    """Greedy ``[start, stop)`` ranges under both caps; an oversized item gets its own range."""
+    ranges: list[tuple[int, int]] = []
+    start, total = 0, 0
+    for i, size in enumerate(sizes):
+        if i > start and (i - start + 1 > max_items or total + size > max_bytes):
+            ranges.append((start, i))
+            start, total = i, 0
+        total += size
+    if start < len(sizes):
+        ranges.append((start, len(sizes)))
+    return ranges
+
+
+def _plan(sizes: Sequence[int], max_images: int, max_bytes: int) -> list[tuple[int, int]]:
+    # The tar end-of-archive padding is paid once per shard; keep room for it.
+    return _split_by_size(sizes, max_images, max(1, max_bytes - _TAR_RECORD))
+
+
+_E = TypeVar("_E", bound="ImageExample | EncodedExample")
+
+
+def _sorted_checked(examples: Iterable[_E]) -> list[_E]:
+    items = sorted(examples, key=lambda ex: ex.key)
+    for i, ex in enumerate(items):
+        if not ex.key or ex.key != safe_key(ex.key):
+            raise ValueError(
+                f"example key {ex.key!r} is not WebDataset-safe (only A-Z, a-z, 0-9, '_' and '-' are allowed; "
+                "a dot would split the key); build keys with schemas.records.safe_key."
+            )
+        if i and items[i - 1].key == ex.key:
+            raise ValueError(f"example key {ex.key!r} appears more than once in one bucket; keys must be unique.")
+    return items
+
+
+def _size_of(item: ImageExample | EncodedExample) -> int:
+    # Only the tar size matters for planning, so no Arrow row is built.
+    return item.size if isinstance(item, EncodedExample) else encode_example(item, ()).size
+
+
+def plan_parts(examples: Sequence[_E], max_images: int, max_bytes: int) -> list[list[_E]]:
+    """Splits a bucket's examples into parts (shards), in key order.
+
+    A part rolls over when adding the next example would pass ``max_images``
+    or the approximate encoded size ``max_bytes`` (the tar size: image and
+    JSON members with their headers, plus the end-of-archive padding; the
+    Parquet file of the same part is smaller). An example larger than
+    ``max_bytes`` on its own still gets a part of its own.
+
+    Args:
+        examples: the bucket's examples (``ImageExample`` or
+            ``EncodedExample``), in any order.
+        max_images: at most this many examples per part, at least 1.
+        max_bytes: approximate size cap of a part in bytes, at least 1.
+
+    Returns:
+        The parts, each a non-empty list of the given objects sorted by key;
+        ``[]`` for no examples.
+
+    Raises:
+        ValueError: a key is not WebDataset-safe or appears twice, or a cap is
+            below 1.
+    """
+    if max_images < 1 or max_bytes < 1:
+        raise ValueError(f"max_images ({max_images}) and max_bytes ({max_bytes}) must both be at least 1.")
+    items = _sorted_checked(examples)
+    return [items[a:b] for a, b in _plan([_size_of(x) for x in items], max_images, max_bytes)]
