@@ -1,0 +1,58 @@
+"""The root config model, grouping one model per stage."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from orsgen.schemas.config.base import ConfigModel
+from orsgen.schemas.config.caption import CaptionConfig
+from orsgen.schemas.config.expressions import ExpressionConfig
+from orsgen.schemas.config.inputs import ImageConfig, InputConfig
+from orsgen.schemas.config.regions import RegionConfig
+from orsgen.schemas.config.splits import SplitConfig
+from orsgen.schemas.config.verify import VerifySam2Config
+from orsgen.schemas.config.write import WriteConfig
+from pydantic import Field, model_validator
+
+
+class OrsgenConfig(ConfigModel):
+    """The root config of one orsgen run.
+
+    Attributes:
+        name: dataset name, used in the manifest and card.
+        seed: seed of every sampling decision (combined with image ids).
+        inputs: the sources to read.
+        image: image reading limits.
+        regions: region selection.
+        splits: split assignment.
+        write: shard writers.
+        verify_sam2: SAM2 consistency filter and mask cleaner (off by default).
+        expressions: referring expressions from annotations (categories,
+            templates, no-target negatives).
+        caption: VLM captioning, SA1B-CoRS and SA1B-DeRS (off by default).
+    """
+
+    name: str = "orsgen-dataset"
+    seed: int = 0
+    inputs: list[InputConfig] = Field(min_length=1)
+    image: ImageConfig = ImageConfig()
+    regions: RegionConfig = RegionConfig()
+    splits: SplitConfig = SplitConfig()
+    write: WriteConfig = WriteConfig()
+    verify_sam2: VerifySam2Config = VerifySam2Config()
+    expressions: ExpressionConfig = ExpressionConfig()
+    caption: CaptionConfig = CaptionConfig()
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "OrsgenConfig":
+        names = [i.name for i in self.inputs]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"input names must be unique; {dupes} appear more than once.")
+        return self
+
+    def sha256(self) -> str:
+        """Hex sha256 of the resolved config (canonical JSON)."""
+        data = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(data.encode("utf-8")).hexdigest()
