@@ -126,7 +126,7 @@ def demo_output(tmp_path_factory):
 
     Read-only for the tests: they copy it before changing anything.
     """
-    from orsgen.pipelines.cli import run_pipeline
+    from orsgen.pipelines.run import run_pipeline
     from orsgen.pipelines.demo_data import generate_demo_inputs
     from orsgen.schemas.config import load_config
 

@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from orsgen.pipelines.cli import run_pipeline
+from orsgen.pipelines.run import run_pipeline
 from orsgen.pipelines.demo_data import _BY_ID, _jpeg, demo_sa1b_image, write_sa1b
 from orsgen.schemas.arrow import sample_from_row
 from orsgen.schemas.config import load_config

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 import pytest
 from pycocotools import mask as mask_utils
 
-from orsgen.pipelines.cli import run_pipeline
+from orsgen.pipelines.run import run_pipeline
 from orsgen.pipelines.demo_data import generate_demo_inputs
 from orsgen.schemas.config import load_config
 from orsgen.schemas.records import Rle

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from orsgen.pipelines.cli import run_pipeline
+from orsgen.pipelines.run import run_pipeline
 from orsgen.pipelines.demo_data import generate_demo_inputs
 from orsgen.schemas.config import load_config
 from orsgen.stages.write import OutputConflictError
@@ -222,7 +222,7 @@ def test_cli_run_passes_beam_flags_through_and_reports_missing_inputs(tmp_path, 
     """`orsgen run CONFIG --out DIR --set k=v -- <Beam flags>`: flags reach Beam untouched."""
     from typer.testing import CliRunner
 
-    from orsgen.pipelines import cli
+    from orsgen.pipelines import cli, commands_build, run
 
     cfg_path = tmp_path / "c.yaml"
     cfg_path.write_text("inputs:\n  - {type: coco, name: co, annotations: a.json, images: imgs/}\n")
@@ -234,7 +234,7 @@ def test_cli_run_passes_beam_flags_through_and_reports_missing_inputs(tmp_path, 
         seen.update(cfg=cfg, out=out, beam_args=beam_args)
         return {"counts": {}}
 
-    monkeypatch.setattr(cli, "run_pipeline", capture)
+    monkeypatch.setattr(commands_build, "run_pipeline", capture)
     flags = ["--runner=DataflowRunner", "--project=p", "--direct_num_workers=2"]
     res = CliRunner().invoke(
         cli.app, ["run", str(cfg_path), "--out", str(tmp_path / "o"), "--set", "regions.min_area_px=5", "--quiet", "--", *flags]
@@ -242,9 +242,9 @@ def test_cli_run_passes_beam_flags_through_and_reports_missing_inputs(tmp_path, 
     assert res.exit_code == 0, res.output
     assert seen["beam_args"] == flags and seen["out"] == str(tmp_path / "o")
     assert seen["cfg"].regions.min_area_px == 5
-    opts = cli.pipeline_options(seen["beam_args"]).get_all_options()
+    opts = run.pipeline_options(seen["beam_args"]).get_all_options()
     assert (opts["runner"], opts["project"], opts["direct_num_workers"]) == ("DataflowRunner", "p", 2)
-    assert cli.pipeline_options([]).get_all_options()["runner"] == cli.DEFAULT_RUNNER
+    assert run.pipeline_options([]).get_all_options()["runner"] == run.DEFAULT_RUNNER
     monkeypatch.undo()
 
     # A missing top-level input is one clear sentence naming the key, before any job starts.

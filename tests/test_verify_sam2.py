@@ -467,7 +467,7 @@ def test_beam_stage_refines_and_turns_failed_inference_into_image_rejects(tiny_s
 
 
 def test_pipeline_end_to_end_reconciles_with_filter_and_cleaner(tiny_sam2, tmp_path):
-    from orsgen.pipelines.cli import run_pipeline
+    from orsgen.pipelines.run import run_pipeline
     from orsgen.pipelines.demo_data import generate_demo_inputs
     from orsgen.schemas.config import load_config
 

@@ -9,7 +9,7 @@ trainer geometry, so a reviewer can read what the picture shows.
 Samples are read from the Parquet shards, or from the WebDataset shards when
 there is no Parquet output (both found through the manifest), in sorted shard
 and row order, and picked round-robin across kinds so that every kind shows.
-Everything here is pure and deterministic; ``pipelines/cli_preview.py`` is the
+Everything here is pure and deterministic; ``pipelines/commands_dataset.py`` is the
 command.
 """
 

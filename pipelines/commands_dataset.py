@@ -1,10 +1,11 @@
-"""``orsgen publish``, ``orsgen export`` and ``orsgen eval``.
+"""``orsgen publish``, ``export``, ``eval`` and ``preview``: tools on a finished dataset.
 
     orsgen publish DIR --repo-id ORG/NAME [--private] [--revision R] [--dry-run] [--staging DIR]
     orsgen export DIR --format {segzero,visionreasoner,lens,qwen,moondream,refcoco-m} --out OUT [--split S]
     orsgen eval PREDICTIONS --gt DIR [--split S] [--out report.json]
+    orsgen preview DIR [--split S] [--n 24] [--kind K ...] --out FILE.png [--html FILE.html]
 
-Registered on the main ``app`` by importing this module from ``pipelines/cli.py``.
+Registered on the main ``app`` in ``pipelines/cli.py``.
 """
 
 from __future__ import annotations
@@ -18,10 +19,9 @@ from typing import Any, Optional
 import typer
 from rich.table import Table
 
-from orsgen.pipelines.cli import _fail, app, console
+from orsgen.pipelines.console import console, fail
 
 
-@app.command()
 def publish(
     directory: str = typer.Argument(..., metavar="DIR", help="Output folder of a run (the one holding manifest.json)."),
     repo_id: str = typer.Option(..., "--repo-id", help="Dataset repo on the Hub: ORG/NAME."),
@@ -50,7 +50,7 @@ def publish(
             link=link,
         )
     except (PublishError, DatasetReadError) as err:
-        _fail(str(err))
+        fail(str(err))
     verb = "reused" if prep.reused else "prepared"
     console.print(f"{verb} {prep.path}: {prep.n_files} data files, {prep.n_bytes / 1e6:.1f} MB, configs {sorted(prep.configs)}")
     if dry_run:
@@ -59,16 +59,15 @@ def publish(
     try:
         url = upload_hub_folder(prep.path, repo_id, private=private, revision=revision)
     except PublishError as err:
-        _fail(str(err))
+        fail(str(err))
     except Exception as err:  # noqa: BLE001 - hub/network errors: reported without any token
-        _fail(
+        fail(
             f"upload to {repo_id} failed: {redact(f'{type(err).__name__}: {err}')}. "
             "Run the same command again to resume; files already committed are skipped."
         )
     console.print(f"uploaded: {url}")
 
 
-@app.command()
 def export(
     directory: str = typer.Argument(..., metavar="DIR", help="Output folder of a run."),
     fmt: str = typer.Option(..., "--format", help="segzero, visionreasoner, lens, qwen, moondream or refcoco-m."),
@@ -82,7 +81,7 @@ def export(
     try:
         summary = export_dataset(directory, fmt, out, split or None)
     except (ExportError, DatasetReadError) as err:
-        _fail(str(err))
+        fail(str(err))
     t = Table(title=f"orsgen export {fmt} -> {out}")
     for col in ("split", "images", "samples", "records", "skipped"):
         t.add_column(col)
@@ -96,7 +95,6 @@ def _fmt(v: Any) -> str:
     return "-" if v is None else f"{100 * v:.2f}" if isinstance(v, float) else str(v)
 
 
-@app.command(name="eval")
 def eval_(
     predictions: Path = typer.Argument(..., metavar="PREDICTIONS", help="JSONL: sample_id + segmentation (RLE or polygons; null = no target)."),
     gt: str = typer.Option(..., "--gt", help="Output folder of the run holding the ground truth."),
@@ -108,13 +106,13 @@ def eval_(
     from orsgen.stages.dataset.read import DatasetReadError
 
     if out is not None and out.exists():
-        _fail(f"{out} already exists; orsgen never overwrites files. Choose a new --out.")
+        fail(f"{out} already exists; orsgen never overwrites files. Choose a new --out.")
     if not predictions.is_file():
-        _fail(f"predictions file {predictions} does not exist.")
+        fail(f"predictions file {predictions} does not exist.")
     try:
         report = evaluate_files(predictions, gt, split or None)
     except (EvalError, DatasetReadError) as err:
-        _fail(str(err))
+        fail(str(err))
     cols = ("n", "cIoU", "gIoU", "mIoU", "N_acc", "T_acc", "Pr@0.5")
     t = Table(title=f"orsgen eval: {predictions.name} vs {gt} ({', '.join(report['splits'])})")
     t.add_column("group")
@@ -140,3 +138,27 @@ def eval_(
         tmp.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         os.replace(tmp, out)
         console.print(f"report: {out}")
+
+
+def preview(
+    root: str = typer.Argument(..., help="An orsgen output folder (local path or fsspec URL)."),
+    out: str = typer.Option(..., "--out", help="Contact sheet to write (PNG)."),
+    split: Optional[str] = typer.Option(None, "--split", help="Only this split (default: all)."),
+    n: int = typer.Option(24, "--n", help="How many samples."),
+    kind: list[str] = typer.Option([], "--kind", help="Only these kinds (repeatable)."),
+    cols: int = typer.Option(4, "--cols", help="Tiles per row."),
+    html: Optional[str] = typer.Option(None, "--html", help="HTML page to write (default: beside --out, .html)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files."),
+) -> None:
+    """Draw samples of DIR (image, masks, boxes, points, expression, kind) into --out and an HTML page."""
+    from orsgen.stages.dataset.preview import PreviewError, write_preview
+
+    try:
+        res = write_preview(
+            root, out, split=split, n=n, kinds=kind or None, cols=cols, html_path=html, overwrite=overwrite
+        )
+    except (PreviewError, FileExistsError) as err:
+        fail(str(err))
+        return
+    kinds = ", ".join(f"{k}={v}" for k, v in sorted(res["by_kind"].items()))
+    console.print(f"{res['samples']} samples ({kinds}) -> {res['png']} and {res['html']}")
