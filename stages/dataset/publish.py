@@ -566,7 +566,7 @@ def _card_body(
         parts += [
             "",
             "# The same rows as WebDataset shards (<key>.jpg + <key>.json), for streaming trainers:",
-            "from orsgen.stages.dataset.features import webdataset_features  # pins the json column types",
+            "from orsgen import webdataset_features  # pins the json column types",
             "wds = load_dataset(",
             '    "webdataset",',
             "    data_files={"
