@@ -30,3 +30,22 @@ def test_build_graph_imports_no_torch_or_transformers():
     code = "import sys, orsgen.pipelines.build; print('torch' in sys.modules or 'transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().endswith("False")
+
+
+def test_every_package_folder_is_in_the_wheel():
+    """pyproject lists packages by hand (the root is the package): a new sub-package must be listed."""
+    import tomllib
+    from pathlib import Path
+
+    root = Path(orsgen.__file__).parent
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {"orsgen"}
+    for init in root.rglob("__init__.py"):
+        rel = init.parent.relative_to(root)
+        if rel.parts and rel.parts[0] in ("tests", "benchmarks", "docs", "build", "containers") or any(
+            p.startswith(".") for p in rel.parts
+        ):
+            continue
+        if rel.parts:
+            found.add("orsgen." + ".".join(rel.parts))
+    assert found == listed, f"add to / remove from pyproject [tool.setuptools] packages: {sorted(found ^ listed)}"
