@@ -174,20 +174,160 @@ def parse_segzero_solution(solution: str) -> tuple[list[int], list[int], list[in
 
 # ------------------------------------------------------------------ SVG paths
 
+# Moondream's segmentation paths live in a 960 x 960 viewbox spanning the
+# object's box (kestrel's ``utils/svg.py``): coordinates are ``u / 960`` with
+# u an integer, written with 3 decimals and no trailing zeros.
+MOONDREAM_GRID = 960
+# Simplification tolerances tried in turn (pixels); the first whose path
+# rasterises back to MOONDREAM_MIN_IOU of the mask is kept, 0 keeps every
+# pixel corner.
+MOONDREAM_TOLERANCES_PX = (1.0, 0.5, 0.0)
+MOONDREAM_MIN_IOU = 0.95
+
+
+def _format_unit(u: int) -> str:
+    return f"{u / MOONDREAM_GRID:.3f}".rstrip("0").rstrip(".") or "0"
+
+
+def _quantised_rings(geom: Any, box: Sequence[int]) -> list[list[tuple[int, int]]]:
+    from shapely.geometry.polygon import orient
+
+    x0, y0, bw, bh = box
+    rings: list[list[tuple[int, int]]] = []
+    polys = [geom] if geom.geom_type == "Polygon" else list(getattr(geom, "geoms", []))
+    for poly in polys:
+        if poly.geom_type != "Polygon" or poly.is_empty:
+            continue
+        # Exterior and holes wind in opposite directions, so SVG's default
+        # nonzero fill (Moondream renders with it) and evenodd agree.
+        poly = orient(poly, 1.0)
+        for ring in [poly.exterior, *poly.interiors]:
+            pts: list[tuple[int, int]] = []
+            for x, y in np.asarray(ring.coords)[:-1]:
+                q = (int(round((x - x0) / bw * MOONDREAM_GRID)), int(round((y - y0) / bh * MOONDREAM_GRID)))
+                if not pts or pts[-1] != q:
+                    pts.append(q)
+            if len(pts) > 1 and pts[0] == pts[-1]:
+                pts.pop()
+            if len(set(pts)) >= 3:
+                rings.append(pts)
+    return rings
+
+
+def _rings_to_path(rings: Sequence[Sequence[tuple[int, int]]]) -> str:
+    parts = []
+    for ring in rings:
+        cmds = [f"{'M' if i == 0 else 'L'} {_format_unit(u)} {_format_unit(v)}" for i, (u, v) in enumerate(ring)]
+        parts.append(" ".join(cmds) + " Z")
+    return " ".join(parts)
+
+
+def coverage_rle(rings_px: Sequence[np.ndarray], size: tuple[int, int], scale: int = 4) -> Rle:
+    """Rasterises rings (``(n, 2)`` image-pixel arrays) the way Moondream does.
+
+    Moondream renders a path with librsvg and keeps every pixel of alpha > 0,
+    i.e. every pixel the fill touches. Emulated here by filling on a
+    ``scale`` x finer grid over the rings' box and keeping a pixel when any
+    of its sub-pixels is set; rings combine by cv2's fill, which equals the
+    nonzero rule for orsgen's oriented, non-overlapping rings.
+    """
+    h, w = size
+    rings = [np.asarray(r, dtype=np.float64).reshape(-1, 2) for r in rings_px if len(r) >= 3]
+    if not rings:
+        return empty_rle(h, w)
+    allp = np.concatenate(rings)
+    bx0 = max(int(np.floor(allp[:, 0].min())) - 1, 0)
+    by0 = max(int(np.floor(allp[:, 1].min())) - 1, 0)
+    bx1 = min(int(np.ceil(allp[:, 0].max())) + 1, w)
+    by1 = min(int(np.ceil(allp[:, 1].max())) + 1, h)
+    if bx0 >= bx1 or by0 >= by1:
+        return empty_rle(h, w)
+    canvas = np.zeros(((by1 - by0) * scale, (bx1 - bx0) * scale), np.uint8)
+    # Sub-pixel (i, j) covers [i, i+1) on the fine grid; cv2 samples pixel
+    # centres, so shift by half a sub-pixel; 8 fractional bits keep edges exact.
+    pts = [np.round(((r - [bx0, by0]) * scale - 0.5) * 256).astype(np.int32) for r in rings]
+    cv2.fillPoly(canvas, pts, 1, lineType=cv2.LINE_8, shift=8)
+    cov = canvas.reshape(by1 - by0, scale, bx1 - bx0, scale).max(axis=(1, 3))
+    full = np.zeros((h, w), np.uint8)
+    full[by0:by1, bx0:bx1] = cov
+    return Rle.from_coco(mask_utils.encode(np.asfortranarray(full)))
+
+
+def _rings_px(rings: Sequence[Sequence[tuple[int, int]]], box: Sequence[int]) -> list[np.ndarray]:
+    x0, y0, bw, bh = box
+    return [np.array([[x0 + u / MOONDREAM_GRID * bw, y0 + v / MOONDREAM_GRID * bh] for u, v in r]) for r in rings]
+
+
+def moondream_target(union: Rle) -> tuple[str, dict[str, float], float]:
+    """Moondream's ``path`` and ``bbox`` of a mask, and the path's fidelity.
+
+    The box is the mask's pixel box normalised to the image (``x_max`` is the
+    exclusive edge ``(x + w) / W``); the path's coordinates are relative to
+    that box (0 = its left/top edge, 1 = its right/bottom edge), quantised to
+    Moondream's 960-unit grid. Moondream rasterises with librsvg and keeps
+    every pixel of alpha > 0, which grows a shape by every pixel its edge
+    touches; so the path traces the mask's pixel outline inset by half a pixel
+    (plus half a grid step of quantisation), and each boundary pixel is still
+    covered while no background pixel is touched. It is simplified with the
+    largest of ``MOONDREAM_TOLERANCES_PX`` that keeps ``MOONDREAM_MIN_IOU``.
+
+    Returns:
+        ``(path, bbox, iou)``: ``iou`` is the path rasterised back the way
+        Moondream does (every touched pixel) against the mask.
+
+    Raises:
+        ExportError: the mask is empty.
+    """
+    from orsgen.stages.common.masks import rle_area, rle_iou, rle_to_geometry
+
+    if rle_area(union) == 0:
+        raise ExportError("an empty mask has no Moondream path.")
+    h, w = union.size
+    box = tuple(int(v) for v in rle_bbox_xywh(union))
+    x0, y0, bw, bh = box
+    bbox = {"x_min": x0 / w, "y_min": y0 / h, "x_max": (x0 + bw) / w, "y_max": (y0 + bh) / h}
+    inset = 0.5 + 0.5 * max(bw, bh) / MOONDREAM_GRID
+    best: tuple[str, float] = ("", -1.0)
+    for tol in MOONDREAM_TOLERANCES_PX:
+        geom = rle_to_geometry(union, tol)
+        shrunk = geom.buffer(-inset, join_style="mitre")
+        rings = _quantised_rings(shrunk if not shrunk.is_empty else geom, box)
+        if not rings:
+            continue
+        iou = rle_iou(coverage_rle(_rings_px(rings, box), (h, w)), union)
+        if iou > best[1]:
+            best = (_rings_to_path(rings), iou)
+        if iou >= MOONDREAM_MIN_IOU:
+            break
+    if not best[0]:
+        # A mask too thin for any ring (a 1-pixel line): its pixel box.
+        full_box = [[(0, 0), (MOONDREAM_GRID, 0), (MOONDREAM_GRID, MOONDREAM_GRID), (0, MOONDREAM_GRID)]]
+        best = (_rings_to_path(full_box), rle_iou(coverage_rle(_rings_px(full_box, box), (h, w)), union))
+    return best[0], bbox, best[1]
+
 
 _SVG_TOKEN_RE = re.compile(r"[MLZ]|-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")
 
 
-def svg_path_to_rle(path: str, height: int, width: int) -> Rle:
-    """Rasterises a normalised SVG path (``M x y L x y ... Z``, 0..1) to an RLE.
+def svg_path_to_rle(path: str, height: int, width: int, bbox: dict[str, float] | None = None) -> Rle:
+    """Rasterises an SVG path (``M x y L x y ... Z``) to an RLE.
 
-    The inverse of ``stages.common.masks.svg_path`` (Moondream's convention): every
-    sub-path is a ring, and rings combine with the ``evenodd`` rule (a hole is
-    a ring inside another), computed as XOR in RLE space.
+    With ``bbox`` (Moondream's ``{x_min, y_min, x_max, y_max}``, 0..1) the
+    coordinates are relative to that box, as ``moondream_target`` writes them
+    and Moondream reads them; without it they are normalised to the image
+    (0..1), as the dataset's ``union_svg``. Every sub-path is a ring. With
+    ``bbox`` the rings are rasterised as Moondream does (``coverage_rle``:
+    every touched pixel, nonzero rule); without it they combine with the
+    ``evenodd`` rule (XOR in RLE space) and pycocotools' polygon fill.
 
     Raises:
         ExportError: the path uses commands other than M, L and Z.
     """
+    if bbox is None:
+        ox, oy, sx, sy = 0.0, 0.0, float(width), float(height)
+    else:
+        ox, oy = bbox["x_min"] * width, bbox["y_min"] * height
+        sx, sy = (bbox["x_max"] - bbox["x_min"]) * width, (bbox["y_max"] - bbox["y_min"]) * height
     rings: list[list[float]] = []
     cur: list[float] = []
     tokens = _SVG_TOKEN_RE.findall(path)
@@ -199,13 +339,15 @@ def svg_path_to_rle(path: str, height: int, width: int) -> Rle:
             if len(nums) % 2:
                 raise ExportError("SVG path has an odd number of coordinates.")
             for i in range(0, len(nums), 2):
-                cur += [nums[i] * width, nums[i + 1] * height]
+                cur += [ox + nums[i] * sx, oy + nums[i + 1] * sy]
             nums = []
             if tok in ("M", "Z") and cur:
                 rings.append(cur)
                 cur = []
         else:
             nums.append(float(tok))
+    if bbox is not None:
+        return coverage_rle([np.asarray(r).reshape(-1, 2) for r in rings if len(r) >= 6], (height, width))
     out = empty_rle(height, width)
     for ring in rings:
         if len(ring) < 6:
