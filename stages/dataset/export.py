@@ -285,8 +285,7 @@ def coverage_rle(rings_px: Sequence[np.ndarray], size: tuple[int, int], scale: i
     Moondream renders a path with librsvg and keeps every pixel of alpha > 0,
     i.e. every pixel the fill touches. Emulated here by filling on a
     ``scale`` x finer grid over the rings' box and keeping a pixel when any
-    of its sub-pixels is set; rings combine by cv2's fill, which equals the
-    nonzero rule for orsgen's oriented, non-overlapping rings.
+    of its sub-pixels is set.
     """
     h, w = size
     rings = [np.asarray(r, dtype=np.float64).reshape(-1, 2) for r in rings_px if len(r) >= 3]
@@ -299,11 +298,19 @@ def coverage_rle(rings_px: Sequence[np.ndarray], size: tuple[int, int], scale: i
     by1 = min(int(np.ceil(allp[:, 1].max())) + 1, h)
     if bx0 >= bx1 or by0 >= by1:
         return empty_rle(h, w)
-    canvas = np.zeros(((by1 - by0) * scale, (bx1 - bx0) * scale), np.uint8)
-    # Sub-pixel (i, j) covers [i, i+1) on the fine grid; cv2 samples pixel
-    # centres, so shift by half a sub-pixel; 8 fractional bits keep edges exact.
-    pts = [np.round(((r - [bx0, by0]) * scale - 0.5) * 256).astype(np.int32) for r in rings]
-    cv2.fillPoly(canvas, pts, 1, lineType=cv2.LINE_8, shift=8)
+    fh, fw = (by1 - by0) * scale, (bx1 - bx0) * scale
+    # cv2 fills every sub-pixel whose centre lies within half a sub-pixel of
+    # the span, both ends included, so an edge exactly on a pixel boundary
+    # would spill into the next pixel. Filling twice, shifted by +-1/256 of a
+    # sub-pixel, and keeping the intersection removes exactly those ties.
+    # Rings combine by cv2's even-odd scanline fill, which equals nonzero for
+    # orsgen's oriented, non-overlapping rings.
+    canvas = np.ones((fh, fw), np.uint8)
+    for shift in (-0.5 + 1 / 256, -0.5 - 1 / 256):
+        c = np.zeros((fh, fw), np.uint8)
+        pts = [np.round(((r - [bx0, by0]) * scale + shift) * 256).astype(np.int32) for r in rings]
+        cv2.fillPoly(c, pts, 1, lineType=cv2.LINE_8, shift=8)
+        canvas &= c
     cov = canvas.reshape(by1 - by0, scale, bx1 - bx0, scale).max(axis=(1, 3))
     full = np.zeros((h, w), np.uint8)
     full[by0:by1, bx0:bx1] = cov
