@@ -257,6 +257,16 @@ def test_visionreasoner_skips_empty_answers_unless_asked(exports, source):
     assert _stats(exports["visionreasoner-keep"])["keep_no_target"] is True
 
 
+def test_keep_no_target_warns_and_is_visionreasoner_only(demo_output, tmp_path):
+    res = CliRunner().invoke(
+        app, ["export", str(demo_output), "--format", "visionreasoner", "--keep-no-target", "--split", "val", "--out", str(tmp_path / "v")],
+        terminal_width=400,
+    )
+    assert res.exit_code == 0 and "scores 2.0" in res.output and "hallucination" in res.output
+    bad = CliRunner().invoke(app, ["export", str(demo_output), "--format", "segzero", "--keep-no-target", "--out", str(tmp_path / "s")])
+    assert bad.exit_code != 0 and "only applies to --format visionreasoner" in bad.output
+
+
 # ------------------------------------------------------------------ LENS
 
 
