@@ -1,35 +1,34 @@
-"""Trainer-ready exports in each seed's own conventions.
+"""Trainer-ready exports in each consumer's own conventions.
 
-``orsgen export DIR --format F --out OUT`` reads the Parquet output of a run and
-writes one of these (the readings of each seed's code are documented in the
-README, section *Exports*):
+``orsgen export DIR --format F [--variant V] --out OUT`` reads the Parquet
+output of a run and writes one of these (the repository, file and commit each
+matches are named in the README, section *Exports for trainers*):
 
-=================  =========  ==============================================================
-format             container  one record per
-=================  =========  ==============================================================
-``segzero``        Parquet    single-target sample: 840x840 image, ``solution`` =
-                              ``<box>(x1,y1),(x2,y2)</box><points>(x,y),(x,y)</points>``
-``visionreasoner`` Parquet    sample: 840x840 image, ``solution`` = JSON list of
-                              ``{"bbox_2d": [..], "point_2d": [..]}`` (``[]`` for no target)
-``lens``           JSONL      sample with targets: LENS' grounding JSONL (``image_path``,
-                              ``box`` px, ``segmentation`` RLEs, ``caption``) plus its
-                              ``qwen2vl`` (0-1000) and ``qwen2p5vl`` (resized px) solutions
-``qwen``           JSONL      sample: Qwen-VL fine-tuning chat (``image`` +
-                              ``conversations``), answer a JSON list of
-                              ``{"bbox_2d": [0-1000], "label": ..}``
-``moondream``      Parquet    sample with targets: ``object``, normalised SVG ``path`` and
-                              ``bbox`` ``{x_min, y_min, x_max, y_max}`` in 0..1
-``refcoco-m``      Parquet    image: RefCOCO-M's schema, nested ``samples`` with sentences
-                              and a COCO-RLE ``mask`` per target set
-=================  =========  ==============================================================
+=====================  ==========================  ==========================================
+format (variant)       layout                      one record per
+=====================  ==========================  ==========================================
+segzero (current)      ``save_to_disk`` DatasetDict  sample with targets: 840x840 image,
+                                                   ``solution`` = JSON ``bbox_2d``/``point_2d``
+segzero (v1)           Parquet                     single-target sample, ``<box>..<points>..``
+visionreasoner         ``save_to_disk`` DatasetDict  as segzero current (no-target opt-in)
+lens                   JSONL per split folder      sample with targets, union RLE
+qwen (qwen3vl)         JSONL + images              sample, ``bbox_2d`` on 0-1000 (``round``)
+qwen (qwen2.5vl)       JSONL + images              sample, ``bbox_2d`` in resized pixels
+moondream              Parquet                     sample with targets: bbox-relative path
+refcoco-m (hub)        Parquet, ``validation``       image, exactly the Hub card's features
+refcoco-m (extended)   Parquet                     image, plus orsgen's link fields
+=====================  ==========================  ==========================================
 
-Every function that builds records is pure (a row of ``EXAMPLE_SCHEMA`` in,
-records and skip reasons out); ``export_dataset`` streams rows through them and
-writes the result atomically: everything goes to a hidden temporary folder
-that is renamed to ``OUT`` at the end, and an existing ``OUT`` is never
-touched. A sample a format cannot express (a no-target sample for Seg-Zero,
-say) is not dropped silently: it is counted per reason in
-``OUT/export_stats.json`` and in the command's summary.
+Box corners, points and rounding that differ from the dataset's stored
+targets (Seg-Zero's inclusive box and border points, Qwen's ``round``,
+Moondream's paths) are recomputed here from the masks, so the build output
+stays as it is. Every function that builds records is pure (a row of
+``EXAMPLE_SCHEMA`` in, records and skip reasons out); ``export_dataset``
+streams rows through them and writes the result atomically: everything goes
+to a hidden temporary folder that is renamed to ``OUT`` at the end, and an
+existing ``OUT`` is never touched. A sample a format cannot express (a
+no-target sample for Seg-Zero, say) is not dropped silently: it is counted
+per reason in ``OUT/export_stats.json`` and in the command's summary.
 """
 
 from __future__ import annotations
