@@ -2,7 +2,8 @@
 
     orsgen publish DIR --repo-id ORG/NAME [--private] [--revision R] [--dry-run] [--staging DIR]
     orsgen export DIR --format {segzero,visionreasoner,lens,qwen,moondream,refcoco-m} --out OUT [--split S]
-    orsgen eval PREDICTIONS --gt DIR [--split S] [--out report.json]
+                  [--variant V] [--keep-no-target]
+    orsgen eval PREDICTIONS --gt DIR [--split S] [--protocol {orsgen,segzero,visionreasoner,visionreasoner-nonobj}] [--out report.json]
     orsgen preview DIR [--split S] [--n 24] [--kind K ...] --out FILE.png [--html FILE.html]
 
 Registered on the main ``app`` in ``pipelines/cli.py``.
@@ -68,27 +69,57 @@ def publish(
     console.print(f"uploaded: {url}")
 
 
+_FORMAT_HELP = (
+    "segzero (Seg-Zero: --variant current = save_to_disk DatasetDict, solution a JSON list of bbox_2d/point_2d on "
+    "840x840, inclusive boxes; v1 = Parquet, <box>..</box><points>..</points>, single target), "
+    "visionreasoner (as segzero current; no-target skipped unless --keep-no-target), "
+    "lens (LENS GSTrainDataset JSONL, one folder per split, union mask), "
+    "qwen (--variant qwen3vl = 0-1000 grid with Python round(), clamped; qwen2.5vl = absolute pixels on the "
+    "smart_resize'd image, clamped to size-1), "
+    "moondream (SVG path relative to its bbox, 960 grid), "
+    "refcoco-m (--variant hub = moondream/refcoco-m's exact features, one 'validation' split, no no-target; "
+    "extended = plus orsgen's link fields)."
+)
+
+
 def export(
     directory: str = typer.Argument(..., metavar="DIR", help="Output folder of a run."),
-    fmt: str = typer.Option(..., "--format", help="segzero, visionreasoner, lens, qwen, moondream or refcoco-m."),
+    fmt: str = typer.Option(..., "--format", help=_FORMAT_HELP),
     out: Path = typer.Option(..., "--out", help="New local folder for the export (must not exist)."),
-    split: list[str] = typer.Option([], "--split", help="Split(s) to export (repeatable; default: all)."),
+    split: list[str] = typer.Option([], "--split", help="Split(s) to export (repeatable; default: all; refcoco-m hub: exactly one)."),
+    variant: Optional[str] = typer.Option(
+        None, "--variant", help="Consumer version: segzero current|v1, qwen qwen3vl|qwen2.5vl, refcoco-m hub|extended (default: the first)."
+    ),
+    keep_no_target: bool = typer.Option(
+        False,
+        "--keep-no-target",
+        help="visionreasoner: also write no-target samples as solution '[]' (its reward scores '[]' 2.0 and an invented box 4.0).",
+    ),
 ) -> None:
-    """Write trainer-ready Parquet / JSONL in a seed's own conventions."""
+    """Write trainer-ready data in a consumer's own conventions (see the README's *Exports for trainers*)."""
     from orsgen.stages.dataset.export import ExportError, export_dataset
     from orsgen.stages.dataset.read import DatasetReadError
 
+    if keep_no_target and fmt == "visionreasoner":
+        console.print(
+            "[yellow]--keep-no-target: VisionReasoner's reward (verl/utils/reward_score/vision_reasoner.py) cannot score an "
+            "empty ground truth: np.split fails on [] and the accuracy term is 0 for every answer, so the correct '[]' "
+            "scores 2.0 and an invented box 4.0. Training on these rows rewards hallucination.[/]"
+        )
     try:
-        summary = export_dataset(directory, fmt, out, split or None)
+        summary = export_dataset(directory, fmt, out, split or None, variant=variant, keep_no_target=keep_no_target)
     except (ExportError, DatasetReadError) as err:
         fail(str(err))
-    t = Table(title=f"orsgen export {fmt} -> {out}")
+    title = f"orsgen export {fmt}" + (f" ({summary['variant']})" if summary.get("variant") else "") + f" -> {out}"
+    t = Table(title=title)
     for col in ("split", "images", "samples", "records", "skipped"):
         t.add_column(col)
     for name, v in summary["splits"].items():
         skipped = ", ".join(f"{k}={n}" for k, n in v["skipped"].items()) or "-"
         t.add_row(name, str(v["images"]), str(v["samples_in"]), str(v["records"]), skipped)
     console.print(t)
+    if "hub_split" in summary:
+        console.print(f"orsgen split {summary['hub_split']['validation']!r} written as RefCOCO-M's 'validation' split.")
 
 
 def _fmt(v: Any) -> str:
@@ -100,6 +131,12 @@ def eval_(
     gt: str = typer.Option(..., "--gt", help="Output folder of the run holding the ground truth."),
     split: list[str] = typer.Option([], "--split", help="Split(s) to evaluate (repeatable; default: all)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the full report as JSON here (must not exist)."),
+    protocol: str = typer.Option(
+        "orsgen",
+        "--protocol",
+        help="Empty-vs-empty samples: orsgen (IoU 1, GRES), segzero (skipped, as Seg-Zero's evaluation.py), "
+        "visionreasoner (IoU 0, as its calculate_iou_with_bbox.py), visionreasoner-nonobj (IoU 1, its _nonobj script).",
+    ),
 ) -> None:
     """Score predictions: cIoU, gIoU, mIoU, N-acc, T-acc, Pr@τ, by kind and split."""
     from orsgen.stages.dataset.evaluate import EvalError, evaluate_files
@@ -110,11 +147,11 @@ def eval_(
     if not predictions.is_file():
         fail(f"predictions file {predictions} does not exist.")
     try:
-        report = evaluate_files(predictions, gt, split or None)
+        report = evaluate_files(predictions, gt, split or None, protocol)
     except (EvalError, DatasetReadError) as err:
         fail(str(err))
     cols = ("n", "cIoU", "gIoU", "mIoU", "N_acc", "T_acc", "Pr@0.5")
-    t = Table(title=f"orsgen eval: {predictions.name} vs {gt} ({', '.join(report['splits'])})")
+    t = Table(title=f"orsgen eval ({protocol}): {predictions.name} vs {gt} ({', '.join(report['splits'])})")
     t.add_column("group")
     for c in cols:
         t.add_column(c)
@@ -127,6 +164,8 @@ def eval_(
         t.add_row(name, *[_fmt(m[c]) for c in cols])
     console.print(t)
     c = report["counts"]
+    if protocol == "segzero" and report["overall"].get("skipped_empty_union"):
+        console.print(f"segzero protocol: {report['overall']['skipped_empty_union']} sample(s) with empty prediction and ground truth skipped.")
     if c["missing"] or c["unknown"] or c["invalid"]:
         console.print(
             f"[yellow]{c['missing']} sample(s) without a prediction (scored as empty), {c['unknown']} prediction(s) "

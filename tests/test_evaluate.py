@@ -153,3 +153,79 @@ def test_cli_perfect_and_empty_predictions_on_demo(demo_output, tmp_path):
     r = evaluate(gt, [(0, {"sample_id": sid, "segmentation": None}) for sid in gt])["overall"]
     assert r["N_acc"] == 1.0 and r["T_acc"] == 0.0 and r["cIoU"] == 0.0
     assert r["gIoU"] == pytest.approx(r["n_no_target"] / r["n"])
+
+
+@pytest.fixture
+def protocol_case():
+    """Three samples on 10x20 images, the no-target conventions' worked comparison.
+
+    A (target):    GT 100 px, prediction 50 px inside it   I=50 U=100
+    B (no-target): empty prediction                        I=0  U=0
+    C (no-target): prediction 20 px                        I=0  U=20
+    """
+    h, w = 10, 20
+    ga = np.zeros((h, w), bool)
+    ga[:, :10] = True
+    pa = np.zeros((h, w), bool)
+    pa[:5, :10] = True
+    pc = np.zeros((h, w), bool)
+    pc[:2, 10:] = True
+    empty = np.zeros((h, w), bool)
+    gt = {
+        "A": GroundTruth("A", "val", "human", _rle(ga)),
+        "B": GroundTruth("B", "val", "no_target", _rle(empty)),
+        "C": GroundTruth("C", "val", "no_target", _rle(empty)),
+    }
+    return gt, [_pred("A", pa), _pred("B", None), _pred("C", pc)]
+
+
+@pytest.mark.parametrize(
+    ("protocol", "n", "giou", "skipped"),
+    [
+        # GRES: B scores 1 -> (0.5 + 1 + 0) / 3.
+        ("orsgen", 3, 0.5, None),
+        # Seg-Zero's evaluation.py: compute_iou returns a bare 0 for U = 0, the
+        # unpacking fails and the sample is skipped -> (0.5 + 0) / 2.
+        ("segzero", 2, 0.25, 1),
+        # VisionReasoner's calculate_iou_with_bbox.py: I / U if U > 0 else 0 -> (0.5 + 0 + 0) / 3.
+        ("visionreasoner", 3, 0.5 / 3, None),
+        # Its _nonobj script: non_object (both empty) scores 1 -> as orsgen.
+        ("visionreasoner-nonobj", 3, 0.5, None),
+    ],
+)
+def test_protocols_reproduce_each_repositorys_no_target_rule(protocol_case, protocol, n, giou, skipped):
+    gt, preds = protocol_case
+    o = evaluate(gt, preds, protocol)["overall"]
+    assert o["n"] == n
+    assert o["gIoU"] == pytest.approx(giou, abs=1e-12)
+    assert o["cIoU"] == pytest.approx(50 / 120, abs=1e-12)  # ΣI / ΣU: the empty pair adds nothing
+    assert o.get("skipped_empty_union") == skipped
+    if protocol == "visionreasoner-nonobj":
+        assert o["N_acc"] == 0.5  # N-Acc = Σ non_object / Σ non_object_GT = 1 / 2
+
+
+def test_protocol_edge_cases(protocol_case):
+    gt, preds = protocol_case
+    with pytest.raises(EvalError, match="unknown protocol"):
+        evaluate(gt, preds, "lisa")
+    # Only empty pairs: orsgen's cIoU is 1 (all correct), the repositories' calculate_iou give 0.
+    only_b = {"B": gt["B"]}
+    assert evaluate(only_b, [preds[1]])["overall"]["cIoU"] == 1.0
+    assert evaluate(only_b, [preds[1]], "visionreasoner")["overall"]["cIoU"] == 0.0
+    seg = evaluate(only_b, [preds[1]], "segzero")["overall"]
+    assert seg["n"] == 0 and seg["gIoU"] is None and seg["skipped_empty_union"] == 1
+
+
+def test_cli_protocol_option(demo_output, tmp_path):
+    gt = load_ground_truth(str(demo_output), ["val"])
+    preds = tmp_path / "p.jsonl"
+    preds.write_text("".join(json.dumps({"sample_id": sid, "segmentation": g.rle.to_json()}) + "\n" for sid, g in gt.items()))
+    out = tmp_path / "r.json"
+    res = CliRunner().invoke(app, ["eval", str(preds), "--gt", str(demo_output), "--split", "val", "--protocol", "segzero", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    r = json.loads(out.read_text())
+    n_nt = sum(g.no_target for g in gt.values())
+    assert r["protocol"] == "segzero" and r["overall"]["skipped_empty_union"] == n_nt > 0
+    assert r["overall"]["n"] == len(gt) - n_nt and r["overall"]["gIoU"] == 1.0
+    bad = CliRunner().invoke(app, ["eval", str(preds), "--gt", str(demo_output), "--protocol", "lisa"])
+    assert bad.exit_code != 0 and "unknown protocol" in bad.output

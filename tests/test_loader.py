@@ -18,6 +18,7 @@ from orsgen.stages.dataset.loader import (  # noqa: E402
     WebDatasetSamples,
     assign_shards,
     collate_lists,
+    cover_plan,
 )
 from orsgen.stages.dataset.read import iter_rows, tar_files  # noqa: E402
 
@@ -56,20 +57,109 @@ def test_ranks_split_shards_exactly_or_equalize(demo_output, truth, world_size):
     if world_size > n_shards:
         assert any(not part for part in exact)  # some ranks have no shard: DDP would hang...
 
-    total = len(truth["train"])
+    # ...so equalize gives every rank the same count and still covers every sample.
     eq = []
     for r in range(world_size):
-        ds = WebDatasetSamples(str(demo_output), "train", mask="none", decode_images=False, rank=r, world_size=world_size, equalize=True)
-        # ...so equalize gives every rank the same count, with two workers per rank too
-        # (worker processes only on the first and last rank: forking is the slow part).
-        if r in (0, world_size - 1):
-            items = [b["sample_id"] for b in torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)]
-        else:
-            items = [x["sample_id"] for x in ds]
-        assert len(items) == len(ds) == total // world_size > 0
-        assert set(items) <= set(truth["train"])
+        ds = WebDatasetSamples(
+            str(demo_output), "train", mask="none", decode_images=False, rank=r, world_size=world_size, equalize=True, num_workers=0
+        )
+        items = [(x["sample_id"], x["padded"]) for x in ds]
+        assert len(items) == len(ds)
         eq.append(items)
-    assert len({len(e) for e in eq}) == 1
+    _check_cover(eq, truth["train"], demo_output, "train", world_size)
+
+
+def _check_cover(per_rank, truth_split, demo_output, split, n_slots):
+    """Every sample at least once, equal ranks, and padding within the README's bound."""
+    from orsgen.stages.dataset.read import shard_sizes
+
+    assert len({len(e) for e in per_rank}) == 1, [len(e) for e in per_rank]
+    seen = Counter(sid for e in per_rank for sid, _ in e)
+    assert set(seen) == set(truth_split)
+    # Unpadded items are exactly the dataset, once each.
+    assert sorted(sid for e in per_rank for sid, padded in e if not padded) == sorted(truth_split)
+    s_max = max(v["n_samples"] for v in shard_sizes(str(demo_output), split, "webdataset").values())
+    padding = sum(len(e) for e in per_rank) - len(truth_split)
+    assert padding == sum(padded for e in per_rank for _, padded in e)
+    assert padding <= (n_slots - 1) * s_max
+
+
+@pytest.mark.parametrize("split", ["train", "testA"])
+def test_equalize_two_ranks_two_workers_sees_every_sample(demo_output, truth, split):
+    # The DDP layout of the README: 2 ranks x 2 DataLoader workers, with odd batches.
+    per_rank, batches = [], []
+    for r in range(2):
+        ds = WebDatasetSamples(
+            str(demo_output), split, mask="none", decode_images=False, rank=r, world_size=2, equalize=True, num_workers=2
+        )
+        dl = torch.utils.data.DataLoader(ds, batch_size=7, num_workers=2, collate_fn=collate_lists)
+        bs = list(dl)
+        batches.append(len(bs))
+        items = [(sid, p) for b in bs for sid, p in zip(b["sample_id"], b["padded"])]
+        assert len(items) == len(ds)
+        per_rank.append(items)
+    assert batches[0] == batches[1]  # same number of steps on every rank: no DDP hang
+    _check_cover(per_rank, truth[split], demo_output, split, 4)
+
+
+def test_cover_plan_balances_shards_longest_first():
+    # 2 ranks x 2 workers over [100, 100, 100, 100, 40]: loads 140/100/100/100, q = 140.
+    sizes = [100, 100, 100, 100, 40]
+    plan = cover_plan(sizes, 4)
+    assert plan == [[0, 4], [1], [2], [3]]
+    assert max(sum(sizes[i] for i in b) for b in plan) == 140
+    # [100, 10 x 7] on 2 slots: round robin would give 130 / 40; LPT gives 100 / 70.
+    sizes = [100] + [10] * 7
+    loads = sorted(sum(sizes[i] for i in b) for b in cover_plan(sizes, 2))
+    assert loads == [70, 100]
+    # Every shard in exactly one slot, also with more slots than shards.
+    plan = cover_plan([5, 3], 4)
+    assert sorted(i for b in plan for i in b) == [0, 1] and sum(not b for b in plan) == 2
+    with pytest.raises(ValueError):
+        cover_plan([1], 0)
+
+
+def test_equalize_synthetic_shards_cover_and_bound(tmp_path):
+    # Uneven shards written here: sizes 9, 1, 4, 4, 0 over 2 ranks x 2 workers.
+    import io
+    import json
+    import tarfile
+
+    sizes = [9, 1, 4, 4, 0]
+    urls, items = [], {}
+    for i, n in enumerate(sizes):
+        path = tmp_path / f"s-{i:05d}.tar"
+        with tarfile.open(path, "w") as tar:
+            for j in range(n):
+                key = f"k{i}_{j}"
+                for ext, data in (("json", json.dumps({"key": key, "width": 1, "height": 1}).encode()), ("jpg", b"x")):
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        urls.append(str(path))
+        items[path.name] = n
+    per_rank = []
+    for r in range(2):
+        ds = WebDatasetSamples(urls=urls, shard_items=items, unit="image", decode_images=False, rank=r, world_size=2, equalize=True, num_workers=2)
+        got = [(x["key"], x["padded"]) for x in torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)]
+        assert len(got) == len(ds) == 2 * 9  # W * q, q = the largest slot (the 9-item shard)
+        per_rank.append(got)
+    keys = Counter(k for e in per_rank for k, _ in e)
+    assert set(keys) == {f"k{i}_{j}" for i, n in enumerate(sizes) for j in range(n)}
+    assert sum(p for e in per_rank for _, p in e) == 4 * 9 - sum(sizes) <= 3 * max(sizes)
+
+
+def test_equalize_bad_inputs(demo_output, tmp_path):
+    ds = WebDatasetSamples(str(demo_output), "testA", mask="none", decode_images=False, rank=0, world_size=2, equalize=True)
+    with pytest.raises(TypeError, match="num_workers"):
+        len(ds)  # the length depends on the DataLoader's workers
+    ds = WebDatasetSamples(str(demo_output), "testA", mask="none", decode_images=False, rank=0, world_size=2, equalize=True, num_workers=3)
+    with pytest.raises(ValueError, match="num_workers=3"):
+        next(iter(ds))  # declared 3 workers, iterated in-process (1)
+    with pytest.raises(ValueError, match="items per shard"):
+        WebDatasetSamples(urls=[str(tmp_path / "a.tar")], equalize=True)
+    with pytest.raises(ValueError, match="num_workers"):
+        WebDatasetSamples(str(demo_output), "testA", num_workers=-1)
 
 
 def test_rank_travels_to_spawned_workers(demo_output, monkeypatch):

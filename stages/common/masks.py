@@ -291,8 +291,11 @@ def encode_crop(crop: np.ndarray, origin_xy: tuple[int, int], size: tuple[int, i
 # ---------------------------------------------------------------- points
 
 
-def interior_points(rle: Rle) -> tuple[tuple[int, int], tuple[int, int]]:
-    """Two interior points by the Seg-Zero rule.
+POINT_RULES = ("orsgen", "segzero")
+
+
+def interior_points(rle: Rle, rule: str = "orsgen") -> tuple[tuple[int, int], tuple[int, int]]:
+    """Two interior points by the Seg-Zero rule (``rule="orsgen"``) or exactly as Seg-Zero's code.
 
     The first point is the maximum of the mask's distance transform (the
     pixel deepest inside). The second is the distance-transform maximum among
@@ -301,17 +304,33 @@ def interior_points(rle: Rle) -> tuple[tuple[int, int], tuple[int, int]]:
     as background, so points keep away from the image border too. Ties break
     on the first pixel in row-major order, so the result is deterministic.
 
+    ``rule="segzero"`` reproduces ``get_two_representative_points`` of
+    Seg-Zero's data preparation (``prepare_dataset/training_data_prepare_toturial.ipynb``)
+    instead: the distance transform runs on the image as it is, so pixels
+    outside the image are *not* background (a mask touching the border has its
+    deepest pixels on the border), and when no pixel lies farther from the
+    first point than the median, the second point is the distance maximum in
+    the 20 x 20 window ``[cy-10, cy+10) x [cx-10, cx+10)`` around the
+    truncated centroid, snapped to the nearest mask pixel when it misses.
+
     Args:
         rle: a non-empty mask.
+        rule: ``orsgen`` (points keep away from the image border) or
+            ``segzero`` (Seg-Zero's own rule).
 
     Returns:
         ``((x1, y1), (x2, y2))`` in integer image pixel coordinates.
 
     Raises:
         MaskError: the mask is empty (reason ``empty_mask``).
+        ValueError: ``rule`` is not one of ``POINT_RULES``.
     """
+    if rule not in POINT_RULES:
+        raise ValueError(f"point rule {rule!r} is not one of {POINT_RULES}.")
     if rle_area(rle) == 0:
         raise MaskError("empty_mask", "interior points of an empty mask do not exist.")
+    if rule == "segzero":
+        return _segzero_points(rle)
     crop, (ox, oy) = decode_crop(rle, pad_px=1)
     dist = cv2.distanceTransform(crop.astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
     # The precise transform is exact: sqrt of an integer squared distance. Its
@@ -332,6 +351,62 @@ def interior_points(rle: Rle) -> tuple[tuple[int, int], tuple[int, int]]:
         j = int(np.argmax(cand_d))
         p2 = (int(xs[far][j]), int(ys[far][j]))
     return (int(x1 + ox), int(y1 + oy)), (int(p2[0] + ox), int(p2[1] + oy))
+
+
+def _exact_sq_dist(mask: np.ndarray) -> np.ndarray:
+    # Squared Euclidean distance to the nearest zero pixel *inside the array*
+    # (cv2, like scipy's distance_transform_edt, never treats the outside as
+    # background). Rounded to the exact integer so ties break identically.
+    if not (~mask).any():
+        # No background anywhere: scipy returns each pixel's distance to a
+        # virtual zero outside; no real mask (an object filling the whole
+        # image) makes a useful point of it, so take the centre.
+        h, w = mask.shape
+        yy, xx = np.mgrid[0:h, 0:w]
+        return -((yy - (h - 1) / 2) ** 2 + (xx - (w - 1) / 2) ** 2)
+    dist = cv2.distanceTransform(mask.astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    return np.rint(dist.astype(np.float64) ** 2)
+
+
+def _segzero_points(rle: Rle) -> tuple[tuple[int, int], tuple[int, int]]:
+    h, w = rle.size
+    bx, by, bw, bh = (int(v) for v in rle_bbox_xywh(rle))
+    # Pad by one pixel only where the box is inside the image: that ring is
+    # background in the full image and holds every nearest zero, so the crop's
+    # transform equals the full image's; at the image border nothing is added.
+    x0, y0 = max(bx - 1, 0), max(by - 1, 0)
+    x1, y1 = min(bx + bw + 1, w), min(by + bh + 1, h)
+    crop, _ = decode_crop(rle, (x0, y0, x1, y1))
+    dist = _exact_sq_dist(crop)
+    # The first maximum in row-major order, as np.argmax over the full image.
+    i1 = int(np.argmax(np.where(crop, dist, -np.inf)))
+    py1, px1 = divmod(i1, crop.shape[1])
+    ys, xs = np.nonzero(crop)  # row-major, as np.where
+    d1 = np.sqrt((ys - py1) ** 2 + (xs - px1) ** 2)
+    far = d1 > np.median(d1)
+    if far.any():
+        j = int(np.argmax(dist[ys[far], xs[far]]))
+        py2, px2 = int(ys[far][j]), int(xs[far][j])
+    else:
+        # Window around the truncated centroid, in image coordinates, clipped.
+        cy, cx = int(np.mean(ys + y0)), int(np.mean(xs + x0))
+        wy0, wx0 = max(0, cy - 10), max(0, cx - 10)
+        wy1, wx1 = min(h, cy + 10), min(w, cx + 10)
+        win = np.zeros((wy1 - wy0, wx1 - wx0))
+        # Outside the crop the full image's distance is 0 (background).
+        oy0, oy1 = max(wy0, y0), min(wy1, y1)
+        ox0, ox1 = max(wx0, x0), min(wx1, x1)
+        if oy0 < oy1 and ox0 < ox1:
+            part = np.where(crop, dist, 0.0)[oy0 - y0 : oy1 - y0, ox0 - x0 : ox1 - x0]
+            win[oy0 - wy0 : oy1 - wy0, ox0 - wx0 : ox1 - wx0] = np.maximum(part, 0.0)
+        ly, lx = divmod(int(np.argmax(win)), win.shape[1])
+        gy, gx = ly + wy0, lx + wx0
+        on_mask = y0 <= gy < y1 and x0 <= gx < x1 and bool(crop[gy - y0, gx - x0])
+        if not on_mask:
+            k = int(np.argmin((xs + x0 - gx) ** 2 + (ys + y0 - gy) ** 2))
+            gy, gx = int(ys[k] + y0), int(xs[k] + x0)
+        py2, px2 = gy - y0, gx - x0
+    return (int(px1 + x0), int(py1 + y0)), (int(px2 + x0), int(py2 + y0))
 
 
 # ---------------------------------------------------------------- polygons

@@ -21,6 +21,22 @@ mask ``P_i`` (empty when the model says "nothing"):
 * **Pr@τ** = fraction of target samples with ``IoU_i >= τ`` (τ = 0.5 ... 0.9, as LAVT /
   CRIS count it).
 
+``protocol`` reproduces other repositories' handling of samples whose
+prediction and ground truth are both empty (``U_i = 0``); every other sample
+scores the same under all of them:
+
+* ``orsgen`` (default): the GRES definitions above (``IoU_i = 1``);
+* ``segzero``: Seg-Zero's ``evaluation_scripts/evaluation.py`` skips the
+  sample (its ``compute_iou`` returns a bare ``0`` that fails to unpack); it
+  is counted in ``skipped_empty_union`` and nowhere else;
+* ``visionreasoner``: VisionReasoner's ``calculate_iou_with_bbox.py`` keeps it
+  and scores ``IoU_i = 0`` (``I / U if U > 0 else 0``);
+* ``visionreasoner-nonobj``: its ``calculate_iou_with_bbox_nonobj.py`` scores
+  it 1 (``non_object``), which equals ``orsgen``'s gIoU; N-acc is its N-Acc.
+
+cIoU is ``ΣI / ΣU`` under all protocols (``ΣU = 0``: 1 for ``orsgen``, 0 for
+the others, as their ``calculate_iou`` returns).
+
 Predictions are JSONL, one object per sample: ``{"sample_id": ..., and one of
 "segmentation" | "mask" | "rle" | "polygons"}``; the value is a COCO RLE
 (compressed ``counts`` string or uncompressed list, ``size`` = [h, w]), COCO
@@ -44,6 +60,7 @@ from orsgen.stages.common.masks import MaskError, empty_rle, polygons_to_rle, rl
 from orsgen.stages.dataset.read import iter_rows, resolve_splits
 
 PR_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
+PROTOCOLS = ("orsgen", "segzero", "visionreasoner", "visionreasoner-nonobj")
 MASK_KEYS = ("segmentation", "mask", "rle", "polygons")
 
 
@@ -82,12 +99,20 @@ class SampleScore:
         """``I / U``; 1 when both masks are empty (a correct no-target answer)."""
         return 1.0 if self.union == 0 else self.intersection / self.union
 
+    def iou_under(self, protocol: str) -> float:
+        """``I / U`` with ``protocol``'s value for ``U = 0`` (``segzero`` skips those before)."""
+        if self.union == 0:
+            return 0.0 if protocol == "visionreasoner" else 1.0
+        return self.intersection / self.union
+
 
 @dataclass(slots=True)
 class Metrics:
     """Accumulates ``SampleScore`` values into the standard metrics."""
 
+    protocol: str = "orsgen"
     n: int = 0
+    skipped_empty_union: int = 0
     cum_i: int = 0
     cum_u: int = 0
     sum_iou: float = 0.0
@@ -100,10 +125,14 @@ class Metrics:
     pr_hits: Counter[float] = field(default_factory=Counter)
 
     def add(self, s: SampleScore) -> None:
+        if self.protocol == "segzero" and s.union == 0:
+            self.skipped_empty_union += 1
+            return
+        iou = s.iou_under(self.protocol)
         self.n += 1
         self.cum_i += s.intersection
         self.cum_u += s.union
-        self.sum_iou += s.iou
+        self.sum_iou += iou
         if s.gt_empty:
             if s.pred_empty:
                 self.tp += 1
@@ -111,13 +140,13 @@ class Metrics:
                 self.fn += 1
         else:
             self.n_target += 1
-            self.sum_iou_target += s.iou
+            self.sum_iou_target += iou
             if s.pred_empty:
                 self.fp += 1
             else:
                 self.tn += 1
             for t in PR_THRESHOLDS:
-                if s.iou >= t:
+                if iou >= t:
                     self.pr_hits[t] += 1
 
     def to_json(self) -> dict[str, Any]:
@@ -130,7 +159,7 @@ class Metrics:
             "n": self.n,
             "n_target": self.n_target,
             "n_no_target": n_nt,
-            "cIoU": ratio(self.cum_i, self.cum_u) if self.cum_u else (1.0 if self.n else None),
+            "cIoU": ratio(self.cum_i, self.cum_u) if self.cum_u else ((1.0 if self.protocol == "orsgen" else 0.0) if self.n else None),
             "gIoU": ratio(self.sum_iou, self.n),
             "mIoU": ratio(self.sum_iou_target, self.n_target),
             "N_acc": ratio(self.tp, n_nt),
@@ -139,6 +168,8 @@ class Metrics:
             "cumulative_union_px": self.cum_u,
             "no_target_confusion": {"TP": self.tp, "FN": self.fn, "TN": self.tn, "FP": self.fp},
         }
+        if self.protocol == "segzero":
+            out["skipped_empty_union"] = self.skipped_empty_union
         for t in PR_THRESHOLDS:
             out[f"Pr@{t:.1f}"] = ratio(self.pr_hits[t], self.n_target)
         return out
@@ -248,7 +279,11 @@ def read_predictions(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
             yield n, obj
 
 
-def evaluate(gt: dict[str, GroundTruth], predictions: Iterable[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
+def evaluate(
+    gt: dict[str, GroundTruth],
+    predictions: Iterable[tuple[int, dict[str, Any]]],
+    protocol: str = "orsgen",
+) -> dict[str, Any]:
     """Scores predictions against ground truth; the report of ``orsgen eval``.
 
     A ground-truth sample without a prediction is scored as an empty
@@ -257,6 +292,11 @@ def evaluate(gt: dict[str, GroundTruth], predictions: Iterable[tuple[int, dict[s
     or wrongly sized prediction is scored as empty and listed in ``invalid``.
     Nothing is dropped without a count.
 
+    Args:
+        gt: ground truth by sample id.
+        predictions: ``(line, object)`` pairs (``read_predictions``).
+        protocol: one of ``PROTOCOLS`` (see the module docstring).
+
     Returns:
         ``{"overall", "by_split", "by_kind", "by_split_kind", "ood",
         "in_distribution", "counts", "invalid"}``; ``ood`` aggregates the
@@ -264,8 +304,10 @@ def evaluate(gt: dict[str, GroundTruth], predictions: Iterable[tuple[int, dict[s
         ``ood_*`` splits are evaluated).
 
     Raises:
-        EvalError: a sample id is predicted twice.
+        EvalError: a sample id is predicted twice, or the protocol is unknown.
     """
+    if protocol not in PROTOCOLS:
+        raise EvalError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}.")
     seen: set[str] = set()
     unknown = 0
     invalid: list[dict[str, Any]] = []
@@ -290,18 +332,22 @@ def evaluate(gt: dict[str, GroundTruth], predictions: Iterable[tuple[int, dict[s
             missing += 1
             scores[sid] = score_sample(g, None)
 
-    overall, ood, ind = Metrics(), Metrics(), Metrics()
+    def m() -> Metrics:
+        return Metrics(protocol=protocol)
+
+    overall, ood, ind = m(), m(), m()
     by_split: dict[str, Metrics] = {}
     by_kind: dict[str, Metrics] = {}
     by_split_kind: dict[str, dict[str, Metrics]] = {}
     for sid in sorted(scores):
         s = scores[sid]
         overall.add(s)
-        by_split.setdefault(s.split, Metrics()).add(s)
-        by_kind.setdefault(s.kind, Metrics()).add(s)
-        by_split_kind.setdefault(s.split, {}).setdefault(s.kind, Metrics()).add(s)
+        by_split.setdefault(s.split, m()).add(s)
+        by_kind.setdefault(s.kind, m()).add(s)
+        by_split_kind.setdefault(s.split, {}).setdefault(s.kind, m()).add(s)
         (ood if s.split.startswith("ood") else ind).add(s)
     report: dict[str, Any] = {
+        "protocol": protocol,
         "overall": overall.to_json(),
         "by_split": {k: v.to_json() for k, v in sorted(by_split.items())},
         "by_kind": {k: v.to_json() for k, v in sorted(by_kind.items())},
@@ -309,17 +355,21 @@ def evaluate(gt: dict[str, GroundTruth], predictions: Iterable[tuple[int, dict[s
         "counts": {"ground_truth": len(gt), "predicted": len(seen) - unknown, "missing": missing, "unknown": unknown, "invalid": len(invalid)},
         "invalid": invalid[:100],
     }
-    if ood.n:
+    if ood.n or ood.skipped_empty_union:
         report["ood"] = ood.to_json()
         report["in_distribution"] = ind.to_json()
     return report
 
 
-def evaluate_files(predictions: str | Path, root: str, splits: Sequence[str] | None = None) -> dict[str, Any]:
+def evaluate_files(
+    predictions: str | Path, root: str, splits: Sequence[str] | None = None, protocol: str = "orsgen"
+) -> dict[str, Any]:
     """``evaluate`` on a predictions JSONL and an orsgen output folder."""
+    if protocol not in PROTOCOLS:
+        raise EvalError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}.")
     gt = load_ground_truth(root, splits)
     if not gt:
         raise EvalError(f"the split(s) {list(splits or [])} of {root} hold no referring sample to evaluate.")
-    report = evaluate(gt, read_predictions(predictions))
+    report = evaluate(gt, read_predictions(predictions), protocol)
     report["splits"] = sorted({g.split for g in gt.values()})
     return report

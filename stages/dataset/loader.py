@@ -4,10 +4,13 @@
   a split (local or any fsspec URL: ``gs://``, ``s3://``, ``hf://``) with the
   ``webdataset`` library's tar readers. Shards are split first across
   distributed ranks, then across the ``DataLoader`` workers of each rank, so
-  every worker reads distinct shards. With ``equalize=True`` every rank yields
-  exactly the same number of items per epoch (the shard sizes come from the
-  manifest), which is what keeps DDP from hanging on a rank that ran out of
-  data (too few shards, uneven shards).
+  every worker reads distinct shards (webdataset's ``split_by_node`` then
+  ``split_by_worker`` order). With ``equalize=True`` (DDP training) the
+  shards are balanced over the rank x worker slots from the manifest's sizes
+  (``cover_plan``) and every worker yields the same count, padding with
+  repeats of its own items: every sample is seen at least once per epoch,
+  and every rank runs the same number of batches, so DDP never hangs on a
+  rank that ran out of data (too few shards, uneven shards).
 * ``ParquetSamples``: a map-style ``Dataset`` over the Parquet shards through
   Hugging Face ``datasets`` (memory-mapped Arrow, O(1) random access, shared
   by forked workers); pair it with ``DistributedSampler`` for DDP.
@@ -26,6 +29,7 @@ install (``pip install 'orsgen[train]'``).
 
 from __future__ import annotations
 
+import heapq
 import io
 import json
 import logging
@@ -176,9 +180,30 @@ def assign_shards(
     return list(shards)[rank::world_size][worker::num_workers]
 
 
-def _equal_quota(total: int, rank: int, world_size: int, worker: int, num_workers: int) -> int:
-    per_rank = total // world_size
-    return per_rank // num_workers + (1 if worker < per_rank % num_workers else 0)
+def cover_plan(sizes: Sequence[int], n_slots: int) -> list[list[int]]:
+    """Shards per slot for ``equalize=True``: longest-processing-time-first.
+
+    Shards are taken largest first (ties: lower index first) and each goes to
+    the least-loaded slot (ties: lower slot), so slot loads differ by at most
+    one shard. Computed from the manifest's sizes alone, it is the same on
+    every rank and worker.
+
+    Args:
+        sizes: items per shard.
+        n_slots: ranks x workers.
+
+    Returns:
+        For each slot, the indices of its shards (in shard order).
+    """
+    if n_slots < 1:
+        raise ValueError(f"n_slots must be at least 1, got {n_slots}.")
+    heap = [(0, k) for k in range(n_slots)]
+    slots: list[list[int]] = [[] for _ in range(n_slots)]
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        load, k = heapq.heappop(heap)
+        slots[k].append(i)
+        heapq.heappush(heap, (load + sizes[i], k))
+    return [sorted(s) for s in slots]
 
 
 class WebDatasetSamples(IterableDataset):
@@ -196,15 +221,22 @@ class WebDatasetSamples(IterableDataset):
         decode_images: give PIL images (False: the encoded bytes).
         rank, world_size: override the distributed rank (default: from
             ``torch.distributed`` or ``RANK`` / ``WORLD_SIZE``).
-        equalize: every rank yields exactly ``total // world_size`` items per
-            epoch: a rank with fewer items repeats some (as
-            ``DistributedSampler`` pads), one with more stops early, and a
-            worker without shards borrows its rank's or the dataset's. Use it
-            for DDP training; leave it off for evaluation, where every item
-            is read exactly once.
-        shuffle_shards: shuffle the shard order each epoch (same order on
-            every rank: seeded by ``seed`` and the epoch).
-        seed: shard shuffle seed.
+        equalize: for DDP training. The R x W (rank, worker) slots get the
+            shards by ``cover_plan``; with ``q`` the largest slot's items,
+            every worker yields exactly ``q`` items per epoch: its own once,
+            then repeats of its own from the start (a slot without items
+            repeats another slot's), marked ``padded=True``. So every sample
+            is seen at least once per epoch, every rank yields ``W * q`` items
+            in the same number of batches, and the padding is at most
+            ``(R*W - 1) * s_max`` items (``s_max``: the largest shard). Off
+            (evaluation): shards split by rank then worker, as webdataset's
+            ``split_by_node`` / ``split_by_worker``, each sample exactly once.
+        num_workers: the ``DataLoader``'s ``num_workers`` (0 counts as 1);
+            ``len()`` needs it with ``equalize``, and iteration checks it.
+        shuffle_shards: reshuffle per epoch (same on every rank: seeded by
+            ``seed`` and the epoch): the shard order, and with ``equalize``
+            which slot gets which set of shards.
+        seed: shuffle seed.
         transform: applied to every item.
     """
 
@@ -221,6 +253,7 @@ class WebDatasetSamples(IterableDataset):
         rank: int | None = None,
         world_size: int | None = None,
         equalize: bool = False,
+        num_workers: int | None = None,
         shuffle_shards: bool = False,
         seed: int = 0,
         transform: Callable[[dict[str, Any]], Any] | None = None,
@@ -228,6 +261,8 @@ class WebDatasetSamples(IterableDataset):
         _check(unit, mask)
         if (root is None) == (urls is None):
             raise ValueError("give either root and split, or urls.")
+        if num_workers is not None and num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}.")
         if root is not None:
             if split is None:
                 raise ValueError("give the split to read with root.")
@@ -240,7 +275,8 @@ class WebDatasetSamples(IterableDataset):
         self.shard_items = dict(shard_items or {})
         self.unit, self.mask, self.decode_images = unit, mask, decode_images
         self.rank, self.world_size = rank, world_size
-        self.equalize, self.shuffle_shards, self.seed = equalize, shuffle_shards, seed
+        self.equalize, self.shuffle_shards, self.seed = bool(equalize), shuffle_shards, seed
+        self.num_workers = num_workers
         self.transform = transform
         self.epoch = 0
         if equalize and not self._sizes_known():
@@ -263,23 +299,52 @@ class WebDatasetSamples(IterableDataset):
         return state
 
     def set_epoch(self, epoch: int) -> None:
-        """Sets the epoch (reshuffles shards when ``shuffle_shards``); call it on every rank."""
+        """Sets the epoch (reshuffles when ``shuffle_shards``); call it on every rank."""
         self.epoch = int(epoch)
+
+    def _rng(self, *parts: Any) -> random.Random:
+        return random.Random(":".join(str(p) for p in (self.seed, self.epoch, *parts)))
 
     def _ordered(self) -> list[str]:
         urls = list(self.urls)
         if self.shuffle_shards:
-            random.Random(f"{self.seed}:{self.epoch}").shuffle(urls)
+            self._rng().shuffle(urls)
         return urls
 
+    def plan(self, world_size: int, num_workers: int) -> tuple[list[list[str]], int]:
+        """``equalize``'s plan: the shards of each slot ``rank * W + worker``, and ``q``.
+
+        Raises:
+            ValueError: the shard sizes are unknown.
+        """
+        if not self._sizes_known():
+            raise ValueError("equalize needs the items per shard: read from a root with a manifest, or pass shard_items.")
+        sizes = [self.shard_items[_name(u)] for u in self.urls]
+        n_slots = world_size * max(num_workers, 1)
+        bins = [[self.urls[i] for i in b] for b in cover_plan(sizes, n_slots)]
+        if self.shuffle_shards:
+            # Which slot reads which set changes per epoch; loads stay balanced.
+            self._rng("slots").shuffle(bins)
+            bins = [sorted(b, key=lambda u: self._rng("order", u).random()) for b in bins]
+        q = max((sum(self.shard_items[_name(u)] for u in b) for b in bins), default=0)
+        return bins, q
+
+    def _workers(self) -> int:
+        if self.num_workers is None:
+            raise TypeError(
+                "len() of an equalize=True dataset depends on the DataLoader's workers: "
+                "pass num_workers= (the DataLoader's num_workers) to WebDatasetSamples."
+            )
+        return max(self.num_workers, 1)
+
     def __len__(self) -> int:
-        """Items this rank yields per epoch (needs the shard sizes)."""
+        """Items this rank yields per epoch (needs the shard sizes; with ``equalize``, ``num_workers``)."""
         if not self._sizes_known():
             raise TypeError("the length is unknown without the items per shard (pass root, or shard_items).")
         rank, world, _, _ = worker_info(self.rank, self.world_size)
-        total = sum(self.shard_items[_name(u)] for u in self.urls)
         if self.equalize:
-            return total // world
+            nw = self._workers()
+            return nw * self.plan(world, nw)[1]
         return sum(self.shard_items[_name(u)] for u in self._ordered()[rank::world])
 
     def _stream(self, urls: Sequence[str]) -> Iterator[dict[str, Any]]:
@@ -292,22 +357,45 @@ class WebDatasetSamples(IterableDataset):
                 for raw in wds.tariterators.group_by_keys(files):
                     yield from self._items(raw)
 
-    def _items(self, raw: dict[str, Any]) -> Iterator[Any]:
+    def _items(self, raw: dict[str, Any], padded: bool | None = None) -> Iterator[Any]:
         row = json.loads(raw["json"])
         image = decode_image(raw["jpg"]) if self.decode_images else raw["jpg"]
         if self.unit == "image":
-            item = {**row, "image": image}
+            items = [{**row, "image": image}]
+        else:
+            items = [sample_item(row, s, image, self.mask) for s in row.get("samples") or ()]
+        for item in items:
+            if padded is not None:
+                item["padded"] = padded
             yield self.transform(item) if self.transform else item
-            return
-        for s in row.get("samples") or ():
-            item = sample_item(row, s, image, self.mask)
-            yield self.transform(item) if self.transform else item
+
+    def _cover(self, urls: Sequence[str], quota: int, donor: bool = False) -> Iterator[Any]:
+        # Own items once, then cyclic repeats of them (flagged) up to the quota;
+        # a donor's items are all padding for the slot that borrows them.
+        import fsspec
+        import webdataset as wds
+
+        n, padded = 0, donor
+        while n < quota:
+            before = n
+            for url in urls:
+                with fsspec.open(url, "rb") as f:
+                    files = wds.tariterators.tar_file_expander([{"url": url, "stream": f}])
+                    for raw in wds.tariterators.group_by_keys(files):
+                        for item in self._items(raw, padded):
+                            yield item
+                            n += 1
+                            if n >= quota:
+                                return
+            if n == before:
+                raise RuntimeError(f"shards {list(urls)[:3]} hold no item although the manifest says they do; rebuild the manifest.")
+            padded = True
 
     def __iter__(self) -> Iterator[Any]:
         rank, world, worker, nworkers = worker_info(self.rank, self.world_size)
-        urls = self._ordered()
-        mine = assign_shards(urls, rank, world, worker, nworkers)
         if not self.equalize:
+            urls = self._ordered()
+            mine = assign_shards(urls, rank, world, worker, nworkers)
             if worker == 0 and len(urls[rank::world]) < nworkers:
                 log.warning(
                     "rank %d has %d shard(s) for %d DataLoader workers: some workers idle. "
@@ -316,24 +404,23 @@ class WebDatasetSamples(IterableDataset):
                 )
             yield from self._stream(mine)
             return
-        total = sum(self.shard_items[_name(u)] for u in urls)
-        quota = _equal_quota(total, rank, world, worker, nworkers)
-        if quota == 0:
+        if self.num_workers is not None and max(self.num_workers, 1) != nworkers:
+            raise ValueError(
+                f"WebDatasetSamples(num_workers={self.num_workers}) but the DataLoader runs {nworkers} worker(s); "
+                "pass the DataLoader's num_workers to both."
+            )
+        bins, q = self.plan(world, nworkers)
+        if q == 0:
             return
-        # A worker without shards of its own borrows: first its rank's, then
-        # the dataset's, offset so that borrowers do not all read the same one.
-        pool = mine or urls[rank::world] or urls
-        offset = 0 if mine else (rank * nworkers + worker) % len(pool)
-        pool = pool[offset:] + pool[:offset]
-        if sum(self.shard_items[_name(u)] for u in pool) == 0:
-            pool = urls[(rank * nworkers + worker) % len(urls):] + urls[: (rank * nworkers + worker) % len(urls)]
-        n = 0
-        while n < quota:
-            for item in self._stream(pool):
-                yield item
-                n += 1
-                if n >= quota:
-                    return
+        k = rank * nworkers + worker
+        mine = bins[k]
+        if sum(self.shard_items[_name(u)] for u in mine) == 0:
+            # A slot without items (fewer shards than slots) pads from a
+            # donor, spread over the slots that have items.
+            donors = [b for b in bins if sum(self.shard_items[_name(u)] for u in b) > 0]
+            yield from self._cover(donors[k % len(donors)], q, donor=True)
+            return
+        yield from self._cover(mine, q)
 
 
 def _name(url: str) -> str:
