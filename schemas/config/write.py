@@ -30,11 +30,12 @@ class WriteConfig(ConfigModel):
             records in memory; past it, the group's records are spilled to
             worker-local disk and streamed back in key order, so a worker
             needs about this plus one Parquet row group of memory, whatever
-            the group's size. Does not change the output.
+            the group's size. Does not change the output, the config's
+            sha256 or the manifest.
         spill_dir: worker-local folder for spill files (None: the system's
             temporary folder, ``$TMPDIR``). Spill files are unlinked as soon
-            as they are created, so a crash leaves none behind. Does not
-            change the output.
+            as they are created, so a crash leaves none behind. Like
+            ``spill_memory_max_bytes``, not part of the config's identity.
         parquet_row_group_max_bytes: Parquet row groups stay under this size.
         parquet_compression: Parquet codec.
     """
@@ -44,8 +45,11 @@ class WriteConfig(ConfigModel):
     shard_max_bytes: int = Field(default=1_000_000_000, ge=1024)
     num_buckets: int | Literal["auto"] = Field(default="auto")
     rejects_shard_max_rows: int = Field(default=1_000_000, ge=1)
-    spill_memory_max_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
-    spill_dir: str | None = None
+    # Worker resources, not dataset content: excluded from model_dump, so they
+    # are neither in the config's sha256 nor in the manifest, and a rerun
+    # after an out-of-memory crash may change them and still resume.
+    spill_memory_max_bytes: int = Field(default=256 * 1024 * 1024, ge=0, exclude=True)
+    spill_dir: str | None = Field(default=None, exclude=True)
     parquet_row_group_max_bytes: int = Field(default=128 * 1024 * 1024, ge=1024)
     parquet_compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
 
