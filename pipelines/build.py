@@ -21,6 +21,7 @@ from typing import Any
 
 import apache_beam as beam
 import fsspec
+from apache_beam.metrics import Metrics
 
 import orsgen
 from orsgen.pipelines.transforms import EVENTS, REJECTS, IngestDoFn, StageDoFn
@@ -31,6 +32,7 @@ from orsgen.stages.refs import add_human_samples, ref_source_split
 from orsgen.stages.regions import select_regions
 from orsgen.stages.expressions import expressions_stage, load_templates
 from orsgen.stages.splits import assign_split, example_ood_split, resolve_split_conflicts
+from orsgen.stages.write.groups import DroppedCopy, GroupRecord, read_group_records, write_group_record
 from orsgen.stages.write import (
     EncodedExample,
     OutputConflictError,
@@ -45,6 +47,8 @@ from orsgen.stages.write import (
 )
 
 MANIFEST = "manifest.json"
+#: Beam metrics namespace of the write stage (groups_written, groups_resumed).
+WRITE_METRICS = "orsgen_write"
 #: Tagged output of the COCO-family plan step: ``(input name, categories)``.
 VOCABULARY = "vocabulary"
 
@@ -152,12 +156,33 @@ class WriteBucketDoFn(beam.DoFn):
     def __init__(self, out: str, cfg: OrsgenConfig) -> None:
         self._out = out
         self._cfg = cfg
+        self._sha = cfg.sha256()
 
     def process(self, element: tuple[tuple[str, int, int], Iterable[EncodedExample]]) -> Iterator[Any]:
         (split, bucket, nb), examples = element
         # Copies of one key hash to the same bucket: write_group keeps one and
         # rejects the rest.
         res = write_group(self._out, split, bucket, examples, self._cfg.write, num_buckets=nb)
+        written = res.written
+        # Last: a rerun trusts this record and skips the group before the shuffle.
+        write_group_record(
+            self._out,
+            GroupRecord(
+                split=split,
+                bucket=bucket,
+                num_buckets=nb,
+                config_sha256=self._sha,
+                stats=tuple(res.stats),
+                written={
+                    "images": len(written),
+                    "instances": sum(e.n_instances for e in written),
+                    "refs": sum(e.n_refs for e in written),
+                    "samples": sum(e.n_samples for e in written),
+                },
+                dropped=tuple(DroppedCopy(r, d.n_instances, d.n_refs, d.n_samples) for d, r in res.dropped),
+            ),
+        )
+        Metrics.counter(WRITE_METRICS, "groups_written").inc()
         for dup, reject in res.dropped:
             yield beam.pvalue.TaggedOutput(REJECTS, reject)
             yield beam.pvalue.TaggedOutput(EVENTS, ("dropped_with_image/instances", dup.n_instances))
@@ -165,12 +190,38 @@ class WriteBucketDoFn(beam.DoFn):
             yield beam.pvalue.TaggedOutput(EVENTS, ("dropped_with_image/samples", dup.n_samples))
         # The counts come from the encoded fields: the ImageExamples do not
         # cross the shuffle. One event per level per bucket, not per example.
-        written = res.written
         yield beam.pvalue.TaggedOutput(EVENTS, ("written/images", len(written)))
         yield beam.pvalue.TaggedOutput(EVENTS, ("written/instances", sum(e.n_instances for e in written)))
         yield beam.pvalue.TaggedOutput(EVENTS, ("written/refs", sum(e.n_refs for e in written)))
         yield beam.pvalue.TaggedOutput(EVENTS, ("written/samples", sum(e.n_samples for e in written)))
         yield from res.stats
+
+
+class ResumedGroupsDoFn(beam.DoFn):
+    """Stands in for the groups a previous run of this config completed.
+
+    Emits each recorded group's shard stats, written counts and dropped
+    copies' rejects exactly as ``WriteBucketDoFn`` would, for the records
+    whose bucket count matches this run's (the side input), so a resumed
+    run's manifest equals an uninterrupted run's.
+    """
+
+    def process(self, record: GroupRecord, buckets: dict[str, int]) -> Iterator[Any]:
+        if buckets.get(record.split) != record.num_buckets:
+            return  # another plan: that group is not skipped either
+        Metrics.counter(WRITE_METRICS, "groups_resumed").inc()
+        for d in record.dropped:
+            yield beam.pvalue.TaggedOutput(REJECTS, d.reject)
+            yield beam.pvalue.TaggedOutput(EVENTS, ("dropped_with_image/instances", d.n_instances))
+            yield beam.pvalue.TaggedOutput(EVENTS, ("dropped_with_image/refs", d.n_refs))
+            yield beam.pvalue.TaggedOutput(EVENTS, ("dropped_with_image/samples", d.n_samples))
+        for level in ("images", "instances", "refs", "samples"):
+            yield beam.pvalue.TaggedOutput(EVENTS, (f"written/{level}", record.written[level]))
+        yield from record.stats
+
+
+def _not_resumed(kv: tuple[tuple[str, int, int], EncodedExample], resumed: frozenset[tuple[str, int, int]]) -> bool:
+    return kv[0] not in resumed
 
 
 class WriteRejectsDoFn(beam.DoFn):
@@ -460,12 +511,24 @@ def build_pipeline(p: beam.Pipeline, cfg: OrsgenConfig, out: str) -> None:
         | "AllSplitSizes" >> beam.combiners.ToDict()
         | "BucketsPerSplit" >> beam.Map(split_num_buckets, cfg=cfg)
     )
+    # Groups a crashed run of this config completed: read once, here, so
+    # that the filter and the stand-in records agree on one set.
+    resumed = read_group_records(out, cfg.sha256())
     written = (
         encoded
         | "KeyByBucket" >> beam.Map(_key_by_bucket, buckets=buckets)
+        # Before the shuffle: a completed group's records never cross it.
+        | "SkipCompletedGroups" >> beam.Filter(_not_resumed, resumed=frozenset(resumed))
         | "GroupBuckets" >> beam.GroupByKey()
         | "WriteShards" >> beam.ParDo(WriteBucketDoFn(out, cfg)).with_outputs(EVENTS, REJECTS, main="stats")
     )
+    recorded = (
+        p
+        | "CompletedGroups" >> beam.Create([resumed[k] for k in sorted(resumed)])
+        | "ResumeGroups" >> beam.ParDo(ResumedGroupsDoFn(), buckets=buckets).with_outputs(EVENTS, REJECTS, main="stats")
+    )
+    events_l.append(recorded[EVENTS])
+    rejects_l.append(recorded[REJECTS])
     events_l.append(written[EVENTS])
     rejects_l.append(written[REJECTS])
     all_rejects = rejects_l | "AllRejects" >> beam.Flatten()
@@ -480,7 +543,7 @@ def build_pipeline(p: beam.Pipeline, cfg: OrsgenConfig, out: str) -> None:
         | "GroupRejects" >> beam.GroupByKey()
         | "WriteRejects" >> beam.ParDo(WriteRejectsDoFn(out, cfg))
     )
-    stats = (written.stats, reject_stats) | "AllStats" >> beam.Flatten()
+    stats = (written.stats, recorded.stats, reject_stats) | "AllStats" >> beam.Flatten()
     events = events_l | "AllEvents" >> beam.Flatten() | "SumEvents" >> beam.CombinePerKey(sum)
     _ = (
         p

@@ -10,6 +10,7 @@ import dataclasses
 import gc
 import os
 import random
+import shutil
 import tracemalloc
 from pathlib import Path
 
@@ -218,3 +219,99 @@ def test_spilled_group_reads_back_every_record(tmp_path, encoded):
         assert group.spilled and len(group) == len(encoded)
         assert [group.get(x) for x in group.entries] == encoded
     assert _spill_files(tmp_path) == []
+
+
+# ------------------------------------------------------------------ pipeline
+
+
+@pytest.fixture(scope="module")
+def auto_runs(tmp_path_factory):
+    """The demo with ``num_buckets: auto`` and everything spilled, on 1 and 2 workers."""
+    from orsgen.pipelines.demo_data import generate_demo_inputs
+    from orsgen.pipelines.run import run_pipeline
+    from orsgen.schemas.config import load_config
+
+    base = tmp_path_factory.mktemp("auto")
+    cfg_path = generate_demo_inputs(base / "inputs", seed=0)
+    cfg = load_config(cfg_path, ["write.num_buckets=auto", "write.spill_memory_max_bytes=0"])
+    runs = {}
+    for name, flags in (("one", []), ("two", ["--direct_num_workers=2", "--direct_running_mode=multi_processing"])):
+        out = base / name
+        runs[name] = (out, run_pipeline(cfg, str(out), ["--runner=FnApiRunner", *flags], show_progress=False))
+    return cfg, runs
+
+
+def _digests(root: Path) -> dict[str, bytes]:
+    return _tree(root)
+
+
+@pytest.mark.slow
+def test_auto_buckets_spilled_one_and_two_workers_are_identical(auto_runs):
+    cfg, runs = auto_runs
+    assert cfg.write.num_buckets == "auto" and cfg.write.spill_memory_max_bytes == 0
+    (out1, m1), (out2, m2) = runs["one"], runs["two"]
+    assert _digests(out1) == _digests(out2) and m1 == m2
+    assert all(lv["reconciled"] for lv in m1["counts"]["levels"].values())
+
+
+@pytest.mark.slow
+def test_auto_buckets_give_small_splits_full_shards(auto_runs):
+    cfg, runs = auto_runs
+    _, m = runs["one"]
+    cap = cfg.write.shard_max_images
+    for split, tot in m["splits"].items():
+        shards = [s for s in m["shards"] if s["format"] == "webdataset" and s["split"] == split]
+        # The split's size sets its bucket count (in every name); shards stay under the cap.
+        nb = W.auto_num_buckets(tot["images"], 0, cap, 10**12)
+        assert all(f"-of-{nb:05d}-" in s["path"] for s in shards), split
+        assert len(shards) <= 2 * nb and all(1 <= s["n_images"] <= cap for s in shards)
+        if tot["images"] <= 0.9 * cap:
+            assert len(shards) == 1 and shards[0]["path"].endswith("-00000-of-00001-0000.tar")
+    assert any(p.name.endswith(".json") for p in (runs["one"][0] / "_meta" / "groups").iterdir())
+
+
+@pytest.mark.slow
+def test_rerun_after_a_crash_skips_completed_groups_before_the_shuffle(auto_runs, tmp_path):
+    from orsgen.pipelines.run import run_pipeline
+
+    cfg, runs = auto_runs
+    src, m = runs["one"]
+    out = tmp_path / "out"
+    shutil.copytree(src, out)
+    reference = _digests(out)
+    groups = sorted((out / "_meta" / "groups").iterdir())
+    assert len(groups) >= 3
+    # The crash: one group lost its record and a shard's marker, the manifest was never written.
+    lost = groups[1]
+    split_bucket = lost.name[: -len(".json")]
+    lost.unlink()
+    for marker in (out / "_meta" / "shards").rglob(f"{split_bucket}-0000.tar.done"):
+        marker.unlink()
+    (out / "manifest.json").unlink()
+    kept = {p: p.stat().st_mtime_ns for p in groups if p != lost}
+    m2 = run_pipeline(cfg, str(out), ["--runner=FnApiRunner"], show_progress=False)
+    assert m2 == m and _digests(out) == reference
+    # Completed groups never reached the writer (it rewrites the record last).
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept
+    assert lost.exists()
+
+
+@pytest.mark.slow
+def test_group_record_of_another_config_is_not_trusted(auto_runs, tmp_path):
+    from orsgen.stages.write.groups import GroupRecord, read_group_records
+
+    cfg, runs = auto_runs
+    src, _ = runs["one"]
+    records = read_group_records(str(src), cfg.sha256())
+    assert records and all(r.config_sha256 == cfg.sha256() for r in records.values())
+    assert read_group_records(str(src), "0" * 64) == {}
+    some = next(iter(records.values()))
+    assert GroupRecord.from_json(some.to_json()) == some
+    with pytest.raises(ValueError, match="not a group record"):
+        GroupRecord.from_json(b'{"version": 1}')
+    # A record whose shard lost its marker is not trusted either.
+    out = tmp_path / "out"
+    shutil.copytree(src, out)
+    rel = some.stats[0].path
+    (out / "_meta" / "shards" / (rel + ".done")).unlink()
+    assert some.key not in read_group_records(str(out), cfg.sha256())
