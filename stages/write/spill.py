@@ -7,7 +7,7 @@ bucket count is hundreds of GB. The writers therefore never hold a group:
 * ``SpilledGroup`` (examples): records are kept in memory up to a byte
   budget; past it, every record is appended to one worker-local temporary
   file in arrival order. Only a small ``SpillEntry`` per record (key, counts,
-  sizes, offset: about 0.3 KB) stays in memory, so the writer can dedupe,
+  sizes, offset: about 0.55 KB) stays in memory, so the writer can dedupe,
   sort and plan parts from the entries, then read each record back by offset
   while it streams a shard. Peak memory: the budget, the entries, and one
   Parquet row group.
