@@ -58,17 +58,30 @@ def _records(n: int, record_kb: float) -> Iterator[tuple[str, bytes, bytes]]:
         yield key, pool[i % _POOL][8:] + i.to_bytes(8, "big"), data
 
 
-def _child_orsgen(n: int, record_kb: float, out: str, spill_dir: str) -> dict:
+def _arrow_row() -> bytes:
+    """One real Parquet row (``EXAMPLE_SCHEMA``, image column empty) for ``--parquet``."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_write import make_examples
+
+    from orsgen.stages.write import encode_example
+
+    return encode_example(make_examples(1, 4, 20)[0], ["webdataset", "parquet"]).arrow
+
+
+def _child_orsgen(n: int, record_kb: float, out: str, spill_dir: str, parquet: bool) -> dict:
     from orsgen.schemas.config import WriteConfig
     from orsgen.stages.write import EncodedExample, write_group
     from orsgen.stages.write.plan import _tar_member_bytes
 
-    cfg = WriteConfig(formats=["webdataset"], num_buckets=1, spill_dir=spill_dir)
+    formats = ["webdataset", "parquet"] if parquet else ["webdataset"]
+    # The row's own key column is the template's: the writer never reads it.
+    arrow = _arrow_row() if parquet else b""
+    cfg = WriteConfig(formats=formats, num_buckets=1, spill_dir=spill_dir)
 
     def encoded() -> Iterator[EncodedExample]:
         for key, image, data in _records(n, record_kb):
             yield EncodedExample(
-                key=key, split="train", image=image, json=data, arrow=b"", n_instances=100, n_refs=0,
+                key=key, split="train", image=image, json=data, arrow=arrow, n_instances=100, n_refs=0,
                 n_samples=3, samples_by_kind=(("phrase", 3),), size=_tar_member_bytes(len(image)) + _tar_member_bytes(len(data)),
                 image_id=key, uri=f"gs://bucket/sa_000000.tar#{key}.jpg", sha256=key,
             )
@@ -76,7 +89,8 @@ def _child_orsgen(n: int, record_kb: float, out: str, spill_dir: str) -> dict:
     t0 = time.perf_counter()
     res = write_group(out, "train", 0, encoded(), cfg)
     dt = time.perf_counter() - t0
-    return {"seconds": dt, "bytes": sum(s.n_bytes for s in res.stats), "shards": len(res.stats), "spilled": res.spilled}
+    tar_bytes = sum(s.n_bytes for s in res.stats if s.format == "webdataset")
+    return {"seconds": dt, "bytes": tar_bytes, "shards": len(res.stats), "spilled": res.spilled}
 
 
 def _child_tarfile(n: int, record_kb: float, out: str) -> dict:
@@ -93,9 +107,10 @@ def _child_tarfile(n: int, record_kb: float, out: str) -> dict:
     return {"seconds": dt, "bytes": os.path.getsize(path), "shards": 1, "spilled": False}
 
 
-def _run_child(kind: str, n: int, record_kb: float, scratch: str) -> dict:
+def _run_child(kind: str, n: int, record_kb: float, scratch: str, parquet: bool = False) -> dict:
     """Runs one case in a fresh process; returns its result with its own peak RSS."""
     cmd = [sys.executable, __file__, "--child", kind, "--n", str(n), "--record-kb", str(record_kb), "--scratch", scratch]
+    cmd += ["--parquet"] if parquet else []
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE)
     assert proc.stdout is not None
     raw = proc.stdout.read()
@@ -113,6 +128,10 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[200, 1000, 2000], help="group sizes (records)")
     ap.add_argument("--record-kb", type=float, default=250.0, help="size of one record (image + JSON), KB")
     ap.add_argument("--tmp", default=None, help="scratch folder (default: $TMPDIR)")
+    ap.add_argument(
+        "--parquet", action="store_true",
+        help="orsgen also writes Parquet (peak RSS then includes a row group; throughput still counts tar bytes only)",
+    )
     ap.add_argument("--child", choices=["orsgen", "tarfile"], help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--scratch", help=argparse.SUPPRESS)
@@ -120,7 +139,9 @@ def main() -> None:
 
     if args.child:
         if args.child == "orsgen":
-            res = _child_orsgen(args.n, args.record_kb, os.path.join(args.scratch, "out"), os.path.join(args.scratch, "spill"))
+            res = _child_orsgen(
+                args.n, args.record_kb, os.path.join(args.scratch, "out"), os.path.join(args.scratch, "spill"), args.parquet
+            )
         else:
             res = _child_tarfile(args.n, args.record_kb, os.path.join(args.scratch, "out"))
         print(json.dumps(res))
@@ -132,7 +153,7 @@ def main() -> None:
         for kind in ("tarfile", "orsgen"):
             scratch = tempfile.mkdtemp(prefix="orsgen-bench-write-", dir=args.tmp)
             try:
-                row[kind] = _run_child(kind, n, args.record_kb, scratch)
+                row[kind] = _run_child(kind, n, args.record_kb, scratch, args.parquet and kind == "orsgen")
             finally:
                 shutil.rmtree(scratch, ignore_errors=True)
         rows.append(row)

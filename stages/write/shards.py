@@ -92,15 +92,28 @@ def _leaf_paths(schema: pa.Schema) -> list[str]:
 _DICTIONARY_COLUMNS = [p for p in _leaf_paths(EXAMPLE_SCHEMA) if p != "image"]
 
 
-def _row_group(part: Sequence[EncodedExample]) -> pa.Table:
-    """Concatenates the examples' one-row batches into one row group's table."""
-    batches = [_read_arrow(e) for e in part]
+def _row_group(entries: Sequence[SpillEntry], group: SpilledGroup) -> pa.Table:
+    """Builds one row group's table, reading the records back one at a time.
+
+    The image column is filled straight from a generator (``pa.array`` with
+    ``size``), so only the Arrow copy of the row group's images is ever held,
+    never a Python list of the records as well.
+    """
+    arrows: list[bytes] = []
+
+    def images() -> Iterator[bytes]:
+        for entry in entries:
+            enc = group.get(entry)
+            arrows.append(enc.arrow)  # the small row without its image
+            yield enc.image
+
+    image_array = pa.array(images(), type=pa.binary(), size=len(entries))
+    batches = [pa.ipc.read_record_batch(pa.py_buffer(a), EXAMPLE_SCHEMA) for a in arrows]
     # One chunk per column, as Table.from_pylist gives: the Parquet writer
     # cuts pages per chunk, so a table of one-row chunks would write other
     # page boundaries (and other bytes) than the same rows in one chunk.
     table = pa.Table.from_batches(batches, schema=EXAMPLE_SCHEMA).combine_chunks()
-    images = pa.array([e.image for e in part], type=pa.binary())
-    return table.set_column(_IMAGE_INDEX, EXAMPLE_SCHEMA.field(_IMAGE_INDEX), images)
+    return table.set_column(_IMAGE_INDEX, EXAMPLE_SCHEMA.field(_IMAGE_INDEX), image_array)
 
 
 def _parquet_writer(
@@ -117,10 +130,11 @@ def _parquet_writer(
         )
         try:
             # Row groups are read back and built one at a time, so memory
-            # stays at one row group, not one shard.
+            # stays at one row group, not one shard (Arrow's Parquet writer
+            # holds about four times the row group while it encodes it).
             sizes = [e.n_image + e.n_json + _PARQUET_ROW_OVERHEAD for e in part]
             for a, b in _split_by_size(sizes, len(part), max(1, cap - _PARQUET_GROUP_OVERHEAD)):
-                writer.write_table(_row_group([group.get(e) for e in part[a:b]]), row_group_size=b - a)
+                writer.write_table(_row_group(part[a:b], group), row_group_size=b - a)
         finally:
             writer.close()
 
