@@ -45,7 +45,9 @@ def _tar_header(name: str, size: int) -> bytes:
     return info.tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape")
 
 
-def _tar_writer(records: Callable[[], Iterable[EncodedExample]]) -> Callable[[_HashingWriter], None]:
+def _tar_writer(
+    records: Callable[[], Iterable[tuple[str, bytes | memoryview, bytes | memoryview]]],
+) -> Callable[[_HashingWriter], None]:
     def produce(sink: _HashingWriter) -> None:
         # The same bytes as ``tarfile.open(mode="w", format=PAX_FORMAT)`` with
         # ``addfile`` per member (tests/test_write.py checks it), written
@@ -55,9 +57,9 @@ def _tar_writer(records: Callable[[], Iterable[EncodedExample]]) -> Callable[[_H
         # Records are pulled one at a time, so memory stays at one record.
         offset = 0
         pending = b""  # padding of the previous member + the next header
-        for e in records():
-            for ext, data in (("jpg", e.image), ("json", e.json)):
-                header = _tar_header(f"{e.key}.{ext}", len(data))
+        for key, image, data_json in records():
+            for ext, data in (("jpg", image), ("json", data_json)):
+                header = _tar_header(f"{key}.{ext}", len(data))
                 sink.write(pending + header)
                 sink.write(data)
                 offset += len(pending) + len(header) + len(data)
@@ -253,7 +255,7 @@ def _write_entries(
                 stats.append(_check_skip(found, planned, root))
                 continue
             if fmt == "webdataset":
-                produce = _tar_writer(lambda part=part: (group.get(e) for e in part))
+                produce = _tar_writer(lambda part=part: group.tar_members(part))
             else:
                 produce = _parquet_writer(part, group, cfg)
             stats.append(_publish(fs, root, planned, produce))

@@ -165,19 +165,26 @@ class SpilledGroup:
         if not self._flushed:
             self._file.flush()
             self._flushed = True
+        fd = self._file.fileno()
         offset = self._offsets[entry.index]
-        n = entry.n_image + entry.n_json + entry.n_arrow
-        data = os.pread(self._file.fileno(), n, offset)
-        if len(data) != n:
-            raise OSError(f"spill file ended early: read {len(data)} of {n} bytes at offset {offset}; is the disk full?")
-        view = memoryview(data)
-        a, b = entry.n_image, entry.n_image + entry.n_json
+        # One read per member: each lands in its own bytes object, with no
+        # second copy to cut a combined buffer apart.
+        parts = []
+        for n in (entry.n_image, entry.n_json, entry.n_arrow):
+            data = os.pread(fd, n, offset) if n else b""
+            if len(data) != n:
+                raise OSError(
+                    f"spill file ended early: read {len(data)} of {n} bytes at offset {offset}; is the disk full?"
+                )
+            parts.append(data)
+            offset += n
+        image, json_bytes, arrow = parts
         return EncodedExample(
             key=entry.key,
             split=entry.split,
-            image=bytes(view[:a]),
-            json=bytes(view[a:b]),
-            arrow=bytes(view[b:]),
+            image=image,
+            json=json_bytes,
+            arrow=arrow,
             n_instances=entry.n_instances,
             n_refs=entry.n_refs,
             n_samples=entry.n_samples,
@@ -187,6 +194,34 @@ class SpilledGroup:
             uri=entry.uri,
             sha256=entry.sha256,
         )
+
+    def tar_members(self, entries: Iterable[SpillEntry]) -> Iterator[tuple[str, bytes | memoryview, bytes | memoryview]]:
+        """Yields ``(key, image, json)`` of each entry, in the given order, for streaming.
+
+        A spilled record is read into one reused buffer (no allocation or
+        page faults per record): each yielded view is valid only until the
+        next one is requested, which is all a writer that writes it out
+        before asking for the next needs (``write`` must not keep its
+        argument, as Python's I/O contract says).
+        """
+        buf = bytearray()
+        for entry in entries:
+            held = self._held.get(entry.index)
+            if held is not None:
+                yield entry.key, held.image, held.json
+                continue
+            assert self._file is not None
+            if not self._flushed:
+                self._file.flush()
+                self._flushed = True
+            n = entry.n_image + entry.n_json
+            if len(buf) < n:
+                buf = bytearray(max(n, 2 * len(buf)))
+            view = memoryview(buf)[:n]
+            got = os.preadv(self._file.fileno(), [view], self._offsets[entry.index])
+            if got != n:
+                raise OSError(f"spill file ended early: read {got} of {n} bytes; is the disk full?")
+            yield entry.key, view[: entry.n_image], view[entry.n_image :]
 
     def close(self) -> None:
         """Drops the held records and the spill file."""
