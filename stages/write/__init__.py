@@ -12,7 +12,7 @@ to ``build_manifest`` and ``write_manifest``. With ``num_buckets: auto`` the
 bucket count of each split follows its size (``auto_num_buckets``).
 
 Memory is bounded whatever a group's size (``spill``): records past
-``write.spill_memory_max_bytes`` go to worker-local disk in arrival order,
+``write.spill_memory_max_bytes`` go to worker-local disk in sorted runs,
 only small per-record entries stay in memory, and shards are streamed from
 there in key order.
 

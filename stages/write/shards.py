@@ -225,6 +225,7 @@ def _spill_group(
             if "parquet" in formats and not enc.arrow:
                 _read_arrow(enc)  # raises
             group.add(enc)
+        group.seal()
     except BaseException:
         group.close()
         raise

@@ -5,8 +5,9 @@ can be far larger than a worker's memory: a full-SA-1B bucket with a fixed
 bucket count is hundreds of GB. The writers therefore never hold a group:
 
 * ``SpilledGroup`` (examples): records are kept in memory up to a byte
-  budget; past it, every record is appended to one worker-local temporary
-  file in arrival order. Only a small ``SpillEntry`` per record (key, counts,
+  budget; each time it is reached, the held records are appended to one
+  worker-local temporary file as a run sorted by key (so reading in key
+  order is a few sequential scans, not one seek per record). Only a small ``SpillEntry`` per record (key, counts,
   sizes, offset: about 0.55 KB) stays in memory, so the writer can dedupe,
   sort and plan parts from the entries, then read each record back by offset
   while it streams a shard. Peak memory: the budget, the entries, and one
@@ -82,14 +83,16 @@ class SpilledGroup:
         with SpilledGroup(memory_max_bytes=256 << 20) as group:
             for enc in examples:
                 group.add(enc)
+            group.seal()
             for entry in sorted(group.entries, key=lambda e: e.key):
                 enc = group.get(entry)
 
     Args:
         memory_max_bytes: records are held in memory while their bytes stay
-            within this budget; the record that would pass it moves every
-            held record to the spill file, and so do all later ones. 0
-            spills everything.
+            within this budget; the record that would pass it moves the held
+            records to the spill file as one run sorted by key, and holding
+            starts again. ``seal`` spills the last run of a group that
+            spilled. 0 spills every record (a run each).
         spill_dir: folder of the spill file (None: ``$TMPDIR``).
     """
 
@@ -132,20 +135,34 @@ class SpilledGroup:
             sha256=enc.sha256,
         )
         self.entries.append(entry)
+        self._offsets.append(-1)
         n = entry.n_image + entry.n_json + entry.n_arrow
-        if self._file is None and self._held_bytes + n <= self._budget:
-            self._held[i] = enc
-            self._held_bytes += n
-            self._offsets.append(-1)
-            return entry
+        if self._held and self._held_bytes + n > self._budget:
+            self._write_run()
+        self._held[i] = enc
+        self._held_bytes += n
+        return entry
+
+    def _write_run(self) -> None:
+        """Writes the held records, sorted by key, as one run of the spill file.
+
+        Sorted runs make the key-order read-back a few sequential scans (one
+        per run) instead of one random read per record.
+        """
         if self._file is None:
             self._file = _temp_file(self._spill_dir)
-            for j in sorted(self._held):
-                self._offsets[j] = self._append(self._held[j])
-            self._held.clear()
-            self._held_bytes = 0
-        self._offsets.append(self._append(enc))
-        return entry
+        for j in sorted(self._held, key=lambda j: (self.entries[j].key, j)):
+            self._offsets[j] = self._append(self._held[j])
+        self._held.clear()
+        self._held_bytes = 0
+
+    def seal(self) -> None:
+        """Call after the last ``add``: a group that spilled spills its tail too.
+
+        Then nothing of a spilled group stays in memory while it is written.
+        """
+        if self._file is not None and self._held:
+            self._write_run()
 
     def _append(self, enc: EncodedExample) -> int:
         assert self._file is not None
