@@ -511,20 +511,28 @@ def build_pipeline(p: beam.Pipeline, cfg: OrsgenConfig, out: str) -> None:
         | "AllSplitSizes" >> beam.combiners.ToDict()
         | "BucketsPerSplit" >> beam.Map(split_num_buckets, cfg=cfg)
     )
-    # Groups a crashed run of this config completed: read once, here, so
-    # that the filter and the stand-in records agree on one set.
-    resumed = read_group_records(out, cfg.sha256())
+    # Groups a crashed run of this config completed: listed once, in the job
+    # (not on the launcher, which may not reach the output store), before any
+    # group of this run is written (the filter waits for this side input), so
+    # the filter and the stand-in records agree on one set.
+    sha = cfg.sha256()
+    resumed = (
+        p
+        | "ResumeScan" >> beam.Create([out])
+        | "ReadGroupRecords" >> beam.Map(read_group_records, config_sha256=sha)
+    )
     written = (
         encoded
         | "KeyByBucket" >> beam.Map(_key_by_bucket, buckets=buckets)
         # Before the shuffle: a completed group's records never cross it.
-        | "SkipCompletedGroups" >> beam.Filter(_not_resumed, resumed=frozenset(resumed))
+        | "SkipCompletedGroups"
+        >> beam.Filter(_not_resumed, resumed=beam.pvalue.AsSingleton(resumed | "ResumedKeys" >> beam.Map(frozenset)))
         | "GroupBuckets" >> beam.GroupByKey()
         | "WriteShards" >> beam.ParDo(WriteBucketDoFn(out, cfg)).with_outputs(EVENTS, REJECTS, main="stats")
     )
     recorded = (
-        p
-        | "CompletedGroups" >> beam.Create([resumed[k] for k in sorted(resumed)])
+        resumed
+        | "CompletedGroups" >> beam.FlatMap(lambda records: [records[k] for k in sorted(records)])
         | "ResumeGroups" >> beam.ParDo(ResumedGroupsDoFn(), buckets=buckets).with_outputs(EVENTS, REJECTS, main="stats")
     )
     events_l.append(recorded[EVENTS])

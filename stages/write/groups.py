@@ -4,7 +4,8 @@ When every shard of a ``(split, bucket)`` group is published, the writer
 records the group in ``OUT/_meta/groups/<split>-<bucket>-of-<num_buckets>.json``:
 the config's sha256, the stats of its shards, its written counts and the
 duplicate copies it dropped (with their rejects). A rerun after a crash
-reads these records once, on the launcher, before the job starts; examples
+reads these records once per job (a side input, ready before any group of
+the rerun is written); examples
 that belong to a recorded group are dropped right after they are keyed, so
 they never cross the shuffle and the group is never opened again, and the
 record stands in for the group's stats, counts and rejects, so the manifest
