@@ -4,7 +4,8 @@
            ──► expressions (categories, descriptions, negatives) ──► regions
            ──► refs → human samples ──► [caption: CoRS / DeRS] ──► [verify_sam2]
            ──► splits ──► encode ──► GroupByKey(split, bucket) ──► WebDataset + Parquet
-    rejects ──► GroupByKey(bucket) ──► rejects Parquet
+                                 └─► split sizes (side input: buckets per split)
+    rejects ──► GroupByKey(bucket) ──► rejects Parquet   (count: side input, buckets)
     stats + counts ──► manifest.json
 
 Everything runner-specific stays in Beam's ``PipelineOptions``; the same graph
@@ -20,30 +21,34 @@ from typing import Any
 
 import apache_beam as beam
 import fsspec
+from apache_beam.metrics import Metrics
 
 import orsgen
 from orsgen.pipelines.transforms import EVENTS, REJECTS, IngestDoFn, StageDoFn
 from orsgen.schemas.config import CocoInput, GrefcocoInput, OrsgenConfig, RefcocoInput, Sa1bInput, redacted_config
 from orsgen.schemas.records import ImageExample, Reject, RejectLevel
 from orsgen.stages.ingest import coco as ingest_coco, sa1b as ingest_sa1b
-from orsgen.stages.ingest.dedupe import dedupe_by_key
 from orsgen.stages.refs import add_human_samples, ref_source_split
 from orsgen.stages.regions import select_regions
 from orsgen.stages.expressions import expressions_stage, load_templates
 from orsgen.stages.splits import assign_split, example_ood_split, resolve_split_conflicts
+from orsgen.stages.write.groups import DroppedCopy, GroupRecord, read_group_records, write_group_record
 from orsgen.stages.write import (
     EncodedExample,
     OutputConflictError,
     ShardStats,
+    auto_num_buckets,
     bucket_of,
     build_manifest,
     encode_example,
-    write_bucket,
+    write_group,
     write_manifest,
     write_rejects_bucket,
 )
 
 MANIFEST = "manifest.json"
+#: Beam metrics namespace of the write stage (groups_written, groups_resumed).
+WRITE_METRICS = "orsgen_write"
 #: Tagged output of the COCO-family plan step: ``(input name, categories)``.
 VOCABULARY = "vocabulary"
 
@@ -140,39 +145,147 @@ def _with_split(sample: Any, split: str) -> Any:
 
 
 class WriteBucketDoFn(beam.DoFn):
-    """Writes one (split, bucket) group as WebDataset and Parquet shards."""
+    """Writes one (split, bucket, num_buckets) group as WebDataset and Parquet shards.
+
+    The group's values are consumed once, as an iterator (a runner may page
+    a large group in lazily), and spilled to worker-local disk past
+    ``write.spill_memory_max_bytes``: memory stays bounded whatever the
+    group's size.
+    """
 
     def __init__(self, out: str, cfg: OrsgenConfig) -> None:
         self._out = out
         self._cfg = cfg
+        self._sha = cfg.sha256()
 
-    def process(self, element: tuple[tuple[str, int], Iterable[EncodedExample]]) -> Iterator[Any]:
-        (split, bucket), examples = element
-        # Copies of one key hash to the same bucket: keep one, reject the rest.
-        examples, dropped = dedupe_by_key(examples)
-        for dup, reject in dropped:
+    def process(self, element: tuple[tuple[str, int, int], Iterable[EncodedExample]]) -> Iterator[Any]:
+        (split, bucket, nb), examples = element
+        # Copies of one key hash to the same bucket: write_group keeps one and
+        # rejects the rest.
+        res = write_group(self._out, split, bucket, examples, self._cfg.write, num_buckets=nb)
+        written = res.written
+        # Last: a rerun trusts this record and skips the group before the shuffle.
+        write_group_record(
+            self._out,
+            GroupRecord(
+                split=split,
+                bucket=bucket,
+                num_buckets=nb,
+                config_sha256=self._sha,
+                stats=tuple(res.stats),
+                written={
+                    "images": len(written),
+                    "instances": sum(e.n_instances for e in written),
+                    "refs": sum(e.n_refs for e in written),
+                    "samples": sum(e.n_samples for e in written),
+                },
+                dropped=tuple(DroppedCopy(r, d.n_instances, d.n_refs, d.n_samples) for d, r in res.dropped),
+            ),
+        )
+        Metrics.counter(WRITE_METRICS, "groups_written").inc()
+        for dup, reject in res.dropped:
             yield beam.pvalue.TaggedOutput(REJECTS, reject)
             yield beam.pvalue.TaggedOutput(EVENTS, ("dropped_with_image/instances", dup.n_instances))
             yield beam.pvalue.TaggedOutput(EVENTS, ("dropped_with_image/refs", dup.n_refs))
             yield beam.pvalue.TaggedOutput(EVENTS, ("dropped_with_image/samples", dup.n_samples))
         # The counts come from the encoded fields: the ImageExamples do not
         # cross the shuffle. One event per level per bucket, not per example.
-        yield beam.pvalue.TaggedOutput(EVENTS, ("written/images", len(examples)))
-        yield beam.pvalue.TaggedOutput(EVENTS, ("written/instances", sum(e.n_instances for e in examples)))
-        yield beam.pvalue.TaggedOutput(EVENTS, ("written/refs", sum(e.n_refs for e in examples)))
-        yield beam.pvalue.TaggedOutput(EVENTS, ("written/samples", sum(e.n_samples for e in examples)))
-        yield from write_bucket(self._out, split, bucket, examples, self._cfg.write)
+        yield beam.pvalue.TaggedOutput(EVENTS, ("written/images", len(written)))
+        yield beam.pvalue.TaggedOutput(EVENTS, ("written/instances", sum(e.n_instances for e in written)))
+        yield beam.pvalue.TaggedOutput(EVENTS, ("written/refs", sum(e.n_refs for e in written)))
+        yield beam.pvalue.TaggedOutput(EVENTS, ("written/samples", sum(e.n_samples for e in written)))
+        yield from res.stats
+
+
+class ResumedGroupsDoFn(beam.DoFn):
+    """Stands in for the groups a previous run of this config completed.
+
+    Emits each recorded group's shard stats, written counts and dropped
+    copies' rejects exactly as ``WriteBucketDoFn`` would, for the records
+    whose bucket count matches this run's (the side input), so a resumed
+    run's manifest equals an uninterrupted run's.
+    """
+
+    def process(self, record: GroupRecord, buckets: dict[str, int]) -> Iterator[Any]:
+        if buckets.get(record.split) != record.num_buckets:
+            return  # another plan: that group is not skipped either
+        Metrics.counter(WRITE_METRICS, "groups_resumed").inc()
+        for d in record.dropped:
+            yield beam.pvalue.TaggedOutput(REJECTS, d.reject)
+            yield beam.pvalue.TaggedOutput(EVENTS, ("dropped_with_image/instances", d.n_instances))
+            yield beam.pvalue.TaggedOutput(EVENTS, ("dropped_with_image/refs", d.n_refs))
+            yield beam.pvalue.TaggedOutput(EVENTS, ("dropped_with_image/samples", d.n_samples))
+        for level in ("images", "instances", "refs", "samples"):
+            yield beam.pvalue.TaggedOutput(EVENTS, (f"written/{level}", record.written[level]))
+        yield from record.stats
+
+
+def _not_resumed(kv: tuple[tuple[str, int, int], EncodedExample], resumed: frozenset[tuple[str, int, int]]) -> bool:
+    return kv[0] not in resumed
 
 
 class WriteRejectsDoFn(beam.DoFn):
-    """Writes one bucket of rejects as a Parquet file."""
+    """Writes one bucket of rejects as Parquet parts (external sort: bounded memory)."""
 
-    def __init__(self, out: str) -> None:
+    def __init__(self, out: str, cfg: OrsgenConfig) -> None:
         self._out = out
+        self._cfg = cfg
 
-    def process(self, element: tuple[int, Iterable[Reject]]) -> Iterator[ShardStats]:
-        bucket, rejects = element
-        yield write_rejects_bucket(self._out, bucket, list(rejects))
+    def process(self, element: tuple[tuple[int, int], Iterable[Reject]]) -> Iterator[ShardStats]:
+        (bucket, nb), rejects = element
+        w = self._cfg.write
+        yield from write_rejects_bucket(
+            self._out,
+            bucket,
+            rejects,
+            num_buckets=nb,
+            max_rows=w.rejects_shard_max_rows,
+            memory_max_bytes=w.spill_memory_max_bytes,
+            spill_dir=w.spill_dir,
+        )
+
+
+def _sum_pairs(pairs: Iterable[tuple[int, int]]) -> tuple[int, int]:
+    n = b = 0
+    for x, y in pairs:
+        n += x
+        b += y
+    return n, b
+
+
+def split_num_buckets(sizes: dict[str, tuple[int, int]], cfg: OrsgenConfig) -> dict[str, int]:
+    """Bucket count per split for ``write.num_buckets`` (``auto``: from the split's size).
+
+    Args:
+        sizes: ``{split: (images, encoded tar bytes)}``.
+        cfg: the config.
+
+    Returns:
+        ``{split: num_buckets}``.
+    """
+    w = cfg.write
+    if isinstance(w.num_buckets, int):
+        return {split: w.num_buckets for split in sizes}
+    return {
+        split: auto_num_buckets(n, b, w.shard_max_images, w.shard_max_bytes) for split, (n, b) in sizes.items()
+    }
+
+
+def rejects_num_buckets(n_rejects: int, cfg: OrsgenConfig) -> int:
+    """Bucket count of the rejects: ``write.num_buckets``, or from their number with ``auto``."""
+    w = cfg.write
+    if isinstance(w.num_buckets, int):
+        return w.num_buckets
+    return auto_num_buckets(n_rejects, 0, w.rejects_shard_max_rows, 0)
+
+
+def _key_by_bucket(enc: EncodedExample, buckets: dict[str, int]) -> tuple[tuple[str, int, int], EncodedExample]:
+    nb = buckets[enc.split]
+    return (enc.split, bucket_of(enc.key, nb), nb), enc
+
+
+def _key_reject(r: Reject, nb: int) -> tuple[tuple[int, int], Reject]:
+    return (bucket_of(r.source_key, nb), nb), r
 
 
 def reconcile(events: dict[str, int], rejects_by_level: dict[str, int]) -> dict[str, Any]:
@@ -383,26 +496,62 @@ def build_pipeline(p: beam.Pipeline, cfg: OrsgenConfig, out: str) -> None:
     rejects_l.append(res[REJECTS])
     events_l.append(res[EVENTS])
 
-    nb = cfg.write.num_buckets
-    written = (
+    encoded = (
         examples
         # Encoding is per-example CPU work: done here, on every worker before
         # the shuffle, it leaves the serial per-bucket writer only bytes to stream.
         | "Encode" >> beam.Map(encode_example, formats=list(cfg.write.formats))
-        | "KeyByBucket" >> beam.Map(lambda enc: ((enc.split, bucket_of(enc.key, nb)), enc))
+    )
+    # Each split's size (small metadata: one (images, bytes) pair per split)
+    # sets its bucket count, so small splits get full shards too.
+    buckets = beam.pvalue.AsSingleton(
+        encoded
+        | "SplitSizes" >> beam.Map(lambda enc: (enc.split, (1, enc.size)))
+        | "SumSplitSizes" >> beam.CombinePerKey(_sum_pairs)
+        | "AllSplitSizes" >> beam.combiners.ToDict()
+        | "BucketsPerSplit" >> beam.Map(split_num_buckets, cfg=cfg)
+    )
+    # Groups a crashed run of this config completed: listed once, in the job
+    # (not on the launcher, which may not reach the output store), before any
+    # group of this run is written (the filter waits for this side input), so
+    # the filter and the stand-in records agree on one set.
+    sha = cfg.sha256()
+    resumed = (
+        p
+        | "ResumeScan" >> beam.Create([out])
+        | "ReadGroupRecords" >> beam.Map(read_group_records, config_sha256=sha)
+    )
+    written = (
+        encoded
+        | "KeyByBucket" >> beam.Map(_key_by_bucket, buckets=buckets)
+        # Before the shuffle: a completed group's records never cross it.
+        | "SkipCompletedGroups"
+        >> beam.Filter(_not_resumed, resumed=beam.pvalue.AsSingleton(resumed | "ResumedKeys" >> beam.Map(frozenset)))
         | "GroupBuckets" >> beam.GroupByKey()
         | "WriteShards" >> beam.ParDo(WriteBucketDoFn(out, cfg)).with_outputs(EVENTS, REJECTS, main="stats")
     )
+    recorded = (
+        resumed
+        | "CompletedGroups" >> beam.FlatMap(lambda records: [records[k] for k in sorted(records)])
+        | "ResumeGroups" >> beam.ParDo(ResumedGroupsDoFn(), buckets=buckets).with_outputs(EVENTS, REJECTS, main="stats")
+    )
+    events_l.append(recorded[EVENTS])
+    rejects_l.append(recorded[REJECTS])
     events_l.append(written[EVENTS])
     rejects_l.append(written[REJECTS])
-    reject_stats = (
-        rejects_l
-        | "AllRejects" >> beam.Flatten()
-        | "KeyRejects" >> beam.Map(lambda r: (bucket_of(r.source_key, nb), r))
-        | "GroupRejects" >> beam.GroupByKey()
-        | "WriteRejects" >> beam.ParDo(WriteRejectsDoFn(out))
+    all_rejects = rejects_l | "AllRejects" >> beam.Flatten()
+    rejects_nb = beam.pvalue.AsSingleton(
+        all_rejects
+        | "CountRejects" >> beam.combiners.Count.Globally()
+        | "RejectsBuckets" >> beam.Map(rejects_num_buckets, cfg=cfg)
     )
-    stats = (written.stats, reject_stats) | "AllStats" >> beam.Flatten()
+    reject_stats = (
+        all_rejects
+        | "KeyRejects" >> beam.Map(_key_reject, nb=rejects_nb)
+        | "GroupRejects" >> beam.GroupByKey()
+        | "WriteRejects" >> beam.ParDo(WriteRejectsDoFn(out, cfg))
+    )
+    stats = (written.stats, recorded.stats, reject_stats) | "AllStats" >> beam.Flatten()
     events = events_l | "AllEvents" >> beam.Flatten() | "SumEvents" >> beam.CombinePerKey(sum)
     _ = (
         p

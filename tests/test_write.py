@@ -363,7 +363,7 @@ def test_mismatched_split_is_refused(tmp_path, examples):
 
 def test_empty_bucket_writes_nothing(tmp_path):
     assert W.write_bucket(str(tmp_path), "train", 0, [], _cfg()) == []
-    assert W.write_rejects_bucket(str(tmp_path), 0, []) is None
+    assert W.write_rejects_bucket(str(tmp_path), 0, []) == []
     assert not any(tmp_path.iterdir())
 
 
@@ -449,7 +449,7 @@ def test_rerun_into_a_fresh_dir_is_byte_identical(tmp_path, examples):
     assert trees[0] == trees[1]
     assert "_meta/shards/webdataset/data/train-00000-of-00001-0001.tar.done" in trees[0]
     assert "_meta/shards/parquet/data/train-00000-of-00001-0000.parquet.stats.json" in trees[0]
-    assert "_meta/shards/rejects/rejects-b00000.parquet.done" in trees[0]
+    assert "_meta/shards/rejects/rejects-00000-of-00001-0000.parquet.done" in trees[0]
 
 
 def test_rerun_into_the_same_dir_skips(tmp_path, examples):
@@ -559,15 +559,15 @@ def test_rejects_are_sorted_and_counted(tmp_path):
         Reject("a", "ingest", "corrupt_image", "m1", "image", "coco:2"),
         Reject("a", "regions", "dropped_small", "m1", "instance", "coco:1"),
     ]
-    stats = W.write_rejects_bucket(str(tmp_path), 3, rejects)
-    assert stats is not None and stats.path == "rejects/rejects-b00003.parquet"
+    [stats] = W.write_rejects_bucket(str(tmp_path), 3, rejects, num_buckets=4)
+    assert stats.path == "rejects/rejects-00003-of-00004-0000.parquet"
     assert stats.rejects_by_reason == {"image/corrupt_image": 1, "instance/dropped_small": 2}
     table = pq.read_table(tmp_path / stats.path)
     assert table.schema.equals(REJECT_SCHEMA, check_metadata=True)  # flat: no list names to differ
     assert table.column("source_key").to_pylist() == ["a", "a", "b"]
     assert table.column("level").to_pylist() == ["image", "instance", "instance"]
-    again = W.write_rejects_bucket(str(tmp_path), 3, rejects)
-    assert again is not None and again.skipped
+    [again] = W.write_rejects_bucket(str(tmp_path), 3, rejects, num_buckets=4)
+    assert again.skipped
 
 
 # ------------------------------------------------------------------ manifest
@@ -576,8 +576,8 @@ def test_rejects_are_sorted_and_counted(tmp_path):
 def _manifest(tmp_path, examples, counts=None) -> tuple[dict, list[W.ShardStats]]:
     stats = W.write_bucket(str(tmp_path), "train", 0, examples, _cfg(shard_max_images=4))
     rej = W.write_rejects_bucket(str(tmp_path), 0, [Reject("x", "ingest", "corrupt_image", "bad")])
-    assert rej is not None
-    stats.append(rej)
+    assert len(rej) == 1
+    stats += rej
     m = W.build_manifest(
         name="demo",
         config={"write": {"num_buckets": 1}},

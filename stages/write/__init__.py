@@ -5,16 +5,22 @@ buckets, encoding, part plans), ``files`` (atomic writes), ``shards`` (the
 writers) and ``manifest``. The Beam wrapper encodes every example
 with ``encode_example`` (a parallel map on all workers, before the shuffle),
 groups the ``EncodedExample`` values by ``(split, bucket_of(key, num_buckets))``
-and calls ``write_bucket`` once per group, which then only sorts, plans and
-streams bytes; rejects are grouped by bucket and go to
-``write_rejects_bucket``; the collected ``ShardStats`` go to
-``build_manifest`` and ``write_manifest``.
+and calls ``write_group`` (``write_bucket`` plus dedupe) once per group,
+which then only spills, sorts, plans and streams bytes; rejects are grouped
+by bucket and go to ``write_rejects_bucket``; the collected ``ShardStats`` go
+to ``build_manifest`` and ``write_manifest``. With ``num_buckets: auto`` the
+bucket count of each split follows its size (``auto_num_buckets``).
+
+Memory is bounded whatever a group's size (``spill``): records past
+``write.spill_memory_max_bytes`` go to worker-local disk in sorted runs,
+only small per-record entries stay in memory, and shards are streamed from
+there in key order.
 
 Layout under an output root ``out`` (any fsspec URL)::
 
     out/webdataset/data/<split>-<bucket:05d>-of-<num_buckets:05d>-<part:04d>.tar
     out/parquet/data/<split>-<bucket:05d>-of-<num_buckets:05d>-<part:04d>.parquet
-    out/rejects/rejects-b<bucket:05d>.parquet
+    out/rejects/rejects-<bucket:05d>-of-<num_buckets:05d>-<part:04d>.parquet
     out/_meta/shards/<data file path>.stats.json   # per-shard stats sidecar
     out/_meta/shards/<data file path>.done         # completion marker, written last
     out/manifest.json
@@ -45,12 +51,13 @@ from orsgen.stages.write.plan import (
     EncodedExample,
     ShardStats,
     bucket_of,
+    auto_num_buckets,
     encode_example,
     plan_parts,
     shard_name,
     shard_path,
 )
-from orsgen.stages.write.shards import write_bucket, write_rejects_bucket
+from orsgen.stages.write.shards import GroupWrite, rejects_path, write_bucket, write_group, write_rejects_bucket
 
 __all__ = [
     "MANIFEST_NAME",
@@ -61,7 +68,11 @@ __all__ = [
     "ShardStats",
     "bucket_of",
     "build_manifest",
+    "GroupWrite",
+    "auto_num_buckets",
     "encode_example",
+    "rejects_path",
+    "write_group",
     "plan_parts",
     "shard_name",
     "shard_path",

@@ -324,3 +324,33 @@ def plan_parts(examples: Sequence[_E], max_images: int, max_bytes: int) -> list[
         raise ValueError(f"max_images ({max_images}) and max_bytes ({max_bytes}) must both be at least 1.")
     items = _sorted_checked(examples)
     return [items[a:b] for a, b in _plan([_size_of(x) for x in items], max_images, max_bytes)]
+
+
+#: ``num_buckets: auto`` aims every bucket at this fraction of one shard: hash
+#: buckets vary by about sqrt(n) images, so a bucket aimed at 90% of
+#: ``shard_max_images`` (900 of 1000: 3 standard deviations of room) almost
+#: never rolls over into a tiny second part.
+AUTO_BUCKET_FILL = 0.9
+MAX_BUCKETS = 99_999  # shard names give the bucket five digits
+
+
+def auto_num_buckets(n_images: int, n_bytes: int, max_images: int, max_bytes: int) -> int:
+    """The bucket count ``num_buckets: auto`` gives one split (or the rejects).
+
+    Enough buckets that each holds about ``AUTO_BUCKET_FILL`` of one shard,
+    by images and by bytes, so every split's shards are near the caps,
+    small splits included (a split under one shard gets one bucket).
+
+    Args:
+        n_images: items in the split (images, or rejects rows).
+        n_bytes: their encoded tar size (``EncodedExample.size`` summed); 0
+            to size by count only.
+        max_images: the shard's item cap (``shard_max_images``).
+        max_bytes: the shard's byte cap (``shard_max_bytes``).
+
+    Returns:
+        The count, in ``[1, 99999]``.
+    """
+    by_count = -(-n_images // max(1, int(AUTO_BUCKET_FILL * max_images)))
+    by_bytes = -(-n_bytes // max(1, int(AUTO_BUCKET_FILL * max(1, max_bytes - _TAR_RECORD))))
+    return min(MAX_BUCKETS, max(1, by_count, by_bytes))

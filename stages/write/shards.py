@@ -1,11 +1,14 @@
-"""Shard writers: WebDataset tars, Parquet files and rejects, one bucket at a time."""
+"""Shard writers: WebDataset tars, Parquet files and rejects, one bucket at a time, in bounded memory."""
 
 from __future__ import annotations
 
+import collections
+import itertools
 import posixpath
 import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
@@ -16,6 +19,8 @@ from orsgen.schemas.config import WriteConfig
 from orsgen.schemas.records import ImageExample, Reject
 from orsgen.stages.write.plan import EncodedExample, OutputConflictError, REJECTS_FORMAT, ShardStats, _IMAGE_INDEX, _PARQUET_GROUP_OVERHEAD, _PARQUET_ROW_OVERHEAD, _TAR_BLOCK, _TAR_RECORD, _plan, _read_arrow, _sorted_checked, _split_by_size, encode_example, shard_path
 from orsgen.stages.write.files import _HashingWriter, _completed, _fs_root, _publish
+from orsgen.stages.write.spill import DEFAULT_SPILL_MEMORY_MAX_BYTES, SortedSpill, SpilledGroup, SpillEntry
+from orsgen.stages.ingest.dedupe import dedupe_by_key
 
 if TYPE_CHECKING:
     pass
@@ -40,18 +45,21 @@ def _tar_header(name: str, size: int) -> bytes:
     return info.tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape")
 
 
-def _tar_writer(part: Sequence[EncodedExample]) -> Callable[[_HashingWriter], None]:
+def _tar_writer(
+    records: Callable[[], Iterable[tuple[str, bytes | memoryview, bytes | memoryview]]],
+) -> Callable[[_HashingWriter], None]:
     def produce(sink: _HashingWriter) -> None:
         # The same bytes as ``tarfile.open(mode="w", format=PAX_FORMAT)`` with
         # ``addfile`` per member (tests/test_write.py checks it), written
         # straight to the sink: the member data is passed on as is, with no
         # file-object wrapper or chunked copy, and the small pieces between
         # two data members (padding and the next header) go out as one write.
+        # Records are pulled one at a time, so memory stays at one record.
         offset = 0
         pending = b""  # padding of the previous member + the next header
-        for e in part:
-            for ext, data in (("jpg", e.image), ("json", e.json)):
-                header = _tar_header(f"{e.key}.{ext}", len(data))
+        for key, image, data_json in records():
+            for ext, data in (("jpg", image), ("json", data_json)):
+                header = _tar_header(f"{key}.{ext}", len(data))
                 sink.write(pending + header)
                 sink.write(data)
                 offset += len(pending) + len(header) + len(data)
@@ -86,18 +94,33 @@ def _leaf_paths(schema: pa.Schema) -> list[str]:
 _DICTIONARY_COLUMNS = [p for p in _leaf_paths(EXAMPLE_SCHEMA) if p != "image"]
 
 
-def _row_group(part: Sequence[EncodedExample]) -> pa.Table:
-    """Concatenates the examples' one-row batches into one row group's table."""
-    batches = [_read_arrow(e) for e in part]
+def _row_group(entries: Sequence[SpillEntry], group: SpilledGroup) -> pa.Table:
+    """Builds one row group's table, reading the records back one at a time.
+
+    The image column is filled straight from a generator (``pa.array`` with
+    ``size``), so only the Arrow copy of the row group's images is ever held,
+    never a Python list of the records as well.
+    """
+    arrows: list[bytes] = []
+
+    def images() -> Iterator[bytes]:
+        for entry in entries:
+            enc = group.get(entry)
+            arrows.append(enc.arrow)  # the small row without its image
+            yield enc.image
+
+    image_array = pa.array(images(), type=pa.binary(), size=len(entries))
+    batches = [pa.ipc.read_record_batch(pa.py_buffer(a), EXAMPLE_SCHEMA) for a in arrows]
     # One chunk per column, as Table.from_pylist gives: the Parquet writer
     # cuts pages per chunk, so a table of one-row chunks would write other
     # page boundaries (and other bytes) than the same rows in one chunk.
     table = pa.Table.from_batches(batches, schema=EXAMPLE_SCHEMA).combine_chunks()
-    images = pa.array([e.image for e in part], type=pa.binary())
-    return table.set_column(_IMAGE_INDEX, EXAMPLE_SCHEMA.field(_IMAGE_INDEX), images)
+    return table.set_column(_IMAGE_INDEX, EXAMPLE_SCHEMA.field(_IMAGE_INDEX), image_array)
 
 
-def _parquet_writer(part: Sequence[EncodedExample], cfg: WriteConfig) -> Callable[[_HashingWriter], None]:
+def _parquet_writer(
+    part: Sequence[SpillEntry], group: SpilledGroup, cfg: WriteConfig
+) -> Callable[[_HashingWriter], None]:
     cap = cfg.parquet_row_group_max_bytes
 
     def produce(sink: _HashingWriter) -> None:
@@ -108,11 +131,12 @@ def _parquet_writer(part: Sequence[EncodedExample], cfg: WriteConfig) -> Callabl
             use_dictionary=_DICTIONARY_COLUMNS,
         )
         try:
-            # Row groups are built one at a time so memory stays at one group,
-            # not one shard.
-            sizes = [len(e.image) + len(e.json) + _PARQUET_ROW_OVERHEAD for e in part]
+            # Row groups are read back and built one at a time, so memory
+            # stays at one row group, not one shard (Arrow's Parquet writer
+            # holds about four times the row group while it encodes it).
+            sizes = [e.n_image + e.n_json + _PARQUET_ROW_OVERHEAD for e in part]
             for a, b in _split_by_size(sizes, len(part), max(1, cap - _PARQUET_GROUP_OVERHEAD)):
-                writer.write_table(_row_group(part[a:b]), row_group_size=b - a)
+                writer.write_table(_row_group(part[a:b], group), row_group_size=b - a)
         finally:
             writer.close()
 
@@ -120,7 +144,7 @@ def _parquet_writer(part: Sequence[EncodedExample], cfg: WriteConfig) -> Callabl
 
 
 def _data_stats(
-    fmt: str, split: str, bucket: int, part_no: int, part: Sequence[EncodedExample], num_buckets: int
+    fmt: str, split: str, bucket: int, part_no: int, part: Sequence[SpillEntry | EncodedExample], num_buckets: int
 ) -> ShardStats:
     kinds: Counter[str] = Counter()
     for e in part:
@@ -155,8 +179,98 @@ def _check_skip(found: ShardStats, planned: ShardStats, root: str) -> ShardStats
     return found
 
 
+@dataclass(frozen=True, slots=True)
+class GroupWrite:
+    """What ``write_group`` did with one ``(split, bucket)`` group.
+
+    Attributes:
+        stats: stats of every shard, in ``cfg.formats`` order, then part order.
+        written: the entries of the written examples, in key order.
+        dropped: each dropped duplicate copy's entry with its
+            ``duplicate_image`` reject (see ``stages.ingest.dedupe``).
+        spilled: whether the group went to worker-local disk.
+    """
+
+    stats: list[ShardStats]
+    written: list[SpillEntry]
+    dropped: list[tuple[SpillEntry, Reject]]
+    spilled: bool
+
+
+def _resolve_num_buckets(cfg: WriteConfig, num_buckets: int | None) -> int:
+    nb = cfg.num_buckets if num_buckets is None else num_buckets
+    if not isinstance(nb, int):
+        raise ValueError(
+            "write.num_buckets is 'auto': pass the split's bucket count as num_buckets= "
+            "(the pipeline computes it with plan.auto_num_buckets from the split's size)."
+        )
+    if nb < 1:
+        raise ValueError(f"num_buckets must be at least 1, got {nb}; set write.num_buckets >= 1.")
+    return nb
+
+
+def _spill_group(
+    examples: Iterable[EncodedExample | ImageExample], split: str, formats: list[str], cfg: WriteConfig
+) -> SpilledGroup:
+    group = SpilledGroup(cfg.spill_memory_max_bytes, cfg.spill_dir)
+    try:
+        for x in examples:
+            enc = x if isinstance(x, EncodedExample) else encode_example(x, formats)
+            # Checked on arrival, so a bad group fails before any file is written.
+            if enc.split != split:
+                raise ValueError(
+                    f"example {enc.key!r} has split {enc.split!r} but is written to split {split!r}; "
+                    "group examples by their own split before writing."
+                )
+            if "parquet" in formats and not enc.arrow:
+                _read_arrow(enc)  # raises
+            group.add(enc)
+        group.seal()
+    except BaseException:
+        group.close()
+        raise
+    return group
+
+
+def _write_entries(
+    out: str,
+    split: str,
+    bucket: int,
+    group: SpilledGroup,
+    entries: list[SpillEntry],
+    cfg: WriteConfig,
+    formats: list[str],
+    nb: int,
+) -> list[ShardStats]:
+    """Writes key-sorted, checked entries of ``group`` as parts in every format."""
+    if not entries:
+        return []
+    fs, root = _fs_root(out)
+    parts = [entries[a:b] for a, b in _plan([e.size for e in entries], cfg.shard_max_images, cfg.shard_max_bytes)]
+    stats: list[ShardStats] = []
+    for fmt in formats:
+        for part_no, part in enumerate(parts):
+            planned = _data_stats(fmt, split, bucket, part_no, part, nb)
+            found = _completed(fs, root, planned.path)
+            if found is not None:
+                stats.append(_check_skip(found, planned, root))
+                continue
+            if fmt == "webdataset":
+                produce = _tar_writer(lambda part=part: group.tar_members(part))
+            else:
+                produce = _parquet_writer(part, group, cfg)
+            stats.append(_publish(fs, root, planned, produce))
+    return stats
+
+
 def write_bucket(
-    out: str, split: str, bucket: int, examples: Iterable[EncodedExample | ImageExample], cfg: WriteConfig
+    out: str,
+    split: str,
+    bucket: int,
+    examples: Iterable[EncodedExample | ImageExample],
+    cfg: WriteConfig,
+    *,
+    num_buckets: int | None = None,
 ) -> list[ShardStats]:
     """Writes one ``(split, bucket)`` group as shards in every configured format.
 
@@ -171,111 +285,181 @@ def write_bucket(
     shuffle; ``ImageExample`` values are encoded here, serially, and give the
     same bytes.
 
-    The whole group is held in memory (it must be sorted), so choose
-    ``num_buckets`` such that a bucket fits in a worker.
+    Memory is bounded whatever the group's size: ``examples`` is consumed
+    once, as an iterator; records beyond ``cfg.spill_memory_max_bytes`` go
+    to a worker-local spill file (``cfg.spill_dir``) and are read back one
+    record (tar) or one row group (Parquet) at a time; see
+    ``stages.write.spill``. Spilling never changes the output bytes.
 
     Args:
         out: the output root, any fsspec URL.
         split: the split all examples belong to.
-        bucket: the bucket of the group, ``bucket_of(key, cfg.num_buckets)``.
+        bucket: the bucket of the group, ``bucket_of(key, num_buckets)``.
         examples: the group's examples, in any order; none writes nothing.
-        cfg: shard sizes, formats and Parquet options.
+        cfg: shard sizes, formats, Parquet options and the spill budget.
+        num_buckets: the split's bucket count (it is in the shard names);
+            None takes ``cfg.num_buckets``, which must then be an integer.
 
     Returns:
         Stats of every shard, in ``cfg.formats`` order, then part order.
 
     Raises:
         ValueError: a key is unsafe or repeated, an example's ``split``
-            differs from ``split``, or an ``EncodedExample`` lacks its
-            Arrow row while Parquet is written.
+            differs from ``split``, an ``EncodedExample`` lacks its Arrow
+            row while Parquet is written, or no bucket count is known.
         OutputConflictError: a shard path holds different bytes, or a
             completed shard of a different run.
     """
     formats = list(dict.fromkeys(cfg.formats))  # dedupe, keep order
-    items = _sorted_checked(examples)
-    encoded = [x if isinstance(x, EncodedExample) else encode_example(x, formats) for x in items]
-    for e in encoded:
-        if e.split != split:
-            raise ValueError(
-                f"example {e.key!r} has split {e.split!r} but is written to split {split!r}; "
-                "group examples by their own split before writing."
-            )
-        if "parquet" in formats and not e.arrow:
-            _read_arrow(e)  # raises, before any file is written
-    if not encoded:
-        return []
-    fs, root = _fs_root(out)
-    parts = [encoded[a:b] for a, b in _plan([e.size for e in encoded], cfg.shard_max_images, cfg.shard_max_bytes)]
-    stats: list[ShardStats] = []
-    for fmt in formats:
-        for part_no, part in enumerate(parts):
-            planned = _data_stats(fmt, split, bucket, part_no, part, cfg.num_buckets)
-            found = _completed(fs, root, planned.path)
-            if found is not None:
-                stats.append(_check_skip(found, planned, root))
-                continue
-            produce = _tar_writer(part) if fmt == "webdataset" else _parquet_writer(part, cfg)
-            stats.append(_publish(fs, root, planned, produce))
-    return stats
+    nb = _resolve_num_buckets(cfg, num_buckets)
+    with _spill_group(examples, split, formats, cfg) as group:
+        entries = _sorted_checked(group.entries)
+        return _write_entries(out, split, bucket, group, entries, cfg, formats, nb)
+
+
+def write_group(
+    out: str,
+    split: str,
+    bucket: int,
+    examples: Iterable[EncodedExample | ImageExample],
+    cfg: WriteConfig,
+    *,
+    num_buckets: int | None = None,
+) -> GroupWrite:
+    """Like ``write_bucket``, but copies of one key are deduplicated first.
+
+    The pipeline's per-group entry point: copies of one key hash to the same
+    bucket, so the group keeps the copy ``dedupe_by_key`` chooses (by
+    content, not arrival order) and returns the others with their
+    ``duplicate_image`` rejects. Same memory bound and arguments as
+    ``write_bucket``.
+
+    Returns:
+        The shard stats, the written and the dropped entries.
+    """
+    formats = list(dict.fromkeys(cfg.formats))
+    nb = _resolve_num_buckets(cfg, num_buckets)
+    with _spill_group(examples, split, formats, cfg) as group:
+        kept, dropped = dedupe_by_key(group.entries)
+        entries = _sorted_checked(kept)
+        stats = _write_entries(out, split, bucket, group, entries, cfg, formats, nb)
+        return GroupWrite(stats=stats, written=entries, dropped=dropped, spilled=group.spilled)
 
 
 def _reject_sort_key(r: Reject) -> tuple[str, ...]:
-    # image_id last only breaks ties, so the order is total and reruns match.
+    # Every field, image_id last: the order is total and equal keys are equal
+    # rejects, so reruns (and spilled or in-memory sorts) match.
     return (str(r.level), r.stage, r.reason, r.source_key, r.message, r.image_id)
 
 
+def _reject_size(r: Reject) -> int:
+    # Python object overhead of the dataclass and its six strings, roughly.
+    return 400 + len(r.source_key) + len(r.stage) + len(r.reason) + len(r.message) + len(r.image_id)
+
+
+#: Rows per Parquet row group of a rejects shard: memory while writing.
+REJECTS_ROW_GROUP_ROWS = 65_536
+
+
+def rejects_path(bucket: int, part: int, num_buckets: int) -> str:
+    """A rejects shard's path: ``rejects/rejects-<bucket>-of-<num_buckets>-<part>.parquet``."""
+    return f"rejects/rejects-{bucket:05d}-of-{num_buckets:05d}-{part:04d}.parquet"
+
+
 def write_rejects_bucket(
-    out: str, bucket: int, rejects: Iterable[Reject], *, compression: str = "zstd"
-) -> ShardStats | None:
-    """Writes one bucket of rejects as ``rejects/rejects-b<bucket>.parquet``.
+    out: str,
+    bucket: int,
+    rejects: Iterable[Reject],
+    *,
+    compression: str = "zstd",
+    num_buckets: int = 1,
+    max_rows: int = 1_000_000,
+    memory_max_bytes: int = DEFAULT_SPILL_MEMORY_MAX_BYTES,
+    spill_dir: str | None = None,
+) -> list[ShardStats]:
+    """Writes one bucket of rejects as ``rejects/rejects-<bucket>-of-<n>-<part>.parquet``.
 
     Rows follow ``REJECT_SCHEMA``, sorted by (level, stage, reason,
-    source_key, message). Same safety rules as ``write_bucket``.
+    source_key, message, image_id); a part rolls over after ``max_rows``
+    rows. Memory is bounded whatever the bucket's size: the rejects are
+    sorted with an external merge sort (``spill.SortedSpill``, spilling
+    past ``memory_max_bytes``) and written one row group at a time. Same
+    safety rules as ``write_bucket``.
 
     Args:
         out: the output root, any fsspec URL.
-        bucket: the bucket of the group.
-        rejects: the group's rejects, in any order.
+        bucket: the bucket of the group, ``bucket_of(source_key, num_buckets)``.
+        rejects: the group's rejects, in any order (consumed once).
         compression: Parquet codec.
+        num_buckets: the rejects' bucket count (it is in the names).
+        max_rows: rows per part, at least 1.
+        memory_max_bytes: in-memory budget before spilling.
+        spill_dir: folder of the spill file (None: ``$TMPDIR``).
 
     Returns:
-        The shard's stats (``rejects_by_reason`` keyed ``"<level>/<reason>"``),
-        or None when there are no rejects (nothing is written).
+        Each part's stats (``rejects_by_reason`` keyed ``"<level>/<reason>"``),
+        in part order; ``[]`` when there are no rejects (nothing is written).
 
     Raises:
-        OutputConflictError: the shard path holds different bytes.
+        ValueError: ``max_rows`` is below 1.
+        OutputConflictError: a shard path holds different bytes, or a
+            completed shard of another run.
     """
-    rows = sorted(rejects, key=_reject_sort_key)
-    if not rows:
-        return None
-    fs, root = _fs_root(out)
-    reasons = Counter(f"{r.level}/{r.reason}" for r in rows)
-    planned = ShardStats(
-        path=f"rejects/rejects-b{bucket:05d}.parquet",
-        format=REJECTS_FORMAT,
-        split="",
-        bucket=bucket,
-        part=0,
-        n_images=0,
-        n_samples=0,
-        n_instances=0,
-        samples_by_kind={},
-        rejects_by_reason=dict(sorted(reasons.items())),
-        n_bytes=0,
-        sha256="",
-    )
-    found = _completed(fs, root, planned.path)
-    if found is not None:
-        if found.rejects_by_reason != planned.rejects_by_reason:
-            raise OutputConflictError(
-                f"{posixpath.join(root, planned.path)} is a completed rejects shard of another run "
-                f"(reasons {found.rejects_by_reason}, this run has {planned.rejects_by_reason}); "
-                "choose a new --out, or move the old output away."
+    if max_rows < 1:
+        raise ValueError(f"max_rows must be at least 1, got {max_rows}; set write.rejects_shard_max_rows >= 1.")
+    with SortedSpill(_reject_sort_key, _reject_size, memory_max_bytes, spill_dir) as rows:
+        rows.extend(rejects)
+        if not rows.n_items:
+            return []
+        # Pass 1 counts each part's reasons (the planned stats must be known
+        # before a part is skipped or written); pass 2 streams the rows.
+        reasons: list[Counter[str]] = []
+        for i, r in enumerate(rows):
+            if i % max_rows == 0:
+                reasons.append(Counter())
+            reasons[-1][f"{r.level}/{r.reason}"] += 1
+        fs, root = _fs_root(out)
+        stream = iter(rows)
+        stats: list[ShardStats] = []
+        for part_no, counts in enumerate(reasons):
+            part_rows = itertools.islice(stream, sum(counts.values()))
+            planned = ShardStats(
+                path=rejects_path(bucket, part_no, num_buckets),
+                format=REJECTS_FORMAT,
+                split="",
+                bucket=bucket,
+                part=part_no,
+                n_images=0,
+                n_samples=0,
+                n_instances=0,
+                samples_by_kind={},
+                rejects_by_reason=dict(sorted(counts.items())),
+                n_bytes=0,
+                sha256="",
             )
-        return found
+            found = _completed(fs, root, planned.path)
+            if found is not None:
+                if found.rejects_by_reason != planned.rejects_by_reason:
+                    raise OutputConflictError(
+                        f"{posixpath.join(root, planned.path)} is a completed rejects shard of another run "
+                        f"(reasons {found.rejects_by_reason}, this run has {planned.rejects_by_reason}); "
+                        "choose a new --out, or move the old output away."
+                    )
+                collections.deque(part_rows, maxlen=0)  # skip this part's rows
+                stats.append(found)
+                continue
+            stats.append(_publish(fs, root, planned, _rejects_writer(part_rows, compression)))
+        return stats
 
+
+def _rejects_writer(part_rows: Iterator[Reject], compression: str) -> Callable[[_HashingWriter], None]:
     def produce(sink: _HashingWriter) -> None:
-        table = pa.Table.from_pylist([reject_to_row(r) for r in rows], schema=REJECT_SCHEMA)
-        pq.write_table(table, sink, compression=compression)
+        writer = pq.ParquetWriter(sink, REJECT_SCHEMA, compression=compression)
+        try:
+            while chunk := list(itertools.islice(part_rows, REJECTS_ROW_GROUP_ROWS)):
+                table = pa.Table.from_pylist([reject_to_row(r) for r in chunk], schema=REJECT_SCHEMA)
+                writer.write_table(table, row_group_size=len(chunk))
+        finally:
+            writer.close()
 
-    return _publish(fs, root, planned, produce)
+    return produce

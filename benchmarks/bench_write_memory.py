@@ -1,0 +1,184 @@
+"""Benchmark: the writer's peak memory and throughput as a group grows (issue 10).
+
+For each group size N, two child processes run one after the other, each
+measured with its own ``ru_maxrss`` (``os.wait4`` on that child, so the
+cases never contaminate each other):
+
+(a) orsgen: ``stages.write.write_group`` on N synthetic ``EncodedExample``
+    records of about ``--record-kb`` KB (an incompressible "image" plus a JSON
+    member of about 8 KB), made on the fly by a generator so that only the
+    writer can hold them, with ``formats=["webdataset"]`` and the default
+    ``write.spill_memory_max_bytes`` (256 MiB): dedupe, key sort, part plan,
+    spill to worker-local disk, tars streamed back in key order with sha256,
+    tmp + rename, sidecars, markers;
+(b) the baseline: ``tarfile`` writing the same members (same bytes, same
+    arrival order, PAX headers) into one tar, streamed, with nothing else.
+
+Reported per N: peak RSS of each child, MB/s of each (and the share of the
+wall time it had a CPU), and the ratios the issue sets as targets: peak RSS
+at the largest N over the smallest (at most 1.2) and orsgen's throughput
+over the baseline's (at least 0.7), by wall clock and per CPU-second (on a
+shared machine the wall clock mostly measures the scheduler).
+
+    python benchmarks/bench_write_memory.py                    # 200, 1000 and 2000 records
+    python benchmarks/bench_write_memory.py --sizes 1000 5000 20000   # README figures, ~5 GB per case
+
+Scratch data goes to ``--tmp`` (default ``$TMPDIR``) and is deleted after
+each case; the largest case needs about twice N x record size of free disk
+(the spill file plus the shards).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Iterator
+
+_JSON_KB = 8
+_POOL = 32  # distinct image payloads, reused in turn (the writer never looks inside)
+
+
+def _records(n: int, record_kb: float) -> Iterator[tuple[str, bytes, bytes]]:
+    """Yields ``(key, image, json)`` in a scrambled arrival order, made on the fly."""
+    image_bytes = max(1, int(record_kb * 1024) - _JSON_KB * 1024)
+    pool = [os.urandom(image_bytes) for _ in range(_POOL)]
+    filler = "x" * (_JSON_KB * 1024 - 200)
+    for j in range(n):
+        i = (j * 7919) % n if n % 7919 else j  # not in key order: the writer must sort
+        key = f"sa1b-{i:08d}"
+        data = json.dumps({"key": key, "image_id": f"sa1b:{i}", "pad": filler}, sort_keys=True).encode()
+        # A fresh object per record (the pool's bytes plus the index): records
+        # share no memory, so whoever holds them pays for them.
+        yield key, pool[i % _POOL][8:] + i.to_bytes(8, "big"), data
+
+
+def _arrow_row() -> bytes:
+    """One real Parquet row (``EXAMPLE_SCHEMA``, image column empty) for ``--parquet``."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_write import make_examples
+
+    from orsgen.stages.write import encode_example
+
+    return encode_example(make_examples(1, 4, 20)[0], ["webdataset", "parquet"]).arrow
+
+
+def _child_orsgen(n: int, record_kb: float, out: str, spill_dir: str, parquet: bool) -> dict:
+    from orsgen.schemas.config import WriteConfig
+    from orsgen.stages.write import EncodedExample, write_group
+    from orsgen.stages.write.plan import _tar_member_bytes
+
+    formats = ["webdataset", "parquet"] if parquet else ["webdataset"]
+    # The row's own key column is the template's: the writer never reads it.
+    arrow = _arrow_row() if parquet else b""
+    cfg = WriteConfig(formats=formats, num_buckets=1, spill_dir=spill_dir)
+
+    def encoded() -> Iterator[EncodedExample]:
+        for key, image, data in _records(n, record_kb):
+            yield EncodedExample(
+                key=key, split="train", image=image, json=data, arrow=arrow, n_instances=100, n_refs=0,
+                n_samples=3, samples_by_kind=(("phrase", 3),), size=_tar_member_bytes(len(image)) + _tar_member_bytes(len(data)),
+                image_id=key, uri=f"gs://bucket/sa_000000.tar#{key}.jpg", sha256=key,
+            )
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    res = write_group(out, "train", 0, encoded(), cfg)
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    tar_bytes = sum(s.n_bytes for s in res.stats if s.format == "webdataset")
+    return {"seconds": dt, "cpu_seconds": cpu, "bytes": tar_bytes, "shards": len(res.stats), "spilled": res.spilled}
+
+
+def _child_tarfile(n: int, record_kb: float, out: str) -> dict:
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "baseline.tar")
+    t0, c0 = time.perf_counter(), time.process_time()
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for key, image, data in _records(n, record_kb):
+            for ext, payload in (("jpg", image), ("json", data)):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"seconds": dt, "cpu_seconds": cpu, "bytes": os.path.getsize(path), "shards": 1, "spilled": False}
+
+
+def _run_child(kind: str, n: int, record_kb: float, scratch: str, parquet: bool = False) -> dict:
+    """Runs one case in a fresh process; returns its result with its own peak RSS."""
+    cmd = [sys.executable, __file__, "--child", kind, "--n", str(n), "--record-kb", str(record_kb), "--scratch", scratch]
+    cmd += ["--parquet"] if parquet else []
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    raw = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the {kind} child for n={n} failed with exit code {proc.returncode}.")
+    result = json.loads(raw)
+    result["peak_rss_mb"] = usage.ru_maxrss / 1024  # KiB on Linux
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[200, 1000, 2000], help="group sizes (records)")
+    ap.add_argument("--record-kb", type=float, default=250.0, help="size of one record (image + JSON), KB")
+    ap.add_argument("--tmp", default=None, help="scratch folder (default: $TMPDIR)")
+    ap.add_argument(
+        "--parquet", action="store_true",
+        help="orsgen also writes Parquet (peak RSS then includes a row group; throughput still counts tar bytes only)",
+    )
+    ap.add_argument("--child", choices=["orsgen", "tarfile"], help=argparse.SUPPRESS)
+    ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--scratch", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args.child:
+        if args.child == "orsgen":
+            res = _child_orsgen(
+                args.n, args.record_kb, os.path.join(args.scratch, "out"), os.path.join(args.scratch, "spill"), args.parquet
+            )
+        else:
+            res = _child_tarfile(args.n, args.record_kb, os.path.join(args.scratch, "out"))
+        print(json.dumps(res))
+        return
+
+    rows = []
+    for n in args.sizes:
+        row = {"n": n}
+        for kind in ("tarfile", "orsgen"):
+            scratch = tempfile.mkdtemp(prefix="orsgen-bench-write-", dir=args.tmp)
+            try:
+                row[kind] = _run_child(kind, n, args.record_kb, scratch, args.parquet and kind == "orsgen")
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
+        rows.append(row)
+        o, t = row["orsgen"], row["tarfile"]
+        print(
+            f"n={n:>6}  {o['bytes'] / 1e9:6.2f} GB  "
+            f"orsgen {o['bytes'] / o['seconds'] / 1e6:7.1f} MB/s (cpu {o['cpu_seconds'] / o['seconds']:.0%}) peak {o['peak_rss_mb']:7.1f} MB (spilled={o['spilled']})  "
+            f"tarfile {t['bytes'] / t['seconds'] / 1e6:7.1f} MB/s (cpu {t['cpu_seconds'] / t['seconds']:.0%}) peak {t['peak_rss_mb']:7.1f} MB  "
+            f"ratio {o['bytes'] / o['seconds'] / (t['bytes'] / t['seconds']):.2f}",
+            flush=True,
+        )
+    first, last = rows[0]["orsgen"], rows[-1]["orsgen"]
+    growth = last["peak_rss_mb"] / first["peak_rss_mb"]
+    tput = [r["orsgen"]["bytes"] / r["orsgen"]["seconds"] / (r["tarfile"]["bytes"] / r["tarfile"]["seconds"]) for r in rows]
+    print(f"peak RSS growth {rows[0]['n']} -> {rows[-1]['n']}: {growth:.2f}x (target <= 1.2)")
+    print(f"throughput vs tarfile: min {min(tput):.2f}x, max {max(tput):.2f}x (target >= 0.7)")
+    # On a shared machine the wall clock mostly measures the scheduler; bytes
+    # per CPU-second of each process is the load-independent view.
+    cpu = [
+        r["orsgen"]["bytes"] / r["orsgen"]["cpu_seconds"] / (r["tarfile"]["bytes"] / r["tarfile"]["cpu_seconds"]) for r in rows
+    ]
+    print(f"throughput per CPU-second vs tarfile: min {min(cpu):.2f}x, max {max(cpu):.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,355 @@
+"""Bounded-memory groups for the writers: spill to worker-local disk, read back in key order.
+
+A write group (one ``(split, bucket)`` of examples, or one bucket of rejects)
+can be far larger than a worker's memory: a full-SA-1B bucket with a fixed
+bucket count is hundreds of GB. The writers therefore never hold a group:
+
+* ``SpilledGroup`` (examples): records are kept in memory up to a byte
+  budget; each time it is reached, the held records are appended to one
+  worker-local temporary file as a run sorted by key (so reading in key
+  order is a few sequential scans, not one seek per record). Only a small ``SpillEntry`` per record (key, counts,
+  sizes, offset: about 0.55 KB) stays in memory, so the writer can dedupe,
+  sort and plan parts from the entries, then read each record back by offset
+  while it streams a shard. Peak memory: the budget, the entries, and one
+  Parquet row group.
+* ``SortedSpill`` (rejects, which are small but can number in the hundreds
+  of millions): an external merge sort. Items are buffered up to the budget,
+  sorted, written as a run, and the runs are merged lazily
+  (``heapq.merge``); memory is the budget plus one chunk per run.
+
+Spill files are ``tempfile.TemporaryFile`` objects: unlinked when created, so
+a crashed or killed worker leaves nothing behind. They hold only bytes this
+process wrote itself moments before (pickle is safe here: nothing read from
+outside is unpickled). Whether a group spilled or not never changes the
+output: both paths give the same records in the same order.
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+import pickle
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import IO, Generic, TypeVar
+
+from orsgen.stages.write.plan import EncodedExample
+
+#: Default in-memory budget of one writer before it spills (``write.spill_memory_max_bytes``).
+DEFAULT_SPILL_MEMORY_MAX_BYTES = 256 * 1024 * 1024
+# Items per pickled chunk of a sorted run: memory during the merge is one
+# chunk per run, and pickling a list is much faster than one item at a time.
+_RUN_CHUNK_ITEMS = 1024
+
+
+def _temp_file(spill_dir: str | None) -> IO[bytes]:
+    if spill_dir is not None:
+        os.makedirs(spill_dir, exist_ok=True)
+    # Unlinked at once on POSIX: nothing is left behind after a crash.
+    return tempfile.TemporaryFile(dir=spill_dir, prefix="orsgen-spill-")
+
+
+@dataclass(frozen=True, slots=True)
+class SpillEntry:
+    """What the writer keeps in memory of one record of a spilled group.
+
+    Everything ``plan``, ``dedupe_by_key`` and the shard stats need, without
+    the image, JSON and Arrow bytes. ``index`` is the record's arrival index
+    in its ``SpilledGroup`` (``SpilledGroup.get`` reads the record back).
+    """
+
+    index: int
+    key: str
+    split: str
+    size: int
+    n_image: int
+    n_json: int
+    n_arrow: int
+    n_instances: int
+    n_refs: int
+    n_samples: int
+    samples_by_kind: tuple[tuple[str, int], ...]
+    image_id: str
+    uri: str
+    sha256: str
+
+
+class SpilledGroup:
+    """One group's ``EncodedExample`` records: in memory up to a budget, then on disk.
+
+    Use as a context manager (``close`` drops the spill file)::
+
+        with SpilledGroup(memory_max_bytes=256 << 20) as group:
+            for enc in examples:
+                group.add(enc)
+            group.seal()
+            for entry in sorted(group.entries, key=lambda e: e.key):
+                enc = group.get(entry)
+
+    Args:
+        memory_max_bytes: records are held in memory while their bytes stay
+            within this budget; the record that would pass it moves the held
+            records to the spill file as one run sorted by key, and holding
+            starts again. ``seal`` spills the last run of a group that
+            spilled. 0 spills every record (a run each).
+        spill_dir: folder of the spill file (None: ``$TMPDIR``).
+    """
+
+    def __init__(self, memory_max_bytes: int = DEFAULT_SPILL_MEMORY_MAX_BYTES, spill_dir: str | None = None) -> None:
+        self._budget = memory_max_bytes
+        self._spill_dir = spill_dir
+        self.entries: list[SpillEntry] = []
+        self._held: dict[int, EncodedExample] = {}
+        self._held_bytes = 0
+        self._offsets: list[int] = []  # -1: held in memory
+        self._file: IO[bytes] | None = None
+        self._end = 0
+        self._flushed = True
+
+    @property
+    def spilled(self) -> bool:
+        """True once the group went to disk."""
+        return self._file is not None
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def add(self, enc: EncodedExample) -> SpillEntry:
+        """Adds one record (arrival order is kept) and returns its entry."""
+        i = len(self.entries)
+        entry = SpillEntry(
+            index=i,
+            key=enc.key,
+            split=enc.split,
+            size=enc.size,
+            n_image=len(enc.image),
+            n_json=len(enc.json),
+            n_arrow=len(enc.arrow),
+            n_instances=enc.n_instances,
+            n_refs=enc.n_refs,
+            n_samples=enc.n_samples,
+            samples_by_kind=enc.samples_by_kind,
+            image_id=enc.image_id,
+            uri=enc.uri,
+            sha256=enc.sha256,
+        )
+        self.entries.append(entry)
+        self._offsets.append(-1)
+        n = entry.n_image + entry.n_json + entry.n_arrow
+        if self._held and self._held_bytes + n > self._budget:
+            self._write_run()
+        self._held[i] = enc
+        self._held_bytes += n
+        return entry
+
+    def _write_run(self) -> None:
+        """Writes the held records, sorted by key, as one run of the spill file.
+
+        Sorted runs make the key-order read-back a few sequential scans (one
+        per run) instead of one random read per record.
+        """
+        if self._file is None:
+            self._file = _temp_file(self._spill_dir)
+        for j in sorted(self._held, key=lambda j: (self.entries[j].key, j)):
+            self._offsets[j] = self._append(self._held[j])
+        self._held.clear()
+        self._held_bytes = 0
+
+    def seal(self) -> None:
+        """Call after the last ``add``: a group that spilled spills its tail too.
+
+        Then nothing of a spilled group stays in memory while it is written.
+        """
+        if self._file is not None and self._held:
+            self._write_run()
+
+    def _append(self, enc: EncodedExample) -> int:
+        assert self._file is not None
+        offset = self._end
+        for data in (enc.image, enc.json, enc.arrow):
+            self._file.write(data)
+            self._end += len(data)
+        self._flushed = False
+        return offset
+
+    def get(self, entry: SpillEntry) -> EncodedExample:
+        """Returns the full record of ``entry`` (read back from disk if spilled)."""
+        held = self._held.get(entry.index)
+        if held is not None:
+            return held
+        assert self._file is not None
+        if not self._flushed:
+            self._file.flush()
+            self._flushed = True
+        fd = self._file.fileno()
+        offset = self._offsets[entry.index]
+        # One read per member: each lands in its own bytes object, with no
+        # second copy to cut a combined buffer apart.
+        parts = []
+        for n in (entry.n_image, entry.n_json, entry.n_arrow):
+            data = os.pread(fd, n, offset) if n else b""
+            if len(data) != n:
+                raise OSError(
+                    f"spill file ended early: read {len(data)} of {n} bytes at offset {offset}; is the disk full?"
+                )
+            parts.append(data)
+            offset += n
+        image, json_bytes, arrow = parts
+        return EncodedExample(
+            key=entry.key,
+            split=entry.split,
+            image=image,
+            json=json_bytes,
+            arrow=arrow,
+            n_instances=entry.n_instances,
+            n_refs=entry.n_refs,
+            n_samples=entry.n_samples,
+            samples_by_kind=entry.samples_by_kind,
+            size=entry.size,
+            image_id=entry.image_id,
+            uri=entry.uri,
+            sha256=entry.sha256,
+        )
+
+    def tar_members(self, entries: Iterable[SpillEntry]) -> Iterator[tuple[str, bytes | memoryview, bytes | memoryview]]:
+        """Yields ``(key, image, json)`` of each entry, in the given order, for streaming.
+
+        A spilled record is read into one reused buffer (no allocation or
+        page faults per record): each yielded view is valid only until the
+        next one is requested, which is all a writer that writes it out
+        before asking for the next needs (``write`` must not keep its
+        argument, as Python's I/O contract says).
+        """
+        buf = bytearray()
+        for entry in entries:
+            held = self._held.get(entry.index)
+            if held is not None:
+                yield entry.key, held.image, held.json
+                continue
+            assert self._file is not None
+            if not self._flushed:
+                self._file.flush()
+                self._flushed = True
+            n = entry.n_image + entry.n_json
+            if len(buf) < n:
+                buf = bytearray(max(n, 2 * len(buf)))
+            view = memoryview(buf)[:n]
+            got = os.preadv(self._file.fileno(), [view], self._offsets[entry.index])
+            if got != n:
+                raise OSError(f"spill file ended early: read {got} of {n} bytes; is the disk full?")
+            yield entry.key, view[: entry.n_image], view[entry.n_image :]
+
+    def close(self) -> None:
+        """Drops the held records and the spill file."""
+        self._held.clear()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> "SpilledGroup":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+T = TypeVar("T")
+
+
+class SortedSpill(Generic[T]):
+    """External merge sort of small picklable items under a memory budget.
+
+    Args:
+        key: the sort key; it must be a total order for the output to be
+            deterministic (items with equal keys must be interchangeable).
+        size_of: approximate in-memory bytes of one item.
+        memory_max_bytes: items are buffered up to this many bytes, then
+            sorted and written as one run.
+        spill_dir: folder of the spill file (None: ``$TMPDIR``).
+    """
+
+    def __init__(
+        self,
+        key: Callable[[T], object],
+        size_of: Callable[[T], int],
+        memory_max_bytes: int = DEFAULT_SPILL_MEMORY_MAX_BYTES,
+        spill_dir: str | None = None,
+    ) -> None:
+        self._key = key
+        self._size_of = size_of
+        self._budget = memory_max_bytes
+        self._spill_dir = spill_dir
+        self._buffer: list[T] = []
+        self._buffer_bytes = 0
+        self._runs: list[list[tuple[int, int]]] = []  # per run: (offset, length) of its chunks
+        self._file: IO[bytes] | None = None
+        self._end = 0
+        self._sorted = False
+        self.n_items = 0
+
+    @property
+    def spilled(self) -> bool:
+        """True once at least one run went to disk."""
+        return bool(self._runs)
+
+    def add(self, item: T) -> None:
+        """Adds one item."""
+        self._buffer.append(item)
+        self._buffer_bytes += self._size_of(item)
+        self.n_items += 1
+        self._sorted = False
+        if self._buffer_bytes > self._budget:
+            self._write_run()
+
+    def extend(self, items: Iterable[T]) -> None:
+        """Adds every item."""
+        for it in items:
+            self.add(it)
+
+    def _write_run(self) -> None:
+        if self._file is None:
+            self._file = _temp_file(self._spill_dir)
+        self._buffer.sort(key=self._key)
+        chunks = []
+        for i in range(0, len(self._buffer), _RUN_CHUNK_ITEMS):
+            data = pickle.dumps(self._buffer[i : i + _RUN_CHUNK_ITEMS], protocol=pickle.HIGHEST_PROTOCOL)
+            self._file.write(data)
+            chunks.append((self._end, len(data)))
+            self._end += len(data)
+        self._file.flush()
+        self._runs.append(chunks)
+        self._buffer = []
+        self._buffer_bytes = 0
+
+    def _read_run(self, chunks: list[tuple[int, int]]) -> Iterator[T]:
+        assert self._file is not None
+        fd = self._file.fileno()
+        for offset, n in chunks:
+            # Our own bytes, written by this process above: safe to unpickle.
+            yield from pickle.loads(os.pread(fd, n, offset))
+
+    def __iter__(self) -> Iterator[T]:
+        """Yields every item in key order; may be iterated more than once."""
+        if not self._sorted:
+            self._buffer.sort(key=self._key)
+            self._sorted = True
+        if not self._runs:
+            return iter(list(self._buffer))
+        runs: list[Iterable[T]] = [self._read_run(c) for c in self._runs]
+        runs.append(list(self._buffer))
+        return heapq.merge(*runs, key=self._key)
+
+    def close(self) -> None:
+        """Drops the buffer and the spill file."""
+        self._buffer = []
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self._runs = []
+
+    def __enter__(self) -> "SortedSpill[T]":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
