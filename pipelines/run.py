@@ -74,10 +74,14 @@ def run_pipeline(cfg: OrsgenConfig, out: str, beam_args: list[str] | None = None
 
     from orsgen.pipelines.build import MANIFEST, build_pipeline, check_output_compatible
 
-    from orsgen.pipelines.remote import check_remote_paths
+    from orsgen.pipelines.remote import check_remote_paths, is_remote_runner
+    from orsgen.pipelines.worker_env import check_worker_packaging
 
-    # Before anything is read or staged: a remote worker cannot read local paths.
+    # Before anything is read or staged: a remote worker cannot read local
+    # paths, and must get orsgen and gcsfs from the flags or its image.
     check_remote_paths(cfg, out, beam_args or [])
+    if is_remote_runner(beam_args or []):
+        check_worker_packaging(beam_args or [])
     check_inputs_exist(cfg)
     check_output_compatible(cfg, out)
     fs, root = fsspec.core.url_to_fs(out)

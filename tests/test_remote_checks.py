@@ -54,3 +54,43 @@ def test_run_pipeline_refuses_before_reading_anything(tmp_path):
     cfg = _cfg([str(tmp_path / "missing.tar")])
     with pytest.raises(RemotePathError, match=r"inputs\.0\.shards\.0"):
         run_pipeline(cfg, "gs://b/out", DATAFLOW, show_progress=False)
+
+
+# ------------------------------------------------------------------ what a worker gets installed
+
+from pathlib import Path  # noqa: E402
+
+from orsgen.pipelines.worker_env import (  # noqa: E402
+    WorkerPackagingError,
+    check_worker_packaging,
+    render,
+    worker_requirements,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_worker_requirements_file_is_in_sync_with_pyproject():
+    reqs = worker_requirements(ROOT / "pyproject.toml")
+    assert any(r.startswith("gcsfs") for r in reqs) and not any(r.startswith("apache-beam") for r in reqs)
+    assert (ROOT / "containers" / "requirements-worker.txt").read_text() == render(reqs), (
+        "regenerate it: python -m orsgen.pipelines.worker_env > containers/requirements-worker.txt"
+    )
+
+
+@pytest.mark.parametrize("args", [
+    ["--sdk_container_image=us-docker.pkg.dev/p/orsgen/orsgen-cpu:0.1.0"],
+    ["--extra_package=dist/orsgen-0.1.0-py3-none-any.whl", "--requirements_file=containers/requirements-worker.txt"],
+    ["--setup_file=./pyproject.toml"],
+])
+def test_packaging_flags_that_give_workers_orsgen_and_gcsfs(args):
+    check_worker_packaging(["--runner=DataflowRunner", *args])
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    ([], "remote workers would start without orsgen"),
+    (["--extra_package=dist/orsgen-0.1.0-py3-none-any.whl"], "would lack gcsfs"),
+])
+def test_packaging_flags_that_leave_workers_without_orsgen_are_refused(args, says):
+    with pytest.raises(WorkerPackagingError, match=says):
+        check_worker_packaging(["--runner=DataflowRunner", *args])
