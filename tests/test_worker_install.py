@@ -132,3 +132,17 @@ def test_a_wheel_without_its_dependencies_fails_to_install_offline(tmp_path, whe
         capture_output=True, text=True, timeout=300, cwd=tmp_path,
     )
     assert res.returncode != 0 and "apache-beam" in (res.stdout + res.stderr).lower().replace("_", "-")
+
+
+def test_worker_images_use_the_launchers_beam_and_the_boot_entrypoint():
+    """The Dockerfiles stay on the Beam SDK image of the installed apache-beam (boot refuses a mismatch)."""
+    import apache_beam
+
+    for name, extras in (("cpu", "[gcp]"), ("gpu", "[sam2,vlm,gcp]")):
+        text = (ROOT / "containers" / f"{name}.Dockerfile").read_text()
+        assert f"ARG BEAM_VERSION={apache_beam.__version__}" in text
+        assert "FROM apache/beam_python3.11_sdk:${BEAM_VERSION}" in text
+        assert 'ENTRYPOINT ["/opt/apache/beam/boot"]' in text
+        assert f'"${{whl}}{extras}"' in text
+    gpu = (ROOT / "containers" / "gpu.Dockerfile").read_text()
+    assert "python -m venv /opt/vllm-venv" in gpu and "torch==2.14.1" in gpu
