@@ -77,12 +77,18 @@ def compute(rates: dict, images: int, cpu_workers: int, gpus: int, gpu_usd_h: fl
     worker_usd_h = w["cpu_vcpus"] * p["vcpu_hour"] + w["cpu_memory_gb"] * p["memory_gb_hour"] + w["disk_gb"] * p["pd_standard_gb_hour"]
     shuffle_gb = m["shuffle_bytes_per_image"] * images / 1e9
     rows = []
-    for recipe in ("sa1b.yaml", "sa1b_ors.yaml"):
+    recipes: list[tuple[str, str | None]] = [("sa1b.yaml", None)]
+    recipes += [(f"sa1b_ors.yaml, {m}", m) for m in rates["gpu"]["vlm_total_tokens_per_s_per_gpu"]]
+    recipes += [("SAM2 verify (encoder only)", "sam2")]
+    for recipe, model in recipes:
         cpu_s = sum(cpu[s] for s in REGIONS_STAGES)
         lo = hi = None
-        if recipe == "sa1b_ors.yaml":
+        if model == "sam2":
+            cpu_s = 0.0  # on top of a recipe's CPU work; only the GPU side is new
+            fps = next(iter(rates["gpu"]["sam2_images_per_s_per_gpu"].values()))["value"]
+            lo = hi = images / fps / 3600
+        elif model is not None:
             cpu_s += cpu["caption_plan_round1"] * (2 if ca["caption_round2_cpu_like_round1"] else 1)
-            model = rates["vlm_assumptions"]["model"]
             tps = rates["gpu"]["vlm_total_tokens_per_s_per_gpu"][model]
             tokens = vlm_tokens_per_image(rates) * images
             lo = tokens / tps["optimistic"] / 3600 if tps.get("optimistic") else None
@@ -95,9 +101,9 @@ def compute(rates: dict, images: int, cpu_workers: int, gpus: int, gpu_usd_h: fl
             vcpu_hours=vcpu_h,
             gpu_hours_lo=lo,
             gpu_hours_hi=hi,
-            shuffle_tb=shuffle_gb / 1000,
+            shuffle_tb=0.0 if model == "sam2" else shuffle_gb / 1000,
             cpu_usd=worker_h * worker_usd_h,
-            shuffle_usd=shuffle_gb * p["shuffle_gb"],
+            shuffle_usd=0.0 if model == "sam2" else shuffle_gb * p["shuffle_gb"],
             gpu_usd_lo=(lo * gpu_usd_h) if (lo is not None and gpu_usd_h) else None,
             gpu_usd_hi=(hi * gpu_usd_h) if (hi is not None and gpu_usd_h) else None,
             cpu_wall_h=worker_h / cpu_workers,
@@ -114,17 +120,15 @@ def _f(v: float | None, fmt: str = "{:,.0f}") -> str:
 def _range(lo: float | None, hi: float | None, fmt: str = "{:,.0f}") -> str:
     if lo is None and hi is None:
         return "–"
-    if lo is None:
+    if lo is None or lo == hi:
         return _f(hi, fmt)
     return f"{_f(lo, fmt)}–{_f(hi, fmt)}"
 
 
 def render(rows: list[Row], rates: dict, images: int, cpu_workers: int, gpus: int, gpu_usd_h: float | None) -> str:
     w = rates["workers"]
-    model = rates["vlm_assumptions"]["model"]
-    gpu_type = rates["gpu"]["vlm_total_tokens_per_s_per_gpu"][model]["gpu"]
     head = (
-        f"| recipe | worker-hours ({w['cpu_machine']}) | {gpu_type} GPU-hours (VLM {model}) | shuffle TB "
+        f"| recipe | worker-hours ({w['cpu_machine']}) | A100 GPU-hours | shuffle TB "
         f"| CPU $ | shuffle $ | GPU $ | wall h, {cpu_workers} workers | wall h, {gpus} GPUs |"
     )
     lines = [head, "|" + "---|" * 9]
@@ -140,9 +144,10 @@ def render(rows: list[Row], rates: dict, images: int, cpu_workers: int, gpus: in
         "",
         f"{images:,} images. Prices: vCPU-h ${p['vcpu_hour']}, memory GB-h ${p['memory_gb_hour']}, PD GB-h "
         f"${p['pd_standard_gb_hour']}, Shuffle GB ${p['shuffle_gb']} ({p['date_seen']}; {p['source']})",
-        f"GPU-hours: range = optimistic–conservative cited throughput; tokens per image "
+        f"GPU-hours: range = optimistic–conservative cited A100 throughput (no optimistic figure for 72B); tokens per image "
         f"{vlm_tokens_per_image(rates):,.0f} (image tokens measured with Qwen2.5-VL's processor, text tokens "
-        "estimated, output tokens assumed).",
+        "estimated, output tokens assumed). SAM2: encoder only, a lower bound (the per-prompt decoder is not counted). "
+        "Wall time = hours / workers (or GPUs), assuming full use.",
     ]
     return "\n".join(lines)
 

@@ -77,11 +77,25 @@ def _pickled_dofns(config: Path, sets: list[str], out: Path, dest: Path) -> int:
     return n
 
 
+def _can_build_here() -> bool:
+    try:
+        import setuptools
+        import wheel as _wheel  # noqa: F401
+    except ImportError:
+        return False
+    return int(setuptools.__version__.split(".")[0]) >= 68
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     """The wheel, as `pip wheel` makes it from a clone."""
     dist = tmp_path_factory.mktemp("dist")
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist), str(ROOT)])
+    # Without build isolation when this venv can build it (fast, offline); otherwise pip
+    # fetches the build backend pyproject.toml names (setuptools>=68, wheel) from the registry.
+    isolation: list[str] = []
+    if _can_build_here():
+        isolation = ["--no-build-isolation"]
+    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", *isolation, "-q", "-w", str(dist), str(ROOT)])
     (whl,) = dist.glob("orsgen-*.whl")
     return whl
 
