@@ -1,24 +1,28 @@
 """The VLM caption stage in Beam: SA1B-CoRS and SA1B-DeRS samples in two rounds.
 
-    examples ─► plan round 1 ─► (key, VlmRequest) ─► RunInference ─┐  cors_ground per image,
-        │                                    dead letters ─► errors ┤  ders_describe per salient region
-        └──────────────── CoGroupByKey(key) ◄──────────────────────┘
-                              │ assemble round 1 (IoF merging, label groups, descriptions)
-                              ▼
-              plan round 2 ─► (key, VlmRequest) ─► RunInference ─┐  cors_verify per label,
-                   │                          dead letters ─► errors┤  reground per description
-                   └──────── CoGroupByKey(key) ◄───────────────────┘
-                              │ final assembly (verdicts, IoU gate, trainer targets)
-                              ▼
-                    examples with new samples (+ merged instances), rejects, events
+    examples ─► BatchElements(window_images) ─► CaptionBatchDoFn ─► examples with new
+                                                    │                 samples (+ merged
+      per window:  plan round 1 ─► backend ─► assemble round 1        instances),
+                   plan round 2 ─► backend ─► assemble round 2        rejects, events
+                   (cors_ground per image, ders_describe per salient region;
+                    cors_verify per label, reground per description)
+
+No image record crosses a shuffle here: a window of images from one bundle
+sends its requests together (the backend's client bounds them by
+``max_in_flight``), and the answers are joined to their images by request id
+in memory. The only shuffle of whole records in a build stays the one before
+writing. The model is the ``ModelHandler``'s (``VlmModelHandler``), loaded the
+way ``RunInference`` loads it: once per process, or once per worker machine
+with ``share_model_across_processes``.
 
 The per-example work (request planning, response assembly) is pure and lives in
 the plain functions of this module and in ``stages/caption/{cors,ders}``;
-the DoFns only move records and count. Every request that fails (an error in
-its response, an answer that does not parse, a dead letter from RunInference)
+the DoFn only moves records and counts. Every request that fails (an error in
+its response, an answer that does not parse, an exception of the handler)
 becomes a sample-level reject with its reason code, keyed by the sample it was
-for, so ``inputs = written + rejected`` keeps holding for samples. Images of
-input types the stage does not apply to bypass both rounds.
+for, so ``inputs = written + rejected`` keeps holding for samples. A server
+that cannot be reached at all fails the run (``UnreachableGate``) instead.
+Images of input types the stage does not apply to bypass both rounds.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable
+from urllib.parse import urlsplit
 
 import apache_beam as beam
 import numpy as np
@@ -455,82 +460,6 @@ def _emit(rejects: Iterable[Reject], events: Mapping[str, int]) -> Iterator[Any]
             yield TaggedOutput(EVENTS, (name, n))
 
 
-class _ContextDoFn(beam.DoFn):
-    def __init__(self, cfg: CaptionConfig) -> None:
-        self._cfg = cfg
-        self._ctx: CaptionContext | None = None
-
-    def setup(self) -> None:
-        # Prompts load on the worker, from the installed package or the configured path.
-        self._ctx = CaptionContext.from_config(self._cfg)
-
-    @property
-    def ctx(self) -> CaptionContext:
-        if self._ctx is None:
-            self.setup()
-        assert self._ctx is not None
-        return self._ctx
-
-
-PLANNED = "planned"
-
-
-class PlanRound1DoFn(_ContextDoFn):
-    """Example -> (key, request) for grounding and descriptions; (key, request id) to ``planned``."""
-
-    def process(self, ex: ImageExample) -> Iterator[Any]:
-        reqs, rejects, events = plan_round1(ex, self.ctx)
-        yield from _emit(rejects, events)
-        for r in reqs:
-            yield TaggedOutput(PLANNED, (ex.key, r.request_id))
-            yield (ex.key, r)
-
-
-class AssembleRound1DoFn(_ContextDoFn):
-    """(key, {examples, responses}) -> CaptionState, rejects, events."""
-
-    def process(self, element: tuple[str, dict[str, Iterable[Any]]]) -> Iterator[Any]:
-        key, grouped = element
-        exs = list(grouped["examples"])
-        if len(exs) != 1:
-            raise RuntimeError(
-                f"caption: {len(exs)} examples share the key {key!r}; example keys must be unique "
-                "(the dedupe stage guarantees it)."
-            )
-        responses = _by_request(grouped["responses"])
-        state, rejects, events = assemble_round1(exs[0], set(grouped["planned"]), responses, self.ctx)
-        yield from _emit(rejects, events)
-        yield state
-
-
-class PlanRound2DoFn(_ContextDoFn):
-    """CaptionState -> (key, request) for verification and re-grounding."""
-
-    def process(self, state: CaptionState) -> Iterator[Any]:
-        reqs, rejects, events = plan_round2(state, self.ctx)
-        yield from _emit(rejects, events)
-        for r in reqs:
-            yield TaggedOutput(PLANNED, (state.example.key, r.request_id))
-            yield (state.example.key, r)
-
-
-class AssembleRound2DoFn(_ContextDoFn):
-    """(key, {states, responses}) -> ImageExample with new samples, rejects, events."""
-
-    def process(self, element: tuple[str, dict[str, Iterable[Any]]]) -> Iterator[Any]:
-        key, grouped = element
-        (state,) = list(grouped["states"])
-        responses = _by_request(grouped["responses"])
-        out, rejects, events = assemble_round2(state, set(grouped["planned"]), responses, self.ctx)
-        before = state.example
-        _check_nothing_vanished(before, out)
-        samples_made = len(out.samples) - len(before.samples)
-        yield from _emit(rejects, events)
-        if samples_made:
-            yield TaggedOutput(EVENTS, ("created/samples", samples_made))
-        yield out
-
-
 def _check_nothing_vanished(before: ImageExample, after: ImageExample) -> None:
     lost_i = {i.instance_id for i in before.instances} - {i.instance_id for i in after.instances}
     lost_s = {s.sample_id for s in before.samples} - {s.sample_id for s in after.samples}
@@ -539,47 +468,187 @@ def _check_nothing_vanished(before: ImageExample, after: ImageExample) -> None:
 
 
 def _by_request(responses: Iterable[VlmResponse]) -> dict[str, VlmResponse]:
-    # Sorted so that a duplicate id (a retried bundle) resolves the same way on every run.
+    # Sorted so that a duplicate id resolves the same way on every run.
     out: dict[str, VlmResponse] = {}
     for r in sorted(responses, key=lambda r: (r.request_id, r.error, r.text)):
         out.setdefault(r.request_id, r)
     return out
 
 
-def dead_letters_to_responses(element: Any) -> Iterator[tuple[str, VlmResponse]]:
-    """Turns a RunInference dead letter (a failed batch and its error) into error responses.
+def raised_to_responses(requests: Sequence[VlmRequest], err: BaseException) -> list[VlmResponse]:
+    """Turns an exception of the handler (a bug, a crashed backend) into one error response per request.
 
-    ``with_exception_handling`` emits ``(batch, (exc_type, repr, traceback))``
-    for a batch whose inference raised; each ``(key, request)`` of the batch
-    becomes a ``vlm_backend_error`` response so that its sample is rejected,
-    not lost.
+    Each becomes a ``vlm_backend_error`` response carrying the exception's
+    message, so that its sample is rejected, not lost, and the job goes on.
     """
-    batch, err = element if isinstance(element, tuple) and len(element) == 2 else (element, None)
-    if isinstance(err, tuple) and len(err) >= 2:
-        msg = str(err[1])
-    else:
-        msg = repr(err)
-    items = batch if isinstance(batch, list) else [batch]
-    for item in items:
-        if isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], VlmRequest):
-            key, req = item
-            yield key, VlmResponse(
-                request_id=req.request_id, text="", model="", error=VlmError.BACKEND.value,
-                message=f"inference raised: {msg[:300]}",
+    msg = f"{type(err).__name__}: {err}"
+    return [
+        VlmResponse(request_id=r.request_id, text="", model="", error=VlmError.BACKEND.value,
+                    message=f"inference raised: {msg[:300]}")
+        for r in requests
+    ]
+
+
+#: Answers that mean the server could not be reached (after the client's retries).
+UNREACHABLE = frozenset({VlmError.SERVER_DEAD.value, VlmError.TIMEOUT.value})
+
+
+class VlmUnreachableError(RuntimeError):
+    """Too many caption requests could not reach the VLM server: the bundle (and the run) fails."""
+
+
+def _where(backend: Any) -> str:
+    """Where the server is, for a message: the URL without credentials, or the managed command."""
+    if backend.backend == "openai":
+        parts = urlsplit(backend.base_url)
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port else ""
+        return f"at {parts.scheme}://{host}{port}{parts.path} (caption.backend.base_url)"
+    if backend.backend == "managed":
+        return "started by caption.backend.server_command (see the worker logs for its output)"
+    return "(in-process transformers model)"
+
+
+@dataclass
+class UnreachableGate:
+    """Fails the run when the VLM server is unreachable instead of rejecting every sample.
+
+    Counts, per SDK process, the answers whose error means the server could
+    not be reached (``vlm_server_dead``, ``vlm_timeout``: the client has
+    already retried each one). Once at least ``min_requests`` answers are in
+    and more than ``max_fraction`` of them are unreachable, ``check`` raises
+    one sentence. The counts restart after a failure, so a bundle the runner
+    retries after a short outage is judged afresh.
+
+    Attributes:
+        max_fraction: ``caption.backend.max_unreachable_fraction`` (1.0: never fail).
+        min_requests: ``caption.backend.unreachable_min_requests``.
+        where: where the server is, for the message.
+    """
+
+    max_fraction: float
+    min_requests: int
+    where: str
+    seen: int = 0
+    unreachable: int = 0
+
+    def check(self, responses: Iterable[VlmResponse]) -> None:
+        for r in responses:
+            self.seen += 1
+            if r.error in UNREACHABLE:
+                self.unreachable += 1
+        if self.max_fraction >= 1.0 or self.seen < self.min_requests:
+            return
+        if self.unreachable > self.max_fraction * self.seen:
+            seen, bad = self.seen, self.unreachable
+            self.seen = self.unreachable = 0
+            raise VlmUnreachableError(
+                f"caption: {bad} of {seen} VLM requests could not reach the model server {self.where} "
+                "(vlm_server_dead / vlm_timeout after retries); start the server or make it reachable from "
+                "the workers, or raise caption.backend.max_unreachable_fraction to finish with these samples rejected."
             )
 
 
-def _infer(reqs: beam.PCollection, handler: Any, label: str, model_identifier: str) -> beam.PCollection:
-    from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
+def acquire_model(handler: Any, tag: str, shared_handle: Any) -> Any:
+    """The handler's model, loaded once per process, or once per machine when it is shared.
 
-    # One model_identifier for both rounds: with share_model_across_processes
-    # they then use one captioner per worker (one managed server, one model
-    # copy); Beam's default, a fresh uuid per RunInference, would start two
-    # vLLM servers on one GPU.
-    ri = RunInference(KeyedModelHandler(handler), model_identifier=model_identifier)
-    main, other = reqs | f"{label}/RunInference" >> ri.with_exception_handling()
-    dead = other.failed_inferences | f"{label}/DeadLetters" >> beam.FlatMap(dead_letters_to_responses)
-    return (main, dead) | f"{label}/All" >> beam.Flatten()
+    The same rule as ``RunInference``: with ``share_model_across_processes``
+    one copy per worker VM serves every SDK process through a proxy (one
+    managed vLLM server per GPU machine); otherwise one copy per process,
+    shared by its threads.
+    """
+    if handler.share_model_across_processes():
+        from apache_beam.utils import multi_process_shared
+
+        return multi_process_shared.MultiProcessShared(handler.load_model, tag=tag, always_proxy=True).acquire()
+    return shared_handle.acquire(handler.load_model, tag=tag)
+
+
+class CaptionBatchDoFn(beam.DoFn):
+    """A window of images -> captioned images, rejects, events; both rounds in one place.
+
+    Requests of every image of the window go to the backend together (its
+    client bounds them by ``max_in_flight``), round 1 then round 2, and the
+    answers are joined to their image here, by request id, in memory. No
+    image record crosses a shuffle: the window is the bundle-level in-flight
+    window of ``caption.window_images`` images, built by ``BatchElements``.
+
+    Args:
+        cfg: the caption config.
+        handler: the ``ModelHandler`` answering ``VlmRequest`` batches.
+        model_tag: the shared-model tag (unique per transform).
+    """
+
+    def __init__(self, cfg: CaptionConfig, handler: Any, model_tag: str) -> None:
+        from apache_beam.utils import shared
+
+        self._cfg = cfg
+        self._handler = handler
+        self._tag = model_tag
+        self._shared = shared.Shared()
+        self._ctx: CaptionContext | None = None
+        self._model: Any = None
+        self._gate: UnreachableGate | None = None
+
+    def setup(self) -> None:
+        # Prompts load on the worker, from the installed package or the configured path;
+        # the model (a client, a managed server, an in-process model) too.
+        self._ctx = CaptionContext.from_config(self._cfg)
+        self._model = acquire_model(self._handler, self._tag, self._shared)
+        b = self._cfg.backend
+        self._gate = UnreachableGate(b.max_unreachable_fraction, b.unreachable_min_requests, _where(b))
+
+    def _context(self) -> CaptionContext:
+        # A method, not a property: Beam inspects DoFn attributes while the
+        # graph is built, and a property would load the model on the launcher.
+        if self._ctx is None:
+            self.setup()
+        assert self._ctx is not None
+        return self._ctx
+
+    def _infer(self, requests: list[VlmRequest]) -> dict[str, VlmResponse]:
+        if not requests:
+            return {}
+        try:
+            responses = list(self._handler.run_inference(requests, self._model))
+        except VlmUnreachableError:
+            raise
+        except Exception as err:  # noqa: BLE001 - a failed batch is rejects, never a lost image
+            Metrics.counter(NAMESPACE, "caption_inference_raised").inc()
+            responses = raised_to_responses(requests, err)
+        assert self._gate is not None
+        self._gate.check(responses)
+        return _by_request(responses)
+
+    def process(self, batch: list[ImageExample]) -> Iterator[Any]:
+        ctx = self._context()
+        keys = [ex.key for ex in batch]
+        if len(set(keys)) != len(keys):
+            raise RuntimeError(
+                "caption: two examples share a key in one window; example keys must be unique "
+                "(the dedupe stage guarantees it)."
+            )
+        plans1 = [plan_round1(ex, ctx) for ex in batch]
+        answers1 = self._infer([r for reqs, _, _ in plans1 for r in reqs])
+        states = []
+        for ex, (reqs, rejects, events) in zip(batch, plans1):
+            yield from _emit(rejects, events)
+            state, rejects, events = assemble_round1(ex, {r.request_id for r in reqs}, answers1, ctx)
+            yield from _emit(rejects, events)
+            states.append(state)
+        del answers1, plans1
+        plans2 = [plan_round2(state, ctx) for state in states]
+        answers2 = self._infer([r for reqs, _, _ in plans2 for r in reqs])
+        for state, (reqs, rejects, events) in zip(states, plans2):
+            yield from _emit(rejects, events)
+            out, rejects, events = assemble_round2(state, {r.request_id for r in reqs}, answers2, ctx)
+            before = state.example
+            _check_nothing_vanished(before, out)
+            samples_made = len(out.samples) - len(before.samples)
+            yield from _emit(rejects, events)
+            if samples_made:
+                yield TaggedOutput(EVENTS, ("created/samples", samples_made))
+            yield out
 
 
 class CaptionExamples(beam.PTransform):
@@ -592,7 +661,8 @@ class CaptionExamples(beam.PTransform):
         model_handler: the ``ModelHandler[VlmRequest, VlmResponse, ...]``
             answering requests (``VlmModelHandler`` from the config's backend).
 
-    The result is ``(examples, rejects, events)``.
+    The result is ``(examples, rejects, events)``. The stage has no shuffle:
+    examples are batched within a bundle and both rounds run in one DoFn.
     """
 
     def __init__(self, cfg: CaptionConfig, input_types: Mapping[str, str], model_handler: Any) -> None:
@@ -600,8 +670,14 @@ class CaptionExamples(beam.PTransform):
         self._cfg = cfg
         self._types = dict(input_types)
         self._handler = model_handler
-        # Shared by the two rounds' RunInference (see _infer); unique per transform.
+        # The shared-model tag: one captioner per process (or per worker when
+        # shared) for this transform; another caption transform gets its own.
         self._model_identifier = f"orsgen-vlm-{uuid.uuid4().hex}"
+
+    @property
+    def model_identifier(self) -> str:
+        """The tag under which the captioner is shared."""
+        return self._model_identifier
 
     def expand(self, examples: beam.PCollection) -> tuple[beam.PCollection, beam.PCollection, beam.PCollection]:
         apply_to = set(self._cfg.apply_to)
@@ -611,34 +687,18 @@ class CaptionExamples(beam.PTransform):
             return 0 if types.get(ex.input_name, "") in apply_to else 1
 
         todo, skip = examples | "Route" >> beam.Partition(route, 2)
-        r1 = todo | "PlanRound1" >> beam.ParDo(PlanRound1DoFn(self._cfg)).with_outputs(
-            REJECTS, EVENTS, PLANNED, main="requests"
+        n = self._cfg.window_images
+        res = (
+            todo
+            # A fixed window (min = max): a bundle's images are sent together,
+            # up to n at a time; the last window of a bundle may be smaller.
+            | "Window" >> beam.BatchElements(min_batch_size=n, max_batch_size=n)
+            | "Caption" >> beam.ParDo(CaptionBatchDoFn(self._cfg, self._handler, self._model_identifier)).with_outputs(
+                REJECTS, EVENTS, main="examples"
+            )
         )
-        resp1 = _infer(r1.requests, self._handler, "Round1", self._model_identifier)
-        joined1 = {
-            "examples": todo | "KeyExamples" >> beam.Map(lambda ex: (ex.key, ex)),
-            "planned": r1[PLANNED],
-            "responses": resp1,
-        } | "Join1" >> beam.CoGroupByKey()
-        a1 = joined1 | "AssembleRound1" >> beam.ParDo(AssembleRound1DoFn(self._cfg)).with_outputs(
-            REJECTS, EVENTS, main="states"
-        )
-        r2 = a1.states | "PlanRound2" >> beam.ParDo(PlanRound2DoFn(self._cfg)).with_outputs(
-            REJECTS, EVENTS, PLANNED, main="requests"
-        )
-        resp2 = _infer(r2.requests, self._handler, "Round2", self._model_identifier)
-        joined2 = {
-            "states": a1.states | "KeyStates" >> beam.Map(lambda s: (s.example.key, s)),
-            "planned": r2[PLANNED],
-            "responses": resp2,
-        } | "Join2" >> beam.CoGroupByKey()
-        a2 = joined2 | "AssembleRound2" >> beam.ParDo(AssembleRound2DoFn(self._cfg)).with_outputs(
-            REJECTS, EVENTS, main="examples"
-        )
-        out = (a2.examples, skip) | "Merge" >> beam.Flatten()
-        rejects = (r1[REJECTS], a1[REJECTS], r2[REJECTS], a2[REJECTS]) | "Rejects" >> beam.Flatten()
-        events = (r1[EVENTS], a1[EVENTS], r2[EVENTS], a2[EVENTS]) | "Events" >> beam.Flatten()
-        return out, rejects, events
+        out = (res.examples, skip) | "Merge" >> beam.Flatten()
+        return out, res[REJECTS], res[EVENTS]
 
 
 def caption_model_handler(cfg: CaptionConfig, out: str) -> Any:

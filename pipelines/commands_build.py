@@ -26,6 +26,9 @@ def run(
     beam_args: Optional[list[str]] = typer.Argument(None, help="Beam flags after --, e.g. -- --runner=DataflowRunner"),
 ) -> None:
     """Build a dataset from CONFIG into --out."""
+    from orsgen.pipelines.caption import VlmUnreachableError
+    from orsgen.pipelines.remote import RemotePathError
+    from orsgen.pipelines.worker_env import WorkerPackagingError
     from orsgen.stages.write import OutputConflictError
 
     try:
@@ -34,9 +37,12 @@ def run(
         fail(str(err))
     try:
         manifest = run_pipeline(cfg, out, beam_args or [], show_progress=not quiet)
-    except (OutputConflictError, FileNotFoundError) as err:
+    except (OutputConflictError, FileNotFoundError, RemotePathError, WorkerPackagingError, VlmUnreachableError) as err:
         # FileNotFoundError: a top-level input (shard glob, annotations or refs
         # file) is missing, a config mistake whose message names the path.
+        # RemotePathError: a local path with a remote runner (names the key);
+        # WorkerPackagingError: remote workers would lack orsgen or gcsfs.
+        # VlmUnreachableError: the caption server could not be reached.
         fail(str(err))
     if not quiet:
         print_summary(manifest, out)

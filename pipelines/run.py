@@ -74,6 +74,14 @@ def run_pipeline(cfg: OrsgenConfig, out: str, beam_args: list[str] | None = None
 
     from orsgen.pipelines.build import MANIFEST, build_pipeline, check_output_compatible
 
+    from orsgen.pipelines.remote import check_remote_paths, is_remote_runner
+    from orsgen.pipelines.worker_env import check_worker_packaging
+
+    # Before anything is read or staged: a remote worker cannot read local
+    # paths, and must get orsgen and gcsfs from the flags or its image.
+    check_remote_paths(cfg, out, beam_args or [])
+    if is_remote_runner(beam_args or []):
+        check_worker_packaging(beam_args or [])
     check_inputs_exist(cfg)
     check_output_compatible(cfg, out)
     fs, root = fsspec.core.url_to_fs(out)
@@ -96,9 +104,27 @@ def run_pipeline(cfg: OrsgenConfig, out: str, beam_args: list[str] | None = None
         _progress(thread, fs, root)
     thread.join()
     if error:
-        raise error[0]
+        raise _clear_error(error[0])
     with fs.open(f"{root.rstrip('/')}/{MANIFEST}", "rb") as f:
         return json.load(f)
+
+
+def _clear_error(err: BaseException) -> BaseException:
+    """The one-sentence error of an unreachable VLM server, however the runner wrapped it.
+
+    In-process runners re-raise the DoFn's ``VlmUnreachableError``; others
+    wrap it in a ``RuntimeError`` holding the worker traceback as text.
+    """
+    from orsgen.pipelines.caption import VlmUnreachableError
+
+    if isinstance(err, VlmUnreachableError):
+        return err
+    import re
+
+    m = re.search(r"(caption: \d+ of \d+ VLM requests could not reach the model server.*?finish with these samples rejected\.)", str(err), re.S)
+    if m:
+        return VlmUnreachableError(m.group(1))
+    return err
 
 
 def _progress(thread: threading.Thread, fs: Any, root: str) -> None:

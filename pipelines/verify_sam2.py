@@ -132,6 +132,9 @@ class _ApplyDoFn(beam.DoFn):
 class _DeadLetterDoFn(beam.DoFn):
     """A failed inference batch: every image in it becomes an image reject."""
 
+    # Its main output is rejects, not image records (pipelines/dataflow_graph.py).
+    small_main_output = True
+
     def process(self, element: tuple[Sequence[Sam2Request], Any]) -> Iterator[Any]:
         batch, error = element
         text = error[1] if isinstance(error, tuple) and len(error) > 1 else str(error)

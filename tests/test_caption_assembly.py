@@ -486,9 +486,31 @@ def test_absolute_boxes_map_back_through_the_model_input_size(scene):
     assert all(max(Image.open(io.BytesIO(b)).size) <= 50 for r in reqs for b in r.images)
 
 
-def test_dead_letters_become_backend_error_responses():
+def test_handler_exceptions_become_backend_error_responses():
     req = VlmRequest("k-ders-x/ders_describe", VlmTask.DERS_DESCRIBE.value, "v", "", "u", (), ())
-    dead = ([("k", req), ("k", req)], (RuntimeError, "RuntimeError('boom')", ["tb"]))
-    out = list(cap.dead_letters_to_responses(dead))
-    assert [k for k, _ in out] == ["k", "k"]
-    assert all(r.error == "vlm_backend_error" and "boom" in r.message for _, r in out)
+    req2 = VlmRequest("k-ders-y/ders_describe", VlmTask.DERS_DESCRIBE.value, "v", "", "u", (), ())
+    out = cap.raised_to_responses([req, req2], RuntimeError("boom"))
+    assert [r.request_id for r in out] == [req.request_id, req2.request_id]
+    assert all(r.error == "vlm_backend_error" and "boom" in r.message for r in out)
+
+
+def _gate_resp(error: str = "") -> VlmResponse:
+    return VlmResponse(request_id="r", text="" if error else "{}", model="m", error=error, message=error)
+
+
+def test_unreachable_gate_fails_with_one_sentence_naming_the_key():
+    gate = cap.UnreachableGate(max_fraction=0.5, min_requests=4, where="at http://h:8000/v1 (caption.backend.base_url)")
+    gate.check([_gate_resp("vlm_server_dead")] * 3)  # fewer than min_requests: no verdict yet
+    with pytest.raises(cap.VlmUnreachableError, match=r"4 of 4 .*caption.backend.max_unreachable_fraction"):
+        gate.check([_gate_resp("vlm_timeout")])
+    # The counts restart: a retried bundle after a short outage is judged afresh.
+    gate.check([_gate_resp()] * 4)
+
+
+def test_unreachable_gate_lets_bad_answers_and_a_healthy_majority_through():
+    # Twin: refusals and malformed answers are rejects, not an unreachable server.
+    gate = cap.UnreachableGate(max_fraction=0.5, min_requests=4, where="x")
+    gate.check([_gate_resp("vlm_refusal"), _gate_resp("vlm_malformed_output"), _gate_resp("vlm_http_error"), _gate_resp()] * 5)
+    gate.check([_gate_resp("vlm_server_dead")] * 5)  # 5 of 25
+    never = cap.UnreachableGate(max_fraction=1.0, min_requests=1, where="x")
+    never.check([_gate_resp("vlm_server_dead")] * 50)

@@ -397,18 +397,18 @@ def test_inference_exceptions_become_rejects_not_a_failed_job(sa1b_shards, tmp_p
 
 
 
-def test_both_rounds_share_one_managed_server_per_worker():
-    """Round 1 and round 2 name one model: a managed vLLM must not start twice on one GPU.
+def test_both_rounds_share_one_model_and_no_record_is_shuffled():
+    """One DoFn runs both rounds against one model: no join moves image records.
 
-    Beam gives every RunInference a fresh model tag unless ``model_identifier``
-    is set, and with ``share_model_across_processes`` the tag decides which
-    loaded model (here: which managed server) a step uses. Checked on the graph:
-    a real count of server starts through Beam takes ~8 s (process spawning).
+    The captioner is acquired under the transform's tag (once per process,
+    or once per worker with ``share_model_across_processes``), so a managed
+    vLLM starts once per GPU machine; a second caption transform gets its own
+    tag. Checked on the graph: no GroupByKey or RunInference inside the stage.
     """
     import apache_beam as beam
     from apache_beam.ml.inference.base import RunInference
 
-    from orsgen.pipelines.caption import CaptionExamples
+    from orsgen.pipelines.caption import CaptionBatchDoFn, CaptionExamples
     from orsgen.schemas.config import CaptionBackendConfig, CaptionConfig
     from orsgen.stages.caption.handler import VlmModelHandler
 
@@ -416,31 +416,59 @@ def test_both_rounds_share_one_managed_server_per_worker():
     handler = VlmModelHandler(backend)
     assert handler.share_model_across_processes()
     cfg = CaptionConfig(enabled=True, backend=backend)
-    p = beam.Pipeline(runner="FnApiRunner")
-    _ = p | beam.Create([]) | CaptionExamples(cfg, {"sa1b": "sa1b"}, handler)
-    tags = {}
 
-    class Visit(beam.pipeline.PipelineVisitor):
-        def enter_composite_transform(self, node):
-            if isinstance(node.transform, RunInference):
-                tags[node.full_label] = node.transform._model_tag
+    def inspect(t: CaptionExamples) -> tuple[list[str], list[str], list[str]]:
+        p = beam.Pipeline(runner="FnApiRunner")
+        _ = p | beam.Create([]) | "Caption" >> t
+        dofns, shuffles, ri = [], [], []
 
-    p.visit(Visit())
-    assert len(tags) == 2 and len(set(tags.values())) == 1, tags
-    # A second caption transform (another config) gets its own model.
-    p2 = beam.Pipeline(runner="FnApiRunner")
-    _ = p2 | beam.Create([]) | CaptionExamples(cfg, {"sa1b": "sa1b"}, handler)
-    first = set(tags.values())
-    tags.clear()
-    p2.visit(Visit())
-    assert len(set(tags.values())) == 1 and set(tags.values()) != first
+        class Visit(beam.pipeline.PipelineVisitor):
+            def enter_composite_transform(self, node):
+                if isinstance(node.transform, RunInference):
+                    ri.append(node.full_label)
+
+            def visit_transform(self, node):
+                if not node.full_label.startswith("Caption/"):
+                    return
+                if isinstance(node.transform, beam.ParDo) and isinstance(node.transform.fn, CaptionBatchDoFn):
+                    dofns.append(node.transform.fn._tag)
+                if isinstance(node.transform, beam.GroupByKey):
+                    shuffles.append(node.full_label)
+
+        p.visit(Visit())
+        return dofns, shuffles, ri
+
+    t1 = CaptionExamples(cfg, {"sa1b": "sa1b"}, handler)
+    dofns, shuffles, ri = inspect(t1)
+    assert dofns == [t1.model_identifier] and not shuffles and not ri
+    t2 = CaptionExamples(cfg, {"sa1b": "sa1b"}, handler)
+    assert inspect(t2)[0] == [t2.model_identifier] != [t1.model_identifier]
 
 
-def test_server_down_for_the_whole_run_is_rejects_not_a_crash(sa1b_shards, tmp_path):
-    """Nobody listens at base_url: every caption sample is a counted vlm_server_dead reject."""
+def test_server_down_for_the_whole_run_fails_with_one_sentence(sa1b_shards, tmp_path):
+    """Nobody listens at base_url: the run fails, saying so, instead of rejecting everything."""
     from vlm_fixtures import free_port
 
-    cfg = _config(tmp_path, sa1b_shards, {"model": "m", "base_url": f"http://127.0.0.1:{free_port()}/v1", "cache": False},
+    from orsgen.pipelines.caption import VlmUnreachableError
+
+    port = free_port()
+    cfg = _config(tmp_path, sa1b_shards, {"model": "m", "base_url": f"http://127.0.0.1:{port}/v1", "cache": False},
+                  ders={"min_area_frac": 0.05, "max_regions_per_image": 1})
+    with pytest.raises(VlmUnreachableError) as info:
+        run_pipeline(cfg, str(tmp_path / "out"), RUNNER, show_progress=False)
+    msg = str(info.value)
+    assert msg.startswith("caption: 4 of 4 VLM requests could not reach the model server")
+    assert f"http://127.0.0.1:{port}/v1" in msg and "caption.backend.max_unreachable_fraction" in msg
+    assert "\n" not in msg and "Traceback" not in msg
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_server_down_with_the_gate_off_is_rejects_not_a_crash(sa1b_shards, tmp_path):
+    """Twin: max_unreachable_fraction 1.0 accepts the outage; every caption sample is a counted reject."""
+    from vlm_fixtures import free_port
+
+    cfg = _config(tmp_path, sa1b_shards, {"model": "m", "base_url": f"http://127.0.0.1:{free_port()}/v1", "cache": False,
+                                          "max_unreachable_fraction": 1.0},
                   ders={"min_area_frac": 0.05, "max_regions_per_image": 1})
     m = run_pipeline(cfg, str(tmp_path / "out"), RUNNER, show_progress=False)
     _reconciled(m)

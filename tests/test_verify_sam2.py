@@ -427,7 +427,9 @@ def test_model_handler_batches_by_image_and_shares_big_models():
 
     h = Sam2ModelHandler(_cfg(images_per_batch=3))
     assert h.batch_elements_kwargs() == {"min_batch_size": 1, "max_batch_size": 3}
-    assert not h.share_model_across_processes()
+    # One model per GPU machine by default, not one per SDK process.
+    assert h.share_model_across_processes()
+    assert not Sam2ModelHandler(_cfg(share_model_across_processes=False)).share_model_across_processes()
     shared = Sam2ModelHandler(_cfg(share_model_across_processes=True, model_copies=2))
     assert shared.share_model_across_processes() and shared.model_copies() == 2
 

@@ -161,6 +161,12 @@ class CaptionBackendConfig(ConfigModel):
             ``managed`` and ``transformers``, off for ``openai``.
         cache: keep a response cache under ``OUT/_cache/vlm`` (or ``cache_dir``).
         cache_dir: where the cache lives (None: under the output directory).
+        max_unreachable_fraction: the run fails (one sentence naming this
+            key) once more than this fraction of a worker process's requests
+            could not reach the server (``vlm_server_dead`` / ``vlm_timeout``
+            after retries); 1.0: never, every sample becomes a reject instead.
+        unreachable_min_requests: answers a process must have before that
+            fraction is judged.
     """
 
     backend: Literal["openai", "managed", "transformers"] = "openai"
@@ -194,6 +200,8 @@ class CaptionBackendConfig(ConfigModel):
     share_model_across_processes: bool | None = None
     cache: bool = True
     cache_dir: str | None = None
+    max_unreachable_fraction: float = Field(default=0.5, ge=0.0, le=1.0)
+    unreachable_min_requests: int = Field(default=4, ge=1)
 
     @model_validator(mode="after")
     def _check_backend(self) -> "CaptionBackendConfig":
@@ -240,6 +248,11 @@ class CaptionConfig(ConfigModel):
         cors: CoRS thresholds.
         ders: DeRS thresholds.
         overlay: how targets are highlighted for the VLM.
+        window_images: images whose requests are sent together by one SDK
+            process (the bundle-level in-flight window); each holds its
+            decoded image while its requests are out (~10 MB for SA-1B), and
+            it should give the backend enough requests to fill
+            ``backend.max_in_flight`` (an SA-1B image makes ~1 + 8 requests a round).
     """
 
     enabled: bool = False
@@ -251,6 +264,7 @@ class CaptionConfig(ConfigModel):
     cors: CorsConfig = CorsConfig()
     ders: DersConfig = DersConfig()
     overlay: OverlayConfig = OverlayConfig()
+    window_images: int = Field(default=32, ge=1, le=4096)
 
     @model_validator(mode="after")
     def _check_enabled(self) -> "CaptionConfig":

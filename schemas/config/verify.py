@@ -117,8 +117,9 @@ class VerifySam2Config(ConfigModel):
         prompts_per_batch: prompts per mask-decoder call.
         mask_threshold: logit threshold that binarises SAM2's masks.
         share_model_across_processes: load one model per machine and share it
-            between worker processes (Beam's ``large_model``); for big models
-            on multi-process workers.
+            between worker processes (Beam's ``large_model``). On by default:
+            Dataflow runs one SDK process per vCPU, and each would otherwise
+            load its own copy onto the machine's one GPU (8 on a g2-standard-8).
         model_copies: with sharing, how many copies to load per machine.
         apply_to: input types whose images are verified.
         filter: the consistency filter.
@@ -134,7 +135,7 @@ class VerifySam2Config(ConfigModel):
     images_per_batch: int = Field(default=4, ge=1, le=1024)
     prompts_per_batch: int = Field(default=64, ge=1, le=4096)
     mask_threshold: float = 0.0
-    share_model_across_processes: bool = False
+    share_model_across_processes: bool = True
     model_copies: int | None = Field(default=None, ge=1)
     apply_to: list[Literal["sa1b", "coco", "refcoco", "grefcoco"]] = Field(
         default_factory=lambda: ["sa1b", "coco", "refcoco", "grefcoco"]

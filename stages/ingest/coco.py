@@ -58,6 +58,7 @@ from orsgen.schemas.records import (
 )
 from orsgen.stages.ingest.images import ImageError, check_image
 from orsgen.stages.common.masks import MaskError, instance_geometry, segmentation_to_rle
+from orsgen.stages.common.transient import retry_transient
 from orsgen.stages.ingest.safe_pickle import UnsafePickleError, restricted_loads
 
 #: ``Reject.stage`` of every reject this module makes.
@@ -726,8 +727,13 @@ def plan_input(
 def _read_image(uri: str, max_bytes: int) -> bytes:
     # Read one byte past the cap so check_image can refuse it without
     # loading an arbitrarily large file.
-    with fsspec.open(uri, "rb") as f:
-        return f.read(max_bytes + 1)
+    def read() -> bytes:
+        with fsspec.open(uri, "rb") as f:
+            return f.read(max_bytes + 1)
+
+    # A transient object-store error is retried, then fails the bundle; it
+    # never becomes a missing_image reject.
+    return retry_transient(read, what=f"reading {uri}")
 
 
 def _polygon_range_problem(segm: Any, width: int, height: int) -> str | None:

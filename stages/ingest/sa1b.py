@@ -15,8 +15,10 @@ Reason codes, by ``Reject.level``:
 
 Shard level (``source_key`` is the shard URL, or ``<url>#<member>``):
     * ``unreadable_shard``: the shard cannot be opened or is not a tar.
-    * ``truncated_tar``: the stream broke mid-shard (cut file, I/O error,
-      corrupt header, no end-of-archive marker); what was emitted before
+    * ``truncated_tar``: the stream broke mid-shard (cut file, corrupt
+      header, no end-of-archive marker, an I/O error that is not transient);
+      transient errors (reset, timeout, 5xx) are retried instead and, when
+      they persist, fail the bundle (``TransientIOError``); what was emitted before
       stays emitted, and pending half pairs become ``unpaired_member``.
     * ``unsafe_member``: an absolute path, a ``..`` component, a backslash,
       or a link/device/FIFO member whose name is not an SA-1B pair name.
@@ -76,6 +78,7 @@ from orsgen.schemas.records import (
     Source,
     safe_key,
 )
+from orsgen.stages.common.transient import ResilientFile
 from orsgen.stages.ingest.images import ImageError, check_image
 from orsgen.stages.common.masks import MaskError, instance_geometry, segmentation_to_rle
 
@@ -209,7 +212,11 @@ def read_sa1b_shard(
     if max_images is not None and max_images <= 0:
         return
     try:
-        f = fsspec.open(url, "rb").open()
+        # Transient errors (reset, timeout, 5xx) are retried: at open and at
+        # every read, which reopens the object and seeks back. When retries run
+        # out TransientIOError (not an OSError) fails the bundle, and the
+        # runner retries it: a network blip is never a truncated_tar reject.
+        f = ResilientFile(lambda: fsspec.open(url, "rb").open(), url)
     except (OSError, ValueError) as err:
         # ValueError: fsspec's answer to a malformed URL.
         yield _shard_reject(url, UNREADABLE_SHARD, f"the shard cannot be opened: {_short(err)}")
