@@ -245,6 +245,20 @@ class WriteRejectsDoFn(beam.DoFn):
         )
 
 
+class SplitSizeDoFn(beam.DoFn):
+    """An encoded record's ``(split, (1, size_bytes))``: what the bucket count of its split needs.
+
+    ``small_main_output`` tells the offline shuffle check
+    (``pipelines/dataflow_graph.py``) that what follows carries a few bytes per
+    record, not the record, so the combine after it is no record shuffle.
+    """
+
+    small_main_output = True
+
+    def process(self, enc: EncodedExample) -> Iterator[tuple[str, tuple[int, int]]]:
+        yield enc.split, (1, enc.size)
+
+
 def _sum_pairs(pairs: Iterable[tuple[int, int]]) -> tuple[int, int]:
     n = b = 0
     for x, y in pairs:
@@ -506,7 +520,7 @@ def build_pipeline(p: beam.Pipeline, cfg: OrsgenConfig, out: str) -> None:
     # sets its bucket count, so small splits get full shards too.
     buckets = beam.pvalue.AsSingleton(
         encoded
-        | "SplitSizes" >> beam.Map(lambda enc: (enc.split, (1, enc.size)))
+        | "SplitSizes" >> beam.ParDo(SplitSizeDoFn())
         | "SumSplitSizes" >> beam.CombinePerKey(_sum_pairs)
         | "AllSplitSizes" >> beam.combiners.ToDict()
         | "BucketsPerSplit" >> beam.Map(split_num_buckets, cfg=cfg)
