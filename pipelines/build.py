@@ -3,7 +3,7 @@
     inputs ──► ingest (SA-1B shards │ COCO/RefCOCO plan → load; vocabulary side output)
            ──► expressions (categories, descriptions, negatives) ──► regions
            ──► refs → human samples ──► [caption: CoRS / DeRS] ──► [verify_sam2]
-           ──► splits ──► encode ──► GroupByKey(split, bucket) ──► WebDataset + Parquet
+           ──► splits ──► [screening] ──► encode ──► GroupByKey(split, bucket) ──► WebDataset + Parquet
     rejects ──► GroupByKey(bucket) ──► rejects Parquet
     stats + counts ──► manifest.json
 
@@ -217,6 +217,7 @@ def _manifest_fn(
     cfg: OrsgenConfig,
     stats: list[ShardStats],
     events: dict[str, int],
+    screening_digest: str = "",
 ) -> str:
     rejects_by_level: dict[str, int] = {}
     rejects_by_reason: dict[str, int] = {}
@@ -245,6 +246,14 @@ def _manifest_fn(
     if expressions:
         # What the expressions stage left out and why (crowds, near-ties, caps): events, not rejects.
         counts["expressions"] = expressions
+    if cfg.review.active:
+        from orsgen.stages.screening import screening_figures
+
+        # Per split: accepted, human_rejected, skipped, unscreened (held out), written.
+        counts["screening"] = {
+            **screening_figures(events, cfg.review.require_screened_for),
+            "decisions_sha256": screening_digest,
+        }
     manifest = build_manifest(
         name=cfg.name,
         config=redacted_config(cfg),
@@ -383,6 +392,22 @@ def build_pipeline(p: beam.Pipeline, cfg: OrsgenConfig, out: str) -> None:
     rejects_l.append(res[REJECTS])
     events_l.append(res[EVENTS])
 
+    # Human screening (orsgen review): after splits, which it needs; off by default.
+    screening_digest = ""
+    if cfg.review.active:
+        from orsgen.stages.screening import DECISIONS_EVENT, decisions_digest, latest_decisions, read_decisions, screening_stage
+
+        decisions = latest_decisions(read_decisions(cfg.review.decisions)) if cfg.review.decisions else {}
+        screening_digest = decisions_digest(decisions)
+        fn = functools.partial(
+            screening_stage, decisions=decisions, require_screened_for=frozenset(cfg.review.require_screened_for)
+        )
+        res = examples | "Screening" >> beam.ParDo(StageDoFn("Screening", fn)).with_outputs(REJECTS, EVENTS, main="examples")
+        examples = res.examples
+        rejects_l.append(res[REJECTS])
+        events_l.append(res[EVENTS])
+        events_l.append(p | "ScreeningDecisions" >> beam.Create([(DECISIONS_EVENT, len(decisions))]))
+
     nb = cfg.write.num_buckets
     written = (
         examples
@@ -414,6 +439,7 @@ def build_pipeline(p: beam.Pipeline, cfg: OrsgenConfig, out: str) -> None:
             cfg=cfg,
             stats=beam.pvalue.AsList(stats),
             events=beam.pvalue.AsDict(events),
+            screening_digest=screening_digest,
         )
     )
 
