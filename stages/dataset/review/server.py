@@ -125,7 +125,10 @@ class ReviewHandler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def _json(self, status: int, obj: Any) -> None:
-        self._send(status, json.dumps(obj, ensure_ascii=True).encode("ascii"), "application/json")
+        # <, > and & only occur inside JSON strings: escaping them means no
+        # response ever holds markup, even if something sniffs it as HTML.
+        text = json.dumps(obj, ensure_ascii=True).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+        self._send(status, text.encode("ascii"), "application/json")
 
     def _error(self, status: int, message: str) -> None:
         self._json(status, {"ok": False, "error": message})
@@ -136,8 +139,8 @@ class ReviewHandler(BaseHTTPRequestHandler):
 
     def _path(self) -> str | None:
         """The request path, or None (after a 403) when it tries to leave the review root."""
-        raw = urlsplit(self.path).path
-        path = unquote(raw)
+        # Not urlsplit: it would read "//etc/passwd" as a host and a path.
+        path = unquote(self.path.split("?", 1)[0].split("#", 1)[0])
         if ".." in path or "\\" in path or "\x00" in path or "//" in path:
             self._error(HTTPStatus.FORBIDDEN, "refused: the path leaves the review root.")
             return None
