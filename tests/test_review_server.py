@@ -174,3 +174,16 @@ def test_bad_arguments_are_clear_errors(hostile):
     with pytest.raises(ReviewError, match="K/N"):
         parse_shard("2/2")
     assert parse_shard("1/3") == (1, 3)
+
+
+def test_ci_installs_the_browser_as_the_readme_says():
+    """.ci/run runs the README's Quick start command 2 verbatim, apt line for Chromium included."""
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    readme = (repo / "README.md").read_text(encoding="utf-8")
+    block = readme.split("# 2. run the tests", 1)[1].split("\n", 1)[1].split("```", 1)[0]
+    readme_cmds = [line for line in block.splitlines() if line and not line.lstrip().startswith("#")]
+    ci_cmds = [line for line in (repo / ".ci" / "run").read_text().splitlines() if line and not line.startswith(("#", "set ", "cd "))]
+    assert readme_cmds == ci_cmds
+    assert any("apt-get install" in c and "chromium chromium-driver" in c for c in ci_cmds)
