@@ -143,7 +143,7 @@ class ReviewIndex:
                 with fsspec.open(ref.url, "rb") as f:
                     images = pq.ParquetFile(f).read_row_group(ref.row_group, columns=["image"]).column("image").to_pylist()
                 self._cache[key] = images
-                while len(self._cache) > 4:  # a few row groups: memory stays bounded
+                while len(self._cache) > 2:  # two row groups (each <= write.parquet_row_group_max_bytes): memory stays bounded
                     self._cache.popitem(last=False)
             else:
                 self._cache.move_to_end(key)
