@@ -471,3 +471,13 @@ def check_output_compatible(cfg: OrsgenConfig, out: str) -> None:
             f"{str(old.get('config_sha256'))[:12]}..., this run {cfg.sha256()[:12]}...). "
             "Choose a new --out; orsgen never overwrites an existing dataset."
         )
+    old_digest = ((old.get("counts") or {}).get("screening") or {}).get("decisions_sha256")
+    if cfg.review.decisions and old_digest is not None:
+        # The config names the decisions by path; verdicts added since are new input.
+        from orsgen.stages.screening import decisions_digest, latest_decisions, read_decisions
+
+        if decisions_digest(latest_decisions(read_decisions(cfg.review.decisions))) != old_digest:
+            raise OutputConflictError(
+                f"{out} was built from other review verdicts than {cfg.review.decisions} holds now; "
+                "choose a new --out to apply the new verdicts (orsgen never overwrites an existing dataset)."
+            )

@@ -165,3 +165,25 @@ def test_cli_summary(tmp_path):
     text = " ".join(res.output.split())  # rich wraps long lines
     assert "2 sample(s) decided: 1 accepted, 1 rejected" in text and "50.0%" in text
     assert "bad_mask" in text and "phrase" in text and "p1" in text
+
+
+def test_rebuild_refuses_changed_verdicts_in_same_out(tmp_path):
+    """Verdicts added since a build are new input: the same --out would mix old and new shards."""
+    import json
+
+    from orsgen.pipelines.build import check_output_compatible
+    from orsgen.stages.screening import decisions_digest
+    from orsgen.stages.write import OutputConflictError
+
+    DecisionLog(str(tmp_path / "ds"), "alice").add("s0", "accept", "")
+    path = decisions_path(str(tmp_path / "ds"))
+    cfg = config_from_dict({"inputs": [{"type": "coco", "name": "c", "annotations": "a.json", "images": "img"}], "review": {"decisions": path}})
+    out = tmp_path / "out"
+    out.mkdir()
+    digest = decisions_digest(latest_decisions(read_decisions(path)))
+    manifest = {"config_sha256": cfg.sha256(), "counts": {"screening": {"decisions_sha256": digest}}}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    check_output_compatible(cfg, str(out))  # same verdicts: a rerun resumes
+    DecisionLog(str(tmp_path / "ds"), "bob").add("s1", "reject", "bad_mask")
+    with pytest.raises(OutputConflictError, match="other review verdicts"):
+        check_output_compatible(cfg, str(out))
