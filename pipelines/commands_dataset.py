@@ -206,7 +206,8 @@ def review(
     console.print(
         f"reviewing {progress['total']} samples of {', '.join(server.session.index.splits)} "
         f"({progress['decided']} decided already) as {name}\n"
-        f"open {server.url} in a browser; verdicts go to {server.session.log.path}\nCtrl+C stops the server (nothing is lost)."
+        f"open {server.url} in a browser; verdicts go to {server.session.log.folder}/{server.session.log.prefix}-*.parquet\n"
+        "Ctrl+C stops the server (nothing is lost)."
     )
     try:
         server.serve_forever()
@@ -214,7 +215,7 @@ def review(
         pass
     finally:
         server.server_close()
-    console.print(f"{len(server.session.log)} verdict(s) saved this session in {server.session.log.path}")
+    console.print(f"{len(server.session.log)} verdict(s) saved this session in {server.session.log.folder}")
 
 
 def _pct(v: Any) -> str:

@@ -187,3 +187,15 @@ def test_rebuild_refuses_changed_verdicts_in_same_out(tmp_path):
     DecisionLog(str(tmp_path / "ds"), "bob").add("s1", "reject", "bad_mask")
     with pytest.raises(OutputConflictError, match="other review verdicts"):
         check_output_compatible(cfg, str(out))
+
+
+def test_log_rolls_over_to_bounded_parts(tmp_path, monkeypatch):
+    from orsgen.stages.dataset.review import store
+
+    monkeypatch.setattr(store, "ROWS_PER_PART", 2)
+    log = DecisionLog(str(tmp_path), "alice")
+    for i in range(5):
+        log.add(f"s{i}", "accept", "")
+    parts = sorted(p.name for p in (tmp_path / "_review" / "decisions.parquet").iterdir())
+    assert len(parts) == 3 and [pq.read_metadata(tmp_path / "_review" / "decisions.parquet" / p).num_rows for p in parts] == [2, 2, 1]
+    assert len(log) == 5 and sorted(d.sample_id for d in read_decisions(decisions_path(str(tmp_path)))) == [f"s{i}" for i in range(5)]

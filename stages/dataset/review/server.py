@@ -168,7 +168,7 @@ class ReviewHandler(BaseHTTPRequestHandler):
                     "reasons": [{"code": k, "label": v} for k, v in REASON_CODES.items()],
                     "progress": session.progress(),
                     "token": session.token,
-                    "decisions_file": session.log.path,
+                    "decisions_folder": session.log.folder,
                 },
             )
         if path == "/api/samples":

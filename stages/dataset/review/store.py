@@ -7,6 +7,8 @@ never write the same file. Each verdict rewrites the session's part in full
 under a temp name, flushes it to disk and renames it over the old one, so
 the part on disk always holds every verdict given so far and never a torn
 row: closing the browser, or killing the server, loses nothing.
+A part is closed after ``ROWS_PER_PART`` verdicts and the next one started,
+so a save never rewrites more than that many rows.
 ``pyarrow.parquet.read_table(folder)`` and ``stages.screening.read_decisions``
 read all parts as one table.
 """
@@ -30,6 +32,8 @@ from orsgen.schemas.arrow import DECISION_SCHEMA, decision_to_row
 from orsgen.schemas.records import ReviewDecision
 from orsgen.stages.screening import decisions_path
 
+#: Verdicts per part file: each save rewrites the current part, so this bounds its cost.
+ROWS_PER_PART = 256
 REVIEWER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 
 
@@ -55,7 +59,8 @@ class DecisionLog:
 
     Args:
         root: the dataset folder (``DIR``); decisions go to
-            ``DIR/_review/decisions.parquet/part-<time>-<reviewer>-<token>.parquet``.
+            ``DIR/_review/decisions.parquet/part-<time>-<reviewer>-<token>-<seq>.parquet``,
+            a new ``<seq>`` every ``ROWS_PER_PART`` verdicts.
         reviewer: the reviewer's name (``check_reviewer``).
         clock_ms: milliseconds since the epoch (tests pass a fake clock).
     """
@@ -65,13 +70,25 @@ class DecisionLog:
         self._clock = clock_ms or (lambda: int(_dt.datetime.now(_dt.timezone.utc).timestamp() * 1000))
         self._fs, self.folder = fsspec.core.url_to_fs(decisions_path(root))
         stamp = _dt.datetime.fromtimestamp(self._clock() / 1000, tz=_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-        self.path = posixpath.join(self.folder, f"part-{stamp}-{self.reviewer}-{secrets.token_hex(4)}.parquet")
+        self.prefix = f"part-{stamp}-{self.reviewer}-{secrets.token_hex(4)}"
+        self._seq = 0
         self._rows: list[dict] = []
+        self._n_before = 0  # verdicts in this session's earlier, full parts
         self._lock = threading.Lock()
+
+    @property
+    def path(self) -> str:
+        """The part file the next verdict goes to."""
+        return posixpath.join(self.folder, f"{self.prefix}-{self._seq:04d}.parquet")
 
     def add(self, sample_id: str, verdict: str, reason: str, *, split: str = "", kind: str = "", template: str = "") -> ReviewDecision:
         """Records one verdict and returns it once it is on disk."""
         with self._lock:
+            if len(self._rows) >= ROWS_PER_PART:
+                # A full part is final; a new one keeps each save small.
+                self._n_before += len(self._rows)
+                self._rows = []
+                self._seq += 1
             d = ReviewDecision(sample_id, verdict, reason, self.reviewer, self._clock(), split, kind, template)
             rows = self._rows + [decision_to_row(d)]
             self._write(rows)
@@ -79,7 +96,7 @@ class DecisionLog:
             return d
 
     def __len__(self) -> int:
-        return len(self._rows)
+        return self._n_before + len(self._rows)
 
     def _write(self, rows: list[dict]) -> None:
         table = pa.Table.from_pylist(rows, schema=DECISION_SCHEMA)
