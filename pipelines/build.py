@@ -3,8 +3,8 @@
     inputs ──► ingest (SA-1B shards │ COCO/RefCOCO plan → load; vocabulary side output)
            ──► expressions (categories, descriptions, negatives) ──► regions
            ──► refs → human samples ──► [caption: CoRS / DeRS] ──► [verify_sam2]
-           ──► splits ──► encode ──► GroupByKey(split, bucket) ──► WebDataset + Parquet
-                                 └─► split sizes (side input: buckets per split)
+           ──► splits ──► [screening] ──► encode ──► GroupByKey(split, bucket) ──► WebDataset + Parquet
+                                               └─► split sizes (side input: buckets per split)
     rejects ──► GroupByKey(bucket) ──► rejects Parquet   (count: side input, buckets)
     stats + counts ──► manifest.json
 
@@ -344,6 +344,7 @@ def _manifest_fn(
     cfg: OrsgenConfig,
     stats: list[ShardStats],
     events: dict[str, int],
+    screening_digest: str = "",
 ) -> str:
     rejects_by_level: dict[str, int] = {}
     rejects_by_reason: dict[str, int] = {}
@@ -372,6 +373,14 @@ def _manifest_fn(
     if expressions:
         # What the expressions stage left out and why (crowds, near-ties, caps): events, not rejects.
         counts["expressions"] = expressions
+    if cfg.review.active:
+        from orsgen.stages.screening import screening_figures
+
+        # Per split: accepted, human_rejected, skipped, unscreened (held out), written.
+        counts["screening"] = {
+            **screening_figures(events, cfg.review.require_screened_for),
+            "decisions_sha256": screening_digest,
+        }
     manifest = build_manifest(
         name=cfg.name,
         config=redacted_config(cfg),
@@ -510,6 +519,22 @@ def build_pipeline(p: beam.Pipeline, cfg: OrsgenConfig, out: str) -> None:
     rejects_l.append(res[REJECTS])
     events_l.append(res[EVENTS])
 
+    # Human screening (orsgen review): after splits, which it needs; off by default.
+    screening_digest = ""
+    if cfg.review.active:
+        from orsgen.stages.screening import DECISIONS_EVENT, decisions_digest, latest_decisions, read_decisions, screening_stage
+
+        decisions = latest_decisions(read_decisions(cfg.review.decisions)) if cfg.review.decisions else {}
+        screening_digest = decisions_digest(decisions)
+        fn = functools.partial(
+            screening_stage, decisions=decisions, require_screened_for=frozenset(cfg.review.require_screened_for)
+        )
+        res = examples | "Screening" >> beam.ParDo(StageDoFn("Screening", fn)).with_outputs(REJECTS, EVENTS, main="examples")
+        examples = res.examples
+        rejects_l.append(res[REJECTS])
+        events_l.append(res[EVENTS])
+        events_l.append(p | "ScreeningDecisions" >> beam.Create([(DECISIONS_EVENT, len(decisions))]))
+
     encoded = (
         examples
         # Encoding is per-example CPU work: done here, on every worker before
@@ -577,6 +602,7 @@ def build_pipeline(p: beam.Pipeline, cfg: OrsgenConfig, out: str) -> None:
             cfg=cfg,
             stats=beam.pvalue.AsList(stats),
             events=beam.pvalue.AsDict(events),
+            screening_digest=screening_digest,
         )
     )
 
@@ -608,3 +634,13 @@ def check_output_compatible(cfg: OrsgenConfig, out: str) -> None:
             f"{str(old.get('config_sha256'))[:12]}..., this run {cfg.sha256()[:12]}...). "
             "Choose a new --out; orsgen never overwrites an existing dataset."
         )
+    old_digest = ((old.get("counts") or {}).get("screening") or {}).get("decisions_sha256")
+    if cfg.review.decisions and old_digest is not None:
+        # The config names the decisions by path; verdicts added since are new input.
+        from orsgen.stages.screening import decisions_digest, latest_decisions, read_decisions
+
+        if decisions_digest(latest_decisions(read_decisions(cfg.review.decisions))) != old_digest:
+            raise OutputConflictError(
+                f"{out} was built from other review verdicts than {cfg.review.decisions} holds now; "
+                "choose a new --out to apply the new verdicts (orsgen never overwrites an existing dataset)."
+            )

@@ -2,7 +2,7 @@
 
     orsgen run CONFIG --out DIR [--set key=value ...] [-- <Beam flags>]
     orsgen demo --out DIR [--seed N] [-- <Beam flags>]
-    orsgen preview | publish | export | eval ...
+    orsgen preview | publish | export | eval | review ...
 
 Everything after ``--`` goes to Beam's ``PipelineOptions`` untouched, so
 ``-- --runner=DataflowRunner --project=... --region=... --temp_location=gs://...``
@@ -37,6 +37,7 @@ app.command(name="preview")(commands_dataset.preview)
 app.command(name="publish")(commands_dataset.publish)
 app.command(name="export")(commands_dataset.export)
 app.command(name="eval")(commands_dataset.eval_)
+app.command(name="review")(commands_dataset.review)
 
 
 def main() -> None:

@@ -1,10 +1,11 @@
-"""``orsgen publish``, ``export``, ``eval`` and ``preview``: tools on a finished dataset.
+"""``orsgen publish``, ``export``, ``eval``, ``preview`` and ``review``: tools on a finished dataset.
 
     orsgen publish DIR --repo-id ORG/NAME [--private] [--revision R] [--dry-run] [--staging DIR]
     orsgen export DIR --format {segzero,visionreasoner,lens,qwen,moondream,refcoco-m} --out OUT [--split S]
                   [--variant V] [--keep-no-target]
     orsgen eval PREDICTIONS --gt DIR [--split S] [--protocol {orsgen,segzero,visionreasoner,visionreasoner-nonobj}] [--out report.json]
     orsgen preview DIR [--split S] [--n 24] [--kind K ...] --out FILE.png [--html FILE.html]
+    orsgen review DIR [--split S ...] [--port P] [--reviewer NAME] [--shard K/N] | --summary
 
 Registered on the main ``app`` in ``pipelines/cli.py``.
 """
@@ -201,3 +202,84 @@ def preview(
         return
     kinds = ", ".join(f"{k}={v}" for k, v in sorted(res["by_kind"].items()))
     console.print(f"{res['samples']} samples ({kinds}) -> {res['png']} and {res['html']}")
+
+
+def review(
+    root: str = typer.Argument(..., metavar="DIR", help="An orsgen output folder (the one holding manifest.json)."),
+    split: list[str] = typer.Option([], "--split", help="Split(s) to review (repeatable; default: all)."),
+    port: int = typer.Option(8765, "--port", min=0, max=65535, help="Port of the review page (0: any free port)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; the default keeps the page on this machine."),
+    reviewer: Optional[str] = typer.Option(None, "--reviewer", help="Your name, saved with every verdict (default: your login)."),
+    shard: Optional[str] = typer.Option(None, "--shard", help="K/N: review only images of bucket K of N, so N reviewers get disjoint sets."),
+    kind: list[str] = typer.Option([], "--kind", help="Only these sample kinds (repeatable)."),
+    summary: bool = typer.Option(False, "--summary", help="Print acceptance rates by kind, template and reason, and exit."),
+) -> None:
+    """Screen samples in the browser (a, r, s keys); verdicts go to DIR/_review/decisions.parquet at once."""
+    from orsgen.stages.screening import DecisionsError, decisions_path, read_decisions, summarize
+
+    if summary:
+        try:
+            decisions = read_decisions(decisions_path(root))
+        except (FileNotFoundError, DecisionsError) as err:
+            fail(f"{err}" if isinstance(err, DecisionsError) else f"{root} has no review decisions yet; run `orsgen review {root}` first.")
+        _print_review_summary(summarize(decisions), root)
+        return
+
+    import getpass
+
+    from orsgen.stages.dataset.review import ReviewError, ReviewStoreError, make_server, parse_shard
+
+    try:
+        name = reviewer or getpass.getuser()
+    except (KeyError, OSError):
+        name = "reviewer"
+    try:
+        server = make_server(root, splits=split or None, reviewer=name, host=host, port=port, shard=parse_shard(shard), kinds=kind or None)
+    except (ReviewError, ReviewStoreError, DecisionsError) as err:
+        fail(str(err))
+    except OSError as err:
+        fail(f"cannot listen on {host}:{port} ({err}); pass another --port.")
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        console.print(f"[yellow]warning: listening on {host}: anyone who can reach it can read the data and record verdicts.[/]")
+    progress = server.session.progress()
+    console.print(
+        f"reviewing {progress['total']} samples of {', '.join(server.session.index.splits)} "
+        f"({progress['decided']} decided already) as {name}\n"
+        f"open {server.url} in a browser; verdicts go to {server.session.log.folder}/{server.session.log.prefix}-*.parquet\n"
+        "Ctrl+C stops the server (nothing is lost)."
+    )
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    console.print(f"{len(server.session.log)} verdict(s) saved this session in {server.session.log.folder}")
+
+
+def _pct(v: Any) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"
+
+
+def _print_review_summary(s: dict[str, Any], root: str) -> None:
+    t = s["total"]
+    console.print(
+        f"review of {root}: {t['decided']} sample(s) decided: {t['accepted']} accepted, {t['rejected']} rejected, "
+        f"{t['skipped']} skipped; acceptance rate {_pct(t['acceptance_rate'])} (accepted / (accepted + rejected))"
+    )
+    for group, title in (("by_split", "split"), ("by_kind", "kind"), ("by_template", "template"), ("by_reviewer", "reviewer")):
+        table = Table(title=f"by {title}")
+        for col in (title, "decided", "accepted", "rejected", "skipped", "acceptance"):
+            table.add_column(col)
+        for k, v in s[group].items():
+            table.add_row(k, str(v["decided"]), str(v["accepted"]), str(v["rejected"]), str(v["skipped"]), _pct(v["acceptance_rate"]))
+        console.print(table)
+    if s["by_reason"]:
+        table = Table(title="rejections by reason")
+        table.add_column("reason")
+        table.add_column("count")
+        table.add_column("share")
+        n = sum(s["by_reason"].values())
+        for k, v in s["by_reason"].items():
+            table.add_row(k, str(v), _pct(v / n))
+        console.print(table)

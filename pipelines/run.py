@@ -165,6 +165,20 @@ def print_summary(manifest: dict[str, Any], out: str) -> None:
             kinds = ", ".join(f"{k}={n}" for k, n in sorted(v.get("samples_by_kind", {}).items()))
             s.add_row(name, str(v.get("images", 0)), str(v.get("samples", 0)), kinds)
         console.print(s)
+    screening = (counts.get("screening") or {}).get("splits") or {}
+    if screening:
+        sc = Table(title="human screening (review.decisions)")
+        for col in ("split", "samples", "accepted", "rejected", "skipped", "held out (unscreened)", "written"):
+            sc.add_column(col)
+        for name, v in screening.items():
+            sc.add_row(name, *(str(v.get(k, 0)) for k in ("samples", "accepted", "human_rejected", "skipped", "unscreened", "written")))
+        console.print(sc)
+        unmatched = (counts["screening"].get("decisions") or {}).get("unmatched", 0)
+        if unmatched:
+            console.print(
+                f"[yellow]{unmatched} review verdict(s) name samples this build does not hold; "
+                "were they given on a build of another config or other inputs?[/]"
+            )
     reasons = counts.get("rejected_by_reason", {})
     if reasons:
         r = Table(title="rejects by reason")

@@ -23,6 +23,7 @@ from orsgen.schemas.records import (
     Ref,
     RefSentence,
     Reject,
+    ReviewDecision,
     Rle,
     Sample,
     TargetGeometry,
@@ -96,6 +97,7 @@ SAMPLE_TYPE = pa.struct(
         pa.field("sam2_ious", pa.list_(pa.float64())),
         pa.field("reground_box", BOX_TYPE),
         pa.field("reground_iou", pa.float64()),
+        pa.field("screened", pa.bool_()),
         # Free-form provenance as a JSON string: a struct would need a fixed shape.
         pa.field("metadata", pa.string()),
     ]
@@ -134,6 +136,21 @@ REJECT_SCHEMA = pa.schema(
         pa.field("image_id", pa.string()),
     ],
     metadata={b"orsgen.schema": b"reject/1"},
+)
+
+DECISION_SCHEMA = pa.schema(
+    [
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("verdict", pa.string(), nullable=False),
+        pa.field("reason", pa.string()),
+        pa.field("reviewer", pa.string()),
+        # Milliseconds since the epoch, UTC: readers see a real timestamp.
+        pa.field("time_ms", pa.timestamp("ms", tz="UTC")),
+        pa.field("split", pa.string()),
+        pa.field("kind", pa.string()),
+        pa.field("template", pa.string()),
+    ],
+    metadata={b"orsgen.schema": b"decision/1"},
 )
 
 # Which dataclass each struct mirrors: the sync test walks this table.
@@ -219,6 +236,7 @@ def sample_to_row(s: Sample) -> dict[str, Any]:
         "sam2_ious": [float(v) for v in s.sam2_ious],
         "reground_box": _opt_list(s.reground_box),
         "reground_iou": s.reground_iou,
+        "screened": bool(s.screened),
         "metadata": json.dumps(s.metadata, sort_keys=True, separators=(",", ":")),
     }
 
@@ -254,6 +272,37 @@ def reject_to_row(r: Reject) -> dict[str, Any]:
         "level": str(r.level),
         "image_id": r.image_id,
     }
+
+
+def decision_to_row(d: ReviewDecision) -> dict[str, Any]:
+    """Converts a ``ReviewDecision`` to a row of ``DECISION_SCHEMA``."""
+    return {
+        "sample_id": d.sample_id,
+        "verdict": str(d.verdict),
+        "reason": d.reason,
+        "reviewer": d.reviewer,
+        "time_ms": int(d.time_ms),
+        "split": d.split,
+        "kind": d.kind,
+        "template": d.template,
+    }
+
+
+def decision_from_row(row: dict[str, Any]) -> ReviewDecision:
+    """Inverse of ``decision_to_row`` (``time_ms`` may come back as a datetime)."""
+    t = row["time_ms"]
+    if hasattr(t, "timestamp"):
+        t = round(t.timestamp() * 1000)
+    return ReviewDecision(
+        sample_id=row["sample_id"],
+        verdict=row["verdict"],
+        reason=row.get("reason") or "",
+        reviewer=row.get("reviewer") or "",
+        time_ms=int(t or 0),
+        split=row.get("split") or "",
+        kind=row.get("kind") or "",
+        template=row.get("template") or "",
+    )
 
 
 def _rle_from_row(row: dict[str, Any] | None) -> Rle | None:
@@ -330,6 +379,8 @@ def sample_from_row(row: dict[str, Any]) -> Sample:
         sam2_ious=tuple(float(v) for v in row["sam2_ious"]),
         reground_box=_box(row["reground_box"]),
         reground_iou=row["reground_iou"],
+        # Shards written before the field existed have no such key.
+        screened=bool(row.get("screened") or False),
         metadata=json.loads(row["metadata"]) if row["metadata"] else {},
     )
 

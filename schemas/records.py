@@ -230,6 +230,8 @@ class Sample:
         sam2_ious: per-target IoU of SAM2's re-prediction, when verified.
         reground_box: re-grounded box (xyxy px) from the DeRS check, or None.
         reground_iou: IoU of that box with the target box, or None.
+        screened: True when a person accepted it in ``orsgen review`` and the
+            build applied that decision (``review.decisions``).
         metadata: free-form provenance, JSON-serialisable.
     """
 
@@ -248,6 +250,7 @@ class Sample:
     sam2_ious: tuple[float, ...] = ()
     reground_box: tuple[float, float, float, float] | None = None
     reground_iou: float | None = None
+    screened: bool = False
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
@@ -270,6 +273,39 @@ class Reject:
     message: str
     level: str = RejectLevel.IMAGE
     image_id: str = ""
+
+
+class Verdict(StrEnum):
+    """A reviewer's verdict on one sample (``orsgen review``)."""
+
+    ACCEPT = "accept"
+    REJECT = "reject"
+    SKIP = "skip"
+
+
+@dataclass(frozen=True, slots=True)
+class ReviewDecision:
+    """One verdict of a human reviewer, as saved in ``DIR/_review/decisions.parquet``.
+
+    Attributes:
+        sample_id: the sample judged.
+        verdict: a ``Verdict`` value.
+        reason: why it was rejected (a reason code or free text); "" otherwise.
+        reviewer: who judged it.
+        time_ms: when, in milliseconds since the Unix epoch (UTC).
+        split: the sample's split in the reviewed dataset.
+        kind: the sample's ``ExpressionKind`` value.
+        template: the sample's template / prompt id, or "".
+    """
+
+    sample_id: str
+    verdict: str
+    reason: str
+    reviewer: str
+    time_ms: int
+    split: str = ""
+    kind: str = ""
+    template: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,7 +1,7 @@
 """Config models: YAML validated by pydantic, one module per stage under one root.
 
 Modules, in pipeline order: ``inputs`` (ingest and image limits), ``regions``,
-``expressions``, ``caption``, ``verify`` (SAM2), ``splits``, ``write``; ``root``
+``expressions``, ``caption``, ``verify`` (SAM2), ``splits``, ``review`` (screening), ``write``; ``root``
 holds ``OrsgenConfig``, which imports them; ``loading`` reads YAML and
 overrides; ``redact`` masks secrets. Everything is importable from here.
 
@@ -26,6 +26,7 @@ from orsgen.schemas.config.inputs import CocoInput, GrefcocoInput, ImageConfig, 
 from orsgen.schemas.config.loading import apply_overrides, config_from_dict, load_config
 from orsgen.schemas.config.redact import REDACTED, SECRET_FLAGS, redact_argv, redacted_config
 from orsgen.schemas.config.regions import RegionConfig
+from orsgen.schemas.config.review import ReviewConfig
 from orsgen.schemas.config.root import OrsgenConfig
 from orsgen.schemas.config.splits import OodRule, SplitConfig
 from orsgen.schemas.config.verify import Sam2CleanConfig, Sam2FilterConfig, Sam2ReportConfig, VerifySam2Config
@@ -53,6 +54,7 @@ __all__ = [
     "OverlayConfig",
     "RefcocoInput",
     "RegionConfig",
+    "ReviewConfig",
     "Sa1bInput",
     "Sam2CleanConfig",
     "Sam2FilterConfig",

@@ -129,6 +129,11 @@ def _resolve_relative_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
         t = expr["templates"]
         if not _is_url(t) and not Path(t).is_absolute():
             expr["templates"] = str((base / t).resolve())
+    rev = data.get("review")
+    if isinstance(rev, dict) and isinstance(rev.get("decisions"), str):
+        t = rev["decisions"]
+        if not _is_url(t) and not Path(t).is_absolute():
+            rev["decisions"] = str((base / t).resolve())
     for inp in data.get("inputs") or []:
         if not isinstance(inp, dict):
             continue

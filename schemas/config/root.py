@@ -10,6 +10,7 @@ from orsgen.schemas.config.caption import CaptionConfig
 from orsgen.schemas.config.expressions import ExpressionConfig
 from orsgen.schemas.config.inputs import ImageConfig, InputConfig
 from orsgen.schemas.config.regions import RegionConfig
+from orsgen.schemas.config.review import ReviewConfig
 from orsgen.schemas.config.splits import SplitConfig
 from orsgen.schemas.config.verify import VerifySam2Config
 from orsgen.schemas.config.write import WriteConfig
@@ -31,6 +32,7 @@ class OrsgenConfig(ConfigModel):
         expressions: referring expressions from annotations (categories,
             templates, no-target negatives).
         caption: VLM captioning, SA1B-CoRS and SA1B-DeRS (off by default).
+        review: human screening decisions applied to the samples (off by default).
     """
 
     name: str = "orsgen-dataset"
@@ -43,6 +45,7 @@ class OrsgenConfig(ConfigModel):
     verify_sam2: VerifySam2Config = VerifySam2Config()
     expressions: ExpressionConfig = ExpressionConfig()
     caption: CaptionConfig = CaptionConfig()
+    review: ReviewConfig = ReviewConfig()
 
     @model_validator(mode="after")
     def _unique_names(self) -> "OrsgenConfig":

@@ -530,6 +530,47 @@ def build_card(
     return f"---\n{card_data.to_yaml()}\n---\n\n{body}"
 
 
+def screening_section(screening: dict[str, Any]) -> list[str]:
+    """The card's "Human screening" lines, from the manifest's ``counts.screening`` (none without it)."""
+    splits = screening.get("splits") or {}
+    if not splits:
+        return []
+
+    def pct(v: Any) -> str:
+        return "-" if v is None else f"{100 * v:.1f}%"
+
+    rows = [
+        [f"`{s}`", "yes" if v.get("required") else "no", v.get("samples", 0), v.get("accepted", 0), v.get("human_rejected", 0),
+         v.get("skipped", 0), v.get("unscreened", 0), v.get("written", 0), pct(v.get("acceptance_rate")), pct(v.get("screened_frac"))]
+        for s, v in sorted(splits.items())
+    ]
+    reasons: dict[str, int] = {}
+    for v in splits.values():
+        for k, n in (v.get("rejected_by_reason") or {}).items():
+            reasons[k] = reasons.get(k, 0) + n
+    d = screening.get("decisions") or {}
+    out = [
+        "## Human screening",
+        "",
+        "Samples were judged by people in `orsgen review`. Rejected samples were dropped (`human_rejected`); "
+        "in splits that require screening, samples nobody accepted were held out (`unscreened`); "
+        "accepted samples carry `screened: true`.",
+        "",
+        _md_table(
+            ["split", "screening required", "samples", "accepted", "rejected", "skipped", "held out (unscreened)", "written", "acceptance rate", "screened share of written"],
+            rows,
+        ),
+        "",
+        f"The decisions judged {d.get('samples', 0)} sample(s): {d.get('matched', 0)} in this build, "
+        f"{d.get('unmatched', 0)} not in it; "
+        f"decisions sha256 `{screening.get('decisions_sha256', '')}`.",
+        "",
+    ]
+    if reasons:
+        out += ["Rejections by reason:", "", _md_table(["reason", "count"], sorted(reasons.items())), ""]
+    return out
+
+
 def _card_body(
     manifest: dict[str, Any],
     layout: HubLayout,
@@ -623,6 +664,8 @@ def _card_body(
             by = v.get("samples_by_kind") or {}
             rows.append([f"`{s}`", v.get("images", 0), v.get("samples", 0), *[by.get(k, 0) for k in kinds]])
         parts += ["Samples by split and kind:", "", _md_table(["split", "images", "samples", *kinds], rows), ""]
+
+    parts += screening_section(counts.get("screening") or {})
 
     parts += ["## Provenance", ""]
     prov = provenance_of(manifest)
