@@ -207,7 +207,7 @@ def test_no_target_categories_are_absent(demo):
 
 def test_descriptions_pass_the_independent_oracle(demo):
     e = demo["cfg"].expressions
-    params = OracleParams(e.margin_px, e.margin_frac, e.size_margin, e.next_to_max_gap_frac)
+    params = OracleParams(e.margin_px, e.margin_frac, e.size_margin, e.next_to_max_gap_frac, e.relation_max_axis_overlap)
     raw = bundled_templates()
     n = 0
     for row in demo["rows"]:

@@ -45,6 +45,7 @@ def margins_for(cfg: ExpressionConfig, width: int, height: int) -> Margins:
         margin_frac=cfg.margin_frac,
         size_margin=cfg.size_margin,
         next_to_max_gap_frac=cfg.next_to_max_gap_frac,
+        axis_overlap_frac=cfg.relation_max_axis_overlap,
     )
 
 
