@@ -30,6 +30,7 @@ from orsgen.stages.ingest.dedupe import dedupe_by_key
 from orsgen.stages.refs import add_human_samples, ref_source_split
 from orsgen.stages.regions import select_regions
 from orsgen.stages.expressions import expressions_stage, load_templates
+from orsgen.stages.expressions.vocabulary import load_vocabulary
 from orsgen.stages.splits import assign_split, example_ood_split, resolve_split_conflicts
 from orsgen.stages.write import (
     EncodedExample,
@@ -330,6 +331,9 @@ def build_pipeline(p: beam.Pipeline, cfg: OrsgenConfig, out: str) -> None:
     vocab = (vocab_l or [p | "NoVocabulary" >> beam.Create([])]) | "AllVocabularies" >> beam.Flatten()
     side_inputs: dict[str, tuple[Any, ...]] = {"Expressions": (beam.pvalue.AsDict(vocab),)}
     templates = load_templates(cfg.expressions.templates) if cfg.expressions.enabled else None
+    if cfg.expressions.enabled:
+        # Read here too, so that a bad vocabulary file fails before the job starts.
+        load_vocabulary(cfg.expressions.vocabulary)
     stages = [
         # Before Regions: instances that selection drops are still visible, so
         # they must count for uniqueness and category extent (never as targets).
