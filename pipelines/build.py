@@ -77,14 +77,25 @@ def regions_stage(ex: ImageExample, cfg: OrsgenConfig, input_types: dict[str, st
             for s in gone
         ]
         samples = tuple(s for s in samples if s not in gone)
-    if itype == "sa1b" and not kept:
-        # A class-agnostic image with no usable region has nothing to refer to.
-        rejects.append(
-            Reject(ex.key, "regions", "no_regions", f"all {len(ex.instances)} regions were dropped.",
-                   RejectLevel.IMAGE, ex.image.image_id)
-        )
-        return None, rejects
+    # An SA-1B image left with no region has nothing to refer to; it is
+    # rejected as ``no_regions`` by the writer, after duplicate copies are
+    # found, so that a second copy is reported as ``duplicate_image``.
     return ex.replace(instances=tuple(kept), samples=samples), rejects
+
+
+def no_regions_reject(enc: EncodedExample, cfg: OrsgenConfig) -> Reject | None:
+    """The ``no_regions`` reject of an SA-1B image whose regions were all dropped, or None.
+
+    SA-1B image ids are ``sa1b:<id>`` (``stages.ingest.sa1b``), so the encoded
+    example says where it came from without its records.
+    """
+    if enc.n_instances or "sa1b" not in cfg.regions.apply_to or not enc.image_id.startswith("sa1b:"):
+        return None
+    return Reject(
+        enc.key, "regions", "no_regions", "every region of the image was dropped by region selection "
+        "(see its instance rejects); loosen the regions thresholds to keep it.",
+        RejectLevel.IMAGE, enc.image_id,
+    )
 
 
 def refs_stage(ex: ImageExample) -> tuple[ImageExample | None, list[Reject]]:
@@ -151,6 +162,15 @@ class WriteBucketDoFn(beam.DoFn):
         (split, bucket), examples = element
         # Copies of one key hash to the same bucket: keep one, reject the rest.
         examples, dropped = dedupe_by_key(examples)
+        # After dedupe: a copy of an image is a duplicate whether or not it has regions.
+        kept = []
+        for enc in examples:
+            reject = no_regions_reject(enc, self._cfg)
+            if reject is None:
+                kept.append(enc)
+            else:
+                dropped.append((enc, reject))
+        examples = kept
         for dup, reject in dropped:
             yield beam.pvalue.TaggedOutput(REJECTS, reject)
             yield beam.pvalue.TaggedOutput(EVENTS, ("dropped_with_image/instances", dup.n_instances))

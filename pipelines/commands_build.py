@@ -14,7 +14,7 @@ import typer
 import yaml
 
 from orsgen.pipelines.console import console, fail
-from orsgen.pipelines.run import print_summary, run_pipeline
+from orsgen.pipelines.run import UNRECONCILED_EXIT, ReconciliationError, print_summary, run_pipeline
 from orsgen.schemas.config import ConfigError, load_config
 
 
@@ -26,6 +26,8 @@ def run(
     beam_args: Optional[list[str]] = typer.Argument(None, help="Beam flags after --, e.g. -- --runner=DataflowRunner"),
 ) -> None:
     """Build a dataset from CONFIG into --out."""
+    from orsgen.stages.expressions.templates import TemplateError
+    from orsgen.stages.expressions.vocabulary import VocabularyError
     from orsgen.stages.write import OutputConflictError
 
     try:
@@ -34,10 +36,12 @@ def run(
         fail(str(err))
     try:
         manifest = run_pipeline(cfg, out, beam_args or [], show_progress=not quiet)
-    except (OutputConflictError, FileNotFoundError) as err:
+    except (OutputConflictError, FileNotFoundError, TemplateError, VocabularyError) as err:
         # FileNotFoundError: a top-level input (shard glob, annotations or refs
         # file) is missing, a config mistake whose message names the path.
         fail(str(err))
+    except ReconciliationError as err:
+        _unreconciled(err, out, quiet)
     if not quiet:
         print_summary(manifest, out)
 
@@ -51,6 +55,8 @@ def demo(
 ) -> None:
     """Generate a small synthetic input set (SA-1B, COCO, RefCOCO, gRefCOCO) and build from it."""
     from orsgen.pipelines.demo_data import generate_demo_inputs
+    from orsgen.stages.expressions.templates import TemplateError
+    from orsgen.stages.expressions.vocabulary import VocabularyError
     from orsgen.stages.write import OutputConflictError
 
     inputs = out / "inputs"
@@ -77,8 +83,18 @@ def demo(
     started = time.monotonic()
     try:
         manifest = run_pipeline(cfg, dataset, beam_args or [], show_progress=not quiet)
-    except (OutputConflictError, FileNotFoundError) as err:
+    except (OutputConflictError, FileNotFoundError, TemplateError, VocabularyError) as err:
         fail(str(err))
+    except ReconciliationError as err:
+        _unreconciled(err, dataset, quiet)
     if not quiet:
         print_summary(manifest, dataset)
         console.print(f"done in {time.monotonic() - started:.1f} s; dataset in {dataset}")
+
+
+def _unreconciled(err: "ReconciliationError", out: str, quiet: bool) -> None:
+    """Shows the funnel, then fails with the reconciliation sentence and a non-zero exit."""
+    if not quiet:
+        print_summary(err.manifest, out)
+    console.print(f"[bold red]error:[/] {err}")
+    raise typer.Exit(code=UNRECONCILED_EXIT)
