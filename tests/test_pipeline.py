@@ -344,3 +344,31 @@ def test_a_manifest_that_does_not_reconcile_fails_the_run(demo, tmp_path, monkey
     text = " ".join(res.output.split())
     assert "does not reconcile" in text and "instances level" in text and "7 fewer than" in text, text
     assert (tmp_path / "o" / "manifest.json").exists()  # kept for inspection
+
+
+def test_preview_of_an_output_without_samples_draws_its_regions(demo, tmp_path):
+    """SA-1B before captioning has regions and no samples: the preview shows mask, box, points and id."""
+    import numpy as np
+    from PIL import Image
+
+    from orsgen.stages.dataset.preview import REGION_KIND, PreviewError, pick_across_splits, write_preview
+
+    cfg = load_config(_sa1b_only_config(demo, tmp_path))
+    out = tmp_path / "out"
+    m = run_pipeline(cfg, str(out), ["--runner=FnApiRunner"], show_progress=False)
+    assert sum(v["samples"] for v in m["splits"].values()) == 0 and m["counts"]["levels"]["instances"]["written"] > 0
+    items, drawn, regions = pick_across_splits(str(out), 8)
+    assert regions and len(items) == 8 and sum(drawn.values()) == 8
+    for it in items:
+        (tid,) = it.sample.target_ids
+        assert it.sample.kind == REGION_KIND and tid in it.instances and tid in it.sample.expression
+        (t,) = it.sample.targets
+        inst = it.instances[tid]
+        assert tuple(t.bbox_xyxy) == tuple(float(v) for v in inst.bbox_xyxy)
+    res = write_preview(str(out), str(tmp_path / "r.png"), n=6)
+    assert res["regions"] is True and res["by_kind"] == {REGION_KIND: 6}
+    sheet = np.asarray(Image.open(tmp_path / "r.png"))
+    assert sheet.std() > 10  # something was drawn
+    # Nothing at all (no images): still a clear error, not an empty sheet.
+    with pytest.raises(PreviewError):
+        write_preview(str(tmp_path / "missing"), str(tmp_path / "e.png"))
