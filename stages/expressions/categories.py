@@ -46,7 +46,8 @@ def category_candidates(
     Returns:
         ``(candidates, skipped)``; ``skipped`` counts categories left out per
         reason (``crowd``, ``target_dropped``, ``rejected_annotation``,
-        ``word_covers_other``).
+        ``word_covers_other``), and ``crowd_region_unmasked``: samples
+        written under ``non_crowd`` whose mask leaves a crowd region out.
     """
     out: list[Candidate] = []
     skipped: Counter[str] = Counter()
@@ -70,6 +71,8 @@ def category_candidates(
         is_multi = len(targets) > 1
         if (is_multi and not multi) or (not is_multi and not single):
             continue
+        if has_crowd:
+            skipped["crowd_region_unmasked"] += 1  # written, but its mask leaves the crowd out
         kind = ExpressionKind.CATEGORY_MULTI if is_multi else ExpressionKind.CATEGORY_SINGLE
         texts = templates.category.multi if is_multi else templates.category.single
         text = ctx.pick(texts, "category", name).format(noun=forms.singular, plural=forms.plural)
