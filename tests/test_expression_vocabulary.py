@@ -1,6 +1,6 @@
 """Word coverage: negatives never name a present object, category words never name two.
 
-The shipped ``configs/vocabulary.yaml`` maps short names and synonyms to the
+The shipped ``configs/vocabulary/coverage.yaml`` maps short names and synonyms to the
 categories they cover. These tests build hand-made images with COCO's 80
 categories and LVIS-style names, and check the rules against a re-reading of
 the YAML file done here (word equality, listed coverage, head nouns,
@@ -79,7 +79,7 @@ def _norm(name: str) -> str:
 
 
 def _raw_table() -> dict[str, set[str]]:
-    raw = yaml.safe_load(resources.files("orsgen.configs").joinpath("vocabulary.yaml").read_text(encoding="utf-8"))
+    raw = yaml.safe_load(resources.files("orsgen.configs").joinpath("vocabulary", "coverage.yaml").read_text(encoding="utf-8"))
     return {_norm(k): {_norm(n) for n in (v or [])} for k, v in raw["covers"].items()}
 
 

@@ -58,7 +58,7 @@ class ExpressionConfig(ConfigModel):
             there, must stay under this (0.1: at most 10% overlap).
         vocabulary: the word-coverage file (short names and synonyms -> the
             categories they cover; local path or fsspec URL); None uses the
-            bundled ``configs/vocabulary.yaml``. Negatives never name a word
+            bundled ``configs/vocabulary/coverage.yaml``. Negatives never name a word
             that covers a present category.
         max_instances_per_category: categories with more instances than this
             get no descriptive samples (crowded scenes defeat short descriptions).

@@ -1,4 +1,4 @@
-"""Which written words cover which categories (``configs/vocabulary.yaml``).
+"""Which written words cover which categories (``configs/vocabulary/coverage.yaml``).
 
 A word can name more than the category it was written for: COCO's "dining
 table" is written "table", and "table" also names the coffee table in plain
@@ -31,7 +31,7 @@ import yaml
 
 from orsgen.stages.expressions.templates import NounForms, display_name, noun_forms
 
-DEFAULT_VOCABULARY = "vocabulary.yaml"
+DEFAULT_VOCABULARY = "coverage.yaml"
 _MAX_BYTES = 4 * 1024 * 1024  # a vocabulary file is a few KB; refuse anything huge before parsing it
 
 
@@ -133,14 +133,14 @@ def load_vocabulary(path: str | None = None) -> Coverage:
 
     Args:
         path: a local path or fsspec URL; None loads the bundled
-            ``configs/vocabulary.yaml``.
+            ``configs/vocabulary/coverage.yaml``.
 
     Raises:
         VocabularyError: the file is missing, too large, not YAML or invalid.
     """
     if path is None:
-        text = resources.files("orsgen.configs").joinpath(DEFAULT_VOCABULARY).read_text(encoding="utf-8")
-        where = f"(bundled) {DEFAULT_VOCABULARY}"
+        text = resources.files("orsgen.configs").joinpath("vocabulary", DEFAULT_VOCABULARY).read_text(encoding="utf-8")
+        where = f"(bundled) vocabulary/{DEFAULT_VOCABULARY}"
     else:
         where = repr(str(path))
         try:
