@@ -249,3 +249,15 @@ def test_config_resolves_the_vocabulary_path(tmp_path):
     assert cfg.expressions.vocabulary == str(tmp_path / "words.yaml")
     cov = load_vocabulary(cfg.expressions.vocabulary)
     assert cov.version == 3 and cov.word_covers(frozenset({"thing"}), "cup")
+
+
+def test_present_index_agrees_with_the_pairwise_rule():
+    """The per-image index is an optimisation: it must say exactly what ``related`` says."""
+    rng = np.random.default_rng(11)
+    names = [(c.name, c.supercategory) for c in VOCAB]
+    for _ in range(40):
+        present = [names[i] for i in rng.choice(len(names), size=int(rng.integers(1, 6)), replace=False)]
+        idx = COVERAGE.index(present, TEMPLATES.nouns)
+        for cand in names:
+            want = any(COVERAGE.related(cand, p, TEMPLATES.nouns) for p in present)
+            assert idx.touches(*cand) == want, (cand, present)

@@ -46,13 +46,13 @@ def absent_categories(
         ``(category, is_hard)`` pairs, hard ones first when ``hard_first``.
     """
     cov = ctx.coverage if ctx.coverage is not None else _PLAIN
-    present = ctx.present_categories or tuple((n, "") for n in sorted(ctx.present_names))
+    present = cov.index(ctx.present_categories or tuple((n, "") for n in sorted(ctx.present_names)), templates.nouns)
     seen: set[str] = set()
     absent: list[tuple[Category, bool]] = []
     for cat in sorted(vocabulary, key=lambda c: c.id):
         if cat.id in ctx.present_ids or cat.name in ctx.present_names or cat.name in held_out or cat.name in seen:
             continue
-        if any(cov.related((cat.name, cat.supercategory), p, templates.nouns) for p in present):
+        if present.touches(cat.name, cat.supercategory):
             continue
         seen.add(cat.name)
         absent.append((cat, bool(cat.supercategory) and cat.supercategory in ctx.present_supercategories))
