@@ -72,6 +72,7 @@ These are the definitions the independent test in
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -454,11 +455,18 @@ def absolute_truth(pool: Sequence[Geom], region: str, width: int, height: int, m
     """Truth of an absolute-position region for every instance of ``pool``."""
     m = margins.position_px
     return [
-        both_readings(
-            *(_truth([additive(v, m) for v in absolute_conditions(g, region, width, height, r)]) for r in READINGS)
-        )
+        both_readings(*(_additive_truth(absolute_conditions(g, region, width, height, r), m) for r in READINGS))
         for g in pool
     ]
+
+
+def _additive_truth(values: Sequence[float], m: float) -> Truth:
+    """``_truth`` of ``additive(v, m)`` conditions, without building them (a hot path)."""
+    if any(v + m < 0 for v in values):
+        return Truth.FALSE
+    if all(v - m > 0 for v in values):
+        return Truth.TRUE
+    return Truth.UNSURE
 
 
 def ordinal_truth(pool: Sequence[Geom], side: str, rank: int, margins: Margins) -> list[Truth]:
@@ -470,11 +478,13 @@ def ordinal_truth(pool: Sequence[Geom], side: str, rank: int, margins: Margins) 
 def _ordinal_truth_one(pool: Sequence[Geom], side: str, rank: int, margins: Margins, reading: str) -> list[Truth]:
     m = margins.position_px
     vals = [_ordinal_value(g, side, reading) for g in pool]
+    ordered = sorted(vals)
     out = []
-    for i, v in enumerate(vals):
-        others = [u for j, u in enumerate(vals) if j != i]
-        lo = sum(1 for u in others if u < v - m)  # certainly before it
-        hi = sum(1 for u in others if u <= v + m)  # possibly before it
+    for v in vals:
+        # Counted on the sorted values: the instance itself is never below
+        # v - m (m >= 0) and always at most v + m, hence the - 1.
+        lo = bisect.bisect_left(ordered, v - m)  # others certainly before it
+        hi = bisect.bisect_right(ordered, v + m) - 1  # others possibly before it
         if lo == hi == rank:
             out.append(Truth.TRUE)
         elif rank < lo or rank > hi:
