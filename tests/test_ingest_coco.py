@@ -646,6 +646,19 @@ def test_refcoco_image_problems_stand_for_their_refs(tmp_path: Path) -> None:
     assert got[1:] and set(got[1:]) == {("image_rejected", RejectLevel.INSTANCE, "coco:1")}
 
 
+def test_refcoco_image_rejected_at_planning_counts_its_annotations(tmp_path: Path) -> None:
+    inst_path = write_refcoco_instances(tmp_path)
+    doc = json.loads(inst_path.read_text())
+    doc["images"][0]["file_name"] = "../escape.jpg"  # image 1: unsafe_path, refused while planning
+    inst_path.write_text(json.dumps(doc))
+    cfg = refcoco_cfg(tmp_path, write_refs(tmp_path, REFS[:3], "json"))
+    _, items = plan_input(cfg)
+    rejects = [i for i in items if isinstance(i, Reject) and i.image_id == "coco:1"]
+    assert rejects[0].reason == "unsafe_path" and rejects[0].level == RejectLevel.IMAGE
+    assert sorted(r.source_key.rsplit("#", 1)[1] for r in rejects[1:]) == ["ann:10", "ann:11"]
+    assert all(r.reason == "image_rejected" and r.level == RejectLevel.INSTANCE for r in rejects[1:])
+
+
 # ---------------------------------------------------------------- gRefCOCO
 
 

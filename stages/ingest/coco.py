@@ -681,7 +681,12 @@ def _plan_refs(cfg: RefcocoInput | GrefcocoInput, source: str, inst: _Instances)
         if cfg.max_images is not None and n_images >= cfg.max_images:
             break
         if iid in inst.image_rejects:
-            out.append(inst.image_rejects[iid])
+            image_reject = inst.image_rejects[iid]
+            out.append(image_reject)
+            # As for a loaded image: its annotations are inputs, counted with it.
+            for ann in sorted(inst.anns_by_image.get(iid, []), key=lambda a: a["id"]):
+                out.append(_annotation_with_image(cfg.instances, ann["id"], iid, image_reject.reason))
+            out.extend(ann_rejects_by_image.get(iid, ()))
             n_images += 1
             continue
         ann_ids = {a["id"] for a in inst.anns_by_image.get(iid, [])}
