@@ -31,6 +31,7 @@ from orsgen.stages.ingest import coco as ingest_coco, sa1b as ingest_sa1b
 from orsgen.stages.refs import add_human_samples, ref_source_split
 from orsgen.stages.regions import select_regions
 from orsgen.stages.expressions import expressions_stage, load_templates
+from orsgen.stages.expressions.vocabulary import load_vocabulary
 from orsgen.stages.splits import assign_split, example_ood_split, resolve_split_conflicts
 from orsgen.stages.write.groups import DroppedCopy, GroupRecord, read_group_records, write_group_record
 from orsgen.stages.write import (
@@ -81,14 +82,25 @@ def regions_stage(ex: ImageExample, cfg: OrsgenConfig, input_types: dict[str, st
             for s in gone
         ]
         samples = tuple(s for s in samples if s not in gone)
-    if itype == "sa1b" and not kept:
-        # A class-agnostic image with no usable region has nothing to refer to.
-        rejects.append(
-            Reject(ex.key, "regions", "no_regions", f"all {len(ex.instances)} regions were dropped.",
-                   RejectLevel.IMAGE, ex.image.image_id)
-        )
-        return None, rejects
+    # An SA-1B image left with no region has nothing to refer to; it is
+    # rejected as ``no_regions`` by the writer, after duplicate copies are
+    # found, so that a second copy is reported as ``duplicate_image``.
     return ex.replace(instances=tuple(kept), samples=samples), rejects
+
+
+def no_regions_reject(enc: EncodedExample, cfg: OrsgenConfig) -> Reject | None:
+    """The ``no_regions`` reject of an SA-1B image whose regions were all dropped, or None.
+
+    SA-1B image ids are ``sa1b:<id>`` (``stages.ingest.sa1b``), so the encoded
+    example says where it came from without its records.
+    """
+    if enc.n_instances or "sa1b" not in cfg.regions.apply_to or not enc.image_id.startswith("sa1b:"):
+        return None
+    return Reject(
+        enc.key, "regions", "no_regions", "every region of the image was dropped by region selection "
+        "(see its instance rejects); loosen the regions thresholds to keep it.",
+        RejectLevel.IMAGE, enc.image_id,
+    )
 
 
 def refs_stage(ex: ImageExample) -> tuple[ImageExample | None, list[Reject]]:
@@ -162,7 +174,11 @@ class WriteBucketDoFn(beam.DoFn):
         (split, bucket, nb), examples = element
         # Copies of one key hash to the same bucket: write_group keeps one and
         # rejects the rest.
-        res = write_group(self._out, split, bucket, examples, self._cfg.write, num_buckets=nb)
+        res = write_group(
+            self._out, split, bucket, examples, self._cfg.write, num_buckets=nb,
+            # After dedupe: a copy of an image is a duplicate whether or not it has regions.
+            reject_after_dedupe=functools.partial(no_regions_reject, cfg=self._cfg),
+        )
         written = res.written
         # Last: a rerun trusts this record and skips the group before the shuffle.
         write_group_record(
@@ -466,6 +482,9 @@ def build_pipeline(p: beam.Pipeline, cfg: OrsgenConfig, out: str) -> None:
     vocab = (vocab_l or [p | "NoVocabulary" >> beam.Create([])]) | "AllVocabularies" >> beam.Flatten()
     side_inputs: dict[str, tuple[Any, ...]] = {"Expressions": (beam.pvalue.AsDict(vocab),)}
     templates = load_templates(cfg.expressions.templates) if cfg.expressions.enabled else None
+    if cfg.expressions.enabled:
+        # Read here too, so that a bad vocabulary file fails before the job starts.
+        load_vocabulary(cfg.expressions.vocabulary)
     stages = [
         # Before Regions: instances that selection drops are still visible, so
         # they must count for uniqueness and category extent (never as targets).

@@ -14,7 +14,7 @@ import typer
 import yaml
 
 from orsgen.pipelines.console import console, fail
-from orsgen.pipelines.run import print_summary, run_pipeline
+from orsgen.pipelines.run import UNRECONCILED_EXIT, ReconciliationError, print_summary, run_pipeline
 from orsgen.schemas.config import ConfigError, load_config
 
 
@@ -29,6 +29,8 @@ def run(
     from orsgen.pipelines.caption import VlmUnreachableError
     from orsgen.pipelines.remote import RemotePathError
     from orsgen.pipelines.worker_env import WorkerPackagingError
+    from orsgen.stages.expressions.templates import TemplateError
+    from orsgen.stages.expressions.vocabulary import VocabularyError
     from orsgen.stages.write import OutputConflictError
 
     try:
@@ -37,13 +39,15 @@ def run(
         fail(str(err))
     try:
         manifest = run_pipeline(cfg, out, beam_args or [], show_progress=not quiet)
-    except (OutputConflictError, FileNotFoundError, RemotePathError, WorkerPackagingError, VlmUnreachableError) as err:
+    except (OutputConflictError, FileNotFoundError, RemotePathError, WorkerPackagingError, VlmUnreachableError, TemplateError, VocabularyError) as err:
         # FileNotFoundError: a top-level input (shard glob, annotations or refs
         # file) is missing, a config mistake whose message names the path.
         # RemotePathError: a local path with a remote runner (names the key);
         # WorkerPackagingError: remote workers would lack orsgen or gcsfs.
         # VlmUnreachableError: the caption server could not be reached.
         fail(str(err))
+    except ReconciliationError as err:
+        _unreconciled(err, out, quiet)
     if not quiet:
         print_summary(manifest, out)
 
@@ -56,7 +60,10 @@ def demo(
     beam_args: Optional[list[str]] = typer.Argument(None, help="Beam flags after --"),
 ) -> None:
     """Generate a small synthetic input set (SA-1B, COCO, RefCOCO, gRefCOCO) and build from it."""
+    from orsgen.pipelines.caption import VlmUnreachableError
     from orsgen.pipelines.demo_data import generate_demo_inputs
+    from orsgen.stages.expressions.templates import TemplateError
+    from orsgen.stages.expressions.vocabulary import VocabularyError
     from orsgen.stages.write import OutputConflictError
 
     inputs = out / "inputs"
@@ -83,8 +90,18 @@ def demo(
     started = time.monotonic()
     try:
         manifest = run_pipeline(cfg, dataset, beam_args or [], show_progress=not quiet)
-    except (OutputConflictError, FileNotFoundError) as err:
+    except (OutputConflictError, FileNotFoundError, VlmUnreachableError, TemplateError, VocabularyError) as err:
         fail(str(err))
+    except ReconciliationError as err:
+        _unreconciled(err, dataset, quiet)
     if not quiet:
         print_summary(manifest, dataset)
         console.print(f"done in {time.monotonic() - started:.1f} s; dataset in {dataset}")
+
+
+def _unreconciled(err: "ReconciliationError", out: str, quiet: bool) -> None:
+    """Shows the funnel, then fails with the reconciliation sentence and a non-zero exit."""
+    if not quiet:
+        print_summary(err.manifest, out)
+    console.print(f"[bold red]error:[/] {err}")
+    raise typer.Exit(code=UNRECONCILED_EXIT)

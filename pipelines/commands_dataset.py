@@ -183,7 +183,9 @@ def eval_(
 def preview(
     root: str = typer.Argument(..., help="An orsgen output folder (local path or fsspec URL)."),
     out: str = typer.Option(..., "--out", help="Contact sheet to write (PNG)."),
-    split: Optional[str] = typer.Option(None, "--split", help="Only this split (default: all)."),
+    split: Optional[str] = typer.Option(
+        None, "--split", help="Only this split (default: every split, in proportion to its samples)."
+    ),
     n: int = typer.Option(24, "--n", help="How many samples."),
     kind: list[str] = typer.Option([], "--kind", help="Only these kinds (repeatable)."),
     cols: int = typer.Option(4, "--cols", help="Tiles per row."),
@@ -201,7 +203,9 @@ def preview(
         fail(str(err))
         return
     kinds = ", ".join(f"{k}={v}" for k, v in sorted(res["by_kind"].items()))
-    console.print(f"{res['samples']} samples ({kinds}) -> {res['png']} and {res['html']}")
+    splits = ", ".join(f"{k}={v}" for k, v in res["splits"].items())
+    what = "regions (the output has no samples yet)" if res["regions"] else "samples"
+    console.print(f"{res['samples']} {what} ({kinds}) from splits {splits} -> {res['png']} and {res['html']}")
 
 
 def review(

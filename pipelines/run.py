@@ -20,6 +20,49 @@ from orsgen.schemas.config import OrsgenConfig
 
 DEFAULT_RUNNER = "FnApiRunner"
 
+#: Exit code of ``orsgen run`` / ``demo`` when the manifest does not reconcile
+#: (2 is a user mistake; this is a bug in orsgen or a stage).
+UNRECONCILED_EXIT = 3
+
+
+class ReconciliationError(RuntimeError):
+    """The finished manifest's ``inputs = written + rejected`` fails at some level.
+
+    Attributes:
+        manifest: the manifest as written (kept on disk for inspection).
+    """
+
+    def __init__(self, message: str, manifest: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.manifest = manifest
+
+
+def reconciliation_problem(manifest: dict[str, Any]) -> str | None:
+    """One sentence naming every level that does not reconcile and by how much, or None.
+
+    Args:
+        manifest: a parsed ``manifest.json``.
+    """
+    levels = manifest.get("counts", {}).get("levels", {})
+    off = []
+    for level, c in levels.items():
+        inputs, written, rejected = int(c["inputs"]), int(c["written"]), int(c["rejected"])
+        diff = written + rejected - inputs
+        if diff:
+            more = f"{diff} more than" if diff > 0 else f"{-diff} fewer than"
+            off.append(
+                f"at the {level} level written {written} + rejected {rejected} = {written + rejected} is {more} "
+                f"the {inputs} inputs"
+            )
+    if not levels:
+        return "the manifest has no counts.levels, so nothing can be reconciled; this output is not a complete run."
+    if not off:
+        return None
+    return (
+        "the manifest does not reconcile: " + "; ".join(off) + ". The output is kept for inspection; "
+        "this is a bug in orsgen, please report it with the manifest."
+    )
+
 
 def pipeline_options(beam_args: list[str]) -> Any:
     """Beam ``PipelineOptions`` from pass-through flags, with our default runner."""
@@ -69,6 +112,11 @@ def run_pipeline(cfg: OrsgenConfig, out: str, beam_args: list[str] | None = None
 
     Returns:
         The parsed ``manifest.json``.
+
+    Raises:
+        ReconciliationError: the manifest was written but some level's
+            ``inputs = written + rejected`` fails (the message says which
+            and by how much).
     """
     import apache_beam as beam
 
@@ -106,7 +154,11 @@ def run_pipeline(cfg: OrsgenConfig, out: str, beam_args: list[str] | None = None
     if error:
         raise _clear_error(error[0])
     with fs.open(f"{root.rstrip('/')}/{MANIFEST}", "rb") as f:
-        return json.load(f)
+        manifest = json.load(f)
+    problem = reconciliation_problem(manifest)
+    if problem is not None:
+        raise ReconciliationError(problem, manifest)
+    return manifest
 
 
 def _clear_error(err: BaseException) -> BaseException:

@@ -71,10 +71,15 @@ class StageDoFn(beam.DoFn):
                     "this is a bug in that stage."
                 )
             # The instances, refs and samples go with the image; count them so
-            # their levels reconcile too.
-            yield TaggedOutput(EVENTS, ("dropped_with_image/instances", len(ex.instances)))
+            # their levels reconcile too. Those the stage rejected on their own
+            # (region selection's instance rejects, say) are counted by their
+            # reject already: counting them again would make rejected > inputs.
+            own = {r.source_key for r in rejects if r.level in (RejectLevel.INSTANCE, RejectLevel.SAMPLE)}
+            yield TaggedOutput(
+                EVENTS, ("dropped_with_image/instances", sum(i.instance_id not in own for i in ex.instances))
+            )
             yield TaggedOutput(EVENTS, ("dropped_with_image/refs", len(ex.refs)))
-            yield TaggedOutput(EVENTS, ("dropped_with_image/samples", len(ex.samples)))
+            yield TaggedOutput(EVENTS, ("dropped_with_image/samples", sum(s.sample_id not in own for s in ex.samples)))
             return
         yield from self._account(ex, out, rejects)
         yield out

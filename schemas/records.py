@@ -309,6 +309,29 @@ class ReviewDecision:
 
 
 @dataclass(frozen=True, slots=True)
+class Presence:
+    """An object known to be in the image whose annotation was rejected.
+
+    Its mask is unusable, but the object is there: it still counts for the
+    uniqueness of expressions, the extent of a category and negatives. Kept
+    on the example for the expressions stage only; never written.
+
+    Attributes:
+        category_id: the annotation's category id.
+        category_name: its category name.
+        supercategory: its supercategory ("" if none).
+        iscrowd: the annotation's crowd flag.
+        source_key: the annotation's reject ``source_key``.
+    """
+
+    category_id: int
+    category_name: str
+    supercategory: str = ""
+    iscrowd: bool = False
+    source_key: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class ImageExample:
     """The unit that flows through the pipeline: an image with everything on it.
 
@@ -321,6 +344,8 @@ class ImageExample:
         samples: referring samples built so far.
         split: assigned split, or "".
         input_name: the config input it came from.
+        presence: objects whose annotations were rejected at ingest (see
+            ``Presence``); context for the expressions stage, never written.
     """
 
     key: str
@@ -331,6 +356,7 @@ class ImageExample:
     samples: tuple[Sample, ...] = ()
     split: str = ""
     input_name: str = ""
+    presence: tuple[Presence, ...] = ()
 
     def replace(self, **changes: Any) -> "ImageExample":
         """Returns a copy with ``changes`` applied (the record is frozen)."""

@@ -63,16 +63,29 @@ def _clear(values_margins: list[tuple[float, float]]) -> str:
     return "tie"
 
 
+def _both(a: str, b: str) -> str:
+    """Two readings (centroid, box) combined: agree or it is a tie."""
+    return a if a == b else "tie"
+
+
 def _absolute(s: dict[str, float], region: str, w: int, h: int, m: float) -> str:
+    # Centroid reading and box-centre reading must agree.
+    return _both(
+        _absolute_at(s["cx"], s["cy"], region, w, h, m),
+        _absolute_at((s["x0"] + s["x1"]) / 2, (s["y0"] + s["y1"]) / 2, region, w, h, m),
+    )
+
+
+def _absolute_at(x: float, y: float, region: str, w: int, h: int, m: float) -> str:
     third_x, third_y = w / 3.0, h / 3.0
     parts = {
-        "left": [third_x - s["cx"]],
-        "right": [s["cx"] - 2 * third_x],
-        "top": [third_y - s["cy"]],
-        "bottom": [s["cy"] - 2 * third_y],
+        "left": [third_x - x],
+        "right": [x - 2 * third_x],
+        "top": [third_y - y],
+        "bottom": [y - 2 * third_y],
     }
     if region == "center":
-        vals = [s["cx"] - third_x, 2 * third_x - s["cx"], s["cy"] - third_y, 2 * third_y - s["cy"]]
+        vals = [x - third_x, 2 * third_x - x, y - third_y, 2 * third_y - y]
     elif "_" in region:
         a, b = region.split("_")
         vals = parts[a] + parts[b]
@@ -82,7 +95,14 @@ def _absolute(s: dict[str, float], region: str, w: int, h: int, m: float) -> str
 
 
 def _ordinal(stats: list[dict[str, float]], i: int, side: str, rank: int, m: float) -> str:
-    key, sign = {"left": ("cx", 1), "right": ("cx", -1), "top": ("cy", 1), "bottom": ("cy", -1)}[side]
+    # Centroid reading and leading-box-edge reading must agree.
+    centroid = {"left": ("cx", 1), "right": ("cx", -1), "top": ("cy", 1), "bottom": ("cy", -1)}[side]
+    edge = {"left": ("x0", 1), "right": ("x1", -1), "top": ("y0", 1), "bottom": ("y1", -1)}[side]
+    return _both(_ordinal_by(stats, i, centroid, rank, m), _ordinal_by(stats, i, edge, rank, m))
+
+
+def _ordinal_by(stats: list[dict[str, float]], i: int, key_sign: tuple[str, int], rank: int, m: float) -> str:
+    key, sign = key_sign
     vals = np.array([sign * s[key] for s in stats])
     v = vals[i]
     others = np.delete(vals, i)
@@ -112,19 +132,44 @@ def _size(stats: list[dict[str, float]], i: int, order: str, size_margin: float)
     return "tie"
 
 
-def _relation(s: dict[str, float], r: dict[str, float], rel: str, m: float, near: float, size_margin: float) -> str:
-    if rel == "left_of":
-        return _clear([(r["cx"] - s["cx"], m)])
-    if rel == "right_of":
-        return _clear([(s["cx"] - r["cx"], m)])
-    if rel == "above":
-        return _clear([(r["cy"] - s["cy"], m)])
-    if rel == "below":
-        return _clear([(s["cy"] - r["cy"], m)])
+def _inside(px: float, py: float, box: dict[str, float], m: float) -> bool:
+    """The point is inside the box or within ``m`` of it (not plainly outside)."""
+    return box["x0"] - m <= px <= box["x1"] + m and box["y0"] - m <= py <= box["y1"] + m
+
+
+def _plain_pair(s: dict[str, float], r: dict[str, float], m: float) -> bool:
+    """Neither centroid is (nearly) inside the other's box."""
+    return not _inside(s["cx"], s["cy"], r, m) and not _inside(r["cx"], r["cy"], s, m)
+
+
+def _directional(s: dict[str, float], r: dict[str, float], rel: str, m: float, axis_overlap: float) -> str:
+    c, lo, hi = ("cx", "x0", "x1") if rel in ("left_of", "right_of") else ("cy", "y0", "y1")
+    first, second = (s, r) if rel in ("left_of", "above") else (r, s)  # first comes before second on the axis
+    verdict = _clear([(second[c] - first[c], m)])
+    if verdict != "yes":
+        return verdict  # plainly false, or a near-tie, on the centroids alone
+    overlap = min(s[hi], r[hi]) - max(s[lo], r[lo])
+    allowed = axis_overlap * min(s[hi] - s[lo], r[hi] - r[lo])
+    plain = (
+        allowed - overlap > m
+        and second[hi] - first[hi] > m
+        and second[lo] - first[lo] > m
+        and _plain_pair(s, r, m)
+    )
+    # Overlapping objects make the relation doubtful, never false.
+    return "yes" if plain else "tie"
+
+
+def _relation(
+    s: dict[str, float], r: dict[str, float], rel: str, m: float, near: float, size_margin: float, axis_overlap: float
+) -> str:
+    if rel in ("left_of", "right_of", "above", "below"):
+        return _directional(s, r, rel, m, axis_overlap)
     if rel == "next_to":
         dx = max(0.0, r["x0"] - s["x1"], s["x0"] - r["x1"])
         dy = max(0.0, r["y0"] - s["y1"], s["y0"] - r["y1"])
-        return _clear([(near - math.sqrt(dx * dx + dy * dy), m)])
+        verdict = _clear([(near - math.sqrt(dx * dx + dy * dy), m)])
+        return "tie" if verdict == "yes" and not _plain_pair(s, r, m) else verdict
     if rel == "on":
         w = s["x1"] - s["x0"]
         ov = min(s["x1"], r["x1"]) - max(s["x0"], r["x0"])
@@ -159,6 +204,7 @@ class OracleParams:
     margin_frac: float
     size_margin: float
     next_to_max_gap_frac: float
+    relation_max_axis_overlap: float = 0.1
 
     def position(self, w: int, h: int) -> float:
         return max(self.margin_px, self.margin_frac * min(w, h))
@@ -188,7 +234,10 @@ def truths(
     if fam == "relation":
         assert anchor is not None
         r = anchor.stats()
-        return [_relation(s, r, template["relation"], m, p.near(w, h), p.size_margin) for s in stats]
+        return [
+            _relation(s, r, template["relation"], m, p.near(w, h), p.size_margin, p.relation_max_axis_overlap)
+            for s in stats
+        ]
     raise AssertionError(f"unknown family {fam}")
 
 

@@ -51,7 +51,9 @@ RAW = _all_enabled()
 TEMPLATES = parse_templates(RAW)
 FORMS = {c: (noun_forms(c, TEMPLATES.nouns).singular, noun_forms(c, TEMPLATES.nouns).plural) for c in CATEGORIES}
 CFG = ExpressionConfig()
-PARAMS = OracleParams(CFG.margin_px, CFG.margin_frac, CFG.size_margin, CFG.next_to_max_gap_frac)
+PARAMS = OracleParams(
+    CFG.margin_px, CFG.margin_frac, CFG.size_margin, CFG.next_to_max_gap_frac, CFG.relation_max_axis_overlap
+)
 FAMILIES = ["absolute", "ordinal", "size", "relation"]
 
 
@@ -269,5 +271,152 @@ def test_on_next_to_and_holding_scenes_match_the_oracle():
             assert why is None, f"scene {scene}: {c.kind} {c.expression!r} ({c.template}): {why}"
         for tid, _a, _t in emitted:
             emitted_by_relation[tid] = emitted_by_relation.get(tid, 0) + 1
-    for rel in ("relation.on", "relation.next_to", "relation.holding"):
-        assert emitted_by_relation.get(rel, 0) > 50, sorted(emitted_by_relation.items())
+    # next_to is rarer than it was: a subject standing on the book is not plainly
+    # "next to" it, which makes "the cup next to the book" doubtful for its rivals.
+    for rel, least in (("relation.on", 50), ("relation.next_to", 20), ("relation.holding", 50)):
+        assert emitted_by_relation.get(rel, 0) > least, sorted(emitted_by_relation.items())
+
+
+# ---------------------------------------------------------------- hand-built scenes: the plainness rules
+
+
+def _scene(w: int, h: int, *objs: tuple[str, str, tuple[int, int, int, int]]) -> list[DenseInstance]:
+    """Rectangles ``(id, category, (x0, y0, width, height))``, later ones in front."""
+    out = []
+    covered = np.zeros((h, w), dtype=bool)
+    for iid, cat, box in reversed(objs):
+        m = _box_mask(w, h, *box) & ~covered
+        covered |= _box_mask(w, h, *box)
+        out.insert(0, DenseInstance(iid, cat, False, m))
+    return out
+
+
+def _emitted(w: int, h: int, dense: list[DenseInstance], families=("relation",)) -> dict[str, set[tuple[str, ...]]]:
+    ctx = ImageContext.build("img", w, h, to_instances(dense), margins_for(CFG, w, h), seed=0)
+    cands, _ = description_candidates(ctx, TEMPLATES, families=list(families))
+    out: dict[str, set[tuple[str, ...]]] = {}
+    forms = {d.category: (noun_forms(d.category, TEMPLATES.nouns).singular, noun_forms(d.category, TEMPLATES.nouns).plural) for d in dense}
+    for c in cands:
+        out.setdefault(c.template, set()).add(tuple(c.target_ids))
+        why = check_expression(c.expression, c.kind, c.template, c.target_ids, c.metadata, dense, w, h, PARAMS, RAW, forms)
+        assert why is None, why
+    return out
+
+
+def test_side_by_side_objects_get_directional_relations():
+    # A cup well left of a book, boxes apart: "the cup left of the book" is plain.
+    dense = _scene(200, 100, ("c", "cup", (20, 40, 30, 30)), ("b", "book", (120, 40, 40, 30)))
+    got = _emitted(200, 100, dense)
+    assert got.get("relation.left_of") == {("c",)}
+    assert "relation.right_of" in got  # the book right of the cup
+
+
+def test_overlap_on_the_axis_refuses_directional_relations():
+    # The bowl's box overlaps the table's box on x by half the bowl's width:
+    # "the bowl right of the table" is not plain although the centroids say so.
+    dense = _scene(200, 120, ("t", "dining table", (10, 50, 120, 60)), ("w", "bowl", (110, 40, 40, 20)))
+    got = _emitted(200, 120, dense)
+    assert not {k for k in got if k in ("relation.left_of", "relation.right_of")}, got
+    # Move the bowl clear of the table and the relation comes back.
+    dense = _scene(200, 120, ("t", "dining table", (10, 50, 100, 60)), ("w", "bowl", (140, 40, 40, 20)))
+    assert _emitted(200, 120, dense).get("relation.right_of") == {("w",)}
+
+
+def test_contained_object_gets_no_directional_relation():
+    # A teddy bear sitting inside a microwave: its centroid lies inside the
+    # microwave's box, so neither "below" nor "above" nor "next to" is plain.
+    dense = _scene(160, 160, ("m", "microwave", (30, 30, 100, 80)), ("t", "teddy bear", (60, 60, 30, 40)))
+    got = _emitted(160, 160, dense)
+    assert not set(got) & {"relation.above", "relation.below", "relation.left_of", "relation.right_of", "relation.next_to"}, got
+
+
+def test_supported_object_is_on_not_above():
+    # A cup standing on a table: "on" holds by its own rule; "above" does not
+    # (the boxes overlap on y and the cup's centroid is inside the table's box).
+    dense = _scene(200, 200, ("t", "dining table", (20, 80, 160, 100)), ("c", "cup", (80, 60, 20, 30)))
+    got = _emitted(200, 200, dense)
+    assert got.get("relation.on") == {("c",)}
+    assert "relation.above" not in got and "relation.below" not in got, got
+
+
+def test_a_rival_overlapping_the_anchor_makes_the_relation_doubtful():
+    # Two people: one plainly left of the bench, one sitting on it (centroid
+    # inside the bench's box). "The person left of the bench" is not emitted:
+    # whether the sitting one is also "left of" it is not plain either way.
+    dense = _scene(
+        300, 150,
+        ("b", "bench", (120, 70, 120, 40)),
+        ("p1", "person", (20, 30, 30, 90)),
+        ("p2", "person", (125, 40, 30, 60)),
+    )
+    got = _emitted(300, 150, dense)
+    assert "relation.left_of" not in got, got
+    # Without the sitting person the same scene gives it.
+    assert _emitted(300, 150, [d for d in dense if d.instance_id != "p2"]).get("relation.left_of") == {("p1",)}
+
+
+def test_ordinal_needs_centroid_and_box_edge_to_agree():
+    # Zebra a's body (centroid) is left of zebra b's, but b's head reaches
+    # further left: "the zebra furthest to the left" is refused.
+    w, h = 300, 150
+    a = _box_mask(w, h, 60, 60, 60, 40)
+    b = _box_mask(w, h, 150, 60, 80, 40) | _box_mask(w, h, 20, 20, 130, 8)  # a long neck to the left
+    dense = [DenseInstance("a", "zebra", False, a), DenseInstance("b", "zebra", False, b & ~a)]
+    assert dense[0].stats()["cx"] < dense[1].stats()["cx"] - 10  # centroids: a is clearly left
+    assert dense[1].stats()["x0"] < dense[0].stats()["x0"] - 10  # box edges: b is clearly left
+    got = _emitted(w, h, dense, families=("ordinal",))
+    assert "ordinal.leftmost" not in got, got
+    assert got.get("ordinal.rightmost") == {("b",)}  # both readings agree on that one
+    # Without the neck both readings agree and it is emitted.
+    dense[1] = DenseInstance("b", "zebra", False, _box_mask(w, h, 150, 60, 80, 40))
+    assert _emitted(w, h, dense, families=("ordinal",)).get("ordinal.leftmost") == {("a",)}
+
+
+def test_absolute_needs_centroid_and_box_centre_to_agree():
+    # A mask whose bulk is in the left third but whose box spans the image:
+    # centroid says left, box centre says middle, so "on the left" is refused.
+    w, h = 300, 150
+    m = _box_mask(w, h, 10, 40, 60, 60) | _box_mask(w, h, 10, 40, 280, 3)
+    got = _emitted(w, h, [DenseInstance("k", "kite", False, m)], families=("absolute",))
+    assert "absolute.left" not in got, got
+    got = _emitted(w, h, [DenseInstance("k", "kite", False, _box_mask(w, h, 10, 40, 60, 60))], families=("absolute",))
+    assert got.get("absolute.left") == {("k",)}
+
+
+def test_no_emitted_relation_or_ordinal_breaks_the_acceptance_rules():
+    """Random overlapping scenes: checked against the rules as stated, not the oracle."""
+    rng = np.random.default_rng(99)
+    axis = CFG.relation_max_axis_overlap
+    n_rel = n_ord = 0
+    for scene in range(400):
+        w, h, dense = random_scene(rng)
+        ctx = ImageContext.build("img", w, h, to_instances(dense), margins_for(CFG, w, h), seed=scene)
+        cands, _ = description_candidates(ctx, TEMPLATES, families=["relation", "ordinal"])
+        st = {d.instance_id: d.stats() for d in dense}
+        by_cat: dict[str, list[str]] = {}
+        for d in dense:
+            if not d.iscrowd:
+                by_cat.setdefault(d.category, []).append(d.instance_id)
+        for c in cands:
+            fam = c.template.split(".")[0]
+            if fam == "relation" and c.template.split(".")[1] in ("left_of", "right_of", "above", "below"):
+                lo, hi = ("x0", "x1") if c.template.endswith(("left_of", "right_of")) else ("y0", "y1")
+                r = st[c.metadata["anchor_id"]]
+                for t in c.target_ids:
+                    s = st[t]
+                    overlap = min(s[hi], r[hi]) - max(s[lo], r[lo])
+                    assert overlap < axis * min(s[hi] - s[lo], r[hi] - r[lo]), (scene, c)
+                    for p, q in ((s, r), (r, s)):
+                        inside = q["x0"] <= p["cx"] <= q["x1"] and q["y0"] <= p["cy"] <= q["y1"]
+                        assert not inside, (scene, c)
+                    n_rel += 1
+            if fam == "ordinal":
+                side = c.metadata["semantics"]["side"]
+                key, edge, sign = {"left": ("cx", "x0", 1), "right": ("cx", "x1", -1), "top": ("cy", "y0", 1), "bottom": ("cy", "y1", -1)}[side]
+                (t,) = c.target_ids
+                pool = by_cat[c.metadata["category"]]
+                rank_c = sum(sign * st[o][key] < sign * st[t][key] for o in pool if o != t)
+                rank_e = sum(sign * st[o][edge] < sign * st[t][edge] for o in pool if o != t)
+                assert rank_c == rank_e == c.metadata["semantics"]["rank"], (scene, c)
+                n_ord += 1
+    assert n_rel > 50 and n_ord > 50, (n_rel, n_ord)

@@ -31,6 +31,7 @@ from orsgen.pipelines.demo_data import generate_demo_inputs
 from orsgen.schemas.config import load_config
 from orsgen.schemas.records import Rle
 from orsgen.stages.dataset.preview import (
+    split_quotas,
     OVERLAY_ALPHA,
     PALETTE,
     PreviewError,
@@ -207,7 +208,7 @@ def test_no_target_categories_are_absent(demo):
 
 def test_descriptions_pass_the_independent_oracle(demo):
     e = demo["cfg"].expressions
-    params = OracleParams(e.margin_px, e.margin_frac, e.size_margin, e.next_to_max_gap_frac)
+    params = OracleParams(e.margin_px, e.margin_frac, e.size_margin, e.next_to_max_gap_frac, e.relation_max_axis_overlap)
     raw = bundled_templates()
     n = 0
     for row in demo["rows"]:
@@ -327,6 +328,29 @@ def test_preview_command_writes_png_and_html(demo, tmp_path):
     assert bad.exit_code == 2 and "split 'nope'" in bad.output
     with pytest.raises(PreviewError):
         write_preview(str(tmp_path / "empty"), str(tmp_path / "e.png"))
+
+
+def test_split_quotas_are_proportional_and_keep_small_splits():
+    assert split_quotas({"train": 90, "val": 10}, 10) == {"train": 9, "val": 1}
+    q = split_quotas({"train": 1000, "ood_a": 3, "ood_b": 1, "empty": 0}, 12)
+    assert q["ood_a"] >= 1 and q["ood_b"] >= 1 and "empty" not in q and sum(q.values()) == 12
+    assert q["train"] == 10
+    assert split_quotas({"a": 5, "b": 5, "c": 5}, 2) == {"a": 1, "b": 1}  # fewer tiles than splits
+    assert split_quotas({"a": 0}, 5) == {}
+
+
+def test_default_preview_draws_every_split_in_proportion(demo, tmp_path):
+    root = str(demo["outs"]["in"])
+    m = demo["manifests"]["in"]
+    with_samples = {k: v["samples"] for k, v in m["splits"].items() if v["samples"]}
+    assert len(with_samples) > 1
+    res = write_preview(root, str(tmp_path / "all.png"), n=24)
+    assert set(res["splits"]) == set(with_samples), res["splits"]  # not just the held-out ones
+    assert res["regions"] is False and sum(res["splits"].values()) == res["samples"] == 24
+    biggest = max(with_samples, key=with_samples.get)
+    assert res["splits"][biggest] == max(res["splits"].values())
+    page = (tmp_path / "all.html").read_text()
+    assert all(f"{k}={v}" in page for k, v in res["splits"].items())  # the page says what it drew
 
 
 def test_preview_reads_webdataset_when_there_is_no_parquet(demo, tmp_path):

@@ -124,8 +124,8 @@ def write_coco(tmp_path: Path) -> CocoInput:
             ann(24, 777, POLY),
             ann(25, 1, [[1, 2, 3]]),
             {"image_id": 1, "segmentation": POLY},
-            ann(30, 3, POLY),  # on a missing image: goes with the image
-            ann(60, 6, POLY),  # on a bad_json image: goes with the image
+            ann(30, 3, POLY),  # on a missing image: counted as image_rejected
+            ann(60, 6, POLY),  # on a bad_json image: counted as image_rejected
         ],
         "categories": CATEGORIES,
     }
@@ -199,6 +199,9 @@ def test_coco_bad_inputs_become_rejects(tmp_path: Path) -> None:
         f"{url}#ann:24": ("orphan_annotation", RejectLevel.INSTANCE, "coco:777"),
         f"{url}#ann:25": ("bad_polygon", RejectLevel.INSTANCE, "coco:1"),
         f"{url}#ann_index:10": ("bad_annotation", RejectLevel.INSTANCE, "coco:1"),
+        # annotations of rejected images are inputs too
+        f"{url}#ann:30": ("image_rejected", RejectLevel.INSTANCE, "coco:3"),
+        f"{url}#ann:60": ("image_rejected", RejectLevel.INSTANCE, "coco:6"),
         # image level
         f"{imgs}/img3.jpg": ("missing_image", RejectLevel.IMAGE, "coco:3"),
         f"{imgs}/img4.jpg": ("corrupt_image", RejectLevel.IMAGE, "coco:4"),
@@ -210,6 +213,18 @@ def test_coco_bad_inputs_become_rejects(tmp_path: Path) -> None:
         f"{url}#image_index:9": ("bad_json", RejectLevel.IMAGE, ""),
     }
     assert all(r.stage == "ingest_coco" and r.message for r in rejects)
+
+
+def test_rejected_annotations_stay_present_on_their_image(tmp_path: Path) -> None:
+    """A rejected annotation with a known category is kept as presence (not as an instance)."""
+    cfg = write_coco(tmp_path)
+    examples, _, _ = split_items(list(read_input(cfg, IMAGE_CFG)))
+    ex = next(e for e in examples if e.image.image_id == "coco:1")
+    got = sorted((p.category_name, p.source_key.rsplit("#", 1)[1]) for p in ex.presence)
+    # 21 (rle_size_mismatch), 22 (empty_mask) and 25 (bad_polygon) have known categories;
+    # 20 has no segmentation but a category, 23 an unknown category (no presence).
+    assert got == [("person", "ann:20"), ("person", "ann:21"), ("person", "ann:22"), ("person", "ann:25")]
+    assert not any(i.source_ann_id in (20, 21, 22, 25) for i in ex.instances)
 
 
 @pytest.mark.parametrize(
@@ -332,8 +347,11 @@ def test_oversized_image_is_refused_without_reading_it_all(tmp_path: Path) -> No
     cfg = write_coco(tmp_path)
     _, items = plan_input(cfg)
     task = next(t for t in items if isinstance(t, CocoImageTask) and t.coco_image_id == 1)
-    (rej,) = load_task(task, ImageConfig(max_bytes=100))
+    rej, *with_image = load_task(task, ImageConfig(max_bytes=100))
     assert isinstance(rej, Reject) and rej.reason == "image_too_large" and rej.level == RejectLevel.IMAGE
+    # Every annotation of the image is counted with it.
+    assert len(with_image) == len(json.loads(task.annotations_json)) > 0
+    assert all(r.reason == "image_rejected" and r.level == RejectLevel.INSTANCE for r in with_image)
 
 
 @pytest.mark.parametrize(
@@ -622,7 +640,23 @@ def test_refcoco_image_problems_stand_for_their_refs(tmp_path: Path) -> None:
     cfg = refcoco_cfg(tmp_path, write_refs(tmp_path, REFS[:3], "json"))
     examples, rejects, _ = split_items(list(read_input(cfg, IMAGE_CFG)))
     assert [e.image.image_id for e in examples] == ["coco:2"]
-    assert [(r.reason, r.level, r.image_id) for r in rejects] == [("missing_image", RejectLevel.IMAGE, "coco:1")]
+    got = [(r.reason, r.level, r.image_id) for r in rejects]
+    assert got[0] == ("missing_image", RejectLevel.IMAGE, "coco:1")
+    # The image's annotations are instance inputs: each is counted with it.
+    assert got[1:] and set(got[1:]) == {("image_rejected", RejectLevel.INSTANCE, "coco:1")}
+
+
+def test_refcoco_image_rejected_at_planning_counts_its_annotations(tmp_path: Path) -> None:
+    inst_path = write_refcoco_instances(tmp_path)
+    doc = json.loads(inst_path.read_text())
+    doc["images"][0]["file_name"] = "../escape.jpg"  # image 1: unsafe_path, refused while planning
+    inst_path.write_text(json.dumps(doc))
+    cfg = refcoco_cfg(tmp_path, write_refs(tmp_path, REFS[:3], "json"))
+    _, items = plan_input(cfg)
+    rejects = [i for i in items if isinstance(i, Reject) and i.image_id == "coco:1"]
+    assert rejects[0].reason == "unsafe_path" and rejects[0].level == RejectLevel.IMAGE
+    assert sorted(r.source_key.rsplit("#", 1)[1] for r in rejects[1:]) == ["ann:10", "ann:11"]
+    assert all(r.reason == "image_rejected" and r.level == RejectLevel.INSTANCE for r in rejects[1:])
 
 
 # ---------------------------------------------------------------- gRefCOCO

@@ -275,9 +275,12 @@ def test_corrupt_jpeg_rejects_only_that_image(tmp_path: Path) -> None:
     url = _write(tmp_path / "x.tar", [*_pair(1), (jpg[0], jpg[1][: len(jpg[1]) // 3]), js, *_pair(3)])
     examples, rejects = _read(url)
     assert [e.image.image_id for e in examples] == ["sa1b:1", "sa1b:3"]
-    assert _reasons(rejects) == [("corrupt_image", "image")]
-    assert rejects[0].image_id == "sa1b:2"
+    n_anns = len(json.loads(js[1])["annotations"])
+    # The image's reject, then each of its annotations counted with it.
+    assert _reasons(rejects) == [("corrupt_image", "image")] + [("image_rejected", "instance")] * n_anns
+    assert n_anns > 0 and all(r.image_id == "sa1b:2" for r in rejects)
     assert rejects[0].source_key == f"{url}#sa_2.jpg"
+    assert rejects[1].source_key.startswith(f"{url}#sa_2.json/ann:")
 
 
 def test_image_size_disagreeing_with_json(tmp_path: Path) -> None:

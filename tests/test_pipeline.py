@@ -283,3 +283,92 @@ def test_splits_stay_image_disjoint_when_inputs_disagree(demo, tmp_path):
     assert {"testA", "testB", "val"} & {s for v in splits_of.values() for s in v}
     for level, v in m["counts"]["levels"].items():
         assert v["inputs"] == v["written"] + v["rejected"], level
+
+
+def _sa1b_only_config(demo, tmp_path: Path, extra: str = "") -> Path:
+    """The demo's SA-1B input alone, plus a truncated copy of its first shard."""
+    inputs = tmp_path / "inputs"
+    shutil.copytree(demo["base"] / "inputs" / "sa1b", inputs / "sa1b")
+    good = (inputs / "sa1b" / "sa_000000.tar").read_bytes()
+    (inputs / "sa1b" / "sa_000009.tar").write_bytes(good[: len(good) * 2 // 3])  # truncated copy
+    cfg_path = inputs / "sa1b.yaml"
+    cfg_path.write_text(
+        "name: sa1b-only\nseed: 0\ninputs:\n- name: sa1b\n  type: sa1b\n  shards: [sa1b/sa_*.tar]\n"
+        f"write: {{num_buckets: 2, shard_max_images: 4}}\n{extra}"
+    )
+    return cfg_path
+
+
+def test_sa1b_images_without_regions_are_counted_once_and_duplicates_named(demo, tmp_path):
+    """Every region dropped: one no_regions per image, its instances counted once, copies are duplicates."""
+    cfg = load_config(_sa1b_only_config(demo, tmp_path, "regions: {min_area_px: 100000000}\n"))
+    out = tmp_path / "out"
+    m = run_pipeline(cfg, str(out), ["--runner=FnApiRunner"], show_progress=False)  # raises if it does not reconcile
+    c = m["counts"]
+    for level, v in c["levels"].items():
+        assert v["reconciled"] and v["inputs"] == v["written"] + v["rejected"], (level, v)
+    assert c["levels"]["images"]["written"] == 0
+    import pyarrow.parquet as pq
+
+    rows = [r for p in (out / "rejects").glob("*.parquet") for r in pq.read_table(p).to_pylist()]
+    no_regions = [r["image_id"] for r in rows if r["reason"] == "no_regions"]
+    dups = [r["image_id"] for r in rows if r["reason"] == "duplicate_image"]
+    assert no_regions and len(no_regions) == len(set(no_regions)), "an image got two no_regions rejects"
+    assert dups and set(dups) <= set(no_regions), "the truncated tar's copies must be reported as duplicates"
+    # Each region of the kept copies has exactly one reject row; the instance level adds up without a
+    # second count of the same regions "with their image".
+    inst_rows = [r for r in rows if r["level"] == "instance"]
+    assert c["levels"]["instances"]["rejected"] == len(inst_rows) == c["levels"]["instances"]["inputs"]
+
+
+def test_a_manifest_that_does_not_reconcile_fails_the_run(demo, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import orsgen.pipelines.build as build
+    from orsgen.pipelines import cli
+    from orsgen.pipelines.run import UNRECONCILED_EXIT, reconciliation_problem
+
+    assert reconciliation_problem(demo["m1"]) is None
+    real = build.reconcile
+
+    def off_by_seven(events, rejects_by_level):  # a stage that lost 7 instances without a word
+        levels = real(events, rejects_by_level)
+        levels["instances"]["inputs"] += 7
+        levels["instances"]["reconciled"] = False
+        return levels
+
+    monkeypatch.setattr(build, "reconcile", off_by_seven)
+    cfg_path = _sa1b_only_config(demo, tmp_path)
+    res = CliRunner().invoke(cli.app, ["run", str(cfg_path), "--out", str(tmp_path / "o")])
+    assert res.exit_code == UNRECONCILED_EXIT != 0, res.output
+    text = " ".join(res.output.split())
+    assert "does not reconcile" in text and "instances level" in text and "7 fewer than" in text, text
+    assert (tmp_path / "o" / "manifest.json").exists()  # kept for inspection
+
+
+def test_preview_of_an_output_without_samples_draws_its_regions(demo, tmp_path):
+    """SA-1B before captioning has regions and no samples: the preview shows mask, box, points and id."""
+    import numpy as np
+    from PIL import Image
+
+    from orsgen.stages.dataset.preview import REGION_KIND, PreviewError, pick_across_splits, write_preview
+
+    cfg = load_config(_sa1b_only_config(demo, tmp_path))
+    out = tmp_path / "out"
+    m = run_pipeline(cfg, str(out), ["--runner=FnApiRunner"], show_progress=False)
+    assert sum(v["samples"] for v in m["splits"].values()) == 0 and m["counts"]["levels"]["instances"]["written"] > 0
+    items, drawn, regions = pick_across_splits(str(out), 8)
+    assert regions and len(items) == 8 and sum(drawn.values()) == 8
+    for it in items:
+        (tid,) = it.sample.target_ids
+        assert it.sample.kind == REGION_KIND and tid in it.instances and tid in it.sample.expression
+        (t,) = it.sample.targets
+        inst = it.instances[tid]
+        assert tuple(t.bbox_xyxy) == tuple(float(v) for v in inst.bbox_xyxy)
+    res = write_preview(str(out), str(tmp_path / "r.png"), n=6)
+    assert res["regions"] is True and res["by_kind"] == {REGION_KIND: 6}
+    sheet = np.asarray(Image.open(tmp_path / "r.png"))
+    assert sheet.std() > 10  # something was drawn
+    # Nothing at all (no images): still a clear error, not an empty sheet.
+    with pytest.raises(PreviewError):
+        write_preview(str(tmp_path / "missing"), str(tmp_path / "e.png"))

@@ -130,6 +130,7 @@ def test_card_parses_with_dataset_card_and_reports_the_funnel(staged, demo_outpu
     for key in ("kirillov2023segany", "lin2014microsoft", "yu2016modeling", "mao2016generation", "liu2023gres", "kazemzadeh2014referitgame"):
         assert f"@inproceedings{{{key}," in body
     assert "![preview" in body and "assets/preview.png" in body
+    assert "crowd_policy: skip" in body  # the demo's choice about crowd regions is stated
     assert 'load_dataset("orsgen/demo-ors")' in body
 
 
@@ -267,3 +268,44 @@ def test_card_provenance_skips_stages_that_did_not_run():
     assert prov["models"]["verify_sam2.model"] == "facebook/sam2.1-hiera-large"
     assert "verify_sam2.filter.iou_thresh" in prov["thresholds"]
     assert not any(k.startswith("caption") for part in prov.values() for k in part)
+
+
+def test_card_says_when_crowd_regions_are_left_unmasked():
+    from orsgen.stages.dataset.publish import _crowd_section
+
+    manifest = {
+        "config": {"expressions": {"enabled": True, "crowd_policy": "non_crowd"}},
+        "counts": {"expressions": {"category/crowd_region_unmasked": 7}},
+    }
+    text = " ".join(_crowd_section(manifest))
+    assert "crowd region is left unmasked" in text and "7 sample(s)" in text and "crowd_ids" in text
+    manifest["config"]["expressions"]["crowd_policy"] = "skip"
+    assert "unmasked" not in " ".join(_crowd_section(manifest))
+    assert _crowd_section({"config": {"expressions": {"enabled": False}}}) == []
+
+
+def test_non_crowd_samples_record_the_crowd_they_leave_out():
+    from orsgen.schemas.config import ExpressionConfig
+    from orsgen.stages.expressions.categories import category_candidates
+    from orsgen.stages.expressions.context import ImageContext
+    from orsgen.stages.expressions.stage import margins_for
+    from orsgen.stages.expressions.templates import load_templates
+
+    import numpy as np
+    from orsgen.schemas.records import Instance
+    from orsgen.stages.common.masks import encode_mask, rle_area, rle_bbox_xywh, xywh_to_xyxy
+
+    def inst(i, crowd, x0):
+        m = np.zeros((40, 80), dtype=bool)
+        m[5:30, x0 : x0 + 10] = True
+        rle = encode_mask(m)
+        xywh = rle_bbox_xywh(rle)
+        return Instance(f"i/ann:{i}", "i", rle, xywh, xywh_to_xyxy(xywh), rle_area(rle), 1, "person", "person", crowd)
+
+    ctx = ImageContext.build("i", 80, 40, [inst(1, False, 2), inst(2, False, 20), inst(3, True, 50)],
+                             margins_for(ExpressionConfig(), 80, 40), seed=0)
+    cands, counts = category_candidates(ctx, load_templates(), crowd_policy="non_crowd")
+    (c,) = cands
+    assert c.target_ids == ("i/ann:1", "i/ann:2")
+    assert c.metadata["crowd_excluded"] is True and c.metadata["crowd_policy"] == "non_crowd"
+    assert c.metadata["crowd_ids"] == ["i/ann:3"] and counts["crowd_region_unmasked"] == 1

@@ -36,7 +36,8 @@ def test_example_schema_matches_records():
     assert list(arrow.IMAGE_COLUMNS) == img_fields
     expected = {"key", "split", "input_name", "instances", "refs", "samples"} | set(img_fields) | {"image"}
     assert set(schema_names) == expected
-    assert ex_fields - {"image", "image_bytes"} <= set(schema_names)
+    # presence: rejected annotations kept as context for the expressions stage, never written.
+    assert ex_fields - {"image", "image_bytes", "presence"} <= set(schema_names)
 
 
 def test_reject_schema_matches_records():

@@ -52,6 +52,14 @@ class ExpressionConfig(ConfigModel):
             other instance's (0.25 = 25% larger); "smallest" mirrors it.
         next_to_max_gap_frac: boxes at most this far apart (fraction of
             ``min(width, height)``) are ``next_to``.
+        relation_max_axis_overlap: directional relations (left of, above...)
+            need the two boxes separated along the relation's axis: their
+            overlap on that axis, as a fraction of the smaller box's extent
+            there, must stay under this (0.1: at most 10% overlap).
+        vocabulary: the word-coverage file (short names and synonyms -> the
+            categories they cover; local path or fsspec URL); None uses the
+            bundled ``configs/vocabulary/coverage.yaml``. Negatives never name a word
+            that covers a present category.
         max_instances_per_category: categories with more instances than this
             get no descriptive samples (crowded scenes defeat short descriptions).
         crowd_policy: ``skip``: a category with a crowd annotation gets no
@@ -78,6 +86,8 @@ class ExpressionConfig(ConfigModel):
     margin_frac: float = Field(default=0.03, ge=0.0, le=0.5)
     size_margin: float = Field(default=0.25, ge=0.0)
     next_to_max_gap_frac: float = Field(default=0.05, ge=0.0, le=1.0)
+    relation_max_axis_overlap: float = Field(default=0.1, ge=0.0, le=1.0)
+    vocabulary: str | None = None
     max_instances_per_category: int = Field(default=10, ge=1)
     crowd_policy: Literal["skip", "non_crowd"] = "skip"
     negative_ratio: float = Field(default=0.25, ge=0.0)

@@ -125,10 +125,11 @@ def _resolve_relative_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
         if not _is_url(t) and not Path(t).is_absolute():
             cap["prompts"] = str((base / t).resolve())
     expr = data.get("expressions")
-    if isinstance(expr, dict) and isinstance(expr.get("templates"), str):
-        t = expr["templates"]
-        if not _is_url(t) and not Path(t).is_absolute():
-            expr["templates"] = str((base / t).resolve())
+    for key in ("templates", "vocabulary"):
+        if isinstance(expr, dict) and isinstance(expr.get(key), str):
+            t = expr[key]
+            if not _is_url(t) and not Path(t).is_absolute():
+                expr[key] = str((base / t).resolve())
     rev = data.get("review")
     if isinstance(rev, dict) and isinstance(rev.get("decisions"), str):
         t = rev["decisions"]

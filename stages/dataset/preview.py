@@ -9,6 +9,11 @@ trainer geometry, so a reviewer can read what the picture shows.
 Samples are read from the Parquet shards, or from the WebDataset shards when
 there is no Parquet output (both found through the manifest), in sorted shard
 and row order, and picked round-robin across kinds so that every kind shows.
+Without ``--split`` the sheet draws from every split, each in proportion to
+its sample count in the manifest (at least one tile per non-empty split when
+``n`` allows), and says which splits it drew. An output with regions but no
+samples yet (SA-1B before captioning) shows its regions instead: one tile
+per region with its mask, box, interior points and id.
 Everything here is pure and deterministic; ``pipelines/commands_dataset.py`` is the
 command.
 """
@@ -52,6 +57,7 @@ KIND_COLOURS: dict[str, tuple[int, int, int]] = {
     "description": (94, 53, 177),
     "human": (173, 20, 87),
     "no_target": (97, 97, 97),
+    "region": (120, 85, 40),
 }
 #: Target colours (one per target, cycling): saturated and distinct.
 PALETTE: tuple[tuple[int, int, int], ...] = (
@@ -218,6 +224,120 @@ def pick_items(
                 out.append(by_kind[k][depth])
         depth += 1
     return out
+
+
+#: The pseudo-kind of a region tile (an output without samples).
+REGION_KIND = "region"
+
+
+def pick_regions(examples: Iterator[ImageExample], n: int, per_image: int = 3) -> list[PreviewItem]:
+    """Up to ``n`` regions as tiles (mask, box, interior points, id), ``per_image`` per image at most.
+
+    For outputs with regions but no samples: each region becomes a one-target
+    pseudo-sample of kind ``region`` whose text is its id and area. The largest
+    regions of an image come first.
+    """
+    from orsgen.stages.common.targets import target_geometry
+
+    out: list[PreviewItem] = []
+    for ex in examples:
+        insts = {i.instance_id: i for i in ex.instances}
+        ranked = sorted(ex.instances, key=lambda i: (-i.area_px, i.instance_id))[:per_image]
+        for inst in ranked:
+            if len(out) >= n:
+                return out
+            geo = target_geometry(inst, ex.image.width, ex.image.height)
+            label = inst.category_name or "region"
+            sample = Sample(
+                sample_id=inst.instance_id,
+                image_id=ex.image.image_id,
+                expression=f"{label} {inst.instance_id} ({inst.area_px} px)",
+                kind=REGION_KIND,
+                target_ids=(inst.instance_id,),
+                split=ex.split,
+                union_rle=inst.rle,
+                targets=(geo,),
+            )
+            out.append(PreviewItem(ex.key, ex.split, ex.image_bytes, ex.image.width, ex.image.height, sample, insts))
+    return out
+
+
+def split_quotas(weights: dict[str, int], n: int) -> dict[str, int]:
+    """Splits ``n`` tiles over splits in proportion to ``weights`` (largest remainder).
+
+    Every split with a positive weight gets at least one tile while ``n``
+    allows (the smallest held-out split still shows); ties go to the split
+    that sorts first.
+    """
+    live = sorted(k for k, w in weights.items() if w > 0)
+    if not live or n <= 0:
+        return {}
+    total = sum(weights[k] for k in live)
+    shares = {k: n * weights[k] / total for k in live}
+    quota = {k: int(shares[k]) for k in live}
+    rest = n - sum(quota.values())
+    for k in sorted(live, key=lambda k: (-(shares[k] - int(shares[k])), k))[:rest]:
+        quota[k] += 1
+    if n >= len(live):
+        # A split too small for its share still shows once, paid by the largest.
+        for k in live:
+            if quota[k] == 0:
+                donor = max(live, key=lambda d: (quota[d], -live.index(d)))
+                quota[donor] -= 1
+                quota[k] = 1
+    return {k: q for k, q in quota.items() if q > 0}
+
+
+def _split_weights(root: str, kinds: Sequence[str] | None, regions: bool) -> dict[str, int]:
+    """Samples (of ``kinds``) per split from the manifest; images when drawing regions."""
+    from orsgen.stages.dataset.read import DatasetReadError, list_splits, load_manifest
+
+    try:
+        splits = load_manifest(root).get("splits") or {}
+    except DatasetReadError as err:
+        raise PreviewError(f"{root} is not an orsgen output folder: {err}") from None
+    out = {}
+    for sp in list_splits(root):
+        v = splits.get(sp, {})
+        if regions:
+            out[sp] = int(v.get("images", 0))
+        elif kinds:
+            out[sp] = sum(int(c) for k, c in (v.get("samples_by_kind") or {}).items() if k in kinds)
+        else:
+            out[sp] = int(v.get("samples", 0))
+    return out
+
+
+def pick_across_splits(
+    root: str, n: int, kinds: Sequence[str] | None = None, split: str | None = None
+) -> tuple[list[PreviewItem], dict[str, int], bool]:
+    """What the sheet draws: samples of one split, or of all splits in proportion.
+
+    Returns:
+        ``(items, tiles per split, regions)``; ``regions`` is True when the
+        output has no samples (of ``kinds``) and its regions were drawn instead.
+
+    Raises:
+        PreviewError: no manifest, an unknown split, or nothing to draw.
+    """
+    if split is not None:
+        items = pick_items(iter_examples(root, split), n, kinds)
+        regions = not items
+        if regions:
+            items = pick_regions(iter_examples(root, split), n)
+        return items, ({split: len(items)} if items else {}), regions
+    weights = _split_weights(root, kinds, regions=False)
+    regions = not any(weights.values())
+    if regions:
+        weights = _split_weights(root, None, regions=True)
+    items: list[PreviewItem] = []
+    drawn: dict[str, int] = {}
+    for sp, q in sorted(split_quotas(weights, n).items()):
+        got = pick_regions(iter_examples(root, sp), q) if regions else pick_items(iter_examples(root, sp), q, kinds)
+        if got:
+            items.extend(got)
+            drawn[sp] = len(got)
+    return items, drawn, regions
 
 
 # ---------------------------------------------------------------- drawing
@@ -420,7 +540,7 @@ def write_preview(
     Args:
         root: the orsgen output folder.
         out_png: the sheet's path (PNG).
-        split: one split, or None for all.
+        split: one split, or None for all (in proportion to their sample counts).
         n: how many samples (>= 1).
         kinds: only these kinds (None: all).
         cols: tiles per row.
@@ -428,7 +548,9 @@ def write_preview(
         overwrite: replace existing files (otherwise an existing file is an error).
 
     Returns:
-        ``{"png", "html", "samples", "by_kind"}``.
+        ``{"png", "html", "samples", "by_kind", "splits", "regions"}``:
+        ``splits`` counts the tiles drawn from each split, ``regions`` is
+        True when the output had no samples and its regions were drawn.
 
     Raises:
         PreviewError: nothing to preview.
@@ -436,14 +558,22 @@ def write_preview(
     """
     if n < 1:
         raise PreviewError(f"--n must be at least 1, got {n}.")
-    items = pick_items(iter_examples(root, split), n, kinds)
+    items, drawn, regions = pick_across_splits(root, n, kinds, split)
     sheet, tiles, _layouts = render_sheet(items, cols)
     html_path = html_path or (os.path.splitext(out_png)[0] + ".html")
-    title = f"orsgen preview: {root}" + (f" [{split}]" if split else "")
+    what = "regions (no samples yet)" if regions else "samples"
+    title = f"orsgen preview: {root} ({what} from " + ", ".join(f"{k}={v}" for k, v in drawn.items()) + ")"
     _write_atomic(out_png, _png(sheet), overwrite)
     page = render_html(items, tiles, posixpath.basename(out_png), title)
     _write_atomic(html_path, page.encode("utf-8"), overwrite)
     by_kind: dict[str, int] = defaultdict(int)
     for it in items:
         by_kind[it.sample.kind] += 1
-    return {"png": out_png, "html": html_path, "samples": len(items), "by_kind": dict(by_kind)}
+    return {
+        "png": out_png,
+        "html": html_path,
+        "samples": len(items),
+        "by_kind": dict(by_kind),
+        "splits": drawn,
+        "regions": regions,
+    }

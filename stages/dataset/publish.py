@@ -571,6 +571,33 @@ def screening_section(screening: dict[str, Any]) -> list[str]:
     return out
 
 
+def _crowd_section(manifest: dict[str, Any]) -> list[str]:
+    """What the card says about crowd annotations, from the config and the expressions counts."""
+    expr = (manifest.get("config") or {}).get("expressions") or {}
+    if not expr.get("enabled", False):
+        return []
+    policy = expr.get("crowd_policy", "skip")
+    counts = (manifest.get("counts") or {}).get("expressions") or {}
+    if policy == "non_crowd":
+        n = int(counts.get("category/crowd_region_unmasked", 0))
+        return [
+            "## Crowd regions",
+            "",
+            "Built with `crowd_policy: non_crowd`: a category sample (\"all people\") of a category that also has a "
+            "COCO crowd annotation targets only the non-crowd instances, so **the crowd region is left unmasked** "
+            f"although the words name it. {n:,} sample(s) are like this; their metadata holds `crowd_excluded: true`, "
+            "`crowd_policy` and the left-out `crowd_ids`. Drop them where exact extent matters.",
+            "",
+        ]
+    return [
+        "## Crowd regions",
+        "",
+        "Built with `crowd_policy: skip`: a category with a COCO crowd annotation gets no category or descriptive "
+        "sample, so every mask covers everything its words name.",
+        "",
+    ]
+
+
 def _card_body(
     manifest: dict[str, Any],
     layout: HubLayout,
@@ -642,6 +669,8 @@ def _card_body(
     ]
     if summary.examples_by_kind:
         parts += [_md_table(["kind", "example", "targets"], [[f"`{k}`", v["expression"].replace("|", "\\|"), v["n_targets"]] for k, v in sorted(summary.examples_by_kind.items())]), ""]
+
+    parts += _crowd_section(manifest)
 
     parts += ["## Funnel", ""]
     levels = counts.get("levels") or {}

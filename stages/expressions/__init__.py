@@ -3,6 +3,8 @@
 Modules, in the order the stage uses them:
 
 * ``templates``: the templates YAML (data) and its pydantic models; noun forms.
+* ``vocabulary``: which written words cover which categories (data file
+  ``configs/vocabulary/coverage.yaml``), for negatives and uniqueness.
 * ``geometry``: exact semantics of the descriptive families (RLE-moment
   centroids, boxes, areas) with margins.
 * ``context``: one image as the generators see it; seeded choices.

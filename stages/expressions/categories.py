@@ -8,9 +8,13 @@ For each category annotated in an image:
 
 A crowd annotation (``iscrowd``) covers an unknown number of instances, so by
 default (``crowd_policy: skip``) its category gets no category sample at all;
-``non_crowd`` writes one targeting the non-crowd instances. A category one of
-whose instances region selection drops gets none either: its mask would miss
-an object the words name.
+``non_crowd`` writes one targeting the non-crowd instances, and records on the
+sample (``crowd_excluded``, ``crowd_ids``) that a crowd region is left
+unmasked. A category one of whose instances region selection drops gets none
+either: its mask would miss an object the words name. Nor does a category
+with an annotation that ingest rejected (its object is there, its mask is
+not), nor one whose written word also covers another category in the image
+("the table" with a dining table and a coffee table; ``vocabulary``).
 """
 
 from __future__ import annotations
@@ -41,7 +45,9 @@ def category_candidates(
 
     Returns:
         ``(candidates, skipped)``; ``skipped`` counts categories left out per
-        reason (``crowd``, ``target_dropped``).
+        reason (``crowd``, ``target_dropped``, ``rejected_annotation``,
+        ``word_covers_other``), and ``crowd_region_unmasked``: samples
+        written under ``non_crowd`` whose mask leaves a crowd region out.
     """
     out: list[Candidate] = []
     skipped: Counter[str] = Counter()
@@ -51,6 +57,12 @@ def category_candidates(
         if has_crowd and crowd_policy == "skip":
             skipped["crowd"] += 1
             continue
+        if name in ctx.rejected_categories:
+            skipped["rejected_annotation"] += 1
+            continue
+        if ctx.covers_another(name) is not None:
+            skipped["word_covers_other"] += 1
+            continue
         targets = tuple(sorted(g.instance_id for g in pool))
         if any(t not in ctx.kept_ids for t in targets):
             skipped["target_dropped"] += 1
@@ -59,6 +71,8 @@ def category_candidates(
         is_multi = len(targets) > 1
         if (is_multi and not multi) or (not is_multi and not single):
             continue
+        if has_crowd:
+            skipped["crowd_region_unmasked"] += 1  # written, but its mask leaves the crowd out
         kind = ExpressionKind.CATEGORY_MULTI if is_multi else ExpressionKind.CATEGORY_SINGLE
         texts = templates.category.multi if is_multi else templates.category.single
         text = ctx.pick(texts, "category", name).format(noun=forms.singular, plural=forms.plural)
@@ -68,11 +82,17 @@ def category_candidates(
                 expression=text,
                 target_ids=targets,
                 template="category.multi" if is_multi else "category.single",
-                metadata={
-                    "category": name,
-                    "n_instances": len(targets),
-                    "crowd_excluded": has_crowd,
-                },
+                metadata=_metadata(ctx, name, len(targets), has_crowd, crowd_policy),
             )
         )
     return out, skipped
+
+
+def _metadata(ctx: ImageContext, name: str, n: int, has_crowd: bool, crowd_policy: str) -> dict[str, object]:
+    meta: dict[str, object] = {"category": name, "n_instances": n, "crowd_excluded": has_crowd}
+    if has_crowd:
+        # crowd_policy non_crowd: the words name every instance, the mask leaves
+        # the crowd region out. Users filtering for exact masks need to know.
+        meta["crowd_policy"] = crowd_policy
+        meta["crowd_ids"] = sorted(g.instance_id for g in ctx.geoms.values() if g.iscrowd and g.category == name)
+    return meta

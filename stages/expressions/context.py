@@ -18,10 +18,13 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from orsgen.schemas.records import Instance
+from orsgen.schemas.records import Instance, Presence
 from orsgen.stages.expressions.geometry import Geom, Margins, instance_geom
+
+if TYPE_CHECKING:
+    from orsgen.stages.expressions.vocabulary import Coverage
 from orsgen.stages.splits import hash_unit
 
 T = TypeVar("T")
@@ -57,12 +60,20 @@ class ImageContext:
         geoms: instance id -> geometry, for every instance (crowd included).
         pools: category name -> its non-crowd instances, sorted by id.
         crowd_categories: names of categories with a crowd annotation.
-        present_names: names of every category annotated in the image.
+        rejected_categories: names of categories with an annotation that
+            ingest rejected (``ImageExample.presence``): the object is there,
+            its mask is not, so the category's extent is unknown.
+        present_names: names of every category annotated in the image,
+            rejected annotations included.
+        present_categories: ``(name, supercategory)`` of every present category.
         present_ids: ids of every category annotated in the image.
         present_supercategories: supercategories of the present categories.
         kept_ids: instances that survive region selection (possible targets).
         margins: the semantics' margins for this image.
         seed: the config seed.
+        coverage: which words cover which categories (None: a word covers
+            only its own category).
+        nouns: the templates' written forms (for ``coverage``).
     """
 
     image_id: str
@@ -77,6 +88,10 @@ class ImageContext:
     kept_ids: frozenset[str]
     margins: Margins
     seed: int
+    rejected_categories: frozenset[str] = frozenset()
+    present_categories: tuple[tuple[str, str], ...] = ()
+    coverage: Coverage | None = None
+    nouns: dict[str, Any] | None = None
 
     @classmethod
     def build(
@@ -89,6 +104,9 @@ class ImageContext:
         *,
         seed: int,
         kept_ids: Iterable[str] | None = None,
+        presence: Sequence[Presence] = (),
+        coverage: Coverage | None = None,
+        nouns: dict[str, Any] | None = None,
     ) -> "ImageContext":
         """Builds the context of one image.
 
@@ -102,6 +120,9 @@ class ImageContext:
             margins: the semantics' margins for this image.
             seed: the config seed.
             kept_ids: instances that region selection keeps; None keeps all.
+            presence: annotations ingest rejected whose category is known.
+            coverage: the word coverage table (see ``vocabulary``).
+            nouns: the templates' written forms.
         """
         geoms: dict[str, Geom] = {}
         pools: dict[str, list[Geom]] = defaultdict(list)
@@ -109,6 +130,7 @@ class ImageContext:
         names: set[str] = set()
         ids: set[int] = set()
         supers: set[str] = set()
+        cats: dict[str, str] = {}
         for inst in sorted(instances, key=lambda i: i.instance_id):
             g = instance_geom(inst)
             geoms[inst.instance_id] = g
@@ -120,10 +142,22 @@ class ImageContext:
             if not name:
                 continue  # class-agnostic region: no words for it
             names.add(name)
+            cats.setdefault(name, inst.supercategory or "")
             if inst.iscrowd:
                 crowd.add(name)
             else:
                 pools[name].append(g)
+        rejected: set[str] = set()
+        for p in presence:
+            # A rejected annotation is still an object in the image: present
+            # for negatives, and its category's extent is unknown.
+            ids.add(int(p.category_id))
+            if p.supercategory:
+                supers.add(p.supercategory)
+            if p.category_name:
+                names.add(p.category_name)
+                rejected.add(p.category_name)
+                cats.setdefault(p.category_name, p.supercategory or "")
         return cls(
             image_id=image_id,
             width=int(width),
@@ -137,7 +171,30 @@ class ImageContext:
             kept_ids=frozenset(geoms if kept_ids is None else kept_ids),
             margins=margins,
             seed=int(seed),
+            rejected_categories=frozenset(rejected),
+            present_categories=tuple(sorted(cats.items())),
+            coverage=coverage,
+            nouns=nouns,
         )
+
+    def unknown_extent(self, name: str) -> bool:
+        """The category has a crowd or a rejected annotation: its instances are not all known."""
+        return name in self.crowd_categories or name in self.rejected_categories
+
+    def covers_another(self, name: str) -> str | None:
+        """Another present category that ``name``'s written word also covers, or None.
+
+        "the table" (COCO's dining table) is ambiguous in an image with a
+        coffee table too; such a word is never used for a category sample,
+        a description or an anchor.
+        """
+        if self.coverage is None:
+            return None
+        words = self.coverage.words(name, self.nouns)
+        for other, sup in self.present_categories:
+            if other != name and self.coverage.word_covers(words, other, sup, self.nouns):
+                return other
+        return None
 
     def unit(self, *parts: Any) -> float:
         """A uniform number in [0, 1) fixed by the seed, the image and ``parts``."""

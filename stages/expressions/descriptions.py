@@ -9,9 +9,12 @@ then picks out exactly its targets among all instances of the category in the
 image, whether or not region selection keeps them. Several ``TRUE`` instances
 give a plural text ("the cups on the left") when the template has one.
 
-Categories with a crowd annotation are never described nor used as anchors:
-where the crowd's members are is unknown. An anchor is a category with
-exactly one instance, so that "the {anchor}" itself refers unambiguously.
+Categories with a crowd annotation, or with an annotation ingest rejected,
+are never described nor used as anchors: where all their members are is
+unknown. Nor is a category whose written word also covers another category
+in the image ("the table on the left" with a coffee table there too). An
+anchor is a category with exactly one instance, so that "the {anchor}"
+itself refers unambiguously.
 """
 
 from __future__ import annotations
@@ -69,7 +72,9 @@ def _anchors(ctx: ImageContext, target_category: str) -> list[tuple[str, Geom]]:
     out = []
     for name in sorted(ctx.pools):
         pool = ctx.pools[name]
-        if name == target_category or name in ctx.crowd_categories or len(pool) != 1:
+        if name == target_category or ctx.unknown_extent(name) or len(pool) != 1:
+            continue
+        if ctx.covers_another(name) is not None:
             continue
         if pool[0].instance_id in ctx.kept_ids:
             out.append((name, pool[0]))
@@ -112,6 +117,12 @@ def description_candidates(
     for name in sorted(ctx.pools):
         if name in ctx.crowd_categories:
             counts["crowd"] += 1
+            continue
+        if name in ctx.rejected_categories:
+            counts["rejected_annotation"] += 1
+            continue
+        if ctx.covers_another(name) is not None:
+            counts["word_covers_other"] += 1
             continue
         pool = ctx.pools[name]
         n = len(pool)

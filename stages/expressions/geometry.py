@@ -21,21 +21,44 @@ says picks out exactly its targets among all instances of the category.
 Families (``cx, cy`` centroid; ``x0, y0, x1, y1`` box, exclusive max; ``W, H``
 image size; ``a`` visible mask area):
 
-* ``absolute``: image thirds. ``left``: ``W/3 - cx``; ``right``: ``cx - 2W/3``;
-  ``top``: ``H/3 - cy``; ``bottom``: ``cy - 2H/3``; ``center``: the four
+Two readings of where an object is. People judge position by the bulk of
+an object (its centroid) *and* by its extent (its box): "the zebra furthest
+to the left" is false when the other zebra's head reaches further left, even
+if its body's centroid does not. Positional families (absolute, ordinal) are
+evaluated under both readings; an instance is ``TRUE`` only when both say
+``TRUE``, ``FALSE`` only when both say ``FALSE``, and ``UNSURE`` otherwise.
+
+* ``absolute``: image thirds. ``left``: ``W/3 - x``; ``right``: ``x - 2W/3``;
+  ``top``: ``H/3 - y``; ``bottom``: ``y - 2H/3``; ``center``: the four
   conditions of the middle cell; corners: the two conditions of the cell.
+  ``(x, y)`` is the centroid ``(cx, cy)`` in the centroid reading and the box
+  centre ``((x0 + x1)/2, (y0 + y1)/2)`` in the box reading.
 * ``ordinal`` (side, rank ``k``): with ``v = cx`` (left), ``-cx`` (right),
-  ``cy`` (top) or ``-cy`` (bottom), instance ``i`` is ``TRUE`` when exactly
-  ``k`` others have ``v < v_i - m`` and none lies within ``m`` of it;
-  ``FALSE`` when its possible ranks exclude ``k``.
+  ``cy`` (top) or ``-cy`` (bottom) in the centroid reading, and the leading
+  box edge ``v = x0``, ``-x1``, ``y0`` or ``-y1`` in the box reading,
+  instance ``i`` is ``TRUE`` in a reading when exactly ``k`` others have
+  ``v < v_i - m`` and none lies within ``m`` of it; ``FALSE`` when its
+  possible ranks exclude ``k``.
 * ``size``: ``largest`` is ``a_i > a_j`` for every other ``j`` (relative
   margin ``s``: ``TRUE`` when ``a_i > (1 + s) a_j`` for all, ``FALSE`` when
   some ``a_j > (1 + s) a_i``); ``smallest`` mirrors it.
 * ``relation`` to an anchor ``r`` (another category with exactly one
   instance): ``left_of``: ``cx_r - cx_i``; ``right_of``: ``cx_i - cx_r``;
-  ``above``: ``cy_r - cy_i``; ``below``: ``cy_i - cy_r``; ``next_to``:
+  ``above``: ``cy_r - cy_i``; ``below``: ``cy_i - cy_r``. A directional
+  relation must also be *plain*: the boxes are separated along its axis
+  (``t * min(extent_i, extent_r) - overlap``, with ``t`` the configured
+  ``relation_max_axis_overlap`` and ``overlap`` the boxes' overlap on the
+  axis), the subject's box leads on both edges (``x1_r - x1_i`` and
+  ``x0_r - x0_i`` for ``left_of``), and neither centroid lies inside the
+  other's box (``outside(c_i, box_r)`` and ``outside(c_r, box_i)``, the
+  distance from the point to the box, negative inside). A plainness
+  condition can only make an instance ``UNSURE``, never ``FALSE``: a cup
+  standing on the left end of a table is neither plainly left of it nor
+  plainly not. ``next_to``:
   ``near - gap`` with ``gap`` the Euclidean distance between the two boxes
-  (0 when they overlap); ``on``: ``overlap_x - 0.6 w_i`` (mostly over the
+  (0 when they overlap), plain when neither centroid lies inside the other's
+  box (a person sitting on a bench is on it, not next to it);
+  ``on``: ``overlap_x - 0.6 w_i`` (mostly over the
   anchor), ``y1_i - y0_r`` (its bottom below the anchor's top edge),
   ``cy_r - y1_i`` (its bottom above the anchor's centroid) and
   ``y0_r - y0_i`` (it rises above the anchor); ``holding``: the anchor's box
@@ -49,6 +72,7 @@ These are the definitions the independent test in
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -139,11 +163,15 @@ class Margins:
         position_px: margin of every pixel-valued condition.
         size_ratio: relative margin of size conditions (0.25: 25% larger).
         near_px: the largest box gap that counts as ``next_to``.
+        axis_overlap_frac: directional relations allow the boxes to overlap
+            on the relation's axis by at most this fraction of the smaller
+            box's extent on that axis.
     """
 
     position_px: float
     size_ratio: float
     near_px: float
+    axis_overlap_frac: float = 0.1
 
     @classmethod
     def for_image(
@@ -155,6 +183,7 @@ class Margins:
         margin_frac: float,
         size_margin: float,
         next_to_max_gap_frac: float,
+        axis_overlap_frac: float = 0.1,
     ) -> "Margins":
         """Margins scaled to an image.
 
@@ -168,12 +197,14 @@ class Margins:
                 25% larger) to count as clearly larger.
             next_to_max_gap_frac: ``next_to`` box gap limit, as a fraction of
                 ``min(width, height)``.
+            axis_overlap_frac: see the attribute.
         """
         side = float(min(width, height))
         return cls(
             position_px=max(float(margin_px), float(margin_frac) * side),
             size_ratio=float(size_margin),
             near_px=float(next_to_max_gap_frac) * side,
+            axis_overlap_frac=float(axis_overlap_frac),
         )
 
 
@@ -278,6 +309,16 @@ def ratio(x: float, y: float, margin: float) -> Condition:
     return (x - f * y, f * x - y)
 
 
+def plain(value: float, margin: float) -> Condition:
+    """``value > 0`` as a plainness condition: true above ``margin``, never clearly false.
+
+    Used where failing the condition makes a statement doubtful rather than
+    false (overlapping objects): the instance becomes ``UNSURE``, so an
+    expression is emitted neither about it nor about its rivals.
+    """
+    return (value - margin, math.inf)
+
+
 def _truth(conditions: Sequence[Condition]) -> Truth:
     """Combines conditions (a conjunction) into a ``Truth``."""
     if any(fv < 0 for _tv, fv in conditions):
@@ -287,12 +328,25 @@ def _truth(conditions: Sequence[Condition]) -> Truth:
     return Truth.UNSURE
 
 
-def absolute_conditions(g: Geom, region: str, width: int, height: int) -> list[float]:
-    """Condition values (pixels) of an absolute-position region."""
-    left = width / 3.0 - g.cx
-    right = g.cx - 2.0 * width / 3.0
-    top = height / 3.0 - g.cy
-    bottom = g.cy - 2.0 * height / 3.0
+#: The two readings of an object's position (see the module docstring).
+READINGS = ("centroid", "box")
+
+
+def _point(g: Geom, reading: str) -> tuple[float, float]:
+    if reading == "centroid":
+        return g.cx, g.cy
+    if reading == "box":
+        return (g.x0 + g.x1) / 2.0, (g.y0 + g.y1) / 2.0
+    raise ValueError(f"unknown reading {reading!r}; use one of {READINGS}.")
+
+
+def absolute_conditions(g: Geom, region: str, width: int, height: int, reading: str = "centroid") -> list[float]:
+    """Condition values (pixels) of an absolute-position region under one reading."""
+    x, y = _point(g, reading)
+    left = width / 3.0 - x
+    right = x - 2.0 * width / 3.0
+    top = height / 3.0 - y
+    bottom = y - 2.0 * height / 3.0
     table = {
         "left": [left],
         "right": [right],
@@ -317,19 +371,40 @@ def box_gap_px(a: Geom, b: Geom) -> float:
     return math.hypot(dx, dy)
 
 
+def outside_px(x: float, y: float, g: Geom) -> float:
+    """How far the point ``(x, y)`` lies outside ``g``'s box (Chebyshev); negative inside."""
+    return max(g.x0 - x, x - g.x1, g.y0 - y, y - g.y1)
+
+
+def _apart(g: Geom, anchor: Geom, m: float) -> list[Condition]:
+    """Neither centroid lies inside the other's box (plainness conditions)."""
+    return [plain(outside_px(g.cx, g.cy, anchor), m), plain(outside_px(anchor.cx, anchor.cy, g), m)]
+
+
+def _directional(g: Geom, anchor: Geom, relation: str, margins: Margins) -> list[Condition]:
+    """``left_of`` / ``right_of`` / ``above`` / ``below``: centroid order, made plain."""
+    m = margins.position_px
+    horizontal = relation in ("left_of", "right_of")
+    if horizontal:
+        c_g, c_a, lo_g, hi_g, lo_a, hi_a = g.cx, anchor.cx, g.x0, g.x1, anchor.x0, anchor.x1
+    else:
+        c_g, c_a, lo_g, hi_g, lo_a, hi_a = g.cy, anchor.cy, g.y0, g.y1, anchor.y0, anchor.y1
+    overlap = min(hi_g, hi_a) - max(lo_g, lo_a)  # negative: a gap
+    allowed = margins.axis_overlap_frac * min(hi_g - lo_g, hi_a - lo_a)
+    if relation in ("left_of", "above"):
+        order = [additive(c_a - c_g, m), plain(hi_a - hi_g, m), plain(lo_a - lo_g, m)]
+    else:
+        order = [additive(c_g - c_a, m), plain(hi_g - hi_a, m), plain(lo_g - lo_a, m)]
+    return order + [plain(allowed - overlap, m)] + _apart(g, anchor, m)
+
+
 def relation_conditions(g: Geom, anchor: Geom, relation: str, margins: Margins) -> list[Condition]:
     """The conditions of ``g <relation> anchor``."""
     m = margins.position_px
-    if relation == "left_of":
-        return [additive(anchor.cx - g.cx, m)]
-    if relation == "right_of":
-        return [additive(g.cx - anchor.cx, m)]
-    if relation == "above":
-        return [additive(anchor.cy - g.cy, m)]
-    if relation == "below":
-        return [additive(g.cy - anchor.cy, m)]
+    if relation in ("left_of", "right_of", "above", "below"):
+        return _directional(g, anchor, relation, margins)
     if relation == "next_to":
-        return [additive(margins.near_px - box_gap_px(g, anchor), m)]
+        return [additive(margins.near_px - box_gap_px(g, anchor), m)] + _apart(g, anchor, m)
     if relation == "on":
         overlap_x = min(g.x1, anchor.x1) - max(g.x0, anchor.x0)
         return [
@@ -353,16 +428,24 @@ def relation_conditions(g: Geom, anchor: Geom, relation: str, margins: Margins) 
     raise ValueError(f"unknown relation {relation!r}; use one of {RELATIONS}.")
 
 
-def _ordinal_value(g: Geom, side: str) -> float:
+def _ordinal_value(g: Geom, side: str, reading: str = "centroid") -> float:
+    box = reading == "box"
     if side == "left":
-        return g.cx
+        return g.x0 if box else g.cx
     if side == "right":
-        return -g.cx
+        return -g.x1 if box else -g.cx
     if side == "top":
-        return g.cy
+        return g.y0 if box else g.cy
     if side == "bottom":
-        return -g.cy
+        return -g.y1 if box else -g.cy
     raise ValueError(f"unknown ordinal side {side!r}; use one of {ORDINAL_SIDES}.")
+
+
+def both_readings(a: Truth, b: Truth) -> Truth:
+    """``TRUE`` when both readings say so, ``FALSE`` when both do, else ``UNSURE``."""
+    if a is b:
+        return a
+    return Truth.UNSURE
 
 
 # ---------------------------------------------------------------- per-family truth
@@ -371,18 +454,37 @@ def _ordinal_value(g: Geom, side: str) -> float:
 def absolute_truth(pool: Sequence[Geom], region: str, width: int, height: int, margins: Margins) -> list[Truth]:
     """Truth of an absolute-position region for every instance of ``pool``."""
     m = margins.position_px
-    return [_truth([additive(v, m) for v in absolute_conditions(g, region, width, height)]) for g in pool]
+    return [
+        both_readings(*(_additive_truth(absolute_conditions(g, region, width, height, r), m) for r in READINGS))
+        for g in pool
+    ]
+
+
+def _additive_truth(values: Sequence[float], m: float) -> Truth:
+    """``_truth`` of ``additive(v, m)`` conditions, without building them (a hot path)."""
+    if any(v + m < 0 for v in values):
+        return Truth.FALSE
+    if all(v - m > 0 for v in values):
+        return Truth.TRUE
+    return Truth.UNSURE
 
 
 def ordinal_truth(pool: Sequence[Geom], side: str, rank: int, margins: Margins) -> list[Truth]:
-    """Truth of "``rank``-th from ``side``" (0 = the -most) for every instance."""
+    """Truth of "``rank``-th from ``side``" (0 = the -most) for every instance, under both readings."""
+    by_reading = [_ordinal_truth_one(pool, side, rank, margins, r) for r in READINGS]
+    return [both_readings(a, b) for a, b in zip(*by_reading)]
+
+
+def _ordinal_truth_one(pool: Sequence[Geom], side: str, rank: int, margins: Margins, reading: str) -> list[Truth]:
     m = margins.position_px
-    vals = [_ordinal_value(g, side) for g in pool]
+    vals = [_ordinal_value(g, side, reading) for g in pool]
+    ordered = sorted(vals)
     out = []
-    for i, v in enumerate(vals):
-        others = [u for j, u in enumerate(vals) if j != i]
-        lo = sum(1 for u in others if u < v - m)  # certainly before it
-        hi = sum(1 for u in others if u <= v + m)  # possibly before it
+    for v in vals:
+        # Counted on the sorted values: the instance itself is never below
+        # v - m (m >= 0) and always at most v + m, hence the - 1.
+        lo = bisect.bisect_left(ordered, v - m)  # others certainly before it
+        hi = bisect.bisect_right(ordered, v + m) - 1  # others possibly before it
         if lo == hi == rank:
             out.append(Truth.TRUE)
         elif rank < lo or rank > hi:

@@ -1,12 +1,14 @@
 """No-target negatives (gRefCOCO / GenSeg-R1 style): a category that is not there.
 
 A category of the input's vocabulary is absent from an image when no
-annotation of it exists at all, crowd included. Absent categories are ranked
-for one image: hard negatives first (the same supercategory as a category
-that is present: "dog" in an image with a cat), each group in a seeded
-order. A category whose written form equals a present category's ("table"
-for both "dining table" and a "table" category) is never a negative, and
-neither is a held-out OOD category (its name must not reach training data).
+annotation of it exists at all, crowd and rejected annotations included.
+Absent categories are ranked for one image: hard negatives first (the same
+supercategory as a category that is present: "dog" in an image with a cat),
+each group in a seeded order. A category whose words cover a present
+category, or are covered by one, is never a negative ("table" on an image
+with a coffee table, "glass" with a wine glass; the rules are in
+``vocabulary``), and neither is a held-out OOD category (its name must not
+reach training data).
 """
 
 from __future__ import annotations
@@ -16,6 +18,11 @@ from collections.abc import Collection, Sequence
 from orsgen.schemas.records import Category, ExpressionKind
 from orsgen.stages.expressions.context import Candidate, ImageContext
 from orsgen.stages.expressions.templates import TemplateSet, noun_forms
+from orsgen.stages.expressions.vocabulary import Coverage
+
+#: Without a vocabulary file a word covers what is written the same way, the
+#: multi-word names it ends and what it is the supercategory of.
+_PLAIN = Coverage(version=0, table={})
 
 
 def absent_categories(
@@ -38,17 +45,14 @@ def absent_categories(
     Returns:
         ``(category, is_hard)`` pairs, hard ones first when ``hard_first``.
     """
-    present_words: set[str] = set()
-    for name in ctx.present_names:
-        f = noun_forms(name, templates.nouns)
-        present_words |= {name, f.singular, f.plural}
+    cov = ctx.coverage if ctx.coverage is not None else _PLAIN
+    present = cov.index(ctx.present_categories or tuple((n, "") for n in sorted(ctx.present_names)), templates.nouns)
     seen: set[str] = set()
     absent: list[tuple[Category, bool]] = []
     for cat in sorted(vocabulary, key=lambda c: c.id):
         if cat.id in ctx.present_ids or cat.name in ctx.present_names or cat.name in held_out or cat.name in seen:
             continue
-        f = noun_forms(cat.name, templates.nouns)
-        if {cat.name, f.singular, f.plural} & present_words:
+        if present.touches(cat.name, cat.supercategory):
             continue
         seen.add(cat.name)
         absent.append((cat, bool(cat.supercategory) and cat.supercategory in ctx.present_supercategories))

@@ -29,6 +29,7 @@ from orsgen.stages.expressions.descriptions import description_candidates
 from orsgen.stages.expressions.geometry import Margins
 from orsgen.stages.expressions.negatives import negative_candidates
 from orsgen.stages.expressions.templates import TemplateSet
+from orsgen.stages.expressions.vocabulary import load_vocabulary
 from orsgen.stages.regions import select_regions
 from orsgen.stages.common.targets import TargetError, attach_targets
 
@@ -45,6 +46,7 @@ def margins_for(cfg: ExpressionConfig, width: int, height: int) -> Margins:
         margin_frac=cfg.margin_frac,
         size_margin=cfg.size_margin,
         next_to_max_gap_frac=cfg.next_to_max_gap_frac,
+        axis_overlap_frac=cfg.relation_max_axis_overlap,
     )
 
 
@@ -134,8 +136,18 @@ def add_expressions(
         ``balance/over_kind_cap``, ...).
     """
     w, h = ex.image.width, ex.image.height
+    coverage = load_vocabulary(cfg.vocabulary)  # cached: read once per process
     ctx = ImageContext.build(
-        ex.image.image_id, w, h, ex.instances, margins_for(cfg, w, h), seed=seed, kept_ids=kept_ids
+        ex.image.image_id,
+        w,
+        h,
+        ex.instances,
+        margins_for(cfg, w, h),
+        seed=seed,
+        kept_ids=kept_ids,
+        presence=ex.presence,
+        coverage=coverage,
+        nouns=templates.nouns,
     )
     selected, counts = generate_candidates(ctx, vocabulary, templates, cfg, held_out=held_out)
     by_id = {i.instance_id: i for i in ex.instances}
@@ -154,7 +166,7 @@ def add_expressions(
             target_ids=cand.target_ids,
             generator=GENERATOR,
             template=cand.template,
-            metadata={**cand.metadata, "templates_version": templates.version},
+            metadata={**cand.metadata, "templates_version": templates.version, "vocabulary_version": coverage.version},
         )
         try:
             samples.append(attach_targets(sample, by_id, w, h))

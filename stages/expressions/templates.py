@@ -24,6 +24,7 @@ are errors that name the template and the text.
 from __future__ import annotations
 
 import functools
+import re
 import string
 from importlib import resources
 from typing import Annotated, Any, Literal
@@ -305,17 +306,32 @@ def _plural(name: str) -> str:
     return str(_inflect_engine().plural_noun(name))
 
 
+_PARENTHETICAL = re.compile(r"\s*\([^()]*\)\s*$")
+
+
+def display_name(name: str) -> str:
+    """How a category name is written in text: LVIS-style ``_`` become spaces, a trailing ``(...)`` goes.
+
+    ``glass_(drink_container)`` -> ``glass``; COCO names are unchanged.
+    """
+    text = _PARENTHETICAL.sub("", name.replace("_", " "))
+    return " ".join(text.split()) or name
+
+
 def noun_forms(name: str, overrides: dict[str, NounForms] | None = None) -> NounForms:
     """Singular and plural of a category name.
 
     Args:
-        name: the category name from the vocabulary (e.g. ``person``).
+        name: the category name from the vocabulary (e.g. ``person``, or an
+            LVIS-style ``dining_table``).
         overrides: the templates file's ``nouns`` table.
 
     Returns:
         The forms; ``inflect`` writes the plural ("person" -> "people",
-        "knife" -> "knives") unless the table says otherwise.
+        "knife" -> "knives") unless the table says otherwise. LVIS-style
+        names are written as ``display_name`` gives them.
     """
     if overrides and name in overrides:
         return overrides[name]
-    return NounForms(singular=name, plural=_plural(name))
+    written = display_name(name)
+    return NounForms(singular=written, plural=_plural(written))

@@ -50,6 +50,7 @@ from orsgen.schemas.records import (
     ImageExample,
     ImageRecord,
     Instance,
+    Presence,
     Ref,
     RefSentence,
     Reject,
@@ -120,6 +121,10 @@ MISSING_ANNOTATION = "missing_annotation"
 #: A ref's target annotation exists but was rejected at load time (bad
 #: segmentation, ...); the ref is dropped rather than kept with fewer targets.
 TARGET_REJECTED = "target_rejected"
+#: An annotation whose image was rejected (missing, corrupt, bad entry): it is
+#: an input all the same, so it is counted, as a reject that points at the
+#: image's reject.
+IMAGE_REJECTED = "image_rejected"
 
 _SOURCE_BY_TYPE = {"coco": "coco", "refcoco": "refcoco", "grefcoco": "grefcoco"}
 _UNSAFE_CHARS = frozenset("\\:%?#")
@@ -575,18 +580,38 @@ def _plan_coco(cfg: CocoInput, inst: _Instances) -> list[CocoImageTask | Reject]
     out.extend(r for _, r in inst.loose_image_rejects)
     for iid in chosen:
         if iid in inst.image_rejects:
-            out.append(inst.image_rejects[iid])
+            image_reject = inst.image_rejects[iid]
+            out.append(image_reject)
+            # Its annotations are inputs too: each one is counted as a reject.
+            for ann in sorted(inst.anns_by_image.get(iid, []), key=lambda a: a["id"]):
+                out.append(_annotation_with_image(cfg.annotations, ann["id"], iid, image_reject.reason))
         else:
             out.append(_make_task(cfg, "coco", inst, iid, ()))
-    # Rejects of annotations on skipped (max_images) or rejected images are left out.
+    # Rejects of annotations on skipped (max_images) images are left out: those
+    # images are not inputs of this run.
     for img_id, rej in inst.ann_rejects:
-        if (
-            img_id is None
-            or img_id not in inst.all_image_ids
-            or (img_id in chosen_set and img_id not in inst.image_rejects)
-        ):
+        if img_id is None or img_id not in inst.all_image_ids or img_id in chosen_set:
             out.append(rej)
     return out
+
+
+def _annotation_with_image(annotations_url: str, ann_id: Any, image_id: int, image_reason: str) -> Reject:
+    """The instance-level reject of an annotation whose image was rejected."""
+    return _reject(
+        f"{annotations_url}#ann:{ann_id}",
+        IMAGE_REJECTED,
+        f"annotation {ann_id} is on image {image_id}, which was rejected ({image_reason}); see the image's reject.",
+        RejectLevel.INSTANCE,
+        image_id,
+    )
+
+
+def _image_failed(task: CocoImageTask, image_reject: Reject) -> list[Reject]:
+    """The image's reject followed by one reject per annotation on it."""
+    anns = sorted(json.loads(task.annotations_json), key=lambda a: a["id"])
+    return [image_reject] + [
+        _annotation_with_image(task.annotations_url, a["id"], task.coco_image_id, image_reject.reason) for a in anns
+    ]
 
 
 def _plan_refs(cfg: RefcocoInput | GrefcocoInput, source: str, inst: _Instances) -> list[CocoImageTask | Reject]:
@@ -657,7 +682,12 @@ def _plan_refs(cfg: RefcocoInput | GrefcocoInput, source: str, inst: _Instances)
         if cfg.max_images is not None and n_images >= cfg.max_images:
             break
         if iid in inst.image_rejects:
-            out.append(inst.image_rejects[iid])
+            image_reject = inst.image_rejects[iid]
+            out.append(image_reject)
+            # As for a loaded image: its annotations are inputs, counted with it.
+            for ann in sorted(inst.anns_by_image.get(iid, []), key=lambda a: a["id"]):
+                out.append(_annotation_with_image(cfg.instances, ann["id"], iid, image_reject.reason))
+            out.extend(ann_rejects_by_image.get(iid, ()))
             n_images += 1
             continue
         ann_ids = {a["id"] for a in inst.anns_by_image.get(iid, [])}
@@ -820,7 +850,8 @@ def load_task(task: CocoImageTask, image_cfg: ImageConfig) -> list[ImageExample 
         On success the ``ImageExample`` first, then the instance-level rejects
         of its bad annotations and the ref-level ``target_rejected`` rejects of
         refs that lost a target. If the image itself fails, one image-level
-        reject (``missing_image`` or a ``check_image`` reason) and nothing else.
+        reject (``missing_image`` or a ``check_image`` reason) followed by one
+        ``image_rejected`` instance reject per annotation on the image.
 
     Raises:
         OSError: reading the image failed for a reason other than "not found"
@@ -830,38 +861,46 @@ def load_task(task: CocoImageTask, image_cfg: ImageConfig) -> list[ImageExample 
     try:
         data = _read_image(task.image_uri, image_cfg.max_bytes)
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-        return [
+        return _image_failed(
+            task,
             _reject(
                 task.image_uri,
                 MISSING_IMAGE,
                 f"image {task.coco_image_id} file {task.image_uri!r} does not exist.",
                 RejectLevel.IMAGE,
                 task.coco_image_id,
-            )
-        ]
+            ),
+        )
     try:
         info = check_image(data, image_cfg, expect_wh=(task.width, task.height))
     except ImageError as err:
-        return [
+        return _image_failed(
+            task,
             _reject(
                 task.image_uri, err.reason, f"image {task.coco_image_id}: {err}", RejectLevel.IMAGE, task.coco_image_id
-            )
-        ]
+            ),
+        )
 
     categories = {int(k): v for k, v in json.loads(task.categories_json).items()}
     rejects: list[Reject] = []
     instances: list[Instance] = []
+    presence: list[Presence] = []
     for ann in sorted(json.loads(task.annotations_json), key=lambda a: a["id"]):
         result = _annotation_to_instance(ann, task, categories)
         if isinstance(result, Instance):
             instances.append(result)
         else:
             reason, message = result
-            rejects.append(
-                _reject(
-                    f"{task.annotations_url}#ann:{ann['id']}", reason, message, RejectLevel.INSTANCE, task.coco_image_id
+            key = f"{task.annotations_url}#ann:{ann['id']}"
+            rejects.append(_reject(key, reason, message, RejectLevel.INSTANCE, task.coco_image_id))
+            cid = _as_int(ann.get("category_id"))
+            if cid is not None and cid in categories:
+                # The object is there even though its mask is unusable: the
+                # expressions stage must still see it (uniqueness, negatives).
+                cat = categories[cid]
+                presence.append(
+                    Presence(cid, cat["name"], cat.get("supercategory") or "", ann.get("iscrowd") == 1, key)
                 )
-            )
     kept_ann_ids = {i.source_ann_id for i in instances}
     refs: list[Ref] = []
     for ref in task.refs:
@@ -894,6 +933,7 @@ def load_task(task: CocoImageTask, image_cfg: ImageConfig) -> list[ImageExample 
         instances=tuple(instances),
         refs=tuple(refs),
         input_name=task.input_name,
+        presence=tuple(presence),
     )
     return [example, *rejects]
 

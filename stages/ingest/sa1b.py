@@ -44,10 +44,13 @@ Instance level (``source_key`` is ``<url>#<json member>/ann:<ann id>``, or
     * ``empty_mask``: the mask has no pixels.
     * from ``stages.common.masks.segmentation_to_rle``: ``rle_size_mismatch``,
       ``bad_rle``, ``bad_segmentation``, ``bad_polygon``.
+    * ``image_rejected``: an annotation of a pair whose JSON parsed but whose
+      image failed ``check_image``; it follows the image's reject.
 
 Accounting: every ``sa_<id>`` stem met in a shard ends as exactly one
 ``ImageExample`` or exactly one image-level reject, and every annotation of an
-emitted image as exactly one ``Instance`` or one instance-level reject. The
+emitted image, or of an image rejected after its JSON parsed, as exactly one
+``Instance`` or one instance-level reject. The
 exception is ``max_images``: reading stops there, and stems not finished by
 then produce nothing.
 """
@@ -95,6 +98,7 @@ BAD_JSON = "bad_json"
 IMAGE_TOO_LARGE = "image_too_large"
 BAD_ANNOTATION = "bad_annotation"
 EMPTY_MASK = "empty_mask"
+IMAGE_REJECTED = "image_rejected"
 
 REASONS = (
     UNREADABLE_SHARD,
@@ -108,6 +112,7 @@ REASONS = (
     IMAGE_TOO_LARGE,
     BAD_ANNOTATION,
     EMPTY_MASK,
+    IMAGE_REJECTED,
 )
 """Reason codes this module emits itself; ``check_image`` and
 ``segmentation_to_rle`` add their own (listed in the module docstring)."""
@@ -477,7 +482,21 @@ def _build_example(
     try:
         info = check_image(jpg.data, image_cfg, expect_wh=(meta["width"], meta["height"]))
     except ImageError as err:
-        return [_image_reject(url, jpg.name, stem, err.reason, str(err))]
+        # The annotations were read: they are inputs, so each is counted with the image.
+        out_rejects = [_image_reject(url, jpg.name, stem, err.reason, str(err))]
+        for index, ann in enumerate(annotations):
+            ann_ref = str(ann["id"]) if isinstance(ann, dict) and _is_int(ann.get("id")) else f"index{index}"
+            out_rejects.append(
+                Reject(
+                    source_key=f"{_member_key(url, js.name)}/ann:{ann_ref}",
+                    stage=STAGE,
+                    reason=IMAGE_REJECTED,
+                    message=f"annotation {ann_ref} of {_show(js.name)} is on an image rejected as {err.reason}.",
+                    level=RejectLevel.INSTANCE,
+                    image_id=image_id,
+                )
+            )
+        return out_rejects
 
     out: list[ImageExample | Reject] = []
     instances: list[Instance] = []

@@ -325,6 +325,7 @@ def write_group(
     cfg: WriteConfig,
     *,
     num_buckets: int | None = None,
+    reject_after_dedupe: Callable[[SpillEntry], Reject | None] | None = None,
 ) -> GroupWrite:
     """Like ``write_bucket``, but copies of one key are deduplicated first.
 
@@ -334,6 +335,11 @@ def write_group(
     ``duplicate_image`` rejects. Same memory bound and arguments as
     ``write_bucket``.
 
+    ``reject_after_dedupe`` then judges each kept entry (its key, image id
+    and counts; e.g. the build's ``no_regions`` rule): an entry it returns a
+    reject for is dropped with that reject, so a copy of an image is a
+    ``duplicate_image`` whatever else is wrong with it.
+
     Returns:
         The shard stats, the written and the dropped entries.
     """
@@ -341,6 +347,16 @@ def write_group(
     nb = _resolve_num_buckets(cfg, num_buckets)
     with _spill_group(examples, split, formats, cfg) as group:
         kept, dropped = dedupe_by_key(group.entries)
+        if reject_after_dedupe is not None:
+            dropped = list(dropped)
+            still: list[SpillEntry] = []
+            for entry in kept:
+                reject = reject_after_dedupe(entry)
+                if reject is None:
+                    still.append(entry)
+                else:
+                    dropped.append((entry, reject))
+            kept = still
         entries = _sorted_checked(kept)
         stats = _write_entries(out, split, bucket, group, entries, cfg, formats, nb)
         return GroupWrite(stats=stats, written=entries, dropped=dropped, spilled=group.spilled)
