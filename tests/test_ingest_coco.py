@@ -213,15 +213,15 @@ def test_coco_bad_inputs_become_rejects(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "segm",
+    ("segm", "reason"),
     [
-        [[0, 0, 1e9, 0, 1e9, 1e9]],  # crashes pycocotools (segfault) if it gets there
-        [[0, 0, 10**30, 0, 5, 5]],
-        [[float("nan")] * 6],
-        [[0, 0, float("inf"), 0, 5, 5]],
+        ([[0, 0, 1e9, 0, 1e9, 1e9]], "bad_polygon"),  # crashes pycocotools (segfault) if it gets there
+        ([[0, 0, 10**30, 0, 5, 5]], "int_out_of_range"),  # caught at planning, before any stage
+        ([[float("nan")] * 6], "bad_polygon"),
+        ([[0, 0, float("inf"), 0, 5, 5]], "bad_polygon"),
     ],
 )
-def test_far_or_non_finite_polygons_are_refused_before_pycocotools(tmp_path: Path, segm: Any) -> None:
+def test_far_or_non_finite_polygons_are_refused_before_pycocotools(tmp_path: Path, segm: Any, reason: str) -> None:
     (tmp_path / "img.jpg").write_bytes(image_bytes())
     ok = [[-1, -1, W + 1, -1, W + 1, H + 1, -1, H + 1]]  # slight overshoot, as in real COCO
     doc = {
@@ -232,7 +232,7 @@ def test_far_or_non_finite_polygons_are_refused_before_pycocotools(tmp_path: Pat
     (tmp_path / "i.json").write_text(json.dumps(doc))
     cfg = CocoInput(name="c", annotations=str(tmp_path / "i.json"), images=str(tmp_path))
     examples, rejects, _ = split_items(list(read_input(cfg, IMAGE_CFG)))
-    assert [(r.reason, r.source_key) for r in rejects] == [("bad_polygon", f"{cfg.annotations}#ann:1")]
+    assert [(r.reason, r.source_key) for r in rejects] == [(reason, f"{cfg.annotations}#ann:1")]
     assert [(i.source_ann_id, i.area_px) for i in examples[0].instances] == [(2, W * H)]
 
 

@@ -59,6 +59,14 @@ from orsgen.schemas.records import (
 from orsgen.stages.ingest.images import ImageError, check_image
 from orsgen.stages.common.masks import MaskError, instance_geometry, segmentation_to_rle
 from orsgen.stages.ingest.safe_pickle import UnsafePickleError, restricted_loads
+from orsgen.stages.ingest.validate import (
+    MAX_NAME_CHARS,
+    MAX_TEXT_CHARS,
+    int_problem,
+    show,
+    split_problem,
+    value_problem,
+)
 
 #: ``Reject.stage`` of every reject this module makes.
 STAGE = "ingest_coco"
@@ -187,11 +195,20 @@ def _reject(source_key: str, reason: str, message: str, level: RejectLevel, imag
 
 
 def _short(value: Any, limit: int = 80) -> str:
-    try:
-        text = repr(value)
-    except RecursionError:  # a hostile file can nest containers very deeply
-        return f"<{type(value).__name__} nested too deeply to show>"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    # Bounded: a hostile value (deep, huge or self-similar) never gets a full repr.
+    return show(value, limit)
+
+
+#: Per-field character limits of the strings of each record kind (see ``validate``).
+_CATEGORY_LIMITS = {"name": MAX_NAME_CHARS, "supercategory": MAX_NAME_CHARS}
+_IMAGE_LIMITS = {"file_name": MAX_TEXT_CHARS}
+_REF_LIMITS = {"raw": MAX_TEXT_CHARS, "sent": MAX_TEXT_CHARS, "file_name": MAX_TEXT_CHARS}
+
+
+def _in_int64(value: Any) -> int | None:
+    """``value`` if it is an int within int64, else None."""
+    v = _as_int(value)
+    return v if v is not None and int_problem(v, "") is None else None
 
 
 def unsafe_file_name_problem(file_name: Any) -> str | None:
@@ -286,11 +303,14 @@ def _parse_instances(url: str) -> _Instances | Reject:
     shard_rejects: list[Reject] = []
     categories: dict[int, Category] = {}
     for i, cat in enumerate(doc["categories"]):
-        cid = _as_int(cat.get("id")) if isinstance(cat, dict) else None
+        cid = _in_int64(cat.get("id")) if isinstance(cat, dict) else None
         name = cat.get("name") if isinstance(cat, dict) else None
         sup = cat.get("supercategory", "") if isinstance(cat, dict) else None
         key = f"{url}#category:{cid}" if cid is not None else f"{url}#category_index:{i}"
-        if cid is None or not isinstance(name, str) or not isinstance(sup, str):
+        problem = value_problem(cat, f"categories[{i}]", _CATEGORY_LIMITS)
+        if problem is not None:
+            shard_rejects.append(_reject(key, problem[0], problem[1], RejectLevel.SHARD))
+        elif cid is None or not isinstance(name, str) or not isinstance(sup, str):
             shard_rejects.append(
                 _reject(
                     key,
@@ -316,7 +336,13 @@ def _parse_instances(url: str) -> _Instances | Reject:
     loose_image_rejects: list[tuple[int | None, Reject]] = []
     all_image_ids: set[int] = set()
     for i, img in enumerate(doc["images"]):
-        iid = _as_int(img.get("id")) if isinstance(img, dict) else None
+        iid = _in_int64(img.get("id")) if isinstance(img, dict) else None
+        problem = value_problem(img, f"images[{i}]", _IMAGE_LIMITS)
+        if problem is not None and (iid is None or iid in all_image_ids):
+            loose_image_rejects.append(
+                (iid, _reject(f"{url}#image_index:{i}", problem[0], problem[1], RejectLevel.IMAGE, iid))
+            )
+            continue
         if iid is None:
             loose_image_rejects.append(
                 (
@@ -346,6 +372,9 @@ def _parse_instances(url: str) -> _Instances | Reject:
             )
             continue
         all_image_ids.add(iid)
+        if problem is not None:
+            image_rejects[iid] = _reject(key, problem[0], problem[1], RejectLevel.IMAGE, iid)
+            continue
         file_name, width, height = img.get("file_name"), _as_int(img.get("width")), _as_int(img.get("height"))
         if not isinstance(file_name, str) or width is None or height is None or width <= 0 or height <= 0:
             image_rejects[iid] = _reject(
@@ -367,9 +396,16 @@ def _parse_instances(url: str) -> _Instances | Reject:
     ann_rejects: list[tuple[int | None, Reject]] = []
     seen_ann_ids: set[int] = set()
     for i, ann in enumerate(doc["annotations"]):
-        aid = _as_int(ann.get("id")) if isinstance(ann, dict) else None
-        img_id = _as_int(ann.get("image_id")) if isinstance(ann, dict) else None
+        aid = _in_int64(ann.get("id")) if isinstance(ann, dict) else None
+        img_id = _in_int64(ann.get("image_id")) if isinstance(ann, dict) else None
         key = f"{url}#ann:{aid}" if aid is not None else f"{url}#ann_index:{i}"
+        problem = value_problem(ann, f"annotations[{i}]")
+        if problem is not None:
+            ann_rejects.append((img_id, _reject(key if aid not in seen_ann_ids else f"{url}#ann_index:{i}",
+                                                problem[0], problem[1], RejectLevel.INSTANCE, img_id)))
+            if aid is not None:
+                seen_ann_ids.add(aid)
+            continue
         if aid is None or img_id is None:
             ann_rejects.append(
                 (
@@ -605,11 +641,26 @@ def _plan_refs(cfg: RefcocoInput | GrefcocoInput, source: str, inst: _Instances)
             and r["split"] not in keep_splits
         ):
             continue  # filtered by config, not a problem of the data
-        rid = _as_int(r.get("ref_id")) if isinstance(r, dict) else None
-        img = _as_int(r.get("image_id")) if isinstance(r, dict) else None
+        rid = _in_int64(r.get("ref_id")) if isinstance(r, dict) else None
+        img = _in_int64(r.get("image_id")) if isinstance(r, dict) else None
         key = f"{cfg.refs}#ref:{rid}" if rid is not None else f"{cfg.refs}#ref_index:{i}"
         if not isinstance(r, dict):
             out.append(_reject(key, BAD_REF, f"refs[{i}] is not an object: {_short(r)}.", RejectLevel.REF))
+            continue
+        problem = value_problem(r, f"refs[{i}]", _REF_LIMITS)
+        if problem is None and isinstance(r.get("split"), str):
+            problem = split_problem(r["split"])
+        if problem is not None:
+            rid_ok, img_ok = _in_int64(r.get("ref_id")), _in_int64(r.get("image_id"))
+            out.append(
+                _reject(
+                    f"{cfg.refs}#ref:{rid_ok}" if rid_ok is not None else f"{cfg.refs}#ref_index:{i}",
+                    problem[0],
+                    problem[1],
+                    RejectLevel.REF,
+                    img_ok,
+                )
+            )
             continue
         if keep_splits is not None and not isinstance(r.get("split"), str):
             out.append(

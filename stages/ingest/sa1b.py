@@ -77,6 +77,7 @@ from orsgen.schemas.records import (
     safe_key,
 )
 from orsgen.stages.ingest.images import ImageError, check_image
+from orsgen.stages.ingest.validate import MAX_TEXT_CHARS, int_problem, value_problem
 from orsgen.stages.common.masks import MaskError, instance_geometry, segmentation_to_rle
 
 STAGE = "ingest_sa1b"
@@ -466,6 +467,9 @@ def _build_example(
         meta, annotations = _parse_json(js.data, stem)
     except _BadJson as err:
         return [_image_reject(url, js.name, stem, BAD_JSON, f"{_show(js.name)}: {err}")]
+    problem = value_problem(meta, "image", {"file_name": MAX_TEXT_CHARS})
+    if problem is not None:
+        return [_image_reject(url, js.name, stem, problem[0], f"{_show(js.name)}: {problem[1]}")]
     image_id = f"sa1b:{meta['image_id']}"
     try:
         info = check_image(jpg.data, image_cfg, expect_wh=(meta["width"], meta["height"]))
@@ -478,7 +482,7 @@ def _build_example(
     for index, ann in enumerate(annotations):
         ann_ref = f"index{index}"
         try:
-            if isinstance(ann, dict) and _is_int(ann.get("id")):
+            if isinstance(ann, dict) and _is_int(ann.get("id")) and int_problem(ann["id"], "") is None:
                 ann_ref = str(ann["id"])
             inst = _to_instance(ann, image_id, info.height, info.width, seen_ids)
         except _BadAnnotation as err:
@@ -557,6 +561,9 @@ def _to_instance(ann: Any, image_id: str, height: int, width: int, seen_ids: set
     """Builds one instance; raises ``_BadAnnotation`` with a reason code."""
     if not isinstance(ann, dict):
         raise _BadAnnotation(BAD_ANNOTATION, f"must be an object, got {type(ann).__name__}.")
+    problem = value_problem(ann, "the annotation")
+    if problem is not None:
+        raise _BadAnnotation(*problem)
     for key in ("id", "segmentation"):
         if key not in ann:
             raise _BadAnnotation(BAD_ANNOTATION, f"has no field {key!r}.")
