@@ -167,12 +167,13 @@ class WriteBucketDoFn(beam.DoFn):
 class WriteRejectsDoFn(beam.DoFn):
     """Writes one bucket of rejects as a Parquet file."""
 
-    def __init__(self, out: str) -> None:
+    def __init__(self, out: str, compression: str = "zstd") -> None:
         self._out = out
+        self._compression = compression
 
     def process(self, element: tuple[int, Iterable[Reject]]) -> Iterator[ShardStats]:
         bucket, rejects = element
-        yield write_rejects_bucket(self._out, bucket, list(rejects))
+        yield write_rejects_bucket(self._out, bucket, list(rejects), compression=self._compression)
 
 
 def reconcile(events: dict[str, int], rejects_by_level: dict[str, int]) -> dict[str, Any]:
@@ -271,7 +272,11 @@ def _read_input(
     if isinstance(inp, Sa1bInput):
         shards = ingest_sa1b.expand_shards(inp.shards)
         reader = functools.partial(
-            ingest_sa1b.read_sa1b_shard, input_name=inp.name, image_cfg=cfg.image, max_images=inp.max_images
+            ingest_sa1b.read_sa1b_shard,
+            input_name=inp.name,
+            image_cfg=cfg.image,
+            max_images=inp.max_images,
+            written_paths=inp.written_paths,
         )
         res = (
             p
@@ -400,7 +405,7 @@ def build_pipeline(p: beam.Pipeline, cfg: OrsgenConfig, out: str) -> None:
         | "AllRejects" >> beam.Flatten()
         | "KeyRejects" >> beam.Map(lambda r: (bucket_of(r.source_key, nb), r))
         | "GroupRejects" >> beam.GroupByKey()
-        | "WriteRejects" >> beam.ParDo(WriteRejectsDoFn(out))
+        | "WriteRejects" >> beam.ParDo(WriteRejectsDoFn(out, cfg.write.parquet_compression))
     )
     stats = (written.stats, reject_stats) | "AllStats" >> beam.Flatten()
     events = events_l | "AllEvents" >> beam.Flatten() | "SumEvents" >> beam.CombinePerKey(sum)

@@ -45,7 +45,7 @@ MIN_SECRET_CHARS = 6
 
 _KEY_QUALIFIERS = frozenset({"api", "access", "secret", "private", "auth", "client", "signing", "session", "subscription"})
 _SECRET_WORDS = frozenset(
-    {"apikey", "token", "secret", "password", "passwd", "pwd", "authorization", "credential", "credentials", "cookie", "bearer"}
+    {"apikey", "token", "secret", "password", "passwd", "authorization", "credential", "credentials", "cookie", "bearer"}
 )
 _URL_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<cred>[^/@\s:]+(?::[^/@\s]*)?)@")
 _BEARER = re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]{4,}")

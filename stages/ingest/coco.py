@@ -45,6 +45,7 @@ from typing import Any
 import fsspec
 
 from orsgen.schemas.config import CocoInput, GrefcocoInput, ImageConfig, RefcocoInput
+from orsgen.schemas.config.base import display_path
 from orsgen.schemas.records import (
     Category,
     ImageExample,
@@ -153,6 +154,9 @@ class CocoImageTask:
             for the known categories the annotations use.
         annotations_url: the annotations / instances file (for reject keys).
         refs_url: the refs file, or "" for COCO (for reject keys).
+        image_uri_shown: ``image_uri`` as the config wrote its prefix (relative
+            to the config file's folder when it was given relative), which is
+            what the record's ``uri`` and reject keys hold ("" = image_uri).
     """
 
     input_name: str
@@ -167,6 +171,7 @@ class CocoImageTask:
     categories_json: str
     annotations_url: str = ""
     refs_url: str = ""
+    image_uri_shown: str = ""
 
 
 # ---------------------------------------------------------------- small helpers
@@ -275,13 +280,14 @@ class _Instances:
     shard_rejects: list[Reject]
 
 
-def _parse_instances(url: str) -> _Instances | Reject:
+def _parse_instances(url: str, shown: str = "") -> _Instances | Reject:
     """Reads and checks the structure of a COCO instances file.
 
     Returns:
         The parsed file, or one shard-level ``unreadable_annotations`` reject.
     """
     data = _read_top_level(url, "annotations")
+    url = shown or url  # reject keys name the file as the config wrote it
     try:
         doc = _parse_json(data)
     except (ValueError, RecursionError) as err:
@@ -489,18 +495,20 @@ def _make_task(
         annotations_json=_dumps(anns),
         refs=refs,
         categories_json=_dumps(cats),
-        annotations_url=cfg.annotations if isinstance(cfg, CocoInput) else cfg.instances,
-        refs_url="" if isinstance(cfg, CocoInput) else cfg.refs,
+        annotations_url=display_path(cfg.annotations if isinstance(cfg, CocoInput) else cfg.instances, cfg.written_paths),
+        refs_url="" if isinstance(cfg, CocoInput) else display_path(cfg.refs, cfg.written_paths),
+        image_uri_shown=display_path(_join_uri(cfg.images, file_name), cfg.written_paths),
     )
 
 
 # ---------------------------------------------------------------- refs
 
 
-def _read_refs(url: str) -> list[Any] | Reject:
+def _read_refs(url: str, shown: str = "") -> list[Any] | Reject:
     """Reads a refs file: JSON (``.json`` or sniffed) or a restricted pickle."""
     data = _read_top_level(url, "refs")
     path = url.split("?", 1)[0].lower()
+    url = shown or url  # reject keys name the file as the config wrote it
     head = data.lstrip()[:1]
     as_json = path.endswith(".json") or (not path.endswith((".p", ".pkl", ".pickle")) and head in (b"[", b"{"))
     if as_json:
@@ -625,7 +633,9 @@ def _plan_coco(cfg: CocoInput, inst: _Instances) -> list[CocoImageTask | Reject]
 
 
 def _plan_refs(cfg: RefcocoInput | GrefcocoInput, source: str, inst: _Instances) -> list[CocoImageTask | Reject]:
-    raw_refs = _read_refs(cfg.refs)
+    refs_shown = display_path(cfg.refs, cfg.written_paths)
+    instances_shown = display_path(cfg.instances, cfg.written_paths)
+    raw_refs = _read_refs(cfg.refs, refs_shown)
     if isinstance(raw_refs, Reject):
         return [raw_refs]
     multi_target = source == "grefcoco"
@@ -643,7 +653,7 @@ def _plan_refs(cfg: RefcocoInput | GrefcocoInput, source: str, inst: _Instances)
             continue  # filtered by config, not a problem of the data
         rid = _in_int64(r.get("ref_id")) if isinstance(r, dict) else None
         img = _in_int64(r.get("image_id")) if isinstance(r, dict) else None
-        key = f"{cfg.refs}#ref:{rid}" if rid is not None else f"{cfg.refs}#ref_index:{i}"
+        key = f"{refs_shown}#ref:{rid}" if rid is not None else f"{refs_shown}#ref_index:{i}"
         if not isinstance(r, dict):
             out.append(_reject(key, BAD_REF, f"refs[{i}] is not an object: {_short(r)}.", RejectLevel.REF))
             continue
@@ -654,7 +664,7 @@ def _plan_refs(cfg: RefcocoInput | GrefcocoInput, source: str, inst: _Instances)
             rid_ok, img_ok = _in_int64(r.get("ref_id")), _in_int64(r.get("image_id"))
             out.append(
                 _reject(
-                    f"{cfg.refs}#ref:{rid_ok}" if rid_ok is not None else f"{cfg.refs}#ref_index:{i}",
+                    f"{refs_shown}#ref:{rid_ok}" if rid_ok is not None else f"{refs_shown}#ref_index:{i}",
                     problem[0],
                     problem[1],
                     RejectLevel.REF,
@@ -674,7 +684,7 @@ def _plan_refs(cfg: RefcocoInput | GrefcocoInput, source: str, inst: _Instances)
         if parsed.ref_id in seen:
             out.append(
                 _reject(
-                    f"{cfg.refs}#ref_index:{i}",
+                    f"{refs_shown}#ref_index:{i}",
                     DUPLICATE_REF,
                     f"ref id {parsed.ref_id} appears more than once; the first is kept.",
                     RejectLevel.REF,
@@ -695,9 +705,9 @@ def _plan_refs(cfg: RefcocoInput | GrefcocoInput, source: str, inst: _Instances)
         if iid not in inst.all_image_ids:
             out.extend(
                 _reject(
-                    f"{cfg.refs}#ref:{ref.ref_id}",
+                    f"{refs_shown}#ref:{ref.ref_id}",
                     ORPHAN_REF,
-                    f"ref {ref.ref_id} points at image {iid}, which is not in the instances file {cfg.instances!r}.",
+                    f"ref {ref.ref_id} points at image {iid}, which is not in the instances file {instances_shown!r}.",
                     RejectLevel.REF,
                     iid,
                 )
@@ -717,10 +727,10 @@ def _plan_refs(cfg: RefcocoInput | GrefcocoInput, source: str, inst: _Instances)
             if missing:
                 out.append(
                     _reject(
-                        f"{cfg.refs}#ref:{ref.ref_id}",
+                        f"{refs_shown}#ref:{ref.ref_id}",
                         MISSING_ANNOTATION,
                         f"ref {ref.ref_id} targets annotations {missing}, which are not annotations "
-                        f"of image {iid} in {cfg.instances!r}.",
+                        f"of image {iid} in {instances_shown!r}.",
                         RejectLevel.REF,
                         iid,
                     )
@@ -759,7 +769,7 @@ def plan_input(
         raise TypeError(f"ingest_coco reads coco, refcoco and grefcoco inputs, got {type(cfg).__name__}.")
     source = _SOURCE_BY_TYPE[cfg.type]
     url = cfg.annotations if isinstance(cfg, CocoInput) else cfg.instances
-    inst = _parse_instances(url)
+    inst = _parse_instances(url, display_path(url, cfg.written_paths))
     if isinstance(inst, Reject):
         return [], [inst]
     categories = [inst.categories[c] for c in sorted(inst.categories)]
@@ -872,14 +882,15 @@ def load_task(task: CocoImageTask, image_cfg: ImageConfig) -> list[ImageExample 
             (network, permissions), so that the runner retries.
     """
     image_id = f"coco:{task.coco_image_id}"
+    shown_uri = task.image_uri_shown or task.image_uri
     try:
         data = _read_image(task.image_uri, image_cfg.max_bytes)
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         return [
             _reject(
-                task.image_uri,
+                shown_uri,
                 MISSING_IMAGE,
-                f"image {task.coco_image_id} file {task.image_uri!r} does not exist.",
+                f"image {task.coco_image_id} file {shown_uri!r} does not exist.",
                 RejectLevel.IMAGE,
                 task.coco_image_id,
             )
@@ -889,7 +900,7 @@ def load_task(task: CocoImageTask, image_cfg: ImageConfig) -> list[ImageExample 
     except ImageError as err:
         return [
             _reject(
-                task.image_uri, err.reason, f"image {task.coco_image_id}: {err}", RejectLevel.IMAGE, task.coco_image_id
+                shown_uri, err.reason, f"image {task.coco_image_id}: {err}", RejectLevel.IMAGE, task.coco_image_id
             )
         ]
 
@@ -926,7 +937,7 @@ def load_task(task: CocoImageTask, image_cfg: ImageConfig) -> list[ImageExample 
     record = ImageRecord(
         image_id=image_id,
         source=task.source,
-        uri=task.image_uri,
+        uri=shown_uri,
         width=info.width,
         height=info.height,
         sha256=info.sha256,

@@ -67,6 +67,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from orsgen.schemas.config import ImageConfig
+from orsgen.schemas.config.base import display_path
 from orsgen.schemas.records import (
     ImageExample,
     ImageRecord,
@@ -186,6 +187,7 @@ def read_sa1b_shard(
     *,
     max_pending_stems: int = MAX_PENDING_STEMS,
     max_pending_bytes: int = MAX_PENDING_BYTES,
+    written_paths: dict[str, str] | None = None,
 ) -> Iterator[ImageExample | Reject]:
     """Streams one SA-1B tar shard into examples and rejects.
 
@@ -202,6 +204,9 @@ def read_sa1b_shard(
         max_pending_stems: most half pairs held while waiting for a partner;
             the oldest is rejected as ``unpaired_member`` beyond it.
         max_pending_bytes: most bytes of half pairs held at once, same rule.
+        written_paths: the input's ``written_paths``: record ``uri`` values and
+            reject keys name the shard as the config wrote it (relative to the
+            config file's folder), so other folders give the same bytes.
 
     Yields:
         ``ImageExample`` records in tar order, with ``Reject`` records between
@@ -209,20 +214,21 @@ def read_sa1b_shard(
     """
     if max_images is not None and max_images <= 0:
         return
+    shown = display_path(url, written_paths or {})
     try:
         f = fsspec.open(url, "rb").open()
     except (OSError, ValueError) as err:
         # ValueError: fsspec's answer to a malformed URL.
-        yield _shard_reject(url, UNREADABLE_SHARD, f"the shard cannot be opened: {_short(err)}")
+        yield _shard_reject(shown, UNREADABLE_SHARD, f"the shard cannot be opened: {_short(err)}")
         return
     with f:
         try:
             tf = tarfile.open(fileobj=f, mode="r|*")
         except _STREAM_ERRORS as err:
-            yield _shard_reject(url, UNREADABLE_SHARD, f"the shard is not a readable tar: {_short(err)}")
+            yield _shard_reject(shown, UNREADABLE_SHARD, f"the shard is not a readable tar: {_short(err)}")
             return
         with tf:
-            yield from _read_stream(tf, url, input_name, image_cfg, max_images, max_pending_stems, max_pending_bytes)
+            yield from _read_stream(tf, shown, input_name, image_cfg, max_images, max_pending_stems, max_pending_bytes)
 
 
 @dataclass(slots=True)
