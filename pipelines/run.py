@@ -128,9 +128,10 @@ def _watch_subprocess_workers() -> Iterator[None]:
     def run(self: Any) -> None:
         try:
             original(self)
-        except BaseException as err:
+        except Exception as err:
+            # Recorded, not re-raised: run_pipeline reports it as one sentence
+            # (the worker's own stderr already says why it failed).
             _WORKER_FAILURES.append(str(err))
-            raise
 
     cls.run = run
     try:

@@ -47,12 +47,14 @@ _KEY_QUALIFIERS = frozenset({"api", "access", "secret", "private", "auth", "clie
 _SECRET_WORDS = frozenset(
     {"apikey", "token", "secret", "password", "passwd", "authorization", "credential", "credentials", "cookie", "bearer"}
 )
-_URL_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<cred>[^/@\s:]+(?::[^/@\s]*)?)@")
-_BEARER = re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]{4,}")
+# Quantifiers are bounded so that no pattern backtracks quadratically on a
+# long hostile message (every reject message goes through these).
+_URL_CREDENTIALS = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]{0,30}://)(?P<cred>[^/@\s:]{1,256}(?::[^/@\s]{0,256})?)@")
+_BEARER = re.compile(r"(?i)\b(bearer|basic)\s{1,8}[A-Za-z0-9._~+/=-]{4,}")
 _HF_TOKEN = re.compile(r"\bhf_[A-Za-z0-9]{8,}")
 _INLINE = re.compile(
-    r"(?i)(?P<name>[\"']?[A-Za-z0-9_.-]*(?:api[_-]?key|token(?!s)|secret|password|passwd|authorization)[\"']?\s*[:=]\s*)"
-    r"(?P<value>\"[^\"]*\"|'[^']*'|[^\s,;}\]]+)"
+    r"(?i)(?P<name>[\"']?\b[A-Za-z0-9_.-]{0,40}(?:api[_-]?key|token(?!s)|secret|password|passwd|authorization)[\"']?\s{0,8}[:=]\s{0,8})"
+    r"(?P<value>\"[^\"]{0,4096}\"|'[^']{0,4096}'|[^\s,;}\]]{1,4096})"
 )
 
 
