@@ -115,11 +115,48 @@ def _inject(inputs: Path) -> dict[str, str]:
     expected["sa_000009.tar#sa_700.json"] = V.INVALID_TEXT
     expected[f"sa_000009.tar#sa_701.json/ann:index0"] = V.INT_OUT_OF_RANGE
     text = (inputs / "demo.yaml").read_text().replace("  - sa1b/sa_000001.tar\n", "  - sa1b/sa_000001.tar\n  - sa1b/sa_000009.tar\n")
-    (inputs / "demo.yaml").write_text(text)
+    (inputs / "demo.yaml").write_text(text + SECRET_CONFIG)
+    # Secrets inside data that reject messages quote.
+    doc = json.loads(cpath.read_text())
+    doc["categories"].append({"id": 903, "note": f"{SECRETS['env']} {SECRETS['hf']}"})
+    expected["instances_demo.json#category:903"] = "bad_category"
+    cpath.write_text(json.dumps(doc, ensure_ascii=True))
+    grefs = json.loads(gpath.read_text())
+    bad = json.loads(json.dumps(grefs[0]))
+    bad.update(ref_id=90_100, sentences=[{"raw": f"key {SECRETS['env']}", "tokens": [SECRETS["hf"]]}])
+    grefs.append(bad)
+    expected["grefs(unc).json#ref:90100"] = "bad_ref"
+    gpath.write_text(json.dumps(grefs, ensure_ascii=True))
     return expected
 
 
-def test_hostile_corpus_becomes_rejects_and_nothing_leaves_out(tmp_path: Path) -> None:
+SECRETS = {
+    "env": "sk-ORSGENSECRET-1111",
+    "hf": "hf_ORSGENSECRET2222xyz",
+    "body": "ORSGENSECRET-3333",
+    "header": "ORSGENSECRET-4444",
+    "url": "ORSGENSECRET-5555",
+    "flag": "ORSGENSECRET-6666",
+    "flag_one_arg": "ORSGENSECRET-7777",
+}
+SECRET_CONFIG = f"""caption:
+  enabled: false
+  backend:
+    model: m
+    api_key_env: MY_VLM_KEY
+    base_url: http://user:{SECRETS['url']}@127.0.0.1:8000/v1
+    extra_body: {{api_key: {SECRETS['body']}, headers: {{Authorization: Bearer {SECRETS['header']}}}}}
+    server_command: [vllm, serve, "{{model}}", -k, {SECRETS['flag']}, "--api-key {SECRETS['flag_one_arg']}", --port, "{{port}}"]
+"""
+
+
+def test_hostile_corpus_becomes_rejects_and_nothing_leaves_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture
+) -> None:
+    monkeypatch.setenv("MY_VLM_KEY", SECRETS["env"])
+    monkeypatch.setenv("HF_TOKEN", SECRETS["hf"])
+    monkeypatch.setenv("ORSGEN_SECRET_ENV", "")
+    caplog.set_level("INFO")
     inputs = tmp_path / "inputs"
     generate_demo_inputs(inputs, seed=0)
     expected = _inject(inputs)
@@ -148,6 +185,15 @@ def test_hostile_corpus_becomes_rejects_and_nothing_leaves_out(tmp_path: Path) -
     for r in rows:  # every message is writable text, bounded
         r["message"].encode("utf-8")
         assert len(r["message"]) <= 2000
+
+    # No secret (by value or by key name) in any output file, log or message.
+    leaks = [p for p in out.rglob("*") if p.is_file() and b"ORSGENSECRET" in p.read_bytes()]
+    assert leaks == []
+    captured = capfd.readouterr()
+    assert "ORSGENSECRET" not in caplog.text + captured.out + captured.err
+    backend = manifest["config"]["caption"]["backend"]
+    assert backend["api_key_env"] == "MY_VLM_KEY" and backend["extra_body"]["api_key"] == "***"
+    assert manifest["config"]["inputs"][0]["shards"][0] == "sa1b/sa_000000.tar"  # as written, not absolute
 
 
 # ---------------------------------------------------------------- unit checks (cheap)
@@ -218,3 +264,58 @@ def test_inside_root_refuses_escapes() -> None:
     for rel in ("../x", "a/../../x", "/etc/passwd", "a//b", "a/\x00", "a\\b", ""):
         with pytest.raises(OutputConflictError):
             inside_root("/o", rel)
+
+
+# ---------------------------------------------------------------- secrets (cheap twins of the run above)
+
+
+def test_config_errors_never_show_secret_values(tmp_path: Path) -> None:
+    from orsgen.schemas.config import ConfigError
+
+    head = "inputs: [{name: s, type: sa1b, shards: [x.tar]}]\ncaption:\n  backend:\n"
+    for body, key, secret in (
+        ("    api_key: hf_SECRET123abc\n", "caption.backend.api_key", "SECRET123"),
+        ("    base_url: ftp://user:PWSECRET99@h/v1\n", "base_url", "PWSECRET99"),
+        ("    max_in_flight: sk-PWSECRET77\n", "caption.backend.max_in_flight", "PWSECRET77"),
+    ):
+        p = tmp_path / "c.yaml"
+        p.write_text(head + body)
+        with pytest.raises(ConfigError) as err:
+            load_config(p)
+        text = str(err.value)
+        assert key in text, text  # the key is named
+        assert secret not in text, text
+
+
+def test_reject_messages_scrub_the_api_key_env_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    from orsgen.schemas.config.redact import register_secret_env
+
+    monkeypatch.setenv("ORSGEN_SECRET_ENV", "")
+    monkeypatch.setenv("MY_SERVER_CRED", "s3cr3t-value-42")  # a name that does not look secret
+    r1 = Reject("k", "caption", "vlm_http_error", "HTTP 401: invalid key s3cr3t-value-42")
+    register_secret_env("MY_SERVER_CRED")
+    r2 = Reject("k", "caption", "vlm_http_error", "HTTP 401: invalid key s3cr3t-value-42")
+    assert "s3cr3t-value-42" in r1.message  # the twin: not registered, not a secret-looking name
+    assert "s3cr3t-value-42" not in r2.message and "***" in r2.message
+
+
+def test_manifest_config_masks_secrets_by_name_and_value() -> None:
+    from orsgen.schemas.config import config_from_dict, redacted_config
+
+    cfg = config_from_dict(
+        {
+            "inputs": [{"name": "s", "type": "sa1b", "shards": ["x.tar"]}],
+            "caption": {
+                "backend": {
+                    "model": "m",
+                    "api_key_env": "MY_KEY",
+                    "base_url": "http://u:pw-secret@h/v1",
+                    "extra_body": {"api_key": "k-secret", "headers": {"Authorization": "Bearer b-secret"}, "top_k": 20},
+                    "server_command": ["serve", "-k", "f-secret", "--api-key one-secret", "--port", "{port}"],
+                }
+            },
+        }
+    )
+    text = json.dumps(redacted_config(cfg))
+    assert "secret" not in text
+    assert '"api_key_env": "MY_KEY"' in text and '"top_k": 20' in text

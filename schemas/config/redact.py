@@ -7,7 +7,8 @@ Two ways a secret is recognised:
   cookie or bearer (``api_key``, ``Authorization``, ``X-Api-Key``,
   ``--hf-token``); names of environment variables (``api_key_env``, any key
   ending in ``_env``) are kept, since they are not secrets; URL credentials
-  (``https://user:password@host``) and ``Bearer <token>`` are masked too;
+  (``https://user:password@host``), ``Bearer <token>``, ``hf_...`` and
+  ``sk-...`` key shapes are masked too, wherever they were pasted;
 * **by value**: the current values of the environment variables that hold
   secrets: ``HF_TOKEN``, ``HUGGING_FACE_HUB_TOKEN``, the variable named by
   ``caption.backend.api_key_env`` (registered with ``register_secret_env``
@@ -52,6 +53,8 @@ _SECRET_WORDS = frozenset(
 _URL_CREDENTIALS = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]{0,30}://)(?P<cred>[^/@\s:]{1,256}(?::[^/@\s]{0,256})?)@")
 _BEARER = re.compile(r"(?i)\b(bearer|basic)\s{1,8}[A-Za-z0-9._~+/=-]{4,}")
 _HF_TOKEN = re.compile(r"\bhf_[A-Za-z0-9]{8,}")
+# OpenAI-style keys (sk-..., sk-proj-...), whatever field they were pasted into.
+_SK_KEY = re.compile(r"\bsk-[A-Za-z0-9_-]{8,}")
 _INLINE = re.compile(
     r"(?i)(?P<name>[\"']?\b[A-Za-z0-9_.-]{0,40}(?:api[_-]?key|token(?!s)|secret|password|passwd|authorization)[\"']?\s{0,8}[:=]\s{0,8})"
     r"(?P<value>\"[^\"]{0,4096}\"|'[^']{0,4096}'|[^\s,;}\]]{1,4096})"
@@ -105,6 +108,7 @@ def redact_text(text: str) -> str:
     text = _URL_CREDENTIALS.sub(lambda m: f"{m['scheme']}{REDACTED}@", text)
     text = _BEARER.sub(lambda m: f"{m.group(1)} {REDACTED}", text)
     text = _HF_TOKEN.sub("hf_" + REDACTED, text)
+    text = _SK_KEY.sub("sk-" + REDACTED, text)
     return _INLINE.sub(lambda m: f"{m['name']}{REDACTED}", text)
 
 
@@ -123,17 +127,17 @@ def redact_argv(argv: list[str] | tuple[str, ...]) -> list[str]:
             out.append(REDACTED)
             hide_next = False
             continue
-        flag, eq, _value = a.partition("=")
         head, space, _rest = a.strip().partition(" ")
-        if flag in SECRET_FLAGS or (flag.startswith("--") and is_secret_name(flag)):
+        if space and (head in SECRET_FLAGS or (head.startswith("--") and is_secret_name(head))):
+            out.append(f"{head} {REDACTED}")  # "--api-key KEY" given as one argument
+            continue
+        flag, eq, _value = a.partition("=")
+        if flag in SECRET_FLAGS or (flag.startswith("--") and " " not in flag and is_secret_name(flag)):
             if eq:
                 out.append(f"{flag}={REDACTED}")
             else:
                 out.append(a)
                 hide_next = True
-            continue
-        if space and (head in SECRET_FLAGS or (head.startswith("--") and is_secret_name(head))):
-            out.append(f"{head} {REDACTED}")
             continue
         out.append(redact_text(a))
     return out
