@@ -115,6 +115,7 @@ def _inject(inputs: Path) -> dict[str, str]:
     expected["sa_000009.tar#sa_700.json"] = V.INVALID_TEXT
     expected[f"sa_000009.tar#sa_701.json/ann:index0"] = V.INT_OUT_OF_RANGE
     text = (inputs / "demo.yaml").read_text().replace("  - sa1b/sa_000001.tar\n", "  - sa1b/sa_000001.tar\n  - sa1b/sa_000009.tar\n")
+    text = text.replace("write:\n", "write:\n  parquet_compression: gzip\n")  # the rejects follow it too
     (inputs / "demo.yaml").write_text(text + SECRET_CONFIG)
     # Secrets inside data that reject messages quote.
     doc = json.loads(cpath.read_text())
@@ -175,6 +176,8 @@ def test_hostile_corpus_becomes_rejects_and_nothing_leaves_out(
 
     # Every hostile record is a reject with its reason; the funnel reconciles.
     rows = pq.read_table(out / "rejects").to_pylist()
+    for f in (out / "rejects").iterdir():
+        assert pq.ParquetFile(f).metadata.row_group(0).column(0).compression == "GZIP"
     got = {}
     for r in rows:
         for suffix in expected:
