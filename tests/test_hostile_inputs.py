@@ -322,3 +322,38 @@ def test_manifest_config_masks_secrets_by_name_and_value() -> None:
     text = json.dumps(redacted_config(cfg))
     assert "secret" not in text
     assert '"api_key_env": "MY_KEY"' in text and '"top_k": 20' in text
+
+
+# ---------------------------------------------------------------- the VLM cache keeps only answers that parse
+
+
+def test_garbage_answers_are_not_cached_and_are_asked_again(tmp_path: Path) -> None:
+    from orsgen.stages.caption.cache import CachingCaptioner, ResponseCache
+    from orsgen.stages.caption.types import VlmRequest, VlmResponse
+
+    class Server:
+        """Answers with an HTML error page / truncated JSON until it recovers."""
+
+        model_name = "m"
+
+        def __init__(self, answers: list[str]) -> None:
+            self.answers, self.sent = answers, 0
+
+        def generate(self, requests: list[VlmRequest]) -> list[VlmResponse]:
+            self.sent += len(requests)
+            return [VlmResponse(request_id=r.request_id, text=self.answers[i % len(self.answers)], model="m") for i, r in enumerate(requests)]
+
+    reqs = [
+        VlmRequest(request_id=f"r{i}", task="reground", prompt_version="reground@v1", system="", user=f"find object {i}", images=(), image_sha256=())
+        for i in range(2)
+    ]
+    cache = ResponseCache(str(tmp_path / "cache"))
+    sick = Server(["<html><body>502 Bad Gateway</body></html>", '[{"bbox_2d": [1, 2'])
+    CachingCaptioner(sick, cache).generate(reqs)
+    assert sick.sent == 2 and len(cache) == 0  # nothing cached
+    healthy = Server(['[{"bbox_2d": [1, 2, 10, 12], "label": "cat"}]'])
+    CachingCaptioner(healthy, cache).generate(reqs)
+    assert healthy.sent == 2 and len(cache) == 2  # asked again, now cached
+    again = Server(["unused"])
+    CachingCaptioner(again, cache).generate(reqs)
+    assert again.sent == 0  # the twin: good answers replay from the cache
