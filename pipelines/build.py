@@ -254,6 +254,7 @@ class WriteRejectsDoFn(beam.DoFn):
             self._out,
             bucket,
             rejects,
+            compression=w.parquet_compression,
             num_buckets=nb,
             max_rows=w.rejects_shard_max_rows,
             memory_max_bytes=w.spill_memory_max_bytes,
@@ -423,7 +424,11 @@ def _read_input(
     if isinstance(inp, Sa1bInput):
         shards = ingest_sa1b.expand_shards(inp.shards)
         reader = functools.partial(
-            ingest_sa1b.read_sa1b_shard, input_name=inp.name, image_cfg=cfg.image, max_images=inp.max_images
+            ingest_sa1b.read_sa1b_shard,
+            input_name=inp.name,
+            image_cfg=cfg.image,
+            max_images=inp.max_images,
+            written_paths=inp.written_paths,
         )
         res = (
             p

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 from typing import Optional
@@ -15,7 +16,83 @@ import yaml
 
 from orsgen.pipelines.console import console, fail
 from orsgen.pipelines.run import UNRECONCILED_EXIT, ReconciliationError, print_summary, run_pipeline
-from orsgen.schemas.config import ConfigError, load_config
+from orsgen.schemas.config import ConfigError, OrsgenConfig, load_config
+
+
+#: Beam's suffix on a worker's error message.
+_BEAM_STEP = re.compile(r"\s*\[while running '[^']*'\]\s*$")
+
+
+def _build(cfg: OrsgenConfig, out: str, beam_args: list[str], quiet: bool) -> dict:
+    """Runs the pipeline; user-fixable failures become one sentence and rc=2.
+
+    A conflict with the output (another config, a concurrent run, a folder
+    or link in the way) may be raised inside a Beam worker, where Beam wraps
+    it; it is found in the exception chain. A dead worker process is rc=1,
+    and the process exits at once: the runner's own threads would wait for
+    the worker forever.
+    """
+    from orsgen.pipelines.caption import VlmUnreachableError
+    from orsgen.pipelines.console import fail_and_exit_now
+    from orsgen.pipelines.remote import RemotePathError
+    from orsgen.pipelines.run import WorkerFailedError
+    from orsgen.pipelines.worker_env import WorkerPackagingError
+    from orsgen.stages.expressions.templates import TemplateError
+    from orsgen.stages.expressions.vocabulary import VocabularyError
+    from orsgen.stages.write import OutputConflictError
+
+    try:
+        return run_pipeline(cfg, out, beam_args, show_progress=not quiet)
+    except (
+        OutputConflictError,
+        FileNotFoundError,
+        RemotePathError,
+        WorkerPackagingError,
+        VlmUnreachableError,
+        TemplateError,
+        VocabularyError,
+    ) as err:
+        # FileNotFoundError: a top-level input (shard glob, annotations or refs
+        # file) is missing, a config mistake whose message names the path.
+        # RemotePathError: a local path with a remote runner (names the key);
+        # WorkerPackagingError: remote workers would lack orsgen or gcsfs.
+        # VlmUnreachableError: the caption server could not be reached.
+        fail(_BEAM_STEP.sub("", str(err)))
+    except ReconciliationError as err:
+        _unreconciled(err, out, quiet)
+    except WorkerFailedError as err:
+        fail_and_exit_now(str(err), code=1)
+    except Exception as err:
+        conflict = _find_in_chain(err, OutputConflictError)
+        if conflict is not None:
+            fail(str(conflict))
+        raise
+    raise AssertionError("unreachable")
+
+
+def _find_in_chain(err: BaseException, kind: type) -> BaseException | None:
+    seen: set[int] = set()
+    stack = [err]
+    while stack:
+        e = stack.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, kind):
+            # Beam appends "[while running 'Step']" to a worker's error; the
+            # sentence is the user's, the step name is noise.
+            text = _BEAM_STEP.sub("", str(e))
+            return kind(text) if text != str(e) else e
+        stack.extend(x for x in (e.__cause__, e.__context__) if x is not None)
+        stack.extend(a for a in getattr(e, "args", ()) if isinstance(a, BaseException))
+    # Beam's runner may re-raise a worker's error as text only.
+    name = kind.__name__
+    text = str(err)
+    if name in text:
+        tail = text.split(name, 1)[1].lstrip(": ")
+        msg = _BEAM_STEP.sub("", tail.splitlines()[0]) if tail.strip() else ""
+        return kind(msg) if msg else None
+    return None
 
 
 def run(
@@ -26,28 +103,11 @@ def run(
     beam_args: Optional[list[str]] = typer.Argument(None, help="Beam flags after --, e.g. -- --runner=DataflowRunner"),
 ) -> None:
     """Build a dataset from CONFIG into --out."""
-    from orsgen.pipelines.caption import VlmUnreachableError
-    from orsgen.pipelines.remote import RemotePathError
-    from orsgen.pipelines.worker_env import WorkerPackagingError
-    from orsgen.stages.expressions.templates import TemplateError
-    from orsgen.stages.expressions.vocabulary import VocabularyError
-    from orsgen.stages.write import OutputConflictError
-
     try:
         cfg = load_config(config, set_)
     except ConfigError as err:
         fail(str(err))
-    try:
-        manifest = run_pipeline(cfg, out, beam_args or [], show_progress=not quiet)
-    except (OutputConflictError, FileNotFoundError, RemotePathError, WorkerPackagingError, VlmUnreachableError, TemplateError, VocabularyError) as err:
-        # FileNotFoundError: a top-level input (shard glob, annotations or refs
-        # file) is missing, a config mistake whose message names the path.
-        # RemotePathError: a local path with a remote runner (names the key);
-        # WorkerPackagingError: remote workers would lack orsgen or gcsfs.
-        # VlmUnreachableError: the caption server could not be reached.
-        fail(str(err))
-    except ReconciliationError as err:
-        _unreconciled(err, out, quiet)
+    manifest = _build(cfg, out, beam_args or [], quiet)
     if not quiet:
         print_summary(manifest, out)
 
@@ -60,11 +120,7 @@ def demo(
     beam_args: Optional[list[str]] = typer.Argument(None, help="Beam flags after --"),
 ) -> None:
     """Generate a small synthetic input set (SA-1B, COCO, RefCOCO, gRefCOCO) and build from it."""
-    from orsgen.pipelines.caption import VlmUnreachableError
     from orsgen.pipelines.demo_data import generate_demo_inputs
-    from orsgen.stages.expressions.templates import TemplateError
-    from orsgen.stages.expressions.vocabulary import VocabularyError
-    from orsgen.stages.write import OutputConflictError
 
     inputs = out / "inputs"
     cfg_path = inputs / "demo.yaml"
@@ -88,12 +144,7 @@ def demo(
         fail(str(err))
     dataset = str(out / "dataset")
     started = time.monotonic()
-    try:
-        manifest = run_pipeline(cfg, dataset, beam_args or [], show_progress=not quiet)
-    except (OutputConflictError, FileNotFoundError, VlmUnreachableError, TemplateError, VocabularyError) as err:
-        fail(str(err))
-    except ReconciliationError as err:
-        _unreconciled(err, dataset, quiet)
+    manifest = _build(cfg, dataset, beam_args or [], quiet)
     if not quiet:
         print_summary(manifest, dataset)
         console.print(f"done in {time.monotonic() - started:.1f} s; dataset in {dataset}")

@@ -6,9 +6,12 @@ tests and notebooks call to build a dataset from a validated config.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
+import time
+from collections.abc import Iterator
 from typing import Any
 
 import fsspec
@@ -19,6 +22,7 @@ from orsgen.pipelines.console import console
 from orsgen.schemas.config import OrsgenConfig
 
 DEFAULT_RUNNER = "FnApiRunner"
+
 
 #: Exit code of ``orsgen run`` / ``demo`` when the manifest does not reconcile
 #: (2 is a user mistake; this is a bug in orsgen or a stage).
@@ -101,19 +105,117 @@ def check_inputs_exist(cfg: OrsgenConfig) -> None:
                 )
 
 
-def run_pipeline(cfg: OrsgenConfig, out: str, beam_args: list[str] | None = None, *, show_progress: bool = True) -> dict[str, Any]:
+class WorkerFailedError(RuntimeError):
+    """A Beam SDK worker process of the local runner exited with an error.
+
+    The multi-processing direct runner waits for its workers forever when one
+    dies (at start-up, or killed); ``run_pipeline`` notices the exit and stops
+    waiting. The pipeline's own threads may still be blocked, so a command
+    line should exit the process after reporting it.
+    """
+
+
+class _QuietOutputConflicts(logging.Filter):
+    """Drops Beam's ERROR-with-traceback log of an ``OutputConflictError``.
+
+    The conflict is a user-facing sentence that ``orsgen run`` prints once
+    (rc=2); Beam would log it first with a worker traceback.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and type(exc).__name__ == "OutputConflictError":
+            return False
+        try:
+            return "OutputConflictError" not in record.getMessage()
+        except Exception:
+            return True
+
+
+_QUIET = _QuietOutputConflicts()
+_BEAM_ERROR_LOGGERS = (
+    "apache_beam.runners.common",
+    "apache_beam.runners.worker.sdk_worker",
+    "apache_beam.runners.worker.bundle_processor",
+    "apache_beam.runners.portability.fn_api_runner.fn_runner",
+    "apache_beam.runners.portability.fn_api_runner.worker_handlers",
+)
+
+
+def _quiet_beam_conflict_logs() -> None:
+    for name in _BEAM_ERROR_LOGGERS:
+        logger = logging.getLogger(name)
+        if _QUIET not in logger.filters:
+            logger.addFilter(_QUIET)
+
+
+#: Exit messages of SDK worker processes that died in this process's runs.
+_WORKER_FAILURES: list[str] = []
+
+
+@contextlib.contextmanager
+def _watch_subprocess_workers() -> Iterator[None]:
+    """Records SDK worker processes of the direct runner that exit with an error.
+
+    Beam's ``SubprocessSdkWorker.run`` raises in its own thread when its
+    worker exits non-zero, and nothing tells the runner, which then waits
+    for that worker's connection forever. Wrapping ``run`` records the exit.
+    """
+    try:
+        from apache_beam.runners.portability import local_job_service
+    except ImportError:  # pragma: no cover - Beam is a core dependency
+        yield
+        return
+    cls = local_job_service.SubprocessSdkWorker
+    original = cls.run
+
+    def run(self: Any) -> None:
+        try:
+            original(self)
+        except Exception as err:
+            # Recorded, not re-raised: run_pipeline reports it as one sentence
+            # (the worker's own stderr already says why it failed).
+            _WORKER_FAILURES.append(str(err))
+
+    cls.run = run
+    try:
+        yield
+    finally:
+        cls.run = original
+
+
+def run_pipeline(
+    cfg: OrsgenConfig,
+    out: str,
+    beam_args: list[str] | None = None,
+    *,
+    show_progress: bool = True,
+    worker_grace_s: float = 5.0,
+) -> dict[str, Any]:
     """Builds and runs the pipeline, then returns the manifest.
+
+    Before anything is written the output is claimed for this run and config
+    (``stages.write.ownership``): a concurrent run or another config is
+    refused, temp files of killed runs are removed, and an output that is
+    already complete is returned at once, without running anything (no model
+    request is sent).
 
     Args:
         cfg: validated config.
         out: output root (local path or fsspec URL).
         beam_args: Beam flags (``--runner``, ``--direct_num_workers``...).
         show_progress: draw a rich progress line while the job runs.
+        worker_grace_s: after a local SDK worker process dies, wait this long
+            for the runner to fail by itself before giving up on it.
 
     Returns:
         The parsed ``manifest.json``.
 
     Raises:
+        OutputConflictError: the output belongs to another config or run, or
+            something not orsgen's is in the way.
+        WorkerFailedError: a worker process of the local multi-processing
+            runner died (e.g. at start-up).
         ReconciliationError: the manifest was written but some level's
             ``inputs = written + rejected`` fails (the message says which
             and by how much).
@@ -121,40 +223,58 @@ def run_pipeline(cfg: OrsgenConfig, out: str, beam_args: list[str] | None = None
     import apache_beam as beam
 
     from orsgen.pipelines.build import MANIFEST, build_pipeline, check_output_compatible
-
+    from orsgen.schemas.config.redact import install_log_redaction, register_secret_env
     from orsgen.pipelines.remote import check_remote_paths, is_remote_runner
     from orsgen.pipelines.worker_env import check_worker_packaging
+    from orsgen.stages.write.ownership import claim_output
 
     # Before anything is read or staged: a remote worker cannot read local
     # paths, and must get orsgen and gcsfs from the flags or its image.
     check_remote_paths(cfg, out, beam_args or [])
     if is_remote_runner(beam_args or []):
         check_worker_packaging(beam_args or [])
+    install_log_redaction()
+    _quiet_beam_conflict_logs()
+    register_secret_env(cfg.caption.backend.api_key_env)
     check_inputs_exist(cfg)
     check_output_compatible(cfg, out)
     fs, root = fsspec.core.url_to_fs(out)
-    fs.makedirs(root, exist_ok=True)
-    options = pipeline_options(beam_args or [])
-    logging.getLogger("apache_beam").setLevel(logging.WARNING)
+    with claim_output(out, cfg.sha256()) as claim:
+        if claim.complete and claim.manifest is not None:
+            return claim.manifest
+        options = pipeline_options(beam_args or [])
+        logging.getLogger("apache_beam").setLevel(logging.WARNING)
 
-    error: list[BaseException] = []
+        error: list[BaseException] = []
 
-    def work() -> None:
-        try:
-            with beam.Pipeline(options=options) as p:
-                build_pipeline(p, cfg, out)
-        except BaseException as err:  # re-raised in the main thread below
-            error.append(err)
+        def work() -> None:
+            try:
+                with beam.Pipeline(options=options) as p:
+                    build_pipeline(p, cfg, out)
+            except BaseException as err:  # re-raised in the main thread below
+                error.append(err)
 
-    thread = threading.Thread(target=work, name="orsgen-pipeline", daemon=True)
-    thread.start()
-    if show_progress:
-        _progress(thread, fs, root)
-    thread.join()
-    if error:
-        raise _clear_error(error[0])
-    with fs.open(f"{root.rstrip('/')}/{MANIFEST}", "rb") as f:
-        manifest = json.load(f)
+        with _watch_subprocess_workers():
+            n_failed = len(_WORKER_FAILURES)
+            thread = threading.Thread(target=work, name="orsgen-pipeline", daemon=True)
+            thread.start()
+            if show_progress:
+                _progress(thread, fs, root, n_failed)
+            failed_at: float | None = None
+            while thread.is_alive():
+                thread.join(timeout=0.2)
+                if len(_WORKER_FAILURES) > n_failed:
+                    failed_at = failed_at or time.monotonic()
+                    if time.monotonic() - failed_at > worker_grace_s:
+                        raise WorkerFailedError(
+                            f"a Beam worker process exited ({_WORKER_FAILURES[n_failed]}), so the run cannot finish; "
+                            "its error is printed above. Check that the worker's Python environment can import orsgen "
+                            "and apache_beam, then run again (completed shards are kept)."
+                        )
+        if error:
+            raise _clear_error(error[0])
+        with fs.open(f"{root.rstrip('/')}/{MANIFEST}", "rb") as f:
+            manifest = json.load(f)
     problem = reconciliation_problem(manifest)
     if problem is not None:
         raise ReconciliationError(problem, manifest)
@@ -179,7 +299,7 @@ def _clear_error(err: BaseException) -> BaseException:
     return err
 
 
-def _progress(thread: threading.Thread, fs: Any, root: str) -> None:
+def _progress(thread: threading.Thread, fs: Any, root: str, n_failed: int = 0) -> None:
     """Shows elapsed time and completed shards until the job ends.
 
     Shards are counted by their completion markers, which works for any runner
@@ -188,7 +308,7 @@ def _progress(thread: threading.Thread, fs: Any, root: str) -> None:
     meta = f"{root.rstrip('/')}/_meta/shards"
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console, transient=True) as prog:
         task = prog.add_task("building dataset", total=None)
-        while thread.is_alive():
+        while thread.is_alive() and len(_WORKER_FAILURES) <= n_failed:
             try:
                 done = len(fs.glob(f"{meta}/**/*.done")) if fs.exists(meta) else 0
             except OSError:

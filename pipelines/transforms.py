@@ -36,6 +36,14 @@ def example_events(prefix: str, ex: ImageExample) -> list[tuple[str, int]]:
     ]
 
 
+def _redact_worker_logs() -> None:
+    # Worker processes (multi-processing direct runner, Dataflow) log on their
+    # own; secrets are scrubbed there too (schemas.config.redact).
+    from orsgen.schemas.config.redact import install_log_redaction
+
+    install_log_redaction()
+
+
 class StageDoFn(beam.DoFn):
     """Runs a pure stage function; rejects go to the ``rejects`` output.
 
@@ -48,6 +56,9 @@ class StageDoFn(beam.DoFn):
         self._name = name
         self._fn = fn
         self._in = Metrics.counter(NAMESPACE, f"{name}_in")
+
+    def setup(self) -> None:
+        _redact_worker_logs()
 
     def process(self, ex: ImageExample, *side_inputs) -> Iterator[Any]:  # type: ignore[no-untyped-def]
         # Side inputs given to ParDo (e.g. a category vocabulary) reach the
@@ -120,6 +131,9 @@ class IngestDoFn(beam.DoFn):
         self._name = name
         self._reader = reader
         self._images = Metrics.counter(NAMESPACE, f"{name}_images")
+
+    def setup(self) -> None:
+        _redact_worker_logs()
 
     def process(self, element: Any) -> Iterator[Any]:
         for item in self._reader(element):

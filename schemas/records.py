@@ -254,6 +254,11 @@ class Sample:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
+#: Reject messages and source keys are cut to these many characters.
+MAX_REJECT_MESSAGE_CHARS = 2000
+MAX_REJECT_KEY_CHARS = 1000
+
+
 @dataclass(frozen=True, slots=True)
 class Reject:
     """A record that did not make it into the output, and why.
@@ -273,6 +278,27 @@ class Reject:
     message: str
     level: str = RejectLevel.IMAGE
     image_id: str = ""
+
+    def __post_init__(self) -> None:
+        # Every reject message leaves the process (rejects Parquet, logs), and
+        # some quote untrusted or remote text (a server's error body may echo
+        # the API key): secrets are scrubbed, the length is bounded, and
+        # characters UTF-8 cannot hold (lone surrogates) are escaped.
+        from orsgen.schemas.config.redact import redact_text
+
+        for name, limit in (("message", MAX_REJECT_MESSAGE_CHARS), ("source_key", MAX_REJECT_KEY_CHARS)):
+            value = getattr(self, name)
+            if not isinstance(value, str):
+                continue
+            clean = redact_text(value)
+            if len(clean) > limit:
+                clean = clean[: limit - 3] + "..."
+            try:
+                clean.encode("utf-8")
+            except UnicodeEncodeError:
+                clean = clean.encode("utf-8", "backslashreplace").decode("utf-8")
+            if clean != value:
+                object.__setattr__(self, name, clean)
 
 
 class Verdict(StrEnum):

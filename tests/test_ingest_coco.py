@@ -228,15 +228,15 @@ def test_rejected_annotations_stay_present_on_their_image(tmp_path: Path) -> Non
 
 
 @pytest.mark.parametrize(
-    "segm",
+    ("segm", "reason"),
     [
-        [[0, 0, 1e9, 0, 1e9, 1e9]],  # crashes pycocotools (segfault) if it gets there
-        [[0, 0, 10**30, 0, 5, 5]],
-        [[float("nan")] * 6],
-        [[0, 0, float("inf"), 0, 5, 5]],
+        ([[0, 0, 1e9, 0, 1e9, 1e9]], "bad_polygon"),  # crashes pycocotools (segfault) if it gets there
+        ([[0, 0, 10**30, 0, 5, 5]], "int_out_of_range"),  # caught at planning, before any stage
+        ([[float("nan")] * 6], "bad_polygon"),
+        ([[0, 0, float("inf"), 0, 5, 5]], "bad_polygon"),
     ],
 )
-def test_far_or_non_finite_polygons_are_refused_before_pycocotools(tmp_path: Path, segm: Any) -> None:
+def test_far_or_non_finite_polygons_are_refused_before_pycocotools(tmp_path: Path, segm: Any, reason: str) -> None:
     (tmp_path / "img.jpg").write_bytes(image_bytes())
     ok = [[-1, -1, W + 1, -1, W + 1, H + 1, -1, H + 1]]  # slight overshoot, as in real COCO
     doc = {
@@ -247,7 +247,7 @@ def test_far_or_non_finite_polygons_are_refused_before_pycocotools(tmp_path: Pat
     (tmp_path / "i.json").write_text(json.dumps(doc))
     cfg = CocoInput(name="c", annotations=str(tmp_path / "i.json"), images=str(tmp_path))
     examples, rejects, _ = split_items(list(read_input(cfg, IMAGE_CFG)))
-    assert [(r.reason, r.source_key) for r in rejects] == [("bad_polygon", f"{cfg.annotations}#ann:1")]
+    assert [(r.reason, r.source_key) for r in rejects] == [(reason, f"{cfg.annotations}#ann:1")]
     assert [(i.source_ann_id, i.area_px) for i in examples[0].instances] == [(2, W * H)]
 
 
@@ -620,7 +620,9 @@ def test_refcoco_deeply_nested_pickle_does_not_crash(tmp_path: Path) -> None:
     path.write_bytes(b"\x80\x02]" + nested + b"a.")  # a list holding one deep list
     _, items = plan_input(refcoco_cfg(tmp_path, path))
     (rej,) = items
-    assert isinstance(rej, Reject) and (rej.reason, rej.level) == ("bad_ref", RejectLevel.REF)
+    # The bounded unpickler refuses the nesting itself (max_depth), before any ref is looked at.
+    assert isinstance(rej, Reject) and (rej.reason, rej.level) == ("unreadable_refs", RejectLevel.SHARD)
+    assert "nests deeper" in rej.message
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,20 @@
-"""Loading a config: YAML, ``--set`` overrides, relative paths; redaction of secrets."""
+"""Loading a config: bounded YAML, ``--set`` overrides, relative paths, secret-free errors.
+
+The YAML file is untrusted text (a config downloaded with a dataset recipe,
+a ``--set`` pasted from a chat), so it is parsed with bounds, and each
+refusal is a ``ConfigError`` (one sentence, rc=2 at the CLI):
+
+* the file must be UTF-8 and at most ``MAX_CONFIG_BYTES``;
+* only the standard tags of YAML's core schema are accepted (``!!str``,
+  ``!!int``, ``!!float``, ``!!bool``, ``!!null``, ``!!map``, ``!!seq``,
+  ``!!timestamp``, ``!!merge``); ``!!python/object/apply`` and custom tags are
+  refused before anything is constructed;
+* nesting deeper than ``MAX_YAML_DEPTH`` is refused before Python's recursion
+  limit is met;
+* aliases may not make the document expand beyond ``MAX_YAML_NODES`` nodes
+  (a "billion laughs" bomb is refused while it is composed, before any
+  object or error message is built from it).
+"""
 
 from __future__ import annotations
 
@@ -8,19 +24,121 @@ from typing import Any
 
 import yaml
 from orsgen.schemas.config.base import ConfigError
+from orsgen.schemas.config.redact import REDACTED, is_secret_name, redact_text
 from orsgen.schemas.config.root import OrsgenConfig
 from pydantic import ValidationError
+
+#: Largest config file accepted, in bytes.
+MAX_CONFIG_BYTES = 1024 * 1024
+#: Deepest nesting of mappings and sequences accepted.
+MAX_YAML_DEPTH = 64
+#: Most nodes a document may expand to, aliases counted once per use.
+MAX_YAML_NODES = 100_000
+
+_STANDARD_TAGS = frozenset(
+    f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null", "map", "seq", "timestamp", "merge")
+)
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """``SafeLoader`` with limits on tags, depth and alias expansion (checked while composing)."""
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self._sizes: dict[int, int] = {}
+
+    def compose_node(self, parent: Any, index: Any) -> Any:  # noqa: D102 (PyYAML hook)
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                mark = self.peek_event().start_mark
+                raise ConfigError(
+                    f"the YAML nests more than {MAX_YAML_DEPTH} levels deep (line {mark.line + 1}); "
+                    "a config is a few levels deep, so this file is refused."
+                )
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+        if id(node) not in self._sizes:
+            if node.tag not in _STANDARD_TAGS:
+                raise ConfigError(
+                    f"the YAML tag {node.tag[:60]!r} (line {node.start_mark.line + 1}) is not a standard tag; "
+                    "configs hold plain strings, numbers, booleans, lists and mappings only."
+                )
+            if isinstance(node, yaml.MappingNode):
+                children = [n for pair in node.value for n in pair]
+            elif isinstance(node, yaml.SequenceNode):
+                children = list(node.value)
+            else:
+                children = []
+            # Children were composed first, so their (alias-expanded) sizes are known.
+            size = 1 + sum(self._sizes.get(id(c), 1) for c in children)
+            if size > MAX_YAML_NODES:
+                raise ConfigError(
+                    f"the YAML expands to more than {MAX_YAML_NODES} values through its aliases (&anchor / *alias); "
+                    "this is refused as an alias bomb."
+                )
+            self._sizes[id(node)] = size
+        return node
+
+
+def safe_load_yaml(text: str | bytes, what: str = "the config") -> Any:
+    """Parses YAML text with the bounds of this module.
+
+    Args:
+        text: the YAML document (bytes must be UTF-8).
+        what: how the message names the source.
+
+    Raises:
+        ConfigError: the text is not UTF-8, not YAML, or breaks a bound.
+    """
+    if isinstance(text, bytes):
+        if len(text) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{what} is {len(text)} bytes, above the limit of {MAX_CONFIG_BYTES}; a config is a few KB.")
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{what} is not UTF-8 text (byte {err.start} is invalid); save it as UTF-8 YAML.") from None
+    loader = _BoundedLoader(text)
+    try:
+        return loader.get_single_data()
+    except ConfigError:
+        raise
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or "it is not valid YAML"
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{what} is not valid YAML{where}: {redact_text(str(problem))[:200]}.") from None
+    except RecursionError:
+        raise ConfigError(f"{what} nests too deeply to parse; a config is a few levels deep.") from None
+    finally:
+        loader.dispose()
+
+
+def _shown_value(value: Any, key: str) -> str:
+    if is_secret_name(key):
+        return REDACTED
+    if isinstance(value, dict):
+        return "{...}"
+    if isinstance(value, list) and len(value) > 8:
+        return "[...]"
+    try:
+        shown = json.dumps(value, default=str)
+    except (ValueError, RecursionError):
+        shown = f"<{type(value).__name__}>"
+    shown = redact_text(shown)
+    return shown if len(shown) <= 120 else shown[:117] + "..."
 
 
 def _format_errors(err: ValidationError, data: Any) -> str:
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p in {"sa1b", "coco", "refcoco", "grefcoco"}))
-        value = e.get("input")
-        shown = json.dumps(value, default=str) if not isinstance(value, dict) else "{...}"
-        if len(shown) > 120:
-            shown = shown[:117] + "..."
-        lines.append(f"  {loc or '<root>'} = {shown}: {e['msg']}")
+        key = str(e["loc"][-1]) if e["loc"] else ""
+        shown = _shown_value(e.get("input"), key)
+        msg = redact_text(str(e["msg"]))
+        lines.append(f"  {loc or '<root>'} = {shown}: {msg[:300]}")
     return "invalid config:\n" + "\n".join(lines) + "\nFix these keys in the YAML file or the --set overrides."
 
 
@@ -66,7 +184,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         if "=" not in ov:
             raise ConfigError(f"--set {ov!r} is not of the form key=value (e.g. regions.min_area_frac=0.01).")
         key, raw = ov.split("=", 1)
-        _set_dotted(data, key.strip(), yaml.safe_load(raw))
+        _set_dotted(data, key.strip(), safe_load_yaml(raw, f"the value of --set {key.strip()}"))
     return data
 
 
@@ -98,17 +216,32 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> OrsgenC
         ConfigError: the file is missing, not YAML, or invalid.
     """
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"config path {str(p)!r} is a folder; pass the path of a YAML config file such as configs/sa1b.yaml.")
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} does not exist; pass the path of a YAML config such as configs/sa1b.yaml (or run `orsgen demo`).")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {err}") from None
+        with p.open("rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as err:
+        raise ConfigError(f"config file {str(p)!r} cannot be read ({err.strerror}); check its permissions.") from None
+    data = safe_load_yaml(raw, f"config file {str(p)!r}") or {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(p)!r} must hold a mapping at the top level, got {type(data).__name__}.")
     data = apply_overrides(data, overrides or [])
-    data = _resolve_relative_paths(data, p.parent)
-    return config_from_dict(data)
+    written: dict[str, str] = {}
+    data = _resolve_relative_paths(data, p.parent, written)
+    cfg = config_from_dict(data)
+    _remember_written_paths(cfg, written)
+    return cfg
+
+
+def _remember_written_paths(cfg: OrsgenConfig, written: dict[str, str]) -> None:
+    # Private attributes (not fields): they never change the config's
+    # validation, and travel with the config when Beam pickles it.
+    cfg._written_paths = dict(written)
+    for inp in cfg.inputs:
+        inp._written_paths = dict(written)
 
 
 _PATH_KEYS = ("shards", "annotations", "images", "refs", "instances")
@@ -118,33 +251,33 @@ def _is_url(s: str) -> bool:
     return "://" in s
 
 
-def _resolve_relative_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
+def _resolve_relative_paths(data: dict[str, Any], base: Path, written: dict[str, str] | None = None) -> dict[str, Any]:
+    """Resolves relative input paths against ``base``; records resolved -> written in ``written``."""
+    record = written if written is not None else {}
+
+    def resolve(v: Any) -> Any:
+        if not isinstance(v, str) or not v or _is_url(v) or Path(v).is_absolute() or "\x00" in v:
+            return v
+        resolved = str((base / v).resolve())
+        record[resolved] = v
+        return resolved
+
     cap = data.get("caption")
     if isinstance(cap, dict) and isinstance(cap.get("prompts"), str):
-        t = cap["prompts"]
-        if not _is_url(t) and not Path(t).is_absolute():
-            cap["prompts"] = str((base / t).resolve())
+        cap["prompts"] = resolve(cap["prompts"])
     expr = data.get("expressions")
-    for key in ("templates", "vocabulary"):
-        if isinstance(expr, dict) and isinstance(expr.get(key), str):
-            t = expr[key]
-            if not _is_url(t) and not Path(t).is_absolute():
-                expr[key] = str((base / t).resolve())
+    if isinstance(expr, dict):
+        for key in ("templates", "vocabulary"):
+            if isinstance(expr.get(key), str):
+                expr[key] = resolve(expr[key])
     rev = data.get("review")
     if isinstance(rev, dict) and isinstance(rev.get("decisions"), str):
-        t = rev["decisions"]
-        if not _is_url(t) and not Path(t).is_absolute():
-            rev["decisions"] = str((base / t).resolve())
+        rev["decisions"] = resolve(rev["decisions"])
     for inp in data.get("inputs") or []:
         if not isinstance(inp, dict):
             continue
         for k in _PATH_KEYS:
-            v = inp.get(k)
-            if isinstance(v, str) and not _is_url(v) and not Path(v).is_absolute():
-                inp[k] = str((base / v).resolve())
-            elif isinstance(v, list):
-                inp[k] = [
-                    str((base / s).resolve()) if isinstance(s, str) and not _is_url(s) and not Path(s).is_absolute() else s
-                    for s in v
-                ]
+            if k in inp:
+                v = inp[k]
+                inp[k] = [resolve(s) for s in v] if isinstance(v, list) else resolve(v)
     return data

@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 
-from orsgen.schemas.config.base import ConfigModel
+from typing import Any
+
+from orsgen.schemas.config.base import ConfigModel, display_path
 from orsgen.schemas.config.caption import CaptionConfig
 from orsgen.schemas.config.expressions import ExpressionConfig
 from orsgen.schemas.config.inputs import ImageConfig, InputConfig
@@ -56,6 +58,39 @@ class OrsgenConfig(ConfigModel):
         return self
 
     def sha256(self) -> str:
-        """Hex sha256 of the resolved config (canonical JSON)."""
-        data = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        """Hex sha256 of the config (canonical JSON, input paths as the config file wrote them).
+
+        Paths the file gave relative to its folder enter as written, so the
+        same config and inputs under another folder have the same identity.
+        """
+        data = json.dumps(portable_dump(self), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(data.encode("utf-8")).hexdigest()
+
+
+_INPUT_PATH_KEYS = ("shards", "annotations", "images", "refs", "instances")
+
+
+def portable_dump(cfg: OrsgenConfig) -> dict[str, Any]:
+    """``cfg`` as JSON values, with the paths that were relative in its file shown as written.
+
+    Not redacted: see ``redacted_config`` for what may leave the process.
+    """
+    data = cfg.model_dump(mode="json")
+    written = cfg.written_paths
+    if not written:
+        return data
+
+    def shown(v: Any) -> Any:
+        if isinstance(v, list):
+            return [shown(x) for x in v]
+        return display_path(v, written) if isinstance(v, str) else v
+
+    for inp in data.get("inputs") or []:
+        for k in _INPUT_PATH_KEYS:
+            if k in inp:
+                inp[k] = shown(inp[k])
+    if isinstance(data.get("caption"), dict):
+        data["caption"]["prompts"] = shown(data["caption"].get("prompts"))
+    if isinstance(data.get("expressions"), dict):
+        data["expressions"]["templates"] = shown(data["expressions"].get("templates"))
+    return data

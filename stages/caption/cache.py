@@ -11,8 +11,10 @@ Entries live under the output directory, ``OUT/_cache/vlm/ab/cdef....json``
 (fsspec: local, ``gs://``, ``s3://``). Writes are atomic: a local entry is
 written to a unique temp name and renamed; on object stores an object
 appears whole when its upload completes. Concurrent writers of one key write
-the same answer, so the last rename wins harmlessly. Only successful answers
-are cached: errors are retried on the next run.
+the same answer, so the last rename wins harmlessly. Only answers that parse
+are cached: transport errors, empty answers and garbage (an HTML error page,
+truncated JSON, a refusal) are not stored, so a later run with a healthy
+server asks again instead of replaying a reject forever.
 """
 
 from __future__ import annotations
@@ -184,11 +186,35 @@ class ResponseCache:
             return 0
 
 
+def answer_parses(request: VlmRequest, response: VlmResponse) -> bool:
+    """Whether an answer is worth caching: no error, and its task's parser accepts it.
+
+    The parsers are the ones the caption stage applies (``stages.caption.parse``),
+    so a cached answer never turns into ``vlm_malformed_output`` later.
+    Requests of an unknown task are cached when they carry text.
+    """
+    from orsgen.stages.caption.parse import parse_description, parse_grounding, parse_verification
+    from orsgen.stages.caption.types import VlmError, VlmTask
+
+    if response.error or not response.text:
+        return False
+    parser = {
+        VlmTask.CORS_GROUND.value: parse_grounding,
+        VlmTask.REGROUND.value: parse_grounding,
+        VlmTask.DERS_DESCRIBE.value: parse_description,
+        VlmTask.CORS_VERIFY.value: parse_verification,
+    }.get(str(request.task))
+    if parser is None:
+        return True
+    return not isinstance(parser(response.text), VlmError)
+
+
 class CachingCaptioner:
     """Wraps a captioner: cached answers are returned without a request.
 
-    Identical requests within one batch are sent once. Successful answers of
-    the inner captioner are stored.
+    Identical requests within one batch are sent once. Answers of the inner
+    captioner that parse (``answer_parses``) are stored; errors and garbage
+    are returned to the stage (which rejects them) but never cached.
 
     Args:
         inner: the captioner that answers misses.
@@ -232,7 +258,8 @@ class CachingCaptioner:
         answers = self.inner.generate([requests[i] for i in to_send]) if to_send else []
         for i, a in zip(to_send, answers):
             out[i] = a
-            self.cache.put(keys[i], requests[i], a)
+            if answer_parses(requests[i], a):
+                self.cache.put(keys[i], requests[i], a)
         for i, (r, k) in enumerate(zip(requests, keys)):
             if out[i] is None:  # a repeat of a request sent earlier in this batch
                 out[i] = dataclasses.replace(out[first_of[k]], request_id=r.request_id)

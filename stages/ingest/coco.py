@@ -45,6 +45,7 @@ from typing import Any
 import fsspec
 
 from orsgen.schemas.config import CocoInput, GrefcocoInput, ImageConfig, RefcocoInput
+from orsgen.schemas.config.base import display_path
 from orsgen.schemas.records import (
     Category,
     ImageExample,
@@ -61,6 +62,14 @@ from orsgen.stages.ingest.images import ImageError, check_image
 from orsgen.stages.common.masks import MaskError, instance_geometry, segmentation_to_rle
 from orsgen.stages.common.transient import retry_transient
 from orsgen.stages.ingest.safe_pickle import UnsafePickleError, restricted_loads
+from orsgen.stages.ingest.validate import (
+    MAX_NAME_CHARS,
+    MAX_TEXT_CHARS,
+    int_problem,
+    show,
+    split_problem,
+    value_problem,
+)
 
 #: ``Reject.stage`` of every reject this module makes.
 STAGE = "ingest_coco"
@@ -151,6 +160,9 @@ class CocoImageTask:
             for the known categories the annotations use.
         annotations_url: the annotations / instances file (for reject keys).
         refs_url: the refs file, or "" for COCO (for reject keys).
+        image_uri_shown: ``image_uri`` as the config wrote its prefix (relative
+            to the config file's folder when it was given relative), which is
+            what the record's ``uri`` and reject keys hold ("" = image_uri).
     """
 
     input_name: str
@@ -165,6 +177,7 @@ class CocoImageTask:
     categories_json: str
     annotations_url: str = ""
     refs_url: str = ""
+    image_uri_shown: str = ""
 
 
 # ---------------------------------------------------------------- small helpers
@@ -193,11 +206,20 @@ def _reject(source_key: str, reason: str, message: str, level: RejectLevel, imag
 
 
 def _short(value: Any, limit: int = 80) -> str:
-    try:
-        text = repr(value)
-    except RecursionError:  # a hostile file can nest containers very deeply
-        return f"<{type(value).__name__} nested too deeply to show>"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    # Bounded: a hostile value (deep, huge or self-similar) never gets a full repr.
+    return show(value, limit)
+
+
+#: Per-field character limits of the strings of each record kind (see ``validate``).
+_CATEGORY_LIMITS = {"name": MAX_NAME_CHARS, "supercategory": MAX_NAME_CHARS}
+_IMAGE_LIMITS = {"file_name": MAX_TEXT_CHARS}
+_REF_LIMITS = {"raw": MAX_TEXT_CHARS, "sent": MAX_TEXT_CHARS, "file_name": MAX_TEXT_CHARS}
+
+
+def _in_int64(value: Any) -> int | None:
+    """``value`` if it is an int within int64, else None."""
+    v = _as_int(value)
+    return v if v is not None and int_problem(v, "") is None else None
 
 
 def unsafe_file_name_problem(file_name: Any) -> str | None:
@@ -264,13 +286,14 @@ class _Instances:
     shard_rejects: list[Reject]
 
 
-def _parse_instances(url: str) -> _Instances | Reject:
+def _parse_instances(url: str, shown: str = "") -> _Instances | Reject:
     """Reads and checks the structure of a COCO instances file.
 
     Returns:
         The parsed file, or one shard-level ``unreadable_annotations`` reject.
     """
     data = _read_top_level(url, "annotations")
+    url = shown or url  # reject keys name the file as the config wrote it
     try:
         doc = _parse_json(data)
     except (ValueError, RecursionError) as err:
@@ -292,11 +315,14 @@ def _parse_instances(url: str) -> _Instances | Reject:
     shard_rejects: list[Reject] = []
     categories: dict[int, Category] = {}
     for i, cat in enumerate(doc["categories"]):
-        cid = _as_int(cat.get("id")) if isinstance(cat, dict) else None
+        cid = _in_int64(cat.get("id")) if isinstance(cat, dict) else None
         name = cat.get("name") if isinstance(cat, dict) else None
         sup = cat.get("supercategory", "") if isinstance(cat, dict) else None
         key = f"{url}#category:{cid}" if cid is not None else f"{url}#category_index:{i}"
-        if cid is None or not isinstance(name, str) or not isinstance(sup, str):
+        problem = value_problem(cat, f"categories[{i}]", _CATEGORY_LIMITS)
+        if problem is not None:
+            shard_rejects.append(_reject(key, problem[0], problem[1], RejectLevel.SHARD))
+        elif cid is None or not isinstance(name, str) or not isinstance(sup, str):
             shard_rejects.append(
                 _reject(
                     key,
@@ -322,7 +348,13 @@ def _parse_instances(url: str) -> _Instances | Reject:
     loose_image_rejects: list[tuple[int | None, Reject]] = []
     all_image_ids: set[int] = set()
     for i, img in enumerate(doc["images"]):
-        iid = _as_int(img.get("id")) if isinstance(img, dict) else None
+        iid = _in_int64(img.get("id")) if isinstance(img, dict) else None
+        problem = value_problem(img, f"images[{i}]", _IMAGE_LIMITS)
+        if problem is not None and (iid is None or iid in all_image_ids):
+            loose_image_rejects.append(
+                (iid, _reject(f"{url}#image_index:{i}", problem[0], problem[1], RejectLevel.IMAGE, iid))
+            )
+            continue
         if iid is None:
             loose_image_rejects.append(
                 (
@@ -352,6 +384,9 @@ def _parse_instances(url: str) -> _Instances | Reject:
             )
             continue
         all_image_ids.add(iid)
+        if problem is not None:
+            image_rejects[iid] = _reject(key, problem[0], problem[1], RejectLevel.IMAGE, iid)
+            continue
         file_name, width, height = img.get("file_name"), _as_int(img.get("width")), _as_int(img.get("height"))
         if not isinstance(file_name, str) or width is None or height is None or width <= 0 or height <= 0:
             image_rejects[iid] = _reject(
@@ -373,9 +408,16 @@ def _parse_instances(url: str) -> _Instances | Reject:
     ann_rejects: list[tuple[int | None, Reject]] = []
     seen_ann_ids: set[int] = set()
     for i, ann in enumerate(doc["annotations"]):
-        aid = _as_int(ann.get("id")) if isinstance(ann, dict) else None
-        img_id = _as_int(ann.get("image_id")) if isinstance(ann, dict) else None
+        aid = _in_int64(ann.get("id")) if isinstance(ann, dict) else None
+        img_id = _in_int64(ann.get("image_id")) if isinstance(ann, dict) else None
         key = f"{url}#ann:{aid}" if aid is not None else f"{url}#ann_index:{i}"
+        problem = value_problem(ann, f"annotations[{i}]")
+        if problem is not None:
+            ann_rejects.append((img_id, _reject(key if aid not in seen_ann_ids else f"{url}#ann_index:{i}",
+                                                problem[0], problem[1], RejectLevel.INSTANCE, img_id)))
+            if aid is not None:
+                seen_ann_ids.add(aid)
+            continue
         if aid is None or img_id is None:
             ann_rejects.append(
                 (
@@ -459,18 +501,20 @@ def _make_task(
         annotations_json=_dumps(anns),
         refs=refs,
         categories_json=_dumps(cats),
-        annotations_url=cfg.annotations if isinstance(cfg, CocoInput) else cfg.instances,
-        refs_url="" if isinstance(cfg, CocoInput) else cfg.refs,
+        annotations_url=display_path(cfg.annotations if isinstance(cfg, CocoInput) else cfg.instances, cfg.written_paths),
+        refs_url="" if isinstance(cfg, CocoInput) else display_path(cfg.refs, cfg.written_paths),
+        image_uri_shown=display_path(_join_uri(cfg.images, file_name), cfg.written_paths),
     )
 
 
 # ---------------------------------------------------------------- refs
 
 
-def _read_refs(url: str) -> list[Any] | Reject:
+def _read_refs(url: str, shown: str = "") -> list[Any] | Reject:
     """Reads a refs file: JSON (``.json`` or sniffed) or a restricted pickle."""
     data = _read_top_level(url, "refs")
     path = url.split("?", 1)[0].lower()
+    url = shown or url  # reject keys name the file as the config wrote it
     head = data.lstrip()[:1]
     as_json = path.endswith(".json") or (not path.endswith((".p", ".pkl", ".pickle")) and head in (b"[", b"{"))
     if as_json:
@@ -615,7 +659,9 @@ def _image_failed(task: CocoImageTask, image_reject: Reject) -> list[Reject]:
 
 
 def _plan_refs(cfg: RefcocoInput | GrefcocoInput, source: str, inst: _Instances) -> list[CocoImageTask | Reject]:
-    raw_refs = _read_refs(cfg.refs)
+    refs_shown = display_path(cfg.refs, cfg.written_paths)
+    instances_shown = display_path(cfg.instances, cfg.written_paths)
+    raw_refs = _read_refs(cfg.refs, refs_shown)
     if isinstance(raw_refs, Reject):
         return [raw_refs]
     multi_target = source == "grefcoco"
@@ -631,11 +677,26 @@ def _plan_refs(cfg: RefcocoInput | GrefcocoInput, source: str, inst: _Instances)
             and r["split"] not in keep_splits
         ):
             continue  # filtered by config, not a problem of the data
-        rid = _as_int(r.get("ref_id")) if isinstance(r, dict) else None
-        img = _as_int(r.get("image_id")) if isinstance(r, dict) else None
-        key = f"{cfg.refs}#ref:{rid}" if rid is not None else f"{cfg.refs}#ref_index:{i}"
+        rid = _in_int64(r.get("ref_id")) if isinstance(r, dict) else None
+        img = _in_int64(r.get("image_id")) if isinstance(r, dict) else None
+        key = f"{refs_shown}#ref:{rid}" if rid is not None else f"{refs_shown}#ref_index:{i}"
         if not isinstance(r, dict):
             out.append(_reject(key, BAD_REF, f"refs[{i}] is not an object: {_short(r)}.", RejectLevel.REF))
+            continue
+        problem = value_problem(r, f"refs[{i}]", _REF_LIMITS)
+        if problem is None and isinstance(r.get("split"), str):
+            problem = split_problem(r["split"])
+        if problem is not None:
+            rid_ok, img_ok = _in_int64(r.get("ref_id")), _in_int64(r.get("image_id"))
+            out.append(
+                _reject(
+                    f"{refs_shown}#ref:{rid_ok}" if rid_ok is not None else f"{refs_shown}#ref_index:{i}",
+                    problem[0],
+                    problem[1],
+                    RejectLevel.REF,
+                    img_ok,
+                )
+            )
             continue
         if keep_splits is not None and not isinstance(r.get("split"), str):
             out.append(
@@ -649,7 +710,7 @@ def _plan_refs(cfg: RefcocoInput | GrefcocoInput, source: str, inst: _Instances)
         if parsed.ref_id in seen:
             out.append(
                 _reject(
-                    f"{cfg.refs}#ref_index:{i}",
+                    f"{refs_shown}#ref_index:{i}",
                     DUPLICATE_REF,
                     f"ref id {parsed.ref_id} appears more than once; the first is kept.",
                     RejectLevel.REF,
@@ -670,9 +731,9 @@ def _plan_refs(cfg: RefcocoInput | GrefcocoInput, source: str, inst: _Instances)
         if iid not in inst.all_image_ids:
             out.extend(
                 _reject(
-                    f"{cfg.refs}#ref:{ref.ref_id}",
+                    f"{refs_shown}#ref:{ref.ref_id}",
                     ORPHAN_REF,
-                    f"ref {ref.ref_id} points at image {iid}, which is not in the instances file {cfg.instances!r}.",
+                    f"ref {ref.ref_id} points at image {iid}, which is not in the instances file {instances_shown!r}.",
                     RejectLevel.REF,
                     iid,
                 )
@@ -697,10 +758,10 @@ def _plan_refs(cfg: RefcocoInput | GrefcocoInput, source: str, inst: _Instances)
             if missing:
                 out.append(
                     _reject(
-                        f"{cfg.refs}#ref:{ref.ref_id}",
+                        f"{refs_shown}#ref:{ref.ref_id}",
                         MISSING_ANNOTATION,
                         f"ref {ref.ref_id} targets annotations {missing}, which are not annotations "
-                        f"of image {iid} in {cfg.instances!r}.",
+                        f"of image {iid} in {instances_shown!r}.",
                         RejectLevel.REF,
                         iid,
                     )
@@ -739,7 +800,7 @@ def plan_input(
         raise TypeError(f"ingest_coco reads coco, refcoco and grefcoco inputs, got {type(cfg).__name__}.")
     source = _SOURCE_BY_TYPE[cfg.type]
     url = cfg.annotations if isinstance(cfg, CocoInput) else cfg.instances
-    inst = _parse_instances(url)
+    inst = _parse_instances(url, display_path(url, cfg.written_paths))
     if isinstance(inst, Reject):
         return [], [inst]
     categories = [inst.categories[c] for c in sorted(inst.categories)]
@@ -858,15 +919,16 @@ def load_task(task: CocoImageTask, image_cfg: ImageConfig) -> list[ImageExample 
             (network, permissions), so that the runner retries.
     """
     image_id = f"coco:{task.coco_image_id}"
+    shown_uri = task.image_uri_shown or task.image_uri
     try:
         data = _read_image(task.image_uri, image_cfg.max_bytes)
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         return _image_failed(
             task,
             _reject(
-                task.image_uri,
+                shown_uri,
                 MISSING_IMAGE,
-                f"image {task.coco_image_id} file {task.image_uri!r} does not exist.",
+                f"image {task.coco_image_id} file {shown_uri!r} does not exist.",
                 RejectLevel.IMAGE,
                 task.coco_image_id,
             ),
@@ -877,7 +939,7 @@ def load_task(task: CocoImageTask, image_cfg: ImageConfig) -> list[ImageExample 
         return _image_failed(
             task,
             _reject(
-                task.image_uri, err.reason, f"image {task.coco_image_id}: {err}", RejectLevel.IMAGE, task.coco_image_id
+                shown_uri, err.reason, f"image {task.coco_image_id}: {err}", RejectLevel.IMAGE, task.coco_image_id
             ),
         )
 
@@ -920,7 +982,7 @@ def load_task(task: CocoImageTask, image_cfg: ImageConfig) -> list[ImageExample 
     record = ImageRecord(
         image_id=image_id,
         source=task.source,
-        uri=task.image_uri,
+        uri=shown_uri,
         width=info.width,
         height=info.height,
         sha256=info.sha256,

@@ -72,6 +72,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from orsgen.schemas.config import ImageConfig
+from orsgen.schemas.config.base import display_path
 from orsgen.schemas.records import (
     ImageExample,
     ImageRecord,
@@ -83,6 +84,7 @@ from orsgen.schemas.records import (
 )
 from orsgen.stages.common.transient import ResilientFile
 from orsgen.stages.ingest.images import ImageError, check_image
+from orsgen.stages.ingest.validate import MAX_TEXT_CHARS, int_problem, value_problem
 from orsgen.stages.common.masks import MaskError, instance_geometry, segmentation_to_rle
 
 STAGE = "ingest_sa1b"
@@ -193,6 +195,7 @@ def read_sa1b_shard(
     *,
     max_pending_stems: int = MAX_PENDING_STEMS,
     max_pending_bytes: int = MAX_PENDING_BYTES,
+    written_paths: dict[str, str] | None = None,
 ) -> Iterator[ImageExample | Reject]:
     """Streams one SA-1B tar shard into examples and rejects.
 
@@ -209,6 +212,9 @@ def read_sa1b_shard(
         max_pending_stems: most half pairs held while waiting for a partner;
             the oldest is rejected as ``unpaired_member`` beyond it.
         max_pending_bytes: most bytes of half pairs held at once, same rule.
+        written_paths: the input's ``written_paths``: record ``uri`` values and
+            reject keys name the shard as the config wrote it (relative to the
+            config file's folder), so other folders give the same bytes.
 
     Yields:
         ``ImageExample`` records in tar order, with ``Reject`` records between
@@ -216,6 +222,7 @@ def read_sa1b_shard(
     """
     if max_images is not None and max_images <= 0:
         return
+    shown = display_path(url, written_paths or {})
     try:
         # Transient errors (reset, timeout, 5xx) are retried: at open and at
         # every read, which reopens the object and seeks back. When retries run
@@ -224,16 +231,16 @@ def read_sa1b_shard(
         f = ResilientFile(lambda: fsspec.open(url, "rb").open(), url)
     except (OSError, ValueError) as err:
         # ValueError: fsspec's answer to a malformed URL.
-        yield _shard_reject(url, UNREADABLE_SHARD, f"the shard cannot be opened: {_short(err)}")
+        yield _shard_reject(shown, UNREADABLE_SHARD, f"the shard cannot be opened: {_short(err)}")
         return
     with f:
         try:
             tf = tarfile.open(fileobj=f, mode="r|*")
         except _STREAM_ERRORS as err:
-            yield _shard_reject(url, UNREADABLE_SHARD, f"the shard is not a readable tar: {_short(err)}")
+            yield _shard_reject(shown, UNREADABLE_SHARD, f"the shard is not a readable tar: {_short(err)}")
             return
         with tf:
-            yield from _read_stream(tf, url, input_name, image_cfg, max_images, max_pending_stems, max_pending_bytes)
+            yield from _read_stream(tf, shown, input_name, image_cfg, max_images, max_pending_stems, max_pending_bytes)
 
 
 @dataclass(slots=True)
@@ -478,6 +485,9 @@ def _build_example(
         meta, annotations = _parse_json(js.data, stem)
     except _BadJson as err:
         return [_image_reject(url, js.name, stem, BAD_JSON, f"{_show(js.name)}: {err}")]
+    problem = value_problem(meta, "image", {"file_name": MAX_TEXT_CHARS})
+    if problem is not None:
+        return [_image_reject(url, js.name, stem, problem[0], f"{_show(js.name)}: {problem[1]}")]
     image_id = f"sa1b:{meta['image_id']}"
     try:
         info = check_image(jpg.data, image_cfg, expect_wh=(meta["width"], meta["height"]))
@@ -504,7 +514,7 @@ def _build_example(
     for index, ann in enumerate(annotations):
         ann_ref = f"index{index}"
         try:
-            if isinstance(ann, dict) and _is_int(ann.get("id")):
+            if isinstance(ann, dict) and _is_int(ann.get("id")) and int_problem(ann["id"], "") is None:
                 ann_ref = str(ann["id"])
             inst = _to_instance(ann, image_id, info.height, info.width, seen_ids)
         except _BadAnnotation as err:
@@ -583,6 +593,9 @@ def _to_instance(ann: Any, image_id: str, height: int, width: int, seen_ids: set
     """Builds one instance; raises ``_BadAnnotation`` with a reason code."""
     if not isinstance(ann, dict):
         raise _BadAnnotation(BAD_ANNOTATION, f"must be an object, got {type(ann).__name__}.")
+    problem = value_problem(ann, "the annotation")
+    if problem is not None:
+        raise _BadAnnotation(*problem)
     for key in ("id", "segmentation"):
         if key not in ann:
             raise _BadAnnotation(BAD_ANNOTATION, f"has no field {key!r}.")

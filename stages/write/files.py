@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import os
 import posixpath
+import re
 import secrets
 from collections.abc import Callable
 from typing import TYPE_CHECKING, BinaryIO
@@ -90,9 +91,83 @@ def _remove_quietly(fs: fsspec.AbstractFileSystem, path: str) -> None:
         pass
 
 
+#: Temp files of orsgen's atomic writes: ``.<final name>.tmp-<16 hex>`` (shards,
+#: sidecars, markers, manifest) and ``.tmp-<32 hex>`` (VLM cache entries). A
+#: run that dies leaves them behind; the next run of the same output removes
+#: them (``sweep_temp_files``), recognising them by this pattern only.
+TEMP_NAME_RE = re.compile(r"^\.(?:.+\.tmp-[0-9a-f]{16}|tmp-[0-9a-f]{32})$")
+
+
 def _tmp_path(final: str) -> str:
     folder, name = posixpath.split(final)
     return posixpath.join(folder, f".{name}.tmp-{secrets.token_hex(8)}")
+
+
+def inside_root(root: str, rel: str) -> str:
+    """``root/rel``, refusing any ``rel`` that could leave ``root``.
+
+    Every shard, sidecar and marker path goes through here: whatever a split
+    or key from the data says, nothing is written outside ``--out``.
+
+    Raises:
+        OutputConflictError: ``rel`` is absolute, has an empty, ``.`` or
+            ``..`` segment, a backslash, or a control character.
+    """
+    parts = rel.split("/")
+    if (
+        not rel
+        or rel.startswith("/")
+        or any(p in ("", ".", "..") for p in parts)
+        or "\\" in rel
+        or any(ord(c) < 32 or ord(c) == 127 for c in rel)
+    ):
+        raise OutputConflictError(
+            f"refusing to write {rel!r}: the path would leave the output folder {root}; "
+            "this is a bug, since split names and keys are checked at ingest."
+        )
+    return posixpath.join(root, rel)
+
+
+def check_not_in_the_way(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    """Refuses a folder or a symbolic link where orsgen is to write a file.
+
+    A folder cannot be replaced by a file, and a symlink (dangling or not)
+    may point anywhere: orsgen never replaces either.
+
+    Raises:
+        OutputConflictError: naming the path and what to do.
+    """
+    if _is_local(fs) and os.path.islink(path):
+        raise OutputConflictError(
+            f"{path} is a symbolic link, where orsgen writes a file; orsgen never replaces or writes through links. "
+            "Remove the link, or choose a new --out."
+        )
+    if fs.isdir(path):
+        raise OutputConflictError(
+            f"{path} is a folder, where orsgen writes a file; orsgen never replaces it. "
+            "Move that folder away, or choose a new --out."
+        )
+
+
+def sweep_temp_files(out: str) -> list[str]:
+    """Removes the temp files that earlier (killed) runs left in an output.
+
+    Only files whose names match ``TEMP_NAME_RE`` are removed: what orsgen
+    writes before renaming. Call it only while holding the output's lease
+    (``stages.write.ownership``): a live writer's temp file would go too.
+
+    Returns:
+        The removed paths.
+    """
+    fs, root = _fs_root(out)
+    if not fs.exists(root):
+        return []
+    removed = []
+    for path in sorted(fs.find(root)):
+        if TEMP_NAME_RE.match(posixpath.basename(path)):
+            _remove_quietly(fs, path)
+            removed.append(path)
+    return removed
 
 
 def _rename(fs: fsspec.AbstractFileSystem, src: str, dst: str) -> None:
@@ -128,6 +203,7 @@ def _write_new(
     Raises:
         OutputConflictError: ``final`` exists with other bytes (left unchanged).
     """
+    check_not_in_the_way(fs, final)
     if fs.exists(final):
         # Only the digest of the new bytes is needed to compare, so nothing is
         # written: the existing file is either adopted or reported.
@@ -154,31 +230,33 @@ def _write_new(
 
 
 def _write_meta(fs: fsspec.AbstractFileSystem, final: str, data: bytes) -> None:
-    """Writes a sidecar or marker through a tmp name, replacing an older one.
+    """Writes a sidecar or marker through a tmp name, never replacing other bytes.
 
-    These are orsgen's own bookkeeping about a data file whose bytes were just
-    verified, so an older copy (e.g. from a run that died before its marker)
-    is replaced rather than treated as a conflict.
+    Sidecars and markers are deterministic (the stats and digest of a data
+    file whose bytes were just verified), so a copy left by a run that died
+    before its marker holds these same bytes and is adopted; anything else at
+    that path (a user's file, a folder, a symlink) is not orsgen's to replace.
+
+    Raises:
+        OutputConflictError: ``final`` holds other bytes, a folder or a link.
     """
-    fs.makedirs(posixpath.dirname(final), exist_ok=True)
-    tmp = _tmp_path(final)
-    try:
-        with fs.open(tmp, "wb") as f:
-            f.write(data)
-        _rename(fs, tmp, final)
-    except BaseException:
-        _remove_quietly(fs, tmp)
-        raise
+
+    def produce(sink: _HashingWriter) -> None:
+        sink.write(data)
+
+    _write_new(fs, final, produce)
 
 
 def _meta_paths(root: str, rel: str) -> tuple[str, str]:
-    base = posixpath.join(root, META_DIR, rel)
+    base = inside_root(root, posixpath.join(META_DIR, rel))
     return base + ".stats.json", base + ".done"
 
 
 def _completed(fs: fsspec.AbstractFileSystem, root: str, rel: str) -> ShardStats | None:
     """Returns the sidecar stats of a completed shard, or None if it is not complete."""
     sidecar, marker = _meta_paths(root, rel)
+    for path in (inside_root(root, rel), sidecar, marker):
+        check_not_in_the_way(fs, path)
     if not (fs.exists(posixpath.join(root, rel)) and fs.exists(marker) and fs.exists(sidecar)):
         return None
     try:
@@ -193,7 +271,7 @@ def _publish(
     fs: fsspec.AbstractFileSystem, root: str, stats: ShardStats, produce: Callable[[_HashingWriter], None]
 ) -> ShardStats:
     """Writes one shard, then its sidecar, then its marker."""
-    n_bytes, digest = _write_new(fs, posixpath.join(root, stats.path), produce)
+    n_bytes, digest = _write_new(fs, inside_root(root, stats.path), produce)
     stats = dataclasses.replace(stats, n_bytes=n_bytes, sha256=digest)
     sidecar, marker = _meta_paths(root, stats.path)
     _write_meta(fs, sidecar, stats.to_json())
