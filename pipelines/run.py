@@ -220,9 +220,6 @@ def run_pipeline(
             ``inputs = written + rejected`` fails (the message says which
             and by how much).
     """
-    import apache_beam as beam
-
-    from orsgen.pipelines.build import MANIFEST, build_pipeline, check_output_compatible
     from orsgen.schemas.config.redact import install_log_redaction, register_secret_env
     from orsgen.pipelines.remote import check_remote_paths, is_remote_runner
     from orsgen.pipelines.worker_env import check_worker_packaging
@@ -237,11 +234,16 @@ def run_pipeline(
     _quiet_beam_conflict_logs()
     register_secret_env(cfg.caption.backend.api_key_env)
     check_inputs_exist(cfg)
-    check_output_compatible(cfg, out)
     fs, root = fsspec.core.url_to_fs(out)
+    # The claim checks the manifest's and run.json's config identity; Beam is
+    # imported only after it, so a refusal or a complete output costs no import.
     with claim_output(out, cfg.sha256()) as claim:
         if claim.complete and claim.manifest is not None:
             return claim.manifest
+        import apache_beam as beam
+
+        from orsgen.pipelines.build import MANIFEST, build_pipeline
+
         options = pipeline_options(beam_args or [])
         logging.getLogger("apache_beam").setLevel(logging.WARNING)
 
