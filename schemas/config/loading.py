@@ -129,6 +129,16 @@ def _resolve_relative_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
         t = expr["templates"]
         if not _is_url(t) and not Path(t).is_absolute():
             expr["templates"] = str((base / t).resolve())
+    dec = data.get("decontaminate")
+    if isinstance(dec, dict):
+        # Benchmark files, like inputs, are relative to the YAML file's folder.
+        if isinstance(dec.get("index"), str) and not _is_url(dec["index"]) and not Path(dec["index"]).is_absolute():
+            dec["index"] = str((base / dec["index"]).resolve())
+        for src in dec.get("sources") or []:
+            for k in ("path", "images", "instances"):
+                v = src.get(k) if isinstance(src, dict) else None
+                if isinstance(v, str) and not _is_url(v) and not Path(v).is_absolute():
+                    src[k] = str((base / v).resolve())
     for inp in data.get("inputs") or []:
         if not isinstance(inp, dict):
             continue

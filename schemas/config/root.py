@@ -7,6 +7,7 @@ import json
 
 from orsgen.schemas.config.base import ConfigModel
 from orsgen.schemas.config.caption import CaptionConfig
+from orsgen.schemas.config.decontaminate import DecontaminateConfig
 from orsgen.schemas.config.expressions import ExpressionConfig
 from orsgen.schemas.config.inputs import ImageConfig, InputConfig
 from orsgen.schemas.config.regions import RegionConfig
@@ -31,6 +32,8 @@ class OrsgenConfig(ConfigModel):
         expressions: referring expressions from annotations (categories,
             templates, no-target negatives).
         caption: VLM captioning, SA1B-CoRS and SA1B-DeRS (off by default).
+        decontaminate: benchmark decontamination and near-duplicate groups
+            (off by default).
     """
 
     name: str = "orsgen-dataset"
@@ -43,6 +46,7 @@ class OrsgenConfig(ConfigModel):
     verify_sam2: VerifySam2Config = VerifySam2Config()
     expressions: ExpressionConfig = ExpressionConfig()
     caption: CaptionConfig = CaptionConfig()
+    decontaminate: DecontaminateConfig = DecontaminateConfig()
 
     @model_validator(mode="after")
     def _unique_names(self) -> "OrsgenConfig":
