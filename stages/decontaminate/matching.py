@@ -74,13 +74,22 @@ class HammingIndex:
         self.max_distance = max_distance
         self._words = _words(self.codes)
         chunks = _chunks(self.codes)
-        # One table per chunk in CSR form: the entries sorted by chunk value,
-        # and where each of the 65,536 values starts, so a lookup is two reads.
-        self._order = [np.argsort(chunks[:, j], kind="stable") for j in range(N_CHUNKS)]
-        self._starts = [
-            np.concatenate([[0], np.cumsum(np.bincount(chunks[:, j], minlength=1 << CHUNK_BITS))]).astype(np.int64)
-            for j in range(N_CHUNKS)
-        ]
+        # All 16 chunk tables in one CSR layout: the entries sorted by chunk
+        # value (chunk j's block offset by j * n), and where each of the
+        # 65,536 values of each chunk starts; a lookup is two reads.
+        n = len(self.codes)
+        orders, starts = [], []
+        for j in range(N_CHUNKS):
+            order = np.argsort(chunks[:, j], kind="stable")
+            orders.append(order)
+            starts.append(np.cumsum(np.bincount(chunks[:, j], minlength=1 << CHUNK_BITS)) - np.bincount(chunks[:, j], minlength=1 << CHUNK_BITS) + j * n)
+        self._order = np.concatenate(orders) if orders else np.zeros(0, np.int64)
+        self._starts = np.concatenate([*starts, [N_CHUNKS * n]]).astype(np.int64)
+        # The entries' words in table order, so candidates are read in runs.
+        # Column by column: the first two words filter the candidates, and only
+        # the few within reach read the other two.
+        self._table_words = [np.ascontiguousarray(self._words[self._order, w]) for w in range(4)]
+        self._chunk_base = (np.arange(N_CHUNKS, dtype=np.int64) << CHUNK_BITS)[None, :, None]
         self._masks = _flip_masks(max_distance // N_CHUNKS)
 
     def __len__(self) -> int:
@@ -109,38 +118,40 @@ class HammingIndex:
 
     def _search_batch(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         n_q, n = len(queries), len(self.codes)
+        z = np.zeros(0, np.int64)
         if n_q == 0 or n == 0:
-            z = np.zeros(0, np.int64)
             return z, z, z
-        qchunks = _chunks(queries)
-        pairs = []
-        for j in range(N_CHUNKS):
-            probes = (qchunks[:, j, None] ^ self._masks[None, :]).ravel()  # (n_q * n_masks,)
-            lo = self._starts[j][probes]
-            hi = self._starts[j][probes + 1]
-            counts = hi - lo
-            total = int(counts.sum())
-            if total == 0:
-                continue
-            q_of_probe = np.repeat(np.arange(n_q, dtype=np.int64), len(self._masks))
-            q_idx = np.repeat(q_of_probe, counts)
-            # Positions lo..hi-1 of every probe, flattened without a loop.
-            offsets = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
-            entries = self._order[j][np.repeat(lo, counts) + offsets]
-            pairs.append(q_idx * n + entries)
-        if not pairs:
-            z = np.zeros(0, np.int64)
+        # Every probe of every chunk of every query, query-major: (n_q, 16, n_masks).
+        probes = ((_chunks(queries)[:, :, None] ^ self._masks[None, None, :]) + self._chunk_base).reshape(-1)
+        lo = self._starts[probes]
+        counts = self._starts[probes + 1] - lo
+        total = int(counts.sum())
+        if total == 0:
             return z, z, z
-        flat = np.sort(np.concatenate(pairs))  # by query, then entry
-        flat = flat[np.concatenate([[True], flat[1:] != flat[:-1]])]
-        q_idx, e_idx = flat // n, flat % n
-        dist = np.bitwise_count(_words(queries)[q_idx] ^ self._words[e_idx]).sum(axis=1).astype(np.int64)
+        # Each probe's run of entries lo..lo+count-1, flattened without a loop.
+        ends = np.cumsum(counts)
+        positions = np.arange(total, dtype=np.int64) + np.repeat(lo - (ends - counts), counts)
+        per_query = counts.reshape(n_q, -1).sum(axis=1)
+        qwords = _words(queries)
+        tw = self._table_words
+        # uint8 sums (at most 128 over two words) keep the passes over memory short.
+        dist = np.bitwise_count(np.repeat(qwords[:, 0], per_query) ^ tw[0][positions])
+        dist += np.bitwise_count(np.repeat(qwords[:, 1], per_query) ^ tw[1][positions])
+        near = np.flatnonzero(dist <= self.max_distance)
+        q_idx = np.repeat(np.arange(n_q, dtype=np.int64), per_query)[near]
+        positions, dist = positions[near], dist[near].astype(np.int64)
+        for w in (2, 3):
+            dist += np.bitwise_count(qwords[q_idx, w] ^ tw[w][positions])
         keep = dist <= self.max_distance
-        return q_idx[keep], e_idx[keep], dist[keep]
+        q_idx, positions, dist = q_idx[keep], positions[keep], dist[keep]
+        # A near pair is found once per chunk it shares; keep one (sorted by query, entry).
+        pair = q_idx * n + self._order[positions]
+        pair, first = np.unique(pair, return_index=True)
+        return pair // n, pair % n, dist[first]
 
 
 def brute_force_pairs(
-    queries: np.ndarray, codes: np.ndarray, max_distance: int, batch: int = 64
+    queries: np.ndarray, codes: np.ndarray, max_distance: int, batch: int = 1
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The all-pairs reference: every query against every entry.
 
