@@ -115,8 +115,10 @@ def recall_fpr(args: argparse.Namespace) -> dict:
     codes = as_codes([c for h in index_hashes for c in h.all])
     owner = np.repeat(np.arange(len(origs)), [len(h.all) for h in index_hashes])
     sha_of = {h.sha256: i for i, h in enumerate(index_hashes)}
-    probes = {t: [image_hashes(transformed(o, t), 0.0) for o in origs] for t in TRANSFORMS}
-    neg_hashes = [image_hashes(_jpeg(o), 0.0) for o in negs]
+    # Copies are hashed as the stage hashes a build image: pHash and crops,
+    # all of them queried (a crop on either side then matches).
+    probes = {t: [image_hashes(transformed(o, t), args.crop_frac) for o in origs] for t in TRANSFORMS}
+    neg_hashes = [image_hashes(_jpeg(o), args.crop_frac) for o in negs]
     full = HammingIndex(codes, 63)
     thresholds = sorted({args.max_distance, 15, 23, 31, 39})
     out: dict = {"n_originals": len(origs), "n_negatives": len(negs), "n_pairs": len(origs) * len(TRANSFORMS), "by_threshold": {}}
@@ -124,13 +126,17 @@ def recall_fpr(args: argparse.Namespace) -> dict:
     # each negative to the whole index (searched once at the widest radius).
     nearest_own = {}
     for t, hs in probes.items():
-        q, e, d = full.search(as_codes([h.phash for h in hs]))
+        q_owner = np.repeat(np.arange(len(hs)), [len(h.all) for h in hs])
+        q, e, d = full.search(as_codes([c for h in hs for c in h.all]))
+        q = q_owner[q]
         best = np.full(len(hs), 10**6)
         own = owner[e] == q
         np.minimum.at(best, q[own], d[own])
         sha_hit = np.array([sha_of.get(h.sha256) == i for i, h in enumerate(hs)])
         nearest_own[t] = np.where(sha_hit, 0, best)
-    qn, _, dn = full.search(as_codes([h.phash for h in neg_hashes]))
+    n_owner = np.repeat(np.arange(len(negs)), [len(h.all) for h in neg_hashes])
+    qn, _, dn = full.search(as_codes([c for h in neg_hashes for c in h.all]))
+    qn = n_owner[qn]
     neg_best = np.full(len(negs), 10**6)
     np.minimum.at(neg_best, qn, dn)
     neg_sha = np.array([h.sha256 in sha_of for h in neg_hashes])

@@ -34,9 +34,10 @@ def run(
         fail(str(err))
     try:
         manifest = run_pipeline(cfg, out, beam_args or [], show_progress=not quiet)
-    except (OutputConflictError, FileNotFoundError) as err:
+    except (OutputConflictError, FileNotFoundError, ConfigError) as err:
         # FileNotFoundError: a top-level input (shard glob, annotations or refs
-        # file) is missing, a config mistake whose message names the path.
+        # file) is missing, a config mistake whose message names the path;
+        # ConfigError: a decontamination benchmark file is missing or malformed.
         fail(str(err))
     if not quiet:
         print_summary(manifest, out)
@@ -77,7 +78,7 @@ def demo(
     started = time.monotonic()
     try:
         manifest = run_pipeline(cfg, dataset, beam_args or [], show_progress=not quiet)
-    except (OutputConflictError, FileNotFoundError) as err:
+    except (OutputConflictError, FileNotFoundError, ConfigError) as err:
         fail(str(err))
     if not quiet:
         print_summary(manifest, dataset)

@@ -76,6 +76,13 @@ def run_pipeline(cfg: OrsgenConfig, out: str, beam_args: list[str] | None = None
 
     check_inputs_exist(cfg)
     check_output_compatible(cfg, out)
+    index = None
+    if cfg.decontaminate.matching:
+        from orsgen.stages.decontaminate import prepare_index
+
+        # Benchmark files are read (or the index file loaded) before the job
+        # starts: a missing or malformed one is a ConfigError naming its key.
+        index = prepare_index(cfg.decontaminate, cfg.splits.train_splits)
     fs, root = fsspec.core.url_to_fs(out)
     fs.makedirs(root, exist_ok=True)
     options = pipeline_options(beam_args or [])
@@ -86,7 +93,7 @@ def run_pipeline(cfg: OrsgenConfig, out: str, beam_args: list[str] | None = None
     def work() -> None:
         try:
             with beam.Pipeline(options=options) as p:
-                build_pipeline(p, cfg, out)
+                build_pipeline(p, cfg, out, index=index)
         except BaseException as err:  # re-raised in the main thread below
             error.append(err)
 

@@ -127,11 +127,19 @@ class BenchmarkIndex:
                 out[i] += [BenchmarkMatch(b, "sha256", h.sha256, 0, r) for b, r in self.exact.get(("sha256", h.sha256), [])]
             if coco_id is not None:
                 out[i] += [BenchmarkMatch(b, "coco_id", str(coco_id), 0, r) for b, r in self.exact.get(("coco_id", str(coco_id)), [])]
-        rows = [i for i, (h, _) in enumerate(items) if h is not None]
-        if rows and len(self.phash_codes):
-            q, e, d = self.matcher.search(as_codes([items[i][0].phash for i in rows]))  # type: ignore[union-attr]
+        # The image's own pHash and, when hashed, its crops: the index holds
+        # the benchmark's crops, the query brings its own, so a crop on
+        # either side (benchmark copy cropped, or build copy cropped) matches.
+        owner, queries = [], []
+        for i, (h, _) in enumerate(items):
+            if h is not None:
+                for code in h.all:
+                    owner.append(i)
+                    queries.append(code)
+        if queries and len(self.phash_codes):
+            q, e, d = self.matcher.search(as_codes(queries))
             for qi, ei, di in zip(q.tolist(), e.tolist(), d.tolist()):
-                i = rows[qi]
+                i = owner[qi]
                 out[i].append(BenchmarkMatch(self.phash_benchmark[ei], "phash", items[i][0].phash.hex(), di, self.phash_ref[ei]))  # type: ignore[union-attr]
         return [_best_per_kind(m) for m in out]
 
