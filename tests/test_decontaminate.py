@@ -286,6 +286,29 @@ def test_stage_end_to_end_on_the_demo(tiny_build):
     assert (tiny_build["root"] / "index.parquet").exists()
 
 
+def test_preview_draws_matched_pairs_and_card_reports_overlaps(tiny_build, tmp_path):
+    from typer.testing import CliRunner
+
+    from orsgen.pipelines import cli
+    from orsgen.stages.dataset.publish import decontamination_lines
+
+    out = str(tiny_build["out"])
+    res = CliRunner().invoke(cli.app, ["preview", out, "--out", str(tmp_path / "m.png"), "--matches"])
+    assert res.exit_code == 0, res.output
+    sheet = np.asarray(Image.open(tmp_path / "m.png").convert("RGB"))
+    # Two pairs, each the build image beside its benchmark copy: both halves hold pictures.
+    assert sheet.shape[1] > 2 * 300 and "2 of 2 matched images" in res.output
+    left, right = sheet[6:231, 6:306], sheet[6:231, 312:612]
+    assert left.std() > 10 and right.std() > 10
+    card = "\n".join(decontamination_lines(tiny_build["manifest"]["counts"]))
+    assert "| `mybench` |" in card and "**2**" in card and "**1** groups of 2 images" in card
+    assert decontamination_lines({"levels": {}}) == []
+    # An output built without decontamination has no matches to draw: one clear sentence, rc 2.
+    (tmp_path / "plain").mkdir()
+    res = CliRunner().invoke(cli.app, ["preview", str(tmp_path / "plain"), "--out", str(tmp_path / "n.png"), "--matches"])
+    assert res.exit_code == 2 and "decontaminate.sources" in res.output
+
+
 def test_cli_stops_before_the_run_on_a_missing_benchmark_file(tiny_build, tmp_path):
     from typer.testing import CliRunner
 
