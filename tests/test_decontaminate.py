@@ -322,3 +322,24 @@ def test_cli_stops_before_the_run_on_a_missing_benchmark_file(tiny_build, tmp_pa
     assert res.exit_code == 2, res.output
     assert "decontaminate.sources.0.path" in res.output and "Traceback" not in res.output
     assert not (tmp_path / "o" / "manifest.json").exists()
+
+
+def test_an_earlier_output_protects_its_held_out_splits(tiny_build):
+    from orsgen.stages.dataset.read import iter_rows, list_splits
+
+    out = str(tiny_build["out"])
+    held = [s for s in list_splits(out) if s != "train"]
+    index = prepare_index(DecontaminateConfig(sources=[{"name": "v1", "type": "orsgen", "path": out}]))
+    want = {r["sha256"] for s in held for r in iter_rows(out, s, ["sha256"])}
+    assert want and {v for k, v in index.exact if k == "sha256"} == want
+    assert index.counts["v1"]["images"] == len(want) and len(index.phash_codes) == 5 * len(want)
+    with pytest.raises(ConfigError, match=r"decontaminate.sources.0.splits.*nope"):
+        prepare_index(DecontaminateConfig(sources=[{"name": "v1", "type": "orsgen", "path": out, "splits": ["nope"]}]))
+
+
+def test_missing_imagehash_names_the_extra(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "imagehash", None)
+    with pytest.raises(ImportError, match=r"orsgen\[dedup\]"):
+        image_hashes(_jpeg(_texture(1)))
