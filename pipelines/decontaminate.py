@@ -37,7 +37,7 @@ from orsgen.stages.decontaminate import (
     overlap_reject,
 )
 from orsgen.stages.decontaminate.groups import HashedImage, bucket_edges, bucket_keys, connected_groups, group_sizes
-from orsgen.stages.splits import split_priority
+from orsgen.stages.splits import most_protected_split
 
 HASHES = "hashes"
 MATCHES = "matches"
@@ -131,15 +131,11 @@ def _member_split(
         yield group, natural(ex, group)
 
 
-def _most_protected(splits: Iterable[str], train_splits: tuple[str, ...]) -> str:
-    return min(splits, key=lambda s: split_priority(s, train_splits))
-
-
 class GroupSplits(beam.PTransform):
     """``(image_id, split)`` for every image of a near-duplicate group: the group's one split.
 
     The group's split is its members' most protected natural split
-    (``ood_*``, then evaluation, then training: ``stages.splits.split_priority``),
+    (``ood_*``, then evaluation, then training: ``stages.splits.most_protected_split``),
     so a near-duplicate of an evaluation image never stays in train.
 
     Args:
@@ -159,7 +155,7 @@ class GroupSplits(beam.PTransform):
         group_split = (
             examples
             | "MemberSplits" >> beam.FlatMap(_member_split, groups=beam.pvalue.AsDict(self._groups), natural=self._natural)
-            | "GroupSplit" >> beam.CombinePerKey(_most_protected, train_splits=self._train)
+            | "GroupSplit" >> beam.CombinePerKey(most_protected_split, train_splits=self._train)
         )
         return self._groups | "ImageSplit" >> beam.Map(
             lambda kv, splits: (kv[0], splits[kv[1]]), splits=beam.pvalue.AsDict(group_split)

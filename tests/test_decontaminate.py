@@ -343,3 +343,11 @@ def test_missing_imagehash_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "imagehash", None)
     with pytest.raises(ImportError, match=r"orsgen\[dedup\]"):
         image_hashes(_jpeg(_texture(1)))
+
+
+def test_a_group_takes_its_most_protected_split():
+    from orsgen.stages.splits import most_protected_split
+
+    assert most_protected_split(["train", "val", "train"], ["train"]) == "val"
+    assert most_protected_split(["train", "val", "ood_x"], ["train"]) == "ood_x"
+    assert most_protected_split(["train", "train"], ["train"]) == "train"
