@@ -172,17 +172,27 @@ def throughput(args: argparse.Namespace) -> dict:
 
 
 def matching(args: argparse.Namespace) -> dict:
-    rng = np.random.default_rng(args.seed + 7)
-    n_img = args.index_size // 5
-    hs = [image_hashes(_jpeg(texture(rng, 96, 96), 90), args.crop_frac) for _ in range(n_img)]
-    codes = as_codes([c for h in hs for c in h.all])
-    # Queries: half copies of indexed images (re-encoded), half unrelated.
-    half = args.n_queries // 2
-    pos_src = rng.choice(n_img, size=half, replace=False)
-    queries = as_codes(
-        [image_hashes(transformed(texture(np.random.default_rng(10_000 + i), 96, 96), "jpeg_q50"), 0).phash for i in range(half)]
-        + [hs[i].phash for i in pos_src]
-    )
+    import os
+
+    cache = os.path.join(args.cache, f"matching-{args.index_size}-{args.n_queries}-{args.seed}-{args.crop_frac}.npz") if args.cache else ""
+    if cache and os.path.exists(cache):
+        with np.load(cache) as z:  # hashes made by an earlier run of this script (no pickles)
+            codes, queries = z["codes"], z["queries"]
+    else:
+        rng = np.random.default_rng(args.seed + 7)
+        n_img = args.index_size // 5
+        hs = [image_hashes(_jpeg(texture(rng, 96, 96), 90), args.crop_frac) for _ in range(n_img)]
+        codes = as_codes([c for h in hs for c in h.all])
+        # Queries: half unrelated textures (re-encoded), half copies of indexed images.
+        half = args.n_queries // 2
+        pos_src = rng.choice(n_img, size=half, replace=False)
+        queries = as_codes(
+            [image_hashes(transformed(texture(np.random.default_rng(10_000 + i), 96, 96), "jpeg_q50"), 0).phash for i in range(half)]
+            + [hs[i].phash for i in pos_src]
+        )
+        if cache:
+            os.makedirs(args.cache, exist_ok=True)
+            np.savez(cache, codes=codes, queries=queries)
     t0 = time.perf_counter()
     index = HammingIndex(codes, args.max_distance)
     build_s = time.perf_counter() - t0
@@ -221,6 +231,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    ap.add_argument("--cache", default="", help="folder to keep the matching benchmark's generated hashes in (reruns skip generating them)")
     ap.add_argument("--only", choices=("recall", "throughput", "matching"), default=None)
     args = ap.parse_args()
     if args.quick:

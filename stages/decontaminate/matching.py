@@ -51,6 +51,18 @@ def hamming(a: bytes, b: bytes) -> int:
     return int(np.unpackbits(np.frombuffer(a, np.uint8) ^ np.frombuffer(b, np.uint8)).sum())
 
 
+#: A fixed shuffle of the 256 bit positions, applied to index and queries alike
+#: before chunking. pHash bits are ordered by frequency and the low ones are
+#: correlated across images; spreading them over all chunks makes chunk values
+#: closer to uniform, so fewer random candidates share a chunk. Hamming
+#: distance does not depend on bit order, so results are unchanged.
+_BIT_ORDER = np.random.default_rng(20240229).permutation(HASH_BYTES * 8)
+
+
+def _shuffled(codes: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(np.packbits(np.unpackbits(codes, axis=1)[:, _BIT_ORDER], axis=1))
+
+
 def _flip_masks(radius: int) -> np.ndarray:
     masks = [0]
     for r in range(1, radius + 1):
@@ -72,8 +84,9 @@ class HammingIndex:
             raise ValueError(f"max_distance must be in [0, {N_CHUNKS * 4 - 1}], got {max_distance}.")
         self.codes = as_codes(codes)
         self.max_distance = max_distance
-        self._words = _words(self.codes)
-        chunks = _chunks(self.codes)
+        shuffled = _shuffled(self.codes) if len(self.codes) else self.codes
+        self._words = _words(shuffled)
+        chunks = _chunks(shuffled)
         # All 16 chunk tables in one CSR layout: the entries sorted by chunk
         # value (chunk j's block offset by j * n), and where each of the
         # 65,536 values of each chunk starts; a lookup is two reads.
@@ -121,6 +134,7 @@ class HammingIndex:
         z = np.zeros(0, np.int64)
         if n_q == 0 or n == 0:
             return z, z, z
+        queries = _shuffled(queries)
         # Every probe of every chunk of every query, query-major: (n_q, 16, n_masks).
         probes = ((_chunks(queries)[:, :, None] ^ self._masks[None, None, :]) + self._chunk_base).reshape(-1)
         lo = self._starts[probes]
