@@ -108,9 +108,16 @@ def refs_stage(ex: ImageExample) -> tuple[ImageExample | None, list[Reject]]:
     return add_human_samples(ex)
 
 
-def natural_split(ex: ImageExample, cfg: OrsgenConfig) -> str:
-    """The split one input's copy of an image asks for: OOD rule, source split or hash."""
-    return assign_split(ex.image.image_id, cfg.splits, ref_source_split(ex), example_ood_split(ex, cfg.splits))
+def natural_split(ex: ImageExample, cfg: OrsgenConfig, hash_id: str | None = None) -> str:
+    """The split one input's copy of an image asks for: OOD rule, source split or hash.
+
+    ``hash_id`` replaces the image id in the hash (a near-duplicate group's id).
+    """
+    return assign_split(hash_id or ex.image.image_id, cfg.splits, ref_source_split(ex), example_ood_split(ex, cfg.splits))
+
+
+def _natural_for_group(ex: ImageExample, group_id: str, cfg: OrsgenConfig) -> str:
+    return natural_split(ex, cfg, hash_id=group_id)
 
 
 def _stamp_split(ex: ImageExample, split: str) -> ImageExample:
@@ -118,9 +125,20 @@ def _stamp_split(ex: ImageExample, split: str) -> ImageExample:
     return ex.replace(split=split, samples=samples)
 
 
-def splits_stage(ex: ImageExample, cfg: OrsgenConfig) -> tuple[ImageExample | None, list[Reject]]:
-    """Assigns the image's split and stamps it on its samples."""
-    return _stamp_split(ex, natural_split(ex, cfg)), []
+def splits_stage(
+    ex: ImageExample, cfg: OrsgenConfig, overrides: dict[str, str] | None = None
+) -> tuple[ImageExample | None, list[Reject]]:
+    """Assigns the image's split and stamps it on its samples.
+
+    ``overrides``: ``image_id -> split`` of near-duplicate groups (one split per group).
+    """
+    return _stamp_split(ex, (overrides or {}).get(ex.image.image_id) or natural_split(ex, cfg)), []
+
+
+def _splits_with_overrides(
+    ex: ImageExample, overrides: dict[str, str] | None = None, *, cfg: OrsgenConfig
+) -> tuple[ImageExample | None, list[Reject]]:
+    return splits_stage(ex, cfg, overrides)
 
 
 class ImageSplitsDoFn(beam.DoFn):
@@ -134,10 +152,13 @@ class ImageSplitsDoFn(beam.DoFn):
     def __init__(self, cfg: OrsgenConfig) -> None:
         self._cfg = cfg
 
-    def process(self, element: tuple[str, Iterable[ImageExample]]) -> Iterator[Any]:
-        _, examples = element
+    def process(self, element: tuple[str, Iterable[ImageExample]], overrides: dict[str, str] | None = None) -> Iterator[Any]:
+        image_id, examples = element
         copies = [(ex, natural_split(ex, self._cfg)) for ex in examples]
         kept, dropped = resolve_split_conflicts(copies, self._cfg.splits.train_splits)
+        if image_id in (overrides or {}):
+            # The image is in a near-duplicate group: its kept copies take the group's split.
+            kept = [(ex, overrides[image_id]) for ex, _ in kept]  # type: ignore[index]
         for ex, reject in dropped:
             yield beam.pvalue.TaggedOutput(REJECTS, reject)
             yield beam.pvalue.TaggedOutput(EVENTS, ("dropped_with_image/instances", len(ex.instances)))
@@ -398,6 +419,10 @@ def _manifest_fn(
             **screening_figures(events, cfg.review.require_screened_for),
             "decisions_sha256": screening_digest,
         }
+    decontamination = {k.split("/", 1)[1]: n for k, n in sorted(events.items()) if k.startswith("decontaminate/")}
+    if decontamination:
+        # Overlaps by benchmark and match kind, index sizes, near-duplicate groups.
+        counts["decontamination"] = decontamination
     manifest = build_manifest(
         name=cfg.name,
         config=redacted_config(cfg),
@@ -465,13 +490,15 @@ def _plan_items(inp: Any) -> Iterator[Any]:
             yield item
 
 
-def build_pipeline(p: beam.Pipeline, cfg: OrsgenConfig, out: str) -> None:
+def build_pipeline(p: beam.Pipeline, cfg: OrsgenConfig, out: str, index: Any = None) -> None:
     """Adds the whole orsgen graph to ``p``.
 
     Args:
         p: a Beam pipeline (any runner).
         cfg: the validated config.
         out: output root, a local path or fsspec URL (gs://, s3://...).
+        index: the benchmark index (``stages.decontaminate.prepare_index``);
+            None reads or builds it here when ``decontaminate`` has sources.
     """
     input_types = {inp.name: inp.type for inp in cfg.inputs}
     examples_l, rejects_l, events_l, vocab_l = [], [], [], []
@@ -525,6 +552,22 @@ def build_pipeline(p: beam.Pipeline, cfg: OrsgenConfig, out: str) -> None:
         rejects_l.append(sam2_rejects)
         events_l.append(sam2_events)
 
+    # Benchmark decontamination and near-duplicate groups (off by default):
+    # every image is hashed once and matched against the benchmark index.
+    split_side: tuple[Any, ...] = ()
+    if cfg.decontaminate.active:
+        from orsgen.pipelines.decontaminate import BenchmarkOverlap, Decontaminate
+        from orsgen.stages.decontaminate import prepare_index
+
+        if index is None:
+            index = prepare_index(cfg.decontaminate, cfg.splits.train_splits)
+        examples, dec_rejects, dec_events, overrides, matches = examples | "Decontaminate" >> Decontaminate(
+            cfg.decontaminate, index, functools.partial(_natural_for_group, cfg=cfg), cfg.splits.train_splits
+        )
+        rejects_l.append(dec_rejects)
+        events_l.append(dec_events)
+        split_side = (beam.pvalue.AsDict(overrides),)
+
     if len(cfg.inputs) > 1:
         # Several inputs can hold the same image (RefCOCO/+/g and COCO share
         # images) with different source splits; deciding per image keeps the
@@ -533,15 +576,20 @@ def build_pipeline(p: beam.Pipeline, cfg: OrsgenConfig, out: str) -> None:
             examples
             | "KeyByImage" >> beam.Map(lambda ex: (ex.image.image_id, ex))
             | "GroupByImage" >> beam.GroupByKey()
-            | "Splits" >> beam.ParDo(ImageSplitsDoFn(cfg)).with_outputs(REJECTS, EVENTS, main="examples")
+            | "Splits" >> beam.ParDo(ImageSplitsDoFn(cfg), *split_side).with_outputs(REJECTS, EVENTS, main="examples")
         )
     else:
         res = examples | "Splits" >> beam.ParDo(
-            StageDoFn("Splits", functools.partial(splits_stage, cfg=cfg))
+            StageDoFn("Splits", functools.partial(_splits_with_overrides, cfg=cfg)), *split_side
         ).with_outputs(REJECTS, EVENTS, main="examples")
     examples = res.examples
     rejects_l.append(res[REJECTS])
     events_l.append(res[EVENTS])
+    if cfg.decontaminate.matching:
+        res_o = examples | "BenchmarkOverlap" >> BenchmarkOverlap(cfg.decontaminate, matches, cfg.splits.train_splits, out)
+        examples = res_o[0]
+        rejects_l.append(res_o[1])
+        events_l.append(res_o[2])
 
     # Human screening (orsgen review): after splits, which it needs; off by default.
     screening_digest = ""

@@ -51,12 +51,14 @@ def _build(cfg: OrsgenConfig, out: str, beam_args: list[str], quiet: bool) -> di
         VlmUnreachableError,
         TemplateError,
         VocabularyError,
+        ConfigError,
     ) as err:
         # FileNotFoundError: a top-level input (shard glob, annotations or refs
         # file) is missing, a config mistake whose message names the path.
         # RemotePathError: a local path with a remote runner (names the key);
         # WorkerPackagingError: remote workers would lack orsgen or gcsfs.
-        # VlmUnreachableError: the caption server could not be reached.
+        # VlmUnreachableError: the caption server could not be reached;
+        # ConfigError: a decontamination benchmark file is missing or malformed.
         fail(_BEAM_STEP.sub("", str(err)))
     except ReconciliationError as err:
         _unreconciled(err, out, quiet)

@@ -191,10 +191,21 @@ def preview(
     cols: int = typer.Option(4, "--cols", help="Tiles per row."),
     html: Optional[str] = typer.Option(None, "--html", help="HTML page to write (default: beside --out, .html)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files."),
+    matches: bool = typer.Option(
+        False, "--matches", help="Instead of samples, draw the benchmark matches (build image | benchmark image) side by side."
+    ),
 ) -> None:
     """Draw samples of DIR (image, masks, boxes, points, expression, kind) into --out and an HTML page."""
-    from orsgen.stages.dataset.preview import PreviewError, write_preview
+    from orsgen.stages.dataset.preview import PreviewError, write_match_preview, write_preview
 
+    if matches:
+        try:
+            res = write_match_preview(root, out, n=n, cols=min(cols, 2), overwrite=overwrite)
+        except (PreviewError, FileExistsError) as err:
+            fail(str(err))
+            return
+        console.print(f"{res['pairs']} of {res['matched_images']} matched images -> {res['png']}")
+        return
     try:
         res = write_preview(
             root, out, split=split, n=n, kinds=kind or None, cols=cols, html_path=html, overwrite=overwrite

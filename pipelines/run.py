@@ -234,6 +234,13 @@ def run_pipeline(
     _quiet_beam_conflict_logs()
     register_secret_env(cfg.caption.backend.api_key_env)
     check_inputs_exist(cfg)
+    index = None
+    if cfg.decontaminate.matching:
+        from orsgen.stages.decontaminate import prepare_index
+
+        # Benchmark files are read (or the index file loaded) before the job
+        # starts: a missing or malformed one is a ConfigError naming its key.
+        index = prepare_index(cfg.decontaminate, cfg.splits.train_splits)
     fs, root = fsspec.core.url_to_fs(out)
     # The claim checks the manifest's and run.json's config identity; Beam is
     # imported only after it, so a refusal or a complete output costs no import.
@@ -252,7 +259,7 @@ def run_pipeline(
         def work() -> None:
             try:
                 with beam.Pipeline(options=options) as p:
-                    build_pipeline(p, cfg, out)
+                    build_pipeline(p, cfg, out, index=index)
             except BaseException as err:  # re-raised in the main thread below
                 error.append(err)
 

@@ -118,6 +118,15 @@ def split_priority(split: str, train_splits: Collection[str]) -> tuple[int, str]
     return (2, split)
 
 
+def most_protected_split(splits: Iterable[str], train_splits: Collection[str]) -> str:
+    """The one split of images that must stay together (a near-duplicate group): the most protected.
+
+    Any member in an ``ood_*`` or evaluation split pulls the whole group there,
+    so a near-copy of a held-out image never stays in training.
+    """
+    return min(splits, key=lambda s: split_priority(s, train_splits))
+
+
 def resolve_split_conflicts(
     copies: Sequence[tuple[ImageExample, str]], train_splits: Collection[str]
 ) -> tuple[list[tuple[ImageExample, str]], list[tuple[ImageExample, Reject]]]:

@@ -1,7 +1,8 @@
 """Config models: YAML validated by pydantic, one module per stage under one root.
 
 Modules, in pipeline order: ``inputs`` (ingest and image limits), ``regions``,
-``expressions``, ``caption``, ``verify`` (SAM2), ``splits``, ``review`` (screening), ``write``; ``root``
+``expressions``, ``caption``, ``verify`` (SAM2), ``decontaminate``, ``splits``,
+``review`` (screening), ``write``; ``root``
 holds ``OrsgenConfig``, which imports them; ``loading`` reads YAML and
 overrides; ``redact`` masks secrets. Everything is importable from here.
 
@@ -21,6 +22,7 @@ from orsgen.schemas.config.caption import (
     DersConfig,
     OverlayConfig,
 )
+from orsgen.schemas.config.decontaminate import BenchmarkSource, DecontaminateConfig
 from orsgen.schemas.config.expressions import ExpressionCaps, ExpressionConfig, ExpressionKinds
 from orsgen.schemas.config.inputs import CocoInput, GrefcocoInput, ImageConfig, InputConfig, RefcocoInput, Sa1bInput
 from orsgen.schemas.config.loading import apply_overrides, config_from_dict, load_config
@@ -35,6 +37,7 @@ from orsgen.schemas.config.write import WriteConfig
 __all__ = [
     "REDACTED",
     "SECRET_FLAGS",
+    "BenchmarkSource",
     "CaptionBackendConfig",
     "CaptionConfig",
     "CaptionSamplingConfig",
@@ -42,6 +45,7 @@ __all__ = [
     "ConfigError",
     "ConfigModel",
     "CorsConfig",
+    "DecontaminateConfig",
     "DersConfig",
     "ExpressionCaps",
     "ExpressionConfig",

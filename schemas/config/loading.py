@@ -273,6 +273,15 @@ def _resolve_relative_paths(data: dict[str, Any], base: Path, written: dict[str,
     rev = data.get("review")
     if isinstance(rev, dict) and isinstance(rev.get("decisions"), str):
         rev["decisions"] = resolve(rev["decisions"])
+    dec = data.get("decontaminate")
+    if isinstance(dec, dict):
+        # Benchmark files, like inputs, are relative to the YAML file's folder.
+        if isinstance(dec.get("index"), str):
+            dec["index"] = resolve(dec["index"])
+        for src in dec.get("sources") or []:
+            for k in ("path", "images", "instances"):
+                if isinstance(src, dict) and isinstance(src.get(k), str):
+                    src[k] = resolve(src[k])
     for inp in data.get("inputs") or []:
         if not isinstance(inp, dict):
             continue

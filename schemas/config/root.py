@@ -9,6 +9,7 @@ from typing import Any
 
 from orsgen.schemas.config.base import ConfigModel, display_path
 from orsgen.schemas.config.caption import CaptionConfig
+from orsgen.schemas.config.decontaminate import DecontaminateConfig
 from orsgen.schemas.config.expressions import ExpressionConfig
 from orsgen.schemas.config.inputs import ImageConfig, InputConfig
 from orsgen.schemas.config.regions import RegionConfig
@@ -35,6 +36,8 @@ class OrsgenConfig(ConfigModel):
             templates, no-target negatives).
         caption: VLM captioning, SA1B-CoRS and SA1B-DeRS (off by default).
         review: human screening decisions applied to the samples (off by default).
+        decontaminate: benchmark decontamination and near-duplicate groups
+            (off by default).
     """
 
     name: str = "orsgen-dataset"
@@ -48,6 +51,7 @@ class OrsgenConfig(ConfigModel):
     expressions: ExpressionConfig = ExpressionConfig()
     caption: CaptionConfig = CaptionConfig()
     review: ReviewConfig = ReviewConfig()
+    decontaminate: DecontaminateConfig = DecontaminateConfig()
 
     @model_validator(mode="after")
     def _unique_names(self) -> "OrsgenConfig":

@@ -577,3 +577,125 @@ def write_preview(
         "splits": drawn,
         "regions": regions,
     }
+
+
+# ---------------------------------------------------------------- benchmark matches
+
+#: Written by the decontamination stage (``pipelines/decontaminate.py``).
+MATCHES_FILE = "_meta/decontaminate/matches.jsonl"
+#: Largest image file read for a match tile.
+MAX_MATCH_IMAGE_BYTES = 64 << 20
+
+
+def _load_match_image(uri: str) -> Image.Image | None:
+    """The picture behind a build ``uri`` or a benchmark ``ref``, or None when it cannot be shown.
+
+    Handles plain paths and URLs, and SA-1B tar members (``shard.tar#member``).
+    fsspec chaining (``::``) and ``coco:<id>`` refs (no picture) are not read.
+    """
+    if not uri or "::" in uri or uri.startswith("coco:"):
+        return None
+    path, _, member = uri.partition("#")
+    try:
+        with fsspec.open(path, "rb") as f:
+            if member and path.endswith(".tar"):
+                with tarfile.open(fileobj=f, mode="r|") as tar:
+                    for info in tar:
+                        if info.name == member and info.isfile() and info.size <= MAX_MATCH_IMAGE_BYTES:
+                            data = tar.extractfile(info).read()  # type: ignore[union-attr]
+                            break
+                    else:
+                        return None
+            elif member:
+                return None  # e.g. an earlier output's ``#split/image_id``: no direct picture
+            else:
+                data = f.read(MAX_MATCH_IMAGE_BYTES + 1)
+                if len(data) > MAX_MATCH_IMAGE_BYTES:
+                    return None
+        im = Image.open(io.BytesIO(data))
+        im.draft("RGB", (600, 600))
+        return im.convert("RGB")
+    except (OSError, ValueError, tarfile.TarError, Image.DecompressionBombError):
+        return None
+
+
+def _fit(im: Image.Image | None, w: int, h: int, label: str) -> Image.Image:
+    tile = Image.new("RGB", (w, h), (235, 235, 235))
+    if im is None:
+        ImageDraw.Draw(tile).text((8, h // 2 - 8), label, fill=(90, 90, 90), font=_font(13))
+        return tile
+    im = im.copy()
+    im.thumbnail((w, h))
+    tile.paste(im, ((w - im.width) // 2, (h - im.height) // 2))
+    return tile
+
+
+def render_match_pair(record: dict[str, Any], tile_w: int = 300, image_h: int = 225) -> Image.Image:
+    """One matched pair side by side: the build image (left), the benchmark image (right), and a caption."""
+    pad = PAD_PX
+    out = Image.new("RGB", (2 * tile_w + 3 * pad, image_h + CAPTION_PX + 2 * pad), "white")
+    left = _fit(_load_match_image(str(record.get("uri", ""))), tile_w, image_h, "build image not readable")
+    right = _fit(_load_match_image(str(record.get("benchmark_ref", ""))), tile_w, image_h, f"no picture: {str(record.get('benchmark_ref', ''))[:40]}")
+    out.paste(left, (pad, pad))
+    out.paste(right, (2 * pad + tile_w, pad))
+    kind = str(record.get("kind", ""))
+    how = f"{kind} d={record.get('distance')}" if kind == "phash" else kind
+    lines = [
+        f"{record.get('image_id')} [{record.get('split')}] {record.get('action')}",
+        f"= {record.get('benchmark')} ({how}): {posixpath.basename(str(record.get('benchmark_ref', '')))}",
+    ]
+    draw = ImageDraw.Draw(out)
+    font = _font(13)
+    for i, line in enumerate(lines):
+        draw.text((pad, image_h + 2 * pad + i * 18), line[:90], fill=(20, 20, 20), font=font)
+    return out
+
+
+def read_match_records(root: str) -> list[dict[str, Any]]:
+    """The records of an output's matches file.
+
+    Raises:
+        PreviewError: the output has no matches file (decontamination was off).
+    """
+    fs, p = fsspec.core.url_to_fs(root)
+    path = f"{p.rstrip('/')}/{MATCHES_FILE}"
+    if not fs.exists(path):
+        raise PreviewError(f"{root} has no {MATCHES_FILE}; build with decontaminate.sources to list benchmark matches.")
+    with fs.open(path, "rb") as f:
+        lines = f.read().decode("utf-8").splitlines()
+    try:
+        return [json.loads(line) for line in lines if line.strip()]
+    except ValueError as err:
+        raise PreviewError(f"{path} is not valid JSON lines ({err}); rebuild the output.") from None
+
+
+def write_match_preview(root: str, out_png: str, *, n: int = 24, cols: int = 2, overwrite: bool = False) -> dict[str, Any]:
+    """Draws the benchmark matches of an output side by side into one PNG.
+
+    One pair per matched image (its nearest match), in image id order.
+
+    Returns:
+        ``{"png", "pairs", "matched_images"}``.
+
+    Raises:
+        PreviewError: no matches file, or no matches in it.
+        FileExistsError: ``out_png`` exists and ``overwrite`` is False.
+    """
+    if n < 1:
+        raise PreviewError(f"--n must be at least 1, got {n}.")
+    records = read_match_records(root)
+    best: dict[str, dict[str, Any]] = {}
+    for r in sorted(records, key=lambda r: (str(r.get("image_id")), int(r.get("distance") or 0), str(r.get("benchmark")))):
+        best.setdefault(str(r.get("image_id")), r)
+    if not best:
+        raise PreviewError(f"{root} lists no benchmark matches: nothing to draw.")
+    chosen = [best[k] for k in sorted(best)][:n]
+    pairs = [render_match_pair(r) for r in chosen]
+    cols = max(1, min(cols, len(pairs)))
+    rows = (len(pairs) + cols - 1) // cols
+    pw, ph = pairs[0].size
+    sheet = Image.new("RGB", (cols * pw, rows * ph), (250, 250, 250))
+    for i, im in enumerate(pairs):
+        sheet.paste(im, ((i % cols) * pw, (i // cols) * ph))
+    _write_atomic(out_png, _png(sheet), overwrite)
+    return {"png": out_png, "pairs": len(pairs), "matched_images": len(best)}

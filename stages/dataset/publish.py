@@ -384,6 +384,48 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
+def decontamination_lines(counts: dict[str, Any]) -> list[str]:
+    """The card's decontamination section from ``counts["decontamination"]`` ([] when the stage was off).
+
+    Reports the benchmarks' index sizes, the overlaps found by benchmark and
+    match kind (rejected or kept in held-out splits), and the near-duplicate
+    groups.
+    """
+    dec = counts.get("decontamination") or {}
+    if not dec:
+        return []
+    lines = ["### Decontamination", ""]
+    rows: dict[str, dict[str, Any]] = {}
+    for key, n in dec.items():
+        parts = key.split("/")
+        if parts[0] == "index" and len(parts) == 3:
+            rows.setdefault(parts[1], {})[f"indexed {parts[2]}"] = n
+        elif parts[0] in ("rejected", "kept_in_heldout") and len(parts) == 3:
+            rows.setdefault(parts[1], {})[f"{parts[0].replace('_', ' ')} by {parts[2]}"] = n
+    if rows:
+        cols = sorted({c for r in rows.values() for c in r})
+        lines += [
+            "Every image was hashed (sha256 and a 256-bit pHash with one-side crops) and matched against these "
+            "benchmarks; matched images were rejected as `benchmark_overlap` (in held-out splits only "
+            "unless `decontaminate.keep_in_heldout` kept them).",
+            "",
+            _md_table(["benchmark", *cols], [[f"`{b}`", *[r.get(c, 0) for c in cols]] for b, r in sorted(rows.items())]),
+            "",
+        ]
+    lines.append(
+        f"Images left out as benchmark copies: **{dec.get('rejected/images', 0)}**"
+        + (f"; kept in held-out splits: {dec['kept_in_heldout/images']}" if dec.get("kept_in_heldout/images") else "")
+        + "."
+    )
+    if "near_duplicates/groups" in dec:
+        lines.append(
+            f"Near-duplicate groups within the build: **{dec['near_duplicates/groups']}** groups of "
+            f"{dec.get('near_duplicates/images', 0)} images, each group in one split."
+        )
+    lines.append("")
+    return lines
+
+
 def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     if isinstance(obj, dict):
@@ -693,6 +735,7 @@ def _card_body(
             by = v.get("samples_by_kind") or {}
             rows.append([f"`{s}`", v.get("images", 0), v.get("samples", 0), *[by.get(k, 0) for k in kinds]])
         parts += ["Samples by split and kind:", "", _md_table(["split", "images", "samples", *kinds], rows), ""]
+    parts += decontamination_lines(counts)
 
     parts += screening_section(counts.get("screening") or {})
 

@@ -1,0 +1,112 @@
+"""Benchmark decontamination and near-duplicate groups (pure core).
+
+* ``hashing``: sha256 and the 256-bit pHash (with one-side crop variants);
+* ``matching``: exact Hamming search by multi-index hashing, and the
+  brute-force reference;
+* ``index``: the benchmark index, read from the configured sources, kept in
+  one Parquet file;
+* ``groups``: near-duplicate groups within a build (LSH buckets, edges,
+  union-find).
+
+This module holds the per-image decisions the Beam wrappers
+(``pipelines/decontaminate.py``) call: which identities an image has, and
+whether a matched image in a given split is rejected.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+
+from orsgen.schemas.config import DecontaminateConfig
+from orsgen.schemas.records import ImageExample, Reject, RejectLevel
+from orsgen.stages.decontaminate.hashing import HashError, ImageHashes, image_hashes
+from orsgen.stages.decontaminate.index import BenchmarkIndex, BenchmarkMatch, coco_id_of_file_name, prepare_index
+
+STAGE = "decontaminate"
+#: An image of a training split (or of any split, unless
+#: ``decontaminate.keep_in_heldout``) matches a benchmark image.
+BENCHMARK_OVERLAP = "benchmark_overlap"
+#: The image bytes could not be decoded for the perceptual hash.
+UNHASHABLE_IMAGE = "unhashable_image"
+
+__all__ = [
+    "BENCHMARK_OVERLAP",
+    "STAGE",
+    "UNHASHABLE_IMAGE",
+    "BenchmarkIndex",
+    "BenchmarkMatch",
+    "HashError",
+    "ImageHashes",
+    "coco_id_of",
+    "hash_example",
+    "image_hashes",
+    "match_example",
+    "overlap_reject",
+    "prepare_index",
+]
+
+
+def coco_id_of(ex: ImageExample) -> tuple[int | None, str]:
+    """The COCO id of an example's image and where it came from.
+
+    Returns:
+        ``(id, "coco_id")`` for an image read from COCO / RefCOCO-family
+        inputs, ``(id, "file_name")`` when only a COCO-style file name gives
+        it, else ``(None, "")``.
+    """
+    img = ex.image
+    if img.source in ("coco", "refcoco", "grefcoco"):
+        tail = img.image_id.rsplit(":", 1)[-1]
+        if tail.isdigit():
+            return int(tail), "coco_id"
+    named = coco_id_of_file_name(img.file_name)
+    return (named, "file_name") if named is not None else (None, "")
+
+
+def hash_example(ex: ImageExample, crop_frac: float) -> ImageHashes:
+    """Hashes an example's image once (its sha256 from ingest is reused).
+
+    Raises:
+        HashError: the image cannot be decoded.
+    """
+    return image_hashes(ex.image_bytes, crop_frac, ex.image.sha256 or None)
+
+
+def match_example(ex: ImageExample, hashes: ImageHashes, index: BenchmarkIndex) -> list[BenchmarkMatch]:
+    """The benchmark identities an example's image matches."""
+    cid, how = coco_id_of(ex)
+    matches = index.match(hashes, cid)
+    if how == "file_name":
+        # The id came from the file name: report it as a file-name match.
+        matches = [
+            BenchmarkMatch(m.benchmark, "file_name", ex.image.file_name, 0, m.ref) if m.kind == "coco_id" else m
+            for m in matches
+        ]
+    return matches
+
+
+def overlap_reject(
+    ex: ImageExample, matches: Sequence[BenchmarkMatch], cfg: DecontaminateConfig, train_splits: Collection[str]
+) -> Reject | None:
+    """The ``benchmark_overlap`` reject of a matched example in its split, or None to keep it.
+
+    A match in a training split is always rejected; in a held-out split only
+    when ``keep_in_heldout`` is false.
+    """
+    if not matches:
+        return None
+    if ex.split not in train_splits and cfg.keep_in_heldout:
+        return None
+    what = "; ".join(m.describe() for m in matches[:4]) + (f"; and {len(matches) - 4} more" if len(matches) > 4 else "")
+    return Reject(
+        source_key=ex.key,
+        stage=STAGE,
+        reason=BENCHMARK_OVERLAP,
+        message=(
+            f"image {ex.image.image_id} (split {ex.split!r}) is a copy of a benchmark image: {what}. "
+            "It is left out so that no evaluation image is trained on"
+            + ("." if ex.split in train_splits else " (set decontaminate.keep_in_heldout: true to keep it in held-out splits).")
+        ),
+        level=RejectLevel.IMAGE,
+        image_id=ex.image.image_id,
+    )
