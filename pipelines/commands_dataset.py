@@ -194,13 +194,18 @@ def preview(
     matches: bool = typer.Option(
         False, "--matches", help="Instead of samples, draw the benchmark matches (build image | benchmark image) side by side."
     ),
+    inputs_root: Optional[str] = typer.Option(
+        None,
+        "--inputs-root",
+        help="With --matches: the folder the build config's relative input paths are relative to (its YAML file's folder; default: the current directory).",
+    ),
 ) -> None:
     """Draw samples of DIR (image, masks, boxes, points, expression, kind) into --out and an HTML page."""
     from orsgen.stages.dataset.preview import PreviewError, write_match_preview, write_preview
 
     if matches:
         try:
-            res = write_match_preview(root, out, n=n, cols=min(cols, 2), overwrite=overwrite)
+            res = write_match_preview(root, out, n=n, cols=min(cols, 2), overwrite=overwrite, inputs_root=inputs_root)
         except (PreviewError, FileExistsError) as err:
             fail(str(err))
             return

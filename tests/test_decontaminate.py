@@ -293,7 +293,11 @@ def test_preview_draws_matched_pairs_and_card_reports_overlaps(tiny_build, tmp_p
     from orsgen.stages.dataset.publish import decontamination_lines
 
     out = str(tiny_build["out"])
-    res = CliRunner().invoke(cli.app, ["preview", out, "--out", str(tmp_path / "m.png"), "--matches"])
+    # uris are written as the config wrote them: relative to the config's folder.
+    res = CliRunner().invoke(
+        cli.app,
+        ["preview", out, "--out", str(tmp_path / "m.png"), "--matches", "--inputs-root", str(tiny_build["root"])],
+    )
     assert res.exit_code == 0, res.output
     sheet = np.asarray(Image.open(tmp_path / "m.png").convert("RGB"))
     # Two pairs, each the build image beside its benchmark copy: both halves hold pictures.

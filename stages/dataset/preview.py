@@ -587,6 +587,14 @@ MATCHES_FILE = "_meta/decontaminate/matches.jsonl"
 MAX_MATCH_IMAGE_BYTES = 64 << 20
 
 
+def _resolve_uri(uri: str, inputs_root: str | None) -> str:
+    # Build uris are written as the config wrote them (portable outputs), so a
+    # relative one is relative to the config's folder, not to this process.
+    if not uri or inputs_root is None or "://" in uri or uri.startswith(("/", "coco:")):
+        return uri
+    return posixpath.join(inputs_root.rstrip("/"), uri)
+
+
 def _load_match_image(uri: str) -> Image.Image | None:
     """The picture behind a build ``uri`` or a benchmark ``ref``, or None when it cannot be shown.
 
@@ -630,12 +638,18 @@ def _fit(im: Image.Image | None, w: int, h: int, label: str) -> Image.Image:
     return tile
 
 
-def render_match_pair(record: dict[str, Any], tile_w: int = 300, image_h: int = 225) -> Image.Image:
-    """One matched pair side by side: the build image (left), the benchmark image (right), and a caption."""
+def render_match_pair(
+    record: dict[str, Any], tile_w: int = 300, image_h: int = 225, *, inputs_root: str | None = None
+) -> Image.Image:
+    """One matched pair side by side: the build image (left), the benchmark image (right), and a caption.
+
+    ``inputs_root``: the folder relative input paths of the build's config are
+    relative to (the config file's folder); None reads them from the working directory.
+    """
     pad = PAD_PX
     out = Image.new("RGB", (2 * tile_w + 3 * pad, image_h + CAPTION_PX + 2 * pad), "white")
-    left = _fit(_load_match_image(str(record.get("uri", ""))), tile_w, image_h, "build image not readable")
-    right = _fit(_load_match_image(str(record.get("benchmark_ref", ""))), tile_w, image_h, f"no picture: {str(record.get('benchmark_ref', ''))[:40]}")
+    left = _fit(_load_match_image(_resolve_uri(str(record.get("uri", "")), inputs_root)), tile_w, image_h, "build image not readable")
+    right = _fit(_load_match_image(_resolve_uri(str(record.get("benchmark_ref", "")), inputs_root)), tile_w, image_h, f"no picture: {str(record.get('benchmark_ref', ''))[:40]}")
     out.paste(left, (pad, pad))
     out.paste(right, (2 * pad + tile_w, pad))
     kind = str(record.get("kind", ""))
@@ -669,7 +683,9 @@ def read_match_records(root: str) -> list[dict[str, Any]]:
         raise PreviewError(f"{path} is not valid JSON lines ({err}); rebuild the output.") from None
 
 
-def write_match_preview(root: str, out_png: str, *, n: int = 24, cols: int = 2, overwrite: bool = False) -> dict[str, Any]:
+def write_match_preview(
+    root: str, out_png: str, *, n: int = 24, cols: int = 2, overwrite: bool = False, inputs_root: str | None = None
+) -> dict[str, Any]:
     """Draws the benchmark matches of an output side by side into one PNG.
 
     One pair per matched image (its nearest match), in image id order.
@@ -690,7 +706,7 @@ def write_match_preview(root: str, out_png: str, *, n: int = 24, cols: int = 2, 
     if not best:
         raise PreviewError(f"{root} lists no benchmark matches: nothing to draw.")
     chosen = [best[k] for k in sorted(best)][:n]
-    pairs = [render_match_pair(r) for r in chosen]
+    pairs = [render_match_pair(r, inputs_root=inputs_root) for r in chosen]
     cols = max(1, min(cols, len(pairs)))
     rows = (len(pairs) + cols - 1) // cols
     pw, ph = pairs[0].size
