@@ -24,7 +24,8 @@ Three measurements in one run:
     (``brute_force_pairs``, numpy, every query against every entry) on the
     same queries; the results must be equal, and the time ratio is reported.
 
-    python benchmarks/bench_decontaminate.py               # full run (~2-4 min on one core)
+    python benchmarks/bench_decontaminate.py               # full run (about 10 CPU-minutes)
+    python benchmarks/bench_decontaminate.py --only matching --cache /tmp/dc  # rerun the timing on kept hashes
     python benchmarks/bench_decontaminate.py --quick       # small smoke run
 """
 

@@ -20,7 +20,7 @@ import json
 import posixpath
 import re
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -537,8 +537,3 @@ def prepare_index(cfg: DecontaminateConfig, train_splits: Iterable[str] = ("trai
         write_index(index, cfg.index)
     return index
 
-
-def iter_match_kinds(matches: Iterable[BenchmarkMatch]) -> Iterator[tuple[str, str]]:
-    """``(benchmark, kind)`` of each match, for counting."""
-    for m in matches:
-        yield m.benchmark, m.kind
