@@ -30,7 +30,7 @@ from orsgen.stages.expressions.geometry import Margins
 from orsgen.stages.expressions.negatives import negative_candidates
 from orsgen.stages.expressions.templates import TemplateSet
 from orsgen.stages.regions import select_regions
-from orsgen.stages.common.targets import TargetError, attach_targets
+from orsgen.stages.common.targets import TargetCache, TargetError, attach_targets
 
 STAGE = "expressions"
 GENERATOR = "template"
@@ -142,6 +142,8 @@ def add_expressions(
     samples: list[Sample] = []
     rejects: list[Reject] = []
     existing = {s.sample_id for s in ex.samples}
+    # Samples of one image share targets: points, unions and SVG paths are computed once.
+    target_cache = TargetCache()
     for cand in selected:
         sid = sample_id_of(ex.key, cand)
         if sid in existing:
@@ -157,7 +159,7 @@ def add_expressions(
             metadata={**cand.metadata, "templates_version": templates.version},
         )
         try:
-            samples.append(attach_targets(sample, by_id, w, h))
+            samples.append(attach_targets(sample, by_id, w, h, cache=target_cache))
         except TargetError as err:
             rejects.append(Reject(sid, STAGE, err.reason, str(err), RejectLevel.SAMPLE, ex.image.image_id))
     counts["images"] += 1
