@@ -275,6 +275,10 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "orsgen-bench-pipeline",
                     help="scratch folder; generated inputs are kept there and reused")
     ap.add_argument("--skip-workers", action="store_true", help="skip the 2-worker-process run")
+    ap.add_argument("--baseline", metavar="GIT_REV", default=None,
+                    help="also compare the plain loop's per-image CPU with this git revision (e.g. the commit before "
+                         "the optimisation), alternating fresh processes on the COCO-style input")
+    ap.add_argument("--only-baseline", action="store_true", help="run only the --baseline comparison")
     args = ap.parse_args()
     started = time.perf_counter()
     print(f"machine: {machine()}")
@@ -284,8 +288,12 @@ def main() -> None:
     print(f"inputs: {args.coco_images} COCO-format dense demo scenes, {args.sa1b_images} SA-1B-format demo images "
           f"(synthetic, pipelines/demo_data.py) ready in {time.perf_counter() - t0:.1f} s")
 
-    # Start-up first, while nothing is cached in this process.
     one = one_image_config(coco_cfg_path)
+    if args.baseline:
+        compare_with_revision(args.baseline, coco_cfg_path, one, args.work, max(args.repeat, 2))
+        if args.only_baseline:
+            return
+    # Start-up first, while nothing is cached in this process.
     py = sys.executable
     imports_s = fresh_process_s([py, "-c", "import orsgen.pipelines.run, orsgen.pipelines.build"])
     out1 = args.work / "startup"
@@ -352,8 +360,59 @@ def _one_loop(cfg_path: str, out: str) -> None:
     plain_loop(load_config(cfg_path), out)
 
 
+def _loop_cpu(cfg_path: str, warm_path: str, out: str) -> None:
+    """Prints the loop's warm CPU seconds on ``cfg_path`` (after one untimed run on ``warm_path``)."""
+    import json
+
+    from orsgen.schemas.config import load_config
+
+    shutil.rmtree(out, ignore_errors=True)
+    plain_loop(load_config(warm_path), out + "-warm")
+    shutil.rmtree(out + "-warm", ignore_errors=True)
+    cfg = load_config(cfg_path)
+    t = timed(plain_loop, cfg, out)
+    print(json.dumps({"cpu_s": t.cpu_s, "wall_s": t.wall_s, "images": written_images(Path(out)), "digest": data_digest(Path(out))}))
+    shutil.rmtree(out, ignore_errors=True)
+
+
+def compare_with_revision(rev: str, cfg_path: Path, warm_path: Path, work: Path, repeat: int) -> None:
+    """Per-image CPU of the plain loop at git revision ``rev`` against this tree, alternating runs.
+
+    ``rev``'s tree is exported (``git archive``) to a scratch folder that is put
+    first on ``PYTHONPATH`` of its runs, so both trees run the same loop code
+    on the same inputs, in fresh processes, one after the other.
+    """
+    import json
+
+    base = work / f"tree-{rev}"
+    if not (base / "orsgen" / "__init__.py").exists():
+        shutil.rmtree(base, ignore_errors=True)
+        (base / "orsgen").mkdir(parents=True)
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", rev], check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(base / "orsgen")], input=archive, check=True)
+    results: dict[str, list[dict[str, Any]]] = {rev: [], "this tree": []}
+    for _ in range(repeat):
+        for label, env_path in ((rev, str(base)), ("this tree", "")):
+            env = {**os.environ, "PYTHONPATH": env_path}
+            got = subprocess.run(
+                [sys.executable, __file__, "--loop-cpu", str(cfg_path), str(warm_path), str(work / "cmp-out")],
+                check=True, capture_output=True, text=True, env=env, cwd=REPO,
+            ).stdout.strip().splitlines()[-1]
+            results[label].append(json.loads(got))
+    best = {k: min(v, key=lambda r: r["cpu_s"]) for k, v in results.items()}
+    if len({r["digest"] for v in results.values() for r in v}) != 1:
+        raise SystemExit(f"revision {rev} and this tree wrote different data files")
+    n = best[rev]["images"]
+    b, t = best[rev]["cpu_s"] / n * 1e3, best["this tree"]["cpu_s"] / n * 1e3
+    runs = ", ".join(f"{k}: " + " / ".join(f"{r['cpu_s'] / n * 1e3:.1f}" for r in v) for k, v in results.items())
+    print(f"per-image CPU of the plain loop, warm, {n} images ({cfg_path.name}): {rev} {b:.1f} ms, this tree {t:.1f} ms: "
+          f"{b / t:.2f}x less; byte-identical data files (all runs, ms/image: {runs})")
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "--one-loop":
         _one_loop(sys.argv[2], sys.argv[3])
+    elif len(sys.argv) == 5 and sys.argv[1] == "--loop-cpu":
+        _loop_cpu(sys.argv[2], sys.argv[3], sys.argv[4])
     else:
         main()

@@ -9,6 +9,7 @@ from the runs.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -151,8 +152,41 @@ def rle_difference(a: Rle, b: Rle) -> Rle:
 # ---------------------------------------------------------------- runs and crops
 
 
+#: Decoded runs kept per process (bounded: a few hundred masks' runs, reused
+#: by the centroid, the points and the polygon of one instance).
+RUNS_CACHE_SIZE = 256
+
+
 def rle_counts_to_runs(counts: str) -> np.ndarray:
-    """Decodes COCO's compressed counts string into run lengths.
+    """Decodes COCO's compressed counts string into run lengths (read-only array).
+
+    The last ``RUNS_CACHE_SIZE`` decodings are kept: the centroid, interior
+    points and polygon of one instance all start from its runs.
+
+    Args:
+        counts: the compressed counts string.
+
+    Returns:
+        int64 array of alternating run lengths, starting with zeros, in
+        column-major (Fortran) pixel order; read-only (it may be shared), so
+        copy it before changing it.
+
+    Raises:
+        MaskError: the string is not valid compressed RLE.
+    """
+    key = counts.encode("ascii") if isinstance(counts, str) else bytes(counts)
+    return _cached_runs(key)
+
+
+@functools.lru_cache(maxsize=RUNS_CACHE_SIZE)
+def _cached_runs(data: bytes) -> np.ndarray:
+    runs = _decode_counts(data)
+    runs.flags.writeable = False
+    return runs
+
+
+def _decode_counts(data: bytes) -> np.ndarray:
+    """Decodes COCO's compressed counts bytes into run lengths.
 
     COCO packs each run as 5-bit groups (LEB128-like, offset by 48) and stores
     runs after the second as deltas from the run two before. pycocotools does
@@ -163,7 +197,7 @@ def rle_counts_to_runs(counts: str) -> np.ndarray:
     real mask) takes the scalar decoder, which gives the same answer.
 
     Args:
-        counts: the compressed counts string.
+        data: the compressed counts as bytes.
 
     Returns:
         int64 array of alternating run lengths, starting with zeros, in
@@ -172,7 +206,6 @@ def rle_counts_to_runs(counts: str) -> np.ndarray:
     Raises:
         MaskError: the string is not valid compressed RLE.
     """
-    data = counts.encode("ascii") if isinstance(counts, str) else counts
     n = len(data)
     if n == 0:
         return np.zeros(0, dtype=np.int64)
@@ -332,7 +365,12 @@ def encode_crop(crop: np.ndarray, origin_xy: tuple[int, int], size: tuple[int, i
 # ---------------------------------------------------------------- points
 
 
-def interior_points(rle: Rle) -> tuple[tuple[int, int], tuple[int, int]]:
+#: ``decode_crop(rle, pad_px=1)`` of a mask: what ``interior_points`` and
+#: ``rle_to_geometry`` both start from.
+PaddedCrop = tuple[np.ndarray, tuple[int, int]]
+
+
+def interior_points(rle: Rle, crop: PaddedCrop | None = None) -> tuple[tuple[int, int], tuple[int, int]]:
     """Two interior points by the Seg-Zero rule.
 
     The first point is the maximum of the mask's distance transform (the
@@ -344,6 +382,7 @@ def interior_points(rle: Rle) -> tuple[tuple[int, int], tuple[int, int]]:
 
     Args:
         rle: a non-empty mask.
+        crop: ``decode_crop(rle, pad_px=1)`` if already decoded (not changed).
 
     Returns:
         ``((x1, y1), (x2, y2))`` in integer image pixel coordinates.
@@ -353,7 +392,7 @@ def interior_points(rle: Rle) -> tuple[tuple[int, int], tuple[int, int]]:
     """
     if rle_area(rle) == 0:
         raise MaskError("empty_mask", "interior points of an empty mask do not exist.")
-    crop, (ox, oy) = decode_crop(rle, pad_px=1)
+    crop, (ox, oy) = crop if crop is not None else decode_crop(rle, pad_px=1)
     dist = cv2.distanceTransform(crop.astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
     # The precise transform is exact: sqrt of an integer squared distance. Its
     # float32 result varies in the last bits between calls on different
@@ -378,7 +417,7 @@ def interior_points(rle: Rle) -> tuple[tuple[int, int], tuple[int, int]]:
 # ---------------------------------------------------------------- polygons
 
 
-def rle_to_geometry(rle: Rle, tolerance_px: float = 0.0) -> BaseGeometry:
+def rle_to_geometry(rle: Rle, tolerance_px: float = 0.0, crop: PaddedCrop | None = None) -> BaseGeometry:
     """A valid shapely (Multi)Polygon tracing the mask's pixel outline.
 
     Contours come from OpenCV on the cropped mask (outer rings and holes).
@@ -390,6 +429,7 @@ def rle_to_geometry(rle: Rle, tolerance_px: float = 0.0) -> BaseGeometry:
         rle: the mask.
         tolerance_px: Douglas-Peucker simplification tolerance in pixels
             (0 keeps every vertex).
+        crop: ``decode_crop(rle, pad_px=1)`` if already decoded (not changed).
 
     Returns:
         A valid ``Polygon`` or ``MultiPolygon`` in image pixel coordinates; an
@@ -397,7 +437,7 @@ def rle_to_geometry(rle: Rle, tolerance_px: float = 0.0) -> BaseGeometry:
     """
     if rle_area(rle) == 0:
         return Polygon()
-    crop, (ox, oy) = decode_crop(rle, pad_px=1)
+    crop, (ox, oy) = crop if crop is not None else decode_crop(rle, pad_px=1)
     contours, hierarchy = cv2.findContours(crop.astype(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
     if hierarchy is None:
         return Polygon()
@@ -414,10 +454,20 @@ def rle_to_geometry(rle: Rle, tolerance_px: float = 0.0) -> BaseGeometry:
             child = hier[child][0]
         polys.append(outer)
     geom = shapely.unary_union(polys)
-    geom = shapely.make_valid(geom)
+    geom = _make_valid(geom)
     if tolerance_px > 0:
-        geom = shapely.make_valid(geom.simplify(tolerance_px, preserve_topology=True))
+        geom = _make_valid(geom.simplify(tolerance_px, preserve_topology=True))
     return _polygonal(geom)
+
+
+def _make_valid(geom: BaseGeometry) -> BaseGeometry:
+    """``shapely.make_valid``, skipped for a geometry that is already valid.
+
+    GEOS's MakeValid returns an exact clone of a valid input (it checks
+    validity first), so the answer is the same; but its check costs several
+    times GEOS's ``is_valid``, and almost every mask outline is valid.
+    """
+    return geom if geom.is_valid else shapely.make_valid(geom)
 
 
 def _ring_geometry(cnt: np.ndarray, ox: int, oy: int, grow: bool = True) -> BaseGeometry:
@@ -427,7 +477,7 @@ def _ring_geometry(cnt: np.ndarray, ox: int, oy: int, grow: bool = True) -> Base
     elif len(pts) == 2:
         g = shapely.LineString(pts)
     else:
-        g = shapely.make_valid(Polygon(pts))
+        g = _make_valid(Polygon(pts))
     return g.buffer(0.5, join_style="mitre", cap_style="square") if grow else g
 
 
@@ -438,7 +488,7 @@ def _polygonal(geom: BaseGeometry) -> BaseGeometry:
     parts = [g for g in getattr(geom, "geoms", []) if isinstance(g, (Polygon, MultiPolygon))]
     if not parts:
         return Polygon()
-    return shapely.make_valid(shapely.unary_union(parts))
+    return _make_valid(shapely.unary_union(parts))
 
 
 def geometry_to_coco_polygons(geom: BaseGeometry) -> list[list[float]]:
@@ -544,12 +594,17 @@ def svg_path(geom: BaseGeometry, width: int, height: int, precision: int = 4) ->
     """
     parts: list[str] = []
 
+    point = f"%.{precision}f %.{precision}f"
+
     def ring(coords: Any) -> str:
         pts = np.asarray(coords)[:-1]
-        xs = np.clip(pts[:, 0] / width, 0.0, 1.0)
-        ys = np.clip(pts[:, 1] / height, 0.0, 1.0)
-        cmds = [f"{'M' if i == 0 else 'L'} {x:.{precision}f} {y:.{precision}f}" for i, (x, y) in enumerate(zip(xs, ys))]
-        return " ".join(cmds) + " Z"
+        xs = np.clip(pts[:, 0] / width, 0.0, 1.0).tolist()
+        ys = np.clip(pts[:, 1] / height, 0.0, 1.0).tolist()
+        if not xs:
+            return " Z"
+        # "M p0 L p1 L p2 ... Z"; %-formatting of Python floats writes the
+        # same digits as format() of the numpy values, several times faster.
+        return "M " + " L ".join([point % xy for xy in zip(xs, ys)]) + " Z"
 
     for poly in _iter_polygons(geom):
         parts.append(ring(poly.exterior.coords))

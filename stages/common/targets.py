@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from orsgen.schemas.records import Instance, Rle, Sample, TargetGeometry
-from orsgen.stages.common.masks import interior_points, rle_to_geometry, rle_union, svg_path
+from orsgen.stages.common.masks import PaddedCrop, decode_crop, interior_points, rle_to_geometry, rle_union, svg_path
 
 
 class TargetError(ValueError):
@@ -47,9 +47,12 @@ def qwen_box(bbox_xyxy: Sequence[float], width: int, height: int) -> tuple[int, 
     return (norm(x0, width), norm(y0, height), norm(x1, width), norm(y1, height))
 
 
-def target_geometry(inst: Instance, width: int, height: int) -> TargetGeometry:
-    """Box, interior points and Qwen box of one target instance."""
-    p1, p2 = interior_points(inst.rle)
+def target_geometry(inst: Instance, width: int, height: int, crop: PaddedCrop | None = None) -> TargetGeometry:
+    """Box, interior points and Qwen box of one target instance.
+
+    ``crop`` is ``decode_crop(inst.rle, pad_px=1)`` if already decoded.
+    """
+    p1, p2 = interior_points(inst.rle, crop)
     return TargetGeometry(
         instance_id=inst.instance_id,
         bbox_xyxy=tuple(float(v) for v in inst.bbox_xyxy),  # type: ignore[arg-type]
@@ -69,18 +72,27 @@ class TargetCache:
     sets, and is dropped with the image.
     """
 
-    __slots__ = ("_geoms", "_shapes")
+    __slots__ = ("_crops", "_geoms", "_shapes")
 
     def __init__(self) -> None:
+        self._crops: dict[tuple[Any, ...], PaddedCrop] = {}
         self._geoms: dict[tuple[Any, ...], TargetGeometry] = {}
         self._shapes: dict[tuple[Any, ...], tuple[Rle, str]] = {}
+
+    def crop(self, rle: Rle) -> PaddedCrop:
+        """``decode_crop(rle, pad_px=1)``, decoded once per mask (points and polygon share it)."""
+        key = (rle.counts, rle.size)
+        got = self._crops.get(key)
+        if got is None:
+            got = self._crops[key] = decode_crop(rle, pad_px=1)
+        return got
 
     def geometry(self, inst: Instance, width: int, height: int) -> TargetGeometry:
         """``target_geometry(inst, width, height)``, computed once per instance."""
         key = (inst.instance_id, inst.rle.counts, inst.rle.size, tuple(inst.bbox_xyxy), width, height)
         got = self._geoms.get(key)
         if got is None:
-            got = self._geoms[key] = target_geometry(inst, width, height)
+            got = self._geoms[key] = target_geometry(inst, width, height, self.crop(inst.rle))
         return got
 
     def union_and_svg(self, targets: Sequence[Instance], width: int, height: int, tolerance_px: float) -> tuple[Rle, str]:
@@ -88,14 +100,10 @@ class TargetCache:
         key = (tuple((t.rle.counts, t.rle.size) for t in targets), width, height, tolerance_px)
         got = self._shapes.get(key)
         if got is None:
-            got = self._shapes[key] = _union_and_svg(targets, width, height, tolerance_px)
+            union = rle_union([t.rle for t in targets], size=(height, width))
+            svg = svg_path(rle_to_geometry(union, tolerance_px, self.crop(union)), width, height) if targets else ""
+            got = self._shapes[key] = (union, svg)
         return got
-
-
-def _union_and_svg(targets: Sequence[Instance], width: int, height: int, tolerance_px: float) -> tuple[Rle, str]:
-    union = rle_union([t.rle for t in targets], size=(height, width))
-    svg = svg_path(rle_to_geometry(union, tolerance_px), width, height) if targets else ""
-    return union, svg
 
 
 def attach_targets(
