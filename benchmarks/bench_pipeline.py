@@ -70,7 +70,7 @@ def make_inputs(root: Path, n_coco: int, n_sa1b: int, seed: int = 0) -> tuple[Pa
     from orsgen.pipelines.demo_data import write_coco, write_sa1b
 
     stamp = root / f"done-{n_coco}-{n_sa1b}-{seed}"
-    per_shard = 25
+    per_shard = min(25, n_sa1b)
     if not stamp.exists():
         shutil.rmtree(root, ignore_errors=True)
         write_coco(root / "coco", seed, n_coco, dense=True)
@@ -229,6 +229,24 @@ def timed(fn: Any, *args: Any, **kwargs: Any) -> Timing:
     return Timing(time.perf_counter() - t0, _cpu_s() - c0)
 
 
+def _quiet_workers(fn: Any) -> Any:
+    """``fn`` with file descriptor 2 sent to /dev/null (Beam's worker processes log every bundle at INFO)."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            os.close(devnull)
+
+    return call
+
+
 def data_digest(out: Path) -> str:
     """One digest of every data file (WebDataset, Parquet, rejects) under ``out``."""
     h = hashlib.sha256()
@@ -245,10 +263,13 @@ def written_images(out: Path) -> int:
     return int(json.loads((out / "manifest.json").read_text())["counts"]["written"])
 
 
-def fresh_process_s(argv: list[str]) -> float:
-    t0 = time.perf_counter()
-    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, cwd=REPO)
-    return time.perf_counter() - t0
+def fresh_process(argv: list[str]) -> Timing:
+    """Wall and CPU seconds of a fresh process running ``argv`` (start to exit)."""
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    c0, t0 = kids.ru_utime + kids.ru_stime, time.perf_counter()
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return Timing(time.perf_counter() - t0, kids.ru_utime + kids.ru_stime - c0)
 
 
 def machine() -> str:
@@ -295,15 +316,19 @@ def main() -> None:
             return
     # Start-up first, while nothing is cached in this process.
     py = sys.executable
-    imports_s = fresh_process_s([py, "-c", "import orsgen.pipelines.run, orsgen.pipelines.build"])
     out1 = args.work / "startup"
     shutil.rmtree(out1, ignore_errors=True)
-    orsgen = [py, "-m", "orsgen.pipelines.cli"]
-    run1_s = fresh_process_s([*orsgen, "run", str(one), "--out", str(out1 / "beam"), "--quiet"])
-    loop1_s = fresh_process_s([py, __file__, "--one-loop", str(one), str(out1 / "loop")])
-    noop_s = fresh_process_s([py, "-c", "pass"])
-    print(f"start-up (fresh process, 1 COCO image, wall): `orsgen run` {run1_s:.2f} s; plain loop {loop1_s:.2f} s; "
-          f"importing the pipeline modules {imports_s:.2f} s; bare Python {noop_s:.2f} s")
+    startup = {
+        "bare Python": fresh_process([py, "-c", "pass"]),
+        "import apache_beam": fresh_process([py, "-c", "import apache_beam"]),
+        "import the pipeline modules": fresh_process([py, "-c", "import orsgen.pipelines.run, orsgen.pipelines.build"]),
+        "plain loop, 1 image": fresh_process([py, __file__, "--one-loop", str(one), str(out1 / "loop")]),
+        "`orsgen run`, 1 image": fresh_process([py, "-m", "orsgen.pipelines.cli", "run", str(one), "--out",
+                                                 str(out1 / "beam"), "--quiet"]),
+    }
+    print("start-up, fresh process from start to exit (1 COCO-style image):")
+    for what, t in startup.items():
+        print(f"  {what:<30} {t.wall_s:6.2f} s wall {t.cpu_s:6.2f} s CPU")
 
     from orsgen.pipelines.run import run_pipeline
     from orsgen.schemas.config import load_config
@@ -313,7 +338,7 @@ def main() -> None:
         ("beam-1", lambda cfg, out: run_pipeline(cfg, str(out), ["--runner=FnApiRunner"], show_progress=False)),
     ]
     if not args.skip_workers:
-        ways.append(("beam-2", lambda cfg, out: run_pipeline(
+        ways.append(("beam-2", lambda cfg, out: _quiet_workers(run_pipeline)(
             cfg, str(out), ["--runner=FnApiRunner", "--direct_num_workers=2", "--direct_running_mode=multi_processing"],
             show_progress=False)))
     rows = []
