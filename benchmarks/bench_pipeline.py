@@ -32,7 +32,7 @@ Figures:
   to the run's end (``orsgen run``), next to the time to import what it needs
   and the same 1 image through the loop in a fresh process.
 
-    python benchmarks/bench_pipeline.py [--coco-images 200] [--sa1b-images 200] [--repeat 1]
+    python benchmarks/bench_pipeline.py [--coco-images 200] [--sa1b-images 200] [--repeat 1] [--baseline GIT_REV]
 """
 
 from __future__ import annotations
