@@ -78,7 +78,7 @@ def main() -> None:
 
     templates = load_templates()
     cfg = ExpressionConfig()
-    noun_forms("person")  # imports inflect (about 2 s, once per process): not per-image work
+    noun_forms("person")  # first-call costs (COCO names come from a table; others import inflect): not per-image work
     t0 = time.perf_counter()
     n_cands = 0
     for k, s in enumerate(scenes):

@@ -93,6 +93,8 @@ _BY_ID = {c.id: c for c in DEMO_CATEGORIES}
 
 # (width, height) in pixels; small so that the demo runs fast on 2 cores.
 IMAGE_SIZES: tuple[tuple[int, int], ...] = ((256, 192), (288, 216), (320, 240))
+# COCO's common sizes, for the dense scenes of the throughput benchmark.
+DENSE_IMAGE_SIZES: tuple[tuple[int, int], ...] = ((640, 480), (640, 427), (480, 640))
 
 # Per-source salt of the scene seed, so that sources draw different scenes.
 _SALT = {"sa1b": 1, "coco": 2, "refcoco": 3, "sa1b_regions": 4, "refs": 5}
@@ -222,7 +224,7 @@ def _visible_masks(full: list[np.ndarray]) -> list[np.ndarray]:
 
 
 def make_scene(
-    rng: np.random.Generator, w: int, h: int, *, crowd: bool = False
+    rng: np.random.Generator, w: int, h: int, *, crowd: bool = False, dense: bool = False
 ) -> tuple[np.ndarray, list[DemoObject]]:
     """Draws one scene of 2-3 categories, 1-3 instances each, with occlusions.
 
@@ -236,13 +238,22 @@ def make_scene(
         crowd: also draw a cluster of 5 small objects of the first category
             (under everything else), annotated as one ``iscrowd`` region; the
             category also gets separate instances.
+        dense: a COCO-like busy scene instead: 4-7 categories, 2-5
+            instances each, smaller objects (about 10-25 instances; the
+            throughput benchmark's input). The default scenes are unchanged.
 
     Returns:
         ``(image, objects)``: ``(h, w, 3)`` uint8 RGB and the objects in drawing
         order (crowd members first).
     """
-    cats = [DEMO_CATEGORIES[i] for i in rng.choice(len(DEMO_CATEGORIES), size=int(rng.integers(2, 4)), replace=False)]
-    plan = [cats[0]] * int(rng.integers(2, 4)) + [c for c in cats[1:] for _ in range(int(rng.integers(1, 3)))]
+    if dense:
+        cats = [DEMO_CATEGORIES[i] for i in rng.choice(len(DEMO_CATEGORIES), size=int(rng.integers(4, 8)), replace=False)]
+        plan = [cats[0]] * int(rng.integers(3, 6)) + [c for c in cats[1:] for _ in range(int(rng.integers(2, 5)))]
+        radius_frac = (0.05, 0.11)
+    else:
+        cats = [DEMO_CATEGORIES[i] for i in rng.choice(len(DEMO_CATEGORIES), size=int(rng.integers(2, 4)), replace=False)]
+        plan = [cats[0]] * int(rng.integers(2, 4)) + [c for c in cats[1:] for _ in range(int(rng.integers(1, 3)))]
+        radius_frac = (0.09, 0.17)
     plan = [plan[i] for i in rng.permutation(len(plan))]
 
     # (category, colour, polygon, full mask, crowd)
@@ -258,7 +269,7 @@ def make_scene(
 
     for cat in plan:
         for _ in range(40):
-            r = rng.uniform(0.09, 0.17) * h
+            r = rng.uniform(*radius_frac) * h
             if placed and rng.random() < 0.4:  # lean on an earlier object, so occlusions happen
                 px, py = _centre(placed[int(rng.integers(len(placed)))][3])
                 t = rng.uniform(0, 2 * np.pi)
@@ -304,21 +315,23 @@ def _keeps_visible(placed: list[tuple[Any, ...]], new: np.ndarray, min_frac: flo
     return True
 
 
-def demo_scene(seed: int, source: str, image_id: int) -> tuple[np.ndarray, list[DemoObject]]:
+def demo_scene(seed: int, source: str, image_id: int, *, dense: bool = False) -> tuple[np.ndarray, list[DemoObject]]:
     """The scene of one demo image: a pure function of its arguments.
 
     Args:
         seed: the demo seed (>= 0).
         source: ``sa1b``, ``coco`` or ``refcoco`` (gRefCOCO shares RefCOCO's images).
         image_id: the image id written to the source's files.
+        dense: a COCO-sized busy scene (see ``make_scene``).
 
     Returns:
         ``(image, objects)`` as from ``make_scene``.
     """
     rng = _rng(seed, source, image_id)
-    w, h = IMAGE_SIZES[int(rng.integers(len(IMAGE_SIZES)))]
+    sizes = DENSE_IMAGE_SIZES if dense else IMAGE_SIZES
+    w, h = sizes[int(rng.integers(len(sizes)))]
     crowd = source == "coco" and (image_id - COCO_IMAGE_ID_BASE - 1) % CROWD_EVERY == 0
-    return make_scene(rng, w, h, crowd=crowd)
+    return make_scene(rng, w, h, crowd=crowd, dense=dense)
 
 
 # ---------------------------------------------------------------- SA-1B regions
@@ -674,8 +687,11 @@ def write_sa1b(out_dir: Path, seed: int, n_shards: int, images_per_shard: int) -
     return shards
 
 
-def write_coco(out_dir: Path, seed: int, n_images: int) -> Path:
+def write_coco(out_dir: Path, seed: int, n_images: int, *, dense: bool = False) -> Path:
     """Writes ``annotations/instances_demo.json`` and ``images/<id:012d>.jpg``.
+
+    ``dense`` draws COCO-sized busy scenes (``make_scene``) instead of the
+    small default ones.
 
     Returns:
         The annotations path.
@@ -683,7 +699,7 @@ def write_coco(out_dir: Path, seed: int, n_images: int) -> Path:
     images, anns = [], []
     for k in range(n_images):
         image_id = COCO_IMAGE_ID_BASE + k + 1
-        image, objects = demo_scene(seed, "coco", image_id)
+        image, objects = demo_scene(seed, "coco", image_id, dense=dense)
         file_name = f"{image_id:012d}.jpg"
         _write(out_dir / "images" / file_name, _jpeg(image))
         images.append(_image_entry(image_id, file_name, image))
@@ -805,6 +821,7 @@ def generate_demo_inputs(
     sa1b_images_per_shard: int = 3,
     n_coco_images: int = 8,
     n_ref_images: int = 6,
+    dense_coco: bool = False,
 ) -> Path:
     """Writes a small synthetic input set in the real source formats.
 
@@ -818,6 +835,9 @@ def generate_demo_inputs(
         sa1b_images_per_shard: images per SA-1B shard (>= 1).
         n_coco_images: COCO images (>= 1).
         n_ref_images: RefCOCO / gRefCOCO images (>= 1).
+        dense_coco: draw the COCO images as COCO-sized busy scenes (about
+            10-25 instances each; the throughput benchmark's input) instead
+            of the small default scenes; the other sources are unchanged.
 
     Returns:
         The path of ``root/demo.yaml``, a config listing every input with
@@ -839,7 +859,7 @@ def generate_demo_inputs(
         raise ValueError(f"demo counts must be integers >= 1, got {bad}.")
     root = Path(root)
     shards = write_sa1b(root / "sa1b", seed, n_sa1b_shards, sa1b_images_per_shard)
-    write_coco(root / "coco", seed, n_coco_images)
+    write_coco(root / "coco", seed, n_coco_images, dense=dense_coco)
     write_refs(root, seed, n_ref_images)
     config_path = root / "demo.yaml"
     config = demo_config(seed, [p.relative_to(root).as_posix() for p in shards])

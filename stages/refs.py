@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import Counter
 
 from orsgen.schemas.records import ExpressionKind, ImageExample, Reject, RejectLevel, Sample, safe_key
-from orsgen.stages.common.targets import TargetError, attach_targets
+from orsgen.stages.common.targets import TargetCache, TargetError, attach_targets
 
 STAGE = "refs"
 
@@ -47,6 +47,8 @@ def add_human_samples(ex: ImageExample) -> tuple[ImageExample, list[Reject]]:
     by_ann = {i.source_ann_id: i for i in ex.instances if i.source_ann_id is not None}
     by_id = {i.instance_id: i for i in ex.instances}
     samples: list[Sample] = []
+    # Every sentence of a ref targets the same instances: their targets are computed once.
+    target_cache = TargetCache()
     rejects: list[Reject] = []
     w, h = ex.image.width, ex.image.height
     for ref in sorted(ex.refs, key=lambda r: r.ref_id):
@@ -84,7 +86,7 @@ def add_human_samples(ex: ImageExample) -> tuple[ImageExample, list[Reject]]:
                 metadata={"ref_id": ref.ref_id, "sent_id": sent.sent_id, "raw": sent.raw, "source_split": ref.split},
             )
             try:
-                samples.append(attach_targets(sample, by_id, w, h))
+                samples.append(attach_targets(sample, by_id, w, h, cache=target_cache))
             except TargetError as err:
                 rejects.append(Reject(sample_id, STAGE, err.reason, str(err), RejectLevel.SAMPLE, ex.image.image_id))
     return ex.replace(samples=ex.samples + tuple(samples)), rejects

@@ -9,6 +9,7 @@ from the runs.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -151,16 +152,52 @@ def rle_difference(a: Rle, b: Rle) -> Rle:
 # ---------------------------------------------------------------- runs and crops
 
 
+#: Decoded runs kept per process (bounded: a few hundred masks' runs, reused
+#: by the centroid, the points and the polygon of one instance).
+RUNS_CACHE_SIZE = 256
+
+
 def rle_counts_to_runs(counts: str) -> np.ndarray:
-    """Decodes COCO's compressed counts string into run lengths.
+    """Decodes COCO's compressed counts string into run lengths (read-only array).
+
+    The last ``RUNS_CACHE_SIZE`` decodings are kept: the centroid, interior
+    points and polygon of one instance all start from its runs.
+
+    Args:
+        counts: the compressed counts string.
+
+    Returns:
+        int64 array of alternating run lengths, starting with zeros, in
+        column-major (Fortran) pixel order; read-only (it may be shared), so
+        copy it before changing it.
+
+    Raises:
+        MaskError: the string is not valid compressed RLE.
+    """
+    key = counts.encode("ascii") if isinstance(counts, str) else bytes(counts)
+    return _cached_runs(key)
+
+
+@functools.lru_cache(maxsize=RUNS_CACHE_SIZE)
+def _cached_runs(data: bytes) -> np.ndarray:
+    runs = _decode_counts(data)
+    runs.flags.writeable = False
+    return runs
+
+
+def _decode_counts(data: bytes) -> np.ndarray:
+    """Decodes COCO's compressed counts bytes into run lengths.
 
     COCO packs each run as 5-bit groups (LEB128-like, offset by 48) and stores
     runs after the second as deltas from the run two before. pycocotools does
     not expose this decoder, and decoding the whole mask to get runs would
-    defeat the purpose, so it is done here.
+    defeat the purpose, so it is done here, vectorised with numpy (every
+    run's groups are summed at once and the deltas undone with two cumulative
+    sums); a string with a run longer than 12 groups (60 bits, never made by a
+    real mask) takes the scalar decoder, which gives the same answer.
 
     Args:
-        counts: the compressed counts string.
+        data: the compressed counts as bytes.
 
     Returns:
         int64 array of alternating run lengths, starting with zeros, in
@@ -169,7 +206,40 @@ def rle_counts_to_runs(counts: str) -> np.ndarray:
     Raises:
         MaskError: the string is not valid compressed RLE.
     """
-    data = counts.encode("ascii") if isinstance(counts, str) else counts
+    n = len(data)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    c = np.frombuffer(data, dtype=np.uint8).astype(np.int64) - 48
+    bad = (c < 0) | (c > 63)
+    if bad.any():
+        p = int(np.argmax(bad))
+        raise MaskError("bad_rle", f"compressed RLE counts hold an invalid byte {data[p]!r}.")
+    last = (c & 0x20) == 0  # the final 5-bit group of a run
+    if not last[-1]:
+        raise MaskError("bad_rle", "compressed RLE counts end in the middle of a run.")
+    ends = np.flatnonzero(last)
+    firsts = np.empty_like(ends)
+    firsts[0] = 0
+    firsts[1:] = ends[:-1] + 1
+    group_len = ends - firsts + 1
+    max_groups = int(group_len.max())
+    if max_groups > 12 or ends.size * 2.0 ** (5 * max_groups) >= 2.0**62:
+        return _rle_counts_to_runs_scalar(data)
+    k = np.arange(n, dtype=np.int64) - np.repeat(firsts, group_len)
+    x = np.add.reduceat((c & 0x1F) << (5 * k), firsts)
+    # A set sign bit in a run's final group makes the run negative (a delta).
+    neg = (c[ends] & 0x10) != 0
+    x[neg] -= np.left_shift(1, 5 * group_len[neg])
+    # Runs after the second are deltas from the run two before.
+    x[1::2] = np.cumsum(x[1::2])
+    x[2::2] = np.cumsum(x[2::2])
+    if (x < 0).any():
+        raise MaskError("bad_rle", "compressed RLE decodes to a negative run length.")
+    return x
+
+
+def _rle_counts_to_runs_scalar(data: bytes) -> np.ndarray:
+    """The byte-at-a-time decoder (for runs beyond 60 bits, which int64 cannot sum)."""
     runs: list[int] = []
     p = 0
     n = len(data)
@@ -192,10 +262,11 @@ def rle_counts_to_runs(counts: str) -> np.ndarray:
         if len(runs) > 2:
             x += runs[-2]
         runs.append(x)
-    arr = np.asarray(runs, dtype=np.int64)
-    if arr.size and (arr < 0).any():
+    if any(r < 0 for r in runs):
         raise MaskError("bad_rle", "compressed RLE decodes to a negative run length.")
-    return arr
+    if any(r >= 2**63 for r in runs):
+        raise MaskError("bad_rle", "compressed RLE counts decode to a run longer than any image.")
+    return np.asarray(runs, dtype=np.int64)
 
 
 def validate_rle(rle: Rle) -> None:
@@ -254,14 +325,17 @@ def decode_crop(
         return out, (wx0, wy0)
     runs = rle_counts_to_runs(rle.counts)
     ends = np.cumsum(runs)
-    starts = ends - runs
     lo, hi = cx0 * h, cx1 * h
-    # Foreground runs are the odd ones; keep those overlapping the column strip.
-    fg = np.arange(runs.size) % 2 == 1
-    sel = fg & (ends > lo) & (starts < hi)
-    strip = np.zeros(hi - lo, dtype=bool)
-    for s, e in zip(np.maximum(starts[sel], lo) - lo, np.minimum(ends[sel], hi) - lo):
-        strip[s:e] = True
+    # The runs overlapping the column strip, clipped to it, expanded in one
+    # np.repeat (foreground runs are the odd ones).
+    first = int(np.searchsorted(ends, lo, side="right"))
+    last = int(np.searchsorted(ends, hi, side="left")) + 1
+    idx = np.arange(first, min(last, runs.size))
+    seg_ends = np.minimum(ends[idx], hi)
+    seg_starts = np.maximum(ends[idx] - runs[idx], lo)
+    strip = np.repeat(idx % 2 == 1, np.maximum(seg_ends - seg_starts, 0))
+    if strip.size < hi - lo:  # runs that stop short of the strip: the rest is background
+        strip = np.concatenate([strip, np.zeros(hi - lo - strip.size, dtype=bool)])
     cols = strip.reshape(cx1 - cx0, h).T  # column-major -> (h, ncols)
     out[cy0 - wy0 : cy1 - wy0, cx0 - wx0 : cx1 - wx0] = cols[cy0:cy1]
     return out, (wx0, wy0)
@@ -293,8 +367,14 @@ def encode_crop(crop: np.ndarray, origin_xy: tuple[int, int], size: tuple[int, i
 
 POINT_RULES = ("orsgen", "segzero")
 
+#: ``decode_crop(rle, pad_px=1)`` of a mask: what ``interior_points`` and
+#: ``rle_to_geometry`` both start from.
+PaddedCrop = tuple[np.ndarray, tuple[int, int]]
 
-def interior_points(rle: Rle, rule: str = "orsgen") -> tuple[tuple[int, int], tuple[int, int]]:
+
+def interior_points(
+    rle: Rle, rule: str = "orsgen", crop: PaddedCrop | None = None
+) -> tuple[tuple[int, int], tuple[int, int]]:
     """Two interior points by the Seg-Zero rule (``rule="orsgen"``) or exactly as Seg-Zero's code.
 
     The first point is the maximum of the mask's distance transform (the
@@ -317,6 +397,7 @@ def interior_points(rle: Rle, rule: str = "orsgen") -> tuple[tuple[int, int], tu
         rle: a non-empty mask.
         rule: ``orsgen`` (points keep away from the image border) or
             ``segzero`` (Seg-Zero's own rule).
+        crop: ``decode_crop(rle, pad_px=1)`` if already decoded (not changed).
 
     Returns:
         ``((x1, y1), (x2, y2))`` in integer image pixel coordinates.
@@ -331,7 +412,7 @@ def interior_points(rle: Rle, rule: str = "orsgen") -> tuple[tuple[int, int], tu
         raise MaskError("empty_mask", "interior points of an empty mask do not exist.")
     if rule == "segzero":
         return _segzero_points(rle)
-    crop, (ox, oy) = decode_crop(rle, pad_px=1)
+    crop, (ox, oy) = crop if crop is not None else decode_crop(rle, pad_px=1)
     dist = cv2.distanceTransform(crop.astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
     # The precise transform is exact: sqrt of an integer squared distance. Its
     # float32 result varies in the last bits between calls on different
@@ -412,7 +493,7 @@ def _segzero_points(rle: Rle) -> tuple[tuple[int, int], tuple[int, int]]:
 # ---------------------------------------------------------------- polygons
 
 
-def rle_to_geometry(rle: Rle, tolerance_px: float = 0.0) -> BaseGeometry:
+def rle_to_geometry(rle: Rle, tolerance_px: float = 0.0, crop: PaddedCrop | None = None) -> BaseGeometry:
     """A valid shapely (Multi)Polygon tracing the mask's pixel outline.
 
     Contours come from OpenCV on the cropped mask (outer rings and holes).
@@ -424,6 +505,7 @@ def rle_to_geometry(rle: Rle, tolerance_px: float = 0.0) -> BaseGeometry:
         rle: the mask.
         tolerance_px: Douglas-Peucker simplification tolerance in pixels
             (0 keeps every vertex).
+        crop: ``decode_crop(rle, pad_px=1)`` if already decoded (not changed).
 
     Returns:
         A valid ``Polygon`` or ``MultiPolygon`` in image pixel coordinates; an
@@ -431,7 +513,7 @@ def rle_to_geometry(rle: Rle, tolerance_px: float = 0.0) -> BaseGeometry:
     """
     if rle_area(rle) == 0:
         return Polygon()
-    crop, (ox, oy) = decode_crop(rle, pad_px=1)
+    crop, (ox, oy) = crop if crop is not None else decode_crop(rle, pad_px=1)
     contours, hierarchy = cv2.findContours(crop.astype(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
     if hierarchy is None:
         return Polygon()
@@ -448,10 +530,20 @@ def rle_to_geometry(rle: Rle, tolerance_px: float = 0.0) -> BaseGeometry:
             child = hier[child][0]
         polys.append(outer)
     geom = shapely.unary_union(polys)
-    geom = shapely.make_valid(geom)
+    geom = _make_valid(geom)
     if tolerance_px > 0:
-        geom = shapely.make_valid(geom.simplify(tolerance_px, preserve_topology=True))
+        geom = _make_valid(geom.simplify(tolerance_px, preserve_topology=True))
     return _polygonal(geom)
+
+
+def _make_valid(geom: BaseGeometry) -> BaseGeometry:
+    """``shapely.make_valid``, skipped for a geometry that is already valid.
+
+    GEOS's MakeValid returns an exact clone of a valid input (it checks
+    validity first), so the answer is the same; but its check costs several
+    times GEOS's ``is_valid``, and almost every mask outline is valid.
+    """
+    return geom if geom.is_valid else shapely.make_valid(geom)
 
 
 def _ring_geometry(cnt: np.ndarray, ox: int, oy: int, grow: bool = True) -> BaseGeometry:
@@ -461,7 +553,7 @@ def _ring_geometry(cnt: np.ndarray, ox: int, oy: int, grow: bool = True) -> Base
     elif len(pts) == 2:
         g = shapely.LineString(pts)
     else:
-        g = shapely.make_valid(Polygon(pts))
+        g = _make_valid(Polygon(pts))
     return g.buffer(0.5, join_style="mitre", cap_style="square") if grow else g
 
 
@@ -472,7 +564,7 @@ def _polygonal(geom: BaseGeometry) -> BaseGeometry:
     parts = [g for g in getattr(geom, "geoms", []) if isinstance(g, (Polygon, MultiPolygon))]
     if not parts:
         return Polygon()
-    return shapely.make_valid(shapely.unary_union(parts))
+    return _make_valid(shapely.unary_union(parts))
 
 
 def geometry_to_coco_polygons(geom: BaseGeometry) -> list[list[float]]:
@@ -578,12 +670,17 @@ def svg_path(geom: BaseGeometry, width: int, height: int, precision: int = 4) ->
     """
     parts: list[str] = []
 
+    point = f"%.{precision}f %.{precision}f"
+
     def ring(coords: Any) -> str:
         pts = np.asarray(coords)[:-1]
-        xs = np.clip(pts[:, 0] / width, 0.0, 1.0)
-        ys = np.clip(pts[:, 1] / height, 0.0, 1.0)
-        cmds = [f"{'M' if i == 0 else 'L'} {x:.{precision}f} {y:.{precision}f}" for i, (x, y) in enumerate(zip(xs, ys))]
-        return " ".join(cmds) + " Z"
+        xs = np.clip(pts[:, 0] / width, 0.0, 1.0).tolist()
+        ys = np.clip(pts[:, 1] / height, 0.0, 1.0).tolist()
+        if not xs:
+            return " Z"
+        # "M p0 L p1 L p2 ... Z"; %-formatting of Python floats writes the
+        # same digits as format() of the numpy values, several times faster.
+        return "M " + " L ".join([point % xy for xy in zip(xs, ys)]) + " Z"
 
     for poly in _iter_polygons(geom):
         parts.append(ring(poly.exterior.coords))

@@ -3,15 +3,21 @@
 Trainers of the Seg-Zero / LENS / GenSeg-R1 / Qwen3-VL-Seg family consume a
 box plus two interior points per target; Moondream-style trainers consume a
 normalised SVG path. Every sample carries all of them, computed once here.
+
+Several samples of one image often share targets ("the cups", "the leftmost
+cup", "the red cup" ...). A ``TargetCache`` made once per image lets
+``attach_targets`` compute each instance's points once and each target set's
+union mask and SVG path once, whatever the number of samples that use them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
+from typing import Any
 
-from orsgen.schemas.records import Instance, Sample, TargetGeometry
-from orsgen.stages.common.masks import interior_points, rle_to_geometry, rle_union, svg_path
+from orsgen.schemas.records import Instance, Rle, Sample, TargetGeometry
+from orsgen.stages.common.masks import PaddedCrop, decode_crop, interior_points, rle_to_geometry, rle_union, svg_path
 
 
 class TargetError(ValueError):
@@ -41,9 +47,12 @@ def qwen_box(bbox_xyxy: Sequence[float], width: int, height: int) -> tuple[int, 
     return (norm(x0, width), norm(y0, height), norm(x1, width), norm(y1, height))
 
 
-def target_geometry(inst: Instance, width: int, height: int) -> TargetGeometry:
-    """Box, interior points and Qwen box of one target instance."""
-    p1, p2 = interior_points(inst.rle)
+def target_geometry(inst: Instance, width: int, height: int, crop: PaddedCrop | None = None) -> TargetGeometry:
+    """Box, interior points and Qwen box of one target instance.
+
+    ``crop`` is ``decode_crop(inst.rle, pad_px=1)`` if already decoded.
+    """
+    p1, p2 = interior_points(inst.rle, crop=crop)
     return TargetGeometry(
         instance_id=inst.instance_id,
         bbox_xyxy=tuple(float(v) for v in inst.bbox_xyxy),  # type: ignore[arg-type]
@@ -53,6 +62,50 @@ def target_geometry(inst: Instance, width: int, height: int) -> TargetGeometry:
     )
 
 
+class TargetCache:
+    """Trainer targets already computed for one image, reused across its samples.
+
+    Keys hold everything a value depends on (the instance's id, mask and box;
+    the masks of a target set; the image size and SVG tolerance), so a hit
+    returns exactly what a fresh computation would. Make one per image (or
+    per stage call): it grows with the image's distinct targets and target
+    sets, and is dropped with the image.
+    """
+
+    __slots__ = ("_crops", "_geoms", "_shapes")
+
+    def __init__(self) -> None:
+        self._crops: dict[tuple[Any, ...], PaddedCrop] = {}
+        self._geoms: dict[tuple[Any, ...], TargetGeometry] = {}
+        self._shapes: dict[tuple[Any, ...], tuple[Rle, str]] = {}
+
+    def crop(self, rle: Rle) -> PaddedCrop:
+        """``decode_crop(rle, pad_px=1)``, decoded once per mask (points and polygon share it)."""
+        key = (rle.counts, rle.size)
+        got = self._crops.get(key)
+        if got is None:
+            got = self._crops[key] = decode_crop(rle, pad_px=1)
+        return got
+
+    def geometry(self, inst: Instance, width: int, height: int) -> TargetGeometry:
+        """``target_geometry(inst, width, height)``, computed once per instance."""
+        key = (inst.instance_id, inst.rle.counts, inst.rle.size, tuple(inst.bbox_xyxy), width, height)
+        got = self._geoms.get(key)
+        if got is None:
+            got = self._geoms[key] = target_geometry(inst, width, height, self.crop(inst.rle))
+        return got
+
+    def union_and_svg(self, targets: Sequence[Instance], width: int, height: int, tolerance_px: float) -> tuple[Rle, str]:
+        """The union mask and SVG path of ``targets``, computed once per target set."""
+        key = (tuple((t.rle.counts, t.rle.size) for t in targets), width, height, tolerance_px)
+        got = self._shapes.get(key)
+        if got is None:
+            union = rle_union([t.rle for t in targets], size=(height, width))
+            svg = svg_path(rle_to_geometry(union, tolerance_px, self.crop(union)), width, height) if targets else ""
+            got = self._shapes[key] = (union, svg)
+        return got
+
+
 def attach_targets(
     sample: Sample,
     instances: Mapping[str, Instance],
@@ -60,6 +113,7 @@ def attach_targets(
     height: int,
     *,
     svg_tolerance_px: float = 1.0,
+    cache: TargetCache | None = None,
 ) -> Sample:
     """Fills a sample's trainer targets from its ``target_ids``.
 
@@ -69,6 +123,8 @@ def attach_targets(
         width: image width in pixels.
         height: image height in pixels.
         svg_tolerance_px: simplification tolerance of the SVG path, in pixels.
+        cache: the image's ``TargetCache``; samples that share targets then
+            share their computation (the result is the same with or without).
 
     Returns:
         The sample with ``union_rle``, ``union_svg`` and ``targets`` set; a
@@ -85,7 +141,8 @@ def attach_targets(
     for t in targets:
         if t.area_px <= 0:
             raise TargetError("empty_mask", f"target {t.instance_id} has an empty mask.")
-    union = rle_union([t.rle for t in targets], size=(height, width))
-    geoms = tuple(target_geometry(t, width, height) for t in targets)
-    svg = svg_path(rle_to_geometry(union, svg_tolerance_px), width, height) if targets else ""
+    if cache is None:
+        cache = TargetCache()
+    union, svg = cache.union_and_svg(targets, width, height, svg_tolerance_px)
+    geoms = tuple(cache.geometry(t, width, height) for t in targets)
     return dataclasses.replace(sample, union_rle=union, union_svg=svg, targets=geoms)

@@ -31,7 +31,7 @@ from orsgen.stages.expressions.negatives import negative_candidates
 from orsgen.stages.expressions.templates import TemplateSet
 from orsgen.stages.expressions.vocabulary import load_vocabulary
 from orsgen.stages.regions import select_regions
-from orsgen.stages.common.targets import TargetError, attach_targets
+from orsgen.stages.common.targets import TargetCache, TargetError, attach_targets
 
 STAGE = "expressions"
 GENERATOR = "template"
@@ -154,6 +154,8 @@ def add_expressions(
     samples: list[Sample] = []
     rejects: list[Reject] = []
     existing = {s.sample_id for s in ex.samples}
+    # Samples of one image share targets: points, unions and SVG paths are computed once.
+    target_cache = TargetCache()
     for cand in selected:
         sid = sample_id_of(ex.key, cand)
         if sid in existing:
@@ -169,7 +171,7 @@ def add_expressions(
             metadata={**cand.metadata, "templates_version": templates.version, "vocabulary_version": coverage.version},
         )
         try:
-            samples.append(attach_targets(sample, by_id, w, h))
+            samples.append(attach_targets(sample, by_id, w, h, cache=target_cache))
         except TargetError as err:
             rejects.append(Reject(sid, STAGE, err.reason, str(err), RejectLevel.SAMPLE, ex.image.image_id))
     counts["images"] += 1

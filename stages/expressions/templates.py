@@ -303,6 +303,13 @@ def _inflect_engine() -> Any:
 
 @functools.lru_cache(maxsize=4096)
 def _plural(name: str) -> str:
+    # COCO's names come from a table of inflect's own answers: importing
+    # inflect costs seconds of start-up that such a run need not pay.
+    from orsgen.stages.expressions.plurals import KNOWN_PLURALS
+
+    known = KNOWN_PLURALS.get(name)
+    if known is not None:
+        return known
     return str(_inflect_engine().plural_noun(name))
 
 

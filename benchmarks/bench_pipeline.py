@@ -1,0 +1,443 @@
+"""Benchmark: what Beam costs (P2), start-up, and images/s/core of the whole build.
+
+The same build three ways, on the same inputs, in one run:
+
+* ``loop``: a plain Python loop that calls the build's pure stage functions in
+  the pipeline's order (ingest, expressions, regions, human samples, splits,
+  encode, then one ``write_bucket`` per (split, bucket), the rejects and the
+  manifest). No Beam.
+* ``beam-1``: ``run_pipeline`` on the Python direct runner (FnApiRunner) in
+  this process.
+* ``beam-2``: the direct runner with 2 worker processes
+  (``--direct_num_workers=2 --direct_running_mode=multi_processing``).
+
+The loop and both Beam runs must write byte-identical data files (WebDataset,
+Parquet, rejects): the benchmark checks it, so the loop is the same work.
+
+Inputs come from the demo generator (``pipelines/demo_data.py``), in the real
+source formats: COCO-format annotations with COCO-sized busy scenes
+(``dense_coco``: 640x480-ish, about 10-25 instances each) and SA-1B-format tar
+shards (JPEG + per-image JSON). They are synthetic: no real COCO or SA-1B data
+is available offline. The COCO config is ``configs/coco_ors_bench.yaml``'s
+expressions / splits / write sections with the demo's input.
+
+Figures:
+
+* images/s/core: images over CPU seconds (user + system of this process and
+  its worker processes), so that a shared machine's idle waits do not count;
+  wall-clock images/s too.
+* overhead: Beam CPU (and wall) over the loop's, same inputs, same run.
+  Imports are paid before either is timed.
+* start-up: a fresh process building a 1-image COCO input, from process start
+  to the run's end (``orsgen run``), next to the time to import what it needs
+  and the same 1 image through the loop in a fresh process.
+
+    python benchmarks/bench_pipeline.py [--coco-images 200] [--sa1b-images 200] [--repeat 1] [--baseline GIT_REV]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import hashlib
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------ inputs
+
+
+def make_inputs(root: Path, n_coco: int, n_sa1b: int, seed: int = 0) -> tuple[Path, Path]:
+    """Writes the inputs (once; reused when present) and one config per format.
+
+    Returns:
+        ``(coco config path, sa1b config path)``.
+    """
+    from orsgen.pipelines.demo_data import write_coco, write_sa1b
+
+    stamp = root / f"done-{n_coco}-{n_sa1b}-{seed}"
+    per_shard = min(25, n_sa1b)
+    if not stamp.exists():
+        shutil.rmtree(root, ignore_errors=True)
+        write_coco(root / "coco", seed, n_coco, dense=True)
+        n_shards = max(1, -(-n_sa1b // per_shard))
+        write_sa1b(root / "sa1b", seed, n_shards, per_shard)
+        stamp.write_text("ok\n")
+    bench = yaml.safe_load((REPO / "configs" / "coco_ors_bench.yaml").read_text())
+    coco = {
+        **{k: v for k, v in bench.items() if k != "inputs"},
+        "inputs": [{"name": "coco", "type": "coco", "annotations": "coco/annotations/instances_demo.json",
+                    "images": "coco/images"}],
+    }
+    sa1b = {
+        "name": "bench-sa1b",
+        "seed": 0,
+        "inputs": [{"name": "sa1b", "type": "sa1b", "shards": ["sa1b/sa_*.tar"], "max_images": n_sa1b}],
+        "write": {"num_buckets": bench["write"]["num_buckets"]},
+    }
+    paths = []
+    for name, cfg in (("coco", coco), ("sa1b", sa1b)):
+        p = root / f"bench_{name}.yaml"
+        p.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        paths.append(p)
+    return paths[0], paths[1]
+
+
+def one_image_config(coco_cfg: Path) -> Path:
+    """The COCO config limited to its first image (for the start-up figure)."""
+    data = yaml.safe_load(coco_cfg.read_text())
+    data["inputs"][0]["max_images"] = 1
+    p = coco_cfg.with_name("bench_coco_1.yaml")
+    p.write_text(yaml.safe_dump(data, sort_keys=False))
+    return p
+
+
+# ------------------------------------------------------------------ the plain loop
+
+
+def plain_loop(cfg: Any, out: str) -> dict[str, int]:
+    """The build as a plain loop over the pipeline's stage functions.
+
+    Same functions, same order, same arguments as ``pipelines/build.py``;
+    single-input configs only (the benchmark's), so splits are the per-example
+    ``splits_stage``.
+
+    Returns:
+        The summed counting events (the manifest's inputs).
+    """
+    from orsgen.pipelines.build import _manifest_fn, refs_stage, regions_stage, splits_stage
+    from orsgen.pipelines.transforms import example_events
+    from orsgen.schemas.config import Sa1bInput
+    from orsgen.schemas.records import ImageExample, Reject
+    from orsgen.stages.expressions import expressions_stage, load_templates
+    from orsgen.stages.ingest import coco as ingest_coco, sa1b as ingest_sa1b
+    from orsgen.stages.ingest.dedupe import dedupe_by_key
+    from orsgen.stages.write import bucket_of, encode_example, write_bucket, write_rejects_bucket
+
+    assert len(cfg.inputs) == 1, "the plain loop handles single-input configs"
+    inp = cfg.inputs[0]
+    input_types = {inp.name: inp.type}
+    events: Counter[str] = Counter()
+    rejects: list[Any] = []
+    vocab: dict[str, Any] = {}
+
+    def reader_items() -> Any:
+        if isinstance(inp, Sa1bInput):
+            for shard in ingest_sa1b.expand_shards(inp.shards):
+                yield from ingest_sa1b.read_sa1b_shard(shard, input_name=inp.name, image_cfg=cfg.image,
+                                                       max_images=inp.max_images)
+            return
+        categories, items = ingest_coco.plan_input(inp)
+        vocab[inp.name] = tuple(categories)
+        for item in items:
+            if isinstance(item, Reject):
+                rejects.append(item)
+                events[f"ingest_rejects/{item.level}"] += 1
+            else:
+                yield from ingest_coco.load_task(item, image_cfg=cfg.image)
+
+    templates = load_templates(cfg.expressions.templates) if cfg.expressions.enabled else None
+    stages = [
+        (functools.partial(expressions_stage, cfg=cfg, input_types=input_types, templates=templates), (vocab,)),
+        (functools.partial(regions_stage, cfg=cfg, input_types=input_types), ()),
+        (refs_stage, ()),
+        (functools.partial(splits_stage, cfg=cfg), ()),
+    ]
+    formats = list(cfg.write.formats)
+    nb = cfg.write.num_buckets
+    groups: dict[tuple[str, int], list[Any]] = defaultdict(list)
+    for item in reader_items():
+        if isinstance(item, Reject):
+            rejects.append(item)
+            events[f"ingest_rejects/{item.level}"] += 1
+            continue
+        assert isinstance(item, ImageExample)
+        for k, n in example_events("read", item):
+            events[k] += n
+        ex: Any = item
+        for fn, side in stages:
+            before = {s.sample_id for s in ex.samples}
+            result = fn(ex, *side)
+            new, stage_rejects = result[0], result[1]
+            for k, n in result[2] if len(result) > 2 else ():
+                events[k] += n
+            rejects.extend(stage_rejects)
+            if new is None:
+                for level, n in (("instances", len(ex.instances)), ("refs", len(ex.refs)), ("samples", len(ex.samples))):
+                    events[f"dropped_with_image/{level}"] += n
+                ex = None
+                break
+            after = {s.sample_id for s in new.samples}
+            keys = {r.source_key for r in stage_rejects if r.level == "sample"}
+            events["created/samples"] += len(after - before) + len(keys - before)
+            ex = new
+        if ex is None:
+            continue
+        enc = encode_example(ex, formats=formats)
+        groups[(enc.split, bucket_of(enc.key, nb))].append(enc)
+    stats = []
+    for (split, bucket), encs in sorted(groups.items()):
+        kept, dropped = dedupe_by_key(encs)
+        for dup, reject in dropped:
+            rejects.append(reject)
+            for level, n in (("instances", dup.n_instances), ("refs", dup.n_refs), ("samples", dup.n_samples)):
+                events[f"dropped_with_image/{level}"] += n
+        events["written/images"] += len(kept)
+        for level in ("instances", "refs", "samples"):
+            events[f"written/{level}"] += sum(getattr(e, f"n_{level}") for e in kept)
+        stats.extend(write_bucket(out, split, bucket, kept, cfg.write))
+    by_bucket: dict[int, list[Any]] = defaultdict(list)
+    for r in rejects:
+        by_bucket[bucket_of(r.source_key, nb)].append(r)
+    stats.extend(write_rejects_bucket(out, b, rs) for b, rs in sorted(by_bucket.items()))
+    _manifest_fn(None, out=out, cfg=cfg, stats=stats, events={k: v for k, v in events.items() if v})
+    return dict(events)
+
+
+# ------------------------------------------------------------------ measuring
+
+
+def _cpu_s() -> float:
+    """CPU seconds (user + system) of this process and its waited-for children."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+@dataclasses.dataclass
+class Timing:
+    wall_s: float
+    cpu_s: float
+
+
+def timed(fn: Any, *args: Any, **kwargs: Any) -> Timing:
+    c0, t0 = _cpu_s(), time.perf_counter()
+    fn(*args, **kwargs)
+    return Timing(time.perf_counter() - t0, _cpu_s() - c0)
+
+
+def _quiet_workers(fn: Any) -> Any:
+    """``fn`` with file descriptor 2 sent to /dev/null (Beam's worker processes log every bundle at INFO)."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            os.close(devnull)
+
+    return call
+
+
+def data_digest(out: Path) -> str:
+    """One digest of every data file (WebDataset, Parquet, rejects) under ``out``."""
+    h = hashlib.sha256()
+    for sub in ("webdataset", "parquet", "rejects"):
+        for p in sorted((out / sub).rglob("*")):
+            if p.is_file():
+                h.update(p.relative_to(out).as_posix().encode() + b"\0" + hashlib.sha256(p.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def written_images(out: Path) -> int:
+    import json
+
+    return int(json.loads((out / "manifest.json").read_text())["counts"]["written"])
+
+
+def fresh_process(argv: list[str]) -> Timing:
+    """Wall and CPU seconds of a fresh process running ``argv`` (start to exit)."""
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    c0, t0 = kids.ru_utime + kids.ru_stime, time.perf_counter()
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return Timing(time.perf_counter() - t0, kids.ru_utime + kids.ru_stime - c0)
+
+
+def machine() -> str:
+    try:
+        model = next(
+            line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
+    except (OSError, StopIteration):
+        model = platform.processor() or "unknown CPU"
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (f"{os.cpu_count()} CPU(s), {model}; Python {platform.python_version()}; "
+            f"1-min load average at start {load:.1f}")
+
+
+# ------------------------------------------------------------------ main
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--coco-images", type=int, default=200)
+    ap.add_argument("--sa1b-images", type=int, default=200)
+    ap.add_argument("--repeat", type=int, default=1, help="timed repeats of each way (the best is kept)")
+    ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "orsgen-bench-pipeline",
+                    help="scratch folder; generated inputs are kept there and reused")
+    ap.add_argument("--skip-workers", action="store_true", help="skip the 2-worker-process run")
+    ap.add_argument("--baseline", metavar="GIT_REV", default=None,
+                    help="also compare the plain loop's per-image CPU with this git revision (e.g. the commit before "
+                         "the optimisation), alternating fresh processes on the COCO-style input")
+    ap.add_argument("--only-baseline", action="store_true", help="run only the --baseline comparison")
+    args = ap.parse_args()
+    started = time.perf_counter()
+    print(f"machine: {machine()}")
+
+    t0 = time.perf_counter()
+    coco_cfg_path, sa1b_cfg_path = make_inputs(args.work / "inputs", args.coco_images, args.sa1b_images)
+    print(f"inputs: {args.coco_images} COCO-format dense demo scenes, {args.sa1b_images} SA-1B-format demo images "
+          f"(synthetic, pipelines/demo_data.py) ready in {time.perf_counter() - t0:.1f} s")
+
+    one = one_image_config(coco_cfg_path)
+    if args.baseline:
+        compare_with_revision(args.baseline, coco_cfg_path, one, args.work, max(args.repeat, 2))
+        if args.only_baseline:
+            return
+    # Start-up first, while nothing is cached in this process.
+    py = sys.executable
+    out1 = args.work / "startup"
+    shutil.rmtree(out1, ignore_errors=True)
+    startup = {
+        "bare Python": fresh_process([py, "-c", "pass"]),
+        "import apache_beam": fresh_process([py, "-c", "import apache_beam"]),
+        "import the pipeline modules": fresh_process([py, "-c", "import orsgen.pipelines.run, orsgen.pipelines.build"]),
+        "plain loop, 1 image": fresh_process([py, __file__, "--one-loop", str(one), str(out1 / "loop")]),
+        "`orsgen run`, 1 image": fresh_process([py, "-m", "orsgen.pipelines.cli", "run", str(one), "--out",
+                                                 str(out1 / "beam"), "--quiet"]),
+    }
+    print("start-up, fresh process from start to exit (1 COCO-style image):")
+    for what, t in startup.items():
+        print(f"  {what:<30} {t.wall_s:6.2f} s wall {t.cpu_s:6.2f} s CPU")
+
+    from orsgen.pipelines.run import run_pipeline
+    from orsgen.schemas.config import load_config
+
+    ways: list[tuple[str, Any]] = [
+        ("loop", lambda cfg, out: plain_loop(cfg, str(out))),
+        ("beam-1", lambda cfg, out: run_pipeline(cfg, str(out), ["--runner=FnApiRunner"], show_progress=False)),
+    ]
+    if not args.skip_workers:
+        ways.append(("beam-2", lambda cfg, out: _quiet_workers(run_pipeline)(
+            cfg, str(out), ["--runner=FnApiRunner", "--direct_num_workers=2", "--direct_running_mode=multi_processing"],
+            show_progress=False)))
+    rows = []
+    for label, path in (("COCO-style", coco_cfg_path), ("SA-1B-format", sa1b_cfg_path)):
+        cfg = load_config(path)
+        # Warm-up: imports and the first-call costs of both paths, untimed.
+        warm = load_config(one) if label == "COCO-style" else cfg.model_copy(
+            update={"inputs": [cfg.inputs[0].model_copy(update={"max_images": 1})]})
+        for way, fn in ways[:2]:
+            w = args.work / f"warm-{label}-{way}"
+            shutil.rmtree(w, ignore_errors=True)
+            fn(warm, w)
+        res: dict[str, Timing] = {}
+        digests: dict[str, str] = {}
+        n_images = 0
+        for r in range(args.repeat):
+            for way, fn in ways:
+                out = args.work / f"out-{label}-{way}-{r}"
+                shutil.rmtree(out, ignore_errors=True)
+                t = timed(fn, cfg, out)
+                if way not in res or t.cpu_s < res[way].cpu_s:
+                    res[way] = t
+                digests[way] = data_digest(out)
+                n_images = written_images(out)
+                shutil.rmtree(out, ignore_errors=True)
+        if len(set(digests.values())) != 1:
+            raise SystemExit(f"{label}: the ways wrote different data files: {digests}")
+        base = res["loop"]
+        for way, t in res.items():
+            rows.append((label, way, n_images, t, t.cpu_s / base.cpu_s, t.wall_s / base.wall_s))
+    print()
+    print(f"{'input':<13} {'way':<7} {'images':>6} {'wall s':>7} {'CPU s':>7} {'img/s':>6} {'img/s/core':>10} "
+          f"{'CPU vs loop':>11} {'wall vs loop':>12}")
+    for label, way, n, t, cpu_ratio, wall_ratio in rows:
+        print(f"{label:<13} {way:<7} {n:>6} {t.wall_s:>7.2f} {t.cpu_s:>7.2f} {n / t.wall_s:>6.1f} "
+              f"{n / t.cpu_s:>10.1f} {cpu_ratio:>10.2f}x {wall_ratio:>11.2f}x")
+    print("\nimg/s/core = images / CPU seconds of this process and its workers; every way wrote byte-identical "
+          f"data files. Whole benchmark: {time.perf_counter() - started:.0f} s.")
+
+
+def _one_loop(cfg_path: str, out: str) -> None:
+    from orsgen.schemas.config import load_config
+
+    plain_loop(load_config(cfg_path), out)
+
+
+def _loop_cpu(cfg_path: str, warm_path: str, out: str) -> None:
+    """Prints the loop's warm CPU seconds on ``cfg_path`` (after one untimed run on ``warm_path``)."""
+    import json
+
+    from orsgen.schemas.config import load_config
+
+    shutil.rmtree(out, ignore_errors=True)
+    plain_loop(load_config(warm_path), out + "-warm")
+    shutil.rmtree(out + "-warm", ignore_errors=True)
+    cfg = load_config(cfg_path)
+    t = timed(plain_loop, cfg, out)
+    print(json.dumps({"cpu_s": t.cpu_s, "wall_s": t.wall_s, "images": written_images(Path(out)), "digest": data_digest(Path(out))}))
+    shutil.rmtree(out, ignore_errors=True)
+
+
+def compare_with_revision(rev: str, cfg_path: Path, warm_path: Path, work: Path, repeat: int) -> None:
+    """Per-image CPU of the plain loop at git revision ``rev`` against this tree, alternating runs.
+
+    ``rev``'s tree is exported (``git archive``) to a scratch folder that is put
+    first on ``PYTHONPATH`` of its runs, so both trees run the same loop code
+    on the same inputs, in fresh processes, one after the other.
+    """
+    import json
+
+    base = work / f"tree-{rev}"
+    if not (base / "orsgen" / "__init__.py").exists():
+        shutil.rmtree(base, ignore_errors=True)
+        (base / "orsgen").mkdir(parents=True)
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", rev], check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(base / "orsgen")], input=archive, check=True)
+    results: dict[str, list[dict[str, Any]]] = {rev: [], "this tree": []}
+    for _ in range(repeat):
+        for label, env_path in ((rev, str(base)), ("this tree", "")):
+            env = {**os.environ, "PYTHONPATH": env_path}
+            got = subprocess.run(
+                [sys.executable, __file__, "--loop-cpu", str(cfg_path), str(warm_path), str(work / "cmp-out")],
+                check=True, capture_output=True, text=True, env=env, cwd=REPO,
+            ).stdout.strip().splitlines()[-1]
+            results[label].append(json.loads(got))
+    best = {k: min(v, key=lambda r: r["cpu_s"]) for k, v in results.items()}
+    if len({r["digest"] for v in results.values() for r in v}) != 1:
+        raise SystemExit(f"revision {rev} and this tree wrote different data files")
+    n = best[rev]["images"]
+    b, t = best[rev]["cpu_s"] / n * 1e3, best["this tree"]["cpu_s"] / n * 1e3
+    runs = ", ".join(f"{k}: " + " / ".join(f"{r['cpu_s'] / n * 1e3:.1f}" for r in v) for k, v in results.items())
+    print(f"per-image CPU of the plain loop, warm, {n} images ({cfg_path.name}): {rev} {b:.1f} ms, this tree {t:.1f} ms: "
+          f"{b / t:.2f}x less; byte-identical data files (all runs, ms/image: {runs})")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--one-loop":
+        _one_loop(sys.argv[2], sys.argv[3])
+    elif len(sys.argv) == 5 and sys.argv[1] == "--loop-cpu":
+        _loop_cpu(sys.argv[2], sys.argv[3], sys.argv[4])
+    else:
+        main()

@@ -1,0 +1,280 @@
+"""The throughput work (issue 14): each shortcut gives exactly the answer of the work it skips.
+
+Faster RLE decoding, shared crops, cached trainer targets, the plural table and
+the MakeValid shortcut are checked against the slow, direct computations, each
+with a bad-input twin; the benchmark's plain loop is checked to write the
+same data files as the Beam pipeline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import shapely
+from pycocotools import mask as mask_utils
+from shapely.geometry import Polygon
+
+from orsgen.schemas.records import Instance, Rle, Sample
+from orsgen.stages.common import masks as M
+from orsgen.stages.common import targets as T
+from tests.conftest import random_mask
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _scalar_runs(counts: str) -> list[int]:
+    """COCO's counts decoder written out byte by byte (the reference)."""
+    runs: list[int] = []
+    data, p = counts.encode("ascii"), 0
+    while p < len(data):
+        x = k = 0
+        more = 1
+        while more:
+            c = data[p] - 48
+            x |= (c & 0x1F) << (5 * k)
+            more = c & 0x20
+            p += 1
+            k += 1
+            if not more and (c & 0x10):
+                x |= -1 << (5 * k)
+        if len(runs) > 2:
+            x += runs[-2]
+        runs.append(x)
+    return runs
+
+
+def _masks(rng: np.random.Generator, n: int = 80):
+    for i in range(n):
+        h, w = int(rng.integers(2, 80)), int(rng.integers(2, 80))
+        m = random_mask(rng, h, w, int(rng.integers(0, 4))) if i % 5 else rng.random((h, w)) < rng.random()
+        yield m
+
+
+# ------------------------------------------------------------------ RLE runs and crops
+
+
+def test_vectorised_runs_equal_the_scalar_decoder(rng):
+    for m in _masks(rng):
+        r = M.encode_mask(m)
+        runs = M.rle_counts_to_runs(r.counts)
+        assert runs.dtype == np.int64
+        assert runs.tolist() == _scalar_runs(r.counts)
+        assert int(runs.sum()) == m.size
+    # A 1500x2250 SA-1B-sized mask: long runs, several 5-bit groups each.
+    big = np.zeros((1500, 2250), dtype=bool)
+    big[100:1400, 7:2000] = True
+    r = M.encode_mask(big)
+    assert M.rle_counts_to_runs(r.counts).tolist() == _scalar_runs(r.counts)
+
+
+def test_runs_are_read_only_and_bad_counts_are_rejected():
+    r = M.encode_mask(np.eye(6, dtype=bool))
+    runs = M.rle_counts_to_runs(r.counts)
+    with pytest.raises(ValueError):
+        runs[0] = 7  # shared by the cache: never changed in place
+    for bad, words in (("0a\x7f", "invalid byte"), ("0`", "middle of a run"), ("@", "negative run")):
+        with pytest.raises(M.MaskError, match=words):
+            M.rle_counts_to_runs(bad)
+    # A run of more than 60 bits takes the scalar path: same rejection as before.
+    with pytest.raises(M.MaskError):
+        M.rle_counts_to_runs("0" + "o" * 14 + "?")
+
+
+def test_decode_crop_equals_a_dense_decode(rng):
+    for m in _masks(rng, 60):
+        r = M.encode_mask(m)
+        h, w = m.shape
+        dense = mask_utils.decode(r.to_coco()).astype(bool)
+        x0, x1 = sorted(rng.uniform(-4, w + 4, size=2))
+        y0, y1 = sorted(rng.uniform(-4, h + 4, size=2))
+        for box, pad in ((None, 0), (None, 1), ((x0, y0, x1, y1), 2)):
+            crop, (ox, oy) = M.decode_crop(r, box, pad)
+            ys, xs = np.mgrid[oy : oy + crop.shape[0], ox : ox + crop.shape[1]]
+            inside = (ys >= 0) & (ys < h) & (xs >= 0) & (xs < w)
+            ref = np.zeros(crop.shape, dtype=bool)
+            ref[inside] = dense[ys[inside], xs[inside]]
+            assert np.array_equal(crop, ref)
+
+
+def test_decode_crop_of_runs_that_stop_short_fills_background():
+    # Runs covering fewer pixels than h * w (a malformed mask): the rest reads as background.
+    short = M.rle_from_runs([2, 3], (4, 4))
+    crop, _ = M.decode_crop(short, (0, 0, 4, 4))
+    assert crop.sum() == 3 and crop.shape == (4, 4)
+
+
+# ------------------------------------------------------------------ geometry shortcuts
+
+
+def test_make_valid_shortcut_keeps_valid_geometry_and_fixes_invalid():
+    square = Polygon([(0, 0), (4, 0), (4, 4), (0, 4)])
+    assert M._make_valid(square) is square
+    assert shapely.make_valid(square).wkb == square.wkb  # what GEOS gives without the shortcut
+    bowtie = Polygon([(0, 0), (4, 4), (4, 0), (0, 4)])
+    fixed = M._make_valid(bowtie)
+    assert not bowtie.is_valid and fixed.is_valid
+    assert fixed.wkb == shapely.make_valid(bowtie).wkb
+
+
+def test_svg_formatting_writes_the_same_digits_as_format(rng):
+    for m in _masks(rng, 30):
+        if not m.any():
+            continue
+        r = M.encode_mask(m)
+        geom = M.rle_to_geometry(r, 1.0)
+        h, w = m.shape
+        ref = []
+        for poly in M._iter_polygons(geom):
+            for coords in (poly.exterior.coords, *(i.coords for i in poly.interiors)):
+                pts = np.asarray(coords)[:-1]
+                xs, ys = np.clip(pts[:, 0] / w, 0, 1), np.clip(pts[:, 1] / h, 0, 1)
+                cmds = [f"{'M' if i == 0 else 'L'} {x:.4f} {y:.4f}" for i, (x, y) in enumerate(zip(xs, ys))]
+                ref.append(" ".join(cmds) + " Z")
+        assert M.svg_path(geom, w, h) == " ".join(ref)
+    assert M.svg_path(Polygon(), 10, 10) == ""
+
+
+# ------------------------------------------------------------------ trainer targets cache
+
+
+def _instance(image_id: str, k: int, m: np.ndarray) -> Instance:
+    rle = M.encode_mask(m)
+    xywh = M.rle_bbox_xywh(rle)
+    return Instance(f"{image_id}/ann:{k}", image_id, rle, xywh, M.xywh_to_xyxy(xywh), M.rle_area(rle))
+
+
+def test_target_cache_gives_the_uncached_answer_and_computes_once(rng, monkeypatch):
+    h, w = 48, 64
+    insts = [_instance("img", k, random_mask(rng, h, w, 2)) for k in range(4)]
+    by_id = {i.instance_id: i for i in insts}
+    ids = [i.instance_id for i in insts]
+    target_sets = [(ids[0],), (ids[1],), (ids[0], ids[1]), (ids[0],), (ids[0], ids[1]), (), tuple(ids)]
+    samples = [
+        Sample(sample_id=f"s{k}", image_id="img", expression=f"e{k}", kind="category", target_ids=t, generator="t")
+        for k, t in enumerate(target_sets)
+    ]
+    plain = [T.attach_targets(s, by_id, w, h) for s in samples]
+
+    calls = {"points": 0, "polygon": 0}
+    points, polygon = M.interior_points, M.rle_to_geometry
+
+    def count_points(*a, **k):
+        calls["points"] += 1
+        return points(*a, **k)
+
+    def count_polygon(*a, **k):
+        calls["polygon"] += 1
+        return polygon(*a, **k)
+
+    monkeypatch.setattr(T, "interior_points", count_points)
+    monkeypatch.setattr(T, "rle_to_geometry", count_polygon)
+    cache = T.TargetCache()
+    cached = [T.attach_targets(s, by_id, w, h, cache=cache) for s in samples]
+    assert cached == plain
+    assert calls == {"points": 4, "polygon": 4}  # 4 instances; 4 distinct non-empty target sets
+
+
+def test_target_cache_still_rejects_bad_targets(rng):
+    inst = _instance("img", 0, random_mask(rng, 20, 20, 1))
+    empty = dataclasses.replace(_instance("img", 1, np.zeros((20, 20), bool)), area_px=0)
+    cache = T.TargetCache()
+    by_id = {inst.instance_id: inst, empty.instance_id: empty}
+    for targets, reason in (((inst.instance_id, "img/ann:9"), "missing_target"), ((empty.instance_id,), "empty_mask")):
+        s = Sample(sample_id="s", image_id="img", expression="e", kind="category", target_ids=targets, generator="t")
+        with pytest.raises(T.TargetError) as err:
+            T.attach_targets(s, by_id, 20, 20, cache=cache)
+        assert err.value.reason == reason
+
+
+# ------------------------------------------------------------------ plurals without inflect
+
+
+def test_plural_table_is_exactly_what_inflect_says():
+    import inflect
+
+    from orsgen.stages.expressions.plurals import KNOWN_PLURALS
+
+    engine = inflect.engine()
+    assert len(KNOWN_PLURALS) >= 80
+    for name, plural in KNOWN_PLURALS.items():
+        assert engine.plural_noun(name) == plural, name
+
+
+def test_names_outside_the_table_still_go_to_inflect():
+    from orsgen.stages.expressions.plurals import KNOWN_PLURALS
+    from orsgen.stages.expressions.templates import noun_forms
+
+    assert "goose" not in KNOWN_PLURALS
+    assert noun_forms("goose").plural == "geese"  # inflect's irregular plural, not "gooses"
+    with pytest.raises(TypeError):
+        KNOWN_PLURALS["cup"] = "cupz"  # type: ignore[index]
+
+
+def test_a_coco_run_does_not_import_inflect(tmp_path):
+    code = (
+        "import sys\n"
+        "from orsgen.stages.expressions.templates import noun_forms\n"
+        "assert noun_forms('person').plural == 'people' and noun_forms('sports ball').plural\n"
+        "print('inflect' in sys.modules)\n"
+    )
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path)
+    assert out.stdout.strip() == "False"
+
+
+# ------------------------------------------------------------------ the benchmark's plain loop
+
+
+def _bench_module():
+    spec = importlib.util.spec_from_file_location("bench_pipeline", REPO / "benchmarks" / "bench_pipeline.py")
+    mod = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    sys.modules.setdefault("bench_pipeline", mod)  # dataclasses look their module up
+    spec.loader.exec_module(sys.modules["bench_pipeline"])
+    return sys.modules["bench_pipeline"]
+
+
+@pytest.mark.slow
+def test_plain_loop_writes_what_the_pipeline_writes(tmp_path):
+    from orsgen.pipelines.run import run_pipeline
+    from orsgen.schemas.config import load_config
+
+    bench = _bench_module()
+    coco_cfg, sa1b_cfg = bench.make_inputs(tmp_path / "inputs", n_coco=2, n_sa1b=3)
+    for path in (coco_cfg, sa1b_cfg):
+        cfg = load_config(path, ["write.num_buckets=4"])
+        bench.plain_loop(cfg, str(tmp_path / f"loop-{path.stem}"))
+        run_pipeline(cfg, str(tmp_path / f"beam-{path.stem}"), ["--runner=FnApiRunner"], show_progress=False)
+        loop, beam = bench.data_digest(tmp_path / f"loop-{path.stem}"), bench.data_digest(tmp_path / f"beam-{path.stem}")
+        assert loop == beam, path.name
+        assert bench.written_images(tmp_path / f"loop-{path.stem}") > 0
+        assert (tmp_path / f"loop-{path.stem}" / "manifest.json").is_file()
+
+
+def test_plain_loop_refuses_a_multi_input_config(tmp_path):
+    from orsgen.schemas.config import load_config
+
+    bench = _bench_module()
+    coco_cfg, _ = bench.make_inputs(tmp_path / "inputs", n_coco=1, n_sa1b=1)
+    cfg = load_config(coco_cfg)
+    two = cfg.model_copy(update={"inputs": [cfg.inputs[0], cfg.inputs[0].model_copy(update={"name": "coco2"})]})
+    with pytest.raises(AssertionError, match="single-input"):
+        bench.plain_loop(two, str(tmp_path / "out"))
+
+
+def test_dense_demo_scenes_are_busy_and_leave_the_default_alone():
+    from orsgen.pipelines.demo_data import DENSE_IMAGE_SIZES, IMAGE_SIZES, demo_scene
+
+    image, objects = demo_scene(0, "coco", 100_002, dense=True)
+    assert (image.shape[1], image.shape[0]) in DENSE_IMAGE_SIZES and len(objects) >= 8
+    small, few = demo_scene(0, "coco", 100_002)
+    assert (small.shape[1], small.shape[0]) in IMAGE_SIZES and len(few) < len(objects)
+    again, _ = demo_scene(0, "coco", 100_002, dense=False)
+    assert hashlib.sha256(small.tobytes()).digest() == hashlib.sha256(again.tobytes()).digest()
