@@ -119,14 +119,21 @@ def plain_loop(cfg: Any, out: str) -> dict[str, int]:
     Returns:
         The summed counting events (the manifest's inputs).
     """
-    from orsgen.pipelines.build import _manifest_fn, refs_stage, regions_stage, splits_stage
+    from orsgen.pipelines.build import (
+        _manifest_fn,
+        no_regions_reject,
+        refs_stage,
+        regions_stage,
+        rejects_num_buckets,
+        split_num_buckets,
+        splits_stage,
+    )
     from orsgen.pipelines.transforms import example_events
     from orsgen.schemas.config import Sa1bInput
     from orsgen.schemas.records import ImageExample, Reject
     from orsgen.stages.expressions import expressions_stage, load_templates
     from orsgen.stages.ingest import coco as ingest_coco, sa1b as ingest_sa1b
-    from orsgen.stages.ingest.dedupe import dedupe_by_key
-    from orsgen.stages.write import bucket_of, encode_example, write_bucket, write_rejects_bucket
+    from orsgen.stages.write import bucket_of, encode_example, write_group, write_rejects_bucket
 
     assert len(cfg.inputs) == 1, "the plain loop handles single-input configs"
     inp = cfg.inputs[0]
@@ -139,7 +146,7 @@ def plain_loop(cfg: Any, out: str) -> dict[str, int]:
         if isinstance(inp, Sa1bInput):
             for shard in ingest_sa1b.expand_shards(inp.shards):
                 yield from ingest_sa1b.read_sa1b_shard(shard, input_name=inp.name, image_cfg=cfg.image,
-                                                       max_images=inp.max_images)
+                                                       max_images=inp.max_images, written_paths=inp.written_paths)
             return
         categories, items = ingest_coco.plan_input(inp)
         vocab[inp.name] = tuple(categories)
@@ -158,8 +165,7 @@ def plain_loop(cfg: Any, out: str) -> dict[str, int]:
         (functools.partial(splits_stage, cfg=cfg), ()),
     ]
     formats = list(cfg.write.formats)
-    nb = cfg.write.num_buckets
-    groups: dict[tuple[str, int], list[Any]] = defaultdict(list)
+    encoded: list[Any] = []
     for item in reader_items():
         if isinstance(item, Reject):
             rejects.append(item)
@@ -187,23 +193,44 @@ def plain_loop(cfg: Any, out: str) -> dict[str, int]:
             ex = new
         if ex is None:
             continue
-        enc = encode_example(ex, formats=formats)
-        groups[(enc.split, bucket_of(enc.key, nb))].append(enc)
+        encoded.append(encode_example(ex, formats=formats))
+    # The pipeline's write plan: bucket counts per split from the split sizes
+    # (write.num_buckets: auto), one group per (split, bucket, num_buckets),
+    # no_regions judged after dedupe, rejects bucketed by their number.
+    sizes: dict[str, tuple[int, int]] = {}
+    for enc in encoded:
+        n, b = sizes.get(enc.split, (0, 0))
+        sizes[enc.split] = (n + 1, b + enc.size)
+    buckets = split_num_buckets(sizes, cfg)
+    groups: dict[tuple[str, int, int], list[Any]] = defaultdict(list)
+    for enc in encoded:
+        nb = buckets[enc.split]
+        groups[(enc.split, bucket_of(enc.key, nb), nb)].append(enc)
     stats = []
-    for (split, bucket), encs in sorted(groups.items()):
-        kept, dropped = dedupe_by_key(encs)
-        for dup, reject in dropped:
+    w = cfg.write
+    for (split, bucket, nb), encs in sorted(groups.items()):
+        res = write_group(
+            out, split, bucket, encs, w, num_buckets=nb, reject_after_dedupe=functools.partial(no_regions_reject, cfg=cfg)
+        )
+        for dup, reject in res.dropped:
             rejects.append(reject)
             for level, n in (("instances", dup.n_instances), ("refs", dup.n_refs), ("samples", dup.n_samples)):
                 events[f"dropped_with_image/{level}"] += n
-        events["written/images"] += len(kept)
+        events["written/images"] += len(res.written)
         for level in ("instances", "refs", "samples"):
-            events[f"written/{level}"] += sum(getattr(e, f"n_{level}") for e in kept)
-        stats.extend(write_bucket(out, split, bucket, kept, cfg.write))
+            events[f"written/{level}"] += sum(getattr(e, f"n_{level}") for e in res.written)
+        stats.extend(res.stats)
+    nb_r = rejects_num_buckets(len(rejects), cfg)
     by_bucket: dict[int, list[Any]] = defaultdict(list)
     for r in rejects:
-        by_bucket[bucket_of(r.source_key, nb)].append(r)
-    stats.extend(write_rejects_bucket(out, b, rs) for b, rs in sorted(by_bucket.items()))
+        by_bucket[bucket_of(r.source_key, nb_r)].append(r)
+    for b, rs in sorted(by_bucket.items()):
+        stats.extend(
+            write_rejects_bucket(
+                out, b, rs, compression=w.parquet_compression, num_buckets=nb_r, max_rows=w.rejects_shard_max_rows,
+                memory_max_bytes=w.spill_memory_max_bytes, spill_dir=w.spill_dir,
+            )
+        )
     _manifest_fn(None, out=out, cfg=cfg, stats=stats, events={k: v for k, v in events.items() if v})
     return dict(events)
 
