@@ -244,8 +244,14 @@ class ResumedGroupsDoFn(beam.DoFn):
     """
 
     def process(self, record: GroupRecord, buckets: dict[str, int]) -> Iterator[Any]:
-        if buckets.get(record.split) != record.num_buckets:
-            return  # another plan: that group is not skipped either
+        # A record of another plan (bucket count) stands for nothing: that
+        # group is not skipped either. (No bare `return` in this generator:
+        # Beam warns about `yield` and `return` in one process method.)
+        if buckets.get(record.split) == record.num_buckets:
+            yield from self._replay(record)
+
+    @staticmethod
+    def _replay(record: GroupRecord) -> Iterator[Any]:
         Metrics.counter(WRITE_METRICS, "groups_resumed").inc()
         for d in record.dropped:
             yield beam.pvalue.TaggedOutput(REJECTS, d.reject)
