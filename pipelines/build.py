@@ -15,12 +15,10 @@ runs on the Python direct runner, Dataflow, Flink or Spark.
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 import apache_beam as beam
-import fsspec
 from apache_beam.metrics import Metrics
 
 import orsgen
@@ -36,7 +34,6 @@ from orsgen.stages.splits import assign_split, example_ood_split, resolve_split_
 from orsgen.stages.write.groups import DroppedCopy, GroupRecord, read_group_records, write_group_record
 from orsgen.stages.write import (
     EncodedExample,
-    OutputConflictError,
     ShardStats,
     auto_num_buckets,
     bucket_of,
@@ -683,42 +680,3 @@ def build_pipeline(p: beam.Pipeline, cfg: OrsgenConfig, out: str, index: Any = N
             screening_digest=screening_digest,
         )
     )
-
-
-def check_output_compatible(cfg: OrsgenConfig, out: str) -> None:
-    """Refuses to write into an output made by a different config.
-
-    Shard names are the same for any config, so mixing two runs in one folder
-    would silently combine datasets; a rerun of the same config is fine (it
-    skips completed shards).
-
-    Raises:
-        OutputConflictError: ``out`` holds a manifest of another config.
-    """
-    fs, root = fsspec.core.url_to_fs(out)
-    path = f"{root.rstrip('/')}/{MANIFEST}"
-    if not fs.exists(path):
-        return
-    with fs.open(path, "rb") as f:
-        try:
-            old = json.load(f)
-        except json.JSONDecodeError:
-            raise OutputConflictError(
-                f"{out}/{MANIFEST} exists but is not valid JSON; move it away or choose a new --out."
-            ) from None
-    if old.get("config_sha256") != cfg.sha256():
-        raise OutputConflictError(
-            f"{out} already holds a dataset built from another config (config_sha256 "
-            f"{str(old.get('config_sha256'))[:12]}..., this run {cfg.sha256()[:12]}...). "
-            "Choose a new --out; orsgen never overwrites an existing dataset."
-        )
-    old_digest = ((old.get("counts") or {}).get("screening") or {}).get("decisions_sha256")
-    if cfg.review.decisions and old_digest is not None:
-        # The config names the decisions by path; verdicts added since are new input.
-        from orsgen.stages.screening import decisions_digest, latest_decisions, read_decisions
-
-        if decisions_digest(latest_decisions(read_decisions(cfg.review.decisions))) != old_digest:
-            raise OutputConflictError(
-                f"{out} was built from other review verdicts than {cfg.review.decisions} holds now; "
-                "choose a new --out to apply the new verdicts (orsgen never overwrites an existing dataset)."
-            )

@@ -128,7 +128,7 @@ class _QuietOutputConflicts(logging.Filter):
             return False
         try:
             return "OutputConflictError" not in record.getMessage()
-        except Exception:
+        except (TypeError, ValueError):  # a record whose arguments do not fit its format
             return True
 
 
@@ -184,6 +184,48 @@ def _watch_subprocess_workers() -> Iterator[None]:
         cls.run = original
 
 
+def check_output_compatible(cfg: OrsgenConfig, out: str) -> None:
+    """Refuses to write into an output made by a different config.
+
+    Shard names are the same for any config, so mixing two runs in one folder
+    would silently combine datasets; a rerun of the same config is fine (it
+    skips completed shards).
+
+    Raises:
+        OutputConflictError: ``out`` holds a manifest of another config, or
+            one built from other review verdicts than ``review.decisions`` holds now.
+    """
+    from orsgen.stages.write.plan import MANIFEST_NAME, OutputConflictError
+
+    fs, root = fsspec.core.url_to_fs(out)
+    path = f"{root.rstrip('/')}/{MANIFEST_NAME}"
+    if not fs.exists(path):
+        return
+    with fs.open(path, "rb") as f:
+        try:
+            old = json.load(f)
+        except json.JSONDecodeError:
+            raise OutputConflictError(
+                f"{out}/{MANIFEST_NAME} exists but is not valid JSON; move it away or choose a new --out."
+            ) from None
+    if old.get("config_sha256") != cfg.sha256():
+        raise OutputConflictError(
+            f"{out} already holds a dataset built from another config (config_sha256 "
+            f"{str(old.get('config_sha256'))[:12]}..., this run {cfg.sha256()[:12]}...). "
+            "Choose a new --out; orsgen never overwrites an existing dataset."
+        )
+    old_digest = ((old.get("counts") or {}).get("screening") or {}).get("decisions_sha256")
+    if cfg.review.decisions and old_digest is not None:
+        # The config names the decisions by path; verdicts added since are new input.
+        from orsgen.stages.screening import decisions_digest, latest_decisions, read_decisions
+
+        if decisions_digest(latest_decisions(read_decisions(cfg.review.decisions))) != old_digest:
+            raise OutputConflictError(
+                f"{out} was built from other review verdicts than {cfg.review.decisions} holds now; "
+                "choose a new --out to apply the new verdicts (orsgen never overwrites an existing dataset)."
+            )
+
+
 def run_pipeline(
     cfg: OrsgenConfig,
     out: str,
@@ -234,6 +276,9 @@ def run_pipeline(
     _quiet_beam_conflict_logs()
     register_secret_env(cfg.caption.backend.api_key_env)
     check_inputs_exist(cfg)
+    # What the claim below cannot see: an output built from other review
+    # verdicts (the config names the decisions by path, so its sha256 is the same).
+    check_output_compatible(cfg, out)
     index = None
     if cfg.decontaminate.matching:
         from orsgen.stages.decontaminate import prepare_index

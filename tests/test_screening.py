@@ -171,7 +171,7 @@ def test_rebuild_refuses_changed_verdicts_in_same_out(tmp_path):
     """Verdicts added since a build are new input: the same --out would mix old and new shards."""
     import json
 
-    from orsgen.pipelines.build import check_output_compatible
+    from orsgen.pipelines.run import check_output_compatible
     from orsgen.stages.screening import decisions_digest
     from orsgen.stages.write import OutputConflictError
 
@@ -187,6 +187,19 @@ def test_rebuild_refuses_changed_verdicts_in_same_out(tmp_path):
     DecisionLog(str(tmp_path / "ds"), "bob").add("s1", "reject", "bad_mask")
     with pytest.raises(OutputConflictError, match="other review verdicts"):
         check_output_compatible(cfg, str(out))
+    # run_pipeline applies the check before it claims the output (the config's
+    # sha256 is unchanged: it names the decisions by path).
+    from orsgen.pipelines.run import run_pipeline
+
+    (tmp_path / "a.json").write_text("{}")
+    cfg_run = config_from_dict(
+        {"inputs": [{"type": "coco", "name": "c", "annotations": str(tmp_path / "a.json"), "images": str(tmp_path / "img")}],
+         "review": {"decisions": path}}
+    )
+    manifest["config_sha256"] = cfg_run.sha256()
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(OutputConflictError, match="other review verdicts"):
+        run_pipeline(cfg_run, str(out), show_progress=False)
 
 
 def test_log_rolls_over_to_bounded_parts(tmp_path, monkeypatch):
