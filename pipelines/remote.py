@@ -81,6 +81,10 @@ def worker_paths(cfg: OrsgenConfig) -> Iterator[tuple[str, str]]:
             yield "caption.prompts", cfg.caption.prompts
         if cfg.caption.backend.cache and cfg.caption.backend.cache_dir:
             yield "caption.backend.cache_dir", cfg.caption.backend.cache_dir
+    v = cfg.verify_sam2
+    if v.active and v.cache and v.cache_dir:
+        # SAM2's prediction cache is read and written on the (GPU) workers.
+        yield "verify_sam2.cache_dir", v.cache_dir
 
 
 def check_remote_paths(cfg: OrsgenConfig, out: str, beam_args: Sequence[str]) -> None:

@@ -1,11 +1,18 @@
 """Beam wiring of the SAM2 filter / cleaner: a ModelHandler and one PTransform.
 
-    examples ─► Plan ──(no prompts)──────────────────────────────────┐
-                 └─► Sam2Request ─► RunInference(Sam2ModelHandler)   │
-                        ├─► Sam2Result ─► Apply ─► examples ─────────┴─► out
-                        │                   ├─► rejects, events
-                        │                   └─► outcomes ─► report
+    examples ─► Plan ──(no prompts)─────────────────────────────────────────────┐
+                 ├──(cached)──────────────────────────── Sam2Result ─┐          │
+                 └─► Sam2Request ─► RunInference(Sam2ModelHandler)   │          │
+                        ├─► Sam2Result ─► CacheStore ────────────────┴► Apply ─► examples ─┴─► out
+                        │                                               ├─► rejects, events
+                        │                                               └─► outcomes ─► report
                         └─► dead letters ─► image rejects ``sam2_inference_failed``
+
+With ``verify_sam2.cache`` (on by default) Plan looks each image's
+predictions up in ``OUT/_cache/sam2`` (``stages/verify/cache.py``): a hit goes
+straight to Apply and never reaches RunInference, so a rerun after a crash
+sends no image through SAM2 twice. CacheStore stores what RunInference
+answered; dead letters are never stored.
 
 Each RunInference element is one image with all of its prompts; a batch is
 ``images_per_batch`` images, whose encoder pass is one call. Failed batches
@@ -15,6 +22,7 @@ image-level reject, so the manifest still reconciles.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -27,10 +35,14 @@ from orsgen.pipelines.transforms import EVENTS, NAMESPACE, REJECTS, StageDoFn
 from orsgen.schemas.config import OrsgenConfig, VerifySam2Config
 from orsgen.schemas.records import ImageExample, Reject
 from orsgen.stages.verify.backend import Sam2Backend, Sam2Request, Sam2Result, load_backend
+from orsgen.stages.verify.cache import Sam2ResultCache, fingerprint_of, sam2_cache_key
 from orsgen.stages.dataset.sam2_report import ReportAccumulator, render_tiles, report_files, summarize, write_report
 from orsgen.stages.verify.sam2 import Sam2Outcome, apply_predictions, inference_failed_reject, plan_prompts
 
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
 BYPASS = "bypass"
+CACHED = "cached"
 OUTCOMES = "outcomes"
 
 
@@ -76,7 +88,7 @@ class Sam2ModelHandler(ModelHandler[Sam2Request, Sam2Result, Sam2Backend]):
         preds = model.predict_images([(r.example.image_bytes, r.prompts) for r in batch])
         if len(preds) != len(batch):
             raise RuntimeError(f"SAM2 backend returned {len(preds)} results for {len(batch)} images.")
-        return [Sam2Result(r.example, r.prompts, tuple(p)) for r, p in zip(batch, preds)]
+        return [Sam2Result(r.example, r.prompts, tuple(p), r.cache_key) for r, p in zip(batch, preds)]
 
     def get_num_bytes(self, batch: Sequence[Sam2Request]) -> int:
         """Encoded image bytes of the batch (cheaper than Beam's pickling default)."""
@@ -88,11 +100,25 @@ class Sam2ModelHandler(ModelHandler[Sam2Request, Sam2Result, Sam2Backend]):
 
 
 class _PlanDoFn(beam.DoFn):
-    """Plans each image's prompts; images without any bypass the model."""
+    """Plans each image's prompts; images without any bypass the model.
 
-    def __init__(self, cfg: VerifySam2Config, input_types: dict[str, str]) -> None:
+    With a cache root, an image whose predictions are cached comes out as a
+    ``Sam2Result`` under ``CACHED`` (it skips RunInference); a miss carries
+    its cache key to RunInference so that CacheStore can store the answer.
+    """
+
+    def __init__(self, cfg: VerifySam2Config, input_types: dict[str, str], cache_root: str | None = None) -> None:
         self._cfg = cfg
         self._types = input_types
+        self._cache_root = cache_root
+        self._cache: Sam2ResultCache | None = None
+        self._fingerprint: dict[str, Any] = {}
+
+    def setup(self) -> None:
+        if self._cache_root:
+            self._cache = Sam2ResultCache(self._cache_root)
+            # On the worker: a local checkpoint's files are read where the model loads.
+            self._fingerprint = fingerprint_of(self._cfg)
 
     def process(self, ex: ImageExample) -> Iterator[Any]:
         prompts = plan_prompts(ex, self._cfg, self._types.get(ex.input_name, ""))
@@ -100,7 +126,36 @@ class _PlanDoFn(beam.DoFn):
             yield TaggedOutput(BYPASS, ex)
             return
         Metrics.counter(NAMESPACE, "sam2_prompts").inc(len(prompts))
-        yield Sam2Request(ex, prompts)
+        key = ""
+        if self._cache is not None:
+            key = sam2_cache_key(ex.image_bytes, prompts, self._fingerprint)
+            corrupt = self._cache.corrupt
+            hit = self._cache.get(key, prompts)
+            if self._cache.corrupt != corrupt:
+                Metrics.counter(NAMESPACE, "sam2_cache_corrupt").inc()
+            if hit is not None:
+                Metrics.counter(NAMESPACE, "sam2_cache_hits").inc()
+                yield TaggedOutput(CACHED, Sam2Result(ex, prompts, hit, key))
+                return
+            Metrics.counter(NAMESPACE, "sam2_cache_misses").inc()
+        yield Sam2Request(ex, prompts, key)
+
+
+class _CacheStoreDoFn(beam.DoFn):
+    """Stores each inferred result under its cache key, then passes it on."""
+
+    def __init__(self, cache_root: str) -> None:
+        self._cache_root = cache_root
+        self._cache: Sam2ResultCache | None = None
+
+    def setup(self) -> None:
+        self._cache = Sam2ResultCache(self._cache_root)
+
+    def process(self, result: Sam2Result) -> Iterator[Sam2Result]:
+        if result.cache_key and self._cache is not None:
+            self._cache.put(result.cache_key, result.example.image.sha256, result.predictions)
+            Metrics.counter(NAMESPACE, "sam2_cache_writes").inc()
+        yield result
 
 
 class _ApplyDoFn(beam.DoFn):
@@ -138,6 +193,9 @@ class _DeadLetterDoFn(beam.DoFn):
     def process(self, element: tuple[Sequence[Sam2Request], Any]) -> Iterator[Any]:
         batch, error = element
         text = error[1] if isinstance(error, tuple) and len(error) > 1 else str(error)
+        # Reprs such as "<_io.BytesIO object at 0x7f...>" differ per run: the
+        # reject's message must not (byte-identical reruns).
+        text = _ADDRESS.sub("", str(text))
         for req in batch:
             ex = req.example
             Metrics.counter(NAMESPACE, "dropped_sam2_inference_failed").inc()
@@ -192,6 +250,13 @@ def _write_report(_: Any, *, out: str, cfg: VerifySam2Config, acc: ReportAccumul
     return write_report(out, report_files(summarize(acc, cfg), tiles))
 
 
+def sam2_cache_root(cfg: VerifySam2Config, out: str) -> str:
+    """Where SAM2 predictions are cached: ``cache_dir``, else ``<out>/_cache/sam2``; "" when off."""
+    if not cfg.cache:
+        return ""
+    return cfg.cache_dir or f"{out.rstrip('/')}/_cache/sam2"
+
+
 class VerifySam2(beam.PTransform):
     """The SAM2 filter / cleaner over a PCollection of ImageExamples.
 
@@ -199,23 +264,34 @@ class VerifySam2(beam.PTransform):
         cfg: the whole config (``verify_sam2`` section and input types).
         out: the output root; the report goes to ``<out>/reports/verify_sam2/``.
         handler: the model handler (default ``Sam2ModelHandler(cfg.verify_sam2)``).
+        cache_root: where SAM2 predictions are cached (default
+            ``verify_sam2.cache_dir``, else ``<out>/_cache/sam2``; none when
+            ``verify_sam2.cache`` is false).
 
     Returns (from ``expand``):
         ``(examples, rejects, events)``: the examples with cleaned masks and
         verified samples, the rejects, and counting events for the manifest.
     """
 
-    def __init__(self, cfg: OrsgenConfig, out: str, handler: ModelHandler | None = None) -> None:
+    def __init__(
+        self, cfg: OrsgenConfig, out: str, handler: ModelHandler | None = None, cache_root: str | None = None
+    ) -> None:
         super().__init__()
         self._cfg = cfg.verify_sam2
         self._types = {inp.name: inp.type for inp in cfg.inputs}
         self._out = out
         self._handler = handler or Sam2ModelHandler(self._cfg)
+        self._cache_root = sam2_cache_root(self._cfg, out) if cache_root is None else cache_root
 
     def expand(self, examples: beam.PCollection) -> tuple[beam.PCollection, beam.PCollection, beam.PCollection]:
         cfg = self._cfg
-        planned = examples | "Plan" >> beam.ParDo(_PlanDoFn(cfg, self._types)).with_outputs(BYPASS, main="requests")
+        planned = examples | "Plan" >> beam.ParDo(_PlanDoFn(cfg, self._types, self._cache_root)).with_outputs(
+            BYPASS, CACHED, main="requests"
+        )
         results, dlq = planned.requests | "RunInference" >> RunInference(self._handler).with_exception_handling()
+        if self._cache_root:
+            stored = results | "CacheStore" >> beam.ParDo(_CacheStoreDoFn(self._cache_root))
+            results = (stored, planned[CACHED]) | "WithCached" >> beam.Flatten()
         applied = results | "Apply" >> beam.ParDo(_ApplyDoFn(cfg, self._types)).with_outputs(
             REJECTS, EVENTS, OUTCOMES, main="examples"
         )

@@ -121,6 +121,12 @@ class VerifySam2Config(ConfigModel):
             Dataflow runs one SDK process per vCPU, and each would otherwise
             load its own copy onto the machine's one GPU (8 on a g2-standard-8).
         model_copies: with sharing, how many copies to load per machine.
+        cache: keep every image's SAM2 predictions under ``OUT/_cache/sam2``
+            (or ``cache_dir``), so that a rerun into the same output sends no
+            image through SAM2 whose predictions are known
+            (``stages/verify/cache.py``).
+        cache_dir: where the cache lives (None: under the output directory);
+            a folder or an fsspec URL that every worker can read and write.
         apply_to: input types whose images are verified.
         filter: the consistency filter.
         clean: the mask cleaner.
@@ -137,6 +143,11 @@ class VerifySam2Config(ConfigModel):
     mask_threshold: float = 0.0
     share_model_across_processes: bool = True
     model_copies: int | None = Field(default=None, ge=1)
+    # Where work is remembered, not what the dataset holds: excluded from
+    # model_dump (config sha256, manifest), so turning the cache off or moving
+    # it never stops a rerun from resuming.
+    cache: bool = Field(default=True, exclude=True)
+    cache_dir: str | None = Field(default=None, min_length=1, exclude=True)
     apply_to: list[Literal["sa1b", "coco", "refcoco", "grefcoco"]] = Field(
         default_factory=lambda: ["sa1b", "coco", "refcoco", "grefcoco"]
     )

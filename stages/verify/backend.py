@@ -87,10 +87,15 @@ class Sam2Prediction:
 
 @dataclass(frozen=True, slots=True)
 class Sam2Request:
-    """One RunInference element: an image and all of its prompts."""
+    """One RunInference element: an image and all of its prompts.
+
+    ``cache_key`` is the image's SAM2 cache key ("" without a cache), carried
+    to the result so that the prediction is stored under it.
+    """
 
     example: ImageExample
     prompts: tuple[Sam2Prompt, ...]
+    cache_key: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +105,7 @@ class Sam2Result:
     example: ImageExample
     prompts: tuple[Sam2Prompt, ...]
     predictions: tuple[Sam2Prediction, ...]
+    cache_key: str = ""
 
 
 class Sam2Backend(Protocol):
