@@ -37,8 +37,8 @@ class CountingSam2:
         self._log = log
 
     def predict_images(self, items):
-        with open(self._log, "a") as f:
-            f.write(f"{len(items)}\n")
+        with open(self._log, "a") as f:  # one line per call: the digests of its images
+            f.write(" ".join(hashlib.sha256(data).hexdigest() for data, _ in items) + "\n")
         out = []
         for data, prompts in items:
             w, h = Image.open(io.BytesIO(data)).size
@@ -61,7 +61,12 @@ class CountingSam2:
 
 
 def _calls(log: Path) -> int:
-    return len(log.read_text().splitlines()) if log.exists() else 0
+    return len(_images_sent(log))
+
+
+def _images_sent(log: Path) -> list[str]:
+    """The image digests of every call, in order."""
+    return log.read_text().splitlines() if log.exists() else []
 
 
 # ------------------------------------------------------------------ cache unit tests
@@ -266,7 +271,7 @@ def _stage_cfg(**sam2):
             "filter": {"enabled": True, "iou_thresh": 0.8},
             "clean": {"enabled": True, "iou_band": [0.5, 1.0], "pred_iou_thresh": 0.1, "on_reject": "drop"}}
     for k, v in sam2.items():
-        base[k] = {**base[k], **v} if isinstance(v, dict) else v
+        base[k] = {**base.get(k, {}), **v} if isinstance(v, dict) else v
     return config_from_dict({"inputs": [{"type": "coco", "name": "coco", "annotations": "a", "images": "i"}],
                              "verify_sam2": base})
 
@@ -319,29 +324,24 @@ def _run_stage(cfg, out: Path, log: Path, examples) -> dict:
 
 @pytest.fixture(scope="module")
 def scenes():
-    return [_scene(100_001 + i) for i in range(3)]
+    return [_scene(100_001 + i) for i in range(2)]
 
 
-def test_stage_rerun_recomputes_only_misses_and_gives_identical_bytes(scenes, tmp_path):
+def test_failed_inference_is_a_dead_letter_and_never_cached(scenes, tmp_path):
     import dataclasses
 
-    cfg = _stage_cfg()
+    cfg = _stage_cfg(report={"enabled": False})
     out, log = tmp_path / "out", tmp_path / "calls.log"
-    # One image SAM2 cannot read (the fake raises): a dead letter, never cached.
+    # An image SAM2 cannot read (the fake raises, as decode_rgb would).
     broken = dataclasses.replace(scenes[0], key="coco-coco_199999", image_bytes=b"\xff\xd8 truncated")
-    first = _run_stage(cfg, out, log, [*scenes, broken])
-    assert _calls(log) == len(scenes) + 1
-    entries = sorted(k for k in first if k.startswith("_cache/sam2/"))
-    assert len(entries) == len(scenes)
-    assert b"sam2_inference_failed" in first["got/rejects"] and b"sam2_unrecoverable_mask" in first["got/rejects"]
-    assert "reports/verify_sam2/report.json" in first
-    # A torn entry is a miss (no crash, no reject): only it and the failed image go to SAM2 again.
-    torn = out / entries[0]
-    torn.write_bytes(torn.read_bytes()[:7])
-    second = _run_stage(cfg, out, log, [*scenes, broken])
-    assert _calls(log) == len(scenes) + 1 + 2
-    # Examples, rejects, events, the report (write_report refuses other bytes), preview sheets, cache entries.
-    assert second == first
+    files = _run_stage(cfg, out, log, [scenes[1], broken])
+    assert _calls(log) == 2
+    entries = [k for k in files if k.startswith("_cache/sam2/")]
+    rejects = files["got/rejects"]
+    assert len(entries) == 1 and b"sam2_inference_failed" in rejects and b"coco-coco_199999" in rejects
+    # The stored entry is the good image's, so a rerun asks SAM2 about the failed one again.
+    assert json.loads(gzip.decompress(files[entries[0]]))["image_sha256"] == scenes[1].image.sha256
+    assert b" at 0x" not in rejects  # the message is the same on every run
 
 
 def test_cache_root_follows_the_config():
@@ -350,3 +350,59 @@ def test_cache_root_follows_the_config():
     assert sam2_cache_root(VerifySam2Config(), "gs://b/out/") == "gs://b/out/_cache/sam2"
     assert sam2_cache_root(VerifySam2Config(cache_dir="s3://c/sam2"), "gs://b/out") == "s3://c/sam2"
     assert sam2_cache_root(VerifySam2Config(cache=False, cache_dir="s3://c/sam2"), "gs://b/out") == ""
+
+
+# ------------------------------------------------------------------ the whole pipeline
+
+
+def _tree(root: Path) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_rerun_after_a_crash_sends_no_image_through_sam2_on_one_or_two_workers(tmp_path, monkeypatch):
+    from orsgen.pipelines import verify_sam2
+    from orsgen.pipelines.demo_data import generate_demo_inputs
+    from orsgen.pipelines.run import run_pipeline
+    from orsgen.schemas.config import load_config
+
+    log = tmp_path / "calls.log"
+    # share_model_across_processes=false keeps the fake in this process (the
+    # direct runner in-process or multi-threaded).
+    monkeypatch.setattr(verify_sam2, "load_backend", lambda *a, **kw: CountingSam2(str(log)))
+    cfg_path = generate_demo_inputs(tmp_path / "in", seed=0, n_sa1b_shards=1, sa1b_images_per_shard=2,
+                                    n_coco_images=3, n_ref_images=2)
+    cfg = load_config(cfg_path, [
+        "verify_sam2.model=counting-fake", "verify_sam2.device=cpu", "verify_sam2.share_model_across_processes=false",
+        "verify_sam2.filter.enabled=true", "verify_sam2.filter.iou_thresh=0.8",
+        "verify_sam2.clean.enabled=true", "verify_sam2.clean.iou_band=[0.5, 1.0]", "verify_sam2.clean.on_reject=drop",
+    ])
+    out = tmp_path / "out"
+    m1 = run_pipeline(cfg, str(out), ["--runner=FnApiRunner"], show_progress=False)
+    assert all(lv["reconciled"] for lv in m1["counts"]["levels"].values())
+    calls = _calls(log)
+    entries = list((out / "_cache" / "sam2").rglob("*.json.gz"))
+    assert calls > 0 and entries
+    reference = _tree(out)
+    assert "reports/verify_sam2/report.json" in reference
+
+    # The crash: no manifest, no group record, the report and one data shard never written.
+    (out / "manifest.json").unlink()
+    shutil.rmtree(out / "_meta" / "groups")
+    shutil.rmtree(out / "reports" / "verify_sam2")
+    shard = sorted((out / "webdataset").rglob("*.tar"))[0]
+    shard.unlink()
+    for marker in (out / "_meta" / "shards").rglob(shard.name + ".done"):
+        marker.unlink()
+    # ... and one cache entry was torn: a miss, recomputed and stored again (no crash, no reject).
+    torn = sorted(entries)[0]
+    torn.write_bytes(torn.read_bytes()[:7])
+    flags = ["--runner=FnApiRunner", "--direct_num_workers=2", "--direct_running_mode=multi_threading"]
+    m2 = run_pipeline(cfg, str(out), flags, show_progress=False)
+    # Only the torn entry's image went to SAM2 again (once per record that holds
+    # it: RefCOCO and gRefCOCO share images); every other came from the cache.
+    torn_sha = json.loads(gzip.decompress(torn.read_bytes()))["image_sha256"]
+    again = {sha for line in _images_sent(log)[calls:] for sha in line.split()}
+    assert again == {torn_sha}
+    assert m2 == m1 and _tree(out) == reference
