@@ -18,7 +18,13 @@ What it computes, for the ``sa1b.yaml`` (regions only) and ``sa1b_ors.yaml``
   and output tokens) over the cited tokens/s per GPU (conservative and
   optimistic figures);
 * shuffle TB: measured bytes per image crossing the one shuffle before writing;
-* dollars at the stated prices, and wall time for the stated worker and GPU counts.
+* dollars at the stated prices, and wall time for the stated worker and GPU counts;
+* what a rerun after a crash costs (``rerun``): the CPU stages that a rerun
+  recomputes for every image (ingest, expressions, regions, splits, encoding,
+  the caption stage's request planning), and between none and all of the
+  write and its shuffle (completed groups are skipped before the shuffle);
+  no GPU-hours for images whose SAM2 predictions and VLM answers are cached
+  (``OUT/_cache/sam2``, ``OUT/_cache/vlm``).
 """
 
 from __future__ import annotations
@@ -31,6 +37,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 REGIONS_STAGES = ("ingest", "expressions", "regions", "human_samples", "splits", "encode", "write")
+
+#: What a rerun recomputes for every image, cached or not (README "What a rerun
+#: after a crash recomputes"); ``write`` (and the shuffle) only for unfinished groups.
+RERUN_STAGES = ("ingest", "expressions", "regions", "human_samples", "splits", "encode")
 
 
 @dataclass(frozen=True)
@@ -67,6 +77,12 @@ def vlm_tokens_per_image(rates: dict) -> float:
     return total
 
 
+def _worker_usd_h(rates: dict) -> float:
+    w = rates["workers"]
+    p = rates["prices_usd"]
+    return w["cpu_vcpus"] * p["vcpu_hour"] + w["cpu_memory_gb"] * p["memory_gb_hour"] + w["disk_gb"] * p["pd_standard_gb_hour"]
+
+
 def compute(rates: dict, images: int, cpu_workers: int, gpus: int, gpu_usd_h: float | None) -> list[Row]:
     m = rates["measured"]
     cpu = m["cpu_s_per_image"]
@@ -74,7 +90,7 @@ def compute(rates: dict, images: int, cpu_workers: int, gpus: int, gpu_usd_h: fl
     w = rates["workers"]
     p = rates["prices_usd"]
     overhead = ca["beam_overhead_factor"]
-    worker_usd_h = w["cpu_vcpus"] * p["vcpu_hour"] + w["cpu_memory_gb"] * p["memory_gb_hour"] + w["disk_gb"] * p["pd_standard_gb_hour"]
+    worker_usd_h = _worker_usd_h(rates)
     shuffle_gb = m["shuffle_bytes_per_image"] * images / 1e9
     rows = []
     recipes: list[tuple[str, str | None]] = [("sa1b.yaml", None)]
@@ -111,6 +127,108 @@ def compute(rates: dict, images: int, cpu_workers: int, gpus: int, gpu_usd_h: fl
             gpu_wall_h_hi=(hi / gpus) if hi is not None else None,
         ))
     return rows
+
+
+@dataclass(frozen=True)
+class RerunRow:
+    """A rerun after a crash, once every image's GPU work is cached.
+
+    ``*_lo`` is a crash after every group was written (only the recomputed
+    CPU stages run again); ``*_hi`` a crash before any group was written (the
+    write and its shuffle run again too). GPU-hours are 0 either way.
+    ``share_*`` is the rerun's dollars over the full run's (CPU, shuffle and,
+    with a GPU price, GPU dollars).
+    """
+
+    recipe: str
+    worker_hours_lo: float
+    worker_hours_hi: float
+    shuffle_tb_hi: float
+    usd_lo: float
+    usd_hi: float
+    share_lo: float | None
+    share_hi: float | None
+    full_gpu_hours_lo: float | None
+    full_gpu_hours_hi: float | None
+
+
+def rerun(rates: dict, rows: list[Row]) -> list[RerunRow]:
+    """What a rerun after a crash costs, per row of ``compute``.
+
+    Without a GPU price the share of a recipe that uses GPUs is None (its
+    dominant cost, the GPU-hours, is not priced; the rerun spends none).
+    """
+    cpu = rates["measured"]["cpu_s_per_image"]
+    ca = rates["cpu_assumptions"]
+    w = rates["workers"]
+    usd_h = _worker_usd_h(rates)
+    per_wh = ca["beam_overhead_factor"] / 3600 / w["cpu_vcpus"]
+    out = []
+    for r in rows:
+        if r.recipe.startswith("SAM2"):
+            # Only its GPU side is counted above; a rerun spends none of it.
+            out.append(RerunRow(r.recipe, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0 if r.gpu_usd_hi else None,
+                                0.0 if r.gpu_usd_hi else None, r.gpu_hours_lo, r.gpu_hours_hi))
+            continue
+        full_cpu_s = sum(cpu[s] for s in REGIONS_STAGES)
+        cpu_lo = sum(cpu[s] for s in RERUN_STAGES)
+        if r.gpu_hours_hi is not None:
+            # The caption stage plans its requests again (their images are part
+            # of the cache key); the answers come from OUT/_cache/vlm.
+            plan = cpu["caption_plan_round1"] * (2 if ca["caption_round2_cpu_like_round1"] else 1)
+            full_cpu_s += plan
+            cpu_lo += plan
+        images = r.worker_hours / (full_cpu_s * per_wh)
+        wh_lo = cpu_lo * per_wh * images
+        wh_hi = (cpu_lo + cpu["write"]) * per_wh * images
+        usd_lo, usd_hi = wh_lo * usd_h, wh_hi * usd_h + r.shuffle_usd
+        full_lo = full_hi = r.cpu_usd + r.shuffle_usd
+        share_lo: float | None = usd_lo / full_hi
+        share_hi: float | None = usd_hi / full_lo
+        if r.gpu_hours_hi is not None:
+            if r.gpu_usd_hi is None:
+                share_lo = share_hi = None
+            else:
+                share_lo = usd_lo / (full_hi + r.gpu_usd_hi)
+                share_hi = usd_hi / (full_lo + (r.gpu_usd_lo if r.gpu_usd_lo is not None else r.gpu_usd_hi))
+        out.append(RerunRow(r.recipe, wh_lo, wh_hi, r.shuffle_tb, usd_lo, usd_hi, share_lo, share_hi,
+                            r.gpu_hours_lo, r.gpu_hours_hi))
+    return out
+
+
+def _pct(v: float) -> str:
+    if v == 0:
+        return "0%"
+    return f"{v:.2%}" if v < 0.001 else f"{v:.1%}" if v < 0.1 else f"{v:.0%}"
+
+
+def render_rerun(rows: list[RerunRow]) -> str:
+    """The rerun table and its summary lines."""
+    lines = [
+        "| recipe | rerun worker-hours | rerun GPU-hours (full run) | rerun shuffle TB | rerun CPU + shuffle $ "
+        "| share of the full run's $ |",
+        "|" + "---|" * 6,
+    ]
+    for r in rows:
+        gpu = "–" if r.full_gpu_hours_hi is None else f"0 ({_range(r.full_gpu_hours_lo, r.full_gpu_hours_hi)})"
+        share = "needs a GPU price" if r.share_lo is None else f"{_pct(r.share_lo)}–{_pct(r.share_hi)}"
+        if r.share_lo is not None and r.share_lo == r.share_hi:
+            share = _pct(r.share_lo)
+        lines.append(
+            f"| {r.recipe} | {_range(r.worker_hours_lo, r.worker_hours_hi)} | {gpu} "
+            f"| {_range(0.0, r.shuffle_tb_hi, '{:,.1f}')} | {_range(r.usd_lo, r.usd_hi)} | {share} |"
+        )
+    plain = rows[0]
+    lines += [
+        "",
+        f"A rerun after a crash costs ~{_pct(plain.share_lo)}–{_pct(plain.share_hi)} of a full run of {plain.recipe} "
+        "(low: every group was written and is skipped; high: none was, so the write and its shuffle, most of this "
+        "recipe's dollars, run again), and 0 GPU-hours for every image whose SAM2 predictions (OUT/_cache/sam2) "
+        "and VLM answers (OUT/_cache/vlm) are cached: the GPU work, which dominates the VLM and SAM2 recipes, is not "
+        f"paid twice. What it recomputes for every image is CPU only: {', '.join(RERUN_STAGES)}, and the caption "
+        "stage's request planning.",
+    ]
+    return "\n".join(lines)
 
 
 def _f(v: float | None, fmt: str = "{:,.0f}") -> str:
@@ -169,6 +287,10 @@ def main() -> None:
     gpu_usd = args.gpu_usd_per_hour if args.gpu_usd_per_hour is not None else rates["prices_usd"]["gpu_hour"]
     rows = compute(rates, images, cpu_workers, gpus, gpu_usd)
     print(render(rows, rates, images, cpu_workers, gpus, gpu_usd))
+    print()
+    print("Rerun after a crash, every image's GPU work cached:")
+    print()
+    print(render_rerun(rerun(rates, rows)))
 
 
 if __name__ == "__main__":

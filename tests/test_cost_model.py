@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -46,3 +47,25 @@ def test_cost_model_refuses_a_rates_file_without_measurements(tmp_path):
     res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cost_model.py"), "--rates", str(path)],
                          capture_output=True, text=True, timeout=60)
     assert res.returncode != 0 and "run benchmarks/bench_cost_rates.py first" in res.stderr
+
+
+def test_cost_model_says_what_a_rerun_after_a_crash_costs():
+    cm = _module()
+    rates = json.loads((ROOT / "benchmarks" / "cost_rates.json").read_text())
+    rows = cm.compute(rates, images=11_000_000, cpu_workers=500, gpus=64, gpu_usd_h=2.0)
+    by = {r.recipe: r for r in cm.rerun(rates, rows)}
+    plain = by["sa1b.yaml"]
+    full = next(r for r in rows if r.recipe == "sa1b.yaml")
+    # Every group written: only the recomputed CPU stages; none written: the write and its shuffle too.
+    assert 0 < plain.share_lo < plain.share_hi <= 1.0 + 1e-9
+    assert plain.worker_hours_lo < plain.worker_hours_hi == pytest.approx(full.worker_hours)
+    # The GPU work is never paid twice: with any GPU price the VLM recipes' rerun is a small share.
+    vlm = [r for name, r in by.items() if name.startswith("sa1b_ors.yaml")]
+    assert vlm and all(r.share_hi < 0.05 for r in vlm)
+    assert by["SAM2 verify (encoder only)"].usd_hi == 0
+    # Without a GPU price the share is not made up.
+    unpriced = cm.rerun(rates, cm.compute(rates, images=11_000_000, cpu_workers=500, gpus=64, gpu_usd_h=None))
+    assert all(r.share_lo is None for r in unpriced if r.recipe.startswith("sa1b_ors.yaml"))
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cost_model.py")], capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+    assert re.search(r"A rerun after a crash costs ~[\d.]+%–[\d.]+% of a full run of sa1b\.yaml", out)
