@@ -114,11 +114,14 @@ class _PlanDoFn(beam.DoFn):
         self._cache: Sam2ResultCache | None = None
         self._fingerprint: dict[str, Any] = {}
 
-    def setup(self) -> None:
-        if self._cache_root:
-            self._cache = Sam2ResultCache(self._cache_root)
-            # On the worker: a local checkpoint's files are read where the model loads.
+    def _open_cache(self) -> Sam2ResultCache:
+        # Opened at the first image, not in setup(): a worker that never sees an
+        # image with prompts never touches the object store. The fingerprint is
+        # taken on the worker, where a local checkpoint's files are.
+        if self._cache is None:
             self._fingerprint = fingerprint_of(self._cfg)
+            self._cache = Sam2ResultCache(str(self._cache_root))
+        return self._cache
 
     def process(self, ex: ImageExample) -> Iterator[Any]:
         prompts = plan_prompts(ex, self._cfg, self._types.get(ex.input_name, ""))
@@ -127,11 +130,12 @@ class _PlanDoFn(beam.DoFn):
             return
         Metrics.counter(NAMESPACE, "sam2_prompts").inc(len(prompts))
         key = ""
-        if self._cache is not None:
+        if self._cache_root:
+            cache = self._open_cache()
             key = sam2_cache_key(ex.image_bytes, prompts, self._fingerprint)
-            corrupt = self._cache.corrupt
-            hit = self._cache.get(key, prompts)
-            if self._cache.corrupt != corrupt:
+            corrupt = cache.corrupt
+            hit = cache.get(key, prompts)
+            if cache.corrupt != corrupt:
                 Metrics.counter(NAMESPACE, "sam2_cache_corrupt").inc()
             if hit is not None:
                 Metrics.counter(NAMESPACE, "sam2_cache_hits").inc()
@@ -148,11 +152,10 @@ class _CacheStoreDoFn(beam.DoFn):
         self._cache_root = cache_root
         self._cache: Sam2ResultCache | None = None
 
-    def setup(self) -> None:
-        self._cache = Sam2ResultCache(self._cache_root)
-
     def process(self, result: Sam2Result) -> Iterator[Sam2Result]:
-        if result.cache_key and self._cache is not None:
+        if result.cache_key:
+            if self._cache is None:  # opened at the first result (see _PlanDoFn)
+                self._cache = Sam2ResultCache(self._cache_root)
             self._cache.put(result.cache_key, result.example.image.sha256, result.predictions)
             Metrics.counter(NAMESPACE, "sam2_cache_writes").inc()
         yield result
