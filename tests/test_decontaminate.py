@@ -86,10 +86,15 @@ def test_multi_index_search_equals_brute_force():
         bits[i, flip] ^= 1
     queries = np.concatenate([np.packbits(bits, axis=1), rng.integers(0, 256, (100, 32), dtype=np.uint8)])
     for k in (0, 9, 15, 16, 31, 47):
-        got = HammingIndex(codes, k).search(queries)
         ref = brute_force_pairs(queries, codes, k)
-        assert all(np.array_equal(a, b) for a, b in zip(got, ref)), k
-        assert len(got[0]) >= sum(1 for i in range(300) if i % 51 <= k)
+        assert len(ref[0]) >= sum(1 for i in range(300) if i % 51 <= k)
+        # Both table layouts: expanded (entries filed under their neighbours)
+        # and plain (the query probes the neighbours).
+        for budget, expanded in ((1 << 30, True), (0, k < 16)):
+            index = HammingIndex(codes, k, table_budget_bytes=budget)
+            assert index.expanded == expanded
+            got = index.search(queries)
+            assert all(np.array_equal(a, b) for a, b in zip(got, ref)), (k, budget)
     with pytest.raises(ValueError, match="max_distance"):
         HammingIndex(codes, 64)
     # Empty index, empty queries.
