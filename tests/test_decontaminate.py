@@ -90,7 +90,7 @@ def test_multi_index_search_equals_brute_force():
         assert len(ref[0]) >= sum(1 for i in range(300) if i % 51 <= k)
         # Both table layouts: expanded (entries filed under their neighbours)
         # and plain (the query probes the neighbours).
-        for budget, expanded in ((1 << 30, True), (0, k < 16)):
+        for budget, expanded in ((1 << 30, True), (0, k < 16)):  # (radius 0: one layout)
             index = HammingIndex(codes, k, table_budget_bytes=budget)
             assert index.expanded == expanded
             got = index.search(queries)

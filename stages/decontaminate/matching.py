@@ -12,10 +12,10 @@ candidates, not with the index size.
 
 Tables are CSR arrays (entries sorted by chunk value, and where the run of
 each of the 65,536 values starts) looked up for a whole batch of queries at
-once, so a query costs no Python loop. While memory allows, each entry is
-filed under every value within ``k // 16`` bits of its chunk (the
-"expanded" layout), so a query reads 16 runs instead of 16 x 17: the
-same candidates for a third less time.
+once, so a query costs no Python loop. While memory allows
+(``TABLE_BUDGET_BYTES``), each entry is filed under every value within
+``k // 16`` bits of its chunk (the "expanded" layout), so a query reads 16
+runs instead of 16 x 17: the same candidates, about 30% less time.
 """
 
 from __future__ import annotations
@@ -28,10 +28,16 @@ from orsgen.stages.decontaminate.hashing import HASH_BYTES
 
 N_CHUNKS = 16
 CHUNK_BITS = 16
-#: Queries per vectorised batch (bounds the candidate arrays' memory).
-QUERY_BATCH = 2048
+#: Queries per vectorised batch: bounds the candidate arrays' memory (about
+#: 500 candidates a query at 100,000 hashes) and keeps them near the cache;
+#: 512 measured best of 64..2048.
+QUERY_BATCH = 512
 #: Default memory bound of the expanded tables (``HammingIndex``): 256 MB,
-#: about 235,000 hashes at max_distance 31; larger indexes use the plain layout.
+#: about 235,000 hashes at max_distance 31 (1,088 bytes each); a larger
+#: index uses the plain layout (64 bytes each). Measured on 100,000 pHashes
+#: at k = 31 with the core's cache holding other data before each search (as
+#: in the stage, which decodes images between batches): expanded 22-24 us a
+#: query, plain 31-32 us (benchmarks/bench_decontaminate.py).
 TABLE_BUDGET_BYTES = 256 << 20
 
 
@@ -88,8 +94,9 @@ class HammingIndex:
       bits of it (17 places per chunk for k = 31), so a query reads one run
       per chunk: 16 probes instead of 272. It costs 4 bytes x 16 chunks x
       17 = 1,088 bytes per hash (109 MB for 100,000 hashes).
-    * **plain**: each entry filed once per chunk (64 bytes per hash); the
-      query probes its value and every value within ``r`` bits.
+    * **plain** (above the budget): each entry filed once per chunk (64
+      bytes per hash); the query probes its value and every value within
+      ``r`` bits.
 
     The candidates, and so the results, are the same in both.
 
@@ -121,20 +128,20 @@ class HammingIndex:
             raise ValueError(f"a HammingIndex holds at most {(1 << 31) // (N_CHUNKS * copies) - 1} hashes here, got {n}.")
         # All 16 chunk tables in one CSR layout: the entry ids sorted by the
         # value they are filed under, and for each of the 16 x 65,536
-        # (chunk, value) slots where its run starts and how long it is,
-        # packed in one int64 (start << 32 | length) so a probe is one read.
+        # (chunk, value) slots where its run starts (int32: 4 MB; the run
+        # ends where the next one starts, mostly in the same cache line).
         order = np.empty(N_CHUNKS * per_chunk, np.int32)
-        slots = np.empty(N_CHUNKS << CHUNK_BITS, np.int64)
+        starts = np.empty((N_CHUNKS << CHUNK_BITS) + 1, np.int32)
         ids = np.tile(np.arange(n, dtype=np.int32), copies)
         for j in range(N_CHUNKS):
             keys = (chunks[None, :, j] ^ masks[:copies, None].astype(np.uint16)).reshape(-1)
             # A stable sort of 16-bit keys is a radix sort in numpy: linear.
             order[j * per_chunk : (j + 1) * per_chunk] = ids[np.argsort(keys, kind="stable")]
-            counts = np.bincount(keys, minlength=1 << CHUNK_BITS).astype(np.int64)
-            starts = np.cumsum(counts) - counts + j * per_chunk
-            slots[j << CHUNK_BITS : (j + 1) << CHUNK_BITS] = (starts << 32) | counts
+            counts = np.bincount(keys, minlength=1 << CHUNK_BITS)
+            starts[j << CHUNK_BITS : (j + 1) << CHUNK_BITS] = np.cumsum(counts) - counts + j * per_chunk
+        starts[-1] = len(order)
         self._order = order
-        self._slots = slots
+        self._starts = starts
         self._chunk_base = (np.arange(N_CHUNKS, dtype=np.int64) << CHUNK_BITS)[None, :, None]
         # The values a query probes per chunk: its own (expanded), or its own
         # and every one within r bits (plain).
@@ -172,15 +179,15 @@ class HammingIndex:
         queries = _shuffled(queries)
         # Every probe of every chunk of every query, query-major: (n_q, 16, n_masks).
         probes = ((_chunks(queries)[:, :, None] ^ self._masks[None, None, :]) + self._chunk_base).reshape(-1)
-        slot = np.take(self._slots, probes)
-        counts = (slot & 0xFFFFFFFF).astype(np.int32)
+        lo = np.take(self._starts, probes)
+        counts = np.take(self._starts, probes + 1) - lo
         ends = np.cumsum(counts, dtype=np.int64)
         total = int(ends[-1])
         if total == 0:
             return z, z, z
         # Each probe's run of entries start..start+count-1, flattened without
         # a loop: a running index plus, per run, its start minus where it lands.
-        shift = ((slot >> 32) - (ends - counts)).astype(np.int32)
+        shift = (lo - (ends - counts)).astype(np.int32)
         entries = np.take(self._order, np.arange(total, dtype=np.int32) + np.repeat(shift, counts))
         per_query = counts.reshape(n_q, -1).sum(axis=1)
         qwords = _words(queries)
