@@ -33,7 +33,7 @@ from orsgen.stages.decontaminate import (
     BenchmarkMatch,
     HashError,
     hash_example,
-    match_example,
+    match_examples,
     overlap_reject,
 )
 from orsgen.stages.decontaminate.groups import HashedImage, bucket_edges, bucket_keys, connected_groups, group_sizes
@@ -45,39 +45,47 @@ MATCHES = "matches"
 MATCHES_FILE = "_meta/decontaminate/matches.jsonl"
 
 
-class HashImagesDoFn(beam.DoFn):
-    """Hashes each image once and matches it against the benchmark index.
+#: Images hashed and matched per batch (``HashImages``): one vectorised
+#: index search per batch instead of one per image; bounds what a batch holds.
+MATCH_BATCH = 32
 
-    Outputs: the example unchanged (main), ``hashes`` (a ``HashedImage`` when
-    near-duplicate groups are on), ``matches`` (``(image_id, matches)`` for a
-    matched image), and an ``unhashable_image`` reject for bytes that cannot
-    be decoded (an image that cannot be checked is not let through).
+
+class HashImagesDoFn(beam.DoFn):
+    """Hashes each image of a batch once and matches the batch against the benchmark index.
+
+    Input: a list of examples (``beam.BatchElements``); the search runs once
+    per batch. Outputs, per example: the example unchanged (main),
+    ``hashes`` (a ``HashedImage`` when near-duplicate groups are on),
+    ``matches`` (``(image_id, matches)`` for a matched image), and an
+    ``unhashable_image`` reject for bytes that cannot be decoded (an image
+    that cannot be checked is not let through).
     """
 
     def __init__(self, cfg: DecontaminateConfig) -> None:
         self._cfg = cfg
         self._hashed = Metrics.counter(NAMESPACE, "decontaminate_hashed")
 
-    def process(self, ex: ImageExample, index: BenchmarkIndex | None = None) -> Iterator[Any]:
-        try:
-            hashes = hash_example(ex, self._cfg.crop_frac)
-        except HashError as err:
-            yield beam.pvalue.TaggedOutput(
-                REJECTS,
-                Reject(ex.key, STAGE, UNHASHABLE_IMAGE, f"{err} Decontamination cannot check it, so it is left out.",
-                       RejectLevel.IMAGE, ex.image.image_id),
-            )
-            for level, n in (("instances", len(ex.instances)), ("refs", len(ex.refs)), ("samples", len(ex.samples))):
-                yield beam.pvalue.TaggedOutput(EVENTS, (f"dropped_with_image/{level}", n))
-            return
-        self._hashed.inc()
-        if self._cfg.near_duplicates:
-            yield beam.pvalue.TaggedOutput(HASHES, HashedImage(ex.image.image_id, hashes.phash, hashes.crops))
-        if index is not None:
-            matches = match_example(ex, hashes, index)
+    def process(self, batch: list[ImageExample], index: BenchmarkIndex | None = None) -> Iterator[Any]:
+        hashed = []
+        for ex in batch:
+            try:
+                hashed.append((ex, hash_example(ex, self._cfg.crop_frac)))
+            except HashError as err:
+                yield beam.pvalue.TaggedOutput(
+                    REJECTS,
+                    Reject(ex.key, STAGE, UNHASHABLE_IMAGE, f"{err} Decontamination cannot check it, so it is left out.",
+                           RejectLevel.IMAGE, ex.image.image_id),
+                )
+                for level, n in (("instances", len(ex.instances)), ("refs", len(ex.refs)), ("samples", len(ex.samples))):
+                    yield beam.pvalue.TaggedOutput(EVENTS, (f"dropped_with_image/{level}", n))
+        self._hashed.inc(len(hashed))
+        found = match_examples(hashed, index) if index is not None and hashed else [[] for _ in hashed]
+        for (ex, hashes), matches in zip(hashed, found):
+            if self._cfg.near_duplicates:
+                yield beam.pvalue.TaggedOutput(HASHES, HashedImage(ex.image.image_id, hashes.phash, hashes.crops))
             if matches:
                 yield beam.pvalue.TaggedOutput(MATCHES, (ex.image.image_id, tuple(matches)))
-        yield ex
+            yield ex
 
 
 def _bucket(img: HashedImage) -> Iterator[tuple[tuple[int, int], HashedImage]]:
@@ -257,7 +265,10 @@ class Decontaminate(beam.PTransform):
                 for what, n in sorted(counts.items())
             ]
             events_l.append(p | "IndexCounts" >> beam.Create(index_events or [("decontaminate/index/hashes", 0)]))
-        res = examples | "HashImages" >> beam.ParDo(HashImagesDoFn(self._cfg), *side).with_outputs(
+        # Batches keep each element's window (BatchElements batches per
+        # window), and hold at most MATCH_BATCH images.
+        batches = examples | "MatchBatches" >> beam.BatchElements(min_batch_size=MATCH_BATCH, max_batch_size=MATCH_BATCH)
+        res = batches | "HashImages" >> beam.ParDo(HashImagesDoFn(self._cfg), *side).with_outputs(
             REJECTS, EVENTS, HASHES, MATCHES, main="examples"
         )
         events_l.append(res[EVENTS])
