@@ -36,8 +36,7 @@ from orsgen.stages.decontaminate import (
     match_examples,
     overlap_reject,
 )
-from orsgen.stages.decontaminate.groups import HashedImage, bucket_edges, bucket_keys, connected_groups, group_sizes
-from orsgen.stages.splits import most_protected_split
+from orsgen.stages.decontaminate.groups import HashedImage, bucket_edges, bucket_keys, connected_groups, group_sizes, group_split
 
 HASHES = "hashes"
 MATCHES = "matches"
@@ -79,7 +78,7 @@ class HashImagesDoFn(beam.DoFn):
                 for level, n in (("instances", len(ex.instances)), ("refs", len(ex.refs)), ("samples", len(ex.samples))):
                     yield beam.pvalue.TaggedOutput(EVENTS, (f"dropped_with_image/{level}", n))
         self._hashed.inc(len(hashed))
-        found = match_examples(hashed, index) if index is not None and hashed else [[] for _ in hashed]
+        found = match_examples(hashed, index, self._cfg.written_paths) if index is not None and hashed else [[] for _ in hashed]
         for (ex, hashes), matches in zip(hashed, found):
             if self._cfg.near_duplicates:
                 yield beam.pvalue.TaggedOutput(HASHES, HashedImage(ex.image.image_id, hashes.phash, hashes.crops))
@@ -103,6 +102,8 @@ def _groups(edges: list[tuple[str, str]]) -> Iterator[Any]:
     sizes = group_sizes(groups)
     yield beam.pvalue.TaggedOutput(EVENTS, ("decontaminate/near_duplicates/groups", len(sizes)))
     yield beam.pvalue.TaggedOutput(EVENTS, ("decontaminate/near_duplicates/images", len(groups)))
+    for what in ("moved_images", "moved_groups"):  # counted per group in GroupSplits; present when none
+        yield beam.pvalue.TaggedOutput(EVENTS, (f"decontaminate/near_duplicates/{what}", 0))
     yield from groups.items()
 
 
@@ -131,12 +132,21 @@ class NearDuplicateGroups(beam.PTransform):
 
 def _member_split(
     ex: ImageExample, groups: dict[str, str], natural: Callable[[ImageExample, str], str]
-) -> Iterator[tuple[str, str]]:
+) -> Iterator[tuple[str, tuple[str, str, str]]]:
     group = groups.get(ex.image.image_id)
     if group is not None:
         # Hashed splits of a group's members are drawn from the group id, so
-        # they agree; source and OOD splits are the members' own.
-        yield group, natural(ex, group)
+        # they agree; source and OOD splits are the members' own. The split
+        # the image would get alone is kept to count the images moved.
+        yield group, (ex.image.image_id, natural(ex, ex.image.image_id), natural(ex, group))
+
+
+def _group_split(element: tuple[str, Iterable[tuple[str, str, str]]], train_splits: tuple[str, ...]) -> Iterator[Any]:
+    group, members = element
+    split, moved = group_split(members, train_splits)
+    yield beam.pvalue.TaggedOutput(EVENTS, ("decontaminate/near_duplicates/moved_images", len(moved)))
+    yield beam.pvalue.TaggedOutput(EVENTS, ("decontaminate/near_duplicates/moved_groups", int(bool(moved))))
+    yield group, split
 
 
 class GroupSplits(beam.PTransform):
@@ -145,6 +155,8 @@ class GroupSplits(beam.PTransform):
     The group's split is its members' most protected natural split
     (``ood_*``, then evaluation, then training: ``stages.splits.most_protected_split``),
     so a near-duplicate of an evaluation image never stays in train.
+    Returns ``(overrides, events)``; the events count the images (and
+    groups) whose split differs from the one the image would get alone.
 
     Args:
         groups: the ``(image_id, group_id)`` PCollection.
@@ -159,15 +171,18 @@ class GroupSplits(beam.PTransform):
         self._natural = natural
         self._train = tuple(train_splits)
 
-    def expand(self, examples: Any) -> Any:
-        group_split = (
+    def expand(self, examples: Any) -> tuple[Any, Any]:
+        res = (
             examples
             | "MemberSplits" >> beam.FlatMap(_member_split, groups=beam.pvalue.AsDict(self._groups), natural=self._natural)
-            | "GroupSplit" >> beam.CombinePerKey(most_protected_split, train_splits=self._train)
+            # Only ids and split names are shuffled here.
+            | "ByGroup" >> beam.GroupByKey()
+            | "GroupSplit" >> beam.FlatMap(_group_split, train_splits=self._train).with_outputs(EVENTS, main="splits")
         )
-        return self._groups | "ImageSplit" >> beam.Map(
-            lambda kv, splits: (kv[0], splits[kv[1]]), splits=beam.pvalue.AsDict(group_split)
+        overrides = self._groups | "ImageSplit" >> beam.Map(
+            lambda kv, splits: (kv[0], splits[kv[1]]), splits=beam.pvalue.AsDict(res.splits)
         )
+        return overrides, res[EVENTS]
 
 
 def overlap_stage(
@@ -275,7 +290,8 @@ class Decontaminate(beam.PTransform):
         if self._cfg.near_duplicates:
             groups, group_events = res[HASHES] | "NearDuplicates" >> NearDuplicateGroups(self._cfg.max_distance)
             events_l.append(group_events)
-            overrides = res.examples | "GroupSplits" >> GroupSplits(groups, self._natural, self._train)
+            overrides, moved_events = res.examples | "GroupSplits" >> GroupSplits(groups, self._natural, self._train)
+            events_l.append(moved_events)
         else:
             overrides = p | "NoGroups" >> beam.Create([])
         events = events_l | "DecontaminateEvents" >> beam.Flatten()

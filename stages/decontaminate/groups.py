@@ -120,3 +120,30 @@ def near_duplicate_groups(images: Sequence[HashedImage], max_distance: int) -> d
 
 
 assert CHUNK_BITS * N_CHUNKS == 256
+
+
+def group_split(members: Iterable[tuple[str, str, str]], train_splits: Sequence[str]) -> tuple[str, list[str]]:
+    """A near-duplicate group's one split, and the images it moved.
+
+    Args:
+        members: ``(image_id, split alone, split by the group's hash)`` for
+            every copy of every member (an image read from several inputs
+            has several copies).
+        train_splits: the training splits.
+
+    Returns:
+        ``(split, moved)``: the most protected of the members' splits (by the
+        group's hash; ``stages.splits.most_protected_split``) and the sorted
+        ids of the members whose own split (the most protected of their
+        copies' splits, as the splits stage resolves them alone) differs.
+    """
+    from orsgen.stages.splits import most_protected_split
+
+    members = list(members)
+    split = most_protected_split([grouped for _, _, grouped in members], train_splits)
+    alone: dict[str, list[str]] = {}
+    for image_id, own, _ in members:
+        alone.setdefault(image_id, []).append(own)
+    moved = sorted(i for i, splits in alone.items() if most_protected_split(splits, train_splits) != split)
+    return split, moved
+
