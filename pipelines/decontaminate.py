@@ -38,8 +38,11 @@ from orsgen.stages.decontaminate import (
 )
 from orsgen.stages.decontaminate.groups import HashedImage, bucket_edges, bucket_keys, connected_groups, group_sizes, group_split
 
-HASHES = "hashes"
-MATCHES = "matches"
+#: Tagged outputs of ``HashImages``: ids with 32-byte hashes, and ids with
+#: their benchmark matches; never whole records (listed in
+#: ``pipelines.dataflow_graph.SMALL_TAGS``).
+HASHES = "decontaminate_hashes"
+MATCHES = "decontaminate_matches"
 #: Where the matched pairs are listed for ``orsgen preview --matches``.
 MATCHES_FILE = "_meta/decontaminate/matches.jsonl"
 
@@ -130,15 +133,25 @@ class NearDuplicateGroups(beam.PTransform):
         return res.groups, res[EVENTS]
 
 
-def _member_split(
-    ex: ImageExample, groups: dict[str, str], natural: Callable[[ImageExample, str], str]
-) -> Iterator[tuple[str, tuple[str, str, str]]]:
-    group = groups.get(ex.image.image_id)
-    if group is not None:
-        # Hashed splits of a group's members are drawn from the group id, so
-        # they agree; source and OOD splits are the members' own. The split
-        # the image would get alone is kept to count the images moved.
-        yield group, (ex.image.image_id, natural(ex, ex.image.image_id), natural(ex, group))
+class MemberSplitsDoFn(beam.DoFn):
+    """``(group_id, (image_id, split alone, split by the group's hash))`` for each grouped example.
+
+    Its output is ids and split names, never the record
+    (``small_main_output``: the shuffle by group moves no image).
+    """
+
+    small_main_output = True
+
+    def __init__(self, natural: Callable[[ImageExample, str], str]) -> None:
+        self._natural = natural
+
+    def process(self, ex: ImageExample, groups: dict[str, str]) -> Iterator[tuple[str, tuple[str, str, str]]]:
+        group = groups.get(ex.image.image_id)
+        if group is not None:
+            # Hashed splits of a group's members are drawn from the group id, so
+            # they agree; source and OOD splits are the members' own. The split
+            # the image would get alone is kept to count the images moved.
+            yield group, (ex.image.image_id, self._natural(ex, ex.image.image_id), self._natural(ex, group))
 
 
 def _group_split(element: tuple[str, Iterable[tuple[str, str, str]]], train_splits: tuple[str, ...]) -> Iterator[Any]:
@@ -174,7 +187,7 @@ class GroupSplits(beam.PTransform):
     def expand(self, examples: Any) -> tuple[Any, Any]:
         res = (
             examples
-            | "MemberSplits" >> beam.FlatMap(_member_split, groups=beam.pvalue.AsDict(self._groups), natural=self._natural)
+            | "MemberSplits" >> beam.ParDo(MemberSplitsDoFn(self._natural), beam.pvalue.AsDict(self._groups))
             # Only ids and split names are shuffled here.
             | "ByGroup" >> beam.GroupByKey()
             | "GroupSplit" >> beam.FlatMap(_group_split, train_splits=self._train).with_outputs(EVENTS, main="splits")
@@ -216,6 +229,19 @@ def match_records(
             "distance": m.distance,
             "benchmark_ref": m.ref,
         }
+
+
+class MatchRecordsDoFn(beam.DoFn):
+    """``match_records`` as a DoFn: small JSON records of matched images, never the image record."""
+
+    small_main_output = True
+
+    def __init__(self, train_splits: tuple[str, ...], keep_in_heldout: bool) -> None:
+        self._train = train_splits
+        self._keep = keep_in_heldout
+
+    def process(self, ex: ImageExample, matches: dict[str, tuple[BenchmarkMatch, ...]]) -> Iterator[dict[str, Any]]:
+        yield from match_records(ex, matches, self._train, self._keep)
 
 
 def write_matches_file(records: list[dict[str, Any]], out: str) -> str:
@@ -322,7 +348,7 @@ class BenchmarkOverlap(beam.PTransform):
         ).with_outputs(REJECTS, EVENTS, main="examples")
         _ = (
             examples
-            | "MatchRecords" >> beam.FlatMap(match_records, matches, self._train, self._cfg.keep_in_heldout)
+            | "MatchRecords" >> beam.ParDo(MatchRecordsDoFn(self._train, self._cfg.keep_in_heldout), matches)
             | "AllMatchRecords" >> beam.combiners.ToList()
             | "WriteMatches" >> beam.Map(write_matches_file, self._out)
         )
