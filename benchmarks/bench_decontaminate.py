@@ -20,9 +20,15 @@ Three measurements in one run:
     1500x2250 JPEGs (SA-1B's size).
 (c) **Matching cost** against an index of ``--index-size`` pHashes (of
     generated textures and their crops): the multi-index search
-    (``HammingIndex``) against the brute-force all-pairs baseline
-    (``brute_force_pairs``, numpy, every query against every entry) on the
-    same queries; the results must be equal, and the time ratio is reported.
+    (``HammingIndex``, default layout, and the plain layout) against the
+    named brute-force all-pairs baseline (``brute_force_pairs``, numpy, every
+    query against every entry) on the same queries, CPU time, best of
+    ``--reps`` interleaved repetitions, each call preceded by writing 32 MB
+    (cold core cache, as in the stage). Extra baselines, in a loop of their
+    own: a columnar numpy scan, and faiss's ``IndexBinaryFlat`` and
+    ``IndexBinaryMultiHash`` range searches when ``faiss-cpu`` is installed
+    (not a dependency). Every method's results must equal the baseline's;
+    the ratios to the multi-index search are reported.
 
     python benchmarks/bench_decontaminate.py               # full run (about 10 CPU-minutes)
     python benchmarks/bench_decontaminate.py --only matching --cache /tmp/dc  # rerun the timing on kept hashes
