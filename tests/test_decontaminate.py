@@ -102,7 +102,11 @@ def test_multi_index_search_equals_brute_force():
     assert len(HammingIndex(codes, 31).search(as_codes([]))[0]) == 0
 
 
-def test_near_duplicate_groups_join_copies_and_leave_others_alone():
+@pytest.mark.parametrize("brute_force_pairs_max", [1 << 17, 0])  # small buckets all-pairs / every bucket searched
+def test_near_duplicate_groups_join_copies_and_leave_others_alone(monkeypatch, brute_force_pairs_max):
+    from orsgen.stages.decontaminate import groups as groups_mod
+
+    monkeypatch.setattr(groups_mod, "BUCKET_BRUTE_FORCE_PAIRS", brute_force_pairs_max)
     a, b = demo_scene(0, "coco", 700)[0], _texture(7)
     h = lambda data: image_hashes(data, 0.04)  # noqa: E731
     items = {
