@@ -14,7 +14,8 @@ How records are told from small values (the rule the count follows):
 * A PCollection carries records when one of its producer's main inputs does
   (side inputs are broadcast, not shuffled, and are not followed), except the
   tagged outputs in ``SMALL_TAGS``: rejects, counting events, vocabularies,
-  writer statistics, SAM2 report outcomes; and the main output of a DoFn
+  writer statistics, SAM2 report outcomes, decontamination's hashes and
+  matches; and the main output of a DoFn
   whose class sets ``small_main_output = True`` (e.g. SAM2's dead letters,
   which are rejects). ``Partition``'s numbered outputs, ``Flatten``,
   ``BatchElements``, the caption and SAM2 stages' main outputs all carry records.
@@ -41,8 +42,11 @@ import apache_beam as beam
 
 from orsgen.pipelines.transforms import EVENTS, REJECTS, IngestDoFn
 
-#: Tagged outputs that never carry whole image records.
-SMALL_TAGS = frozenset({REJECTS, EVENTS, "vocabulary", "planned", "stats", "outcomes"})
+#: Tagged outputs that never carry whole image records (the last two:
+#: decontamination's ids with hashes, and ids with benchmark matches).
+SMALL_TAGS = frozenset(
+    {REJECTS, EVENTS, "vocabulary", "planned", "stats", "outcomes", "decontaminate_hashes", "decontaminate_matches"}
+)
 
 #: The URN of a leaf GroupByKey in the runner API proto.
 GBK_URN = "beam:transform:group_by_key:v1"

@@ -33,51 +33,61 @@ from orsgen.stages.decontaminate import (
     BenchmarkMatch,
     HashError,
     hash_example,
-    match_example,
+    match_examples,
     overlap_reject,
 )
-from orsgen.stages.decontaminate.groups import HashedImage, bucket_edges, bucket_keys, connected_groups, group_sizes
-from orsgen.stages.splits import most_protected_split
+from orsgen.stages.decontaminate.groups import HashedImage, bucket_edges, bucket_keys, connected_groups, group_sizes, group_split
 
-HASHES = "hashes"
-MATCHES = "matches"
+#: Tagged outputs of ``HashImages``: ids with 32-byte hashes, and ids with
+#: their benchmark matches; never whole records (listed in
+#: ``pipelines.dataflow_graph.SMALL_TAGS``).
+HASHES = "decontaminate_hashes"
+MATCHES = "decontaminate_matches"
 #: Where the matched pairs are listed for ``orsgen preview --matches``.
 MATCHES_FILE = "_meta/decontaminate/matches.jsonl"
 
 
-class HashImagesDoFn(beam.DoFn):
-    """Hashes each image once and matches it against the benchmark index.
+#: Images hashed and matched per batch (``HashImages``): one vectorised
+#: index search per batch instead of one per image; bounds what a batch holds.
+MATCH_BATCH = 32
 
-    Outputs: the example unchanged (main), ``hashes`` (a ``HashedImage`` when
-    near-duplicate groups are on), ``matches`` (``(image_id, matches)`` for a
-    matched image), and an ``unhashable_image`` reject for bytes that cannot
-    be decoded (an image that cannot be checked is not let through).
+
+class HashImagesDoFn(beam.DoFn):
+    """Hashes each image of a batch once and matches the batch against the benchmark index.
+
+    Input: a list of examples (``beam.BatchElements``); the search runs once
+    per batch. Outputs, per example: the example unchanged (main),
+    ``hashes`` (a ``HashedImage`` when near-duplicate groups are on),
+    ``matches`` (``(image_id, matches)`` for a matched image), and an
+    ``unhashable_image`` reject for bytes that cannot be decoded (an image
+    that cannot be checked is not let through).
     """
 
     def __init__(self, cfg: DecontaminateConfig) -> None:
         self._cfg = cfg
         self._hashed = Metrics.counter(NAMESPACE, "decontaminate_hashed")
 
-    def process(self, ex: ImageExample, index: BenchmarkIndex | None = None) -> Iterator[Any]:
-        try:
-            hashes = hash_example(ex, self._cfg.crop_frac)
-        except HashError as err:
-            yield beam.pvalue.TaggedOutput(
-                REJECTS,
-                Reject(ex.key, STAGE, UNHASHABLE_IMAGE, f"{err} Decontamination cannot check it, so it is left out.",
-                       RejectLevel.IMAGE, ex.image.image_id),
-            )
-            for level, n in (("instances", len(ex.instances)), ("refs", len(ex.refs)), ("samples", len(ex.samples))):
-                yield beam.pvalue.TaggedOutput(EVENTS, (f"dropped_with_image/{level}", n))
-            return
-        self._hashed.inc()
-        if self._cfg.near_duplicates:
-            yield beam.pvalue.TaggedOutput(HASHES, HashedImage(ex.image.image_id, hashes.phash, hashes.crops))
-        if index is not None:
-            matches = match_example(ex, hashes, index)
+    def process(self, batch: list[ImageExample], index: BenchmarkIndex | None = None) -> Iterator[Any]:
+        hashed = []
+        for ex in batch:
+            try:
+                hashed.append((ex, hash_example(ex, self._cfg.crop_frac)))
+            except HashError as err:
+                yield beam.pvalue.TaggedOutput(
+                    REJECTS,
+                    Reject(ex.key, STAGE, UNHASHABLE_IMAGE, f"{err} Decontamination cannot check it, so it is left out.",
+                           RejectLevel.IMAGE, ex.image.image_id),
+                )
+                for level, n in (("instances", len(ex.instances)), ("refs", len(ex.refs)), ("samples", len(ex.samples))):
+                    yield beam.pvalue.TaggedOutput(EVENTS, (f"dropped_with_image/{level}", n))
+        self._hashed.inc(len(hashed))
+        found = match_examples(hashed, index, self._cfg.written_paths) if index is not None and hashed else [[] for _ in hashed]
+        for (ex, hashes), matches in zip(hashed, found):
+            if self._cfg.near_duplicates:
+                yield beam.pvalue.TaggedOutput(HASHES, HashedImage(ex.image.image_id, hashes.phash, hashes.crops))
             if matches:
                 yield beam.pvalue.TaggedOutput(MATCHES, (ex.image.image_id, tuple(matches)))
-        yield ex
+            yield ex
 
 
 def _bucket(img: HashedImage) -> Iterator[tuple[tuple[int, int], HashedImage]]:
@@ -95,6 +105,8 @@ def _groups(edges: list[tuple[str, str]]) -> Iterator[Any]:
     sizes = group_sizes(groups)
     yield beam.pvalue.TaggedOutput(EVENTS, ("decontaminate/near_duplicates/groups", len(sizes)))
     yield beam.pvalue.TaggedOutput(EVENTS, ("decontaminate/near_duplicates/images", len(groups)))
+    for what in ("moved_images", "moved_groups"):  # counted per group in GroupSplits; present when none
+        yield beam.pvalue.TaggedOutput(EVENTS, (f"decontaminate/near_duplicates/{what}", 0))
     yield from groups.items()
 
 
@@ -121,14 +133,33 @@ class NearDuplicateGroups(beam.PTransform):
         return res.groups, res[EVENTS]
 
 
-def _member_split(
-    ex: ImageExample, groups: dict[str, str], natural: Callable[[ImageExample, str], str]
-) -> Iterator[tuple[str, str]]:
-    group = groups.get(ex.image.image_id)
-    if group is not None:
-        # Hashed splits of a group's members are drawn from the group id, so
-        # they agree; source and OOD splits are the members' own.
-        yield group, natural(ex, group)
+class MemberSplitsDoFn(beam.DoFn):
+    """``(group_id, (image_id, split alone, split by the group's hash))`` for each grouped example.
+
+    Its output is ids and split names, never the record
+    (``small_main_output``: the shuffle by group moves no image).
+    """
+
+    small_main_output = True
+
+    def __init__(self, natural: Callable[[ImageExample, str], str]) -> None:
+        self._natural = natural
+
+    def process(self, ex: ImageExample, groups: dict[str, str]) -> Iterator[tuple[str, tuple[str, str, str]]]:
+        group = groups.get(ex.image.image_id)
+        if group is not None:
+            # Hashed splits of a group's members are drawn from the group id, so
+            # they agree; source and OOD splits are the members' own. The split
+            # the image would get alone is kept to count the images moved.
+            yield group, (ex.image.image_id, self._natural(ex, ex.image.image_id), self._natural(ex, group))
+
+
+def _group_split(element: tuple[str, Iterable[tuple[str, str, str]]], train_splits: tuple[str, ...]) -> Iterator[Any]:
+    group, members = element
+    split, moved = group_split(members, train_splits)
+    yield beam.pvalue.TaggedOutput(EVENTS, ("decontaminate/near_duplicates/moved_images", len(moved)))
+    yield beam.pvalue.TaggedOutput(EVENTS, ("decontaminate/near_duplicates/moved_groups", int(bool(moved))))
+    yield group, split
 
 
 class GroupSplits(beam.PTransform):
@@ -137,6 +168,8 @@ class GroupSplits(beam.PTransform):
     The group's split is its members' most protected natural split
     (``ood_*``, then evaluation, then training: ``stages.splits.most_protected_split``),
     so a near-duplicate of an evaluation image never stays in train.
+    Returns ``(overrides, events)``; the events count the images (and
+    groups) whose split differs from the one the image would get alone.
 
     Args:
         groups: the ``(image_id, group_id)`` PCollection.
@@ -151,15 +184,18 @@ class GroupSplits(beam.PTransform):
         self._natural = natural
         self._train = tuple(train_splits)
 
-    def expand(self, examples: Any) -> Any:
-        group_split = (
+    def expand(self, examples: Any) -> tuple[Any, Any]:
+        res = (
             examples
-            | "MemberSplits" >> beam.FlatMap(_member_split, groups=beam.pvalue.AsDict(self._groups), natural=self._natural)
-            | "GroupSplit" >> beam.CombinePerKey(most_protected_split, train_splits=self._train)
+            | "MemberSplits" >> beam.ParDo(MemberSplitsDoFn(self._natural), beam.pvalue.AsDict(self._groups))
+            # Only ids and split names are shuffled here.
+            | "ByGroup" >> beam.GroupByKey()
+            | "GroupSplit" >> beam.FlatMap(_group_split, train_splits=self._train).with_outputs(EVENTS, main="splits")
         )
-        return self._groups | "ImageSplit" >> beam.Map(
-            lambda kv, splits: (kv[0], splits[kv[1]]), splits=beam.pvalue.AsDict(group_split)
+        overrides = self._groups | "ImageSplit" >> beam.Map(
+            lambda kv, splits: (kv[0], splits[kv[1]]), splits=beam.pvalue.AsDict(res.splits)
         )
+        return overrides, res[EVENTS]
 
 
 def overlap_stage(
@@ -193,6 +229,19 @@ def match_records(
             "distance": m.distance,
             "benchmark_ref": m.ref,
         }
+
+
+class MatchRecordsDoFn(beam.DoFn):
+    """``match_records`` as a DoFn: small JSON records of matched images, never the image record."""
+
+    small_main_output = True
+
+    def __init__(self, train_splits: tuple[str, ...], keep_in_heldout: bool) -> None:
+        self._train = train_splits
+        self._keep = keep_in_heldout
+
+    def process(self, ex: ImageExample, matches: dict[str, tuple[BenchmarkMatch, ...]]) -> Iterator[dict[str, Any]]:
+        yield from match_records(ex, matches, self._train, self._keep)
 
 
 def write_matches_file(records: list[dict[str, Any]], out: str) -> str:
@@ -257,14 +306,18 @@ class Decontaminate(beam.PTransform):
                 for what, n in sorted(counts.items())
             ]
             events_l.append(p | "IndexCounts" >> beam.Create(index_events or [("decontaminate/index/hashes", 0)]))
-        res = examples | "HashImages" >> beam.ParDo(HashImagesDoFn(self._cfg), *side).with_outputs(
+        # Batches keep each element's window (BatchElements batches per
+        # window), and hold at most MATCH_BATCH images.
+        batches = examples | "MatchBatches" >> beam.BatchElements(min_batch_size=MATCH_BATCH, max_batch_size=MATCH_BATCH)
+        res = batches | "HashImages" >> beam.ParDo(HashImagesDoFn(self._cfg), *side).with_outputs(
             REJECTS, EVENTS, HASHES, MATCHES, main="examples"
         )
         events_l.append(res[EVENTS])
         if self._cfg.near_duplicates:
             groups, group_events = res[HASHES] | "NearDuplicates" >> NearDuplicateGroups(self._cfg.max_distance)
             events_l.append(group_events)
-            overrides = res.examples | "GroupSplits" >> GroupSplits(groups, self._natural, self._train)
+            overrides, moved_events = res.examples | "GroupSplits" >> GroupSplits(groups, self._natural, self._train)
+            events_l.append(moved_events)
         else:
             overrides = p | "NoGroups" >> beam.Create([])
         events = events_l | "DecontaminateEvents" >> beam.Flatten()
@@ -295,7 +348,7 @@ class BenchmarkOverlap(beam.PTransform):
         ).with_outputs(REJECTS, EVENTS, main="examples")
         _ = (
             examples
-            | "MatchRecords" >> beam.FlatMap(match_records, matches, self._train, self._cfg.keep_in_heldout)
+            | "MatchRecords" >> beam.ParDo(MatchRecordsDoFn(self._train, self._cfg.keep_in_heldout), matches)
             | "AllMatchRecords" >> beam.combiners.ToList()
             | "WriteMatches" >> beam.Map(write_matches_file, self._out)
         )

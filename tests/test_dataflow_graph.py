@@ -78,6 +78,28 @@ def test_dataflow_dry_run_has_at_most_one_shuffle_of_whole_records(config, sets)
     assert any("Spread" in s for s in report.all_shuffles) and any("SumEvents" in s for s in report.all_shuffles)
 
 
+def test_dataflow_dry_run_with_decontamination_keeps_one_record_shuffle(tmp_path):
+    """Decontamination and near-duplicate groups add shuffles of ids and hashes only."""
+    from apache_beam.runners.runner import PipelineState
+
+    pytest.importorskip("imagehash", reason="decontamination needs the dedup extra")
+    hashes = tmp_path / "bench_hashes.txt"
+    hashes.write_text("phash:" + "ab" * 32 + "\nsha256:" + "cd" * 32 + "\n")
+    p, result = _dry_run(
+        "sa1b.yaml",
+        f"decontaminate.sources=[{{name: bench, type: hashes, path: {hashes}}}]",
+        "decontaminate.near_duplicates=true",
+    )
+    assert result.state == PipelineState.DONE
+    report = shuffle_report(p)
+    assert sorted(report.all_shuffles) == proto_shuffles(p.runner.proto_pipeline)
+    # The grouping's shuffles are there (buckets of hashes, groups of ids) and are not records.
+    dec = [s for s in report.all_shuffles if s.startswith("Decontaminate/")]
+    assert any("GroupBuckets" in s for s in dec) and any("ByGroup" in s for s in dec), report
+    assert len(report.record_shuffles) == 1, report
+    assert not any(s.startswith(("Decontaminate/", "BenchmarkOverlap/")) for s in report.record_shuffles), report
+
+
 def test_a_join_of_records_is_counted():
     """Twin: a CoGroupByKey of examples (the old caption stage's joins) counts as a record shuffle."""
 

@@ -86,10 +86,15 @@ def test_multi_index_search_equals_brute_force():
         bits[i, flip] ^= 1
     queries = np.concatenate([np.packbits(bits, axis=1), rng.integers(0, 256, (100, 32), dtype=np.uint8)])
     for k in (0, 9, 15, 16, 31, 47):
-        got = HammingIndex(codes, k).search(queries)
         ref = brute_force_pairs(queries, codes, k)
-        assert all(np.array_equal(a, b) for a, b in zip(got, ref)), k
-        assert len(got[0]) >= sum(1 for i in range(300) if i % 51 <= k)
+        assert len(ref[0]) >= sum(1 for i in range(300) if i % 51 <= k)
+        # Both table layouts: expanded (entries filed under their neighbours)
+        # and plain (the query probes the neighbours).
+        for budget, expanded in ((1 << 30, True), (0, k < 16)):  # (radius 0: one layout)
+            index = HammingIndex(codes, k, table_budget_bytes=budget)
+            assert index.expanded == expanded
+            got = index.search(queries)
+            assert all(np.array_equal(a, b) for a, b in zip(got, ref)), (k, budget)
     with pytest.raises(ValueError, match="max_distance"):
         HammingIndex(codes, 64)
     # Empty index, empty queries.
@@ -97,7 +102,11 @@ def test_multi_index_search_equals_brute_force():
     assert len(HammingIndex(codes, 31).search(as_codes([]))[0]) == 0
 
 
-def test_near_duplicate_groups_join_copies_and_leave_others_alone():
+@pytest.mark.parametrize("brute_force_pairs_max", [1 << 17, 0])  # small buckets all-pairs / every bucket searched
+def test_near_duplicate_groups_join_copies_and_leave_others_alone(monkeypatch, brute_force_pairs_max):
+    from orsgen.stages.decontaminate import groups as groups_mod
+
+    monkeypatch.setattr(groups_mod, "BUCKET_BRUTE_FORCE_PAIRS", brute_force_pairs_max)
     a, b = demo_scene(0, "coco", 700)[0], _texture(7)
     h = lambda data: image_hashes(data, 0.04)  # noqa: E731
     items = {
@@ -267,6 +276,8 @@ def test_stage_end_to_end_on_the_demo(tiny_build):
     dec = counts["decontamination"]
     assert dec["rejected/images"] == 2 and dec["rejected/mybench/phash"] == 2
     assert dec["near_duplicates/groups"] == 1 and dec["near_duplicates/images"] == 2
+    # The pair hashes apart under this salt: the grouping moved one of them.
+    assert dec["near_duplicates/moved_images"] == 1 and dec["near_duplicates/moved_groups"] == 1
     assert counts["rejected_by_reason"]["image/benchmark_overlap"] == 2
     rejects = [r for f in sorted(out.glob("rejects/*.parquet")) for r in pq.read_table(f).to_pylist()]
     overlap = sorted(r["image_id"] for r in rejects if r["reason"] == BENCHMARK_OVERLAP)
@@ -283,6 +294,11 @@ def test_stage_end_to_end_on_the_demo(tiny_build):
     # The matched pairs are listed for preview, and the index file was written for reuse.
     lines = [json.loads(x) for x in (out / "_meta/decontaminate/matches.jsonl").read_text().splitlines()]
     assert sorted(x["image_id"] for x in lines) == overlap and all(x["benchmark_ref"] for x in lines)
+    # Benchmark refs are shown as the config wrote the source path (relative
+    # to its folder), in the matches file and in the reject messages alike.
+    assert sorted(x["benchmark_ref"] for x in lines) == ["bench/x.jpg", "bench/y.png"]
+    root = str(tiny_build["root"])
+    assert not any(root in r["message"] for r in rejects) and not any(root in json.dumps(x) for x in lines)
     assert (tiny_build["root"] / "index.parquet").exists()
 
 
@@ -305,7 +321,7 @@ def test_preview_draws_matched_pairs_and_card_reports_overlaps(tiny_build, tmp_p
     left, right = sheet[6:231, 6:306], sheet[6:231, 312:612]
     assert left.std() > 10 and right.std() > 10
     card = "\n".join(decontamination_lines(tiny_build["manifest"]["counts"]))
-    assert "| `mybench` |" in card and "**2**" in card and "**1** groups of 2 images" in card
+    assert "| `mybench` |" in card and "**2**" in card and "**1** groups of 2 images" in card and "moved **1** images (1 groups)" in card
     assert decontamination_lines({"levels": {}}) == []
     # An output built without decontamination has no matches to draw: one clear sentence, rc 2.
     (tmp_path / "plain").mkdir()
@@ -355,3 +371,28 @@ def test_a_group_takes_its_most_protected_split():
     assert most_protected_split(["train", "val", "train"], ["train"]) == "val"
     assert most_protected_split(["train", "val", "ood_x"], ["train"]) == "ood_x"
     assert most_protected_split(["train", "train"], ["train"]) == "train"
+
+
+def test_portable_ref_shows_benchmark_paths_as_the_config_wrote_them():
+    from orsgen.stages.decontaminate import portable_ref
+
+    written = {"/data/cfg/bench": "bench", "/data/cfg/out_old": "../old"}
+    assert portable_ref("/data/cfg/bench/a.jpg", written) == "bench/a.jpg"
+    assert portable_ref("/data/cfg/out_old#val/coco:1", written) == "../old#val/coco:1"
+    # Paths the config wrote absolute, URLs and COCO ids are left as they are.
+    assert portable_ref("/elsewhere/a.jpg", written) == "/elsewhere/a.jpg"
+    assert portable_ref("gs://b/a.jpg", written) == "gs://b/a.jpg"
+    assert portable_ref("coco:42", written) == "coco:42" and portable_ref("", written) == ""
+
+
+def test_group_split_counts_the_images_it_moves():
+    from orsgen.stages.decontaminate.groups import group_split
+
+    # b alone is in train, the group (pulled by a's val) puts it in val: b moved.
+    assert group_split([("a", "val", "val"), ("b", "train", "train")], ["train"]) == ("val", ["b"])
+    # Members that hash apart alone but together by the group id: the one whose own split differs moved.
+    assert group_split([("a", "train", "val"), ("b", "val", "val")], ["train"]) == ("val", ["a"])
+    # An image read from two inputs counts once, by its copies' most protected split.
+    assert group_split([("a", "train", "train"), ("a", "val", "val"), ("b", "val", "val")], ["train"]) == ("val", [])
+    # Members that already agree: nothing moved.
+    assert group_split([("a", "train", "train"), ("b", "train", "train")], ["train"]) == ("train", [])

@@ -242,6 +242,8 @@ def _remember_written_paths(cfg: OrsgenConfig, written: dict[str, str]) -> None:
     cfg._written_paths = dict(written)
     for inp in cfg.inputs:
         inp._written_paths = dict(written)
+    # Benchmark refs in rejects and the matches file are shown as written too.
+    cfg.decontaminate._written_paths = dict(written)
 
 
 _PATH_KEYS = ("shards", "annotations", "images", "refs", "instances")

@@ -420,7 +420,13 @@ def decontamination_lines(counts: dict[str, Any]) -> list[str]:
     if "near_duplicates/groups" in dec:
         lines.append(
             f"Near-duplicate groups within the build: **{dec['near_duplicates/groups']}** groups of "
-            f"{dec.get('near_duplicates/images', 0)} images, each group in one split."
+            f"{dec.get('near_duplicates/images', 0)} images, each group in one split"
+            + (
+                f"; the grouping moved **{dec['near_duplicates/moved_images']}** images "
+                f"({dec.get('near_duplicates/moved_groups', 0)} groups) out of the split they would have had alone."
+                if "near_duplicates/moved_images" in dec
+                else "."
+            )
         )
     lines.append("")
     return lines

@@ -41,7 +41,9 @@ __all__ = [
     "hash_example",
     "image_hashes",
     "match_example",
+    "match_examples",
     "overlap_reject",
+    "portable_ref",
     "prepare_index",
 ]
 
@@ -74,15 +76,49 @@ def hash_example(ex: ImageExample, crop_frac: float) -> ImageHashes:
 
 def match_example(ex: ImageExample, hashes: ImageHashes, index: BenchmarkIndex) -> list[BenchmarkMatch]:
     """The benchmark identities an example's image matches."""
-    cid, how = coco_id_of(ex)
-    matches = index.match(hashes, cid)
-    if how == "file_name":
-        # The id came from the file name: report it as a file-name match.
+    return match_examples([(ex, hashes)], index)[0]
+
+
+def match_examples(
+    items: Sequence[tuple[ImageExample, ImageHashes]], index: BenchmarkIndex, written: dict[str, str] | None = None
+) -> list[list[BenchmarkMatch]]:
+    """``match_example`` for a batch: one vectorised pHash search for all of them.
+
+    ``written``: the config's ``written_paths``; a benchmark ref under a path
+    the config gave relative to its folder is shown that way (``portable_ref``).
+    """
+    ids = [coco_id_of(ex) for ex, _ in items]
+    found = index.match_many([(h, cid) for (_, h), (cid, _) in zip(items, ids)])
+    out = []
+    for (ex, _), (_, how), matches in zip(items, ids, found):
         matches = [
-            BenchmarkMatch(m.benchmark, "file_name", ex.image.file_name, 0, m.ref) if m.kind == "coco_id" else m
+            BenchmarkMatch(
+                m.benchmark,
+                # The id came from the file name: report it as a file-name match.
+                "file_name" if how == "file_name" and m.kind == "coco_id" else m.kind,
+                ex.image.file_name if how == "file_name" and m.kind == "coco_id" else m.value,
+                m.distance,
+                portable_ref(m.ref, written or {}),
+            )
             for m in matches
         ]
-    return matches
+        out.append(matches)
+    return out
+
+
+def portable_ref(ref: str, written: dict[str, str]) -> str:
+    """A benchmark ref (a path, ``path#member`` or ``coco:<id>``) as the config wrote its path.
+
+    Refs under a benchmark path the config gave relative to its folder come
+    out relative to that folder (``orsgen preview --matches --inputs-root``
+    resolves them), so the output holds no path of the machine that built it.
+    """
+    from orsgen.schemas.config.base import display_path
+
+    if not ref or not written or ref.startswith("coco:"):
+        return ref
+    path, sep, member = ref.partition("#")
+    return display_path(path, written) + sep + member
 
 
 def overlap_reject(
