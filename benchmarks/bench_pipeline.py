@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import glob
 import hashlib
 import os
 import platform
@@ -387,7 +388,16 @@ def main() -> None:
         cfg = load_config(path)
 
         def limited(n: int) -> Any:
-            return cfg.model_copy(update={"inputs": [cfg.inputs[0].model_copy(update={"max_images": n})]})
+            """The config cut to its first ``n`` images."""
+            inp = cfg.inputs[0]
+            if inp.type == "sa1b":
+                # SA-1B's max_images counts per shard: keep whole shards instead.
+                shards = sorted(glob.glob(inp.shards[0]))
+                per_shard = -(-n_total // len(shards))
+                update = {"shards": shards[: max(1, -(-n // per_shard))], "max_images": n if n < per_shard else None}
+            else:
+                update = {"max_images": n}
+            return cfg.model_copy(update={"inputs": [inp.model_copy(update=update)]})
 
         # Warm-up: imports and the first-call costs of both paths, untimed.
         warm = load_config(one) if label == "COCO-style" else limited(1)
