@@ -107,6 +107,19 @@ def one_image_config(coco_cfg: Path) -> Path:
     return p
 
 
+#: The tree just before issue 14's per-image optimisation (its benchmark and
+#: dense demo scenes exist, the optimisations do not).
+BASELINE_REV = "c63fce4"
+
+
+def _has_revision(rev: str) -> bool:
+    try:
+        return subprocess.run(["git", "-C", str(REPO), "cat-file", "-e", f"{rev}^{{commit}}"],
+                              capture_output=True).returncode == 0
+    except OSError:
+        return False
+
+
 # ------------------------------------------------------------------ the plain loop
 
 
@@ -336,9 +349,10 @@ def main() -> None:
     ap.add_argument("--marginal-from", type=int, default=50,
                     help="also run each way on the first N images, for the marginal per-image cost (0: skip)")
     ap.add_argument("--skip-workers", action="store_true", help="skip the 2-worker-process run")
-    ap.add_argument("--baseline", metavar="GIT_REV", default=None,
-                    help="also compare the plain loop's per-image CPU with this git revision (e.g. the commit before "
-                         "the optimisation), alternating fresh processes on the COCO-style input")
+    ap.add_argument("--baseline", metavar="GIT_REV", default=BASELINE_REV,
+                    help="also compare the plain loop's per-image CPU with this git revision, alternating fresh "
+                         f"processes on the COCO-style input (default {BASELINE_REV}, the tree before issue 14's "
+                         "optimisation; 'none' skips it; needs a git checkout)")
     ap.add_argument("--only-baseline", action="store_true", help="run only the --baseline comparison")
     args = ap.parse_args()
     started = time.perf_counter()
@@ -350,7 +364,10 @@ def main() -> None:
           f"(synthetic, pipelines/demo_data.py) ready in {time.perf_counter() - t0:.1f} s")
 
     one = one_image_config(coco_cfg_path)
-    if args.baseline:
+    if args.baseline == BASELINE_REV and not _has_revision(BASELINE_REV):
+        print(f"per-image CPU against {BASELINE_REV}: skipped (no git checkout holding it)")
+        args.baseline = "none"
+    if args.baseline and args.baseline != "none":
         compare_with_revision(args.baseline, args.work, args.coco_images, args.sa1b_images, max(args.repeat, 2))
         if args.only_baseline:
             return
