@@ -26,13 +26,21 @@ Figures:
 * images/s/core: images over CPU seconds (user + system of this process and
   its worker processes), so that a shared machine's idle waits do not count;
   wall-clock images/s too.
-* overhead: Beam CPU (and wall) over the loop's, same inputs, same run.
-  Imports are paid before either is timed.
+* overhead: Beam CPU (and wall) over the loop's, same inputs, same run,
+  over the whole run and marginal: each way also runs the first
+  ``--marginal-from`` images, and the difference over the extra images is
+  the per-image cost without what a run pays once. Imports are paid before
+  either is timed.
 * start-up: a fresh process building a 1-image COCO input, from process start
-  to the run's end (``orsgen run``), next to the time to import what it needs
-  and the same 1 image through the loop in a fresh process.
+  to the run's end (``orsgen run``), next to bare Python, ``import
+  apache_beam``, Beam alone (a 1-element pipeline on the same runner), the
+  pipeline modules' import and the same 1 image through the loop.
+* per-image CPU of the loop against the tree before the optimisation
+  (``--baseline``, default ``c63fce4``): each tree's own loop and config,
+  alternating fresh processes.
 
-    python benchmarks/bench_pipeline.py [--coco-images 200] [--sa1b-images 200] [--repeat 1] [--baseline GIT_REV]
+    python benchmarks/bench_pipeline.py [--coco-images 200] [--sa1b-images 200] [--marginal-from 50]
+        [--repeat 1] [--baseline c63fce4|GIT_REV|none] [--only-baseline] [--skip-workers]
 """
 
 from __future__ import annotations
