@@ -26,13 +26,21 @@ Figures:
 * images/s/core: images over CPU seconds (user + system of this process and
   its worker processes), so that a shared machine's idle waits do not count;
   wall-clock images/s too.
-* overhead: Beam CPU (and wall) over the loop's, same inputs, same run.
-  Imports are paid before either is timed.
+* overhead: Beam CPU (and wall) over the loop's, same inputs, same run,
+  over the whole run and marginal: each way also runs the first
+  ``--marginal-from`` images, and the difference over the extra images is
+  the per-image cost without what a run pays once. Imports are paid before
+  either is timed.
 * start-up: a fresh process building a 1-image COCO input, from process start
-  to the run's end (``orsgen run``), next to the time to import what it needs
-  and the same 1 image through the loop in a fresh process.
+  to the run's end (``orsgen run``), next to bare Python, ``import
+  apache_beam``, Beam alone (a 1-element pipeline on the same runner), the
+  pipeline modules' import and the same 1 image through the loop.
+* per-image CPU of the loop against the tree before the optimisation
+  (``--baseline``, default ``c63fce4``): each tree's own loop and config,
+  alternating fresh processes.
 
-    python benchmarks/bench_pipeline.py [--coco-images 200] [--sa1b-images 200] [--repeat 1] [--baseline GIT_REV]
+    python benchmarks/bench_pipeline.py [--coco-images 200] [--sa1b-images 200] [--marginal-from 50]
+        [--repeat 1] [--baseline c63fce4|GIT_REV|none] [--only-baseline] [--skip-workers]
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import glob
 import hashlib
 import os
 import platform
@@ -104,6 +113,19 @@ def one_image_config(coco_cfg: Path) -> Path:
     p = coco_cfg.with_name("bench_coco_1.yaml")
     p.write_text(yaml.safe_dump(data, sort_keys=False))
     return p
+
+
+#: The tree just before issue 14's per-image optimisation (its benchmark and
+#: dense demo scenes exist, the optimisations do not).
+BASELINE_REV = "c63fce4"
+
+
+def _has_revision(rev: str) -> bool:
+    try:
+        return subprocess.run(["git", "-C", str(REPO), "cat-file", "-e", f"{rev}^{{commit}}"],
+                              capture_output=True).returncode == 0
+    except OSError:
+        return False
 
 
 # ------------------------------------------------------------------ the plain loop
@@ -299,6 +321,16 @@ def fresh_process(argv: list[str]) -> Timing:
     return Timing(time.perf_counter() - t0, kids.ru_utime + kids.ru_stime - c0)
 
 
+#: A trivial 1-element pipeline on the runner ``orsgen run`` uses (in-process
+#: FnApiRunner): what Beam alone costs a fresh process, before any orsgen code.
+BEAM_ALONE = (
+    "import apache_beam as beam\n"
+    "from apache_beam.options.pipeline_options import PipelineOptions\n"
+    "with beam.Pipeline(options=PipelineOptions(['--runner=FnApiRunner'])) as p:\n"
+    "    p | beam.Create([1]) | beam.Map(lambda x: x + 1)\n"
+)
+
+
 def machine() -> str:
     try:
         model = next(
@@ -322,10 +354,13 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1, help="timed repeats of each way (the best is kept)")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "orsgen-bench-pipeline",
                     help="scratch folder; generated inputs are kept there and reused")
+    ap.add_argument("--marginal-from", type=int, default=50,
+                    help="also run each way on the first N images, for the marginal per-image cost (0: skip)")
     ap.add_argument("--skip-workers", action="store_true", help="skip the 2-worker-process run")
-    ap.add_argument("--baseline", metavar="GIT_REV", default=None,
-                    help="also compare the plain loop's per-image CPU with this git revision (e.g. the commit before "
-                         "the optimisation), alternating fresh processes on the COCO-style input")
+    ap.add_argument("--baseline", metavar="GIT_REV", default=BASELINE_REV,
+                    help="also compare the plain loop's per-image CPU with this git revision, alternating fresh "
+                         f"processes on the COCO-style input (default {BASELINE_REV}, the tree before issue 14's "
+                         "optimisation; 'none' skips it; needs a git checkout)")
     ap.add_argument("--only-baseline", action="store_true", help="run only the --baseline comparison")
     args = ap.parse_args()
     started = time.perf_counter()
@@ -337,8 +372,11 @@ def main() -> None:
           f"(synthetic, pipelines/demo_data.py) ready in {time.perf_counter() - t0:.1f} s")
 
     one = one_image_config(coco_cfg_path)
-    if args.baseline:
-        compare_with_revision(args.baseline, coco_cfg_path, one, args.work, max(args.repeat, 2))
+    if args.baseline == BASELINE_REV and not _has_revision(BASELINE_REV):
+        print(f"per-image CPU against {BASELINE_REV}: skipped (no git checkout holding it)")
+        args.baseline = "none"
+    if args.baseline and args.baseline != "none":
+        compare_with_revision(args.baseline, args.work, args.coco_images, args.sa1b_images, max(args.repeat, 2))
         if args.only_baseline:
             return
     # Start-up first, while nothing is cached in this process.
@@ -348,6 +386,7 @@ def main() -> None:
     startup = {
         "bare Python": fresh_process([py, "-c", "pass"]),
         "import apache_beam": fresh_process([py, "-c", "import apache_beam"]),
+        "Beam alone: 1-element pipeline": fresh_process([py, "-c", BEAM_ALONE]),
         "import the pipeline modules": fresh_process([py, "-c", "import orsgen.pipelines.run, orsgen.pipelines.build"]),
         "plain loop, 1 image": fresh_process([py, __file__, "--one-loop", str(one), str(out1 / "loop")]),
         "`orsgen run`, 1 image": fresh_process([py, "-m", "orsgen.pipelines.cli", "run", str(one), "--out",
@@ -369,41 +408,73 @@ def main() -> None:
             cfg, str(out), ["--runner=FnApiRunner", "--direct_num_workers=2", "--direct_running_mode=multi_processing"],
             show_progress=False)))
     rows = []
-    for label, path in (("COCO-style", coco_cfg_path), ("SA-1B-format", sa1b_cfg_path)):
+    for label, path, n_total in (("COCO-style", coco_cfg_path, args.coco_images),
+                                 ("SA-1B-format", sa1b_cfg_path, args.sa1b_images)):
         cfg = load_config(path)
+
+        def limited(n: int) -> Any:
+            """The config cut to its first ``n`` images."""
+            inp = cfg.inputs[0]
+            if inp.type == "sa1b":
+                # SA-1B's max_images counts per shard: keep whole shards instead.
+                shards = sorted(glob.glob(inp.shards[0]))
+                per_shard = -(-n_total // len(shards))
+                update = {"shards": shards[: max(1, -(-n // per_shard))], "max_images": n if n < per_shard else None}
+            else:
+                update = {"max_images": n}
+            return cfg.model_copy(update={"inputs": [inp.model_copy(update=update)]})
+
         # Warm-up: imports and the first-call costs of both paths, untimed.
-        warm = load_config(one) if label == "COCO-style" else cfg.model_copy(
-            update={"inputs": [cfg.inputs[0].model_copy(update={"max_images": 1})]})
+        warm = load_config(one) if label == "COCO-style" else limited(1)
         for way, fn in ways[:2]:
             w = args.work / f"warm-{label}-{way}"
             shutil.rmtree(w, ignore_errors=True)
             fn(warm, w)
-        res: dict[str, Timing] = {}
-        digests: dict[str, str] = {}
-        n_images = 0
+        # Each way at two sizes: the difference is the marginal cost of the
+        # extra images, free of what a run pays once (graph, runner and worker
+        # start-up, per-run writer costs), which the totals include.
+        n_small = args.marginal_from if 0 < args.marginal_from < n_total else 0
+        sizes = [("full", cfg)] + ([("small", limited(n_small))] if n_small else [])
+        res: dict[tuple[str, str], Timing] = {}
+        digests: dict[tuple[str, str], str] = {}
+        n_images: dict[str, int] = {}
         for r in range(args.repeat):
-            for way, fn in ways:
-                out = args.work / f"out-{label}-{way}-{r}"
-                shutil.rmtree(out, ignore_errors=True)
-                t = timed(fn, cfg, out)
-                if way not in res or t.cpu_s < res[way].cpu_s:
-                    res[way] = t
-                digests[way] = data_digest(out)
-                n_images = written_images(out)
-                shutil.rmtree(out, ignore_errors=True)
-        if len(set(digests.values())) != 1:
-            raise SystemExit(f"{label}: the ways wrote different data files: {digests}")
-        base = res["loop"]
-        for way, t in res.items():
-            rows.append((label, way, n_images, t, t.cpu_s / base.cpu_s, t.wall_s / base.wall_s))
+            for size, size_cfg in sizes:
+                for way, fn in ways:
+                    out = args.work / f"out-{label}-{way}-{size}-{r}"
+                    shutil.rmtree(out, ignore_errors=True)
+                    t = timed(fn, size_cfg, out)
+                    if (way, size) not in res or t.cpu_s < res[(way, size)].cpu_s:
+                        res[(way, size)] = t
+                    digests[(way, size)] = data_digest(out)
+                    n_images[size] = written_images(out)
+                    shutil.rmtree(out, ignore_errors=True)
+        for size, _ in sizes:
+            if len({d for (w, sz), d in digests.items() if sz == size}) != 1:
+                raise SystemExit(f"{label} ({size}): the ways wrote different data files: {digests}")
+        base = res[("loop", "full")]
+
+        def marginal_ms(way: str) -> float:
+            extra = n_images["full"] - n_images.get("small", 0)
+            if "small" not in n_images or extra <= 0:
+                return float("nan")
+            return (res[(way, "full")].cpu_s - res[(way, "small")].cpu_s) / extra * 1e3
+
+        for way, _ in ways:
+            t = res[(way, "full")]
+            rows.append((label, way, n_images["full"], n_images.get("small", 0), t, t.cpu_s / base.cpu_s,
+                         t.wall_s / base.wall_s, marginal_ms(way), marginal_ms(way) / marginal_ms("loop")))
     print()
     print(f"{'input':<13} {'way':<7} {'images':>6} {'wall s':>7} {'CPU s':>7} {'img/s':>6} {'img/s/core':>10} "
-          f"{'CPU vs loop':>11} {'wall vs loop':>12}")
-    for label, way, n, t, cpu_ratio, wall_ratio in rows:
+          f"{'CPU vs loop':>11} {'wall vs loop':>12} {'marginal CPU ms/img':>20} {'marginal vs loop':>16}")
+    for label, way, n, n_small, t, cpu_ratio, wall_ratio, marg, marg_ratio in rows:
         print(f"{label:<13} {way:<7} {n:>6} {t.wall_s:>7.2f} {t.cpu_s:>7.2f} {n / t.wall_s:>6.1f} "
-              f"{n / t.cpu_s:>10.1f} {cpu_ratio:>10.2f}x {wall_ratio:>11.2f}x")
-    print("\nimg/s/core = images / CPU seconds of this process and its workers; every way wrote byte-identical "
-          f"data files. Whole benchmark: {time.perf_counter() - started:.0f} s.")
+              f"{n / t.cpu_s:>10.1f} {cpu_ratio:>10.2f}x {wall_ratio:>11.2f}x {marg:>20.1f} {marg_ratio:>15.2f}x")
+    print("\nimg/s/core = images / CPU seconds of this process and its workers; CPU/wall vs loop = whole runs "
+          "(fixed per-run costs included); marginal = (CPU of the full run - CPU of a run of the first "
+          f"{args.marginal_from} images) / the extra images, i.e. the per-image cost without what a run pays once. "
+          "Every way wrote byte-identical data files at both sizes. "
+          f"Whole benchmark: {time.perf_counter() - started:.0f} s.")
 
 
 def _one_loop(cfg_path: str, out: str) -> None:
@@ -412,27 +483,41 @@ def _one_loop(cfg_path: str, out: str) -> None:
     plain_loop(load_config(cfg_path), out)
 
 
-def _loop_cpu(cfg_path: str, warm_path: str, out: str) -> None:
-    """Prints the loop's warm CPU seconds on ``cfg_path`` (after one untimed run on ``warm_path``)."""
+def _tree_loop_cpu(bench_dir: str, input_root: str, n_coco: str, n_sa1b: str, out: str) -> None:
+    """Prints the warm CPU seconds of the plain loop of the tree whose benchmark is in ``bench_dir``.
+
+    That tree's own ``make_inputs`` (its config for the same demo images) and
+    ``plain_loop`` (its own stage API) are used, so a revision from before
+    later API changes still runs; ``orsgen`` itself comes from ``PYTHONPATH``.
+    """
+    import importlib
     import json
 
+    sys.path.insert(0, bench_dir)
+    bench = importlib.import_module("bench_pipeline")
     from orsgen.schemas.config import load_config
 
+    coco_cfg, _ = bench.make_inputs(Path(input_root), int(n_coco), int(n_sa1b))
+    cfg = load_config(coco_cfg)
+    warm = cfg.model_copy(update={"inputs": [cfg.inputs[0].model_copy(update={"max_images": 1})]})
     shutil.rmtree(out, ignore_errors=True)
-    plain_loop(load_config(warm_path), out + "-warm")
+    bench.plain_loop(warm, out + "-warm")
     shutil.rmtree(out + "-warm", ignore_errors=True)
-    cfg = load_config(cfg_path)
-    t = timed(plain_loop, cfg, out)
-    print(json.dumps({"cpu_s": t.cpu_s, "wall_s": t.wall_s, "images": written_images(Path(out)), "digest": data_digest(Path(out))}))
+    t = timed(bench.plain_loop, cfg, out)
+    print(json.dumps({"cpu_s": t.cpu_s, "wall_s": t.wall_s, "images": written_images(Path(out)),
+                      "digest": data_digest(Path(out)), "orsgen": str(Path(sys.modules["orsgen"].__file__).parent)}))
     shutil.rmtree(out, ignore_errors=True)
 
 
-def compare_with_revision(rev: str, cfg_path: Path, warm_path: Path, work: Path, repeat: int) -> None:
+def compare_with_revision(rev: str, work: Path, n_coco: int, n_sa1b: int, repeat: int) -> None:
     """Per-image CPU of the plain loop at git revision ``rev`` against this tree, alternating runs.
 
-    ``rev``'s tree is exported (``git archive``) to a scratch folder that is put
-    first on ``PYTHONPATH`` of its runs, so both trees run the same loop code
-    on the same inputs, in fresh processes, one after the other.
+    ``rev``'s tree is exported (``git archive``) to a scratch folder put first
+    on ``PYTHONPATH`` of its runs; each tree runs its own benchmark's loop and
+    config on the same generated demo images, in fresh processes, one after
+    the other, warm (after one untimed image). ``rev`` must hold
+    ``benchmarks/bench_pipeline.py`` (c63fce4 or later): its loop follows the
+    stage API of its time.
     """
     import json
 
@@ -442,29 +527,39 @@ def compare_with_revision(rev: str, cfg_path: Path, warm_path: Path, work: Path,
         (base / "orsgen").mkdir(parents=True)
         archive = subprocess.run(["git", "-C", str(REPO), "archive", rev], check=True, capture_output=True).stdout
         subprocess.run(["tar", "-x", "-C", str(base / "orsgen")], input=archive, check=True)
-    results: dict[str, list[dict[str, Any]]] = {rev: [], "this tree": []}
+    rev_bench = base / "orsgen" / "benchmarks"
+    if not (rev_bench / "bench_pipeline.py").exists():
+        raise SystemExit(f"revision {rev} has no benchmarks/bench_pipeline.py; pick c63fce4 or a later revision.")
+    trees = {
+        # Its own inputs folder: each tree's make_inputs writes its own config there.
+        rev: (str(base), str(rev_bench), work / f"inputs-{rev}", 1),
+        "this tree": ("", str(REPO / "benchmarks"), work / "inputs", n_sa1b),
+    }
+    results: dict[str, list[dict[str, Any]]] = {k: [] for k in trees}
     for _ in range(repeat):
-        for label, env_path in ((rev, str(base)), ("this tree", "")):
+        for label, (env_path, bench_dir, inputs, n_s) in trees.items():
             env = {**os.environ, "PYTHONPATH": env_path}
             got = subprocess.run(
-                [sys.executable, __file__, "--loop-cpu", str(cfg_path), str(warm_path), str(work / "cmp-out")],
+                [sys.executable, __file__, "--tree-loop-cpu", bench_dir, str(inputs), str(n_coco), str(n_s),
+                 str(work / "cmp-out")],
                 check=True, capture_output=True, text=True, env=env, cwd=REPO,
             ).stdout.strip().splitlines()[-1]
             results[label].append(json.loads(got))
     best = {k: min(v, key=lambda r: r["cpu_s"]) for k, v in results.items()}
-    if len({r["digest"] for v in results.values() for r in v}) != 1:
-        raise SystemExit(f"revision {rev} and this tree wrote different data files")
-    n = best[rev]["images"]
-    b, t = best[rev]["cpu_s"] / n * 1e3, best["this tree"]["cpu_s"] / n * 1e3
-    runs = ", ".join(f"{k}: " + " / ".join(f"{r['cpu_s'] / n * 1e3:.1f}" for r in v) for k, v in results.items())
-    print(f"per-image CPU of the plain loop, warm, {n} images ({cfg_path.name}): {rev} {b:.1f} ms, this tree {t:.1f} ms: "
-          f"{b / t:.2f}x less; byte-identical data files (all runs, ms/image: {runs})")
+    b, t = (best[k]["cpu_s"] / best[k]["images"] * 1e3 for k in (rev, "this tree"))
+    same = len({r["digest"] for v in results.values() for r in v}) == 1
+    runs = ", ".join(f"{k}: " + " / ".join(f"{r['cpu_s'] / r['images'] * 1e3:.1f}" for r in v) for k, v in results.items())
+    print(f"per-image CPU of the plain loop, warm, {best[rev]['images']} dense COCO-style images, each tree with its own "
+          f"benchmark config: {rev} {b:.1f} ms, this tree {t:.1f} ms: {b / t:.2f}x less (all runs, ms/image: {runs})")
+    print("  data files: " + ("byte-identical" if same else
+          f"differ between {rev} and this tree (expected when commits between them change the output or the "
+          "config on purpose; byte identity of an optimisation is checked against the tree just before it)"))
 
 
 if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "--one-loop":
         _one_loop(sys.argv[2], sys.argv[3])
-    elif len(sys.argv) == 5 and sys.argv[1] == "--loop-cpu":
-        _loop_cpu(sys.argv[2], sys.argv[3], sys.argv[4])
+    elif len(sys.argv) == 7 and sys.argv[1] == "--tree-loop-cpu":
+        _tree_loop_cpu(*sys.argv[2:])
     else:
         main()

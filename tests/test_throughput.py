@@ -122,6 +122,40 @@ def test_make_valid_shortcut_keeps_valid_geometry_and_fixes_invalid():
     assert fixed.wkb == shapely.make_valid(bowtie).wkb
 
 
+def test_batched_rings_equal_the_scalar_rings():
+    # Contours of 1, 2, 3+ points, a self-touching one (invalid as a polygon) and a hole-free blob.
+    contours = [
+        np.array([[[5, 5]]], dtype=np.int32),
+        np.array([[[0, 0]], [[3, 0]]], dtype=np.int32),
+        np.array([[[0, 0]], [[4, 0]], [[4, 4]], [[0, 4]]], dtype=np.int32),
+        np.array([[[0, 0]], [[2, 2]], [[4, 0]], [[4, 4]], [[2, 2]], [[0, 4]]], dtype=np.int32),
+        np.array([[[1, 1]], [[6, 1]], [[6, 2]], [[1, 2]]], dtype=np.int32),
+    ]
+    got = M._grown_rings(contours, 3, -2)
+    want = [M._ring_geometry(c, 3, -2) for c in contours]
+    assert [g.wkb for g in got] == [g.wkb for g in want]
+    assert M._grown_rings([], 0, 0) == []
+
+
+def test_fast_median_is_numpys_median(rng):
+    for n in (1, 2, 3, 10, 11, 1000):
+        v = rng.random(n) * 50
+        v[: n // 3] = v[0]  # ties
+        assert M._median(v) == float(np.median(v))
+
+
+def test_points_and_outline_from_a_given_crop_match_and_empty_crops_are_refused(rng):
+    mask = random_mask(rng, 40, 30)
+    rle = M.encode_mask(mask)
+    crop = M.decode_crop(rle, pad_px=1)
+    assert M.interior_points(rle, crop=crop) == M.interior_points(rle)
+    assert M.rle_to_geometry(rle, 1.0, crop).wkb == M.rle_to_geometry(rle, 1.0).wkb
+    empty = M.empty_rle(40, 30)
+    with pytest.raises(M.MaskError, match="empty"):
+        M.interior_points(empty, crop=M.decode_crop(empty, pad_px=1))
+    assert M.rle_to_geometry(empty, 1.0, M.decode_crop(empty, pad_px=1)).is_empty
+
+
 def test_svg_formatting_writes_the_same_digits_as_format(rng):
     for m in _masks(rng, 30):
         if not m.any():

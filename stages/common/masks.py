@@ -372,6 +372,27 @@ POINT_RULES = ("orsgen", "segzero")
 PaddedCrop = tuple[np.ndarray, tuple[int, int]]
 
 
+def _as_uint8(crop: np.ndarray) -> np.ndarray:
+    """A bool crop as OpenCV's uint8 image: a zero-copy view (same bytes, 0/1)."""
+    if crop.dtype == np.bool_ and crop.flags.c_contiguous:
+        return crop.view(np.uint8)
+    return crop.astype(np.uint8)
+
+
+def _median(values: np.ndarray) -> float:
+    """``np.median`` of a non-empty 1-D float array, without its per-call overhead.
+
+    The same arithmetic as numpy's: the middle element after a partition, or
+    the mean ``(a + b) / 2`` of the two middle ones for an even count.
+    """
+    n = values.size
+    k = n // 2
+    if n % 2:
+        return float(np.partition(values, k)[k])
+    part = np.partition(values, (k - 1, k))
+    return float((part[k - 1] + part[k]) / 2.0)
+
+
 def interior_points(
     rle: Rle, rule: str = "orsgen", crop: PaddedCrop | None = None
 ) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -408,12 +429,17 @@ def interior_points(
     """
     if rule not in POINT_RULES:
         raise ValueError(f"point rule {rule!r} is not one of {POINT_RULES}.")
-    if rle_area(rle) == 0:
-        raise MaskError("empty_mask", "interior points of an empty mask do not exist.")
     if rule == "segzero":
+        if rle_area(rle) == 0:
+            raise MaskError("empty_mask", "interior points of an empty mask do not exist.")
         return _segzero_points(rle)
     crop, (ox, oy) = crop if crop is not None else decode_crop(rle, pad_px=1)
-    dist = cv2.distanceTransform(crop.astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    # The padded crop covers the mask's box, so it holds every mask pixel:
+    # no pixel in it means an empty mask (cheaper than the area on the runs).
+    ys, xs = np.nonzero(crop)
+    if ys.size == 0:
+        raise MaskError("empty_mask", "interior points of an empty mask do not exist.")
+    dist = cv2.distanceTransform(_as_uint8(crop), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
     # The precise transform is exact: sqrt of an integer squared distance. Its
     # float32 result varies in the last bits between calls on different
     # threads (as Beam makes them), which flips ties; the rounded squared
@@ -421,9 +447,8 @@ def interior_points(
     dist = np.rint(dist.astype(np.float64) ** 2)
     i1 = int(np.argmax(dist))
     y1, x1 = divmod(i1, dist.shape[1])
-    ys, xs = np.nonzero(crop)
     d1 = np.hypot(xs - x1, ys - y1)
-    far = d1 > np.median(d1)
+    far = d1 > _median(d1)
     if not far.any():
         p2 = (x1, y1)
     else:
@@ -511,24 +536,25 @@ def rle_to_geometry(rle: Rle, tolerance_px: float = 0.0, crop: PaddedCrop | None
         A valid ``Polygon`` or ``MultiPolygon`` in image pixel coordinates; an
         empty ``Polygon`` for an empty mask.
     """
-    if rle_area(rle) == 0:
-        return Polygon()
-    crop, (ox, oy) = crop if crop is not None else decode_crop(rle, pad_px=1)
-    contours, hierarchy = cv2.findContours(crop.astype(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+    if crop is None:
+        if rle_area(rle) == 0:
+            return Polygon()
+        crop = decode_crop(rle, pad_px=1)
+    crop, (ox, oy) = crop
+    # An empty mask has no contour (the padded crop holds every mask pixel).
+    contours, hierarchy = cv2.findContours(_as_uint8(crop), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
     if hierarchy is None:
         return Polygon()
-    hier = hierarchy[0]
-    polys: list[BaseGeometry] = []
-    for i, cnt in enumerate(contours):
-        if hier[i][3] != -1:
-            continue  # a hole; attached to its parent below
-        outer = _ring_geometry(cnt, ox, oy)
+    hier = hierarchy[0].tolist()
+    outer_idx = [i for i, h in enumerate(hier) if h[3] == -1]  # the others are holes, attached below
+    polys = _grown_rings([contours[i] for i in outer_idx], ox, oy)
+    for n, i in enumerate(outer_idx):
         child = hier[i][2]
         while child != -1:
             hole = _ring_geometry(contours[child], ox, oy, grow=False)
-            outer = outer.difference(hole.buffer(-0.5, join_style="mitre")) if not hole.is_empty else outer
+            if not hole.is_empty:
+                polys[n] = polys[n].difference(hole.buffer(-0.5, join_style="mitre"))
             child = hier[child][0]
-        polys.append(outer)
     geom = shapely.unary_union(polys)
     geom = _make_valid(geom)
     if tolerance_px > 0:
@@ -544,6 +570,36 @@ def _make_valid(geom: BaseGeometry) -> BaseGeometry:
     times GEOS's ``is_valid``, and almost every mask outline is valid.
     """
     return geom if geom.is_valid else shapely.make_valid(geom)
+
+
+def _grown_rings(contours: Sequence[np.ndarray], ox: int, oy: int) -> list[BaseGeometry]:
+    """``[_ring_geometry(c, ox, oy) for c in contours]`` with GEOS called once per step for all rings.
+
+    Rings of three or more points become polygons together
+    (``shapely.polygons`` / ``is_valid`` / ``buffer`` on arrays run the same
+    GEOS operation on each element as the scalar calls); the rare one- and
+    two-point contours take the scalar path.
+    """
+    out: list[BaseGeometry | None] = [None] * len(contours)
+    rings: list[np.ndarray] = []
+    at: list[int] = []
+    for i, cnt in enumerate(contours):
+        if len(cnt) >= 3:
+            rings.append(cnt.reshape(-1, 2))
+            at.append(i)
+        else:
+            out[i] = _ring_geometry(cnt, ox, oy)
+    if rings:
+        pts = np.concatenate(rings).astype(np.float64) + np.array([ox + 0.5, oy + 0.5])
+        index = np.repeat(np.arange(len(rings)), [len(r) for r in rings])
+        polys = shapely.polygons(shapely.linearrings(pts, indices=index))
+        invalid = ~shapely.is_valid(polys)
+        if invalid.any():
+            polys[invalid] = shapely.make_valid(polys[invalid])
+        grown = shapely.buffer(polys, 0.5, quad_segs=16, join_style="mitre", cap_style="square")
+        for i, g in zip(at, grown.tolist()):
+            out[i] = g
+    return out  # type: ignore[return-value]
 
 
 def _ring_geometry(cnt: np.ndarray, ox: int, oy: int, grow: bool = True) -> BaseGeometry:
