@@ -221,6 +221,52 @@ def test_spilled_group_reads_back_every_record(tmp_path, encoded):
     assert _spill_files(tmp_path) == []
 
 
+def test_spilled_group_holds_nothing_after_its_first_spill(tmp_path, encoded):
+    # The budget holds two records: the third spills them, and it and every
+    # later one go straight to disk (none is held, memory stays flat).
+    budget = 2 * sum(len(e.image) + len(e.json) + len(e.arrow) for e in encoded[:1]) + 1
+    with SpilledGroup(memory_max_bytes=budget, spill_dir=str(tmp_path)) as group:
+        group.add(encoded[0])
+        group.add(encoded[1])
+        assert not group.spilled
+        for e in encoded[2:]:
+            group.add(e)
+            assert group.spilled and not group._held
+        group.seal()
+        members = [(k, bytes(i), bytes(j)) for k, i, j in group.tar_members(sorted(group.entries, key=lambda x: x.key))]
+    assert members == [(e.key, e.image, e.json) for e in sorted(encoded, key=lambda x: x.key)]
+
+
+def test_fast_tar_header_equals_tarfile():
+    from orsgen.stages.write.shards import _tar_header, _tar_header_slow
+
+    names = ["a", "x" * 99, "y" * 100, "z" * 101, "\u00e9.jpg", "sa1b-00000001.jpg", "a\x7fb", "d/k.json"]
+    sizes = [0, 1, 511, 512, 250_000, 8**11 - 1, 8**11]
+    for name in names:
+        for size in sizes:
+            assert _tar_header(name, size) == _tar_header_slow(name, size), (name, size)
+
+
+@pytest.mark.parametrize("in_thread", [True, False])
+def test_hashing_writer_digest_is_the_same_threaded_or_not(tmp_path, monkeypatch, in_thread):
+    import hashlib
+
+    from orsgen.stages.write import files
+
+    monkeypatch.setattr(files, "HASH_IN_THREAD", in_thread)
+    buf = bytearray(200_000)
+    expected = hashlib.sha256()
+    with open(tmp_path / "f", "wb") as f:
+        sink = files._HashingWriter(f)
+        for i in range(6):
+            buf[:] = bytes([i]) * len(buf)  # the caller reuses its buffer after each write
+            sink.write(memoryview(buf)[: 100_000 + i])
+            sink.write(b"small")
+            expected.update(bytes(buf[: 100_000 + i]) + b"small")
+    assert sink.hexdigest() == expected.hexdigest() == hashlib.sha256((tmp_path / "f").read_bytes()).hexdigest()
+    assert sink.tell() == sum(100_000 + i + 5 for i in range(6))
+
+
 # ------------------------------------------------------------------ pipeline
 
 
