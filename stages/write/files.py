@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, BinaryIO
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from orsgen.stages.common.transient import retry_transient
 from orsgen.stages.write.plan import META_DIR, OutputConflictError, ShardStats, _HASH_CHUNK
 
 if TYPE_CHECKING:
@@ -141,6 +142,18 @@ def _remove_quietly(fs: fsspec.AbstractFileSystem, path: str) -> None:
         pass
 
 
+def _discard_tmp(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    """Removes a failed write's tmp file, best effort: the error being raised is what matters.
+
+    A tmp file that cannot be removed now (the store is down) is removed by
+    the next run's ``sweep_temp_files``; it is never visible under a final name.
+    """
+    try:
+        _remove_quietly(fs, path)
+    except Exception:  # noqa: BLE001
+        pass
+
+
 #: Temp files of orsgen's atomic writes: ``.<final name>.tmp-<16 hex>`` (shards,
 #: sidecars, markers, manifest) and ``.tmp-<32 hex>`` (VLM cache entries). A
 #: run that dies leaves them behind; the next run of the same output removes
@@ -229,6 +242,25 @@ def _rename(fs: fsspec.AbstractFileSystem, src: str, dst: str) -> None:
         fs.mv(src, dst)
 
 
+def _commit(fs: fsspec.AbstractFileSystem, src: str, dst: str) -> None:
+    """``_rename`` with transient errors retried (``retry_transient``).
+
+    On an object store the rename is a copy, then a delete: when a retry
+    finds the tmp object gone and the final one there, the earlier try did
+    both and only its answer was lost.
+    """
+    tried = False
+
+    def attempt() -> None:
+        nonlocal tried
+        if tried and not fs.exists(src) and fs.exists(dst):
+            return
+        tried = True
+        _rename(fs, src, dst)
+
+    retry_transient(attempt, what=f"publishing {dst}")
+
+
 def _conflict(final: str, existing: str, new: str) -> OutputConflictError:
     return OutputConflictError(
         f"{final} already exists and differs from what orsgen would write there "
@@ -242,16 +274,27 @@ def _write_new(
 ) -> tuple[int, str]:
     """Writes a file through a tmp name, never replacing different existing bytes.
 
+    Transient store errors (``stages.common.transient.is_transient``: a
+    reset connection, a timeout, a 5xx) while the tmp file is written or
+    closed restart the write under a new tmp name, with backoff; the rename
+    is retried on its own (``_commit``). When the retries run out,
+    ``TransientIOError`` fails the bundle, so the runner retries it. A
+    failed try's tmp file is removed (or swept by the next run); nothing
+    partial ever appears under ``final``.
+
     Args:
         fs: the file system.
         final: the file's final path on ``fs``.
-        produce: writes the content into the given writer.
+        produce: writes the content into the given writer; it may be called
+            again after a transient failure, and must then write the same
+            bytes from the start.
 
     Returns:
         ``(n_bytes, sha256)`` of the content.
 
     Raises:
         OutputConflictError: ``final`` exists with other bytes (left unchanged).
+        TransientIOError: the store kept failing transiently.
     """
     check_not_in_the_way(fs, final)
     if fs.exists(final):
@@ -259,22 +302,31 @@ def _write_new(
         # written: the existing file is either adopted or reported.
         sink = _HashingWriter(_NullFile())
         produce(sink)
-        existing = _sha256_of(fs, final)
+        existing = retry_transient(lambda: _sha256_of(fs, final), what=f"reading {final}")
         if existing != sink.hexdigest():
             raise _conflict(final, existing, sink.hexdigest())
         return sink.n_bytes, sink.hexdigest()
-    fs.makedirs(posixpath.dirname(final), exist_ok=True)
-    tmp = _tmp_path(final)
+
+    def attempt() -> tuple[str, _HashingWriter]:
+        fs.makedirs(posixpath.dirname(final), exist_ok=True)
+        tmp = _tmp_path(final)
+        try:
+            with fs.open(tmp, "wb") as f:
+                sink = _HashingWriter(f)
+                produce(sink)
+        except BaseException:
+            _discard_tmp(fs, tmp)
+            raise
+        return tmp, sink
+
+    tmp, sink = retry_transient(attempt, what=f"writing {final}")
     try:
-        with fs.open(tmp, "wb") as f:
-            sink = _HashingWriter(f)
-            produce(sink)
         # A concurrent retry of the same bundle may have renamed its copy into
         # place since the check above; it wrote the same bytes (the writers
         # are deterministic), so replacing it is harmless.
-        _rename(fs, tmp, final)
+        _commit(fs, tmp, final)
     except BaseException:
-        _remove_quietly(fs, tmp)
+        _discard_tmp(fs, tmp)
         raise
     return sink.n_bytes, sink.hexdigest()
 

@@ -461,8 +461,10 @@ def write_rejects_bucket(
         fs, root = _fs_root(out)
         stream = iter(rows)
         stats: list[ShardStats] = []
+        start = 0
         for part_no, counts in enumerate(reasons):
-            part_rows = itertools.islice(stream, sum(counts.values()))
+            n_rows = sum(counts.values())
+            part_rows = itertools.islice(stream, n_rows)
             planned = ShardStats(
                 path=rejects_path(bucket, part_no, num_buckets),
                 format=REJECTS_FORMAT,
@@ -487,16 +489,39 @@ def write_rejects_bucket(
                     )
                 collections.deque(part_rows, maxlen=0)  # skip this part's rows
                 stats.append(found)
+                start += n_rows
                 continue
-            stats.append(_publish(fs, root, planned, _rejects_writer(part_rows, compression)))
+            stats.append(_publish(fs, root, planned, _rejects_writer(_part_rows(rows, part_rows, start, n_rows), compression)))
+            collections.deque(part_rows, maxlen=0)  # a retried write read its rows afresh: catch up
+            start += n_rows
         return stats
 
 
-def _rejects_writer(part_rows: Iterator[Reject], compression: str) -> Callable[[_HashingWriter], None]:
+def _part_rows(
+    rows: SortedSpill[Reject], stream_rows: Iterator[Reject], start: int, n_rows: int
+) -> Callable[[], Iterator[Reject]]:
+    """The rows of one rejects part: from the shared stream the first time, read afresh after a retry.
+
+    ``_write_new`` calls a writer again after a transient store error; the
+    shared stream has then moved on, so the part's rows are read again from
+    the sorted spill (iterable more than once).
+    """
+    calls = 0
+
+    def part() -> Iterator[Reject]:
+        nonlocal calls
+        calls += 1
+        return stream_rows if calls == 1 else itertools.islice(iter(rows), start, start + n_rows)
+
+    return part
+
+
+def _rejects_writer(part_rows: Callable[[], Iterator[Reject]], compression: str) -> Callable[[_HashingWriter], None]:
     def produce(sink: _HashingWriter) -> None:
+        rows = part_rows()
         writer = pq.ParquetWriter(sink, REJECT_SCHEMA, compression=compression)
         try:
-            while chunk := list(itertools.islice(part_rows, REJECTS_ROW_GROUP_ROWS)):
+            while chunk := list(itertools.islice(rows, REJECTS_ROW_GROUP_ROWS)):
                 table = pa.Table.from_pylist([reject_to_row(r) for r in chunk], schema=REJECT_SCHEMA)
                 writer.write_table(table, row_group_size=len(chunk))
         finally:
