@@ -1,8 +1,8 @@
 """Benchmark: the writer's peak memory and throughput as a group grows (issue 10).
 
-For each group size N, two child processes run one after the other, each
-measured with its own ``ru_maxrss`` (``os.wait4`` on that child, so the
-cases never contaminate each other):
+For each group size N, each case runs in its own child process, one after
+the other, measured with its own ``ru_maxrss`` (``os.wait4`` on that child,
+so the cases never contaminate each other):
 
 (a) orsgen: ``stages.write.write_group`` on N synthetic ``EncodedExample``
     records of about ``--record-kb`` KB (an incompressible "image" plus a JSON
@@ -14,7 +14,7 @@ cases never contaminate each other):
 (b) the baseline: ``tarfile`` writing the same members (same bytes, same
     arrival order, PAX headers) into one tar, streamed, with nothing else.
 
-Each case runs ``--repeat`` times (default 2), the two kinds taking turns,
+Each case runs ``--repeat`` times (default 2), the kinds taking turns,
 and the fastest run of each kind counts (the first write of a fresh process
 into a fresh file is slower, the same for both); peak RSS is the largest
 seen.
@@ -32,7 +32,7 @@ the helper thread off, for that figure by wall clock too. On a shared
 machine the wall clock also measures the scheduler: note the load average.
 
     python benchmarks/bench_write_memory.py                    # 200, 1000 and 2000 records
-    python benchmarks/bench_write_memory.py --sizes 1000 5000 20000   # README figures, ~5 GB per case
+    python benchmarks/bench_write_memory.py --sizes 1000 5000 20000 --single-thread   # README figures, ~5 GB per case
 
 Scratch data goes to ``--tmp`` (default ``$TMPDIR``) and is deleted after
 each case; the largest case needs about twice N x record size of free disk
@@ -83,15 +83,14 @@ def _arrow_row() -> bytes:
 
 def _child_orsgen(n: int, record_kb: float, out: str, spill_dir: str, parquet: bool, hash_thread: bool = True) -> dict:
     from orsgen.schemas.config import WriteConfig
-    from orsgen.stages.write import EncodedExample, files, write_group
+    from orsgen.stages.write import EncodedExample, write_group
     from orsgen.stages.write.plan import _tar_member_bytes
 
-    files.HASH_IN_THREAD = hash_thread
 
     formats = ["webdataset", "parquet"] if parquet else ["webdataset"]
     # The row's own key column is the template's: the writer never reads it.
     arrow = _arrow_row() if parquet else b""
-    cfg = WriteConfig(formats=formats, num_buckets=1, spill_dir=spill_dir)
+    cfg = WriteConfig(formats=formats, num_buckets=1, spill_dir=spill_dir, hash_in_thread=hash_thread)
 
     def encoded() -> Iterator[EncodedExample]:
         for key, image, data in _records(n, record_kb):
@@ -153,7 +152,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=2, help="runs per case; the fastest counts (default 2)")
     ap.add_argument(
         "--single-thread", action="store_true",
-        help="also run orsgen with sha256 on the writing thread (no helper thread), as 'orsgen-1t'",
+        help="also run orsgen with write.hash_in_thread: false (sha256 on the writing thread), as 'orsgen-1t'",
     )
     ap.add_argument("--child", choices=_KINDS, help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, help=argparse.SUPPRESS)

@@ -206,8 +206,10 @@ def test_spill_settings_are_not_part_of_the_config_identity():
 
     base = {"inputs": [{"type": "sa1b", "name": "s", "shards": ["/data/sa_000000.tar"]}]}
     a = OrsgenConfig.model_validate(base)
-    b = OrsgenConfig.model_validate({**base, "write": {"spill_memory_max_bytes": 0, "spill_dir": "/mnt/ssd"}})
-    assert b.write.spill_memory_max_bytes == 0 and a.sha256() == b.sha256()
+    b = OrsgenConfig.model_validate(
+        {**base, "write": {"spill_memory_max_bytes": 0, "spill_dir": "/mnt/ssd", "hash_in_thread": False}}
+    )
+    assert b.write.spill_memory_max_bytes == 0 and not b.write.hash_in_thread and a.sha256() == b.sha256()
     c = OrsgenConfig.model_validate({**base, "write": {"shard_max_images": 10}})
     assert c.sha256() != a.sha256()
 
@@ -248,16 +250,15 @@ def test_fast_tar_header_equals_tarfile():
 
 
 @pytest.mark.parametrize("in_thread", [True, False])
-def test_hashing_writer_digest_is_the_same_threaded_or_not(tmp_path, monkeypatch, in_thread):
+def test_hashing_writer_digest_is_the_same_threaded_or_not(tmp_path, in_thread):
     import hashlib
 
     from orsgen.stages.write import files
 
-    monkeypatch.setattr(files, "HASH_IN_THREAD", in_thread)
     buf = bytearray(200_000)
     expected = hashlib.sha256()
     with open(tmp_path / "f", "wb") as f:
-        sink = files._HashingWriter(f)
+        sink = files._HashingWriter(f, in_thread)
         for i in range(6):
             buf[:] = bytes([i]) * len(buf)  # the caller reuses its buffer after each write
             sink.write(memoryview(buf)[: 100_000 + i])

@@ -49,9 +49,9 @@ class _NullFile:
 #: caller's thread writes them (``_HashingWriter``); smaller ones inline,
 #: where the hand-over would cost more than it saves.
 THREAD_HASH_MIN_BYTES = 64 * 1024
-#: Whether ``_HashingWriter`` overlaps hashing with writing (a switch for
-#: benchmarks/bench_write_memory.py's single-thread figures; the bytes are
-#: the same either way).
+#: Whether ``_HashingWriter`` overlaps hashing with writing when its caller
+#: does not say (``write.hash_in_thread`` says for shards); the bytes are the
+#: same either way.
 HASH_IN_THREAD = True
 
 _hash_pool: ThreadPoolExecutor | None = None
@@ -91,10 +91,10 @@ class _HashingWriter:
     ``tell`` is what pyarrow's Parquet writer needs from a non-seekable sink.
     """
 
-    def __init__(self, f: "BinaryIO | _NullFile") -> None:
+    def __init__(self, f: "BinaryIO | _NullFile", in_thread: bool | None = None) -> None:
         self._f = f
         self._hash = hashlib.sha256()
-        self._overlap = HASH_IN_THREAD and not isinstance(f, _NullFile)
+        self._overlap = (HASH_IN_THREAD if in_thread is None else in_thread) and not isinstance(f, _NullFile)
         self.n_bytes = 0
 
     def write(self, data: bytes | memoryview) -> int:
@@ -270,7 +270,11 @@ def _conflict(final: str, existing: str, new: str) -> OutputConflictError:
 
 
 def _write_new(
-    fs: fsspec.AbstractFileSystem, final: str, produce: Callable[[_HashingWriter], None]
+    fs: fsspec.AbstractFileSystem,
+    final: str,
+    produce: Callable[[_HashingWriter], None],
+    *,
+    hash_in_thread: bool | None = None,
 ) -> tuple[int, str]:
     """Writes a file through a tmp name, never replacing different existing bytes.
 
@@ -288,6 +292,7 @@ def _write_new(
         produce: writes the content into the given writer; it may be called
             again after a transient failure, and must then write the same
             bytes from the start.
+        hash_in_thread: see ``_HashingWriter`` (None: ``HASH_IN_THREAD``).
 
     Returns:
         ``(n_bytes, sha256)`` of the content.
@@ -312,7 +317,7 @@ def _write_new(
         tmp = _tmp_path(final)
         try:
             with fs.open(tmp, "wb") as f:
-                sink = _HashingWriter(f)
+                sink = _HashingWriter(f, hash_in_thread)
                 produce(sink)
         except BaseException:
             _discard_tmp(fs, tmp)
@@ -370,10 +375,15 @@ def _completed(fs: fsspec.AbstractFileSystem, root: str, rel: str) -> ShardStats
 
 
 def _publish(
-    fs: fsspec.AbstractFileSystem, root: str, stats: ShardStats, produce: Callable[[_HashingWriter], None]
+    fs: fsspec.AbstractFileSystem,
+    root: str,
+    stats: ShardStats,
+    produce: Callable[[_HashingWriter], None],
+    *,
+    hash_in_thread: bool | None = None,
 ) -> ShardStats:
     """Writes one shard, then its sidecar, then its marker."""
-    n_bytes, digest = _write_new(fs, inside_root(root, stats.path), produce)
+    n_bytes, digest = _write_new(fs, inside_root(root, stats.path), produce, hash_in_thread=hash_in_thread)
     stats = dataclasses.replace(stats, n_bytes=n_bytes, sha256=digest)
     sidecar, marker = _meta_paths(root, stats.path)
     _write_meta(fs, sidecar, stats.to_json())

@@ -283,7 +283,7 @@ def _write_entries(
                 produce = _tar_writer(lambda part=part: group.tar_members(part))
             else:
                 produce = _parquet_writer(part, group, cfg)
-            stats.append(_publish(fs, root, planned, produce))
+            stats.append(_publish(fs, root, planned, produce, hash_in_thread=cfg.hash_in_thread))
     return stats
 
 
