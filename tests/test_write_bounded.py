@@ -117,7 +117,12 @@ def _peak_bytes(tmp_path: Path, template: W.EncodedExample, n: int, budget: int)
         tracemalloc.stop()
 
 
-def test_peak_memory_does_not_grow_with_the_group(tmp_path, encoded):
+def test_peak_memory_does_not_grow_with_the_group(tmp_path, encoded, monkeypatch):
+    from orsgen.stages.write import files
+
+    # The hashing thread may keep up to this many bytes of records alive (a
+    # constant, 16 MiB by default): scaled down to this test's records.
+    monkeypatch.setattr(files, "THREAD_HASH_MAX_PENDING_BYTES", 128 * 1024)
     # The in-memory path holds the group (peak ~ n records): the check can fail.
     held_small, held_big = (_peak_bytes(tmp_path, encoded[0], n, 1 << 30) for n in (16, 64))
     assert held_big > 3 * held_small
@@ -250,22 +255,31 @@ def test_fast_tar_header_equals_tarfile():
 
 
 @pytest.mark.parametrize("in_thread", [True, False])
-def test_hashing_writer_digest_is_the_same_threaded_or_not(tmp_path, in_thread):
+def test_hashing_writer_digest_is_the_same_threaded_or_not(tmp_path, monkeypatch, in_thread):
     import hashlib
 
     from orsgen.stages.write import files
 
+    # A small pending cap, so that the writer also has to wait for its helper.
+    monkeypatch.setattr(files, "THREAD_HASH_MAX_PENDING_BYTES", 300_000)
+    rng = random.Random(7)
     buf = bytearray(200_000)
     expected = hashlib.sha256()
     with open(tmp_path / "f", "wb") as f:
         sink = files._HashingWriter(f, in_thread)
-        for i in range(6):
-            buf[:] = bytes([i]) * len(buf)  # the caller reuses its buffer after each write
-            sink.write(memoryview(buf)[: 100_000 + i])
-            sink.write(b"small")
-            expected.update(bytes(buf[: 100_000 + i]) + b"small")
-    assert sink.hexdigest() == expected.hexdigest() == hashlib.sha256((tmp_path / "f").read_bytes()).hexdigest()
-    assert sink.tell() == sum(100_000 + i + 5 for i in range(6))
+        for i in range(40):
+            n = rng.choice([0, 5, 512, 70_000, 150_000])
+            if rng.random() < 0.5:
+                data = rng.randbytes(n)  # bytes: may be hashed after write returns
+                sink.write(memoryview(data)[: n // 2 + 1] if n and i % 3 == 0 else data)
+                expected.update(memoryview(data)[: n // 2 + 1] if n and i % 3 == 0 else data)
+            else:
+                buf[:n] = rng.randbytes(n)  # the caller reuses its buffer after each write
+                sink.write(memoryview(buf)[:n])
+                expected.update(bytes(buf[:n]))
+        digest = sink.hexdigest()
+    assert digest == expected.hexdigest() == hashlib.sha256((tmp_path / "f").read_bytes()).hexdigest()
+    assert sink.tell() == (tmp_path / "f").stat().st_size
 
 
 # ------------------------------------------------------------------ pipeline

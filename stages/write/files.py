@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import os
 import posixpath
 import re
 import secrets
-import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, BinaryIO
 
 import fsspec
@@ -45,47 +45,36 @@ class _NullFile:
         pass
 
 
-#: Hash pieces of at least this many bytes on a helper thread while the
-#: caller's thread writes them (``_HashingWriter``); smaller ones inline,
-#: where the hand-over would cost more than it saves.
+#: ``_HashingWriter`` hands pieces to its helper thread in batches of at
+#: least this many bytes (a small piece rides along with the next large one).
 THREAD_HASH_MIN_BYTES = 64 * 1024
-#: Whether ``_HashingWriter`` overlaps hashing with writing when its caller
-#: does not say (``write.hash_in_thread`` says for shards); the bytes are the
-#: same either way.
+#: At most this many bytes of immutable pieces wait for the helper thread
+#: (the writer keeps them alive until hashed): memory stays bounded.
+THREAD_HASH_MAX_PENDING_BYTES = 16 * 1024 * 1024
+#: Whether ``_HashingWriter`` hashes on a helper thread when its caller does
+#: not say (``write.hash_in_thread`` says for shards); the bytes are the same
+#: either way.
 HASH_IN_THREAD = True
 
-_hash_pool: ThreadPoolExecutor | None = None
-_hash_pool_lock = threading.Lock()
 
-
-def _hash_executor() -> ThreadPoolExecutor:
-    global _hash_pool
-    with _hash_pool_lock:
-        if _hash_pool is None:
-            # One thread per concurrently written file is all that helps:
-            # each writer waits for its own piece before its next write.
-            _hash_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="orsgen-sha256")
-        return _hash_pool
-
-
-def _forget_executor_after_fork() -> None:
-    # A forked child has none of the parent's threads: start afresh.
-    global _hash_pool, _hash_pool_lock
-    _hash_pool = None
-    _hash_pool_lock = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_forget_executor_after_fork)
+def _immutable(view: memoryview) -> bool:
+    # A view of a bytes object cannot change after ``write`` returns, so it
+    # may be hashed later; any other buffer may be reused by the caller.
+    return isinstance(view.obj, bytes)
 
 
 class _HashingWriter:
     """Hashes and counts bytes on their way to a file, so no second read is needed.
 
-    A large piece is hashed on a helper thread while this thread writes it
-    (``hashlib`` and file writes both release the GIL), and ``write``
-    returns once both are done, so the caller may reuse its buffer as
-    usual and the digest sees the pieces in order. This halves the wall
-    time of hash + write on an idle second core; it saves no CPU time (see
+    With ``in_thread``, sha256 runs on a helper thread (one per writer, so
+    pieces are hashed in order) while this thread goes on writing:
+    ``hashlib`` and file writes both release the GIL. Pieces that are
+    ``bytes`` (or views of ``bytes``) are queued and ``write`` returns at
+    once, up to ``THREAD_HASH_MAX_PENDING_BYTES``; a piece of any other
+    buffer is hashed while it is written and ``write`` waits for it, since
+    the caller may reuse the buffer once ``write`` returns. ``hexdigest``
+    waits for everything. With an idle core this takes the hash off the
+    writing thread's time; it saves no CPU time (see
     benchmarks/bench_write_memory.py's per-CPU-second figures).
 
     ``tell`` is what pyarrow's Parquet writer needs from a non-seekable sink.
@@ -95,21 +84,63 @@ class _HashingWriter:
         self._f = f
         self._hash = hashlib.sha256()
         self._overlap = (HASH_IN_THREAD if in_thread is None else in_thread) and not isinstance(f, _NullFile)
+        self._pool: ThreadPoolExecutor | None = None
+        self._small: list[memoryview] = []  # immutable pieces not yet handed over, in order
+        self._small_bytes = 0
+        self._queued: collections.deque[tuple[Future[None], int]] = collections.deque()
+        self._queued_bytes = 0
         self.n_bytes = 0
+
+    def _update(self, pieces: list[memoryview]) -> None:
+        for p in pieces:
+            self._hash.update(p)
+
+    def _submit(self, pieces: list[memoryview]) -> Future[None]:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="orsgen-sha256")
+        return self._pool.submit(self._update, pieces)
+
+    def _wait(self, max_bytes: int = 0) -> None:
+        """Waits until at most ``max_bytes`` of queued pieces are not yet hashed."""
+        while self._queued and self._queued_bytes > max_bytes:
+            done, n = self._queued.popleft()
+            done.result()
+            self._queued_bytes -= n
 
     def write(self, data: bytes | memoryview) -> int:
         view = memoryview(data)
-        if self._overlap and view.nbytes >= THREAD_HASH_MIN_BYTES:
-            hashed = _hash_executor().submit(self._hash.update, view)
-            try:
-                self._f.write(view)
-            finally:
-                hashed.result()  # the caller may reuse ``data`` once we return
-        else:
+        n = view.nbytes
+        if not self._overlap:
             self._hash.update(view)
             self._f.write(view)
-        self.n_bytes += view.nbytes
-        return view.nbytes
+        elif _immutable(view):
+            if not (self._queued or self._small) and n < THREAD_HASH_MIN_BYTES:
+                self._hash.update(view)  # nothing waits before it: cheaper than a hand-over
+            else:
+                self._small.append(view)  # in order, after what waits
+                self._small_bytes += n
+                if self._small_bytes >= THREAD_HASH_MIN_BYTES:
+                    self._queued.append((self._submit(self._small), self._small_bytes))
+                    self._queued_bytes += self._small_bytes
+                    self._small, self._small_bytes = [], 0
+            self._f.write(view)
+            self._wait(THREAD_HASH_MAX_PENDING_BYTES)
+        else:
+            # The caller may reuse this buffer once we return: hash it now
+            # (after what is queued), alongside the write when it is large.
+            self._wait()
+            pieces, self._small, self._small_bytes = [*self._small, view], [], 0
+            if n >= THREAD_HASH_MIN_BYTES:
+                hashed = self._submit(pieces)
+                try:
+                    self._f.write(view)
+                finally:
+                    hashed.result()
+            else:
+                self._update(pieces)
+                self._f.write(view)
+        self.n_bytes += n
+        return n
 
     def tell(self) -> int:
         return self.n_bytes
@@ -123,6 +154,12 @@ class _HashingWriter:
         return False
 
     def hexdigest(self) -> str:
+        self._wait()
+        self._update(self._small)
+        self._small, self._small_bytes = [], 0
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None
         return self._hash.hexdigest()
 
 

@@ -280,7 +280,9 @@ def _write_entries(
                 stats.append(_check_skip(found, planned, root))
                 continue
             if fmt == "webdataset":
-                produce = _tar_writer(lambda part=part: group.tar_members(part))
+                # Fresh bytes per record let the hashing thread lag behind the writes.
+                reuse = not cfg.hash_in_thread
+                produce = _tar_writer(lambda part=part, reuse=reuse: group.tar_members(part, reuse_buffer=reuse))
             else:
                 produce = _parquet_writer(part, group, cfg)
             stats.append(_publish(fs, root, planned, produce, hash_in_thread=cfg.hash_in_thread))

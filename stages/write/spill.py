@@ -234,14 +234,19 @@ class SpilledGroup:
             sha256=entry.sha256,
         )
 
-    def tar_members(self, entries: Iterable[SpillEntry]) -> Iterator[tuple[str, bytes | memoryview, bytes | memoryview]]:
+    def tar_members(
+        self, entries: Iterable[SpillEntry], *, reuse_buffer: bool = True
+    ) -> Iterator[tuple[str, bytes | memoryview, bytes | memoryview]]:
         """Yields ``(key, image, json)`` of each entry, in the given order, for streaming.
 
-        A spilled record is read into one reused buffer (no allocation or
-        page faults per record): each yielded view is valid only until the
-        next one is requested, which is all a writer that writes it out
-        before asking for the next needs (``write`` must not keep its
-        argument, as Python's I/O contract says).
+        With ``reuse_buffer``, a spilled record is read into one reused
+        buffer (no allocation per record): each yielded view is valid only
+        until the next one is requested, which is all a writer that writes
+        it out before asking for the next needs (``write`` must not keep its
+        argument, as Python's I/O contract says). Without it, each record
+        is read into a fresh ``bytes`` object, which a writer may keep (a
+        hashing writer then hashes it on its helper thread while the next
+        record is read and written).
         """
         buf = bytearray()
         for entry in entries:
@@ -250,10 +255,15 @@ class SpilledGroup:
                 yield entry.key, held.image, held.json
                 continue
             n = entry.n_image + entry.n_json
-            if len(buf) < n:
-                buf = bytearray(max(n, 2 * len(buf)))
-            view = memoryview(buf)[:n]
-            got = os.preadv(self._fd, [view], self._offsets[entry.index])
+            offset = self._offsets[entry.index]
+            if reuse_buffer:
+                if len(buf) < n:
+                    buf = bytearray(max(n, 2 * len(buf)))
+                view = memoryview(buf)[:n]
+                got = os.preadv(self._fd, [view], offset)
+            else:
+                view = memoryview(os.pread(self._fd, n, offset))
+                got = view.nbytes
             if got != n:
                 raise OSError(f"spill file ended early: read {got} of {n} bytes; is the disk full?")
             yield entry.key, view[: entry.n_image], view[entry.n_image :]
