@@ -111,8 +111,10 @@ class _HashingWriter:
         view = memoryview(data)
         n = view.nbytes
         if not self._overlap:
-            self._hash.update(view)
+            # Written first: the copy into the file pulls the bytes into the
+            # CPU cache, where sha256 then reads them faster (measured).
             self._f.write(view)
+            self._hash.update(view)
         elif _immutable(view):
             if not (self._queued or self._small) and n < THREAD_HASH_MIN_BYTES:
                 self._hash.update(view)  # nothing waits before it: cheaper than a hand-over
