@@ -61,6 +61,14 @@ def test_spilled_group_gives_the_same_bytes_as_in_memory(tmp_path, encoded):
     assert _spill_files(spill_dir) == []  # unlinked at creation: nothing left behind
 
 
+@pytest.mark.parametrize("budget", [0, 1 << 30])
+def test_hashing_in_a_thread_gives_the_same_bytes(tmp_path, encoded, budget):
+    kw = {"shard_max_images": 3, "parquet_row_group_max_bytes": 4096, "spill_memory_max_bytes": budget}
+    W.write_group(str(tmp_path / "plain"), "train", 0, encoded, _cfg(**kw))
+    W.write_group(str(tmp_path / "thread"), "train", 0, encoded, _cfg(hash_in_thread=True, **kw))
+    assert _tree(tmp_path / "plain") == _tree(tmp_path / "thread")
+
+
 def test_spilled_write_bucket_matches_image_examples(tmp_path):
     examples = [_example(i) for i in (4, 1, 3, 0, 2)]
     W.write_bucket(str(tmp_path / "a"), "train", 0, examples, _cfg(shard_max_images=2))
@@ -212,9 +220,9 @@ def test_spill_settings_are_not_part_of_the_config_identity():
     base = {"inputs": [{"type": "sa1b", "name": "s", "shards": ["/data/sa_000000.tar"]}]}
     a = OrsgenConfig.model_validate(base)
     b = OrsgenConfig.model_validate(
-        {**base, "write": {"spill_memory_max_bytes": 0, "spill_dir": "/mnt/ssd", "hash_in_thread": False}}
+        {**base, "write": {"spill_memory_max_bytes": 0, "spill_dir": "/mnt/ssd", "hash_in_thread": True}}
     )
-    assert b.write.spill_memory_max_bytes == 0 and not b.write.hash_in_thread and a.sha256() == b.sha256()
+    assert b.write.spill_memory_max_bytes == 0 and b.write.hash_in_thread and a.sha256() == b.sha256()
     c = OrsgenConfig.model_validate({**base, "write": {"shard_max_images": 10}})
     assert c.sha256() != a.sha256()
 

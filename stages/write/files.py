@@ -53,8 +53,9 @@ THREAD_HASH_MIN_BYTES = 64 * 1024
 THREAD_HASH_MAX_PENDING_BYTES = 16 * 1024 * 1024
 #: Whether ``_HashingWriter`` hashes on a helper thread when its caller does
 #: not say (``write.hash_in_thread`` says for shards); the bytes are the same
-#: either way.
-HASH_IN_THREAD = True
+#: either way. Off: measured, the thread costs CPU time and wins wall time
+#: only with an idle core (benchmarks/bench_write_memory.py --hash-thread).
+HASH_IN_THREAD = False
 
 
 def _immutable(view: memoryview) -> bool:
@@ -74,8 +75,12 @@ class _HashingWriter:
     buffer is hashed while it is written and ``write`` waits for it, since
     the caller may reuse the buffer once ``write`` returns. ``hexdigest``
     waits for everything. With an idle core this takes the hash off the
-    writing thread's time; it saves no CPU time (see
+    writing thread's time; it costs CPU time (see
     benchmarks/bench_write_memory.py's per-CPU-second figures).
+
+    Without ``in_thread``, each piece is written first and hashed after:
+    the copy into the file pulls the bytes into the CPU cache, where sha256
+    reads them faster than from memory.
 
     ``tell`` is what pyarrow's Parquet writer needs from a non-seekable sink.
     """
