@@ -61,6 +61,14 @@ def test_spilled_group_gives_the_same_bytes_as_in_memory(tmp_path, encoded):
     assert _spill_files(spill_dir) == []  # unlinked at creation: nothing left behind
 
 
+@pytest.mark.parametrize("budget", [0, 1 << 30])
+def test_hashing_in_a_thread_gives_the_same_bytes(tmp_path, encoded, budget):
+    kw = {"shard_max_images": 3, "parquet_row_group_max_bytes": 4096, "spill_memory_max_bytes": budget}
+    W.write_group(str(tmp_path / "plain"), "train", 0, encoded, _cfg(**kw))
+    W.write_group(str(tmp_path / "thread"), "train", 0, encoded, _cfg(hash_in_thread=True, **kw))
+    assert _tree(tmp_path / "plain") == _tree(tmp_path / "thread")
+
+
 def test_spilled_write_bucket_matches_image_examples(tmp_path):
     examples = [_example(i) for i in (4, 1, 3, 0, 2)]
     W.write_bucket(str(tmp_path / "a"), "train", 0, examples, _cfg(shard_max_images=2))
@@ -117,7 +125,12 @@ def _peak_bytes(tmp_path: Path, template: W.EncodedExample, n: int, budget: int)
         tracemalloc.stop()
 
 
-def test_peak_memory_does_not_grow_with_the_group(tmp_path, encoded):
+def test_peak_memory_does_not_grow_with_the_group(tmp_path, encoded, monkeypatch):
+    from orsgen.stages.write import files
+
+    # The hashing thread may keep up to this many bytes of records alive (a
+    # constant, 16 MiB by default): scaled down to this test's records.
+    monkeypatch.setattr(files, "THREAD_HASH_MAX_PENDING_BYTES", 128 * 1024)
     # The in-memory path holds the group (peak ~ n records): the check can fail.
     held_small, held_big = (_peak_bytes(tmp_path, encoded[0], n, 1 << 30) for n in (16, 64))
     assert held_big > 3 * held_small
@@ -206,8 +219,10 @@ def test_spill_settings_are_not_part_of_the_config_identity():
 
     base = {"inputs": [{"type": "sa1b", "name": "s", "shards": ["/data/sa_000000.tar"]}]}
     a = OrsgenConfig.model_validate(base)
-    b = OrsgenConfig.model_validate({**base, "write": {"spill_memory_max_bytes": 0, "spill_dir": "/mnt/ssd"}})
-    assert b.write.spill_memory_max_bytes == 0 and a.sha256() == b.sha256()
+    b = OrsgenConfig.model_validate(
+        {**base, "write": {"spill_memory_max_bytes": 0, "spill_dir": "/mnt/ssd", "hash_in_thread": True}}
+    )
+    assert b.write.spill_memory_max_bytes == 0 and b.write.hash_in_thread and a.sha256() == b.sha256()
     c = OrsgenConfig.model_validate({**base, "write": {"shard_max_images": 10}})
     assert c.sha256() != a.sha256()
 
@@ -219,6 +234,60 @@ def test_spilled_group_reads_back_every_record(tmp_path, encoded):
         assert group.spilled and len(group) == len(encoded)
         assert [group.get(x) for x in group.entries] == encoded
     assert _spill_files(tmp_path) == []
+
+
+def test_spilled_group_holds_nothing_after_its_first_spill(tmp_path, encoded):
+    # The budget holds two records: the third spills them, and it and every
+    # later one go straight to disk (none is held, memory stays flat).
+    budget = 2 * sum(len(e.image) + len(e.json) + len(e.arrow) for e in encoded[:1]) + 1
+    with SpilledGroup(memory_max_bytes=budget, spill_dir=str(tmp_path)) as group:
+        group.add(encoded[0])
+        group.add(encoded[1])
+        assert not group.spilled
+        for e in encoded[2:]:
+            group.add(e)
+            assert group.spilled and not group._held
+        group.seal()
+        members = [(k, bytes(i), bytes(j)) for k, i, j in group.tar_members(sorted(group.entries, key=lambda x: x.key))]
+    assert members == [(e.key, e.image, e.json) for e in sorted(encoded, key=lambda x: x.key)]
+
+
+def test_fast_tar_header_equals_tarfile():
+    from orsgen.stages.write.shards import _tar_header, _tar_header_slow
+
+    names = ["a", "x" * 99, "y" * 100, "z" * 101, "\u00e9.jpg", "sa1b-00000001.jpg", "a\x7fb", "d/k.json"]
+    sizes = [0, 1, 511, 512, 250_000, 8**11 - 1, 8**11]
+    for name in names:
+        for size in sizes:
+            assert _tar_header(name, size) == _tar_header_slow(name, size), (name, size)
+
+
+@pytest.mark.parametrize("in_thread", [True, False])
+def test_hashing_writer_digest_is_the_same_threaded_or_not(tmp_path, monkeypatch, in_thread):
+    import hashlib
+
+    from orsgen.stages.write import files
+
+    # A small pending cap, so that the writer also has to wait for its helper.
+    monkeypatch.setattr(files, "THREAD_HASH_MAX_PENDING_BYTES", 300_000)
+    rng = random.Random(7)
+    buf = bytearray(200_000)
+    expected = hashlib.sha256()
+    with open(tmp_path / "f", "wb") as f:
+        sink = files._HashingWriter(f, in_thread)
+        for i in range(40):
+            n = rng.choice([0, 5, 512, 70_000, 150_000])
+            if rng.random() < 0.5:
+                data = rng.randbytes(n)  # bytes: may be hashed after write returns
+                sink.write(memoryview(data)[: n // 2 + 1] if n and i % 3 == 0 else data)
+                expected.update(memoryview(data)[: n // 2 + 1] if n and i % 3 == 0 else data)
+            else:
+                buf[:n] = rng.randbytes(n)  # the caller reuses its buffer after each write
+                sink.write(memoryview(buf)[:n])
+                expected.update(bytes(buf[:n]))
+        digest = sink.hexdigest()
+    assert digest == expected.hexdigest() == hashlib.sha256((tmp_path / "f").read_bytes()).hexdigest()
+    assert sink.tell() == (tmp_path / "f").stat().st_size
 
 
 # ------------------------------------------------------------------ pipeline

@@ -36,6 +36,13 @@ class WriteConfig(ConfigModel):
             temporary folder, ``$TMPDIR``). Spill files are unlinked as soon
             as they are created, so a crash leaves none behind. Like
             ``spill_memory_max_bytes``, not part of the config's identity.
+        hash_in_thread: hash each shard's bytes (sha256, for the sidecar and
+            the manifest) on a helper thread while the writing thread writes
+            them. Off by default: it can shorten a write only while a core
+            is idle, and costs CPU time (the hand-over, and hashing bytes no
+            longer in the writing core's cache); on a Dataflow worker every
+            core runs an SDK process. Does not change the output; not part
+            of the config's identity.
         parquet_row_group_max_bytes: Parquet row groups stay under this size.
         parquet_compression: Parquet codec.
     """
@@ -50,6 +57,7 @@ class WriteConfig(ConfigModel):
     # after an out-of-memory crash may change them and still resume.
     spill_memory_max_bytes: int = Field(default=256 * 1024 * 1024, ge=0, exclude=True)
     spill_dir: str | None = Field(default=None, exclude=True)
+    hash_in_thread: bool = Field(default=False, exclude=True)
     parquet_row_group_max_bytes: int = Field(default=128 * 1024 * 1024, ge=1024)
     parquet_compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import os
@@ -9,11 +10,13 @@ import posixpath
 import re
 import secrets
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, BinaryIO
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from orsgen.stages.common.transient import retry_transient
 from orsgen.stages.write.plan import META_DIR, OutputConflictError, ShardStats, _HASH_CHUNK
 
 if TYPE_CHECKING:
@@ -42,23 +45,109 @@ class _NullFile:
         pass
 
 
+#: ``_HashingWriter`` hands pieces to its helper thread in batches of at
+#: least this many bytes (a small piece rides along with the next large one).
+THREAD_HASH_MIN_BYTES = 64 * 1024
+#: At most this many bytes of immutable pieces wait for the helper thread
+#: (the writer keeps them alive until hashed): memory stays bounded.
+THREAD_HASH_MAX_PENDING_BYTES = 16 * 1024 * 1024
+#: Whether ``_HashingWriter`` hashes on a helper thread when its caller does
+#: not say (``write.hash_in_thread`` says for shards); the bytes are the same
+#: either way. Off: measured, the thread costs CPU time and wins wall time
+#: only with an idle core (benchmarks/bench_write_memory.py --hash-thread).
+HASH_IN_THREAD = False
+
+
+def _immutable(view: memoryview) -> bool:
+    # A view of a bytes object cannot change after ``write`` returns, so it
+    # may be hashed later; any other buffer may be reused by the caller.
+    return isinstance(view.obj, bytes)
+
+
 class _HashingWriter:
     """Hashes and counts bytes on their way to a file, so no second read is needed.
+
+    With ``in_thread``, sha256 runs on a helper thread (one per writer, so
+    pieces are hashed in order) while this thread goes on writing:
+    ``hashlib`` and file writes both release the GIL. Pieces that are
+    ``bytes`` (or views of ``bytes``) are queued and ``write`` returns at
+    once, up to ``THREAD_HASH_MAX_PENDING_BYTES``; a piece of any other
+    buffer is hashed while it is written and ``write`` waits for it, since
+    the caller may reuse the buffer once ``write`` returns. ``hexdigest``
+    waits for everything. With an idle core this takes the hash off the
+    writing thread's time; it costs CPU time (see
+    benchmarks/bench_write_memory.py's per-CPU-second figures).
+
+    Without ``in_thread``, each piece is written first and hashed after:
+    the copy into the file pulls the bytes into the CPU cache, where sha256
+    reads them faster than from memory.
 
     ``tell`` is what pyarrow's Parquet writer needs from a non-seekable sink.
     """
 
-    def __init__(self, f: "BinaryIO | _NullFile") -> None:
+    def __init__(self, f: "BinaryIO | _NullFile", in_thread: bool | None = None) -> None:
         self._f = f
         self._hash = hashlib.sha256()
+        self._overlap = (HASH_IN_THREAD if in_thread is None else in_thread) and not isinstance(f, _NullFile)
+        self._pool: ThreadPoolExecutor | None = None
+        self._small: list[memoryview] = []  # immutable pieces not yet handed over, in order
+        self._small_bytes = 0
+        self._queued: collections.deque[tuple[Future[None], int]] = collections.deque()
+        self._queued_bytes = 0
         self.n_bytes = 0
+
+    def _update(self, pieces: list[memoryview]) -> None:
+        for p in pieces:
+            self._hash.update(p)
+
+    def _submit(self, pieces: list[memoryview]) -> Future[None]:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="orsgen-sha256")
+        return self._pool.submit(self._update, pieces)
+
+    def _wait(self, max_bytes: int = 0) -> None:
+        """Waits until at most ``max_bytes`` of queued pieces are not yet hashed."""
+        while self._queued and self._queued_bytes > max_bytes:
+            done, n = self._queued.popleft()
+            done.result()
+            self._queued_bytes -= n
 
     def write(self, data: bytes | memoryview) -> int:
         view = memoryview(data)
-        self._hash.update(view)
-        self._f.write(view)
-        self.n_bytes += view.nbytes
-        return view.nbytes
+        n = view.nbytes
+        if not self._overlap:
+            # Written first: the copy into the file pulls the bytes into the
+            # CPU cache, where sha256 then reads them faster (measured).
+            self._f.write(view)
+            self._hash.update(view)
+        elif _immutable(view):
+            if not (self._queued or self._small) and n < THREAD_HASH_MIN_BYTES:
+                self._hash.update(view)  # nothing waits before it: cheaper than a hand-over
+            else:
+                self._small.append(view)  # in order, after what waits
+                self._small_bytes += n
+                if self._small_bytes >= THREAD_HASH_MIN_BYTES:
+                    self._queued.append((self._submit(self._small), self._small_bytes))
+                    self._queued_bytes += self._small_bytes
+                    self._small, self._small_bytes = [], 0
+            self._f.write(view)
+            self._wait(THREAD_HASH_MAX_PENDING_BYTES)
+        else:
+            # The caller may reuse this buffer once we return: hash it now
+            # (after what is queued), alongside the write when it is large.
+            self._wait()
+            pieces, self._small, self._small_bytes = [*self._small, view], [], 0
+            if n >= THREAD_HASH_MIN_BYTES:
+                hashed = self._submit(pieces)
+                try:
+                    self._f.write(view)
+                finally:
+                    hashed.result()
+            else:
+                self._update(pieces)
+                self._f.write(view)
+        self.n_bytes += n
+        return n
 
     def tell(self) -> int:
         return self.n_bytes
@@ -72,6 +161,12 @@ class _HashingWriter:
         return False
 
     def hexdigest(self) -> str:
+        self._wait()
+        self._update(self._small)
+        self._small, self._small_bytes = [], 0
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None
         return self._hash.hexdigest()
 
 
@@ -88,6 +183,18 @@ def _remove_quietly(fs: fsspec.AbstractFileSystem, path: str) -> None:
     try:
         fs.rm_file(path)
     except FileNotFoundError:
+        pass
+
+
+def _discard_tmp(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    """Removes a failed write's tmp file, best effort: the error being raised is what matters.
+
+    A tmp file that cannot be removed now (the store is down) is removed by
+    the next run's ``sweep_temp_files``; it is never visible under a final name.
+    """
+    try:
+        _remove_quietly(fs, path)
+    except Exception:  # noqa: BLE001
         pass
 
 
@@ -179,6 +286,25 @@ def _rename(fs: fsspec.AbstractFileSystem, src: str, dst: str) -> None:
         fs.mv(src, dst)
 
 
+def _commit(fs: fsspec.AbstractFileSystem, src: str, dst: str) -> None:
+    """``_rename`` with transient errors retried (``retry_transient``).
+
+    On an object store the rename is a copy, then a delete: when a retry
+    finds the tmp object gone and the final one there, the earlier try did
+    both and only its answer was lost.
+    """
+    tried = False
+
+    def attempt() -> None:
+        nonlocal tried
+        if tried and not fs.exists(src) and fs.exists(dst):
+            return
+        tried = True
+        _rename(fs, src, dst)
+
+    retry_transient(attempt, what=f"publishing {dst}")
+
+
 def _conflict(final: str, existing: str, new: str) -> OutputConflictError:
     return OutputConflictError(
         f"{final} already exists and differs from what orsgen would write there "
@@ -188,20 +314,36 @@ def _conflict(final: str, existing: str, new: str) -> OutputConflictError:
 
 
 def _write_new(
-    fs: fsspec.AbstractFileSystem, final: str, produce: Callable[[_HashingWriter], None]
+    fs: fsspec.AbstractFileSystem,
+    final: str,
+    produce: Callable[[_HashingWriter], None],
+    *,
+    hash_in_thread: bool | None = None,
 ) -> tuple[int, str]:
     """Writes a file through a tmp name, never replacing different existing bytes.
+
+    Transient store errors (``stages.common.transient.is_transient``: a
+    reset connection, a timeout, a 5xx) while the tmp file is written or
+    closed restart the write under a new tmp name, with backoff; the rename
+    is retried on its own (``_commit``). When the retries run out,
+    ``TransientIOError`` fails the bundle, so the runner retries it. A
+    failed try's tmp file is removed (or swept by the next run); nothing
+    partial ever appears under ``final``.
 
     Args:
         fs: the file system.
         final: the file's final path on ``fs``.
-        produce: writes the content into the given writer.
+        produce: writes the content into the given writer; it may be called
+            again after a transient failure, and must then write the same
+            bytes from the start.
+        hash_in_thread: see ``_HashingWriter`` (None: ``HASH_IN_THREAD``).
 
     Returns:
         ``(n_bytes, sha256)`` of the content.
 
     Raises:
         OutputConflictError: ``final`` exists with other bytes (left unchanged).
+        TransientIOError: the store kept failing transiently.
     """
     check_not_in_the_way(fs, final)
     if fs.exists(final):
@@ -209,22 +351,31 @@ def _write_new(
         # written: the existing file is either adopted or reported.
         sink = _HashingWriter(_NullFile())
         produce(sink)
-        existing = _sha256_of(fs, final)
+        existing = retry_transient(lambda: _sha256_of(fs, final), what=f"reading {final}")
         if existing != sink.hexdigest():
             raise _conflict(final, existing, sink.hexdigest())
         return sink.n_bytes, sink.hexdigest()
-    fs.makedirs(posixpath.dirname(final), exist_ok=True)
-    tmp = _tmp_path(final)
+
+    def attempt() -> tuple[str, _HashingWriter]:
+        fs.makedirs(posixpath.dirname(final), exist_ok=True)
+        tmp = _tmp_path(final)
+        try:
+            with fs.open(tmp, "wb") as f:
+                sink = _HashingWriter(f, hash_in_thread)
+                produce(sink)
+        except BaseException:
+            _discard_tmp(fs, tmp)
+            raise
+        return tmp, sink
+
+    tmp, sink = retry_transient(attempt, what=f"writing {final}")
     try:
-        with fs.open(tmp, "wb") as f:
-            sink = _HashingWriter(f)
-            produce(sink)
         # A concurrent retry of the same bundle may have renamed its copy into
         # place since the check above; it wrote the same bytes (the writers
         # are deterministic), so replacing it is harmless.
-        _rename(fs, tmp, final)
+        _commit(fs, tmp, final)
     except BaseException:
-        _remove_quietly(fs, tmp)
+        _discard_tmp(fs, tmp)
         raise
     return sink.n_bytes, sink.hexdigest()
 
@@ -268,10 +419,15 @@ def _completed(fs: fsspec.AbstractFileSystem, root: str, rel: str) -> ShardStats
 
 
 def _publish(
-    fs: fsspec.AbstractFileSystem, root: str, stats: ShardStats, produce: Callable[[_HashingWriter], None]
+    fs: fsspec.AbstractFileSystem,
+    root: str,
+    stats: ShardStats,
+    produce: Callable[[_HashingWriter], None],
+    *,
+    hash_in_thread: bool | None = None,
 ) -> ShardStats:
     """Writes one shard, then its sidecar, then its marker."""
-    n_bytes, digest = _write_new(fs, inside_root(root, stats.path), produce)
+    n_bytes, digest = _write_new(fs, inside_root(root, stats.path), produce, hash_in_thread=hash_in_thread)
     stats = dataclasses.replace(stats, n_bytes=n_bytes, sha256=digest)
     sidecar, marker = _meta_paths(root, stats.path)
     _write_meta(fs, sidecar, stats.to_json())

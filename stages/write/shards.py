@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 # ------------------------------------------------------------------- writers
 
 
-def _tar_header(name: str, size: int) -> bytes:
+def _tar_header_slow(name: str, size: int) -> bytes:
     """The header block(s) ``tarfile`` writes for a regular member in PAX format.
 
     PAX is fixed so that long keys get the same headers on every Python;
@@ -43,6 +43,30 @@ def _tar_header(name: str, size: int) -> bytes:
     info.uname = info.gname = ""
     info.type = tarfile.REGTYPE
     return info.tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape")
+
+
+# The one ustar block ``_tar_header_slow`` gives for a name of at most 100
+# ASCII characters and a size below 8 GiB (then no PAX header is needed),
+# split around the name, size and checksum fields. Building it from these
+# pieces costs about a tenth of ``TarInfo.tobuf``, which is a visible share
+# of writing a shard of small members (tests/test_write.py compares the two).
+_USTAR_MODE_IDS = b"0000644\x000000000\x000000000\x00"  # mode, uid, gid
+_USTAR_MTIME = b"00000000000\x00"
+_USTAR_TAIL = b"0" + bytes(100) + tarfile.POSIX_MAGIC + bytes(32 + 32 + 8 + 8 + 155 + 12)  # type ... padding
+# Checksum of the constant bytes; the checksum field itself counts as 8 spaces.
+_USTAR_CONST_SUM = sum(_USTAR_MODE_IDS) + sum(_USTAR_MTIME) + sum(_USTAR_TAIL) + 8 * ord(" ")
+
+
+def _tar_header(name: str, size: int) -> bytes:
+    """The header block(s) ``tarfile`` writes for a regular member in PAX format (see ``_tar_header_slow``)."""
+    if len(name) > 100 or not name.isascii() or not 0 <= size < 8**11:
+        return _tar_header_slow(name, size)
+    raw = name.encode("ascii")
+    size_field = b"%011o\x00" % size
+    checksum = _USTAR_CONST_SUM + sum(raw) + sum(size_field)
+    return b"".join(
+        (raw, bytes(100 - len(raw)), _USTAR_MODE_IDS, size_field, _USTAR_MTIME, b"%06o\x00 " % checksum, _USTAR_TAIL)
+    )
 
 
 def _tar_writer(
@@ -256,10 +280,12 @@ def _write_entries(
                 stats.append(_check_skip(found, planned, root))
                 continue
             if fmt == "webdataset":
-                produce = _tar_writer(lambda part=part: group.tar_members(part))
+                # Fresh bytes per record let the hashing thread lag behind the writes.
+                reuse = not cfg.hash_in_thread
+                produce = _tar_writer(lambda part=part, reuse=reuse: group.tar_members(part, reuse_buffer=reuse))
             else:
                 produce = _parquet_writer(part, group, cfg)
-            stats.append(_publish(fs, root, planned, produce))
+            stats.append(_publish(fs, root, planned, produce, hash_in_thread=cfg.hash_in_thread))
     return stats
 
 
@@ -437,8 +463,10 @@ def write_rejects_bucket(
         fs, root = _fs_root(out)
         stream = iter(rows)
         stats: list[ShardStats] = []
+        start = 0
         for part_no, counts in enumerate(reasons):
-            part_rows = itertools.islice(stream, sum(counts.values()))
+            n_rows = sum(counts.values())
+            part_rows = itertools.islice(stream, n_rows)
             planned = ShardStats(
                 path=rejects_path(bucket, part_no, num_buckets),
                 format=REJECTS_FORMAT,
@@ -463,16 +491,39 @@ def write_rejects_bucket(
                     )
                 collections.deque(part_rows, maxlen=0)  # skip this part's rows
                 stats.append(found)
+                start += n_rows
                 continue
-            stats.append(_publish(fs, root, planned, _rejects_writer(part_rows, compression)))
+            stats.append(_publish(fs, root, planned, _rejects_writer(_part_rows(rows, part_rows, start, n_rows), compression)))
+            collections.deque(part_rows, maxlen=0)  # a retried write read its rows afresh: catch up
+            start += n_rows
         return stats
 
 
-def _rejects_writer(part_rows: Iterator[Reject], compression: str) -> Callable[[_HashingWriter], None]:
+def _part_rows(
+    rows: SortedSpill[Reject], stream_rows: Iterator[Reject], start: int, n_rows: int
+) -> Callable[[], Iterator[Reject]]:
+    """The rows of one rejects part: from the shared stream the first time, read afresh after a retry.
+
+    ``_write_new`` calls a writer again after a transient store error; the
+    shared stream has then moved on, so the part's rows are read again from
+    the sorted spill (iterable more than once).
+    """
+    calls = 0
+
+    def part() -> Iterator[Reject]:
+        nonlocal calls
+        calls += 1
+        return stream_rows if calls == 1 else itertools.islice(iter(rows), start, start + n_rows)
+
+    return part
+
+
+def _rejects_writer(part_rows: Callable[[], Iterator[Reject]], compression: str) -> Callable[[_HashingWriter], None]:
     def produce(sink: _HashingWriter) -> None:
+        rows = part_rows()
         writer = pq.ParquetWriter(sink, REJECT_SCHEMA, compression=compression)
         try:
-            while chunk := list(itertools.islice(part_rows, REJECTS_ROW_GROUP_ROWS)):
+            while chunk := list(itertools.islice(rows, REJECTS_ROW_GROUP_ROWS)):
                 table = pa.Table.from_pylist([reject_to_row(r) for r in chunk], schema=REJECT_SCHEMA)
                 writer.write_table(table, row_group_size=len(chunk))
         finally:

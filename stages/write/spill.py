@@ -5,13 +5,21 @@ can be far larger than a worker's memory: a full-SA-1B bucket with a fixed
 bucket count is hundreds of GB. The writers therefore never hold a group:
 
 * ``SpilledGroup`` (examples): records are kept in memory up to a byte
-  budget; each time it is reached, the held records are appended to one
-  worker-local temporary file as a run sorted by key (so reading in key
-  order is a few sequential scans, not one seek per record). Only a small ``SpillEntry`` per record (key, counts,
-  sizes, offset: about 0.55 KB) stays in memory, so the writer can dedupe,
-  sort and plan parts from the entries, then read each record back by offset
-  while it streams a shard. Peak memory: the budget, the entries, and one
-  Parquet row group.
+  budget. When it is reached, the held records go to one worker-local
+  temporary file as a run sorted by key, and from then on every record is
+  appended to that file as it arrives, in arrival order, and never held.
+  Appending at once writes the bytes while they are still in the CPU cache,
+  and lets the producer's memory be reused; holding and dropping runs of
+  records cost more CPU than the spill write itself (measured with
+  ``benchmarks/bench_write_memory.py``: fresh pages for every record, and a
+  second pass over cold memory). Only a small ``SpillEntry`` per record
+  (key, counts, sizes: about 0.55 KB) stays in memory, so the writer can
+  dedupe, sort and plan parts from the entries, then read each record back
+  by offset (one ``preadv`` into a reused buffer) while it streams a shard.
+  Reading back in key order is a random read per record, which costs
+  nothing extra while the page cache holds the spill file and is a
+  whole-record read (several MB for SA-1B) when it does not. Peak memory:
+  the budget, the entries, and one Parquet row group.
 * ``SortedSpill`` (rejects, which are small but can number in the hundreds
   of millions): an external merge sort. Items are buffered up to the budget,
   sorted, written as a run, and the runs are merged lazily
@@ -47,7 +55,26 @@ def _temp_file(spill_dir: str | None) -> IO[bytes]:
     if spill_dir is not None:
         os.makedirs(spill_dir, exist_ok=True)
     # Unlinked at once on POSIX: nothing is left behind after a crash.
-    return tempfile.TemporaryFile(dir=spill_dir, prefix="orsgen-spill-")
+    # Unbuffered: ``SpilledGroup`` writes through the descriptor
+    # (``os.writev``); ``SortedSpill`` writes whole pickled chunks.
+    return tempfile.TemporaryFile(dir=spill_dir, prefix="orsgen-spill-", buffering=0)
+
+
+def _write_all(fd: int, parts: Iterable[bytes | memoryview], spill_dir: str | None) -> int:
+    """Writes ``parts`` one after the other at ``fd``'s position (``writev``); returns the bytes written."""
+    views = [memoryview(p).cast("B") for p in parts if len(p)]
+    total = sum(v.nbytes for v in views)
+    while views:
+        n = os.writev(fd, views)
+        if n == 0:
+            raise OSError(f"could not write to the spill file in {spill_dir or '$TMPDIR'}; is the disk full?")
+        # A short write (a signal, a nearly full disk): go on after what went out.
+        while views and n >= views[0].nbytes:
+            n -= views[0].nbytes
+            views.pop(0)
+        if views:
+            views[0] = views[0][n:]
+    return total
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,9 +117,9 @@ class SpilledGroup:
     Args:
         memory_max_bytes: records are held in memory while their bytes stay
             within this budget; the record that would pass it moves the held
-            records to the spill file as one run sorted by key, and holding
-            starts again. ``seal`` spills the last run of a group that
-            spilled. 0 spills every record (a run each).
+            records to the spill file as one run sorted by key, and that
+            record and every later one are appended to the file as they
+            arrive. 0 spills every record.
         spill_dir: folder of the spill file (None: ``$TMPDIR``).
     """
 
@@ -104,8 +131,8 @@ class SpilledGroup:
         self._held_bytes = 0
         self._offsets: list[int] = []  # -1: held in memory
         self._file: IO[bytes] | None = None
+        self._fd = -1
         self._end = 0
-        self._flushed = True
 
     @property
     def spilled(self) -> bool:
@@ -135,42 +162,42 @@ class SpilledGroup:
             sha256=enc.sha256,
         )
         self.entries.append(entry)
-        self._offsets.append(-1)
         n = entry.n_image + entry.n_json + entry.n_arrow
-        if self._held and self._held_bytes + n > self._budget:
+        if self._file is None and self._held and self._held_bytes + n > self._budget:
             self._write_run()
-        self._held[i] = enc
-        self._held_bytes += n
+        if self._file is not None:
+            # Spilled: straight to disk while the bytes are hot, never held.
+            self._offsets.append(self._append(enc))
+        else:
+            self._offsets.append(-1)
+            self._held[i] = enc
+            self._held_bytes += n
         return entry
 
     def _write_run(self) -> None:
-        """Writes the held records, sorted by key, as one run of the spill file.
-
-        Sorted runs make the key-order read-back a few sequential scans (one
-        per run) instead of one random read per record.
-        """
+        """Writes the held records, sorted by key, as one run of the spill file."""
         if self._file is None:
             self._file = _temp_file(self._spill_dir)
+            self._fd = self._file.fileno()
         for j in sorted(self._held, key=lambda j: (self.entries[j].key, j)):
             self._offsets[j] = self._append(self._held[j])
         self._held.clear()
         self._held_bytes = 0
 
     def seal(self) -> None:
-        """Call after the last ``add``: a group that spilled spills its tail too.
+        """Call after the last ``add``: nothing of a spilled group is then held in memory.
 
-        Then nothing of a spilled group stays in memory while it is written.
+        (Since records arriving after the first spill are written at once,
+        this only matters to a group that spilled and still holds records,
+        which ``add`` never leaves; it is kept as the documented last step.)
         """
         if self._file is not None and self._held:
             self._write_run()
 
     def _append(self, enc: EncodedExample) -> int:
-        assert self._file is not None
+        """Appends one record's image, JSON and Arrow bytes with one system call; returns its offset."""
         offset = self._end
-        for data in (enc.image, enc.json, enc.arrow):
-            self._file.write(data)
-            self._end += len(data)
-        self._flushed = False
+        self._end += _write_all(self._fd, (enc.image, enc.json, enc.arrow), self._spill_dir)
         return offset
 
     def get(self, entry: SpillEntry) -> EncodedExample:
@@ -178,17 +205,12 @@ class SpilledGroup:
         held = self._held.get(entry.index)
         if held is not None:
             return held
-        assert self._file is not None
-        if not self._flushed:
-            self._file.flush()
-            self._flushed = True
-        fd = self._file.fileno()
         offset = self._offsets[entry.index]
         # One read per member: each lands in its own bytes object, with no
         # second copy to cut a combined buffer apart.
         parts = []
         for n in (entry.n_image, entry.n_json, entry.n_arrow):
-            data = os.pread(fd, n, offset) if n else b""
+            data = os.pread(self._fd, n, offset) if n else b""
             if len(data) != n:
                 raise OSError(
                     f"spill file ended early: read {len(data)} of {n} bytes at offset {offset}; is the disk full?"
@@ -212,14 +234,19 @@ class SpilledGroup:
             sha256=entry.sha256,
         )
 
-    def tar_members(self, entries: Iterable[SpillEntry]) -> Iterator[tuple[str, bytes | memoryview, bytes | memoryview]]:
+    def tar_members(
+        self, entries: Iterable[SpillEntry], *, reuse_buffer: bool = True
+    ) -> Iterator[tuple[str, bytes | memoryview, bytes | memoryview]]:
         """Yields ``(key, image, json)`` of each entry, in the given order, for streaming.
 
-        A spilled record is read into one reused buffer (no allocation or
-        page faults per record): each yielded view is valid only until the
-        next one is requested, which is all a writer that writes it out
-        before asking for the next needs (``write`` must not keep its
-        argument, as Python's I/O contract says).
+        With ``reuse_buffer``, a spilled record is read into one reused
+        buffer (no allocation per record): each yielded view is valid only
+        until the next one is requested, which is all a writer that writes
+        it out before asking for the next needs (``write`` must not keep its
+        argument, as Python's I/O contract says). Without it, each record
+        is read into a fresh ``bytes`` object, which a writer may keep (a
+        hashing writer then hashes it on its helper thread while the next
+        record is read and written).
         """
         buf = bytearray()
         for entry in entries:
@@ -227,15 +254,16 @@ class SpilledGroup:
             if held is not None:
                 yield entry.key, held.image, held.json
                 continue
-            assert self._file is not None
-            if not self._flushed:
-                self._file.flush()
-                self._flushed = True
             n = entry.n_image + entry.n_json
-            if len(buf) < n:
-                buf = bytearray(max(n, 2 * len(buf)))
-            view = memoryview(buf)[:n]
-            got = os.preadv(self._file.fileno(), [view], self._offsets[entry.index])
+            offset = self._offsets[entry.index]
+            if reuse_buffer:
+                if len(buf) < n:
+                    buf = bytearray(max(n, 2 * len(buf)))
+                view = memoryview(buf)[:n]
+                got = os.preadv(self._fd, [view], offset)
+            else:
+                view = memoryview(os.pread(self._fd, n, offset))
+                got = view.nbytes
             if got != n:
                 raise OSError(f"spill file ended early: read {got} of {n} bytes; is the disk full?")
             yield entry.key, view[: entry.n_image], view[entry.n_image :]
@@ -246,6 +274,7 @@ class SpilledGroup:
         if self._file is not None:
             self._file.close()
             self._file = None
+            self._fd = -1
 
     def __enter__(self) -> "SpilledGroup":
         return self
@@ -314,10 +343,8 @@ class SortedSpill(Generic[T]):
         chunks = []
         for i in range(0, len(self._buffer), _RUN_CHUNK_ITEMS):
             data = pickle.dumps(self._buffer[i : i + _RUN_CHUNK_ITEMS], protocol=pickle.HIGHEST_PROTOCOL)
-            self._file.write(data)
             chunks.append((self._end, len(data)))
-            self._end += len(data)
-        self._file.flush()
+            self._end += _write_all(self._file.fileno(), (data,), self._spill_dir)
         self._runs.append(chunks)
         self._buffer = []
         self._buffer_bytes = 0
