@@ -35,9 +35,9 @@ QUERY_BATCH = 512
 #: Default memory bound of the expanded tables (``HammingIndex``): 256 MB,
 #: about 235,000 hashes at max_distance 31 (1,088 bytes each); a larger
 #: index uses the plain layout (64 bytes each). Measured on 100,000 pHashes
-#: at k = 31 with the core's cache holding other data before each search (as
-#: in the stage, which decodes images between batches): expanded 22-24 us a
-#: query, plain 31-32 us (benchmarks/bench_decontaminate.py).
+#: at k = 31, 1,000 queries a search (benchmarks/bench_decontaminate.py, idle
+#: box): expanded 11-12 us a query, plain 18 us; after 2 s of other work,
+#: when the tables have left the caches, 56-112 against 46-73 us.
 TABLE_BUDGET_BYTES = 256 << 20
 
 
