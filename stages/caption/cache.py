@@ -23,14 +23,13 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import threading
-import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import fsspec
 
+from orsgen.stages.common.cache_files import publish_entry
 from orsgen.stages.caption.backends import Captioner
 from orsgen.stages.caption.types import VlmRequest, VlmResponse
 
@@ -160,21 +159,7 @@ class ResponseCache:
         }
         data = json.dumps(entry, sort_keys=True, ensure_ascii=False).encode("utf-8")
         path = self.path_of(key)
-        parent = path.rsplit("/", 1)[0]
-        if self._local:
-            os.makedirs(parent, exist_ok=True)
-            tmp = f"{parent}/.tmp-{uuid.uuid4().hex}"
-            try:
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                os.replace(tmp, path)  # atomic on POSIX: readers see old or new, never half
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-        else:
-            # Object stores publish an object only when its upload completes.
-            with self._fs.open(path, "wb") as f:
-                f.write(data)
+        publish_entry(self._fs, path, data, local=self._local)
         with self._lock:
             self.writes += 1
         return True

@@ -44,12 +44,12 @@ import json
 import logging
 import os
 import threading
-import uuid
 from collections.abc import Sequence
 from typing import Any
 
 import fsspec
 
+from orsgen.stages.common.cache_files import publish_entry
 from orsgen.schemas.records import Rle
 from orsgen.stages.common.transient import retry_transient
 from orsgen.stages.verify.backend import Sam2Prediction, Sam2Prompt
@@ -310,21 +310,7 @@ class Sam2ResultCache:
         self._count(writes=1)
 
     def _write(self, path: str, data: bytes) -> None:
-        parent = path.rsplit("/", 1)[0]
-        if self._local:
-            os.makedirs(parent, exist_ok=True)
-            tmp = f"{parent}/.tmp-{uuid.uuid4().hex}"
-            try:
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                os.replace(tmp, path)  # atomic on POSIX: readers see old or new, never half
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-        else:
-            # Object stores publish an object only when its upload completes.
-            with self._fs.open(path, "wb") as f:
-                f.write(data)
+        publish_entry(self._fs, path, data, local=self._local)
 
     def __len__(self) -> int:
         try:
