@@ -152,7 +152,14 @@ def _serve(vlm: ScriptedVlm) -> tuple[ThreadingHTTPServer, str]:
                 "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}],
             })
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    class Server(ThreadingHTTPServer):
+        # socketserver's default listen backlog is 5: with more requests in
+        # flight than that on a loaded machine, connections were refused and
+        # became vlm_server_dead rejects instead of the scripted answers
+        # (the rare flakes of the two tests that count reasons and requests).
+        request_queue_size = 128
+
+    server = Server(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, f"http://127.0.0.1:{server.server_address[1]}/v1"
 

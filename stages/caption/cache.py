@@ -23,15 +23,12 @@ import dataclasses
 import hashlib
 import json
 import logging
-import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import fsspec
-
-from orsgen.stages.common.cache_files import publish_entry
 from orsgen.stages.caption.backends import Captioner
 from orsgen.stages.caption.types import VlmRequest, VlmResponse
+from orsgen.stages.common.cache_files import KeyedFileCache, publish_entry
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +68,7 @@ def cache_key(request: VlmRequest, model: str, fingerprint: Mapping[str, Any] | 
     return hashlib.sha256(data.encode("utf-8")).hexdigest()
 
 
-class ResponseCache:
+class ResponseCache(KeyedFileCache):
     """Answers stored as one small JSON file per key.
 
     Args:
@@ -81,27 +78,8 @@ class ResponseCache:
         hits, misses, writes, corrupt: counters of this instance.
     """
 
-    def __init__(self, root: str) -> None:
-        self.root = root.rstrip("/")
-        self._fs, self._root_path = fsspec.core.url_to_fs(self.root)
-        self._local = "file" in (self._fs.protocol if isinstance(self._fs.protocol, tuple) else (self._fs.protocol,))
-        self._lock = threading.Lock()
-        self.hits = 0
-        self.misses = 0
-        self.writes = 0
-        self.corrupt = 0
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"root": self.root}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["root"])  # type: ignore[misc]
-
-    def path_of(self, key: str) -> str:
-        """Where ``key`` is stored (in the filesystem's own path syntax)."""
-        if len(key) != 64 or any(c not in "0123456789abcdef" for c in key):
-            raise ValueError(f"cache key {key!r} is not a sha256 hex digest.")
-        return f"{self._root_path}/{key[:2]}/{key[2:]}.json"
+    SUFFIX = ".json"
+    WHAT = "cache"
 
     def get(self, key: str) -> VlmResponse | None:
         """The cached answer, or None (a missing or unreadable entry is a miss).
@@ -163,12 +141,6 @@ class ResponseCache:
         with self._lock:
             self.writes += 1
         return True
-
-    def __len__(self) -> int:
-        try:
-            return len(self._fs.glob(f"{self._root_path}/*/*.json"))
-        except FileNotFoundError:
-            return 0
 
 
 def answer_parses(request: VlmRequest, response: VlmResponse) -> bool:

@@ -9,8 +9,11 @@ that a reader never sees half an entry.
 from __future__ import annotations
 
 import os
+import threading
 import uuid
 from typing import Any
+
+import fsspec
 
 
 def publish_entry(fs: Any, path: str, data: bytes, *, local: bool) -> None:
@@ -38,3 +41,53 @@ def publish_entry(fs: Any, path: str, data: bytes, *, local: bool) -> None:
         # Object stores publish an object only when its upload completes.
         with fs.open(path, "wb") as f:
             f.write(data)
+
+
+_HEX = frozenset("0123456789abcdef")
+
+
+class KeyedFileCache:
+    """The shared shape of both caches: one file per sha256 key under ``ROOT/ab/cdef...``.
+
+    Subclasses set ``SUFFIX`` (the entry file's extension) and ``WHAT`` (how
+    error messages name the cache) and add their own ``get`` / ``put``.
+
+    Args:
+        root: folder or fsspec URL, e.g. ``OUT/_cache/vlm``.
+
+    Attributes:
+        hits, misses, writes, corrupt: counters of this instance.
+    """
+
+    SUFFIX = ".json"
+    WHAT = "cache"
+
+    def __init__(self, root: str) -> None:
+        self.root = root.rstrip("/")
+        self._fs, self._root_path = fsspec.core.url_to_fs(self.root)
+        protocols = self._fs.protocol if isinstance(self._fs.protocol, tuple) else (self._fs.protocol,)
+        self._local = "file" in protocols or "local" in protocols
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+        self.writes = 0
+        self.corrupt = 0
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Only the root travels (Beam pickles DoFns); the filesystem is made again.
+        return {"root": self.root}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["root"])  # type: ignore[misc]
+
+    def path_of(self, key: str) -> str:
+        """Where ``key`` is stored (in the filesystem's own path syntax)."""
+        if len(key) != 64 or not set(key) <= _HEX:
+            raise ValueError(f"{self.WHAT} key {key!r} is not a sha256 hex digest.")
+        return f"{self._root_path}/{key[:2]}/{key[2:]}{self.SUFFIX}"
+
+    def __len__(self) -> int:
+        try:
+            return len(self._fs.glob(f"{self._root_path}/*/*{self.SUFFIX}"))
+        except FileNotFoundError:
+            return 0

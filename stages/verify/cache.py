@@ -43,14 +43,11 @@ import hashlib
 import json
 import logging
 import os
-import threading
 from collections.abc import Sequence
 from typing import Any
 
-import fsspec
-
-from orsgen.stages.common.cache_files import publish_entry
 from orsgen.schemas.records import Rle
+from orsgen.stages.common.cache_files import KeyedFileCache, publish_entry
 from orsgen.stages.common.transient import retry_transient
 from orsgen.stages.verify.backend import Sam2Prediction, Sam2Prompt
 
@@ -63,7 +60,6 @@ CACHE_FORMAT = 1
 #: ones (weights) by name and size only, so a worker does not read GBs at setup.
 SMALL_FILE_MAX_BYTES = 1 << 20
 
-_HEX = frozenset("0123456789abcdef")
 
 
 def _json_bytes(obj: Any) -> bytes:
@@ -198,7 +194,7 @@ def _prediction_from_json(d: dict[str, Any], prompt: Sam2Prompt) -> Sam2Predicti
     )
 
 
-class Sam2ResultCache:
+class Sam2ResultCache(KeyedFileCache):
     """SAM2 predictions stored as one small gzipped JSON file per image.
 
     Args:
@@ -208,28 +204,8 @@ class Sam2ResultCache:
         hits, misses, writes, corrupt: counters of this instance.
     """
 
-    def __init__(self, root: str) -> None:
-        self.root = root.rstrip("/")
-        self._fs, self._root_path = fsspec.core.url_to_fs(self.root)
-        protocols = self._fs.protocol if isinstance(self._fs.protocol, tuple) else (self._fs.protocol,)
-        self._local = "file" in protocols or "local" in protocols
-        self._lock = threading.Lock()
-        self.hits = 0
-        self.misses = 0
-        self.writes = 0
-        self.corrupt = 0
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"root": self.root}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["root"])  # type: ignore[misc]
-
-    def path_of(self, key: str) -> str:
-        """Where ``key`` is stored (in the filesystem's own path syntax)."""
-        if len(key) != 64 or not set(key) <= _HEX:
-            raise ValueError(f"SAM2 cache key {key!r} is not a sha256 hex digest.")
-        return f"{self._root_path}/{key[:2]}/{key[2:]}.json.gz"
+    SUFFIX = ".json.gz"
+    WHAT = "SAM2 cache"
 
     def _count(self, **deltas: int) -> None:
         with self._lock:
@@ -311,10 +287,4 @@ class Sam2ResultCache:
 
     def _write(self, path: str, data: bytes) -> None:
         publish_entry(self._fs, path, data, local=self._local)
-
-    def __len__(self) -> int:
-        try:
-            return len(self._fs.glob(f"{self._root_path}/*/*.json.gz"))
-        except FileNotFoundError:
-            return 0
 
