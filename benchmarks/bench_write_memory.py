@@ -251,6 +251,8 @@ def main() -> None:
         print(json.dumps(res))
         return
 
+    if args.tmp:
+        os.makedirs(args.tmp, exist_ok=True)
     kinds = [k for k in _KINDS if k != "orsgen-thread" or args.hash_thread]
     rows = []
     for n in args.sizes:

@@ -111,8 +111,9 @@ def check_remote_paths(cfg: OrsgenConfig, out: str, beam_args: Sequence[str]) ->
     if problems:
         shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
         raise RemotePathError(
-            f"the workers of {runner} cannot read this machine's files: {shown}. "
-            "Copy the data to an object store the workers can read (gs://, s3://, hf://) and point those keys "
-            "at it (--set KEY=gs://...), or run with a local runner."
+            f"the workers of {runner} cannot reach this machine's files: {shown}. "
+            "Copy the data to an object store the workers can read (gs://, s3://, hf://), point --out and "
+            "cache folders at one they can write, and set those keys to it (--set KEY=gs://...), or run with a "
+            "local runner."
         )
 

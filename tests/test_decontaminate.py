@@ -321,7 +321,8 @@ def test_preview_draws_matched_pairs_and_card_reports_overlaps(tiny_build, tmp_p
     left, right = sheet[6:231, 6:306], sheet[6:231, 312:612]
     assert left.std() > 10 and right.std() > 10
     card = "\n".join(decontamination_lines(tiny_build["manifest"]["counts"]))
-    assert "| `mybench` |" in card and "**2**" in card and "**1** groups of 2 images" in card and "moved **1** images (1 groups)" in card
+    assert "| `mybench` |" in card and "**2**" in card and "**1** group of 2 images" in card and "moved **1** image (1 group)" in card
+    assert "in every split" in card
     assert decontamination_lines({"levels": {}}) == []
     # An output built without decontamination has no matches to draw: one clear sentence, rc 2.
     (tmp_path / "plain").mkdir()
@@ -396,3 +397,28 @@ def test_group_split_counts_the_images_it_moves():
     assert group_split([("a", "train", "train"), ("a", "val", "val"), ("b", "val", "val")], ["train"]) == ("val", [])
     # Members that already agree: nothing moved.
     assert group_split([("a", "train", "train"), ("b", "train", "train")], ["train"]) == ("train", [])
+
+
+def test_config_identity_and_manifest_show_benchmark_paths_as_written(tmp_path):
+    """The same config and benchmark files under two folders: one sha256, no absolute path recorded."""
+    from orsgen.schemas.config import load_config, redacted_config
+
+    shas, dumps = [], []
+    for name in ("a", "b"):
+        root = tmp_path / name
+        (root / "bench").mkdir(parents=True)
+        (root / "bench" / "x.jpg").write_bytes(b"not needed to load the config")
+        (root / "instances.json").write_text("{}")
+        cfg_path = root / "cfg.yaml"
+        cfg_path.write_text(yaml.safe_dump({
+            "name": "portable",
+            "inputs": [{"type": "coco", "name": "c", "annotations": "instances.json", "images": "bench"}],
+            "decontaminate": {"index": "bench.parquet", "sources": [{"name": "ev", "type": "images", "path": "bench"}]},
+        }))
+        cfg = load_config(cfg_path)
+        shas.append(cfg.sha256())
+        dumps.append(json.dumps(redacted_config(cfg)))
+        dec = redacted_config(cfg)["decontaminate"]
+        assert dec["index"] == "bench.parquet" and dec["sources"][0]["path"] == "bench", dec
+    assert shas[0] == shas[1]
+    assert str(tmp_path) not in dumps[0] + dumps[1]

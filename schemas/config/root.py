@@ -97,4 +97,13 @@ def portable_dump(cfg: OrsgenConfig) -> dict[str, Any]:
         data["caption"]["prompts"] = shown(data["caption"].get("prompts"))
     if isinstance(data.get("expressions"), dict):
         data["expressions"]["templates"] = shown(data["expressions"].get("templates"))
+    dec = data.get("decontaminate")
+    if isinstance(dec, dict):
+        # Benchmark files and the index: the same rule, so a build's identity
+        # (and its resume records) does not depend on the folder it sits in.
+        dec["index"] = shown(dec.get("index"))
+        for src in dec.get("sources") or []:
+            for k in ("path", "images", "instances"):
+                if k in src:
+                    src[k] = shown(src[k])
     return data

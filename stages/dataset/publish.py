@@ -406,8 +406,8 @@ def decontamination_lines(counts: dict[str, Any]) -> list[str]:
         cols = sorted({c for r in rows.values() for c in r})
         lines += [
             "Every image was hashed (sha256 and a 256-bit pHash with one-side crops) and matched against these "
-            "benchmarks; matched images were rejected as `benchmark_overlap` (in held-out splits only "
-            "unless `decontaminate.keep_in_heldout` kept them).",
+            "benchmarks; matched images were rejected as `benchmark_overlap` in every split, except "
+            "that with `decontaminate.keep_in_heldout` a held-out split keeps its matches (counted as kept).",
             "",
             _md_table(["benchmark", *cols], [[f"`{b}`", *[r.get(c, 0) for c in cols]] for b, r in sorted(rows.items())]),
             "",
@@ -419,17 +419,28 @@ def decontamination_lines(counts: dict[str, Any]) -> list[str]:
     )
     if "near_duplicates/groups" in dec:
         lines.append(
-            f"Near-duplicate groups within the build: **{dec['near_duplicates/groups']}** groups of "
-            f"{dec.get('near_duplicates/images', 0)} images, each group in one split"
+            f"Near-duplicate groups within the build: **{dec['near_duplicates/groups']}** "
+            f"{_plural(dec['near_duplicates/groups'], 'group')} of "
+            f"{_count(dec.get('near_duplicates/images', 0), 'image')}, each group in one split"
             + (
-                f"; the grouping moved **{dec['near_duplicates/moved_images']}** images "
-                f"({dec.get('near_duplicates/moved_groups', 0)} groups) out of the split they would have had alone."
+                f"; the grouping moved **{dec['near_duplicates/moved_images']}** "
+                f"{_plural(dec['near_duplicates/moved_images'], 'image')} "
+                f"({_count(dec.get('near_duplicates/moved_groups', 0), 'group')}) out of the split "
+                f"{'it' if dec['near_duplicates/moved_images'] == 1 else 'they'} would have had alone."
                 if "near_duplicates/moved_images" in dec
                 else "."
             )
         )
     lines.append("")
     return lines
+
+
+def _plural(n: int, word: str) -> str:
+    return word if n == 1 else f"{word}s"
+
+
+def _count(n: int, word: str) -> str:
+    return f"{n} {_plural(n, word)}"
 
 
 def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
