@@ -98,18 +98,14 @@ class ResponseCache(KeyedFileCache):
             if data.get("key") != key or not resp.text:
                 raise ValueError("entry does not match its key")
         except FileNotFoundError:
-            with self._lock:
-                self.misses += 1
+            self._count(misses=1)
             return None
         except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
             # A torn or foreign file: treat as a miss; the next put replaces it.
             log.warning("ignoring unreadable VLM cache entry %s: %s", path, err)
-            with self._lock:
-                self.corrupt += 1
-                self.misses += 1
+            self._count(corrupt=1, misses=1)
             return None
-        with self._lock:
-            self.hits += 1
+        self._count(hits=1)
         return resp
 
     def put(self, key: str, request: VlmRequest, response: VlmResponse) -> bool:
@@ -138,8 +134,7 @@ class ResponseCache(KeyedFileCache):
         data = json.dumps(entry, sort_keys=True, ensure_ascii=False).encode("utf-8")
         path = self.path_of(key)
         publish_entry(self._fs, path, data, local=self._local)
-        with self._lock:
-            self.writes += 1
+        self._count(writes=1)
         return True
 
 

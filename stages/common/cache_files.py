@@ -73,6 +73,12 @@ class KeyedFileCache:
         self.writes = 0
         self.corrupt = 0
 
+    def _count(self, **deltas: int) -> None:
+        # Workers' threads share one cache object; counters move together.
+        with self._lock:
+            for name, d in deltas.items():
+                setattr(self, name, getattr(self, name) + d)
+
     def __getstate__(self) -> dict[str, Any]:
         # Only the root travels (Beam pickles DoFns); the filesystem is made again.
         return {"root": self.root}

@@ -207,11 +207,6 @@ class Sam2ResultCache(KeyedFileCache):
     SUFFIX = ".json.gz"
     WHAT = "SAM2 cache"
 
-    def _count(self, **deltas: int) -> None:
-        with self._lock:
-            for name, d in deltas.items():
-                setattr(self, name, getattr(self, name) + d)
-
     def get(self, key: str, prompts: Sequence[Sam2Prompt]) -> tuple[Sam2Prediction, ...] | None:
         """The stored predictions for ``prompts``, or None (a miss).
 
@@ -228,7 +223,7 @@ class Sam2ResultCache(KeyedFileCache):
                 return f.read()
 
         try:
-            raw = retry_transient(read, what=f"reading SAM2 cache entry {self.root}/{key[:2]}/{key[2:]}.json.gz")
+            raw = retry_transient(read, what=f"reading SAM2 cache entry {self.root}/{key[:2]}/{key[2:]}{self.SUFFIX}")
         except FileNotFoundError:
             self._count(misses=1)
             return None
