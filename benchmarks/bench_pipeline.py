@@ -38,9 +38,15 @@ Figures:
 * per-image CPU of the loop against the tree before the optimisation
   (``--baseline``, default ``c63fce4``): each tree's own loop and config,
   alternating fresh processes.
+* the C work under the per-image cost: the loop once more under cProfile,
+  the own time of GEOS, OpenCV, libjpeg, pycocotools, Arrow and file system
+  calls, next to what 3x less than the baseline would need.
+* optionally (``--baseline-beam d18b842``), the issue's own measure against
+  the tree it was filed against: the Beam run's marginal CPU per image.
 
     python benchmarks/bench_pipeline.py [--coco-images 200] [--sa1b-images 200] [--marginal-from 50]
-        [--repeat 1] [--baseline c63fce4|GIT_REV|none] [--only-baseline] [--skip-workers]
+        [--repeat 1] [--baseline c63fce4|GIT_REV|none] [--baseline-beam d18b842|GIT_REV|none]
+        [--only-baseline] [--skip-workers]
 """
 
 from __future__ import annotations
@@ -114,6 +120,10 @@ def one_image_config(coco_cfg: Path) -> Path:
     p.write_text(yaml.safe_dump(data, sort_keys=False))
     return p
 
+
+#: The tree issue 14 was filed against (its "today"): the last commit before
+#: the work on issues 9-16 began.
+FILED_REV = "d18b842"
 
 #: The tree just before issue 14's per-image optimisation (its benchmark and
 #: dense demo scenes exist, the optimisations do not).
@@ -361,7 +371,12 @@ def main() -> None:
                     help="also compare the plain loop's per-image CPU with this git revision, alternating fresh "
                          f"processes on the COCO-style input (default {BASELINE_REV}, the tree before issue 14's "
                          "optimisation; 'none' skips it; needs a git checkout)")
-    ap.add_argument("--only-baseline", action="store_true", help="run only the --baseline comparison")
+    ap.add_argument("--only-baseline", action="store_true",
+                    help="run only the --baseline and --baseline-beam comparisons")
+    ap.add_argument("--baseline-beam", metavar="GIT_REV", default="none",
+                    help="also compare the Beam run's marginal per-image CPU with this revision, the issue's own "
+                         f"measure (e.g. {FILED_REV}, the tree issue 14 was filed against; default none: it adds "
+                         "about 2 minutes)")
     args = ap.parse_args()
     started = time.perf_counter()
     print(f"machine: {machine()}")
@@ -372,13 +387,18 @@ def main() -> None:
           f"(synthetic, pipelines/demo_data.py) ready in {time.perf_counter() - t0:.1f} s")
 
     one = one_image_config(coco_cfg_path)
+    baseline_ms: float | None = None
     if args.baseline == BASELINE_REV and not _has_revision(BASELINE_REV):
         print(f"per-image CPU against {BASELINE_REV}: skipped (no git checkout holding it)")
         args.baseline = "none"
+    if args.baseline_beam != "none":
+        compare_beam_with_revision(args.baseline_beam, args.work, args.coco_images,
+                                   min(args.marginal_from, args.coco_images - 1), max(args.repeat, 2))
     if args.baseline and args.baseline != "none":
-        compare_with_revision(args.baseline, args.work, args.coco_images, args.sa1b_images, max(args.repeat, 2))
-        if args.only_baseline:
-            return
+        baseline_ms, _ = compare_with_revision(args.baseline, args.work, args.coco_images, args.sa1b_images,
+                                               max(args.repeat, 2))
+    if args.only_baseline:
+        return
     # Start-up first, while nothing is cached in this process.
     py = sys.executable
     out1 = args.work / "startup"
@@ -474,7 +494,109 @@ def main() -> None:
           "(fixed per-run costs included); marginal = (CPU of the full run - CPU of a run of the first "
           f"{args.marginal_from} images) / the extra images, i.e. the per-image cost without what a run pays once. "
           "Every way wrote byte-identical data files at both sizes. "
-          f"Whole benchmark: {time.perf_counter() - started:.0f} s.")
+          f"Whole benchmark so far: {time.perf_counter() - started:.0f} s.")
+    print()
+    loop_row = next(r for r in rows if r[0] == "COCO-style" and r[1] == "loop")
+    print_c_work(load_config(coco_cfg_path), args.work, loop_row[4].cpu_s / loop_row[2] * 1e3, baseline_ms)
+    print(f"Whole benchmark: {time.perf_counter() - started:.0f} s.")
+
+
+#: Where the plain loop's CPU goes, by library, for the floor under the
+#: per-image cost: C calls whose results are the output bytes (or that must
+#: run to accept an input), measured with cProfile. Python builtins, numpy
+#: and hashlib are not counted: their work could in principle be done with
+#: fewer calls, so they are not part of a floor.
+FLOOR_GROUPS = ("GEOS (shapely)", "OpenCV", "libjpeg (Pillow decode)", "file I/O (system calls)",
+                "Arrow / Parquet", "pycocotools")
+
+
+def classify_profile_entry(filename: str, name: str) -> str | None:
+    """The library a cProfile entry's own time (``tottime``) belongs to, or ``None``.
+
+    C functions appear with filename ``~`` and a description (``<findContours>``,
+    ``<method 'decode' of 'ImagingDecoder' objects>``). shapely's array functions
+    are numpy ufuncs that cProfile does not list: their GEOS time is the own time
+    of shapely's thin Python wrappers (a few microseconds of argument handling
+    each), so those count as GEOS. pycocotools' Cython functions are not listed
+    either (their time lands on our callers), so its figure is a lower bound.
+    """
+    if filename == "~":
+        bare = name.strip("<>")
+        if name.endswith("_scalar>") or "shapely.lib" in name:
+            return "GEOS (shapely)"
+        if " " not in bare:
+            import cv2
+
+            if hasattr(cv2, bare):
+                return "OpenCV"
+        if "ImagingDecoder" in name or "PIL._imaging" in name:
+            return "libjpeg (Pillow decode)"
+        if "_io.Buffered" in name or "io.open" in name or "posix." in name or "FileIO" in name:
+            return "file I/O (system calls)"
+        if "pyarrow" in name:
+            return "Arrow / Parquet"
+        if "pycocotools" in name:
+            return "pycocotools"
+        return None
+    path = filename.replace("\\", "/")
+    # Only the modules whose functions hand arrays straight to a GEOS ufunc;
+    # shapely's geometry classes, decorators and enums are Python.
+    if any(f"/shapely/{m}.py" in path for m in GEOS_UFUNC_MODULES):
+        return "GEOS (shapely)"
+    for part, group in (("/pyarrow/", "Arrow / Parquet"), ("/pycocotools/", "pycocotools")):
+        if part in path:
+            return group
+    return None
+
+
+#: shapely modules whose public functions are thin wrappers around GEOS ufuncs.
+GEOS_UFUNC_MODULES = ("constructive", "set_operations", "creation", "predicates", "measurement")
+
+
+def c_work(cfg: Any, out: str) -> tuple[float, int, dict[str, float]]:
+    """The plain loop once under cProfile, its own time summed per library.
+
+    Returns:
+        ``(profiled CPU seconds, images written, {group: seconds})``.
+    """
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    c0 = _cpu_s()
+    prof.enable()
+    try:
+        plain_loop(cfg, out)
+    finally:
+        prof.disable()
+    cpu = _cpu_s() - c0
+    groups: dict[str, float] = defaultdict(float)
+    for (filename, _line, name), (_cc, _nc, tottime, _ct, _callers) in pstats.Stats(prof).stats.items():
+        group = classify_profile_entry(filename, name)
+        if group is not None:
+            groups[group] += tottime
+    return cpu, written_images(Path(out)), dict(groups)
+
+
+def print_c_work(cfg: Any, work: Path, loop_ms: float, baseline_ms: float | None) -> None:
+    """Prints the C floor under the plain loop's per-image CPU (and what 3x below the baseline needs)."""
+    out = work / "out-c-work"
+    shutil.rmtree(out, ignore_errors=True)
+    cpu, n, groups = c_work(cfg, str(out))
+    shutil.rmtree(out, ignore_errors=True)
+    floor = sum(groups.get(g, 0.0) for g in FLOOR_GROUPS)
+    print(f"C work under the per-image cost (the loop on the {n} COCO-style images once more, under cProfile: "
+          f"{cpu / n * 1e3:.1f} ms/image profiled, {loop_ms:.1f} ms/image unprofiled):")
+    for g in FLOOR_GROUPS:
+        print(f"  {g:<26} {groups.get(g, 0.0) / n * 1e3:6.2f} ms/image")
+    print(f"  {'together':<26} {floor / n * 1e3:6.2f} ms/image: calls whose results are the output bytes "
+          "(outlines, interior points, masks, shards) or that accept an input (JPEG decode)")
+    print(f"  everything else            {loop_ms - floor / n * 1e3:6.2f} ms/image of the unprofiled loop "
+          "(Python, numpy, hashing)")
+    if baseline_ms:
+        need = baseline_ms / 3
+        print(f"  3x less than the baseline's {baseline_ms:.1f} ms/image needs {need:.1f} ms/image; the C work alone "
+              f"is {floor / n * 1e3:.1f} ms/image ({floor / n * 1e3 / need:.2f}x of that budget)")
 
 
 def _one_loop(cfg_path: str, out: str) -> None:
@@ -509,7 +631,87 @@ def _tree_loop_cpu(bench_dir: str, input_root: str, n_coco: str, n_sa1b: str, ou
     shutil.rmtree(out, ignore_errors=True)
 
 
-def compare_with_revision(rev: str, work: Path, n_coco: int, n_sa1b: int, repeat: int) -> None:
+def export_tree(rev: str, work: Path) -> Path:
+    """``rev``'s tree as ``WORK/tree-REV/orsgen`` (``git archive``, once); returns ``WORK/tree-REV``."""
+    base = work / f"tree-{rev}"
+    if not (base / "orsgen" / "__init__.py").exists():
+        shutil.rmtree(base, ignore_errors=True)
+        (base / "orsgen").mkdir(parents=True)
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", rev], check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(base / "orsgen")], input=archive, check=True)
+    return base
+
+
+def _tree_beam_cpu(input_root: str, n_images: str, out: str) -> None:
+    """Prints the CPU of ``orsgen run``'s pipeline on the first ``n_images`` COCO-style images, warm.
+
+    Works with whichever ``orsgen`` is first on ``PYTHONPATH``, from the tree
+    issue 14 was filed against (``run_pipeline`` in ``pipelines/cli.py``, no
+    ``num_buckets: auto``) to today's. Both get the benchmark's COCO config
+    with ``write.num_buckets: 128``, the value ``configs/coco_ors_bench.yaml``
+    had then.
+    """
+    import json
+
+    try:
+        from orsgen.pipelines.run import run_pipeline
+    except ImportError:  # the tree before the layout of issue 9
+        from orsgen.pipelines.cli import run_pipeline  # type: ignore[no-redef]
+    from orsgen.schemas.config import load_config
+
+    root = Path(input_root)
+    data = yaml.safe_load((root / "bench_coco.yaml").read_text())
+    data["write"]["num_buckets"] = 128
+    for n, name in ((1, "warm"), (int(n_images), "timed")):
+        data["inputs"][0]["max_images"] = n
+        # Beside the generated configs: input paths are relative to the YAML's folder.
+        cfg_path = root / f"beam-cmp-{name}.yaml"
+        cfg_path.write_text(yaml.safe_dump(data, sort_keys=False))
+        target = Path(out + f"-{name}")
+        shutil.rmtree(target, ignore_errors=True)
+        t = timed(run_pipeline, load_config(cfg_path), str(target), ["--runner=FnApiRunner"], show_progress=False)
+        images = written_images(target)
+        shutil.rmtree(target, ignore_errors=True)
+        cfg_path.unlink()
+    print(json.dumps({"cpu_s": t.cpu_s, "images": images, "orsgen": str(Path(sys.modules["orsgen"].__file__).parent)}))
+
+
+def compare_beam_with_revision(rev: str, work: Path, n_full: int, n_small: int, repeat: int) -> None:
+    """Marginal CPU per image of the Beam run at ``rev`` against this tree: the issue's own measure.
+
+    Issue 14 measured the pipeline itself (``orsgen run``: 1 image vs 80) on
+    the tree it was filed against; this does the same on the benchmark's
+    COCO-style images for ``rev`` and this tree: (CPU of ``n_full`` images -
+    CPU of ``n_small``) / the extra images, each size in a fresh warm process,
+    trees alternating, best of ``repeat``. ``rev`` needs no benchmark of its own.
+    """
+    import json
+
+    base = export_tree(rev, work)
+    inputs = work / "inputs"
+    trees = {rev: str(base), "this tree": ""}
+    best: dict[tuple[str, int], float] = {}
+    images: dict[tuple[str, int], int] = {}
+    for _ in range(repeat):
+        for n in (n_small, n_full):
+            for label, env_path in trees.items():
+                env = {**os.environ, "PYTHONPATH": env_path}
+                got = json.loads(subprocess.run(
+                    [sys.executable, __file__, "--tree-beam-cpu", str(inputs), str(n), str(work / "beam-cmp")],
+                    check=True, capture_output=True, text=True, env=env, cwd=REPO,
+                ).stdout.strip().splitlines()[-1])
+                best[(label, n)] = min(best.get((label, n), float("inf")), got["cpu_s"])
+                images[(label, n)] = got["images"]
+    marginal = {
+        label: (best[(label, n_full)] - best[(label, n_small)]) / (images[(label, n_full)] - images[(label, n_small)]) * 1e3
+        for label in trees
+    }
+    print(f"marginal CPU per image of the Beam run (in-process direct runner, {n_small} -> {n_full} COCO-style "
+          f"images, write.num_buckets 128, best of {repeat}): {rev} {marginal[rev]:.1f} ms, this tree "
+          f"{marginal['this tree']:.1f} ms: {marginal[rev] / marginal['this tree']:.2f}x less")
+
+
+def compare_with_revision(rev: str, work: Path, n_coco: int, n_sa1b: int, repeat: int) -> tuple[float, float]:
     """Per-image CPU of the plain loop at git revision ``rev`` against this tree, alternating runs.
 
     ``rev``'s tree is exported (``git archive``) to a scratch folder put first
@@ -518,15 +720,13 @@ def compare_with_revision(rev: str, work: Path, n_coco: int, n_sa1b: int, repeat
     the other, warm (after one untimed image). ``rev`` must hold
     ``benchmarks/bench_pipeline.py`` (c63fce4 or later): its loop follows the
     stage API of its time.
+
+    Returns:
+        ``(rev's ms per image, this tree's ms per image)``, best runs.
     """
     import json
 
-    base = work / f"tree-{rev}"
-    if not (base / "orsgen" / "__init__.py").exists():
-        shutil.rmtree(base, ignore_errors=True)
-        (base / "orsgen").mkdir(parents=True)
-        archive = subprocess.run(["git", "-C", str(REPO), "archive", rev], check=True, capture_output=True).stdout
-        subprocess.run(["tar", "-x", "-C", str(base / "orsgen")], input=archive, check=True)
+    base = export_tree(rev, work)
     rev_bench = base / "orsgen" / "benchmarks"
     if not (rev_bench / "bench_pipeline.py").exists():
         raise SystemExit(f"revision {rev} has no benchmarks/bench_pipeline.py; pick c63fce4 or a later revision.")
@@ -554,11 +754,14 @@ def compare_with_revision(rev: str, work: Path, n_coco: int, n_sa1b: int, repeat
     print("  data files: " + ("byte-identical" if same else
           f"differ between {rev} and this tree (expected when commits between them change the output or the "
           "config on purpose; byte identity of an optimisation is checked against the tree just before it)"))
+    return b, t
 
 
 if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "--one-loop":
         _one_loop(sys.argv[2], sys.argv[3])
+    elif len(sys.argv) == 5 and sys.argv[1] == "--tree-beam-cpu":
+        _tree_beam_cpu(*sys.argv[2:])
     elif len(sys.argv) == 7 and sys.argv[1] == "--tree-loop-cpu":
         _tree_loop_cpu(*sys.argv[2:])
     else:

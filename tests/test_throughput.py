@@ -312,3 +312,28 @@ def test_dense_demo_scenes_are_busy_and_leave_the_default_alone():
     assert (small.shape[1], small.shape[0]) in IMAGE_SIZES and len(few) < len(objects)
     again, _ = demo_scene(0, "coco", 100_002, dense=False)
     assert hashlib.sha256(small.tobytes()).digest() == hashlib.sha256(again.tobytes()).digest()
+
+
+def test_c_work_is_grouped_by_the_library_that_does_it(tmp_path):
+    from orsgen.schemas.config import load_config
+
+    bench = _bench_module()
+    site = "/venv/lib/python3.11/site-packages"
+    assert bench.classify_profile_entry("~", "<findContours>") == "OpenCV"
+    assert bench.classify_profile_entry("~", "<distanceTransform>") == "OpenCV"
+    assert bench.classify_profile_entry("~", "<simplify_preserve_topology_scalar>") == "GEOS (shapely)"
+    assert bench.classify_profile_entry(f"{site}/shapely/constructive.py", "buffer") == "GEOS (shapely)"
+    # shapely's geometry classes and decorators are Python, not GEOS.
+    assert bench.classify_profile_entry(f"{site}/shapely/geometry/base.py", "is_valid") is None
+    assert bench.classify_profile_entry(f"{site}/shapely/decorators.py", "wrapper") is None
+    assert bench.classify_profile_entry("~", "<method 'decode' of 'ImagingDecoder' objects>") == "libjpeg (Pillow decode)"
+    assert bench.classify_profile_entry("~", "<method 'read' of '_io.BufferedReader' objects>") == "file I/O (system calls)"
+    assert bench.classify_profile_entry("~", "<built-in method builtins.isinstance>") is None
+    assert bench.classify_profile_entry("~", "<built-in method _hashlib.openssl_sha256>") is None
+    assert bench.classify_profile_entry("/repo/stages/common/masks.py", "rle_to_geometry") is None
+
+    coco_cfg, _ = bench.make_inputs(tmp_path / "inputs", n_coco=2, n_sa1b=1)
+    cpu_s, images, groups = bench.c_work(load_config(coco_cfg, ["write.num_buckets=2"]), str(tmp_path / "out"))
+    assert images >= 1 and cpu_s > 0
+    assert groups["GEOS (shapely)"] > 0 and groups["OpenCV"] > 0 and groups["libjpeg (Pillow decode)"] > 0
+    assert sum(groups.values()) < cpu_s
