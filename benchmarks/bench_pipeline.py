@@ -52,6 +52,7 @@ Figures:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import glob
@@ -66,7 +67,7 @@ import tempfile
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import yaml
 
@@ -514,11 +515,10 @@ def classify_profile_entry(filename: str, name: str) -> str | None:
     """The library a cProfile entry's own time (``tottime``) belongs to, or ``None``.
 
     C functions appear with filename ``~`` and a description (``<findContours>``,
-    ``<method 'decode' of 'ImagingDecoder' objects>``). shapely's array functions
-    are numpy ufuncs that cProfile does not list: their GEOS time is the own time
-    of shapely's thin Python wrappers (a few microseconds of argument handling
-    each), so those count as GEOS. pycocotools' Cython functions are not listed
-    either (their time lands on our callers), so its figure is a lower bound.
+    ``<method 'decode' of 'ImagingDecoder' objects>``). shapely's array
+    functions are numpy ufuncs and pycocotools' are Cython functions: cProfile
+    lists neither, so ``c_work`` calls them through wrappers whose code claims
+    the file ``<GEOS>`` or ``<pycocotools>``.
     """
     if filename == "~":
         bare = name.strip("<>")
@@ -535,22 +535,52 @@ def classify_profile_entry(filename: str, name: str) -> str | None:
             return "file I/O (system calls)"
         if "pyarrow" in name:
             return "Arrow / Parquet"
-        if "pycocotools" in name:
-            return "pycocotools"
         return None
-    path = filename.replace("\\", "/")
-    # Only the modules whose functions hand arrays straight to a GEOS ufunc;
-    # shapely's geometry classes, decorators and enums are Python.
-    if any(f"/shapely/{m}.py" in path for m in GEOS_UFUNC_MODULES):
+    if filename == "<GEOS>":
         return "GEOS (shapely)"
-    for part, group in (("/pyarrow/", "Arrow / Parquet"), ("/pycocotools/", "pycocotools")):
-        if part in path:
-            return group
+    if filename == "<pycocotools>":
+        return "pycocotools"
+    if "/pyarrow/" in filename.replace("\\", "/"):
+        # pyarrow's Python layer is thin; its work is in C++ called from it.
+        return "Arrow / Parquet"
     return None
 
 
-#: shapely modules whose public functions are thin wrappers around GEOS ufuncs.
-GEOS_UFUNC_MODULES = ("constructive", "set_operations", "creation", "predicates", "measurement")
+@contextlib.contextmanager
+def library_wrappers() -> Iterator[None]:
+    """Routes shapely's GEOS ufuncs and pycocotools' Cython functions through profiled wrappers.
+
+    Each wrapper is a one-line Python function whose code object names the
+    library as its file, so its own time in cProfile is the library's time
+    (plus a call's overhead). Callers look these functions up as module
+    attributes at call time (``lib.buffer``, ``_mask.encode``), so replacing
+    the attributes reaches every call; they are restored afterwards.
+    """
+    import numpy as np
+    import pycocotools._mask as cmask
+    import pycocotools.mask as pmask
+    import shapely.lib
+
+    def wrap(fn: Any, label: str) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return fn(*args, **kwargs)
+
+        call.__code__ = call.__code__.replace(co_filename=label, co_name=getattr(fn, "__name__", "call"))
+        return call
+
+    saved: list[tuple[Any, str, Any]] = []
+    targets = [(shapely.lib, "<GEOS>", lambda v: isinstance(v, np.ufunc))]
+    targets += [(m, "<pycocotools>", lambda v: type(v).__name__ == "cython_function_or_method") for m in (cmask, pmask)]
+    for module, label, pick in targets:
+        for key, value in list(vars(module).items()):
+            if pick(value):
+                saved.append((module, key, value))
+                setattr(module, key, wrap(value, label))
+    try:
+        yield
+    finally:
+        for module, key, value in saved:
+            setattr(module, key, value)
 
 
 def c_work(cfg: Any, out: str) -> tuple[float, int, dict[str, float]]:
@@ -563,13 +593,14 @@ def c_work(cfg: Any, out: str) -> tuple[float, int, dict[str, float]]:
     import pstats
 
     prof = cProfile.Profile()
-    c0 = _cpu_s()
-    prof.enable()
-    try:
-        plain_loop(cfg, out)
-    finally:
-        prof.disable()
-    cpu = _cpu_s() - c0
+    with library_wrappers():
+        c0 = _cpu_s()
+        prof.enable()
+        try:
+            plain_loop(cfg, out)
+        finally:
+            prof.disable()
+        cpu = _cpu_s() - c0
     groups: dict[str, float] = defaultdict(float)
     for (filename, _line, name), (_cc, _nc, tottime, _ct, _callers) in pstats.Stats(prof).stats.items():
         group = classify_profile_entry(filename, name)

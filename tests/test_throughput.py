@@ -322,8 +322,10 @@ def test_c_work_is_grouped_by_the_library_that_does_it(tmp_path):
     assert bench.classify_profile_entry("~", "<findContours>") == "OpenCV"
     assert bench.classify_profile_entry("~", "<distanceTransform>") == "OpenCV"
     assert bench.classify_profile_entry("~", "<simplify_preserve_topology_scalar>") == "GEOS (shapely)"
-    assert bench.classify_profile_entry(f"{site}/shapely/constructive.py", "buffer") == "GEOS (shapely)"
-    # shapely's geometry classes and decorators are Python, not GEOS.
+    assert bench.classify_profile_entry("<GEOS>", "buffer") == "GEOS (shapely)"
+    assert bench.classify_profile_entry("<pycocotools>", "frPyObjects") == "pycocotools"
+    # shapely's own Python (wrappers, geometry classes, decorators) is not GEOS.
+    assert bench.classify_profile_entry(f"{site}/shapely/constructive.py", "buffer") is None
     assert bench.classify_profile_entry(f"{site}/shapely/geometry/base.py", "is_valid") is None
     assert bench.classify_profile_entry(f"{site}/shapely/decorators.py", "wrapper") is None
     assert bench.classify_profile_entry("~", "<method 'decode' of 'ImagingDecoder' objects>") == "libjpeg (Pillow decode)"
@@ -336,4 +338,10 @@ def test_c_work_is_grouped_by_the_library_that_does_it(tmp_path):
     cpu_s, images, groups = bench.c_work(load_config(coco_cfg, ["write.num_buckets=2"]), str(tmp_path / "out"))
     assert images >= 1 and cpu_s > 0
     assert groups["GEOS (shapely)"] > 0 and groups["OpenCV"] > 0 and groups["libjpeg (Pillow decode)"] > 0
+    assert groups["pycocotools"] > 0
     assert sum(groups.values()) < cpu_s
+    # The wrappers are gone afterwards.
+    import numpy as np
+    import shapely.lib
+
+    assert isinstance(shapely.lib.buffer, np.ufunc)
