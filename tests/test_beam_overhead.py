@@ -98,3 +98,32 @@ def test_outside_a_bundle_each_event_is_yielded():
     done = [o.value.value for o in fn.finish_bundle()]
     assert done == [("t/odd", 1), ("t/n", 7)]
     assert list(fn.finish_bundle()) == []
+
+
+def test_options_with_cached_views_read_and_write_what_plain_options_do():
+    import pickle
+
+    from apache_beam.options.pipeline_options import DebugOptions, DirectOptions, PipelineOptions, StandardOptions, TypeOptions
+
+    from orsgen.pipelines.run import pipeline_options
+
+    flags = ["--runner=FnApiRunner", "--direct_num_workers=2", "--direct_running_mode=multi_processing",
+             "--experiments=a", "--experiments=b", "--no_pipeline_type_check", "--unknown_flag=3"]
+    cached, plain = pipeline_options(flags), PipelineOptions(flags)
+    assert cached.view_as(TypeOptions) is cached.view_as(TypeOptions)
+    for cls in (StandardOptions, DirectOptions, DebugOptions, TypeOptions):
+        assert vars(cached.view_as(cls)._visible_options) == vars(plain.view_as(cls)._visible_options)
+    assert cached.get_all_options() == plain.get_all_options()
+    assert cached.get_all_options(retain_unknown_options=True)["unknown_flag"] == "3"
+    # A value set through one view is seen through every view and by the options.
+    cached.view_as(DirectOptions).direct_num_workers = 5
+    plain.view_as(DirectOptions).direct_num_workers = 5
+    assert cached.view_as(DirectOptions).direct_num_workers == 5
+    assert cached.get_all_options() == plain.get_all_options()
+    # Pickled (as a runner may), without the cache, and still the same options.
+    back = pickle.loads(pickle.dumps(cached))
+    assert "_views" not in back.__dict__
+    assert back.get_all_options() == plain.get_all_options()
+    assert back.view_as(DirectOptions).direct_num_workers == 5
+    # Without --runner, orsgen's default runner is named.
+    assert pipeline_options([]).view_as(StandardOptions).runner == "FnApiRunner"
