@@ -622,8 +622,11 @@ def build_pipeline(p: beam.Pipeline, cfg: OrsgenConfig, out: str, index: Any = N
         encoded
         | "SplitSizes" >> beam.ParDo(SplitSizeDoFn())
         | "SumSplitSizes" >> beam.CombinePerKey(_sum_pairs)
-        | "AllSplitSizes" >> beam.combiners.ToDict()
-        | "BucketsPerSplit" >> beam.Map(split_num_buckets, cfg=cfg)
+        # Without the combine's own default (an extra impulse stage and four
+        # transforms per run); the side input's default stands in for it.
+        | "AllSplitSizes" >> beam.combiners.ToDict(has_defaults=False)
+        | "BucketsPerSplit" >> beam.Map(split_num_buckets, cfg=cfg),
+        default_value=split_num_buckets({}, cfg),
     )
     # Groups a crashed run of this config completed: listed once, in the job
     # (not on the launcher, which may not reach the output store), before any
@@ -656,8 +659,9 @@ def build_pipeline(p: beam.Pipeline, cfg: OrsgenConfig, out: str, index: Any = N
     all_rejects = rejects_l | "AllRejects" >> beam.Flatten()
     rejects_nb = beam.pvalue.AsSingleton(
         all_rejects
-        | "CountRejects" >> beam.combiners.Count.Globally()
-        | "RejectsBuckets" >> beam.Map(rejects_num_buckets, cfg=cfg)
+        | "CountRejects" >> beam.combiners.Count.Globally(has_defaults=False)
+        | "RejectsBuckets" >> beam.Map(rejects_num_buckets, cfg=cfg),
+        default_value=rejects_num_buckets(0, cfg),
     )
     reject_stats = (
         all_rejects

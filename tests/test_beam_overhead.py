@@ -127,3 +127,32 @@ def test_options_with_cached_views_read_and_write_what_plain_options_do():
     assert back.view_as(DirectOptions).direct_num_workers == 5
     # Without --runner, orsgen's default runner is named.
     assert pipeline_options([]).view_as(StandardOptions).runner == "FnApiRunner"
+
+
+def test_a_run_where_every_image_is_rejected_and_one_without_rejects(tmp_path):
+    # The bucket counts come from combines without defaults (the side inputs'
+    # defaults stand in): the two empty situations, no reject at all and no
+    # encoded example at all, still run, write what they should and reconcile.
+    import json
+
+    from orsgen.pipelines.demo_data import write_coco
+    from orsgen.pipelines.run import run_pipeline
+    from orsgen.schemas.config import load_config
+
+    ann = write_coco(tmp_path / "coco", 0, 2)
+    cfg_text = (
+        "name: t\nseed: 0\ninputs:\n- name: coco\n  type: coco\n"
+        f"  annotations: {ann}\n  images: {tmp_path / 'coco' / 'images'}\n"
+        "expressions: {enabled: false}\nregions: {apply_to: []}\n"
+    )
+    (tmp_path / "ok.yaml").write_text(cfg_text)
+    m = run_pipeline(load_config(tmp_path / "ok.yaml"), str(tmp_path / "ok"), ["--runner=FnApiRunner"], show_progress=False)
+    assert m["counts"]["written"] == 2 and m["counts"]["rejected"] == 0
+    assert not (tmp_path / "ok" / "rejects").exists()
+    for p in (tmp_path / "coco" / "images").iterdir():
+        p.write_bytes(b"not a jpeg")
+    (tmp_path / "bad.yaml").write_text(cfg_text.replace("name: t\n", "name: t-bad\n"))
+    m = run_pipeline(load_config(tmp_path / "bad.yaml"), str(tmp_path / "bad"), ["--runner=FnApiRunner"], show_progress=False)
+    assert m["counts"]["written"] == 0 and m["counts"]["rejected"] == 2
+    assert not list((tmp_path / "bad").glob("webdataset/data/*.tar"))
+    assert json.loads((tmp_path / "bad" / "manifest.json").read_text())["counts"]["levels"]["images"]["reconciled"]
