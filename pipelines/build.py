@@ -260,6 +260,11 @@ class ResumedGroupsDoFn(beam.DoFn):
         yield from record.stats
 
 
+def _read_group_records(_: bytes, out: str, config_sha256: str) -> dict[tuple[str, int, int], GroupRecord]:
+    # Run once, from an Impulse: the listing happens in the job, not on the launcher.
+    return read_group_records(out, config_sha256=config_sha256)
+
+
 def _not_resumed(kv: tuple[tuple[str, int, int], EncodedExample], resumed: frozenset[tuple[str, int, int]]) -> bool:
     return kv[0] not in resumed
 
@@ -468,8 +473,10 @@ def _read_input(
     assert isinstance(inp, (CocoInput, RefcocoInput, GrefcocoInput))
     planned = (
         p
-        | f"{label}/Config" >> beam.Create([inp])
-        | f"{label}/Plan" >> beam.FlatMap(_plan_items).with_outputs(REJECTS, EVENTS, VOCABULARY, main="tasks")
+        # One element: an Impulse and the input bound to the step (a
+        # Create([inp]) is an Impulse plus three steps, each paid per run).
+        | f"{label}/Config" >> beam.Impulse()
+        | f"{label}/Plan" >> beam.FlatMap(_plan_items, inp=inp).with_outputs(REJECTS, EVENTS, VOCABULARY, main="tasks")
     )
     if vocab_l is not None:
         vocab_l.append(planned[VOCABULARY])
@@ -482,7 +489,7 @@ def _read_input(
     return res.examples, [planned[REJECTS], res[REJECTS]], [planned[EVENTS], res[EVENTS]]
 
 
-def _plan_items(inp: Any) -> Iterator[Any]:
+def _plan_items(_: bytes, inp: Any) -> Iterator[Any]:
     categories, items = ingest_coco.plan_input(inp)
     yield beam.pvalue.TaggedOutput(VOCABULARY, (inp.name, tuple(categories)))
     for item in items:
@@ -635,8 +642,8 @@ def build_pipeline(p: beam.Pipeline, cfg: OrsgenConfig, out: str, index: Any = N
     sha = cfg.sha256()
     resumed = (
         p
-        | "ResumeScan" >> beam.Create([out])
-        | "ReadGroupRecords" >> beam.Map(read_group_records, config_sha256=sha)
+        | "ResumeScan" >> beam.Impulse()
+        | "ReadGroupRecords" >> beam.Map(_read_group_records, out=out, config_sha256=sha)
     )
     written = (
         encoded
@@ -673,7 +680,7 @@ def build_pipeline(p: beam.Pipeline, cfg: OrsgenConfig, out: str, index: Any = N
     events = events_l | "AllEvents" >> beam.Flatten() | "SumEvents" >> beam.CombinePerKey(sum)
     _ = (
         p
-        | "ManifestTrigger" >> beam.Create([None])
+        | "ManifestTrigger" >> beam.Impulse()
         | "WriteManifest"
         >> beam.Map(
             _manifest_fn,
