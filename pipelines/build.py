@@ -521,8 +521,11 @@ def build_pipeline(p: beam.Pipeline, cfg: OrsgenConfig, out: str, index: Any = N
 
     # The category vocabularies (small: one list per input) reach the
     # expressions stage as a side input; templates are read once, here.
-    vocab = (vocab_l or [p | "NoVocabulary" >> beam.Create([])]) | "AllVocabularies" >> beam.Flatten()
-    side_inputs: dict[str, tuple[Any, ...]] = {"Expressions": (beam.pvalue.AsDict(vocab),)}
+    # Without a COCO-family input there is no vocabulary: the stage gets an
+    # empty mapping (what a side input of nothing gave) and the graph no
+    # source of its own for it.
+    vocab: Any = beam.pvalue.AsDict(vocab_l | "AllVocabularies" >> beam.Flatten()) if vocab_l else {}
+    side_inputs: dict[str, tuple[Any, ...]] = {"Expressions": (vocab,)}
     templates = load_templates(cfg.expressions.templates) if cfg.expressions.enabled else None
     if cfg.expressions.enabled:
         # Read here too, so that a bad vocabulary file fails before the job starts.
