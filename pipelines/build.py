@@ -260,6 +260,11 @@ class ResumedGroupsDoFn(beam.DoFn):
         yield from record.stats
 
 
+def _read_group_records(_: bytes, out: str, config_sha256: str) -> dict[tuple[str, int, int], GroupRecord]:
+    # Run once, from an Impulse: the listing happens in the job, not on the launcher.
+    return read_group_records(out, config_sha256=config_sha256)
+
+
 def _not_resumed(kv: tuple[tuple[str, int, int], EncodedExample], resumed: frozenset[tuple[str, int, int]]) -> bool:
     return kv[0] not in resumed
 
@@ -468,8 +473,10 @@ def _read_input(
     assert isinstance(inp, (CocoInput, RefcocoInput, GrefcocoInput))
     planned = (
         p
-        | f"{label}/Config" >> beam.Create([inp])
-        | f"{label}/Plan" >> beam.FlatMap(_plan_items).with_outputs(REJECTS, EVENTS, VOCABULARY, main="tasks")
+        # One element: an Impulse and the input bound to the step (a
+        # Create([inp]) is an Impulse plus three steps, each paid per run).
+        | f"{label}/Config" >> beam.Impulse()
+        | f"{label}/Plan" >> beam.FlatMap(_plan_items, inp=inp).with_outputs(REJECTS, EVENTS, VOCABULARY, main="tasks")
     )
     if vocab_l is not None:
         vocab_l.append(planned[VOCABULARY])
@@ -482,7 +489,7 @@ def _read_input(
     return res.examples, [planned[REJECTS], res[REJECTS]], [planned[EVENTS], res[EVENTS]]
 
 
-def _plan_items(inp: Any) -> Iterator[Any]:
+def _plan_items(_: bytes, inp: Any) -> Iterator[Any]:
     categories, items = ingest_coco.plan_input(inp)
     yield beam.pvalue.TaggedOutput(VOCABULARY, (inp.name, tuple(categories)))
     for item in items:
@@ -514,8 +521,11 @@ def build_pipeline(p: beam.Pipeline, cfg: OrsgenConfig, out: str, index: Any = N
 
     # The category vocabularies (small: one list per input) reach the
     # expressions stage as a side input; templates are read once, here.
-    vocab = (vocab_l or [p | "NoVocabulary" >> beam.Create([])]) | "AllVocabularies" >> beam.Flatten()
-    side_inputs: dict[str, tuple[Any, ...]] = {"Expressions": (beam.pvalue.AsDict(vocab),)}
+    # Without a COCO-family input there is no vocabulary: the stage gets an
+    # empty mapping (what a side input of nothing gave) and the graph no
+    # source of its own for it.
+    vocab: Any = beam.pvalue.AsDict(vocab_l | "AllVocabularies" >> beam.Flatten()) if vocab_l else {}
+    side_inputs: dict[str, tuple[Any, ...]] = {"Expressions": (vocab,)}
     templates = load_templates(cfg.expressions.templates) if cfg.expressions.enabled else None
     if cfg.expressions.enabled:
         # Read here too, so that a bad vocabulary file fails before the job starts.
@@ -622,8 +632,11 @@ def build_pipeline(p: beam.Pipeline, cfg: OrsgenConfig, out: str, index: Any = N
         encoded
         | "SplitSizes" >> beam.ParDo(SplitSizeDoFn())
         | "SumSplitSizes" >> beam.CombinePerKey(_sum_pairs)
-        | "AllSplitSizes" >> beam.combiners.ToDict()
-        | "BucketsPerSplit" >> beam.Map(split_num_buckets, cfg=cfg)
+        # Without the combine's own default (an extra impulse stage and four
+        # transforms per run); the side input's default stands in for it.
+        | "AllSplitSizes" >> beam.combiners.ToDict(has_defaults=False)
+        | "BucketsPerSplit" >> beam.Map(split_num_buckets, cfg=cfg),
+        default_value=split_num_buckets({}, cfg),
     )
     # Groups a crashed run of this config completed: listed once, in the job
     # (not on the launcher, which may not reach the output store), before any
@@ -632,8 +645,8 @@ def build_pipeline(p: beam.Pipeline, cfg: OrsgenConfig, out: str, index: Any = N
     sha = cfg.sha256()
     resumed = (
         p
-        | "ResumeScan" >> beam.Create([out])
-        | "ReadGroupRecords" >> beam.Map(read_group_records, config_sha256=sha)
+        | "ResumeScan" >> beam.Impulse()
+        | "ReadGroupRecords" >> beam.Map(_read_group_records, out=out, config_sha256=sha)
     )
     written = (
         encoded
@@ -656,8 +669,9 @@ def build_pipeline(p: beam.Pipeline, cfg: OrsgenConfig, out: str, index: Any = N
     all_rejects = rejects_l | "AllRejects" >> beam.Flatten()
     rejects_nb = beam.pvalue.AsSingleton(
         all_rejects
-        | "CountRejects" >> beam.combiners.Count.Globally()
-        | "RejectsBuckets" >> beam.Map(rejects_num_buckets, cfg=cfg)
+        | "CountRejects" >> beam.combiners.Count.Globally(has_defaults=False)
+        | "RejectsBuckets" >> beam.Map(rejects_num_buckets, cfg=cfg),
+        default_value=rejects_num_buckets(0, cfg),
     )
     reject_stats = (
         all_rejects
@@ -669,7 +683,7 @@ def build_pipeline(p: beam.Pipeline, cfg: OrsgenConfig, out: str, index: Any = N
     events = events_l | "AllEvents" >> beam.Flatten() | "SumEvents" >> beam.CombinePerKey(sum)
     _ = (
         p
-        | "ManifestTrigger" >> beam.Create([None])
+        | "ManifestTrigger" >> beam.Impulse()
         | "WriteManifest"
         >> beam.Map(
             _manifest_fn,

@@ -69,13 +69,18 @@ def reconciliation_problem(manifest: dict[str, Any]) -> str | None:
 
 
 def pipeline_options(beam_args: list[str]) -> Any:
-    """Beam ``PipelineOptions`` from pass-through flags, with our default runner."""
-    from apache_beam.options.pipeline_options import PipelineOptions
+    """Beam ``PipelineOptions`` from pass-through flags, with our default runner.
 
+    A ``CachedViewOptions``: the same options, with ``view_as`` memoized
+    (~0.15 s of CPU less per run; see its docstring).
+    """
     args = list(beam_args)
     if not any(a == "--runner" or a.startswith("--runner=") for a in args):
         args.append(f"--runner={DEFAULT_RUNNER}")
-    return PipelineOptions(args)
+    # Imported here: Beam is imported only when a run needs it.
+    from orsgen.pipelines.transforms import CachedViewOptions
+
+    return CachedViewOptions(args)
 
 
 def check_inputs_exist(cfg: OrsgenConfig) -> None:

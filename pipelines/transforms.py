@@ -13,7 +13,9 @@ from typing import Any
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
+from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.pvalue import TaggedOutput
+from apache_beam.transforms.window import GlobalWindows
 
 from orsgen.schemas.records import ImageExample, Reject, RejectLevel
 
@@ -44,7 +46,50 @@ def _redact_worker_logs() -> None:
     install_log_redaction()
 
 
-class StageDoFn(beam.DoFn):
+class BundleCounts(beam.DoFn):
+    """Sums a DoFn's counting events per bundle and emits one event per key in ``finish_bundle``.
+
+    Every event is an element that crosses a fusion break (the ``events``
+    flatten is read by a separate combine stage), so per-example events cost
+    Beam an encode, a decode and a combine step each: about 14 per COCO image.
+    Summed here, a bundle sends one ``(key, sum)`` per key instead. The run's
+    totals are the same (``SumEvents`` adds them up either way), and a key
+    appears exactly when it did before: once emitted, even with ``n == 0``.
+
+    Used outside a Beam bundle (``start_bundle`` not called, e.g. a DoFn
+    driving another one's ``process`` by hand), events are yielded one by one
+    as before.
+    """
+
+    _sums: dict[str, int] | None = None
+
+    def start_bundle(self) -> None:
+        self._sums = {}
+
+    def finish_bundle(self) -> Iterator[Any]:
+        sums, self._sums = self._sums, {}
+        for key, n in (sums or {}).items():
+            yield TaggedOutput(EVENTS, GlobalWindows.windowed_value((key, n)))
+
+    def _event(self, key: str, n: int) -> TaggedOutput | None:
+        """Counts ``(key, n)``; returns the output to yield when not batching, else None."""
+        sums = self._sums
+        if sums is None:
+            return TaggedOutput(EVENTS, (key, n))
+        sums[key] = sums.get(key, 0) + n
+        return None
+
+    def _dropped(self, reason: str) -> None:
+        # One counter object per reason (not one per reject); made lazily so
+        # the pickled DoFn stays as it was.
+        counters = self.__dict__.setdefault("_dropped_counters", {})
+        counter = counters.get(reason)
+        if counter is None:
+            counter = counters[reason] = Metrics.counter(NAMESPACE, f"dropped_{reason}")
+        counter.inc()
+
+
+class StageDoFn(BundleCounts):
     """Runs a pure stage function; rejects go to the ``rejects`` output.
 
     An example the stage drops must come with an image-level reject, so that
@@ -69,11 +114,12 @@ class StageDoFn(beam.DoFn):
         out, rejects = result[0], result[1]
         # A stage may also return counting events ``[(key, n)]`` (what it
         # skipped and why); they reach the manifest like every other event.
+        event = self._event
         for key, n in result[2] if len(result) > 2 else ():
-            if n:
-                yield TaggedOutput(EVENTS, (key, n))
+            if n and (ev := event(key, n)) is not None:
+                yield ev
         for r in rejects:
-            Metrics.counter(NAMESPACE, f"dropped_{r.reason}").inc()
+            self._dropped(r.reason)
             yield TaggedOutput(REJECTS, r)
         if out is None:
             if not any(r.level == RejectLevel.IMAGE for r in rejects):
@@ -86,11 +132,13 @@ class StageDoFn(beam.DoFn):
             # (region selection's instance rejects, say) are counted by their
             # reject already: counting them again would make rejected > inputs.
             own = {r.source_key for r in rejects if r.level in (RejectLevel.INSTANCE, RejectLevel.SAMPLE)}
-            yield TaggedOutput(
-                EVENTS, ("dropped_with_image/instances", sum(i.instance_id not in own for i in ex.instances))
-            )
-            yield TaggedOutput(EVENTS, ("dropped_with_image/refs", len(ex.refs)))
-            yield TaggedOutput(EVENTS, ("dropped_with_image/samples", sum(s.sample_id not in own for s in ex.samples)))
+            for key, n in (
+                ("dropped_with_image/instances", sum(i.instance_id not in own for i in ex.instances)),
+                ("dropped_with_image/refs", len(ex.refs)),
+                ("dropped_with_image/samples", sum(s.sample_id not in own for s in ex.samples)),
+            ):
+                if (ev := event(key, n)) is not None:
+                    yield ev
             return
         yield from self._account(ex, out, rejects)
         yield out
@@ -116,11 +164,11 @@ class StageDoFn(beam.DoFn):
                 )
             if level == RejectLevel.SAMPLE:
                 created = len(after - before) + len(keys - before)
-                if created:
-                    yield TaggedOutput(EVENTS, ("created/samples", created))
+                if created and (ev := self._event("created/samples", created)) is not None:
+                    yield ev
 
 
-class IngestDoFn(beam.DoFn):
+class IngestDoFn(BundleCounts):
     """Runs a reader (``element -> iterable of ImageExample | Reject``).
 
     Also emits counting events for what was read, which the manifest uses to
@@ -138,13 +186,45 @@ class IngestDoFn(beam.DoFn):
     def process(self, element: Any) -> Iterator[Any]:
         for item in self._reader(element):
             if isinstance(item, Reject):
-                Metrics.counter(NAMESPACE, f"dropped_{item.reason}").inc()
+                self._dropped(item.reason)
                 yield TaggedOutput(REJECTS, item)
-                yield TaggedOutput(EVENTS, (f"ingest_rejects/{item.level}", 1))
+                if (ev := self._event(f"ingest_rejects/{item.level}", 1)) is not None:
+                    yield ev
             elif isinstance(item, ImageExample):
                 self._images.inc()
-                for ev in example_events("read", item):
-                    yield TaggedOutput(EVENTS, ev)
+                for key, n in example_events("read", item):
+                    if (ev := self._event(key, n)) is not None:
+                        yield ev
                 yield item
             else:
                 raise TypeError(f"reader {self._name} yielded {type(item).__name__}; expected ImageExample or Reject.")
+
+
+class CachedViewOptions(PipelineOptions):
+    """``PipelineOptions`` whose ``view_as`` returns one view per options class.
+
+    Beam asks the pipeline's options for a view about 470 times while it
+    builds and runs the orsgen graph (type checks of every transform), and
+    each new view builds and runs an argparse parser (~0.3 ms): ~0.15 s of
+    CPU per run. A view holds no values of its own (they live in the shared
+    ``_all_options``), so a cached view reads and writes exactly what a new
+    one would. ``pipelines.run.pipeline_options`` makes these.
+    """
+
+    @classmethod
+    def _add_argparse_args(cls, parser: Any) -> None:
+        # No options of its own (Beam gathers every subclass's arguments).
+        pass
+
+    def view_as(self, cls: Any) -> Any:
+        views = self.__dict__.setdefault("_views", {})
+        view = views.get(cls)
+        if view is None:
+            view = views[cls] = super().view_as(cls)
+        return view
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Views are rebuilt on demand; they are not part of the options.
+        state = dict(super().__getstate__())
+        state.pop("_views", None)
+        return state

@@ -1,0 +1,158 @@
+"""What the Beam wrappers save per element gives exactly what the per-element way gave.
+
+Counting events are summed per bundle (``BundleCounts``) instead of sent one
+by one; the run's summed events must be the same, zero-valued keys included,
+and a wrapper driven outside a bundle still yields each event.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.testing.util import assert_that, equal_to
+
+from orsgen.pipelines.transforms import EVENTS, REJECTS, IngestDoFn, StageDoFn
+from orsgen.schemas.records import ImageExample, ImageRecord, Reject, RejectLevel
+
+
+def _example(i: int) -> ImageExample:
+    return ImageExample(key=f"k{i}", image=ImageRecord(f"img:{i}", "coco", "u", 4, 4, "0" * 64), image_bytes=b"x")
+
+
+def _stage(ex: ImageExample) -> tuple[ImageExample | None, list[Reject], list[tuple[str, int]]]:
+    i = int(ex.key[1:])
+    if i % 5 == 0:
+        # Dropped with an image reject: the dropped_with_image events are zero here.
+        return None, [Reject(ex.image.image_id, "t", "bad", "bad image", RejectLevel.IMAGE, ex.image.image_id)], []
+    # A zero event is not sent (StageDoFn's rule); the others are.
+    return ex, [], [("t/odd", i % 2), ("t/zero", 0), ("t/n", i)]
+
+
+def _read(n: int):
+    for i in range(n):
+        if i == 3:
+            yield Reject(f"src:{i}", "ingest", "corrupt", "unreadable", RejectLevel.IMAGE)
+        else:
+            yield _example(i)
+
+
+def _expected(n: int) -> dict[str, int]:
+    """The per-element events of _read and _stage, summed by hand."""
+    ev: Counter[str] = Counter()
+    keys: set[str] = set()
+    for item in _read(n):
+        if isinstance(item, Reject):
+            ev["ingest_rejects/image"] += 1
+            continue
+        for k in ("images", "instances", "refs", "samples"):
+            keys.add(f"read/{k}")
+            ev[f"read/{k}"] += 1 if k == "images" else 0
+        out, _, events = _stage(item)
+        if out is None:
+            for k in ("instances", "refs", "samples"):
+                keys.add(f"dropped_with_image/{k}")
+            continue
+        for k, v in events:
+            if v:
+                keys.add(k)
+                ev[k] += v
+    return {k: ev[k] for k in keys | set(ev)}
+
+
+def test_events_summed_per_bundle_equal_the_per_element_events():
+    n = 40
+    with beam.Pipeline(options=PipelineOptions(["--runner=FnApiRunner"])) as p:
+        read = (
+            p
+            | beam.Create([n])
+            | "Read" >> beam.ParDo(IngestDoFn("in", _read)).with_outputs(REJECTS, EVENTS, main="examples")
+        )
+        # Spread over several bundles: each bundle sends its own sums.
+        stage = (
+            read.examples
+            | beam.Reshuffle()
+            | "Stage" >> beam.ParDo(StageDoFn("T", _stage)).with_outputs(REJECTS, EVENTS, main="examples")
+        )
+        events = (read[EVENTS], stage[EVENTS]) | beam.Flatten() | beam.CombinePerKey(sum)
+        expected = _expected(n)
+        # Zero-valued keys (read/refs, dropped_with_image/*) are still there.
+        assert expected["read/refs"] == 0 and "dropped_with_image/samples" in expected and "t/zero" not in expected
+        assert_that(events, equal_to(sorted(expected.items())), label="events")
+        assert_that(stage[REJECTS] | beam.Map(lambda r: r.reason), equal_to(["bad"] * 8), label="rejects")
+
+
+def test_outside_a_bundle_each_event_is_yielded():
+    # A DoFn that drives StageDoFn.process by hand (verify_sam2's _ApplyDoFn)
+    # never calls start_bundle: the events must come out with the example.
+    fn = StageDoFn("T", _stage)
+    out = list(fn.process(_example(7)))
+    events = [o.value for o in out if isinstance(o, beam.pvalue.TaggedOutput) and o.tag == EVENTS]
+    assert events == [("t/odd", 1), ("t/n", 7)]
+    assert [o for o in out if isinstance(o, ImageExample)] == [_example(7)]
+    # Inside a bundle they wait for finish_bundle instead.
+    fn.start_bundle()
+    out = list(fn.process(_example(7)))
+    assert not [o for o in out if isinstance(o, beam.pvalue.TaggedOutput) and o.tag == EVENTS]
+    done = [o.value.value for o in fn.finish_bundle()]
+    assert done == [("t/odd", 1), ("t/n", 7)]
+    assert list(fn.finish_bundle()) == []
+
+
+def test_options_with_cached_views_read_and_write_what_plain_options_do():
+    import pickle
+
+    from apache_beam.options.pipeline_options import DebugOptions, DirectOptions, PipelineOptions, StandardOptions, TypeOptions
+
+    from orsgen.pipelines.run import pipeline_options
+
+    flags = ["--runner=FnApiRunner", "--direct_num_workers=2", "--direct_running_mode=multi_processing",
+             "--experiments=a", "--experiments=b", "--no_pipeline_type_check", "--unknown_flag=3"]
+    cached, plain = pipeline_options(flags), PipelineOptions(flags)
+    assert cached.view_as(TypeOptions) is cached.view_as(TypeOptions)
+    for cls in (StandardOptions, DirectOptions, DebugOptions, TypeOptions):
+        assert vars(cached.view_as(cls)._visible_options) == vars(plain.view_as(cls)._visible_options)
+    assert cached.get_all_options() == plain.get_all_options()
+    assert cached.get_all_options(retain_unknown_options=True)["unknown_flag"] == "3"
+    # A value set through one view is seen through every view and by the options.
+    cached.view_as(DirectOptions).direct_num_workers = 5
+    plain.view_as(DirectOptions).direct_num_workers = 5
+    assert cached.view_as(DirectOptions).direct_num_workers == 5
+    assert cached.get_all_options() == plain.get_all_options()
+    # Pickled (as a runner may), without the cache, and still the same options.
+    back = pickle.loads(pickle.dumps(cached))
+    assert "_views" not in back.__dict__
+    assert back.get_all_options() == plain.get_all_options()
+    assert back.view_as(DirectOptions).direct_num_workers == 5
+    # Without --runner, orsgen's default runner is named.
+    assert pipeline_options([]).view_as(StandardOptions).runner == "FnApiRunner"
+
+
+def test_a_run_where_every_image_is_rejected_and_one_without_rejects(tmp_path):
+    # The bucket counts come from combines without defaults (the side inputs'
+    # defaults stand in): the two empty situations, no reject at all and no
+    # encoded example at all, still run, write what they should and reconcile.
+    import json
+
+    from orsgen.pipelines.demo_data import write_coco
+    from orsgen.pipelines.run import run_pipeline
+    from orsgen.schemas.config import load_config
+
+    ann = write_coco(tmp_path / "coco", 0, 2)
+    cfg_text = (
+        "name: t\nseed: 0\ninputs:\n- name: coco\n  type: coco\n"
+        f"  annotations: {ann}\n  images: {tmp_path / 'coco' / 'images'}\n"
+        "expressions: {enabled: false}\nregions: {apply_to: []}\n"
+    )
+    (tmp_path / "ok.yaml").write_text(cfg_text)
+    m = run_pipeline(load_config(tmp_path / "ok.yaml"), str(tmp_path / "ok"), ["--runner=FnApiRunner"], show_progress=False)
+    assert m["counts"]["written"] == 2 and m["counts"]["rejected"] == 0
+    assert not (tmp_path / "ok" / "rejects").exists()
+    for p in (tmp_path / "coco" / "images").iterdir():
+        p.write_bytes(b"not a jpeg")
+    (tmp_path / "bad.yaml").write_text(cfg_text.replace("name: t\n", "name: t-bad\n"))
+    m = run_pipeline(load_config(tmp_path / "bad.yaml"), str(tmp_path / "bad"), ["--runner=FnApiRunner"], show_progress=False)
+    assert m["counts"]["written"] == 0 and m["counts"]["rejected"] == 2
+    assert not list((tmp_path / "bad").glob("webdataset/data/*.tar"))
+    assert json.loads((tmp_path / "bad" / "manifest.json").read_text())["counts"]["levels"]["images"]["reconciled"]
