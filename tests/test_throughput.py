@@ -156,6 +156,18 @@ def test_points_and_outline_from_a_given_crop_match_and_empty_crops_are_refused(
     assert M.rle_to_geometry(empty, 1.0, M.decode_crop(empty, pad_px=1)).is_empty
 
 
+def _svg_reference(geom, w: int, h: int, precision: int = 4) -> str:
+    """The SVG path ring by ring, point by point, with format() of the numpy values."""
+    ref = []
+    for poly in M._iter_polygons(geom):
+        for coords in (poly.exterior.coords, *(i.coords for i in poly.interiors)):
+            pts = np.asarray(coords)[:-1]
+            xs, ys = np.clip(pts[:, 0] / w, 0, 1), np.clip(pts[:, 1] / h, 0, 1)
+            cmds = [f"{'M' if i == 0 else 'L'} {x:.{precision}f} {y:.{precision}f}" for i, (x, y) in enumerate(zip(xs, ys))]
+            ref.append(" ".join(cmds) + " Z")
+    return " ".join(ref)
+
+
 def test_svg_formatting_writes_the_same_digits_as_format(rng):
     for m in _masks(rng, 30):
         if not m.any():
@@ -163,15 +175,24 @@ def test_svg_formatting_writes_the_same_digits_as_format(rng):
         r = M.encode_mask(m)
         geom = M.rle_to_geometry(r, 1.0)
         h, w = m.shape
-        ref = []
-        for poly in M._iter_polygons(geom):
-            for coords in (poly.exterior.coords, *(i.coords for i in poly.interiors)):
-                pts = np.asarray(coords)[:-1]
-                xs, ys = np.clip(pts[:, 0] / w, 0, 1), np.clip(pts[:, 1] / h, 0, 1)
-                cmds = [f"{'M' if i == 0 else 'L'} {x:.4f} {y:.4f}" for i, (x, y) in enumerate(zip(xs, ys))]
-                ref.append(" ".join(cmds) + " Z")
-        assert M.svg_path(geom, w, h) == " ".join(ref)
+        assert M.svg_path(geom, w, h) == _svg_reference(geom, w, h)
     assert M.svg_path(Polygon(), 10, 10) == ""
+
+
+def test_batched_svg_rings_match_ring_by_ring_on_tricky_geometry():
+    # Several polygons with holes of different sizes, coordinates outside the
+    # image on both sides (clipped), values that round at the 4th/2nd decimal,
+    # and a geometry collection whose non-polygon parts are skipped.
+    holed = Polygon([(0, 0), (30, 0), (30, 30), (0, 30)], [[(5, 5), (10, 5), (10, 10)], [(20, 20), (25, 20), (25, 26), (20, 25)]])
+    outside = Polygon([(-3.3, -1), (70.123456, 2.00005), (69.99995, 44.5), (1 / 3, 50)])
+    multi = shapely.MultiPolygon([holed, shapely.affinity.translate(outside, 35, 0)])
+    coll = shapely.GeometryCollection([shapely.Point(1, 1), holed, shapely.LineString([(0, 0), (1, 1)])])
+    for geom in (holed, outside, multi, coll):
+        for w, h, precision in ((64, 48, 4), (7, 3, 2), (1000, 1, 6)):
+            got = M.svg_path(geom, w, h, precision)
+            assert got == _svg_reference(geom, w, h, precision)
+            assert got.count("M ") == sum(1 + len(p.interiors) for p in M._iter_polygons(geom))
+    assert M.svg_path(shapely.MultiPolygon(), 10, 10) == ""
 
 
 # ------------------------------------------------------------------ trainer targets cache

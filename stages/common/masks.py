@@ -724,24 +724,38 @@ def svg_path(geom: BaseGeometry, width: int, height: int, precision: int = 4) ->
     Returns:
         The path string; "" for an empty geometry.
     """
+    polys = _iter_polygons(geom)
+    if not polys:
+        return ""
+    rings: list[Any] = []
+    for poly in polys:
+        rings.append(poly.exterior)
+        rings.extend(poly.interiors)
+    # Every ring's coordinates in one GEOS call and one division: the same
+    # float64 values, divided and clipped element by element, as ring by ring.
+    coords, index = shapely.get_coordinates(rings, return_index=True)
+    flat = np.clip(coords / np.array([float(width), float(height)]), 0.0, 1.0).ravel().tolist()
+    counts = np.bincount(index, minlength=len(rings)).tolist()
     parts: list[str] = []
-
-    point = f"%.{precision}f %.{precision}f"
-
-    def ring(coords: Any) -> str:
-        pts = np.asarray(coords)[:-1]
-        xs = np.clip(pts[:, 0] / width, 0.0, 1.0).tolist()
-        ys = np.clip(pts[:, 1] / height, 0.0, 1.0).tolist()
-        if not xs:
-            return " Z"
-        # "M p0 L p1 L p2 ... Z"; %-formatting of Python floats writes the
-        # same digits as format() of the numpy values, several times faster.
-        return "M " + " L ".join([point % xy for xy in zip(xs, ys)]) + " Z"
-
-    for poly in _iter_polygons(geom):
-        parts.append(ring(poly.exterior.coords))
-        parts.extend(ring(r.coords) for r in poly.interiors)
+    at = 0
+    for n in counts:
+        # A ring's last point repeats its first; the path closes with Z instead.
+        k = n - 1
+        if k <= 0:
+            parts.append(" Z")
+        else:
+            # One %-format of the whole ring writes the same digits as one
+            # "%.4f %.4f" per point (and as format() of the numpy values).
+            parts.append(_ring_format(k, precision) % tuple(flat[2 * at : 2 * (at + k)]))
+        at += n
     return " ".join(parts)
+
+
+@functools.lru_cache(maxsize=1024)
+def _ring_format(n_points: int, precision: int) -> str:
+    """``"M %.4f %.4f L %.4f %.4f ... Z"`` for ``n_points`` points (``precision`` decimals)."""
+    point = f"%.{precision}f %.{precision}f"
+    return "M " + " L ".join([point] * n_points) + " Z"
 
 
 # ---------------------------------------------------------------- COCO segmentations
