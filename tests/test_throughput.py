@@ -333,3 +333,39 @@ def test_dense_demo_scenes_are_busy_and_leave_the_default_alone():
     assert (small.shape[1], small.shape[0]) in IMAGE_SIZES and len(few) < len(objects)
     again, _ = demo_scene(0, "coco", 100_002, dense=False)
     assert hashlib.sha256(small.tobytes()).digest() == hashlib.sha256(again.tobytes()).digest()
+
+
+# ------------------------------------------------------------------ seeded decisions
+
+
+def test_memoised_unit_and_shuffle_equal_the_direct_hash():
+    from orsgen.schemas.config import ExpressionConfig
+    from orsgen.stages.expressions.context import ImageContext
+    from orsgen.stages.expressions.stage import margins_for
+    from orsgen.stages.splits import hash_unit
+
+    ctx = ImageContext.build("coco:7", 64, 48, [], margins_for(ExpressionConfig(), 64, 48), seed=3)
+
+    def direct(*parts: object) -> float:
+        return hash_unit("\x00".join(["coco:7", *(str(p) for p in parts)]), "expressions:3")
+
+    # Parts that are equal as dict keys but differ as text (1, 1.0, True) must
+    # not share a memoised number; asking twice gives the first answer.
+    for parts in [(1,), (1.0,), (True,), ("1",), ("a", "b"), ("a\x00b",), ("order", "x"), ()]:
+        assert ctx.unit(*parts) == direct(*parts)
+        assert ctx.unit(*parts) == direct(*parts)
+    assert ctx.unit(1) != ctx.unit(1.0)
+    assert ctx.pick(list("abcdefg"), "p", 2) == list("abcdefg")[min(int(direct("p", 2) * 7), 6)]
+
+    # The seeded order: by (unit("order", str(key)), str(key)), stable for
+    # items with the same name, whatever the key returns (ints, tuples).
+    items = [(k % 5, i) for i, k in enumerate([3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9])]
+    for key in (lambda it: it[0], lambda it: str(it[0]), lambda it: it):
+        want = sorted(items, key=lambda it: (direct("order", key(it)), str(key(it))))
+        assert ctx.shuffled(items, key=key) == want
+        assert ctx.shuffled(list(reversed(items)), key=key) == sorted(
+            reversed(items), key=lambda it: (direct("order", key(it)), str(key(it)))
+        )
+    # Another seed or image is another memo (a fresh context), not a stale hit.
+    other = ImageContext.build("coco:7", 64, 48, [], margins_for(ExpressionConfig(), 64, 48), seed=4)
+    assert other.unit("x") == hash_unit("coco:7\x00x", "expressions:4") != ctx.unit("x")
