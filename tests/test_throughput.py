@@ -369,3 +369,54 @@ def test_memoised_unit_and_shuffle_equal_the_direct_hash():
     # Another seed or image is another memo (a fresh context), not a stale hit.
     other = ImageContext.build("coco:7", 64, 48, [], margins_for(ExpressionConfig(), 64, 48), seed=4)
     assert other.unit("x") == hash_unit("coco:7\x00x", "expressions:4") != ctx.unit("x")
+
+
+# ------------------------------------------------------------------ position semantics
+
+
+def _absolute_conditions_table(g, region: str, width: int, height: int, reading: str) -> list[float]:
+    """The absolute-region conditions as the full table (the reference)."""
+    from orsgen.stages.expressions.geometry import _point
+
+    x, y = _point(g, reading)
+    left, right = width / 3.0 - x, x - 2.0 * width / 3.0
+    top, bottom = height / 3.0 - y, y - 2.0 * height / 3.0
+    return {
+        "left": [left], "right": [right], "top": [top], "bottom": [bottom],
+        "center": [-left, -right, -top, -bottom],
+        "top_left": [top, left], "top_right": [top, right],
+        "bottom_left": [bottom, left], "bottom_right": [bottom, right],
+    }[region]
+
+
+def test_absolute_conditions_and_truth_equal_the_full_table(rng):
+    from orsgen.stages.expressions import geometry as G
+
+    def truth_ref(values, m):
+        return G._truth([G.additive(v, m) for v in values])
+
+    w, h = 90, 61  # thirds that are not exact binary fractions
+    # Centroids and boxes on the third lines (ties with margin 0), just off
+    # them, outside the image, and NaN.
+    special = [w / 3.0, 2.0 * w / 3.0, h / 3.0, 2.0 * h / 3.0, 0.0, -5.0, w + 3.0, float("nan")]
+    vals = [*special, *(float(v) for v in rng.uniform(-10, 100, 40))]
+    geoms = []
+    for k in range(200):
+        cx, cy, x0, y0 = (vals[int(i)] for i in rng.integers(0, len(vals), 4))
+        geoms.append(G.Geom(f"i{k}", "cup", False, 10.0, cx, cy, x0, y0, x0 + float(rng.integers(0, 30)), y0 + 7.0))
+    for m in (0.0, 2.5, 1e-9):
+        margins = G.Margins(position_px=m, size_ratio=0.25, near_px=10.0)
+        for region in G.ABSOLUTE_REGIONS:
+            want = []
+            for g in geoms:
+                per = []
+                for r in G.READINGS:
+                    ref = _absolute_conditions_table(g, region, w, h, r)
+                    got = G.absolute_conditions(g, region, w, h, r)
+                    assert np.array_equal(np.array(got), np.array(ref), equal_nan=True)
+                    assert G._additive_truth(got, m) is truth_ref(ref, m)
+                    per.append(truth_ref(ref, m))
+                want.append(G.both_readings(*per))
+            assert G.absolute_truth(geoms, region, w, h, margins) == want
+    with pytest.raises(ValueError, match="unknown absolute region"):
+        G.absolute_conditions(geoms[0], "middle", w, h)
