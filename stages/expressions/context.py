@@ -96,6 +96,9 @@ class ImageContext:
     #: asks for the same candidates' numbers in several passes (balance,
     #: then its per-target cap). Not part of the context's value.
     _units: dict[str, float] = field(default_factory=dict, init=False, repr=False, compare=False)
+    #: ``covers_another`` answers by category name (the category and the
+    #: descriptive generators, and every relation anchor, ask again).
+    _covers: dict[str, str | None] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def build(
@@ -194,11 +197,16 @@ class ImageContext:
         """
         if self.coverage is None:
             return None
+        if name in self._covers:
+            return self._covers[name]
+        found = None
         words = self.coverage.words(name, self.nouns)
         for other, sup in self.present_categories:
             if other != name and self.coverage.word_covers(words, other, sup, self.nouns):
-                return other
-        return None
+                found = other
+                break
+        self._covers[name] = found
+        return found
 
     def unit(self, *parts: Any) -> float:
         """A uniform number in [0, 1) fixed by the seed, the image and ``parts``."""
