@@ -195,6 +195,53 @@ def test_batched_svg_rings_match_ring_by_ring_on_tricky_geometry():
     assert M.svg_path(shapely.MultiPolygon(), 10, 10) == ""
 
 
+def test_union_crop_equals_decoding_the_union(rng):
+    h, w = 37, 53
+    border = np.zeros((h, w), bool)
+    border[0:3, 0:4] = True  # touches two image edges: its padded window leaves the image
+    border[-1, -5:] = True
+    pixel = np.zeros((h, w), bool)
+    pixel[18, 26] = True
+    far = np.zeros((h, w), bool)
+    far[-2:, 0] = True
+    masks = [border, pixel, far, np.zeros((h, w), bool)] + [random_mask(rng, h, w, 2) for _ in range(6)]
+    rles = [M.encode_mask(m) for m in masks]
+    groups = [(0, 1), (1, 2), (0, 2), (1, 3), (3, 3), (0, 1, 2, 3), (4, 5), (4, 5, 6, 7, 8, 9), (5, 5), (2, 9)]
+    for group in groups:
+        union = M.rle_union([rles[i] for i in group])
+        for pad in (0, 1, 3):
+            want_crop, want_origin = M.decode_crop(union, pad_px=pad)
+            for part_pad in (0, 1, 2):
+                parts = [M.decode_crop(rles[i], pad_px=part_pad) for i in group]
+                got_crop, got_origin = M.union_crop(union, parts, pad_px=pad)
+                assert got_origin == want_origin and got_crop.shape == want_crop.shape
+                assert np.array_equal(got_crop, want_crop), (group, pad, part_pad)
+    # A part that is not in the union would show up: the check is real.
+    stray = np.zeros((h, w), bool)
+    stray[20, 10] = True  # inside the union's window, not in the union
+    union = M.rle_union([rles[1], rles[2]])
+    got, _ = M.union_crop(union, [M.decode_crop(r, pad_px=1) for r in (rles[1], rles[2], M.encode_mask(stray))])
+    assert not np.array_equal(got, M.decode_crop(union, pad_px=1)[0])
+
+
+def test_crop_window_equals_numpy_floor_and_ceil():
+    def ref(b, pad):
+        bx0, by0, bx1, by1 = b
+        return (
+            int(np.floor(bx0)) - pad, int(np.floor(by0)) - pad,
+            max(int(np.ceil(bx1)), int(np.floor(bx0)) + 1) + pad, max(int(np.ceil(by1)), int(np.floor(by0)) + 1) + pad,
+        )
+
+    boxes = [(0, 0, 0, 0), (0.5, 1.5, 2.5, 3.49), (-2.5, -0.1, -0.0, 4.0), (3, 4, 3, 4), (1e15 + 0.5, 2, 1e15 + 3, 2.2),
+             (np.float64(2.7), np.float32(1.2), np.int64(5), 9.999999999), (7.0, 7.0, 6.0, 6.5)]
+    for b in boxes:
+        for pad in (0, 1, 4):
+            assert M._crop_window(b, pad) == ref(b, pad)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises((ValueError, OverflowError)):
+            M._crop_window((bad, 0, 1, 1), 1)
+
+
 # ------------------------------------------------------------------ trainer targets cache
 
 

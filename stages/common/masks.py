@@ -10,6 +10,7 @@ from the runs.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -312,12 +313,7 @@ def decode_crop(
     h, w = rle.size
     if bbox_xyxy is None:
         bbox_xyxy = xywh_to_xyxy(rle_bbox_xywh(rle))
-    bx0, by0, bx1, by1 = bbox_xyxy
-    # Pixel window covering the box (exclusive max).
-    wx0 = int(np.floor(bx0)) - pad_px
-    wy0 = int(np.floor(by0)) - pad_px
-    wx1 = max(int(np.ceil(bx1)), int(np.floor(bx0)) + 1) + pad_px
-    wy1 = max(int(np.ceil(by1)), int(np.floor(by0)) + 1) + pad_px
+    wx0, wy0, wx1, wy1 = _crop_window(bbox_xyxy, pad_px)
     out = np.zeros((wy1 - wy0, wx1 - wx0), dtype=bool)
     cx0, cx1 = max(wx0, 0), min(wx1, w)
     cy0, cy1 = max(wy0, 0), min(wy1, h)
@@ -338,6 +334,46 @@ def decode_crop(
         strip = np.concatenate([strip, np.zeros(hi - lo - strip.size, dtype=bool)])
     cols = strip.reshape(cx1 - cx0, h).T  # column-major -> (h, ncols)
     out[cy0 - wy0 : cy1 - wy0, cx0 - wx0 : cx1 - wx0] = cols[cy0:cy1]
+    return out, (wx0, wy0)
+
+
+def _crop_window(bbox_xyxy: Sequence[float], pad_px: int) -> tuple[int, int, int, int]:
+    """The pixel window ``(x0, y0, x1, y1)`` (exclusive max) covering a box, grown by ``pad_px``."""
+    bx0, by0, bx1, by1 = bbox_xyxy
+    # math.floor/ceil give the same integers as int(np.floor(v)) for any
+    # finite float (and raise alike for NaN/inf), without numpy's scalar cost.
+    fx0, fy0 = math.floor(bx0), math.floor(by0)
+    return (
+        fx0 - pad_px,
+        fy0 - pad_px,
+        max(math.ceil(bx1), fx0 + 1) + pad_px,
+        max(math.ceil(by1), fy0 + 1) + pad_px,
+    )
+
+
+def union_crop(union: Rle, parts: Sequence[PaddedCrop], pad_px: int = 1) -> PaddedCrop:
+    """``decode_crop(union, pad_px=pad_px)`` assembled from the crops of the masks it unites.
+
+    Every mask pixel lies inside its own crop, and the union's window covers
+    every part's box, so OR-ing the parts' crops into the union's window gives
+    the union's decoded window without decoding its runs again.
+
+    Args:
+        union: the union of the masks (``rle_union``).
+        parts: ``decode_crop(rle)`` of each united mask (any padding, each
+            with every pixel of its mask).
+        pad_px: the padding of the returned window.
+
+    Returns:
+        ``(crop, (x0, y0))`` equal to ``decode_crop(union, pad_px=pad_px)``.
+    """
+    wx0, wy0, wx1, wy1 = _crop_window(xywh_to_xyxy(rle_bbox_xywh(union)), pad_px)
+    out = np.zeros((wy1 - wy0, wx1 - wx0), dtype=bool)
+    for crop, (ox, oy) in parts:
+        x0, y0 = max(ox, wx0), max(oy, wy0)
+        x1, y1 = min(ox + crop.shape[1], wx1), min(oy + crop.shape[0], wy1)
+        if x0 < x1 and y0 < y1:
+            out[y0 - wy0 : y1 - wy0, x0 - wx0 : x1 - wx0] |= crop[y0 - oy : y1 - oy, x0 - ox : x1 - ox]
     return out, (wx0, wy0)
 
 

@@ -17,7 +17,15 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from orsgen.schemas.records import Instance, Rle, Sample, TargetGeometry
-from orsgen.stages.common.masks import PaddedCrop, decode_crop, interior_points, rle_to_geometry, rle_union, svg_path
+from orsgen.stages.common.masks import (
+    PaddedCrop,
+    decode_crop,
+    interior_points,
+    rle_to_geometry,
+    rle_union,
+    svg_path,
+    union_crop,
+)
 
 
 class TargetError(ValueError):
@@ -87,6 +95,19 @@ class TargetCache:
             got = self._crops[key] = decode_crop(rle, pad_px=1)
         return got
 
+    def union_crop(self, union: Rle, targets: Sequence[Instance]) -> PaddedCrop:
+        """``decode_crop(union, pad_px=1)`` of ``union = rle_union(targets' masks)``, from the targets' crops.
+
+        One target's union is its own mask (the same crop); several targets'
+        crops, decoded once each for their points, are OR-ed together instead
+        of decoding the union's runs again.
+        """
+        key = (union.counts, union.size)
+        got = self._crops.get(key)
+        if got is None:
+            got = self._crops[key] = union_crop(union, [self.crop(t.rle) for t in targets], pad_px=1)
+        return got
+
     def geometry(self, inst: Instance, width: int, height: int) -> TargetGeometry:
         """``target_geometry(inst, width, height)``, computed once per instance."""
         key = (inst.instance_id, inst.rle.counts, inst.rle.size, tuple(inst.bbox_xyxy), width, height)
@@ -101,7 +122,7 @@ class TargetCache:
         got = self._shapes.get(key)
         if got is None:
             union = rle_union([t.rle for t in targets], size=(height, width))
-            svg = svg_path(rle_to_geometry(union, tolerance_px, self.crop(union)), width, height) if targets else ""
+            svg = svg_path(rle_to_geometry(union, tolerance_px, self.union_crop(union, targets)), width, height) if targets else ""
             got = self._shapes[key] = (union, svg)
         return got
 
