@@ -467,3 +467,37 @@ def test_absolute_conditions_and_truth_equal_the_full_table(rng):
             assert G.absolute_truth(geoms, region, w, h, margins) == want
     with pytest.raises(ValueError, match="unknown absolute region"):
         G.absolute_conditions(geoms[0], "middle", w, h)
+
+
+# ------------------------------------------------------------------ reject redaction
+
+
+def test_reused_secret_values_follow_every_environment_change(monkeypatch):
+    from orsgen.schemas.config import redact as R
+    from orsgen.schemas.records import Reject
+
+    def check() -> list[str]:
+        got = R.secret_values()
+        assert got == R._scan_secret_values()
+        return got
+
+    monkeypatch.delenv("ORSGEN_TEST_API_KEY", raising=False)
+    base = check()
+    assert check() == base  # reused, same answer
+    monkeypatch.setenv("ORSGEN_TEST_API_KEY", "first-secret-value")
+    assert "first-secret-value" in check()
+    assert Reject("k", "s", "r", "server said first-secret-value").message == "server said ***"
+    monkeypatch.setenv("ORSGEN_TEST_API_KEY", "second-secret-value")  # same name, new value
+    got = check()
+    assert "second-secret-value" in got and "first-secret-value" not in got
+    assert Reject("k", "s", "r", "echo second-secret-value").message == "echo ***"
+    monkeypatch.setenv("PLAIN_VARIABLE_X", "not-a-secret-value")  # not secret by name ...
+    assert "not-a-secret-value" not in check()
+    monkeypatch.setenv(R.SECRET_ENV_LIST, "PLAIN_VARIABLE_X")  # ... until registered
+    assert "not-a-secret-value" in check()
+    monkeypatch.delenv("ORSGEN_TEST_API_KEY")
+    assert "second-secret-value" not in check()
+    # A caller changing the returned list does not change the next answer.
+    got = R.secret_values()
+    got.clear()
+    assert R.secret_values() == R._scan_secret_values() != []
