@@ -144,6 +144,50 @@ def test_fast_median_is_numpys_median(rng):
         assert M._median(v) == float(np.median(v))
 
 
+def _points_reference(rle):
+    """The interior-points rule written with np.nonzero / fancy indexing (the reference)."""
+    import cv2
+
+    crop, (ox, oy) = M.decode_crop(rle, pad_px=1)
+    ys, xs = np.nonzero(crop)
+    dist = cv2.distanceTransform(crop.astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    dist = np.rint(dist.astype(np.float64) ** 2)
+    y1, x1 = divmod(int(np.argmax(dist)), dist.shape[1])
+    d1 = np.hypot(xs - x1, ys - y1)
+    far = d1 > np.median(d1)
+    if not far.any():
+        p2 = (x1, y1)
+    else:
+        j = int(np.argmax(dist[ys[far], xs[far]]))
+        p2 = (int(xs[far][j]), int(ys[far][j]))
+    return (x1 + ox, y1 + oy), (p2[0] + ox, p2[1] + oy)
+
+
+def test_interior_points_equal_the_reference_on_ties_and_borders(rng):
+    h, w = 31, 44
+    shapes = []
+    for y0, y1, x0, x1 in [(0, h, 0, w), (5, 6, 3, 40), (0, 1, 0, 1), (10, 20, 10, 20), (0, 9, w - 9, w), (3, 4, 3, 4)]:
+        m = np.zeros((h, w), bool)
+        m[y0:y1, x0:x1] = True  # full image, a 1-pixel line, single pixels, a square (ties everywhere), a corner
+        shapes.append(m)
+    two = np.zeros((h, w), bool)
+    two[2:8, 2:8] = two[20:26, 30:36] = True  # two equal blobs: the first maximum must win
+    ring = np.zeros((h, w), bool)
+    ring[5:25, 5:25] = True
+    ring[9:21, 9:21] = False
+    shapes += [two, ring] + list(_masks(rng, 60))
+    n = 0
+    for m in shapes:
+        if not m.any():
+            continue
+        rle = M.encode_mask(m)
+        got = M.interior_points(rle)
+        assert got == _points_reference(rle)
+        assert all(type(v) is int for p in got for v in p)
+        n += 1
+    assert n > 50
+
+
 def test_points_and_outline_from_a_given_crop_match_and_empty_crops_are_refused(rng):
     mask = random_mask(rng, 40, 30)
     rle = M.encode_mask(mask)

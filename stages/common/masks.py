@@ -472,26 +472,32 @@ def interior_points(
     crop, (ox, oy) = crop if crop is not None else decode_crop(rle, pad_px=1)
     # The padded crop covers the mask's box, so it holds every mask pixel:
     # no pixel in it means an empty mask (cheaper than the area on the runs).
-    ys, xs = np.nonzero(crop)
-    if ys.size == 0:
+    # Flat indices in row-major order, as np.nonzero lists the pixels.
+    cw = crop.shape[1]
+    flat = np.flatnonzero(crop)
+    if flat.size == 0:
         raise MaskError("empty_mask", "interior points of an empty mask do not exist.")
+    ys, xs = np.divmod(flat, cw)
     dist = cv2.distanceTransform(_as_uint8(crop), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
     # The precise transform is exact: sqrt of an integer squared distance. Its
     # float32 result varies in the last bits between calls on different
     # threads (as Beam makes them), which flips ties; the rounded squared
     # distance is the exact integer, so ties break the same way every time.
-    dist = np.rint(dist.astype(np.float64) ** 2)
-    i1 = int(np.argmax(dist))
-    y1, x1 = divmod(i1, dist.shape[1])
+    # (In place: d * d is what ``d ** 2`` computes.)
+    dist = dist.astype(np.float64)
+    np.multiply(dist, dist, out=dist)
+    np.rint(dist, out=dist)
+    i1 = int(dist.argmax())
+    y1, x1 = divmod(i1, cw)
     d1 = np.hypot(xs - x1, ys - y1)
-    far = d1 > _median(d1)
-    if not far.any():
+    far = np.flatnonzero(d1 > _median(d1))
+    if far.size == 0:
         p2 = (x1, y1)
     else:
-        cand_d = dist[ys[far], xs[far]]
-        # nonzero() is row-major, and argmax takes the first maximum.
-        j = int(np.argmax(cand_d))
-        p2 = (int(xs[far][j]), int(ys[far][j]))
+        cand = flat[far]
+        # Row-major candidates, and argmax takes the first maximum.
+        j = int(cand[int(dist.ravel()[cand].argmax())])
+        p2 = (j % cw, j // cw)
     return (int(x1 + ox), int(y1 + oy)), (int(p2[0] + ox), int(p2[1] + oy))
 
 
