@@ -210,6 +210,9 @@ def _decode_counts(data: bytes) -> np.ndarray:
     n = len(data)
     if n == 0:
         return np.zeros(0, dtype=np.int64)
+    # Hot paths here call ndarray methods (x.cumsum(), x.repeat(...)) rather
+    # than the np.* functions: the same computation without numpy's
+    # dispatch wrapper, which costs more than the work on arrays this small.
     c = np.frombuffer(data, dtype=np.uint8).astype(np.int64) - 48
     bad = (c < 0) | (c > 63)
     if bad.any():
@@ -218,7 +221,7 @@ def _decode_counts(data: bytes) -> np.ndarray:
     last = (c & 0x20) == 0  # the final 5-bit group of a run
     if not last[-1]:
         raise MaskError("bad_rle", "compressed RLE counts end in the middle of a run.")
-    ends = np.flatnonzero(last)
+    ends = last.nonzero()[0]
     firsts = np.empty_like(ends)
     firsts[0] = 0
     firsts[1:] = ends[:-1] + 1
@@ -226,14 +229,14 @@ def _decode_counts(data: bytes) -> np.ndarray:
     max_groups = int(group_len.max())
     if max_groups > 12 or ends.size * 2.0 ** (5 * max_groups) >= 2.0**62:
         return _rle_counts_to_runs_scalar(data)
-    k = np.arange(n, dtype=np.int64) - np.repeat(firsts, group_len)
+    k = np.arange(n, dtype=np.int64) - firsts.repeat(group_len)
     x = np.add.reduceat((c & 0x1F) << (5 * k), firsts)
     # A set sign bit in a run's final group makes the run negative (a delta).
     neg = (c[ends] & 0x10) != 0
     x[neg] -= np.left_shift(1, 5 * group_len[neg])
     # Runs after the second are deltas from the run two before.
-    x[1::2] = np.cumsum(x[1::2])
-    x[2::2] = np.cumsum(x[2::2])
+    x[1::2] = x[1::2].cumsum()
+    x[2::2] = x[2::2].cumsum()
     if (x < 0).any():
         raise MaskError("bad_rle", "compressed RLE decodes to a negative run length.")
     return x
@@ -320,16 +323,16 @@ def decode_crop(
     if cx0 >= cx1 or cy0 >= cy1:
         return out, (wx0, wy0)
     runs = rle_counts_to_runs(rle.counts)
-    ends = np.cumsum(runs)
+    ends = runs.cumsum()
     lo, hi = cx0 * h, cx1 * h
     # The runs overlapping the column strip, clipped to it, expanded in one
     # np.repeat (foreground runs are the odd ones).
-    first = int(np.searchsorted(ends, lo, side="right"))
-    last = int(np.searchsorted(ends, hi, side="left")) + 1
+    first = int(ends.searchsorted(lo, side="right"))
+    last = int(ends.searchsorted(hi, side="left")) + 1
     idx = np.arange(first, min(last, runs.size))
     seg_ends = np.minimum(ends[idx], hi)
     seg_starts = np.maximum(ends[idx] - runs[idx], lo)
-    strip = np.repeat(idx % 2 == 1, np.maximum(seg_ends - seg_starts, 0))
+    strip = (idx % 2 == 1).repeat(np.maximum(seg_ends - seg_starts, 0))
     if strip.size < hi - lo:  # runs that stop short of the strip: the rest is background
         strip = np.concatenate([strip, np.zeros(hi - lo - strip.size, dtype=bool)])
     cols = strip.reshape(cx1 - cx0, h).T  # column-major -> (h, ncols)
@@ -474,7 +477,7 @@ def interior_points(
     # no pixel in it means an empty mask (cheaper than the area on the runs).
     # Flat indices in row-major order, as np.nonzero lists the pixels.
     cw = crop.shape[1]
-    flat = np.flatnonzero(crop)
+    flat = crop.ravel().nonzero()[0]
     if flat.size == 0:
         raise MaskError("empty_mask", "interior points of an empty mask do not exist.")
     ys, xs = np.divmod(flat, cw)
@@ -490,7 +493,7 @@ def interior_points(
     i1 = int(dist.argmax())
     y1, x1 = divmod(i1, cw)
     d1 = np.hypot(xs - x1, ys - y1)
-    far = np.flatnonzero(d1 > _median(d1))
+    far = (d1 > _median(d1)).nonzero()[0]
     if far.size == 0:
         p2 = (x1, y1)
     else:
@@ -633,7 +636,7 @@ def _grown_rings(contours: Sequence[np.ndarray], ox: int, oy: int) -> list[BaseG
             out[i] = _ring_geometry(cnt, ox, oy)
     if rings:
         pts = np.concatenate(rings).astype(np.float64) + np.array([ox + 0.5, oy + 0.5])
-        index = np.repeat(np.arange(len(rings)), [len(r) for r in rings])
+        index = np.arange(len(rings)).repeat([len(r) for r in rings])
         polys = shapely.polygons(shapely.linearrings(pts, indices=index))
         invalid = ~shapely.is_valid(polys)
         if invalid.any():
@@ -776,7 +779,7 @@ def svg_path(geom: BaseGeometry, width: int, height: int, precision: int = 4) ->
     # Every ring's coordinates in one GEOS call and one division: the same
     # float64 values, divided and clipped element by element, as ring by ring.
     coords, index = shapely.get_coordinates(rings, return_index=True)
-    flat = np.clip(coords / np.array([float(width), float(height)]), 0.0, 1.0).ravel().tolist()
+    flat = (coords / np.array([float(width), float(height)])).clip(0.0, 1.0).ravel().tolist()
     counts = np.bincount(index, minlength=len(rings)).tolist()
     parts: list[str] = []
     at = 0

@@ -230,7 +230,7 @@ def rle_moments(rle: Rle) -> tuple[int, float, float]:
     runs = rle_counts_to_runs(rle.counts)
     if runs.size < 2:
         return 0, 0.0, 0.0
-    ends = np.cumsum(runs)
+    ends = runs.cumsum()
     starts = ends - runs
     fg = slice(1, None, 2)
     s, e = starts[fg], ends[fg]
