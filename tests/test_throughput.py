@@ -545,3 +545,20 @@ def test_reused_secret_values_follow_every_environment_change(monkeypatch):
     got = R.secret_values()
     got.clear()
     assert R.secret_values() == R._scan_secret_values() != []
+
+
+def test_sample_id_equals_safe_key_of_the_whole_id():
+    from orsgen.schemas.records import safe_key
+    from orsgen.stages.expressions.context import Candidate
+    from orsgen.stages.expressions.stage import sample_id_of
+
+    # Keys with dots, slashes, colons, spaces, non-ASCII letters and digits,
+    # a lone surrogate, and an already safe key.
+    keys = ["coco-coco_1", "a.b/c:d e", "refcoco-coco:391895", "café-ß-٣", "x\ud800y", "", "-x"]
+    texts = ["the cup", "the CUP", "the cup ", "ünïcode ☕", ""]
+    for key in keys:
+        for kind in ("category", "description"):
+            for text in texts:
+                cand = Candidate(kind=kind, expression=text, target_ids=(), template="t")
+                digest = hashlib.sha256(f"{kind}\x00{text}".encode("utf-8")).hexdigest()[:12]
+                assert sample_id_of(key, cand) == safe_key(f"{key}-x{digest}")

@@ -210,7 +210,7 @@ class ImageContext:
 
     def unit(self, *parts: Any) -> float:
         """A uniform number in [0, 1) fixed by the seed, the image and ``parts``."""
-        text = "\x00".join([self.image_id, *(str(p) for p in parts)])
+        text = "\x00".join([self.image_id, *map(str, parts)])
         got = self._units.get(text)
         if got is None:
             got = self._units[text] = hash_unit(text, f"expressions:{self.seed}")

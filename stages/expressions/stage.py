@@ -16,6 +16,7 @@ category sample or description that would need a dropped one is not written.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
@@ -103,7 +104,14 @@ def generate_candidates(
 def sample_id_of(key: str, cand: Candidate) -> str:
     """A stable sample id: the example key and a digest of kind and text (unique per image)."""
     digest = hashlib.sha256(f"{cand.kind}\x00{cand.expression}".encode("utf-8")).hexdigest()[:12]
-    return safe_key(f"{key}-x{digest}")
+    # safe_key maps character by character and "-x" + hex digits are safe, so
+    # this is safe_key(f"{key}-x{digest}") with the key's part made once per image.
+    return f"{_safe_key_prefix(key)}-x{digest}"
+
+
+@functools.lru_cache(maxsize=1024)
+def _safe_key_prefix(key: str) -> str:
+    return safe_key(key)
 
 
 def add_expressions(
