@@ -562,3 +562,27 @@ def test_sample_id_equals_safe_key_of_the_whole_id():
                 cand = Candidate(kind=kind, expression=text, target_ids=(), template="t")
                 digest = hashlib.sha256(f"{kind}\x00{text}".encode("utf-8")).hexdigest()[:12]
                 assert sample_id_of(key, cand) == safe_key(f"{key}-x{digest}")
+
+
+def test_samples_built_once_equal_attach_targets_and_errors_match(rng):
+    from orsgen.schemas.config import ExpressionConfig
+    from orsgen.stages.expressions.stage import add_expressions
+    from tests.test_expressions import TEMPLATES, VOCAB, _example, _scene
+
+    out, rejects, _ = add_expressions(_example(_scene()), VOCAB, TEMPLATES, ExpressionConfig(negative_ratio=1.0), seed=3)
+    by_id = {i.instance_id: i for i in out.instances}
+    w, h = out.image.width, out.image.height
+    assert len(out.samples) > 5 and not rejects
+    assert any(len(s.target_ids) > 1 for s in out.samples) and any(not s.target_ids for s in out.samples)
+    for s in out.samples:
+        bare = dataclasses.replace(s, union_rle=None, union_svg="", targets=())
+        assert T.attach_targets(bare, by_id, w, h) == s
+    # The errors are attach_targets' own, reason and message.
+    empty = dataclasses.replace(_instance("img", 1, np.zeros((20, 20), bool)), area_px=0)
+    for ids, insts in ((("img/ann:9",), {}), ((empty.instance_id,), {empty.instance_id: empty})):
+        s = Sample(sample_id="s", image_id="img", expression="e", kind="category", target_ids=ids, generator="t")
+        with pytest.raises(T.TargetError) as want:
+            T.attach_targets(s, insts, 20, 20)
+        with pytest.raises(T.TargetError) as got:
+            T.target_fields(ids, insts, 20, 20, image_id="img")
+        assert (got.value.reason, str(got.value)) == (want.value.reason, str(want.value))

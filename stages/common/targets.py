@@ -127,6 +127,38 @@ class TargetCache:
         return got
 
 
+def target_fields(
+    target_ids: Sequence[str],
+    instances: Mapping[str, Instance],
+    width: int,
+    height: int,
+    *,
+    image_id: str = "",
+    svg_tolerance_px: float = 1.0,
+    cache: TargetCache | None = None,
+) -> tuple[Rle, str, tuple[TargetGeometry, ...]]:
+    """The trainer-target fields of a sample with ``target_ids``: ``(union_rle, union_svg, targets)``.
+
+    What ``attach_targets`` sets, for a caller that builds the ``Sample``
+    itself (once, instead of building it and then a changed copy).
+
+    Raises:
+        TargetError: as ``attach_targets``.
+    """
+    missing = [t for t in target_ids if t not in instances]
+    if missing:
+        raise TargetError("missing_target", f"targets {missing} are not instances of image {image_id}.")
+    targets = [instances[t] for t in target_ids]
+    for t in targets:
+        if t.area_px <= 0:
+            raise TargetError("empty_mask", f"target {t.instance_id} has an empty mask.")
+    if cache is None:
+        cache = TargetCache()
+    union, svg = cache.union_and_svg(targets, width, height, svg_tolerance_px)
+    geoms = tuple(cache.geometry(t, width, height) for t in targets)
+    return union, svg, geoms
+
+
 def attach_targets(
     sample: Sample,
     instances: Mapping[str, Instance],
@@ -155,15 +187,7 @@ def attach_targets(
         TargetError: a target id is unknown (``missing_target``) or its mask
             is empty (``empty_mask``).
     """
-    missing = [t for t in sample.target_ids if t not in instances]
-    if missing:
-        raise TargetError("missing_target", f"targets {missing} are not instances of image {sample.image_id}.")
-    targets = [instances[t] for t in sample.target_ids]
-    for t in targets:
-        if t.area_px <= 0:
-            raise TargetError("empty_mask", f"target {t.instance_id} has an empty mask.")
-    if cache is None:
-        cache = TargetCache()
-    union, svg = cache.union_and_svg(targets, width, height, svg_tolerance_px)
-    geoms = tuple(cache.geometry(t, width, height) for t in targets)
+    union, svg, geoms = target_fields(
+        sample.target_ids, instances, width, height, image_id=sample.image_id, svg_tolerance_px=svg_tolerance_px, cache=cache
+    )
     return dataclasses.replace(sample, union_rle=union, union_svg=svg, targets=geoms)

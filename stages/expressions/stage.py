@@ -32,7 +32,7 @@ from orsgen.stages.expressions.negatives import negative_candidates
 from orsgen.stages.expressions.templates import TemplateSet
 from orsgen.stages.expressions.vocabulary import load_vocabulary
 from orsgen.stages.regions import select_regions
-from orsgen.stages.common.targets import TargetCache, TargetError, attach_targets
+from orsgen.stages.common.targets import TargetCache, TargetError, target_fields
 
 STAGE = "expressions"
 GENERATOR = "template"
@@ -168,20 +168,29 @@ def add_expressions(
         sid = sample_id_of(ex.key, cand)
         if sid in existing:
             continue  # a rerun of the stage on its own output adds nothing twice
-        sample = Sample(
-            sample_id=sid,
-            image_id=ex.image.image_id,
-            expression=cand.expression,
-            kind=cand.kind,
-            target_ids=cand.target_ids,
-            generator=GENERATOR,
-            template=cand.template,
-            metadata={**cand.metadata, "templates_version": templates.version, "vocabulary_version": coverage.version},
-        )
         try:
-            samples.append(attach_targets(sample, by_id, w, h, cache=target_cache))
+            # attach_targets' fields, the Sample then built once with them.
+            union, svg, geoms = target_fields(
+                cand.target_ids, by_id, w, h, image_id=ex.image.image_id, cache=target_cache
+            )
         except TargetError as err:
             rejects.append(Reject(sid, STAGE, err.reason, str(err), RejectLevel.SAMPLE, ex.image.image_id))
+            continue
+        samples.append(
+            Sample(
+                sample_id=sid,
+                image_id=ex.image.image_id,
+                expression=cand.expression,
+                kind=cand.kind,
+                target_ids=cand.target_ids,
+                generator=GENERATOR,
+                template=cand.template,
+                union_rle=union,
+                union_svg=svg,
+                targets=geoms,
+                metadata={**cand.metadata, "templates_version": templates.version, "vocabulary_version": coverage.version},
+            )
+        )
     counts["images"] += 1
     return ex.replace(samples=ex.samples + tuple(samples)), rejects, counts
 
