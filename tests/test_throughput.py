@@ -135,6 +135,18 @@ def test_batched_rings_equal_the_scalar_rings():
     want = [M._ring_geometry(c, 3, -2) for c in contours]
     assert [g.wkb for g in got] == [g.wkb for g in want]
     assert M._grown_rings([], 0, 0) == []
+    # Each contour alone (one ring takes the path without a grouping index),
+    # the self-touching one included, and pairs mixing small and large ones.
+    for c in contours:
+        assert [g.wkb for g in M._grown_rings([c], 3, -2)] == [M._ring_geometry(c, 3, -2).wkb]
+    for a, b in ((0, 2), (3, 1), (2, 3)):
+        pair = [contours[a], contours[b]]
+        assert [g.wkb for g in M._grown_rings(pair, -1, 7)] == [M._ring_geometry(c, -1, 7).wkb for c in pair]
+    # GEOS's check without shapely's wrapper: the same answers, scalar and array.
+    bowtie, square = Polygon([(0, 0), (4, 4), (4, 0), (0, 4)]), Polygon([(0, 0), (4, 0), (4, 4), (0, 4)])
+    assert bool(M._is_valid(square)) and not bool(M._is_valid(bowtie))
+    arr = np.array([square, bowtie, Polygon()], dtype=object)
+    assert M._is_valid(arr).tolist() == shapely.is_valid(arr).tolist() == [True, False, True]
 
 
 def test_fast_median_is_numpys_median(rng):

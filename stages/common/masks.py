@@ -614,7 +614,14 @@ def _make_valid(geom: BaseGeometry) -> BaseGeometry:
     validity first), so the answer is the same; but its check costs several
     times GEOS's ``is_valid``, and almost every mask outline is valid.
     """
-    return geom if geom.is_valid else shapely.make_valid(geom)
+    return geom if _is_valid(geom) else shapely.make_valid(geom)
+
+
+#: GEOS's validity check itself: what ``shapely.is_valid`` calls inside its
+#: Python wrapper (argument checks, a warnings filter it does not need here:
+#: GEOS reports invalidity as the False result). Called on every outline
+#: several times, where the wrapper cost as much as the check.
+_is_valid = getattr(getattr(shapely, "lib", None), "is_valid", None) or shapely.is_valid
 
 
 def _grown_rings(contours: Sequence[np.ndarray], ox: int, oy: int) -> list[BaseGeometry]:
@@ -635,10 +642,16 @@ def _grown_rings(contours: Sequence[np.ndarray], ox: int, oy: int) -> list[BaseG
         else:
             out[i] = _ring_geometry(cnt, ox, oy)
     if rings:
-        pts = np.concatenate(rings).astype(np.float64) + np.array([ox + 0.5, oy + 0.5])
-        index = np.arange(len(rings)).repeat([len(r) for r in rings])
-        polys = shapely.polygons(shapely.linearrings(pts, indices=index))
-        invalid = ~shapely.is_valid(polys)
+        shift = np.array([ox + 0.5, oy + 0.5])
+        if len(rings) == 1:
+            # One ring (most masks): the same ring without the grouping index.
+            lines = shapely.linearrings(rings[0].astype(np.float64) + shift)
+            polys = np.array([shapely.polygons(lines)], dtype=object)
+        else:
+            pts = np.concatenate(rings).astype(np.float64) + shift
+            index = np.arange(len(rings)).repeat([len(r) for r in rings])
+            polys = shapely.polygons(shapely.linearrings(pts, indices=index))
+        invalid = ~_is_valid(polys)
         if invalid.any():
             polys[invalid] = shapely.make_valid(polys[invalid])
         grown = shapely.buffer(polys, 0.5, quad_segs=16, join_style="mitre", cap_style="square")
