@@ -81,6 +81,20 @@ def test_runs_are_read_only_and_bad_counts_are_rejected():
     for bad, words in (("0a\x7f", "invalid byte"), ("0`", "middle of a run"), ("@", "negative run")):
         with pytest.raises(M.MaskError, match=words):
             M.rle_counts_to_runs(bad)
+    # The first byte outside "0".."o" is named, whichever side it falls on.
+    for bad, byte in (("0/1", 47), ("0p1", 112), ("00\x00o", 0), ("0 ", 32)):
+        with pytest.raises(M.MaskError, match=f"invalid byte {byte}\\."):
+            M.rle_counts_to_runs(bad)
+    with pytest.raises(M.MaskError, match="invalid byte 255"):
+        M._decode_counts(b"00\xff0")
+    # Negative deltas (a run shorter than the one two before), one group and
+    # several groups long, undone exactly.
+    for h, (a, b), (c, d) in ((20, (2, 10), (12, 14)), (5000, (100, 3100), (3200, 3210)), (70000, (10, 60010), (60100, 60101))):
+        m = np.zeros((h, 1), dtype=bool)
+        m[a:b] = m[c:d] = True
+        counts = M.encode_mask(m).counts
+        assert any((ch - 48) & 0x30 == 0x10 for ch in counts.encode())  # a final group with the sign bit
+        assert M._decode_counts(counts.encode()).tolist() == [a, b - a, c - b, d - c, h - d] == _scalar_runs(counts)
     # A run of more than 60 bits takes the scalar path: same rejection as before.
     with pytest.raises(M.MaskError):
         M.rle_counts_to_runs("0" + "o" * 14 + "?")

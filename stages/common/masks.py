@@ -213,12 +213,13 @@ def _decode_counts(data: bytes) -> np.ndarray:
     # Hot paths here call ndarray methods (x.cumsum(), x.repeat(...)) rather
     # than the np.* functions: the same computation without numpy's
     # dispatch wrapper, which costs more than the work on arrays this small.
-    c = np.frombuffer(data, dtype=np.uint8).astype(np.int64) - 48
-    bad = (c < 0) | (c > 63)
-    if bad.any():
-        p = int(np.argmax(bad))
+    # Bytes outside 48..111 first (one C pass over the bytes), then each
+    # byte minus 48 by a translation table.
+    if data.translate(None, _COUNTS_BYTES):
+        p = next(i for i, b in enumerate(data) if not 48 <= b <= 111)
         raise MaskError("bad_rle", f"compressed RLE counts hold an invalid byte {data[p]!r}.")
-    last = (c & 0x20) == 0  # the final 5-bit group of a run
+    c = np.frombuffer(data.translate(_MINUS_48), dtype=np.uint8).astype(np.int64)
+    last = c < 32  # the final 5-bit group of a run (bit 0x20 clear)
     if not last[-1]:
         raise MaskError("bad_rle", "compressed RLE counts end in the middle of a run.")
     ends = last.nonzero()[0]
@@ -229,17 +230,22 @@ def _decode_counts(data: bytes) -> np.ndarray:
     max_groups = int(group_len.max())
     if max_groups > 12 or ends.size * 2.0 ** (5 * max_groups) >= 2.0**62:
         return _rle_counts_to_runs_scalar(data)
-    k = np.arange(n, dtype=np.int64) - firsts.repeat(group_len)
-    x = np.add.reduceat((c & 0x1F) << (5 * k), firsts)
-    # A set sign bit in a run's final group makes the run negative (a delta).
-    neg = (c[ends] & 0x10) != 0
-    x[neg] -= np.left_shift(1, 5 * group_len[neg])
+    k5 = 5 * (np.arange(n, dtype=np.int64) - firsts.repeat(group_len))
+    x = np.add.reduceat((c & 0x1F) << k5, firsts)
+    # A set sign bit (0x10) in a run's final group makes the run negative (a
+    # delta): 0x10 << (5 * groups - 4) subtracts 2 ** (5 * groups), and 0 when clear.
+    x -= (c[ends] & 0x10) << (5 * group_len - 4)
     # Runs after the second are deltas from the run two before.
     x[1::2] = x[1::2].cumsum()
     x[2::2] = x[2::2].cumsum()
     if (x < 0).any():
         raise MaskError("bad_rle", "compressed RLE decodes to a negative run length.")
     return x
+
+
+#: The bytes compressed counts may hold ("0" .. "o"), and each byte minus 48.
+_COUNTS_BYTES = bytes(range(48, 112))
+_MINUS_48 = bytes((b - 48) & 0xFF for b in range(256))
 
 
 def _rle_counts_to_runs_scalar(data: bytes) -> np.ndarray:
