@@ -612,3 +612,85 @@ def test_samples_built_once_equal_attach_targets_and_errors_match(rng):
         with pytest.raises(T.TargetError) as got:
             T.target_fields(ids, insts, 20, 20, image_id="img")
         assert (got.value.reason, str(got.value)) == (want.value.reason, str(want.value))
+
+
+# ------------------------------------------------------------------ outlines of many masks at once
+
+
+def _outline_reference(rle, tolerance_px: float):
+    """The outline one mask at a time with scalar shapely calls (the reference)."""
+    import cv2
+
+    if M.rle_area(rle) == 0:
+        return Polygon()
+    crop, (ox, oy) = M.decode_crop(rle, pad_px=1)
+    contours, hierarchy = cv2.findContours(crop.astype(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+    hier = hierarchy[0].tolist()
+    polys = []
+    for k, h in enumerate(hier):
+        if h[3] != -1:
+            continue
+        poly = M._ring_geometry(contours[k], ox, oy)
+        child = h[2]
+        while child != -1:
+            hole = M._ring_geometry(contours[child], ox, oy, grow=False)
+            if not hole.is_empty:
+                poly = poly.difference(hole.buffer(-0.5, join_style="mitre"))
+            child = hier[child][0]
+        polys.append(poly)
+    geom = shapely.unary_union(polys)
+    geom = geom if geom.is_valid else shapely.make_valid(geom)
+    if tolerance_px > 0:
+        geom = geom.simplify(tolerance_px, preserve_topology=True)
+        geom = geom if geom.is_valid else shapely.make_valid(geom)
+    return M._polygonal(geom)
+
+
+def test_outlines_of_many_masks_equal_one_at_a_time(rng):
+    h, w = 40, 50
+    ring = np.zeros((h, w), bool)
+    ring[5:30, 5:30] = True
+    ring[10:25, 10:25] = False
+    ring[14:18, 14:18] = True  # an island in the hole
+    specks = np.zeros((h, w), bool)
+    specks[0, 0] = specks[2, 5:7] = specks[-1, -1] = True  # 1- and 2-point contours at the border
+    touch = np.zeros((h, w), bool)
+    touch[10:15, 10:15] = touch[15:20, 15:20] = True  # touching corners: a self-touching contour
+    noise = np.zeros((h, w), bool)
+    noise[3:15, 30:44] = rng.random((12, 14)) < 0.7  # many holes and specks, small
+    masks = [ring, specks, touch, noise, np.zeros((h, w), bool), np.ones((h, w), bool)]
+    masks += [random_mask(rng, h, w, int(rng.integers(0, 4))) for _ in range(12)]
+    rles = [M.encode_mask(m) for m in masks]
+    for tol in (0.0, 1.0, 2.5):
+        want = [_outline_reference(r, tol).wkb for r in rles]
+        # Crops given, crops decoded inside, and a mixture, in one batch.
+        given = [(r, M.decode_crop(r, pad_px=1)) for r in rles]
+        assert [g.wkb for g in M.rle_to_geometries(given, tol)] == want
+        assert [g.wkb for g in M.rle_to_geometries([(r, None) for r in rles], tol)] == want
+        assert [M.rle_to_geometry(r, tol).wkb for r in rles] == want
+    assert M.rle_to_geometries([]) == []
+
+
+def test_prepared_target_sets_give_what_each_set_gives_alone(rng):
+    h, w = 48, 64
+    insts = [_instance("img", k, random_mask(rng, h, w, 2)) for k in range(5)]
+    empty = dataclasses.replace(_instance("img", 9, np.zeros((h, w), bool)), area_px=0)
+    by_id = {i.instance_id: i for i in [*insts, empty]}
+    ids = [i.instance_id for i in insts]
+    sets = [(ids[0],), (ids[0], ids[1]), (ids[2], ids[3], ids[4]), (), (ids[1], "img/ann:77"), (empty.instance_id,),
+            (ids[0], ids[1]), (ids[4],)]
+    prepared = T.TargetCache()
+    prepared.prepare(sets, by_id, w, h)
+    assert len(prepared._shapes) == 4  # the distinct valid, non-empty sets; the others are left to target_fields
+    fresh = T.TargetCache()
+    for target_ids in sets:
+        try:
+            want = T.target_fields(target_ids, by_id, w, h, cache=T.TargetCache())
+        except T.TargetError as err:
+            with pytest.raises(T.TargetError) as got:
+                T.target_fields(target_ids, by_id, w, h, cache=prepared)
+            assert (got.value.reason, str(got.value)) == (err.reason, str(err))
+            continue
+        assert T.target_fields(target_ids, by_id, w, h, cache=prepared) == want
+        assert T.target_fields(target_ids, by_id, w, h, cache=fresh) == want
+    assert len(prepared._shapes) == 5  # the empty set, computed on demand

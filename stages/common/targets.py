@@ -21,11 +21,16 @@ from orsgen.stages.common.masks import (
     PaddedCrop,
     decode_crop,
     interior_points,
+    rle_to_geometries,
     rle_to_geometry,
     rle_union,
     svg_path,
     union_crop,
 )
+
+
+#: Default simplification tolerance of the SVG path, in pixels.
+SVG_TOLERANCE_PX = 1.0
 
 
 class TargetError(ValueError):
@@ -116,9 +121,47 @@ class TargetCache:
             got = self._geoms[key] = target_geometry(inst, width, height, self.crop(inst.rle))
         return got
 
+    def prepare(
+        self,
+        target_sets: Sequence[Sequence[str]],
+        instances: Mapping[str, Instance],
+        width: int,
+        height: int,
+        tolerance_px: float = SVG_TOLERANCE_PX,
+    ) -> None:
+        """Computes the union masks and SVG paths of many target sets at once.
+
+        Their outlines go through ``rle_to_geometries`` together (one GEOS call
+        per step for the whole image instead of per target set); what is
+        stored is what ``union_and_svg`` would compute for each set alone. Sets
+        that ``target_fields`` refuses (unknown or empty targets) and empty
+        sets are left to it.
+        """
+        todo: list[tuple[tuple[Any, ...], Rle, PaddedCrop]] = []
+        keys: set[tuple[Any, ...]] = set()
+        for ids in target_sets:
+            if not ids or any(t not in instances for t in ids):
+                continue
+            targets = [instances[t] for t in ids]
+            if any(t.area_px <= 0 for t in targets):
+                continue
+            key = self._shape_key(targets, width, height, tolerance_px)
+            if key in self._shapes or key in keys:
+                continue
+            keys.add(key)
+            union = rle_union([t.rle for t in targets], size=(height, width))
+            todo.append((key, union, self.union_crop(union, targets)))
+        outlines = rle_to_geometries([(union, crop) for _, union, crop in todo], tolerance_px)
+        for (key, union, _), geom in zip(todo, outlines):
+            self._shapes[key] = (union, svg_path(geom, width, height))
+
+    @staticmethod
+    def _shape_key(targets: Sequence[Instance], width: int, height: int, tolerance_px: float) -> tuple[Any, ...]:
+        return (tuple((t.rle.counts, t.rle.size) for t in targets), width, height, tolerance_px)
+
     def union_and_svg(self, targets: Sequence[Instance], width: int, height: int, tolerance_px: float) -> tuple[Rle, str]:
         """The union mask and SVG path of ``targets``, computed once per target set."""
-        key = (tuple((t.rle.counts, t.rle.size) for t in targets), width, height, tolerance_px)
+        key = self._shape_key(targets, width, height, tolerance_px)
         got = self._shapes.get(key)
         if got is None:
             union = rle_union([t.rle for t in targets], size=(height, width))
@@ -134,7 +177,7 @@ def target_fields(
     height: int,
     *,
     image_id: str = "",
-    svg_tolerance_px: float = 1.0,
+    svg_tolerance_px: float = SVG_TOLERANCE_PX,
     cache: TargetCache | None = None,
 ) -> tuple[Rle, str, tuple[TargetGeometry, ...]]:
     """The trainer-target fields of a sample with ``target_ids``: ``(union_rle, union_svg, targets)``.
@@ -165,7 +208,7 @@ def attach_targets(
     width: int,
     height: int,
     *,
-    svg_tolerance_px: float = 1.0,
+    svg_tolerance_px: float = SVG_TOLERANCE_PX,
     cache: TargetCache | None = None,
 ) -> Sample:
     """Fills a sample's trainer targets from its ``target_ids``.

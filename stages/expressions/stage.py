@@ -162,12 +162,16 @@ def add_expressions(
     samples: list[Sample] = []
     rejects: list[Reject] = []
     existing = {s.sample_id for s in ex.samples}
-    # Samples of one image share targets: points, unions and SVG paths are computed once.
+    # Samples of one image share targets: points, unions and SVG paths are computed once,
+    # the outlines of all the image's target sets together.
     target_cache = TargetCache()
+    todo = []
     for cand in selected:
         sid = sample_id_of(ex.key, cand)
-        if sid in existing:
-            continue  # a rerun of the stage on its own output adds nothing twice
+        if sid not in existing:  # a rerun of the stage on its own output adds nothing twice
+            todo.append((sid, cand))
+    target_cache.prepare([cand.target_ids for _, cand in todo], by_id, w, h)
+    for sid, cand in todo:
         try:
             # attach_targets' fields, the Sample then built once with them.
             union, svg, geoms = target_fields(
