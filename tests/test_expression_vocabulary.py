@@ -261,3 +261,22 @@ def test_present_index_agrees_with_the_pairwise_rule():
         for cand in names:
             want = any(COVERAGE.related(cand, p, TEMPLATES.nouns) for p in present)
             assert idx.touches(*cand) == want, (cand, present)
+
+
+def test_memoised_covers_another_gives_the_direct_answer_every_time():
+    # Asked twice per name (category and descriptive generators): the memo
+    # must answer like the scan over the present categories, a None included.
+    insts = _present("dining table", "coffee_table", "cup", "dog")
+    ctx = _ctx(insts)
+
+    def direct(name: str) -> str | None:
+        words = COVERAGE.words(name, TEMPLATES.nouns)
+        hits = [o for o, sup in ctx.present_categories if o != name and COVERAGE.word_covers(words, o, sup, TEMPLATES.nouns)]
+        return hits[0] if hits else None
+
+    for name in ("dining table", "coffee_table", "cup", "dog", "table", "animal", "zebra"):
+        assert ctx.covers_another(name) == direct(name)
+        assert ctx.covers_another(name) == direct(name)
+    assert ctx.covers_another("dining table") == "coffee_table" and ctx.covers_another("cup") is None
+    # Another image is another context: its own answer, not the first one's.
+    assert _ctx(_present("dining table", "cup")).covers_another("dining table") is None

@@ -81,6 +81,20 @@ def test_runs_are_read_only_and_bad_counts_are_rejected():
     for bad, words in (("0a\x7f", "invalid byte"), ("0`", "middle of a run"), ("@", "negative run")):
         with pytest.raises(M.MaskError, match=words):
             M.rle_counts_to_runs(bad)
+    # The first byte outside "0".."o" is named, whichever side it falls on.
+    for bad, byte in (("0/1", 47), ("0p1", 112), ("00\x00o", 0), ("0 ", 32)):
+        with pytest.raises(M.MaskError, match=f"invalid byte {byte}\\."):
+            M.rle_counts_to_runs(bad)
+    with pytest.raises(M.MaskError, match="invalid byte 255"):
+        M._decode_counts(b"00\xff0")
+    # Negative deltas (a run shorter than the one two before), one group and
+    # several groups long, undone exactly.
+    for h, (a, b), (c, d) in ((20, (2, 10), (12, 14)), (5000, (100, 3100), (3200, 3210)), (70000, (10, 60010), (60100, 60101))):
+        m = np.zeros((h, 1), dtype=bool)
+        m[a:b] = m[c:d] = True
+        counts = M.encode_mask(m).counts
+        assert any((ch - 48) & 0x30 == 0x10 for ch in counts.encode())  # a final group with the sign bit
+        assert M._decode_counts(counts.encode()).tolist() == [a, b - a, c - b, d - c, h - d] == _scalar_runs(counts)
     # A run of more than 60 bits takes the scalar path: same rejection as before.
     with pytest.raises(M.MaskError):
         M.rle_counts_to_runs("0" + "o" * 14 + "?")
@@ -135,6 +149,18 @@ def test_batched_rings_equal_the_scalar_rings():
     want = [M._ring_geometry(c, 3, -2) for c in contours]
     assert [g.wkb for g in got] == [g.wkb for g in want]
     assert M._grown_rings([], 0, 0) == []
+    # Each contour alone (one ring takes the path without a grouping index),
+    # the self-touching one included, and pairs mixing small and large ones.
+    for c in contours:
+        assert [g.wkb for g in M._grown_rings([c], 3, -2)] == [M._ring_geometry(c, 3, -2).wkb]
+    for a, b in ((0, 2), (3, 1), (2, 3)):
+        pair = [contours[a], contours[b]]
+        assert [g.wkb for g in M._grown_rings(pair, -1, 7)] == [M._ring_geometry(c, -1, 7).wkb for c in pair]
+    # GEOS's check without shapely's wrapper: the same answers, scalar and array.
+    bowtie, square = Polygon([(0, 0), (4, 4), (4, 0), (0, 4)]), Polygon([(0, 0), (4, 0), (4, 4), (0, 4)])
+    assert bool(M._is_valid(square)) and not bool(M._is_valid(bowtie))
+    arr = np.array([square, bowtie, Polygon()], dtype=object)
+    assert M._is_valid(arr).tolist() == shapely.is_valid(arr).tolist() == [True, False, True]
 
 
 def test_fast_median_is_numpys_median(rng):
@@ -142,6 +168,50 @@ def test_fast_median_is_numpys_median(rng):
         v = rng.random(n) * 50
         v[: n // 3] = v[0]  # ties
         assert M._median(v) == float(np.median(v))
+
+
+def _points_reference(rle):
+    """The interior-points rule written with np.nonzero / fancy indexing (the reference)."""
+    import cv2
+
+    crop, (ox, oy) = M.decode_crop(rle, pad_px=1)
+    ys, xs = np.nonzero(crop)
+    dist = cv2.distanceTransform(crop.astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    dist = np.rint(dist.astype(np.float64) ** 2)
+    y1, x1 = divmod(int(np.argmax(dist)), dist.shape[1])
+    d1 = np.hypot(xs - x1, ys - y1)
+    far = d1 > np.median(d1)
+    if not far.any():
+        p2 = (x1, y1)
+    else:
+        j = int(np.argmax(dist[ys[far], xs[far]]))
+        p2 = (int(xs[far][j]), int(ys[far][j]))
+    return (x1 + ox, y1 + oy), (p2[0] + ox, p2[1] + oy)
+
+
+def test_interior_points_equal_the_reference_on_ties_and_borders(rng):
+    h, w = 31, 44
+    shapes = []
+    for y0, y1, x0, x1 in [(0, h, 0, w), (5, 6, 3, 40), (0, 1, 0, 1), (10, 20, 10, 20), (0, 9, w - 9, w), (3, 4, 3, 4)]:
+        m = np.zeros((h, w), bool)
+        m[y0:y1, x0:x1] = True  # full image, a 1-pixel line, single pixels, a square (ties everywhere), a corner
+        shapes.append(m)
+    two = np.zeros((h, w), bool)
+    two[2:8, 2:8] = two[20:26, 30:36] = True  # two equal blobs: the first maximum must win
+    ring = np.zeros((h, w), bool)
+    ring[5:25, 5:25] = True
+    ring[9:21, 9:21] = False
+    shapes += [two, ring] + list(_masks(rng, 60))
+    n = 0
+    for m in shapes:
+        if not m.any():
+            continue
+        rle = M.encode_mask(m)
+        got = M.interior_points(rle)
+        assert got == _points_reference(rle)
+        assert all(type(v) is int for p in got for v in p)
+        n += 1
+    assert n > 50
 
 
 def test_points_and_outline_from_a_given_crop_match_and_empty_crops_are_refused(rng):
@@ -156,6 +226,18 @@ def test_points_and_outline_from_a_given_crop_match_and_empty_crops_are_refused(
     assert M.rle_to_geometry(empty, 1.0, M.decode_crop(empty, pad_px=1)).is_empty
 
 
+def _svg_reference(geom, w: int, h: int, precision: int = 4) -> str:
+    """The SVG path ring by ring, point by point, with format() of the numpy values."""
+    ref = []
+    for poly in M._iter_polygons(geom):
+        for coords in (poly.exterior.coords, *(i.coords for i in poly.interiors)):
+            pts = np.asarray(coords)[:-1]
+            xs, ys = np.clip(pts[:, 0] / w, 0, 1), np.clip(pts[:, 1] / h, 0, 1)
+            cmds = [f"{'M' if i == 0 else 'L'} {x:.{precision}f} {y:.{precision}f}" for i, (x, y) in enumerate(zip(xs, ys))]
+            ref.append(" ".join(cmds) + " Z")
+    return " ".join(ref)
+
+
 def test_svg_formatting_writes_the_same_digits_as_format(rng):
     for m in _masks(rng, 30):
         if not m.any():
@@ -163,15 +245,71 @@ def test_svg_formatting_writes_the_same_digits_as_format(rng):
         r = M.encode_mask(m)
         geom = M.rle_to_geometry(r, 1.0)
         h, w = m.shape
-        ref = []
-        for poly in M._iter_polygons(geom):
-            for coords in (poly.exterior.coords, *(i.coords for i in poly.interiors)):
-                pts = np.asarray(coords)[:-1]
-                xs, ys = np.clip(pts[:, 0] / w, 0, 1), np.clip(pts[:, 1] / h, 0, 1)
-                cmds = [f"{'M' if i == 0 else 'L'} {x:.4f} {y:.4f}" for i, (x, y) in enumerate(zip(xs, ys))]
-                ref.append(" ".join(cmds) + " Z")
-        assert M.svg_path(geom, w, h) == " ".join(ref)
+        assert M.svg_path(geom, w, h) == _svg_reference(geom, w, h)
     assert M.svg_path(Polygon(), 10, 10) == ""
+
+
+def test_batched_svg_rings_match_ring_by_ring_on_tricky_geometry():
+    # Several polygons with holes of different sizes, coordinates outside the
+    # image on both sides (clipped), values that round at the 4th/2nd decimal,
+    # and a geometry collection whose non-polygon parts are skipped.
+    holed = Polygon([(0, 0), (30, 0), (30, 30), (0, 30)], [[(5, 5), (10, 5), (10, 10)], [(20, 20), (25, 20), (25, 26), (20, 25)]])
+    outside = Polygon([(-3.3, -1), (70.123456, 2.00005), (69.99995, 44.5), (1 / 3, 50)])
+    multi = shapely.MultiPolygon([holed, shapely.affinity.translate(outside, 35, 0)])
+    coll = shapely.GeometryCollection([shapely.Point(1, 1), holed, shapely.LineString([(0, 0), (1, 1)])])
+    for geom in (holed, outside, multi, coll):
+        for w, h, precision in ((64, 48, 4), (7, 3, 2), (1000, 1, 6)):
+            got = M.svg_path(geom, w, h, precision)
+            assert got == _svg_reference(geom, w, h, precision)
+            assert got.count("M ") == sum(1 + len(p.interiors) for p in M._iter_polygons(geom))
+    assert M.svg_path(shapely.MultiPolygon(), 10, 10) == ""
+
+
+def test_union_crop_equals_decoding_the_union(rng):
+    h, w = 37, 53
+    border = np.zeros((h, w), bool)
+    border[0:3, 0:4] = True  # touches two image edges: its padded window leaves the image
+    border[-1, -5:] = True
+    pixel = np.zeros((h, w), bool)
+    pixel[18, 26] = True
+    far = np.zeros((h, w), bool)
+    far[-2:, 0] = True
+    masks = [border, pixel, far, np.zeros((h, w), bool)] + [random_mask(rng, h, w, 2) for _ in range(6)]
+    rles = [M.encode_mask(m) for m in masks]
+    groups = [(0, 1), (1, 2), (0, 2), (1, 3), (3, 3), (0, 1, 2, 3), (4, 5), (4, 5, 6, 7, 8, 9), (5, 5), (2, 9)]
+    for group in groups:
+        union = M.rle_union([rles[i] for i in group])
+        for pad in (0, 1, 3):
+            want_crop, want_origin = M.decode_crop(union, pad_px=pad)
+            for part_pad in (0, 1, 2):
+                parts = [M.decode_crop(rles[i], pad_px=part_pad) for i in group]
+                got_crop, got_origin = M.union_crop(union, parts, pad_px=pad)
+                assert got_origin == want_origin and got_crop.shape == want_crop.shape
+                assert np.array_equal(got_crop, want_crop), (group, pad, part_pad)
+    # A part that is not in the union would show up: the check is real.
+    stray = np.zeros((h, w), bool)
+    stray[20, 10] = True  # inside the union's window, not in the union
+    union = M.rle_union([rles[1], rles[2]])
+    got, _ = M.union_crop(union, [M.decode_crop(r, pad_px=1) for r in (rles[1], rles[2], M.encode_mask(stray))])
+    assert not np.array_equal(got, M.decode_crop(union, pad_px=1)[0])
+
+
+def test_crop_window_equals_numpy_floor_and_ceil():
+    def ref(b, pad):
+        bx0, by0, bx1, by1 = b
+        return (
+            int(np.floor(bx0)) - pad, int(np.floor(by0)) - pad,
+            max(int(np.ceil(bx1)), int(np.floor(bx0)) + 1) + pad, max(int(np.ceil(by1)), int(np.floor(by0)) + 1) + pad,
+        )
+
+    boxes = [(0, 0, 0, 0), (0.5, 1.5, 2.5, 3.49), (-2.5, -0.1, -0.0, 4.0), (3, 4, 3, 4), (1e15 + 0.5, 2, 1e15 + 3, 2.2),
+             (np.float64(2.7), np.float32(1.2), np.int64(5), 9.999999999), (7.0, 7.0, 6.0, 6.5)]
+    for b in boxes:
+        for pad in (0, 1, 4):
+            assert M._crop_window(b, pad) == ref(b, pad)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises((ValueError, OverflowError)):
+            M._crop_window((bad, 0, 1, 1), 1)
 
 
 # ------------------------------------------------------------------ trainer targets cache
@@ -345,3 +483,247 @@ def test_c_work_is_grouped_by_the_library_that_does_it(tmp_path):
     import shapely.lib
 
     assert isinstance(shapely.lib.buffer, np.ufunc)
+
+
+# ------------------------------------------------------------------ seeded decisions
+
+
+def test_memoised_unit_and_shuffle_equal_the_direct_hash():
+    from orsgen.schemas.config import ExpressionConfig
+    from orsgen.stages.expressions.context import ImageContext
+    from orsgen.stages.expressions.stage import margins_for
+    from orsgen.stages.splits import hash_unit
+
+    ctx = ImageContext.build("coco:7", 64, 48, [], margins_for(ExpressionConfig(), 64, 48), seed=3)
+
+    def direct(*parts: object) -> float:
+        return hash_unit("\x00".join(["coco:7", *(str(p) for p in parts)]), "expressions:3")
+
+    # Parts that are equal as dict keys but differ as text (1, 1.0, True) must
+    # not share a memoised number; asking twice gives the first answer.
+    for parts in [(1,), (1.0,), (True,), ("1",), ("a", "b"), ("a\x00b",), ("order", "x"), ()]:
+        assert ctx.unit(*parts) == direct(*parts)
+        assert ctx.unit(*parts) == direct(*parts)
+    assert ctx.unit(1) != ctx.unit(1.0)
+    assert ctx.pick(list("abcdefg"), "p", 2) == list("abcdefg")[min(int(direct("p", 2) * 7), 6)]
+
+    # The seeded order: by (unit("order", str(key)), str(key)), stable for
+    # items with the same name, whatever the key returns (ints, tuples).
+    items = [(k % 5, i) for i, k in enumerate([3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9])]
+    for key in (lambda it: it[0], lambda it: str(it[0]), lambda it: it):
+        want = sorted(items, key=lambda it: (direct("order", key(it)), str(key(it))))
+        assert ctx.shuffled(items, key=key) == want
+        assert ctx.shuffled(list(reversed(items)), key=key) == sorted(
+            reversed(items), key=lambda it: (direct("order", key(it)), str(key(it)))
+        )
+    # Another seed or image is another memo (a fresh context), not a stale hit.
+    other = ImageContext.build("coco:7", 64, 48, [], margins_for(ExpressionConfig(), 64, 48), seed=4)
+    assert other.unit("x") == hash_unit("coco:7\x00x", "expressions:4") != ctx.unit("x")
+
+
+# ------------------------------------------------------------------ position semantics
+
+
+def _absolute_conditions_table(g, region: str, width: int, height: int, reading: str) -> list[float]:
+    """The absolute-region conditions as the full table (the reference)."""
+    from orsgen.stages.expressions.geometry import _point
+
+    x, y = _point(g, reading)
+    left, right = width / 3.0 - x, x - 2.0 * width / 3.0
+    top, bottom = height / 3.0 - y, y - 2.0 * height / 3.0
+    return {
+        "left": [left], "right": [right], "top": [top], "bottom": [bottom],
+        "center": [-left, -right, -top, -bottom],
+        "top_left": [top, left], "top_right": [top, right],
+        "bottom_left": [bottom, left], "bottom_right": [bottom, right],
+    }[region]
+
+
+def test_absolute_conditions_and_truth_equal_the_full_table(rng):
+    from orsgen.stages.expressions import geometry as G
+
+    def truth_ref(values, m):
+        return G._truth([G.additive(v, m) for v in values])
+
+    w, h = 90, 61  # thirds that are not exact binary fractions
+    # Centroids and boxes on the third lines (ties with margin 0), just off
+    # them, outside the image, and NaN.
+    special = [w / 3.0, 2.0 * w / 3.0, h / 3.0, 2.0 * h / 3.0, 0.0, -5.0, w + 3.0, float("nan")]
+    vals = [*special, *(float(v) for v in rng.uniform(-10, 100, 40))]
+    geoms = []
+    for k in range(200):
+        cx, cy, x0, y0 = (vals[int(i)] for i in rng.integers(0, len(vals), 4))
+        geoms.append(G.Geom(f"i{k}", "cup", False, 10.0, cx, cy, x0, y0, x0 + float(rng.integers(0, 30)), y0 + 7.0))
+    for m in (0.0, 2.5, 1e-9):
+        margins = G.Margins(position_px=m, size_ratio=0.25, near_px=10.0)
+        for region in G.ABSOLUTE_REGIONS:
+            want = []
+            for g in geoms:
+                per = []
+                for r in G.READINGS:
+                    ref = _absolute_conditions_table(g, region, w, h, r)
+                    got = G.absolute_conditions(g, region, w, h, r)
+                    assert np.array_equal(np.array(got), np.array(ref), equal_nan=True)
+                    assert G._additive_truth(got, m) is truth_ref(ref, m)
+                    per.append(truth_ref(ref, m))
+                want.append(G.both_readings(*per))
+            assert G.absolute_truth(geoms, region, w, h, margins) == want
+    with pytest.raises(ValueError, match="unknown absolute region"):
+        G.absolute_conditions(geoms[0], "middle", w, h)
+
+
+# ------------------------------------------------------------------ reject redaction
+
+
+def test_reused_secret_values_follow_every_environment_change(monkeypatch):
+    from orsgen.schemas.config import redact as R
+    from orsgen.schemas.records import Reject
+
+    def check() -> list[str]:
+        got = R.secret_values()
+        assert got == R._scan_secret_values()
+        return got
+
+    monkeypatch.delenv("ORSGEN_TEST_API_KEY", raising=False)
+    base = check()
+    assert check() == base  # reused, same answer
+    monkeypatch.setenv("ORSGEN_TEST_API_KEY", "first-secret-value")
+    assert "first-secret-value" in check()
+    assert Reject("k", "s", "r", "server said first-secret-value").message == "server said ***"
+    monkeypatch.setenv("ORSGEN_TEST_API_KEY", "second-secret-value")  # same name, new value
+    got = check()
+    assert "second-secret-value" in got and "first-secret-value" not in got
+    assert Reject("k", "s", "r", "echo second-secret-value").message == "echo ***"
+    monkeypatch.setenv("PLAIN_VARIABLE_X", "not-a-secret-value")  # not secret by name ...
+    assert "not-a-secret-value" not in check()
+    monkeypatch.setenv(R.SECRET_ENV_LIST, "PLAIN_VARIABLE_X")  # ... until registered
+    assert "not-a-secret-value" in check()
+    monkeypatch.delenv("ORSGEN_TEST_API_KEY")
+    assert "second-secret-value" not in check()
+    # A caller changing the returned list does not change the next answer.
+    got = R.secret_values()
+    got.clear()
+    assert R.secret_values() == R._scan_secret_values() != []
+
+
+def test_sample_id_equals_safe_key_of_the_whole_id():
+    from orsgen.schemas.records import safe_key
+    from orsgen.stages.expressions.context import Candidate
+    from orsgen.stages.expressions.stage import sample_id_of
+
+    # Keys with dots, slashes, colons, spaces, non-ASCII letters and digits,
+    # a lone surrogate, and an already safe key.
+    keys = ["coco-coco_1", "a.b/c:d e", "refcoco-coco:391895", "café-ß-٣", "x\ud800y", "", "-x"]
+    texts = ["the cup", "the CUP", "the cup ", "ünïcode ☕", ""]
+    for key in keys:
+        for kind in ("category", "description"):
+            for text in texts:
+                cand = Candidate(kind=kind, expression=text, target_ids=(), template="t")
+                digest = hashlib.sha256(f"{kind}\x00{text}".encode("utf-8")).hexdigest()[:12]
+                assert sample_id_of(key, cand) == safe_key(f"{key}-x{digest}")
+
+
+def test_samples_built_once_equal_attach_targets_and_errors_match(rng):
+    from orsgen.schemas.config import ExpressionConfig
+    from orsgen.stages.expressions.stage import add_expressions
+    from tests.test_expressions import TEMPLATES, VOCAB, _example, _scene
+
+    out, rejects, _ = add_expressions(_example(_scene()), VOCAB, TEMPLATES, ExpressionConfig(negative_ratio=1.0), seed=3)
+    by_id = {i.instance_id: i for i in out.instances}
+    w, h = out.image.width, out.image.height
+    assert len(out.samples) > 5 and not rejects
+    assert any(len(s.target_ids) > 1 for s in out.samples) and any(not s.target_ids for s in out.samples)
+    for s in out.samples:
+        bare = dataclasses.replace(s, union_rle=None, union_svg="", targets=())
+        assert T.attach_targets(bare, by_id, w, h) == s
+    # The errors are attach_targets' own, reason and message.
+    empty = dataclasses.replace(_instance("img", 1, np.zeros((20, 20), bool)), area_px=0)
+    for ids, insts in ((("img/ann:9",), {}), ((empty.instance_id,), {empty.instance_id: empty})):
+        s = Sample(sample_id="s", image_id="img", expression="e", kind="category", target_ids=ids, generator="t")
+        with pytest.raises(T.TargetError) as want:
+            T.attach_targets(s, insts, 20, 20)
+        with pytest.raises(T.TargetError) as got:
+            T.target_fields(ids, insts, 20, 20, image_id="img")
+        assert (got.value.reason, str(got.value)) == (want.value.reason, str(want.value))
+
+
+# ------------------------------------------------------------------ outlines of many masks at once
+
+
+def _outline_reference(rle, tolerance_px: float):
+    """The outline one mask at a time with scalar shapely calls (the reference)."""
+    import cv2
+
+    if M.rle_area(rle) == 0:
+        return Polygon()
+    crop, (ox, oy) = M.decode_crop(rle, pad_px=1)
+    contours, hierarchy = cv2.findContours(crop.astype(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+    hier = hierarchy[0].tolist()
+    polys = []
+    for k, h in enumerate(hier):
+        if h[3] != -1:
+            continue
+        poly = M._ring_geometry(contours[k], ox, oy)
+        child = h[2]
+        while child != -1:
+            hole = M._ring_geometry(contours[child], ox, oy, grow=False)
+            if not hole.is_empty:
+                poly = poly.difference(hole.buffer(-0.5, join_style="mitre"))
+            child = hier[child][0]
+        polys.append(poly)
+    geom = shapely.unary_union(polys)
+    geom = geom if geom.is_valid else shapely.make_valid(geom)
+    if tolerance_px > 0:
+        geom = geom.simplify(tolerance_px, preserve_topology=True)
+        geom = geom if geom.is_valid else shapely.make_valid(geom)
+    return M._polygonal(geom)
+
+
+def test_outlines_of_many_masks_equal_one_at_a_time(rng):
+    h, w = 40, 50
+    ring = np.zeros((h, w), bool)
+    ring[5:30, 5:30] = True
+    ring[10:25, 10:25] = False
+    ring[14:18, 14:18] = True  # an island in the hole
+    specks = np.zeros((h, w), bool)
+    specks[0, 0] = specks[2, 5:7] = specks[-1, -1] = True  # 1- and 2-point contours at the border
+    touch = np.zeros((h, w), bool)
+    touch[10:15, 10:15] = touch[15:20, 15:20] = True  # touching corners: a self-touching contour
+    noise = np.zeros((h, w), bool)
+    noise[3:15, 30:44] = rng.random((12, 14)) < 0.7  # many holes and specks, small
+    masks = [ring, specks, touch, noise, np.zeros((h, w), bool), np.ones((h, w), bool)]
+    masks += [random_mask(rng, h, w, int(rng.integers(0, 4))) for _ in range(12)]
+    rles = [M.encode_mask(m) for m in masks]
+    for tol in (0.0, 1.0, 2.5):
+        want = [_outline_reference(r, tol).wkb for r in rles]
+        # Crops given, crops decoded inside, and a mixture, in one batch.
+        given = [(r, M.decode_crop(r, pad_px=1)) for r in rles]
+        assert [g.wkb for g in M.rle_to_geometries(given, tol)] == want
+        assert [g.wkb for g in M.rle_to_geometries([(r, None) for r in rles], tol)] == want
+        assert [M.rle_to_geometry(r, tol).wkb for r in rles] == want
+    assert M.rle_to_geometries([]) == []
+
+
+def test_prepared_target_sets_give_what_each_set_gives_alone(rng):
+    h, w = 48, 64
+    insts = [_instance("img", k, random_mask(rng, h, w, 2)) for k in range(5)]
+    empty = dataclasses.replace(_instance("img", 9, np.zeros((h, w), bool)), area_px=0)
+    by_id = {i.instance_id: i for i in [*insts, empty]}
+    ids = [i.instance_id for i in insts]
+    sets = [(ids[0],), (ids[0], ids[1]), (ids[2], ids[3], ids[4]), (), (ids[1], "img/ann:77"), (empty.instance_id,),
+            (ids[0], ids[1]), (ids[4],)]
+    prepared = T.TargetCache()
+    prepared.prepare(sets, by_id, w, h)
+    assert len(prepared._shapes) == 4  # the distinct valid, non-empty sets; the others are left to target_fields
+    fresh = T.TargetCache()
+    for target_ids in sets:
+        try:
+            want = T.target_fields(target_ids, by_id, w, h, cache=T.TargetCache())
+        except T.TargetError as err:
+            with pytest.raises(T.TargetError) as got:
+                T.target_fields(target_ids, by_id, w, h, cache=prepared)
+            assert (got.value.reason, str(got.value)) == (err.reason, str(err))
+            continue
+        assert T.target_fields(target_ids, by_id, w, h, cache=prepared) == want
+        assert T.target_fields(target_ids, by_id, w, h, cache=fresh) == want
+    assert len(prepared._shapes) == 5  # the empty set, computed on demand

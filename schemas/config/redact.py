@@ -90,8 +90,35 @@ def register_secret_env(name: str | None) -> None:
         os.environ[SECRET_ENV_LIST] = ",".join([*names, name])
 
 
+#: ``(environment snapshot, secret values)`` of the last ``secret_values`` call.
+_SECRETS_SEEN: tuple[dict[Any, Any] | None, tuple[str, ...]] = (None, ())
+
+
 def secret_values() -> list[str]:
-    """The current values of every secret-holding environment variable, longest first."""
+    """The current values of every secret-holding environment variable, longest first.
+
+    Every reject message is redacted, so this runs thousands of times per
+    run; the answer is kept with a snapshot of the process environment and
+    reused while the environment is unchanged (a dict comparison in C), so a
+    variable set, changed or removed later is seen at once.
+    """
+    global _SECRETS_SEEN
+    # os.environ's own mapping (bytes on POSIX): copying and comparing it
+    # costs no per-variable decoding. Without it, scan every time.
+    data = getattr(os.environ, "_data", None)
+    if not isinstance(data, dict):
+        return _scan_secret_values()
+    seen, values = _SECRETS_SEEN
+    if seen is not None and seen == data:
+        return list(values)
+    snapshot = dict(data)
+    found = _scan_secret_values()
+    _SECRETS_SEEN = (snapshot, tuple(found))
+    return found
+
+
+def _scan_secret_values() -> list[str]:
+    """``secret_values`` read from the environment (no reuse)."""
     names = set(ALWAYS_SECRET_ENV) | {n for n in os.environ.get(SECRET_ENV_LIST, "").split(",") if n}
     values = {os.environ.get(n, "") for n in names}
     values |= {v for k, v in os.environ.items() if is_secret_name(k) and k != SECRET_ENV_LIST}

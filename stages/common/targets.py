@@ -17,7 +17,20 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from orsgen.schemas.records import Instance, Rle, Sample, TargetGeometry
-from orsgen.stages.common.masks import PaddedCrop, decode_crop, interior_points, rle_to_geometry, rle_union, svg_path
+from orsgen.stages.common.masks import (
+    PaddedCrop,
+    decode_crop,
+    interior_points,
+    rle_to_geometries,
+    rle_to_geometry,
+    rle_union,
+    svg_path,
+    union_crop,
+)
+
+
+#: Default simplification tolerance of the SVG path, in pixels.
+SVG_TOLERANCE_PX = 1.0
 
 
 class TargetError(ValueError):
@@ -87,6 +100,19 @@ class TargetCache:
             got = self._crops[key] = decode_crop(rle, pad_px=1)
         return got
 
+    def union_crop(self, union: Rle, targets: Sequence[Instance]) -> PaddedCrop:
+        """``decode_crop(union, pad_px=1)`` of ``union = rle_union(targets' masks)``, from the targets' crops.
+
+        One target's union is its own mask (the same crop); several targets'
+        crops, decoded once each for their points, are OR-ed together instead
+        of decoding the union's runs again.
+        """
+        key = (union.counts, union.size)
+        got = self._crops.get(key)
+        if got is None:
+            got = self._crops[key] = union_crop(union, [self.crop(t.rle) for t in targets], pad_px=1)
+        return got
+
     def geometry(self, inst: Instance, width: int, height: int) -> TargetGeometry:
         """``target_geometry(inst, width, height)``, computed once per instance."""
         key = (inst.instance_id, inst.rle.counts, inst.rle.size, tuple(inst.bbox_xyxy), width, height)
@@ -95,15 +121,85 @@ class TargetCache:
             got = self._geoms[key] = target_geometry(inst, width, height, self.crop(inst.rle))
         return got
 
+    def prepare(
+        self,
+        target_sets: Sequence[Sequence[str]],
+        instances: Mapping[str, Instance],
+        width: int,
+        height: int,
+        tolerance_px: float = SVG_TOLERANCE_PX,
+    ) -> None:
+        """Computes the union masks and SVG paths of many target sets at once.
+
+        Their outlines go through ``rle_to_geometries`` together (one GEOS call
+        per step for the whole image instead of per target set); what is
+        stored is what ``union_and_svg`` would compute for each set alone. Sets
+        that ``target_fields`` refuses (unknown or empty targets) and empty
+        sets are left to it.
+        """
+        todo: list[tuple[tuple[Any, ...], Rle, PaddedCrop]] = []
+        keys: set[tuple[Any, ...]] = set()
+        for ids in target_sets:
+            if not ids or any(t not in instances for t in ids):
+                continue
+            targets = [instances[t] for t in ids]
+            if any(t.area_px <= 0 for t in targets):
+                continue
+            key = self._shape_key(targets, width, height, tolerance_px)
+            if key in self._shapes or key in keys:
+                continue
+            keys.add(key)
+            union = rle_union([t.rle for t in targets], size=(height, width))
+            todo.append((key, union, self.union_crop(union, targets)))
+        outlines = rle_to_geometries([(union, crop) for _, union, crop in todo], tolerance_px)
+        for (key, union, _), geom in zip(todo, outlines):
+            self._shapes[key] = (union, svg_path(geom, width, height))
+
+    @staticmethod
+    def _shape_key(targets: Sequence[Instance], width: int, height: int, tolerance_px: float) -> tuple[Any, ...]:
+        return (tuple((t.rle.counts, t.rle.size) for t in targets), width, height, tolerance_px)
+
     def union_and_svg(self, targets: Sequence[Instance], width: int, height: int, tolerance_px: float) -> tuple[Rle, str]:
         """The union mask and SVG path of ``targets``, computed once per target set."""
-        key = (tuple((t.rle.counts, t.rle.size) for t in targets), width, height, tolerance_px)
+        key = self._shape_key(targets, width, height, tolerance_px)
         got = self._shapes.get(key)
         if got is None:
             union = rle_union([t.rle for t in targets], size=(height, width))
-            svg = svg_path(rle_to_geometry(union, tolerance_px, self.crop(union)), width, height) if targets else ""
+            svg = svg_path(rle_to_geometry(union, tolerance_px, self.union_crop(union, targets)), width, height) if targets else ""
             got = self._shapes[key] = (union, svg)
         return got
+
+
+def target_fields(
+    target_ids: Sequence[str],
+    instances: Mapping[str, Instance],
+    width: int,
+    height: int,
+    *,
+    image_id: str = "",
+    svg_tolerance_px: float = SVG_TOLERANCE_PX,
+    cache: TargetCache | None = None,
+) -> tuple[Rle, str, tuple[TargetGeometry, ...]]:
+    """The trainer-target fields of a sample with ``target_ids``: ``(union_rle, union_svg, targets)``.
+
+    What ``attach_targets`` sets, for a caller that builds the ``Sample``
+    itself (once, instead of building it and then a changed copy).
+
+    Raises:
+        TargetError: as ``attach_targets``.
+    """
+    missing = [t for t in target_ids if t not in instances]
+    if missing:
+        raise TargetError("missing_target", f"targets {missing} are not instances of image {image_id}.")
+    targets = [instances[t] for t in target_ids]
+    for t in targets:
+        if t.area_px <= 0:
+            raise TargetError("empty_mask", f"target {t.instance_id} has an empty mask.")
+    if cache is None:
+        cache = TargetCache()
+    union, svg = cache.union_and_svg(targets, width, height, svg_tolerance_px)
+    geoms = tuple(cache.geometry(t, width, height) for t in targets)
+    return union, svg, geoms
 
 
 def attach_targets(
@@ -112,7 +208,7 @@ def attach_targets(
     width: int,
     height: int,
     *,
-    svg_tolerance_px: float = 1.0,
+    svg_tolerance_px: float = SVG_TOLERANCE_PX,
     cache: TargetCache | None = None,
 ) -> Sample:
     """Fills a sample's trainer targets from its ``target_ids``.
@@ -134,15 +230,7 @@ def attach_targets(
         TargetError: a target id is unknown (``missing_target``) or its mask
             is empty (``empty_mask``).
     """
-    missing = [t for t in sample.target_ids if t not in instances]
-    if missing:
-        raise TargetError("missing_target", f"targets {missing} are not instances of image {sample.image_id}.")
-    targets = [instances[t] for t in sample.target_ids]
-    for t in targets:
-        if t.area_px <= 0:
-            raise TargetError("empty_mask", f"target {t.instance_id} has an empty mask.")
-    if cache is None:
-        cache = TargetCache()
-    union, svg = cache.union_and_svg(targets, width, height, svg_tolerance_px)
-    geoms = tuple(cache.geometry(t, width, height) for t in targets)
+    union, svg, geoms = target_fields(
+        sample.target_ids, instances, width, height, image_id=sample.image_id, svg_tolerance_px=svg_tolerance_px, cache=cache
+    )
     return dataclasses.replace(sample, union_rle=union, union_svg=svg, targets=geoms)

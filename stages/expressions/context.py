@@ -92,6 +92,13 @@ class ImageContext:
     present_categories: tuple[tuple[str, str], ...] = ()
     coverage: Coverage | None = None
     nouns: dict[str, Any] | None = None
+    #: ``unit`` results by their hashed text: the seeded order of one image
+    #: asks for the same candidates' numbers in several passes (balance,
+    #: then its per-target cap). Not part of the context's value.
+    _units: dict[str, float] = field(default_factory=dict, init=False, repr=False, compare=False)
+    #: ``covers_another`` answers by category name (the category and the
+    #: descriptive generators, and every relation anchor, ask again).
+    _covers: dict[str, str | None] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def build(
@@ -190,15 +197,24 @@ class ImageContext:
         """
         if self.coverage is None:
             return None
+        if name in self._covers:
+            return self._covers[name]
+        found = None
         words = self.coverage.words(name, self.nouns)
         for other, sup in self.present_categories:
             if other != name and self.coverage.word_covers(words, other, sup, self.nouns):
-                return other
-        return None
+                found = other
+                break
+        self._covers[name] = found
+        return found
 
     def unit(self, *parts: Any) -> float:
         """A uniform number in [0, 1) fixed by the seed, the image and ``parts``."""
-        return hash_unit("\x00".join([self.image_id, *(str(p) for p in parts)]), f"expressions:{self.seed}")
+        text = "\x00".join([self.image_id, *map(str, parts)])
+        got = self._units.get(text)
+        if got is None:
+            got = self._units[text] = hash_unit(text, f"expressions:{self.seed}")
+        return got
 
     def pick(self, options: Sequence[T], *parts: Any) -> T:
         """One of ``options``, chosen by ``unit(*parts)``."""
@@ -208,4 +224,9 @@ class ImageContext:
 
     def shuffled(self, items: Iterable[T], key: Any) -> list[T]:
         """``items`` in a seeded order; ``key(item)`` names each item stably."""
-        return sorted(items, key=lambda it: (self.unit("order", key(it)), str(key(it))))
+
+        def order(it: T) -> tuple[float, str]:
+            name = str(key(it))  # unit() hashes str() of its parts, so the same number
+            return (self.unit("order", name), name)
+
+        return sorted(items, key=order)

@@ -114,6 +114,12 @@ def description_candidates(
     if not kinds:
         return out, counts
     active = [t for t in templates.enabled() if t.family in families]
+    # Loop invariants, made once per image: the kinds' text fields, the
+    # rounded margin, and each category's anchors (the same for every
+    # relation template).
+    kind_fields = [(key, f"{key}_plural") for key in map(str, kinds)]
+    margin_px = round(ctx.margins.position_px, 4)
+    anchors_of: dict[str, list[tuple[str, Geom]]] = {}
     for name in sorted(ctx.pools):
         if name in ctx.crowd_categories:
             counts["crowd"] += 1
@@ -135,7 +141,12 @@ def description_candidates(
                 continue
             if t.categories is not None and name not in t.categories:
                 continue
-            anchors: list[tuple[str, Geom] | None] = _anchors(ctx, name) if t.family == "relation" else [None]
+            if t.family == "relation":
+                if name not in anchors_of:
+                    anchors_of[name] = _anchors(ctx, name)
+                anchors: list[tuple[str, Geom] | None] = list(anchors_of[name])
+            else:
+                anchors = [None]
             for anchor in anchors:
                 anchor_geom = anchor[1] if anchor else None
                 truths = evaluate(t, pool, ctx, anchor_geom)
@@ -156,14 +167,13 @@ def description_candidates(
                     "category": name,
                     "n_instances": n,
                     "semantics": template_semantics(t),
-                    "margin_px": round(ctx.margins.position_px, 4),
+                    "margin_px": margin_px,
                 }
                 if anchor:
                     meta["anchor_category"] = anchor[0]
                     meta["anchor_id"] = anchor[1].instance_id
-                for kind in kinds:
-                    key = str(kind)
-                    texts = getattr(t, f"{key}_plural" if plural else key)
+                for key, plural_field in kind_fields:
+                    texts = getattr(t, plural_field if plural else key)
                     if not texts:
                         continue
                     text = ctx.pick(texts, t.id, key, anchor[0] if anchor else "", *targets).format(

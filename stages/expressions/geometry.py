@@ -230,7 +230,7 @@ def rle_moments(rle: Rle) -> tuple[int, float, float]:
     runs = rle_counts_to_runs(rle.counts)
     if runs.size < 2:
         return 0, 0.0, 0.0
-    ends = np.cumsum(runs)
+    ends = runs.cumsum()
     starts = ends - runs
     fg = slice(1, None, 2)
     s, e = starts[fg], ends[fg]
@@ -343,25 +343,28 @@ def _point(g: Geom, reading: str) -> tuple[float, float]:
 def absolute_conditions(g: Geom, region: str, width: int, height: int, reading: str = "centroid") -> list[float]:
     """Condition values (pixels) of an absolute-position region under one reading."""
     x, y = _point(g, reading)
-    left = width / 3.0 - x
-    right = x - 2.0 * width / 3.0
-    top = height / 3.0 - y
-    bottom = y - 2.0 * height / 3.0
-    table = {
-        "left": [left],
-        "right": [right],
-        "top": [top],
-        "bottom": [bottom],
-        "center": [-left, -right, -top, -bottom],
-        "top_left": [top, left],
-        "top_right": [top, right],
-        "bottom_left": [bottom, left],
-        "bottom_right": [bottom, right],
-    }
-    try:
-        return table[region]
-    except KeyError:
-        raise ValueError(f"unknown absolute region {region!r}; use one of {ABSOLUTE_REGIONS}.") from None
+    # Only the region's own values are computed (a hot path: every instance,
+    # region and reading); each is the same expression as in the full table
+    # left / right / top / bottom, center = their negations.
+    if region == "left":
+        return [width / 3.0 - x]
+    if region == "right":
+        return [x - 2.0 * width / 3.0]
+    if region == "top":
+        return [height / 3.0 - y]
+    if region == "bottom":
+        return [y - 2.0 * height / 3.0]
+    if region == "top_left":
+        return [height / 3.0 - y, width / 3.0 - x]
+    if region == "top_right":
+        return [height / 3.0 - y, x - 2.0 * width / 3.0]
+    if region == "bottom_left":
+        return [y - 2.0 * height / 3.0, width / 3.0 - x]
+    if region == "bottom_right":
+        return [y - 2.0 * height / 3.0, x - 2.0 * width / 3.0]
+    if region == "center":
+        return [-(width / 3.0 - x), -(x - 2.0 * width / 3.0), -(height / 3.0 - y), -(y - 2.0 * height / 3.0)]
+    raise ValueError(f"unknown absolute region {region!r}; use one of {ABSOLUTE_REGIONS}.")
 
 
 def box_gap_px(a: Geom, b: Geom) -> float:
@@ -454,19 +457,23 @@ def both_readings(a: Truth, b: Truth) -> Truth:
 def absolute_truth(pool: Sequence[Geom], region: str, width: int, height: int, margins: Margins) -> list[Truth]:
     """Truth of an absolute-position region for every instance of ``pool``."""
     m = margins.position_px
-    return [
-        both_readings(*(_additive_truth(absolute_conditions(g, region, width, height, r), m) for r in READINGS))
-        for g in pool
-    ]
+    out = []
+    for g in pool:
+        a = _additive_truth(absolute_conditions(g, region, width, height, READINGS[0]), m)
+        b = _additive_truth(absolute_conditions(g, region, width, height, READINGS[1]), m)
+        out.append(both_readings(a, b))
+    return out
 
 
 def _additive_truth(values: Sequence[float], m: float) -> Truth:
     """``_truth`` of ``additive(v, m)`` conditions, without building them (a hot path)."""
-    if any(v + m < 0 for v in values):
-        return Truth.FALSE
-    if all(v - m > 0 for v in values):
-        return Truth.TRUE
-    return Truth.UNSURE
+    for v in values:
+        if v + m < 0:
+            return Truth.FALSE
+    for v in values:
+        if not v - m > 0:  # not ``<=``: a NaN value is never clearly true
+            return Truth.UNSURE
+    return Truth.TRUE
 
 
 def ordinal_truth(pool: Sequence[Geom], side: str, rank: int, margins: Margins) -> list[Truth]:

@@ -16,6 +16,7 @@ category sample or description that would need a dropped one is not written.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
@@ -31,7 +32,7 @@ from orsgen.stages.expressions.negatives import negative_candidates
 from orsgen.stages.expressions.templates import TemplateSet
 from orsgen.stages.expressions.vocabulary import load_vocabulary
 from orsgen.stages.regions import select_regions
-from orsgen.stages.common.targets import TargetCache, TargetError, attach_targets
+from orsgen.stages.common.targets import TargetCache, TargetError, target_fields
 
 STAGE = "expressions"
 GENERATOR = "template"
@@ -103,7 +104,14 @@ def generate_candidates(
 def sample_id_of(key: str, cand: Candidate) -> str:
     """A stable sample id: the example key and a digest of kind and text (unique per image)."""
     digest = hashlib.sha256(f"{cand.kind}\x00{cand.expression}".encode("utf-8")).hexdigest()[:12]
-    return safe_key(f"{key}-x{digest}")
+    # safe_key maps character by character and "-x" + hex digits are safe, so
+    # this is safe_key(f"{key}-x{digest}") with the key's part made once per image.
+    return f"{_safe_key_prefix(key)}-x{digest}"
+
+
+@functools.lru_cache(maxsize=1024)
+def _safe_key_prefix(key: str) -> str:
+    return safe_key(key)
 
 
 def add_expressions(
@@ -154,26 +162,39 @@ def add_expressions(
     samples: list[Sample] = []
     rejects: list[Reject] = []
     existing = {s.sample_id for s in ex.samples}
-    # Samples of one image share targets: points, unions and SVG paths are computed once.
+    # Samples of one image share targets: points, unions and SVG paths are computed once,
+    # the outlines of all the image's target sets together.
     target_cache = TargetCache()
+    todo = []
     for cand in selected:
         sid = sample_id_of(ex.key, cand)
-        if sid in existing:
-            continue  # a rerun of the stage on its own output adds nothing twice
-        sample = Sample(
-            sample_id=sid,
-            image_id=ex.image.image_id,
-            expression=cand.expression,
-            kind=cand.kind,
-            target_ids=cand.target_ids,
-            generator=GENERATOR,
-            template=cand.template,
-            metadata={**cand.metadata, "templates_version": templates.version, "vocabulary_version": coverage.version},
-        )
+        if sid not in existing:  # a rerun of the stage on its own output adds nothing twice
+            todo.append((sid, cand))
+    target_cache.prepare([cand.target_ids for _, cand in todo], by_id, w, h)
+    for sid, cand in todo:
         try:
-            samples.append(attach_targets(sample, by_id, w, h, cache=target_cache))
+            # attach_targets' fields, the Sample then built once with them.
+            union, svg, geoms = target_fields(
+                cand.target_ids, by_id, w, h, image_id=ex.image.image_id, cache=target_cache
+            )
         except TargetError as err:
             rejects.append(Reject(sid, STAGE, err.reason, str(err), RejectLevel.SAMPLE, ex.image.image_id))
+            continue
+        samples.append(
+            Sample(
+                sample_id=sid,
+                image_id=ex.image.image_id,
+                expression=cand.expression,
+                kind=cand.kind,
+                target_ids=cand.target_ids,
+                generator=GENERATOR,
+                template=cand.template,
+                union_rle=union,
+                union_svg=svg,
+                targets=geoms,
+                metadata={**cand.metadata, "templates_version": templates.version, "vocabulary_version": coverage.version},
+            )
+        )
     counts["images"] += 1
     return ex.replace(samples=ex.samples + tuple(samples)), rejects, counts
 
