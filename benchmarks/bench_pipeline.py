@@ -553,8 +553,8 @@ def library_wrappers() -> Iterator[None]:
     Each wrapper is a one-line Python function whose code object names the
     library as its file, so its own time in cProfile is the library's time
     (plus a call's overhead). Callers look these functions up as module
-    attributes at call time (``lib.buffer``, ``_mask.encode``), so replacing
-    the attributes reaches every call; they are restored afterwards.
+    attributes at call time (``lib.buffer``, ``_mask.encode``) or hold an
+    alias in an orsgen module: both are replaced, and restored afterwards.
     """
     import numpy as np
     import pycocotools._mask as cmask
@@ -571,11 +571,21 @@ def library_wrappers() -> Iterator[None]:
     saved: list[tuple[Any, str, Any]] = []
     targets = [(shapely.lib, "<GEOS>", lambda v: isinstance(v, np.ufunc))]
     targets += [(m, "<pycocotools>", lambda v: type(v).__name__ == "cython_function_or_method") for m in (cmask, pmask)]
+    wrapped: dict[int, Any] = {}
     for module, label, pick in targets:
         for key, value in list(vars(module).items()):
             if pick(value):
                 saved.append((module, key, value))
-                setattr(module, key, wrap(value, label))
+                wrapped[id(value)] = wrap(value, label)
+                setattr(module, key, wrapped[id(value)])
+    # orsgen's own module-level aliases of those functions (bound at import,
+    # e.g. ``_is_valid = shapely.lib.is_valid``) go through the wrappers too.
+    for name, module in list(sys.modules.items()):
+        if name == "orsgen" or name.startswith("orsgen."):
+            for key, value in list(vars(module).items()):
+                if id(value) in wrapped:
+                    saved.append((module, key, value))
+                    setattr(module, key, wrapped[id(value)])
     try:
         yield
     finally:

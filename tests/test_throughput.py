@@ -483,6 +483,9 @@ def test_c_work_is_grouped_by_the_library_that_does_it(tmp_path):
     import shapely.lib
 
     assert isinstance(shapely.lib.buffer, np.ufunc)
+    from orsgen.stages.common import masks
+
+    assert masks._is_valid is shapely.lib.is_valid
 
 
 # ------------------------------------------------------------------ seeded decisions
