@@ -48,3 +48,52 @@ def test_rle_moments_many_is_bit_identical_to_rle_moments():
             assert type(gx) is float and gx.hex() == float(rx).hex()
             assert type(gy) is float and gy.hex() == float(ry).hex()
     assert any(a > 0 for a, _, _ in want) and any(a == 0 for a, _, _ in want)
+
+
+def _row_variants() -> list[dict]:
+    import copy
+
+    from tests.test_write import _example
+
+    from orsgen.schemas.arrow import example_to_row
+
+    rows = []
+    for i, n_inst in ((0, 2), (1, 1), (2, 3)):
+        row = example_to_row(_example(i, n_inst=n_inst))
+        row["image"] = b""
+        rows.append(row)
+    base = rows[0]
+    # Nulls and empties where the schema allows them, non-ASCII and NUL text,
+    # NaN / -0.0 / huge floats, a missing key and an extra one.
+    odd = copy.deepcopy(base)
+    odd.update(source=None, uri="", width=None, file_name="dé\x00j\u00e0 vu \U0001f600", input_name=None)
+    odd["instances"] = [dict(i, crop_box=None, predicted_iou=float("nan"), stability_score=-0.0, point_coords=[],
+                             supercategory=None, bbox_xywh=[1e308, -0.0, 0.5, 3.0]) for i in odd["instances"]]
+    odd["samples"] = [dict(s, union_rle=None, union_svg=None, targets=[], reground_box=None, reground_iou=None,
+                           target_ids=[], sam2_ious=[float("inf")]) for s in odd["samples"]] + odd["samples"]
+    odd["refs"] = [
+        {"ref_id": 2**40, "image_id": "x", "ann_ids": [], "category_ids": [1, 2], "split": "val",
+         "sentences": [{"sent_id": 1, "raw": "ü", "sent": ""}], "dataset": "refcoco"}
+    ]
+    rows.append(odd)
+    missing = copy.deepcopy(base)
+    del missing["sha256"]
+    missing["extra"] = "ignored"
+    rows.append(missing)
+    return rows
+
+
+def test_arrow_row_bytes_equal_from_pylist():
+    import pyarrow as pa
+
+    from orsgen.schemas.arrow import EXAMPLE_SCHEMA
+    from orsgen.stages.write.plan import _arrow_row_bytes
+
+    rows = _row_variants()
+    assert any(r["samples"] for r in rows) and any(r["instances"] for r in rows)
+    for row in rows:
+        want = pa.RecordBatch.from_pylist([row], schema=EXAMPLE_SCHEMA).serialize().to_pybytes()
+        got = _arrow_row_bytes(row)
+        assert got == want
+        back = pa.ipc.read_record_batch(pa.py_buffer(got), EXAMPLE_SCHEMA)
+        assert back.schema == EXAMPLE_SCHEMA
