@@ -97,3 +97,57 @@ def test_arrow_row_bytes_equal_from_pylist():
         assert got == want
         back = pa.ipc.read_record_batch(pa.py_buffer(got), EXAMPLE_SCHEMA)
         assert back.schema == EXAMPLE_SCHEMA
+
+
+def _polygon_range_problem_reference(segm, width, height):
+    # The per-coordinate loop as it was before the fast path (issue 14).
+    if not isinstance(segm, list):
+        return None
+    for poly in segm:
+        if not isinstance(poly, list):
+            continue
+        for j, v in enumerate(poly):
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue
+            lim = width if j % 2 == 0 else height
+            if not (-lim <= v <= 2 * lim):
+                axis = "x" if j % 2 == 0 else "y"
+                return (
+                    f"polygon {axis} coordinate {v!r} is not finite or lies more than one image size outside "
+                    f"the {width}x{height} image."
+                )
+    return None
+
+
+def test_polygon_range_fast_path_matches_the_loop():
+    from orsgen.stages.ingest.coco import _polygon_clearly_in_range, _polygon_range_problem
+
+    nan, inf = float("nan"), float("inf")
+    w, h = 40, 30
+    edge = [-w, -h, 2 * w, 2 * h, 0, 0]
+    values = [
+        0, 1, -w, -w - 1, 2 * w, 2 * w + 1, -h, 2 * h, 2 * h + 0.5, -h - 1e-9, 12.5, nan, inf, -inf, True, False,
+        10**400, -(10**400), 1e308, "3", None, [1, 2], np.float64(2e9), np.float64(3.0), np.int64(-5000),
+    ]
+    segms = [
+        None, {"size": [h, w], "counts": "x"}, [], [[]], [edge], [edge, [1.0, 2.0, 3.0]], [[1e308, 1e308, 1e308]],
+        [[1, 2, 3]], [[-w - 0.5, 0, 0, 0]], [[0, 0], "not a list", [0, 2 * h + 1]], [[1e308, 0, 1e308, 0, -1e308, 0]],
+    ]
+    rng = np.random.default_rng(3)
+    for _ in range(300):
+        k = int(rng.integers(1, 3))
+        polys = []
+        for _ in range(k):
+            n = int(rng.integers(0, 9))
+            poly = [float(rng.uniform(-1.2 * w, 2.2 * w)) if rng.random() < 0.7 else values[int(rng.integers(len(values)))] for _ in range(n)]
+            polys.append(poly)
+        segms.append(polys)
+    fast = 0
+    for segm in segms:
+        assert _polygon_range_problem(segm, w, h) == _polygon_range_problem_reference(segm, w, h), segm
+        if isinstance(segm, list):
+            fast += sum(1 for p in segm if isinstance(p, list) and p and _polygon_clearly_in_range(p, w, h))
+    assert fast > 10  # the fast path is taken, not only the loop
+    assert _polygon_clearly_in_range(edge, w, h)
+    for bad in ([nan, 0], [0, inf], [True, 0], [10**400, 0], [np.float64(1.0), 0], [2 * w + 1, 0], [0, -h - 1]):
+        assert not _polygon_clearly_in_range(bad, w, h), bad
