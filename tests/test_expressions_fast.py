@@ -151,3 +151,30 @@ def test_polygon_range_fast_path_matches_the_loop():
     assert _polygon_clearly_in_range(edge, w, h)
     for bad in ([nan, 0], [0, inf], [True, 0], [10**400, 0], [np.float64(1.0), 0], [2 * w + 1, 0], [0, -h - 1]):
         assert not _polygon_clearly_in_range(bad, w, h), bad
+
+
+def test_descriptive_order_is_the_reshuffled_order():
+    # balance() takes the descriptive candidates in the order of its one
+    # seeded shuffle instead of shuffling them again by the same key.
+    from orsgen.stages.expressions.balance import _DESCRIPTIVE, KIND_ORDER, _cand_key
+    from orsgen.stages.expressions.context import Candidate, ImageContext
+    from orsgen.stages.expressions.geometry import Margins
+
+    rng = np.random.default_rng(5)
+    margins = Margins(position_px=2.0, size_ratio=0.25, near_px=4.0, axis_overlap_frac=0.5)
+    for trial in range(40):
+        ctx = ImageContext.build(f"img{trial}", 64, 48, [], margins, seed=trial)
+        cands = []
+        for j in range(int(rng.integers(0, 40))):
+            kind = KIND_ORDER[int(rng.integers(len(KIND_ORDER) - 1))]
+            # Few texts and targets: equal keys in one kind, equal texts across kinds.
+            text = f"the thing {int(rng.integers(4))}"
+            targets = tuple(sorted({f"t{int(rng.integers(3))}" for _ in range(int(rng.integers(1, 3)))}))
+            cands.append(Candidate(kind=kind, expression=text, target_ids=targets, template=f"tp{int(rng.integers(2))}", metadata={"j": j}))
+        order = ctx.shuffled(cands, key=_cand_key)
+        by_kind: dict[str, list] = {}
+        for c in order:
+            by_kind.setdefault(c.kind, []).append(c)
+        reshuffled = ctx.shuffled([c for k in _DESCRIPTIVE for c in by_kind.get(k, [])], key=_cand_key)
+        got = [c for c in order if c.kind in _DESCRIPTIVE]
+        assert [id(c) for c in got] == [id(c) for c in reshuffled]
