@@ -61,6 +61,9 @@ def merge_identical(cands: Sequence[Candidate]) -> tuple[list[Candidate], Counte
     kept: list[Candidate] = []
     counts: Counter[str] = Counter()
     for _text, group in sorted(groups.items()):
+        if len(group) == 1:
+            kept.append(group[0])  # nothing to merge or to conflict with (most texts)
+            continue
         if len({c.target_ids for c in group}) > 1:
             counts["conflict"] += len(group)
             continue
