@@ -178,3 +178,31 @@ def test_descriptive_order_is_the_reshuffled_order():
         reshuffled = ctx.shuffled([c for k in _DESCRIPTIVE for c in by_kind.get(k, [])], key=_cand_key)
         got = [c for c in order if c.kind in _DESCRIPTIVE]
         assert [id(c) for c in got] == [id(c) for c in reshuffled]
+
+
+def test_sample_metadata_json_equals_json_dumps():
+    import dataclasses
+    import json
+
+    from tests.test_write import _example
+
+    from orsgen.schemas.arrow import _METADATA_JSON, example_to_row
+
+    metas = [
+        {},
+        {"b": 1, "a": [1.5, float("nan"), float("inf"), -0.0], "é": "ü\x00\U0001f600", "n": None, "t": True},
+        {"nested": {"z": {"y": [1, {"x": 2}]}, "a": ()}, "big": 10**30, "f": 1e-310},
+    ]
+    for m in metas:
+        assert _METADATA_JSON.encode(m) == json.dumps(m, sort_keys=True, separators=(",", ":"))
+    ex = _example(0, n_inst=2)
+    samples = tuple(dataclasses.replace(s, metadata=m) for s in ex.samples for m in metas)
+    row = example_to_row(dataclasses.replace(ex, samples=samples))
+    assert [r["metadata"] for r in row["samples"]] == [
+        json.dumps(s.metadata, sort_keys=True, separators=(",", ":")) for s in samples
+    ]
+    # Numbers converted by map(float / int) as by float() / int() one by one.
+    inst = dataclasses.replace(ex.instances[0], bbox_xywh=(np.float32(1.1), np.int64(2), True, 3), crop_box=(np.float64(0.1), 1, 2, 3))
+    r = example_to_row(dataclasses.replace(ex, instances=(inst,)))["instances"][0]
+    assert r["bbox_xywh"] == [float(np.float32(1.1)), 2.0, 1.0, 3.0] and all(type(v) is float for v in r["bbox_xywh"])
+    assert r["crop_box"] == [0.1, 1.0, 2.0, 3.0] and all(type(v) is float for v in r["crop_box"])
