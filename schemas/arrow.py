@@ -164,12 +164,17 @@ STRUCT_OF: dict[type, pa.DataType] = {
 }
 
 
+#: What ``json.dumps(obj, sort_keys=True, separators=(",", ":"))`` builds on
+#: every call, made once (an encoder keeps no state between ``encode`` calls).
+_METADATA_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
+
+
 def _rle_row(rle: Rle | None) -> dict[str, Any] | None:
     return None if rle is None else {"size": [int(rle.size[0]), int(rle.size[1])], "counts": rle.counts}
 
 
 def _opt_list(v: Any) -> list[Any] | None:
-    return None if v is None else [float(x) for x in v]
+    return None if v is None else list(map(float, v))
 
 
 def instance_to_row(inst: Instance) -> dict[str, Any]:
@@ -178,8 +183,8 @@ def instance_to_row(inst: Instance) -> dict[str, Any]:
         "instance_id": inst.instance_id,
         "image_id": inst.image_id,
         "rle": _rle_row(inst.rle),
-        "bbox_xywh": [float(v) for v in inst.bbox_xywh],
-        "bbox_xyxy": [float(v) for v in inst.bbox_xyxy],
+        "bbox_xywh": list(map(float, inst.bbox_xywh)),
+        "bbox_xyxy": list(map(float, inst.bbox_xyxy)),
         "area_px": int(inst.area_px),
         "category_id": inst.category_id,
         "category_name": inst.category_name,
@@ -211,10 +216,10 @@ def target_to_row(t: TargetGeometry) -> dict[str, Any]:
     """Converts a ``TargetGeometry`` to a row of ``TARGET_TYPE``."""
     return {
         "instance_id": t.instance_id,
-        "bbox_xyxy": [float(v) for v in t.bbox_xyxy],
-        "point_1": [int(v) for v in t.point_1],
-        "point_2": [int(v) for v in t.point_2],
-        "qwen_box": [int(v) for v in t.qwen_box],
+        "bbox_xyxy": list(map(float, t.bbox_xyxy)),
+        "point_1": list(map(int, t.point_1)),
+        "point_2": list(map(int, t.point_2)),
+        "qwen_box": list(map(int, t.qwen_box)),
     }
 
 
@@ -233,11 +238,11 @@ def sample_to_row(s: Sample) -> dict[str, Any]:
         "union_rle": _rle_row(s.union_rle),
         "union_svg": s.union_svg,
         "targets": [target_to_row(t) for t in s.targets],
-        "sam2_ious": [float(v) for v in s.sam2_ious],
+        "sam2_ious": list(map(float, s.sam2_ious)),
         "reground_box": _opt_list(s.reground_box),
         "reground_iou": s.reground_iou,
         "screened": bool(s.screened),
-        "metadata": json.dumps(s.metadata, sort_keys=True, separators=(",", ":")),
+        "metadata": _METADATA_JSON.encode(s.metadata),
     }
 
 

@@ -61,6 +61,9 @@ def merge_identical(cands: Sequence[Candidate]) -> tuple[list[Candidate], Counte
     kept: list[Candidate] = []
     counts: Counter[str] = Counter()
     for _text, group in sorted(groups.items()):
+        if len(group) == 1:
+            kept.append(group[0])  # nothing to merge or to conflict with (most texts)
+            continue
         if len({c.target_ids for c in group}) > 1:
             counts["conflict"] += len(group)
             continue
@@ -103,12 +106,15 @@ def balance(
     """
     merged, counts = merge_identical(positives)
     by_kind: dict[str, list[Candidate]] = defaultdict(list)
-    for c in ctx.shuffled(merged, key=_cand_key):
+    order = ctx.shuffled(merged, key=_cand_key)
+    for c in order:
         by_kind[c.kind].append(c)
 
-    # Per-target cap over phrase + description, in the seeded order.
+    # Per-target cap over phrase + description, in the seeded order: the
+    # descriptive candidates as they come in ``order`` (shuffling them again
+    # with the same key gives that same order: tests/test_expressions_fast.py).
     per_target: Counter[tuple[str, ...]] = Counter()
-    descriptive = ctx.shuffled([c for k in _DESCRIPTIVE for c in by_kind.get(k, [])], key=_cand_key)
+    descriptive = [c for c in order if c.kind in _DESCRIPTIVE]
     allowed: set[int] = set()
     for c in descriptive:
         if per_target[c.target_ids] < cfg.max_per_target:

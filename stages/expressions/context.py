@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from orsgen.schemas.records import Instance, Presence
-from orsgen.stages.expressions.geometry import Geom, Margins, instance_geom
+from orsgen.stages.expressions.geometry import Geom, Margins, instance_geom, rle_moments_many
 
 if TYPE_CHECKING:
     from orsgen.stages.expressions.vocabulary import Coverage
@@ -138,8 +138,9 @@ class ImageContext:
         ids: set[int] = set()
         supers: set[str] = set()
         cats: dict[str, str] = {}
-        for inst in sorted(instances, key=lambda i: i.instance_id):
-            g = instance_geom(inst)
+        ordered = sorted(instances, key=lambda i: i.instance_id)
+        for inst, moments in zip(ordered, rle_moments_many([i.rle for i in ordered])):
+            g = instance_geom(inst, moments)
             geoms[inst.instance_id] = g
             if inst.category_id is not None:
                 ids.add(int(inst.category_id))

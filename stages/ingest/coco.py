@@ -36,6 +36,7 @@ reported (the file holds all of COCO train2014).
 from __future__ import annotations
 
 import json
+import math
 import pickle
 from collections import defaultdict
 from collections.abc import Iterator
@@ -827,6 +828,33 @@ def _read_image(uri: str, max_bytes: int) -> bytes:
     return retry_transient(read, what=f"reading {uri}")
 
 
+_PLAIN_NUMBERS = frozenset((int, float))
+
+
+def _polygon_clearly_in_range(poly: list[Any], width: int, height: int) -> bool:
+    """True when every coordinate is a plain finite int or float within the bounds.
+
+    The fast path of ``_polygon_range_problem`` (C-level min/max instead of a
+    Python loop per coordinate): True only where the per-coordinate loop would
+    find no problem; anything else (bools, other types, NaN, inf, huge ints,
+    a coordinate out of bounds) answers False and goes through the loop, which
+    names the problem.
+    """
+    try:
+        if not set(map(type, poly)) <= _PLAIN_NUMBERS:
+            return False
+        # No NaN or inf (a sum of finite values that overflows only sends the
+        # polygon to the loop), so min and max below are exact.
+        if not math.isfinite(sum(poly)):
+            return False
+        xs, ys = poly[0::2], poly[1::2]
+        if xs and not (-width <= min(xs) and max(xs) <= 2 * width):
+            return False
+        return not ys or (-height <= min(ys) and max(ys) <= 2 * height)
+    except (OverflowError, TypeError, ValueError):
+        return False
+
+
 def _polygon_range_problem(segm: Any, width: int, height: int) -> str | None:
     """Says why polygon coordinates are unsafe to rasterise, or None.
 
@@ -841,6 +869,8 @@ def _polygon_range_problem(segm: Any, width: int, height: int) -> str | None:
     for poly in segm:
         if not isinstance(poly, list):
             continue  # segmentation_to_rle names the type error
+        if _polygon_clearly_in_range(poly, width, height):
+            continue  # the loop below would find nothing
         for j, v in enumerate(poly):
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 continue

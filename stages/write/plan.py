@@ -210,6 +210,21 @@ def _json_bytes(row: dict[str, Any]) -> bytes:
     return json.dumps(row, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
+#: ``EXAMPLE_SCHEMA``'s fields as one struct: a row converts as one value.
+_EXAMPLE_STRUCT = pa.struct(list(EXAMPLE_SCHEMA))
+
+
+def _arrow_row_bytes(row: dict[str, Any]) -> bytes:
+    """The serialized one-row ``EXAMPLE_SCHEMA`` batch of ``row``.
+
+    Converted as one struct value (``from_struct_array``) rather than by
+    ``RecordBatch.from_pylist``, which converts each column's one-element list
+    apart: the same serialized bytes (tests/test_expressions_fast.py compares
+    them), about a quarter less CPU.
+    """
+    return pa.RecordBatch.from_struct_array(pa.array([row], type=_EXAMPLE_STRUCT)).serialize().to_pybytes()
+
+
 def encode_example(ex: ImageExample, formats: Sequence[str]) -> EncodedExample:
     """Encodes one example for the shard writers (pure; runs before the shuffle).
 
@@ -228,7 +243,7 @@ def encode_example(ex: ImageExample, formats: Sequence[str]) -> EncodedExample:
     if "parquet" in formats:
         # The image travels in ``image`` only; the writer splices it back.
         row["image"] = b""
-        arrow = pa.RecordBatch.from_pylist([row], schema=EXAMPLE_SCHEMA).serialize().to_pybytes()
+        arrow = _arrow_row_bytes(row)
     kinds = Counter(str(s.kind) for s in ex.samples)
     return EncodedExample(
         key=ex.key,

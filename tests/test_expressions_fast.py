@@ -1,0 +1,208 @@
+"""Fast paths of the expressions stage against the direct computation (issue 14)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from orsgen.schemas.records import Rle
+from orsgen.stages.common.masks import encode_mask, rle_from_runs
+from orsgen.stages.expressions.geometry import rle_moments, rle_moments_many
+
+
+def _tricky_rles() -> list[Rle]:
+    rng = np.random.default_rng(14)
+    out: list[Rle] = []
+    for h, w in [(1, 1), (1, 7), (7, 1), (5, 6), (13, 9)]:
+        out.append(encode_mask(np.zeros((h, w), dtype=np.uint8)))  # empty
+        out.append(encode_mask(np.ones((h, w), dtype=np.uint8)))  # full: one run over every column
+        m = np.zeros((h, w), dtype=np.uint8)
+        m[h - 1, w - 1] = 1  # last pixel only
+        out.append(encode_mask(m))
+        m = np.zeros((h, w), dtype=np.uint8)
+        m[0, 0] = 1  # first pixel only (the leading background run is empty)
+        out.append(encode_mask(m))
+        for p in (0.1, 0.5, 0.9):
+            out.append(encode_mask((rng.random((h, w)) < p).astype(np.uint8)))
+    # Runs starting mid-column and spanning several columns, and a mask whose
+    # foreground runs include zero-length ones.
+    out.append(rle_from_runs([3, 20, 2, 30, 1, 4], (7, 9)))
+    out.append(rle_from_runs([0, 0, 5, 0, 0, 3, 2], (5, 2)))
+    out.append(rle_from_runs([63], (7, 9)))
+    # A large mask whose sums need more than 2**31.
+    big = np.zeros((3000, 2000), dtype=np.uint8)
+    big[5:2990, 3:1999] = 1
+    big[100:200, 50:60] = 0
+    out.append(encode_mask(big))
+    return out
+
+
+def test_rle_moments_many_is_bit_identical_to_rle_moments():
+    rles = _tricky_rles()
+    want = [rle_moments(r) for r in rles]
+    for batch in (rles, rles[::-1], rles[:1], rles[-1:], rles[5:9], []):
+        got = rle_moments_many(batch)
+        ref = [rle_moments(r) for r in batch]
+        assert len(got) == len(ref)
+        for (ga, gx, gy), (ra, rx, ry) in zip(got, ref):
+            assert type(ga) is int and ga == ra
+            assert type(gx) is float and gx.hex() == float(rx).hex()
+            assert type(gy) is float and gy.hex() == float(ry).hex()
+    assert any(a > 0 for a, _, _ in want) and any(a == 0 for a, _, _ in want)
+
+
+def _row_variants() -> list[dict]:
+    import copy
+
+    from tests.test_write import _example
+
+    from orsgen.schemas.arrow import example_to_row
+
+    rows = []
+    for i, n_inst in ((0, 2), (1, 1), (2, 3)):
+        row = example_to_row(_example(i, n_inst=n_inst))
+        row["image"] = b""
+        rows.append(row)
+    base = rows[0]
+    # Nulls and empties where the schema allows them, non-ASCII and NUL text,
+    # NaN / -0.0 / huge floats, a missing key and an extra one.
+    odd = copy.deepcopy(base)
+    odd.update(source=None, uri="", width=None, file_name="dé\x00j\u00e0 vu \U0001f600", input_name=None)
+    odd["instances"] = [dict(i, crop_box=None, predicted_iou=float("nan"), stability_score=-0.0, point_coords=[],
+                             supercategory=None, bbox_xywh=[1e308, -0.0, 0.5, 3.0]) for i in odd["instances"]]
+    odd["samples"] = [dict(s, union_rle=None, union_svg=None, targets=[], reground_box=None, reground_iou=None,
+                           target_ids=[], sam2_ious=[float("inf")]) for s in odd["samples"]] + odd["samples"]
+    odd["refs"] = [
+        {"ref_id": 2**40, "image_id": "x", "ann_ids": [], "category_ids": [1, 2], "split": "val",
+         "sentences": [{"sent_id": 1, "raw": "ü", "sent": ""}], "dataset": "refcoco"}
+    ]
+    rows.append(odd)
+    missing = copy.deepcopy(base)
+    del missing["sha256"]
+    missing["extra"] = "ignored"
+    rows.append(missing)
+    return rows
+
+
+def test_arrow_row_bytes_equal_from_pylist():
+    import pyarrow as pa
+
+    from orsgen.schemas.arrow import EXAMPLE_SCHEMA
+    from orsgen.stages.write.plan import _arrow_row_bytes
+
+    rows = _row_variants()
+    assert any(r["samples"] for r in rows) and any(r["instances"] for r in rows)
+    for row in rows:
+        want = pa.RecordBatch.from_pylist([row], schema=EXAMPLE_SCHEMA).serialize().to_pybytes()
+        got = _arrow_row_bytes(row)
+        assert got == want
+        back = pa.ipc.read_record_batch(pa.py_buffer(got), EXAMPLE_SCHEMA)
+        assert back.schema == EXAMPLE_SCHEMA
+
+
+def _polygon_range_problem_reference(segm, width, height):
+    # The per-coordinate loop as it was before the fast path (issue 14).
+    if not isinstance(segm, list):
+        return None
+    for poly in segm:
+        if not isinstance(poly, list):
+            continue
+        for j, v in enumerate(poly):
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue
+            lim = width if j % 2 == 0 else height
+            if not (-lim <= v <= 2 * lim):
+                axis = "x" if j % 2 == 0 else "y"
+                return (
+                    f"polygon {axis} coordinate {v!r} is not finite or lies more than one image size outside "
+                    f"the {width}x{height} image."
+                )
+    return None
+
+
+def test_polygon_range_fast_path_matches_the_loop():
+    from orsgen.stages.ingest.coco import _polygon_clearly_in_range, _polygon_range_problem
+
+    nan, inf = float("nan"), float("inf")
+    w, h = 40, 30
+    edge = [-w, -h, 2 * w, 2 * h, 0, 0]
+    values = [
+        0, 1, -w, -w - 1, 2 * w, 2 * w + 1, -h, 2 * h, 2 * h + 0.5, -h - 1e-9, 12.5, nan, inf, -inf, True, False,
+        10**400, -(10**400), 1e308, "3", None, [1, 2], np.float64(2e9), np.float64(3.0), np.int64(-5000),
+    ]
+    segms = [
+        None, {"size": [h, w], "counts": "x"}, [], [[]], [edge], [edge, [1.0, 2.0, 3.0]], [[1e308, 1e308, 1e308]],
+        [[1, 2, 3]], [[-w - 0.5, 0, 0, 0]], [[0, 0], "not a list", [0, 2 * h + 1]], [[1e308, 0, 1e308, 0, -1e308, 0]],
+    ]
+    rng = np.random.default_rng(3)
+    for _ in range(300):
+        k = int(rng.integers(1, 3))
+        polys = []
+        for _ in range(k):
+            n = int(rng.integers(0, 9))
+            poly = [float(rng.uniform(-1.2 * w, 2.2 * w)) if rng.random() < 0.7 else values[int(rng.integers(len(values)))] for _ in range(n)]
+            polys.append(poly)
+        segms.append(polys)
+    fast = 0
+    for segm in segms:
+        assert _polygon_range_problem(segm, w, h) == _polygon_range_problem_reference(segm, w, h), segm
+        if isinstance(segm, list):
+            fast += sum(1 for p in segm if isinstance(p, list) and p and _polygon_clearly_in_range(p, w, h))
+    assert fast > 10  # the fast path is taken, not only the loop
+    assert _polygon_clearly_in_range(edge, w, h)
+    for bad in ([nan, 0], [0, inf], [True, 0], [10**400, 0], [np.float64(1.0), 0], [2 * w + 1, 0], [0, -h - 1]):
+        assert not _polygon_clearly_in_range(bad, w, h), bad
+
+
+def test_descriptive_order_is_the_reshuffled_order():
+    # balance() takes the descriptive candidates in the order of its one
+    # seeded shuffle instead of shuffling them again by the same key.
+    from orsgen.stages.expressions.balance import _DESCRIPTIVE, KIND_ORDER, _cand_key
+    from orsgen.stages.expressions.context import Candidate, ImageContext
+    from orsgen.stages.expressions.geometry import Margins
+
+    rng = np.random.default_rng(5)
+    margins = Margins(position_px=2.0, size_ratio=0.25, near_px=4.0, axis_overlap_frac=0.5)
+    for trial in range(40):
+        ctx = ImageContext.build(f"img{trial}", 64, 48, [], margins, seed=trial)
+        cands = []
+        for j in range(int(rng.integers(0, 40))):
+            kind = KIND_ORDER[int(rng.integers(len(KIND_ORDER) - 1))]
+            # Few texts and targets: equal keys in one kind, equal texts across kinds.
+            text = f"the thing {int(rng.integers(4))}"
+            targets = tuple(sorted({f"t{int(rng.integers(3))}" for _ in range(int(rng.integers(1, 3)))}))
+            cands.append(Candidate(kind=kind, expression=text, target_ids=targets, template=f"tp{int(rng.integers(2))}", metadata={"j": j}))
+        order = ctx.shuffled(cands, key=_cand_key)
+        by_kind: dict[str, list] = {}
+        for c in order:
+            by_kind.setdefault(c.kind, []).append(c)
+        reshuffled = ctx.shuffled([c for k in _DESCRIPTIVE for c in by_kind.get(k, [])], key=_cand_key)
+        got = [c for c in order if c.kind in _DESCRIPTIVE]
+        assert [id(c) for c in got] == [id(c) for c in reshuffled]
+
+
+def test_sample_metadata_json_equals_json_dumps():
+    import dataclasses
+    import json
+
+    from tests.test_write import _example
+
+    from orsgen.schemas.arrow import _METADATA_JSON, example_to_row
+
+    metas = [
+        {},
+        {"b": 1, "a": [1.5, float("nan"), float("inf"), -0.0], "é": "ü\x00\U0001f600", "n": None, "t": True},
+        {"nested": {"z": {"y": [1, {"x": 2}]}, "a": ()}, "big": 10**30, "f": 1e-310},
+    ]
+    for m in metas:
+        assert _METADATA_JSON.encode(m) == json.dumps(m, sort_keys=True, separators=(",", ":"))
+    ex = _example(0, n_inst=2)
+    samples = tuple(dataclasses.replace(s, metadata=m) for s in ex.samples for m in metas)
+    row = example_to_row(dataclasses.replace(ex, samples=samples))
+    assert [r["metadata"] for r in row["samples"]] == [
+        json.dumps(s.metadata, sort_keys=True, separators=(",", ":")) for s in samples
+    ]
+    # Numbers converted by map(float / int) as by float() / int() one by one.
+    inst = dataclasses.replace(ex.instances[0], bbox_xywh=(np.float32(1.1), np.int64(2), True, 3), crop_box=(np.float64(0.1), 1, 2, 3))
+    r = example_to_row(dataclasses.replace(ex, instances=(inst,)))["instances"][0]
+    assert r["bbox_xywh"] == [float(np.float32(1.1)), 2.0, 1.0, 3.0] and all(type(v) is float for v in r["bbox_xywh"])
+    assert r["crop_box"] == [0.1, 1.0, 2.0, 3.0] and all(type(v) is float for v in r["crop_box"])
