@@ -438,6 +438,50 @@ def _median(values: np.ndarray) -> float:
     return float((part[k - 1] + part[k]) / 2.0)
 
 
+def _beyond_median(sq: np.ndarray, flat: np.ndarray, cw: int, x1: int, y1: int) -> np.ndarray:
+    """Which mask pixels lie farther from ``(x1, y1)`` than the median pixel, as ``interior_points`` decides it.
+
+    The direct rule is ``(d > _median(d)).nonzero()[0]`` with
+    ``d = np.hypot(xs - x1, ys - y1)`` over the mask's pixels (``flat``: their
+    row-major indices in a crop ``cw`` wide; ``sq``: their exact squared
+    distances ``dx**2 + dy**2``). ``np.hypot`` costs several times the rest of
+    the points' arithmetic per pixel. Its order is the order of the exact
+    integer squared distance (hypot is accurate to an ulp or so, far finer
+    than the relative gap between the square roots of two different integers
+    below 2**40), so only the pixels whose squared distance equals one of the
+    median's middle values need their hypot, for the median itself and for
+    the comparison with it: a pixel strictly beyond them is farther than the
+    median, one strictly before them is not. Pixels with the same squared
+    distance but different offsets (3-4-5) keep their own hypot, so the answer
+    is exactly the direct one.
+    """
+    n = sq.size
+    k = n // 2
+    if n % 2:
+        lo = hi = np.partition(sq, k)[k]
+        band = sq == lo
+    else:
+        part = np.partition(sq, (k - 1, k))
+        lo, hi = part[k - 1], part[k]
+        band = (sq == lo) if lo == hi else ((sq >= lo) & (sq <= hi))
+    below = int(np.count_nonzero(sq < lo))
+    at = band.nonzero()[0]
+    ys = flat[at] // cw
+    d = np.hypot(flat[at] - ys * cw - x1, ys - y1)
+    med = _median_ranks(d, k - below, n % 2 == 1)
+    far = sq > hi
+    far[at[d > med]] = True
+    return far.nonzero()[0]
+
+
+def _median_ranks(d: np.ndarray, r: int, odd: bool) -> float:
+    """The median ``_median`` gives, from the band holding its middle rank(s): ``r`` is rank ``n // 2`` within ``d``."""
+    if odd:
+        return float(np.partition(d, r)[r])
+    part = np.partition(d, (r - 1, r))
+    return float((part[r - 1] + part[r]) / 2.0)
+
+
 def interior_points(
     rle: Rle, rule: str = "orsgen", crop: PaddedCrop | None = None
 ) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -486,7 +530,6 @@ def interior_points(
     flat = crop.ravel().nonzero()[0]
     if flat.size == 0:
         raise MaskError("empty_mask", "interior points of an empty mask do not exist.")
-    ys, xs = np.divmod(flat, cw)
     dist = cv2.distanceTransform(_as_uint8(crop), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
     # The precise transform is exact: sqrt of an integer squared distance. Its
     # float32 result varies in the last bits between calls on different
@@ -498,8 +541,12 @@ def interior_points(
     np.rint(dist, out=dist)
     i1 = int(dist.argmax())
     y1, x1 = divmod(i1, cw)
-    d1 = np.hypot(xs - x1, ys - y1)
-    far = (d1 > _median(d1)).nonzero()[0]
+    # The squared distance of every crop pixel to the first point, from one
+    # row and one column of squares (no per-pixel row/column split), then
+    # the mask's pixels in row-major order.
+    ch = crop.shape[0]
+    sq_grid = np.add.outer((np.arange(ch) - y1) ** 2, (np.arange(cw) - x1) ** 2)
+    far = _beyond_median(sq_grid.ravel()[flat], flat, cw, x1, y1)
     if far.size == 0:
         p2 = (x1, y1)
     else:
