@@ -140,3 +140,13 @@ def test_beyond_median_ranks_offsets_with_one_squared_distance_but_two_hypots():
         # The same group seen from the other side of the crop.
         flat2 = np.array(sorted((127 - y) * cw + (127 - x) for x, y in pts))
         assert _far_fast(flat2, cw, 127, 127).tolist() == _far_direct(flat2, cw, 127, 127).tolist()
+
+
+def test_squares_table_slices_are_the_direct_squares():
+    M._SQUARES = np.zeros(0, dtype=np.int64)  # grown from empty, then reused and grown again
+    for n in (1, 3, 2, 40, 7, 300, 41):
+        sqr = M._squares(n)
+        for k in {1, n // 2 + 1, n}:
+            for y in {0, 1, k // 2, k - 1, n - 1}:
+                assert sqr[n - y : n - y + k].tolist() == ((np.arange(k) - y) ** 2).tolist()
+    assert not M._squares(5).flags.writeable

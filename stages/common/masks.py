@@ -438,6 +438,20 @@ def _median(values: np.ndarray) -> float:
     return float((part[k - 1] + part[k]) / 2.0)
 
 
+def _squares(n: int) -> np.ndarray:
+    """``(np.arange(2 * n) - n) ** 2`` (read-only, shared): ``[n - y : n - y + k]`` is ``(np.arange(k) - y) ** 2`` for ``0 <= y < n``, ``k <= n``."""
+    global _SQUARES
+    if _SQUARES.size < 2 * n:
+        table = (np.arange(2 * n, dtype=np.int64) - n) ** 2
+        table.flags.writeable = False
+        _SQUARES = table
+    m = _SQUARES.size // 2
+    return _SQUARES[m - n : m + n]
+
+
+_SQUARES = np.zeros(0, dtype=np.int64)
+
+
 def _beyond_median(sq: np.ndarray, flat: np.ndarray, cw: int, x1: int, y1: int) -> np.ndarray:
     """Which mask pixels lie farther from ``(x1, y1)`` than the median pixel, as ``interior_points`` decides it.
 
@@ -545,7 +559,9 @@ def interior_points(
     # row and one column of squares (no per-pixel row/column split), then
     # the mask's pixels in row-major order.
     ch = crop.shape[0]
-    sq_grid = np.add.outer((np.arange(ch) - y1) ** 2, (np.arange(cw) - x1) ** 2)
+    n = max(ch, cw)
+    sqr = _squares(n)
+    sq_grid = np.add.outer(sqr[n - y1 : n - y1 + ch], sqr[n - x1 : n - x1 + cw])
     far = _beyond_median(sq_grid.ravel()[flat], flat, cw, x1, y1)
     if far.size == 0:
         p2 = (x1, y1)
