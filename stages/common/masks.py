@@ -218,8 +218,11 @@ def _decode_counts(data: bytes) -> np.ndarray:
     if data.translate(None, _COUNTS_BYTES):
         p = next(i for i, b in enumerate(data) if not 48 <= b <= 111)
         raise MaskError("bad_rle", f"compressed RLE counts hold an invalid byte {data[p]!r}.")
-    c = np.frombuffer(data.translate(_MINUS_48), dtype=np.uint8).astype(np.int64)
-    last = c < 32  # the final 5-bit group of a run (bit 0x20 clear)
+    # Each byte's 5-bit group as a signed value: a run's final group (bit
+    # 0x20 clear) carries the sign bit 0x10, i.e. is the 5-bit two's
+    # complement -16..15, so the sum below is the signed run directly.
+    v = np.frombuffer(data.translate(_GROUP_VALUE), dtype=np.int8).astype(np.int64)
+    last = np.frombuffer(data.translate(_IS_FINAL), dtype=np.bool_)  # the final 5-bit group of a run
     if not last[-1]:
         raise MaskError("bad_rle", "compressed RLE counts end in the middle of a run.")
     ends = last.nonzero()[0]
@@ -231,10 +234,9 @@ def _decode_counts(data: bytes) -> np.ndarray:
     if max_groups > 12 or ends.size * 2.0 ** (5 * max_groups) >= 2.0**62:
         return _rle_counts_to_runs_scalar(data)
     k5 = 5 * (np.arange(n, dtype=np.int64) - firsts.repeat(group_len))
-    x = np.add.reduceat((c & 0x1F) << k5, firsts)
     # A set sign bit (0x10) in a run's final group makes the run negative (a
-    # delta): 0x10 << (5 * groups - 4) subtracts 2 ** (5 * groups), and 0 when clear.
-    x -= (c[ends] & 0x10) << (5 * group_len - 4)
+    # delta): that group's value minus 32 subtracts 2 ** (5 * groups).
+    x = np.add.reduceat(v << k5, firsts)
     # Runs after the second are deltas from the run two before.
     x[1::2] = x[1::2].cumsum()
     x[2::2] = x[2::2].cumsum()
@@ -243,9 +245,15 @@ def _decode_counts(data: bytes) -> np.ndarray:
     return x
 
 
-#: The bytes compressed counts may hold ("0" .. "o"), and each byte minus 48.
+#: The bytes compressed counts may hold ("0" .. "o").
 _COUNTS_BYTES = bytes(range(48, 112))
-_MINUS_48 = bytes((b - 48) & 0xFF for b in range(256))
+#: Per valid byte: its 5-bit group, sign-extended for a final group (an int8
+#: byte); and whether it is a run's final group (bit 0x20 of byte - 48 clear).
+_GROUP_VALUE = bytes(
+    ((((b - 48) & 0x1F) ^ 0x10) - 0x10 if (b - 48) & 0x20 == 0 else (b - 48) & 0x1F) & 0xFF if 48 <= b <= 111 else 0
+    for b in range(256)
+)
+_IS_FINAL = bytes(1 if 48 <= b <= 111 and (b - 48) & 0x20 == 0 else 0 for b in range(256))
 
 
 def _rle_counts_to_runs_scalar(data: bytes) -> np.ndarray:
