@@ -213,8 +213,8 @@ def _decode_counts(data: bytes) -> np.ndarray:
     # Hot paths here call ndarray methods (x.cumsum(), x.repeat(...)) rather
     # than the np.* functions: the same computation without numpy's
     # dispatch wrapper, which costs more than the work on arrays this small.
-    # Bytes outside 48..111 first (one C pass over the bytes), then each
-    # byte minus 48 by a translation table.
+    # Bytes outside 48..111 first (one C pass over the bytes), then the
+    # translation tables below.
     if data.translate(None, _COUNTS_BYTES):
         p = next(i for i, b in enumerate(data) if not 48 <= b <= 111)
         raise MaskError("bad_rle", f"compressed RLE counts hold an invalid byte {data[p]!r}.")
@@ -222,13 +222,12 @@ def _decode_counts(data: bytes) -> np.ndarray:
     # 0x20 clear) carries the sign bit 0x10, i.e. is the 5-bit two's
     # complement -16..15, so the sum below is the signed run directly.
     v = np.frombuffer(data.translate(_GROUP_VALUE), dtype=np.int8).astype(np.int64)
-    last = np.frombuffer(data.translate(_IS_FINAL), dtype=np.bool_)  # the final 5-bit group of a run
-    if not last[-1]:
+    final = data.translate(_IS_FINAL)  # 1 at the final 5-bit group of a run
+    if not final[-1]:
         raise MaskError("bad_rle", "compressed RLE counts end in the middle of a run.")
-    ends = last.nonzero()[0]
-    firsts = np.empty_like(ends)
-    firsts[0] = 0
-    firsts[1:] = ends[:-1] + 1
+    ends = np.frombuffer(final, dtype=np.bool_).nonzero()[0]
+    # A run starts at the first byte and after each final group but the last.
+    firsts = np.frombuffer(b"\x01" + final[:-1], dtype=np.bool_).nonzero()[0]
     group_len = ends - firsts + 1
     max_groups = int(group_len.max())
     if max_groups > 12 or ends.size * 2.0 ** (5 * max_groups) >= 2.0**62:
@@ -240,7 +239,7 @@ def _decode_counts(data: bytes) -> np.ndarray:
     # Runs after the second are deltas from the run two before.
     x[1::2] = x[1::2].cumsum()
     x[2::2] = x[2::2].cumsum()
-    if (x < 0).any():
+    if x.min() < 0:
         raise MaskError("bad_rle", "compressed RLE decodes to a negative run length.")
     return x
 
