@@ -485,12 +485,16 @@ def _beyond_median(sq: np.ndarray, flat: np.ndarray, cw: int, x1: int, y1: int) 
         part = np.partition(sq, (k - 1, k))
         lo, hi = part[k - 1], part[k]
         band = (sq == lo) if lo == hi else ((sq >= lo) & (sq <= hi))
-    below = int(np.count_nonzero(sq < lo))
     at = band.nonzero()[0]
-    ys = flat[at] // cw
-    d = np.hypot(flat[at] - ys * cw - x1, ys - y1)
-    med = _median_ranks(d, k - below, n % 2 == 1)
+    ys, xs = np.divmod(flat[at], cw)
+    d = np.hypot(xs - x1, ys - y1)
     far = sq > hi
+    if lo == hi and d.min() == d.max():
+        # The usual case: one squared distance, one hypot value. The median
+        # is that value ((v + v) / 2 == v), and no band pixel exceeds it.
+        return far.nonzero()[0]
+    below = int(np.count_nonzero(sq < lo))
+    med = _median_ranks(d, k - below, n % 2 == 1)
     far[at[d > med]] = True
     return far.nonzero()[0]
 
