@@ -213,39 +213,46 @@ def _decode_counts(data: bytes) -> np.ndarray:
     # Hot paths here call ndarray methods (x.cumsum(), x.repeat(...)) rather
     # than the np.* functions: the same computation without numpy's
     # dispatch wrapper, which costs more than the work on arrays this small.
-    # Bytes outside 48..111 first (one C pass over the bytes), then each
-    # byte minus 48 by a translation table.
+    # Bytes outside 48..111 first (one C pass over the bytes), then the
+    # translation tables below.
     if data.translate(None, _COUNTS_BYTES):
         p = next(i for i, b in enumerate(data) if not 48 <= b <= 111)
         raise MaskError("bad_rle", f"compressed RLE counts hold an invalid byte {data[p]!r}.")
-    c = np.frombuffer(data.translate(_MINUS_48), dtype=np.uint8).astype(np.int64)
-    last = c < 32  # the final 5-bit group of a run (bit 0x20 clear)
-    if not last[-1]:
+    # Each byte's 5-bit group as a signed value: a run's final group (bit
+    # 0x20 clear) carries the sign bit 0x10, i.e. is the 5-bit two's
+    # complement -16..15, so the sum below is the signed run directly.
+    v = np.frombuffer(data.translate(_GROUP_VALUE), dtype=np.int8).astype(np.int64)
+    final = data.translate(_IS_FINAL)  # 1 at the final 5-bit group of a run
+    if not final[-1]:
         raise MaskError("bad_rle", "compressed RLE counts end in the middle of a run.")
-    ends = last.nonzero()[0]
-    firsts = np.empty_like(ends)
-    firsts[0] = 0
-    firsts[1:] = ends[:-1] + 1
+    ends = np.frombuffer(final, dtype=np.bool_).nonzero()[0]
+    # A run starts at the first byte and after each final group but the last.
+    firsts = np.frombuffer(b"\x01" + final[:-1], dtype=np.bool_).nonzero()[0]
     group_len = ends - firsts + 1
     max_groups = int(group_len.max())
     if max_groups > 12 or ends.size * 2.0 ** (5 * max_groups) >= 2.0**62:
         return _rle_counts_to_runs_scalar(data)
     k5 = 5 * (np.arange(n, dtype=np.int64) - firsts.repeat(group_len))
-    x = np.add.reduceat((c & 0x1F) << k5, firsts)
     # A set sign bit (0x10) in a run's final group makes the run negative (a
-    # delta): 0x10 << (5 * groups - 4) subtracts 2 ** (5 * groups), and 0 when clear.
-    x -= (c[ends] & 0x10) << (5 * group_len - 4)
+    # delta): that group's value minus 32 subtracts 2 ** (5 * groups).
+    x = np.add.reduceat(v << k5, firsts)
     # Runs after the second are deltas from the run two before.
     x[1::2] = x[1::2].cumsum()
     x[2::2] = x[2::2].cumsum()
-    if (x < 0).any():
+    if x.min() < 0:
         raise MaskError("bad_rle", "compressed RLE decodes to a negative run length.")
     return x
 
 
-#: The bytes compressed counts may hold ("0" .. "o"), and each byte minus 48.
+#: The bytes compressed counts may hold ("0" .. "o").
 _COUNTS_BYTES = bytes(range(48, 112))
-_MINUS_48 = bytes((b - 48) & 0xFF for b in range(256))
+#: Per valid byte: its 5-bit group, sign-extended for a final group (an int8
+#: byte); and whether it is a run's final group (bit 0x20 of byte - 48 clear).
+_GROUP_VALUE = bytes(
+    ((((b - 48) & 0x1F) ^ 0x10) - 0x10 if (b - 48) & 0x20 == 0 else (b - 48) & 0x1F) & 0xFF if 48 <= b <= 111 else 0
+    for b in range(256)
+)
+_IS_FINAL = bytes(1 if 48 <= b <= 111 and (b - 48) & 0x20 == 0 else 0 for b in range(256))
 
 
 def _rle_counts_to_runs_scalar(data: bytes) -> np.ndarray:
@@ -438,6 +445,68 @@ def _median(values: np.ndarray) -> float:
     return float((part[k - 1] + part[k]) / 2.0)
 
 
+def _squares(n: int) -> np.ndarray:
+    """``(np.arange(2 * n) - n) ** 2`` (read-only, shared): ``[n - y : n - y + k]`` is ``(np.arange(k) - y) ** 2`` for ``0 <= y < n``, ``k <= n``."""
+    global _SQUARES
+    if _SQUARES.size < 2 * n:
+        table = (np.arange(2 * n, dtype=np.int64) - n) ** 2
+        table.flags.writeable = False
+        _SQUARES = table
+    m = _SQUARES.size // 2
+    return _SQUARES[m - n : m + n]
+
+
+_SQUARES = np.zeros(0, dtype=np.int64)
+
+
+def _beyond_median(sq: np.ndarray, flat: np.ndarray, cw: int, x1: int, y1: int) -> np.ndarray:
+    """Which mask pixels lie farther from ``(x1, y1)`` than the median pixel, as ``interior_points`` decides it.
+
+    The direct rule is ``(d > _median(d)).nonzero()[0]`` with
+    ``d = np.hypot(xs - x1, ys - y1)`` over the mask's pixels (``flat``: their
+    row-major indices in a crop ``cw`` wide; ``sq``: their exact squared
+    distances ``dx**2 + dy**2``). ``np.hypot`` costs several times the rest of
+    the points' arithmetic per pixel. Its order is the order of the exact
+    integer squared distance (hypot is accurate to an ulp or so, far finer
+    than the relative gap between the square roots of two different integers
+    below 2**40), so only the pixels whose squared distance equals one of the
+    median's middle values need their hypot, for the median itself and for
+    the comparison with it: a pixel strictly beyond them is farther than the
+    median, one strictly before them is not. Pixels with the same squared
+    distance but different offsets (3-4-5) keep their own hypot, so the answer
+    is exactly the direct one.
+    """
+    n = sq.size
+    k = n // 2
+    if n % 2:
+        lo = hi = np.partition(sq, k)[k]
+        band = sq == lo
+    else:
+        part = np.partition(sq, (k - 1, k))
+        lo, hi = part[k - 1], part[k]
+        band = (sq == lo) if lo == hi else ((sq >= lo) & (sq <= hi))
+    at = band.nonzero()[0]
+    ys, xs = np.divmod(flat[at], cw)
+    d = np.hypot(xs - x1, ys - y1)
+    far = sq > hi
+    if lo == hi and d.min() == d.max():
+        # The usual case: one squared distance, one hypot value. The median
+        # is that value ((v + v) / 2 == v), and no band pixel exceeds it.
+        return far.nonzero()[0]
+    below = int(np.count_nonzero(sq < lo))
+    med = _median_ranks(d, k - below, n % 2 == 1)
+    far[at[d > med]] = True
+    return far.nonzero()[0]
+
+
+def _median_ranks(d: np.ndarray, r: int, odd: bool) -> float:
+    """The median ``_median`` gives, from the band holding its middle rank(s): ``r`` is rank ``n // 2`` within ``d``."""
+    if odd:
+        return float(np.partition(d, r)[r])
+    part = np.partition(d, (r - 1, r))
+    return float((part[r - 1] + part[r]) / 2.0)
+
+
 def interior_points(
     rle: Rle, rule: str = "orsgen", crop: PaddedCrop | None = None
 ) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -486,7 +555,6 @@ def interior_points(
     flat = crop.ravel().nonzero()[0]
     if flat.size == 0:
         raise MaskError("empty_mask", "interior points of an empty mask do not exist.")
-    ys, xs = np.divmod(flat, cw)
     dist = cv2.distanceTransform(_as_uint8(crop), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
     # The precise transform is exact: sqrt of an integer squared distance. Its
     # float32 result varies in the last bits between calls on different
@@ -498,8 +566,14 @@ def interior_points(
     np.rint(dist, out=dist)
     i1 = int(dist.argmax())
     y1, x1 = divmod(i1, cw)
-    d1 = np.hypot(xs - x1, ys - y1)
-    far = (d1 > _median(d1)).nonzero()[0]
+    # The squared distance of every crop pixel to the first point, from one
+    # row and one column of squares (no per-pixel row/column split), then
+    # the mask's pixels in row-major order.
+    ch = crop.shape[0]
+    n = max(ch, cw)
+    sqr = _squares(n)
+    sq_grid = np.add.outer(sqr[n - y1 : n - y1 + ch], sqr[n - x1 : n - x1 + cw])
+    far = _beyond_median(sq_grid.ravel()[flat], flat, cw, x1, y1)
     if far.size == 0:
         p2 = (x1, y1)
     else:
