@@ -135,3 +135,29 @@ def demo_output(tmp_path_factory):
     out = base / "dataset"
     run_pipeline(cfg, str(out), ["--runner=FnApiRunner"], show_progress=False)
     return out
+
+
+def interior_points_reference(rle):
+    """The interior-points rule written out the direct way (the oracle of the fast paths).
+
+    ``np.nonzero`` pixels, OpenCV's precise distance transform squared and
+    rounded, ``np.hypot`` over every pixel and ``np.median``.
+    """
+    import cv2
+    import numpy as np
+
+    from orsgen.stages.common import masks as M
+
+    crop, (ox, oy) = M.decode_crop(rle, pad_px=1)
+    ys, xs = np.nonzero(crop)
+    dist = cv2.distanceTransform(crop.astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    dist = np.rint(dist.astype(np.float64) ** 2)
+    y1, x1 = divmod(int(np.argmax(dist)), dist.shape[1])
+    d1 = np.hypot(xs - x1, ys - y1)
+    far = d1 > np.median(d1)
+    if not far.any():
+        p2 = (x1, y1)
+    else:
+        j = int(np.argmax(dist[ys[far], xs[far]]))
+        p2 = (int(xs[far][j]), int(ys[far][j]))
+    return (x1 + ox, y1 + oy), (p2[0] + ox, p2[1] + oy)

@@ -10,12 +10,11 @@ shortcut relies on.
 
 from __future__ import annotations
 
-import cv2
 import numpy as np
 import pytest
 
 from orsgen.stages.common import masks as M
-from tests.conftest import random_mask
+from tests.conftest import interior_points_reference, random_mask
 
 
 def _far_direct(flat: np.ndarray, cw: int, x1: int, y1: int) -> np.ndarray:
@@ -27,23 +26,6 @@ def _far_direct(flat: np.ndarray, cw: int, x1: int, y1: int) -> np.ndarray:
 def _far_fast(flat: np.ndarray, cw: int, x1: int, y1: int) -> np.ndarray:
     ys, xs = np.divmod(flat, cw)
     return M._beyond_median((xs - x1) ** 2 + (ys - y1) ** 2, flat, cw, x1, y1)
-
-
-def _points_direct(rle):
-    """interior_points' rule written out with np.nonzero, np.hypot over every pixel and np.median."""
-    crop, (ox, oy) = M.decode_crop(rle, pad_px=1)
-    ys, xs = np.nonzero(crop)
-    dist = cv2.distanceTransform(crop.astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
-    dist = np.rint(dist.astype(np.float64) ** 2)
-    y1, x1 = divmod(int(np.argmax(dist)), dist.shape[1])
-    d1 = np.hypot(xs - x1, ys - y1)
-    far = d1 > np.median(d1)
-    if not far.any():
-        p2 = (x1, y1)
-    else:
-        j = int(np.argmax(dist[ys[far], xs[far]]))
-        p2 = (int(xs[far][j]), int(ys[far][j]))
-    return (x1 + ox, y1 + oy), (p2[0] + ox, p2[1] + oy)
 
 
 def _circle(h: int, w: int, cy: float, cx: float, r2: float, hole2: float = -1.0) -> np.ndarray:
@@ -120,7 +102,7 @@ def test_interior_points_equal_the_direct_rule_on_symmetric_masks(rng, size):
         if not m.any():
             continue
         rle = M.encode_mask(m)
-        assert M.interior_points(rle) == _points_direct(rle)
+        assert M.interior_points(rle) == interior_points_reference(rle)
         n += 1
     assert n >= 20
 

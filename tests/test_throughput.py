@@ -23,7 +23,7 @@ from shapely.geometry import Polygon
 from orsgen.schemas.records import Instance, Rle, Sample
 from orsgen.stages.common import masks as M
 from orsgen.stages.common import targets as T
-from tests.conftest import random_mask
+from tests.conftest import interior_points_reference, random_mask
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -170,25 +170,6 @@ def test_fast_median_is_numpys_median(rng):
         assert M._median(v) == float(np.median(v))
 
 
-def _points_reference(rle):
-    """The interior-points rule written with np.nonzero / fancy indexing (the reference)."""
-    import cv2
-
-    crop, (ox, oy) = M.decode_crop(rle, pad_px=1)
-    ys, xs = np.nonzero(crop)
-    dist = cv2.distanceTransform(crop.astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
-    dist = np.rint(dist.astype(np.float64) ** 2)
-    y1, x1 = divmod(int(np.argmax(dist)), dist.shape[1])
-    d1 = np.hypot(xs - x1, ys - y1)
-    far = d1 > np.median(d1)
-    if not far.any():
-        p2 = (x1, y1)
-    else:
-        j = int(np.argmax(dist[ys[far], xs[far]]))
-        p2 = (int(xs[far][j]), int(ys[far][j]))
-    return (x1 + ox, y1 + oy), (p2[0] + ox, p2[1] + oy)
-
-
 def test_interior_points_equal_the_reference_on_ties_and_borders(rng):
     h, w = 31, 44
     shapes = []
@@ -208,7 +189,7 @@ def test_interior_points_equal_the_reference_on_ties_and_borders(rng):
             continue
         rle = M.encode_mask(m)
         got = M.interior_points(rle)
-        assert got == _points_reference(rle)
+        assert got == interior_points_reference(rle)
         assert all(type(v) is int for p in got for v in p)
         n += 1
     assert n > 50
