@@ -145,17 +145,17 @@ def test_batched_rings_equal_the_scalar_rings():
         np.array([[[0, 0]], [[2, 2]], [[4, 0]], [[4, 4]], [[2, 2]], [[0, 4]]], dtype=np.int32),
         np.array([[[1, 1]], [[6, 1]], [[6, 2]], [[1, 2]]], dtype=np.int32),
     ]
-    got = M._grown_rings(contours, 3, -2)
+    got = M._grown_rings_many([(contours, 3, -2)])[0]
     want = [M._ring_geometry(c, 3, -2) for c in contours]
     assert [g.wkb for g in got] == [g.wkb for g in want]
-    assert M._grown_rings([], 0, 0) == []
+    assert M._grown_rings_many([([], 0, 0)]) == [[]]
     # Each contour alone (one ring takes the path without a grouping index),
     # the self-touching one included, and pairs mixing small and large ones.
     for c in contours:
-        assert [g.wkb for g in M._grown_rings([c], 3, -2)] == [M._ring_geometry(c, 3, -2).wkb]
+        assert [g.wkb for g in M._grown_rings_many([([c], 3, -2)])[0]] == [M._ring_geometry(c, 3, -2).wkb]
     for a, b in ((0, 2), (3, 1), (2, 3)):
         pair = [contours[a], contours[b]]
-        assert [g.wkb for g in M._grown_rings(pair, -1, 7)] == [M._ring_geometry(c, -1, 7).wkb for c in pair]
+        assert [g.wkb for g in M._grown_rings_many([(pair, -1, 7)])[0]] == [M._ring_geometry(c, -1, 7).wkb for c in pair]
     # GEOS's check without shapely's wrapper: the same answers, scalar and array.
     bowtie, square = Polygon([(0, 0), (4, 4), (4, 0), (0, 4)]), Polygon([(0, 0), (4, 0), (4, 4), (0, 4)])
     assert bool(M._is_valid(square)) and not bool(M._is_valid(bowtie))
@@ -315,18 +315,18 @@ def test_target_cache_gives_the_uncached_answer_and_computes_once(rng, monkeypat
     plain = [T.attach_targets(s, by_id, w, h) for s in samples]
 
     calls = {"points": 0, "polygon": 0}
-    points, polygon = M.interior_points, M.rle_to_geometry
+    points, outlines = M.interior_points, M.rle_to_geometries
 
     def count_points(*a, **k):
         calls["points"] += 1
         return points(*a, **k)
 
-    def count_polygon(*a, **k):
-        calls["polygon"] += 1
-        return polygon(*a, **k)
+    def count_polygons(masks, *a, **k):
+        calls["polygon"] += len(masks)  # one outline per mask handed over
+        return outlines(masks, *a, **k)
 
     monkeypatch.setattr(T, "interior_points", count_points)
-    monkeypatch.setattr(T, "rle_to_geometry", count_polygon)
+    monkeypatch.setattr(T, "rle_to_geometries", count_polygons)
     cache = T.TargetCache()
     cached = [T.attach_targets(s, by_id, w, h, cache=cache) for s in samples]
     assert cached == plain

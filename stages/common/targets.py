@@ -22,7 +22,6 @@ from orsgen.stages.common.masks import (
     decode_crop,
     interior_points,
     rle_to_geometries,
-    rle_to_geometry,
     rle_union,
     svg_path,
     union_crop,
@@ -137,19 +136,30 @@ class TargetCache:
         that ``target_fields`` refuses (unknown or empty targets) and empty
         sets are left to it.
         """
-        todo: list[tuple[tuple[Any, ...], Rle, PaddedCrop]] = []
-        keys: set[tuple[Any, ...]] = set()
+        lists = []
         for ids in target_sets:
             if not ids or any(t not in instances for t in ids):
                 continue
             targets = [instances[t] for t in ids]
-            if any(t.area_px <= 0 for t in targets):
-                continue
+            if not any(t.area_px <= 0 for t in targets):
+                lists.append(targets)
+        self._fill_shapes(lists, width, height, tolerance_px)
+
+    def _fill_shapes(
+        self, target_lists: Sequence[Sequence[Instance]], width: int, height: int, tolerance_px: float
+    ) -> None:
+        """Stores the union mask and SVG path of each target list not stored yet, outlines in one batch."""
+        todo: list[tuple[tuple[Any, ...], Rle, PaddedCrop]] = []
+        keys: set[tuple[Any, ...]] = set()
+        for targets in target_lists:
             key = self._shape_key(targets, width, height, tolerance_px)
             if key in self._shapes or key in keys:
                 continue
-            keys.add(key)
             union = rle_union([t.rle for t in targets], size=(height, width))
+            if not targets:
+                self._shapes[key] = (union, "")
+                continue
+            keys.add(key)
             todo.append((key, union, self.union_crop(union, targets)))
         outlines = rle_to_geometries([(union, crop) for _, union, crop in todo], tolerance_px)
         for (key, union, _), geom in zip(todo, outlines):
@@ -164,9 +174,8 @@ class TargetCache:
         key = self._shape_key(targets, width, height, tolerance_px)
         got = self._shapes.get(key)
         if got is None:
-            union = rle_union([t.rle for t in targets], size=(height, width))
-            svg = svg_path(rle_to_geometry(union, tolerance_px, self.union_crop(union, targets)), width, height) if targets else ""
-            got = self._shapes[key] = (union, svg)
+            self._fill_shapes([targets], width, height, tolerance_px)
+            got = self._shapes[key]
         return got
 
 
