@@ -741,13 +741,11 @@ def _make_valid(geom: BaseGeometry) -> BaseGeometry:
 _is_valid = getattr(getattr(shapely, "lib", None), "is_valid", None) or shapely.is_valid
 
 
-def _grown_rings(contours: Sequence[np.ndarray], ox: int, oy: int) -> list[BaseGeometry]:
-    """``[_ring_geometry(c, ox, oy) for c in contours]`` with GEOS called once per step for all rings."""
-    return _grown_rings_many([(contours, ox, oy)])[0]
-
-
 def _grown_rings_many(groups: Sequence[tuple[Sequence[np.ndarray], int, int]]) -> list[list[BaseGeometry]]:
-    """``_grown_rings`` of several masks' contours (each with its crop origin), GEOS called once per step.
+    """``[[_ring_geometry(c, ox, oy) for c in contours] for contours, ox, oy in groups]``, GEOS called once per step.
+
+    Each group is one mask's contours with its crop origin; the rings of all
+    groups go through each GEOS step together.
 
     Rings of three or more points become polygons together
     (``shapely.polygons`` / ``is_valid`` / ``buffer`` on arrays run the same
