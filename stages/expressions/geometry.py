@@ -226,51 +226,19 @@ def rle_moments(rle: Rle) -> tuple[int, float, float]:
         ``(area, sum_x, sum_y)`` over the mask's pixels (integer pixel
         indices, not centres).
     """
-    h, _w = rle.size
-    runs = rle_counts_to_runs(rle.counts)
-    if runs.size < 2:
-        return 0, 0.0, 0.0
-    ends = runs.cumsum()
-    starts = ends - runs
-    fg = slice(1, None, 2)
-    s, e = starts[fg], ends[fg]
-    keep = e > s
-    s, e = s[keep], e[keep]
-    if s.size == 0:
-        return 0, 0.0, 0.0
-    c0, r0 = np.divmod(s, h)
-    c1, r1 = np.divmod(e - 1, h)
-    one = c0 == c1
-    # Runs within one column.
-    n_one = (e - s)[one]
-    sx = float((n_one * c0[one]).sum())
-    sy = float(((r0[one] + r1[one]) * n_one).sum()) / 2.0
-    area = int(n_one.sum())
-    # Runs spanning columns: first partial, middle full, last partial.
-    m = ~one
-    if m.any():
-        a0, b0, a1, b1 = c0[m], r0[m], c1[m], r1[m]
-        n_first = h - b0
-        n_last = b1 + 1
-        n_mid_cols = a1 - a0 - 1
-        area += int((n_first + n_last + n_mid_cols * h).sum())
-        sx += float((n_first * a0).sum() + (n_last * a1).sum())
-        # Sum of the columns a0+1 .. a1-1, each h pixels.
-        sx += float((h * (a0 + a1) * n_mid_cols).sum()) / 2.0
-        sy += float(((b0 + h - 1) * n_first).sum()) / 2.0
-        sy += float((b1 * (b1 + 1)).sum()) / 2.0
-        sy += float((n_mid_cols * h * (h - 1)).sum()) / 2.0
-    return area, sx, sy
+    return rle_moments_many([rle])[0]
 
 
 def rle_moments_many(rles: Sequence[Rle]) -> list[tuple[int, float, float]]:
     """``[rle_moments(r) for r in rles]``, computed in one pass over all runs.
 
-    The integer sums per mask are the same (exact int64 segment sums of the
-    same per-run terms) and the float steps are the same operations in the
-    same order, so every result is bit-identical to ``rle_moments``'s. The
-    terms of the run kind a mask lacks are added as ``0.0``, which leaves a
-    non-negative sum unchanged (tests/test_expressions_fast.py checks).
+    Each mask's foreground runs split into a partial first column, whole
+    middle columns and a partial last column (``rle_moments``); their terms
+    are exact int64 segment sums per mask, and the float steps are the same
+    operations in the same order as a mask-at-a-time computation, so every
+    result is bit-identical to it. The terms of the run kind a mask lacks are
+    added as ``0.0``, which leaves a non-negative sum unchanged
+    (tests/test_expressions_fast.py checks against the mask-at-a-time code).
     """
     n = len(rles)
     if n == 0:
