@@ -8,7 +8,7 @@ has to know about Beam and no drop goes uncounted.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import apache_beam as beam
@@ -71,13 +71,14 @@ class BundleCounts(beam.DoFn):
         for key, n in (sums or {}).items():
             yield TaggedOutput(EVENTS, GlobalWindows.windowed_value((key, n)))
 
-    def _event(self, key: str, n: int) -> TaggedOutput | None:
-        """Counts ``(key, n)``; returns the output to yield when not batching, else None."""
+    def _events(self, pairs: Iterable[tuple[str, int]]) -> Iterator[TaggedOutput]:
+        """Counts each ``(key, n)``; yields the outputs only when not batching (outside a bundle)."""
         sums = self._sums
-        if sums is None:
-            return TaggedOutput(EVENTS, (key, n))
-        sums[key] = sums.get(key, 0) + n
-        return None
+        for key, n in pairs:
+            if sums is None:
+                yield TaggedOutput(EVENTS, (key, n))
+            else:
+                sums[key] = sums.get(key, 0) + n
 
     def _dropped(self, reason: str) -> None:
         # One counter object per reason (not one per reject); made lazily so
@@ -114,10 +115,7 @@ class StageDoFn(BundleCounts):
         out, rejects = result[0], result[1]
         # A stage may also return counting events ``[(key, n)]`` (what it
         # skipped and why); they reach the manifest like every other event.
-        event = self._event
-        for key, n in result[2] if len(result) > 2 else ():
-            if n and (ev := event(key, n)) is not None:
-                yield ev
+        yield from self._events((key, n) for key, n in (result[2] if len(result) > 2 else ()) if n)
         for r in rejects:
             self._dropped(r.reason)
             yield TaggedOutput(REJECTS, r)
@@ -132,13 +130,13 @@ class StageDoFn(BundleCounts):
             # (region selection's instance rejects, say) are counted by their
             # reject already: counting them again would make rejected > inputs.
             own = {r.source_key for r in rejects if r.level in (RejectLevel.INSTANCE, RejectLevel.SAMPLE)}
-            for key, n in (
-                ("dropped_with_image/instances", sum(i.instance_id not in own for i in ex.instances)),
-                ("dropped_with_image/refs", len(ex.refs)),
-                ("dropped_with_image/samples", sum(s.sample_id not in own for s in ex.samples)),
-            ):
-                if (ev := event(key, n)) is not None:
-                    yield ev
+            yield from self._events(
+                (
+                    ("dropped_with_image/instances", sum(i.instance_id not in own for i in ex.instances)),
+                    ("dropped_with_image/refs", len(ex.refs)),
+                    ("dropped_with_image/samples", sum(s.sample_id not in own for s in ex.samples)),
+                )
+            )
             return
         yield from self._account(ex, out, rejects)
         yield out
@@ -164,8 +162,8 @@ class StageDoFn(BundleCounts):
                 )
             if level == RejectLevel.SAMPLE:
                 created = len(after - before) + len(keys - before)
-                if created and (ev := self._event("created/samples", created)) is not None:
-                    yield ev
+                if created:
+                    yield from self._events((("created/samples", created),))
 
 
 class IngestDoFn(BundleCounts):
@@ -188,13 +186,10 @@ class IngestDoFn(BundleCounts):
             if isinstance(item, Reject):
                 self._dropped(item.reason)
                 yield TaggedOutput(REJECTS, item)
-                if (ev := self._event(f"ingest_rejects/{item.level}", 1)) is not None:
-                    yield ev
+                yield from self._events(((f"ingest_rejects/{item.level}", 1),))
             elif isinstance(item, ImageExample):
                 self._images.inc()
-                for key, n in example_events("read", item):
-                    if (ev := self._event(key, n)) is not None:
-                        yield ev
+                yield from self._events(example_events("read", item))
                 yield item
             else:
                 raise TypeError(f"reader {self._name} yielded {type(item).__name__}; expected ImageExample or Reject.")
