@@ -85,14 +85,14 @@ def _records(n: int, record_kb: float) -> Iterator[tuple[str, bytes, bytes]]:
         yield key, pool[i % _POOL][8:] + i.to_bytes(8, "big"), data
 
 
-def _arrow_row() -> bytes:
-    """One real Parquet row (``EXAMPLE_SCHEMA``, image column empty) for ``--parquet``."""
+def _example_json() -> bytes:
+    """One real example's JSON member (the Parquet writer builds its row from it) for ``--parquet``."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from bench_write import make_examples
 
     from orsgen.stages.write import encode_example
 
-    return encode_example(make_examples(1, 4, 20)[0], ["webdataset", "parquet"]).arrow
+    return encode_example(make_examples(1, 4, 20)[0], ["webdataset", "parquet"]).json
 
 
 def _child_orsgen(n: int, record_kb: float, out: str, spill_dir: str, parquet: bool, hash_thread: bool = False) -> dict:
@@ -102,14 +102,17 @@ def _child_orsgen(n: int, record_kb: float, out: str, spill_dir: str, parquet: b
 
 
     formats = ["webdataset", "parquet"] if parquet else ["webdataset"]
-    # The row's own key column is the template's: the writer never reads it.
-    arrow = _arrow_row() if parquet else b""
+    # With Parquet every record carries a real example's JSON (the Parquet
+    # row is built from it); its own key column is the template's, which
+    # the writer never reads.
+    template = _example_json() if parquet else None
     cfg = WriteConfig(formats=formats, num_buckets=1, spill_dir=spill_dir, hash_in_thread=hash_thread)
 
     def encoded() -> Iterator[EncodedExample]:
         for key, image, data in _records(n, record_kb):
+            data = template or data
             yield EncodedExample(
-                key=key, split="train", image=image, json=data, arrow=arrow, n_instances=100, n_refs=0,
+                key=key, split="train", image=image, json=data, n_instances=100, n_refs=0,
                 n_samples=3, samples_by_kind=(("phrase", 3),), size=_tar_member_bytes(len(image)) + _tar_member_bytes(len(data)),
                 image_id=key, uri=f"gs://bucket/sa_000000.tar#{key}.jpg", sha256=key,
             )

@@ -123,20 +123,27 @@ def _row_variants() -> list[dict]:
     return rows
 
 
-def test_arrow_row_bytes_equal_from_pylist():
+def test_rows_batch_equals_from_pylist():
+    # The writer's Parquet rows come from the JSON members: the same
+    # serialized batch as from_pylist of the rows themselves, across the
+    # conversion's chunk boundary, with nulls, NaN, -0.0, huge floats,
+    # non-ASCII / NUL text, a missing key and an extra one.
     import pyarrow as pa
 
     from orsgen.schemas.arrow import EXAMPLE_SCHEMA
-    from orsgen.stages.write.plan import _arrow_row_bytes
+    from orsgen.stages.write.plan import _ROWS_PER_CONVERSION, _json_bytes, rows_batch
 
-    rows = _row_variants()
-    assert any(r["samples"] for r in rows) and any(r["instances"] for r in rows)
-    for row in rows:
-        want = pa.RecordBatch.from_pylist([row], schema=EXAMPLE_SCHEMA).serialize().to_pybytes()
-        got = _arrow_row_bytes(row)
-        assert got == want
-        back = pa.ipc.read_record_batch(pa.py_buffer(got), EXAMPLE_SCHEMA)
-        assert back.schema == EXAMPLE_SCHEMA
+    variants = _row_variants()
+    assert any(r["samples"] for r in variants) and any(r["instances"] for r in variants)
+    for rows in [[r] for r in variants] + [(variants * _ROWS_PER_CONVERSION)[: 2 * _ROWS_PER_CONVERSION + 3]]:
+        images = [f"img-{i}".encode() for i in range(len(rows))]
+        full = [dict(r, image=img) for r, img in zip(rows, images)]
+        members = [_json_bytes({k: v for k, v in r.items() if k != "image"}) for r in rows]
+        got = rows_batch(members, images)
+        want = pa.RecordBatch.from_pylist(full, schema=EXAMPLE_SCHEMA)
+        assert got.schema == EXAMPLE_SCHEMA and got.num_rows == len(rows)
+        assert got.serialize().to_pybytes() == want.serialize().to_pybytes()
+    assert rows_batch([], []).num_rows == 0
 
 
 def _polygon_range_problem_reference(segm, width, height):

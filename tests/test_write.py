@@ -218,10 +218,8 @@ def test_encode_example_fields(examples):
     assert (enc.n_instances, enc.n_refs, enc.n_samples) == (2, 1, 2)
     assert enc.samples_by_kind == (("no_target", 1), ("phrase", 1))
     assert enc.size == sum(512 + -(-n // 512) * 512 for n in (len(ex.image_bytes), len(enc.json)))
-    # The Arrow row reads back with the schema alone; the image rides in
-    # ``image`` only and record_batch() puts it back.
-    batch = pa.ipc.read_record_batch(pa.py_buffer(enc.arrow), EXAMPLE_SCHEMA)
-    assert batch.num_rows == 1 and batch.column("image").to_pylist() == [b""]
+    # The image rides in ``image`` only; record_batch() builds the full
+    # Parquet row from the JSON member and the image.
     full = enc.record_batch()
     assert full.equals(pa.RecordBatch.from_pylist([example_to_row(ex)], schema=EXAMPLE_SCHEMA))
     assert example_from_row(full.to_pylist()[0]) == ex
@@ -231,12 +229,17 @@ def test_encode_example_fields(examples):
         enc.key = "other"  # type: ignore[misc]
 
 
-def test_encode_example_without_parquet_has_no_arrow_row(examples, tmp_path):
-    enc = W.encode_example(examples[0], ["webdataset"])
-    assert enc.arrow == b""
-    with pytest.raises(ValueError, match="encoded without its Parquet row"):
-        W.write_bucket(str(tmp_path), "train", 0, [enc], _cfg())
-    assert not any(tmp_path.iterdir())
+def test_encoding_does_not_depend_on_formats(examples, tmp_path):
+    # The Parquet row is built by the writer from the JSON member, so an
+    # example encoded for WebDataset alone writes the same Parquet shard.
+    wds_only = [W.encode_example(ex, ["webdataset"]) for ex in examples]
+    assert wds_only == [W.encode_example(ex, ["webdataset", "parquet"]) for ex in examples]
+    W.write_bucket(str(tmp_path / "a"), "train", 0, wds_only, _cfg())
+    W.write_bucket(str(tmp_path / "b"), "train", 0, examples, _cfg())
+    files_a = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.parquet"))
+    assert files_a and files_a == sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*.parquet"))
+    for rel in files_a:
+        assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes()
 
 
 def _reference_files(out: Path, examples: list[ImageExample], cfg: WriteConfig) -> dict[str, bytes]:

@@ -239,7 +239,7 @@ def test_spilled_group_reads_back_every_record(tmp_path, encoded):
 def test_spilled_group_holds_nothing_after_its_first_spill(tmp_path, encoded):
     # The budget holds two records: the third spills them, and it and every
     # later one go straight to disk (none is held, memory stays flat).
-    budget = 2 * sum(len(e.image) + len(e.json) + len(e.arrow) for e in encoded[:1]) + 1
+    budget = 2 * sum(len(e.image) + len(e.json) for e in encoded[:1]) + 1
     with SpilledGroup(memory_max_bytes=budget, spill_dir=str(tmp_path)) as group:
         group.add(encoded[0])
         group.add(encoded[1])

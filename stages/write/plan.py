@@ -156,13 +156,10 @@ class EncodedExample:
         image: the encoded image bytes (the tar's ``.jpg`` member and the
             Parquet ``image`` column).
         json: the tar's ``.json`` member: canonical JSON of every
-            ``EXAMPLE_SCHEMA`` column but ``image``.
-        arrow: the example's one-row ``EXAMPLE_SCHEMA`` record batch,
-            serialized without its schema (``RecordBatch.serialize()``), with
-            the ``image`` column left empty: the writer takes it from
-            ``image`` so the shuffle carries the image bytes once, not twice.
-            ``record_batch()`` gives the complete row. ``b""`` when Parquet
-            is not among the formats.
+            ``EXAMPLE_SCHEMA`` column but ``image``. The Parquet writer
+            builds its rows from it and ``image`` (``rows_batch``), so the
+            shuffle carries each value once; ``record_batch()`` gives the
+            complete one-row batch.
         n_instances: instances on the image.
         n_refs: RefCOCO-family refs on the image (for the pipeline's counts).
         n_samples: referring samples on the image.
@@ -178,7 +175,6 @@ class EncodedExample:
     split: str
     image: bytes
     json: bytes
-    arrow: bytes
     n_instances: int
     n_refs: int
     n_samples: int
@@ -189,14 +185,8 @@ class EncodedExample:
     sha256: str = ""
 
     def record_batch(self) -> pa.RecordBatch:
-        """Returns the complete one-row ``EXAMPLE_SCHEMA`` batch, image included.
-
-        Raises:
-            ValueError: the example was encoded without Parquet.
-        """
-        batch = _read_arrow(self)
-        images = pa.array([self.image], type=pa.binary())
-        return batch.set_column(_IMAGE_INDEX, EXAMPLE_SCHEMA.field(_IMAGE_INDEX), images)
+        """Returns the complete one-row ``EXAMPLE_SCHEMA`` batch, image included."""
+        return rows_batch([self.json], [self.image])
 
 
 _IMAGE_INDEX = EXAMPLE_SCHEMA.get_field_index("image")
@@ -210,19 +200,42 @@ def _json_bytes(row: dict[str, Any]) -> bytes:
     return json.dumps(row, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
-#: ``EXAMPLE_SCHEMA``'s fields as one struct: a row converts as one value.
+#: ``EXAMPLE_SCHEMA``'s fields as one struct: rows convert as one array.
 _EXAMPLE_STRUCT = pa.struct(list(EXAMPLE_SCHEMA))
 
+#: Rows converted per ``pa.array`` call in ``rows_batch``: enough to pay the
+#: conversion's fixed cost once for many rows, few enough that the parsed
+#: Python rows (about ten times their JSON) stay a few MB.
+_ROWS_PER_CONVERSION = 64
 
-def _arrow_row_bytes(row: dict[str, Any]) -> bytes:
-    """The serialized one-row ``EXAMPLE_SCHEMA`` batch of ``row``.
 
-    Converted as one struct value (``from_struct_array``) rather than by
-    ``RecordBatch.from_pylist``, which converts each column's one-element list
-    apart: the same serialized bytes (tests/test_expressions_fast.py compares
-    them), about a quarter less CPU.
+def rows_batch(json_members: Sequence[bytes], images: Sequence[bytes] | pa.Array) -> pa.RecordBatch:
+    """The ``EXAMPLE_SCHEMA`` batch of examples from their JSON members and images.
+
+    ``json.loads`` of an example's canonical JSON gives back the row
+    ``example_to_row`` made (every value is a plain JSON value, floats
+    round-trip exactly, and the struct conversion matches fields by name),
+    so the batch equals ``RecordBatch.from_pylist`` of the rows (tests check
+    it), in one chunk per column as the Parquet writer wants. Building the
+    rows here, a row group at a time, costs about half of converting each
+    example's row on its own before the shuffle, and the shuffle no longer
+    carries a second copy of every value.
+
+    Args:
+        json_members: the examples' ``EncodedExample.json``.
+        images: their image bytes, in the same order.
+
+    Returns:
+        One record batch with ``len(json_members)`` rows.
     """
-    return pa.RecordBatch.from_struct_array(pa.array([row], type=_EXAMPLE_STRUCT)).serialize().to_pybytes()
+    chunks = []
+    for at in range(0, len(json_members), _ROWS_PER_CONVERSION):
+        rows = [json.loads(j) for j in json_members[at : at + _ROWS_PER_CONVERSION]]
+        chunks.append(pa.array(rows, type=_EXAMPLE_STRUCT))
+    rows_array = pa.concat_arrays(chunks) if chunks else pa.array([], type=_EXAMPLE_STRUCT)
+    batch = pa.RecordBatch.from_struct_array(rows_array)
+    image_array = images if isinstance(images, pa.Array) else pa.array(images, type=pa.binary())
+    return batch.set_column(_IMAGE_INDEX, EXAMPLE_SCHEMA.field(_IMAGE_INDEX), image_array)
 
 
 def encode_example(ex: ImageExample, formats: Sequence[str]) -> EncodedExample:
@@ -230,8 +243,10 @@ def encode_example(ex: ImageExample, formats: Sequence[str]) -> EncodedExample:
 
     Args:
         ex: the example.
-        formats: the output formats (``WriteConfig.formats``); the Arrow row
-            is built only when ``parquet`` is among them.
+        formats: the output formats (``WriteConfig.formats``). Every format
+            is written from the same members (the Parquet row from the JSON
+            member), so the encoding no longer depends on them; the argument
+            stays for callers.
 
     Returns:
         The example's tar members, Arrow row and counts.
@@ -239,18 +254,12 @@ def encode_example(ex: ImageExample, formats: Sequence[str]) -> EncodedExample:
     row = example_to_row(ex)
     image = row.pop("image")
     data = _json_bytes(row)
-    arrow = b""
-    if "parquet" in formats:
-        # The image travels in ``image`` only; the writer splices it back.
-        row["image"] = b""
-        arrow = _arrow_row_bytes(row)
     kinds = Counter(str(s.kind) for s in ex.samples)
     return EncodedExample(
         key=ex.key,
         split=ex.split,
         image=image,
         json=data,
-        arrow=arrow,
         n_instances=len(ex.instances),
         n_refs=len(ex.refs),
         n_samples=len(ex.samples),
@@ -260,16 +269,6 @@ def encode_example(ex: ImageExample, formats: Sequence[str]) -> EncodedExample:
         uri=ex.image.uri,
         sha256=ex.image.sha256,
     )
-
-
-def _read_arrow(enc: EncodedExample) -> pa.RecordBatch:
-    if not enc.arrow:
-        raise ValueError(
-            f"example {enc.key!r} was encoded without its Parquet row; "
-            "encode with encode_example(ex, formats) using the same formats as the writer."
-        )
-    # Zero-copy: the batch's buffers point into ``enc.arrow``.
-    return pa.ipc.read_record_batch(pa.py_buffer(enc.arrow), EXAMPLE_SCHEMA)
 
 
 def _split_by_size(sizes: Sequence[int], max_items: int, max_bytes: int) -> list[tuple[int, int]]:

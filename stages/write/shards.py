@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 from orsgen.schemas.arrow import EXAMPLE_SCHEMA, REJECT_SCHEMA, reject_to_row
 from orsgen.schemas.config import WriteConfig
 from orsgen.schemas.records import ImageExample, Reject
-from orsgen.stages.write.plan import EncodedExample, OutputConflictError, REJECTS_FORMAT, ShardStats, _IMAGE_INDEX, _PARQUET_GROUP_OVERHEAD, _PARQUET_ROW_OVERHEAD, _TAR_BLOCK, _TAR_RECORD, _plan, _read_arrow, _sorted_checked, _split_by_size, encode_example, shard_path
+from orsgen.stages.write.plan import EncodedExample, OutputConflictError, REJECTS_FORMAT, ShardStats, _PARQUET_GROUP_OVERHEAD, _PARQUET_ROW_OVERHEAD, _TAR_BLOCK, _TAR_RECORD, _plan, _sorted_checked, _split_by_size, encode_example, rows_batch, shard_path
 from orsgen.stages.write.files import _HashingWriter, _completed, _fs_root, _publish
 from orsgen.stages.write.spill import DEFAULT_SPILL_MEMORY_MAX_BYTES, SortedSpill, SpilledGroup, SpillEntry
 from orsgen.stages.ingest.dedupe import dedupe_by_key
@@ -123,23 +123,21 @@ def _row_group(entries: Sequence[SpillEntry], group: SpilledGroup) -> pa.Table:
 
     The image column is filled straight from a generator (``pa.array`` with
     ``size``), so only the Arrow copy of the row group's images is ever held,
-    never a Python list of the records as well.
+    never a Python list of the records as well; the other columns are built
+    from the records' JSON members (``rows_batch``), in one chunk per column:
+    the Parquet writer cuts pages per chunk, so a table of one-row chunks
+    would write other page boundaries (and other bytes).
     """
-    arrows: list[bytes] = []
+    members: list[bytes] = []
 
     def images() -> Iterator[bytes]:
         for entry in entries:
             enc = group.get(entry)
-            arrows.append(enc.arrow)  # the small row without its image
+            members.append(enc.json)
             yield enc.image
 
     image_array = pa.array(images(), type=pa.binary(), size=len(entries))
-    batches = [pa.ipc.read_record_batch(pa.py_buffer(a), EXAMPLE_SCHEMA) for a in arrows]
-    # One chunk per column, as Table.from_pylist gives: the Parquet writer
-    # cuts pages per chunk, so a table of one-row chunks would write other
-    # page boundaries (and other bytes) than the same rows in one chunk.
-    table = pa.Table.from_batches(batches, schema=EXAMPLE_SCHEMA).combine_chunks()
-    return table.set_column(_IMAGE_INDEX, EXAMPLE_SCHEMA.field(_IMAGE_INDEX), image_array)
+    return pa.Table.from_batches([rows_batch(members, image_array)], schema=EXAMPLE_SCHEMA)
 
 
 def _parquet_writer(
@@ -246,8 +244,6 @@ def _spill_group(
                     f"example {enc.key!r} has split {enc.split!r} but is written to split {split!r}; "
                     "group examples by their own split before writing."
                 )
-            if "parquet" in formats and not enc.arrow:
-                _read_arrow(enc)  # raises
             group.add(enc)
         group.seal()
     except BaseException:
@@ -331,8 +327,7 @@ def write_bucket(
 
     Raises:
         ValueError: a key is unsafe or repeated, an example's ``split``
-            differs from ``split``, an ``EncodedExample`` lacks its Arrow
-            row while Parquet is written, or no bucket count is known.
+            differs from ``split``, or no bucket count is known.
         OutputConflictError: a shard path holds different bytes, or a
             completed shard of a different run.
     """

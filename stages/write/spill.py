@@ -82,7 +82,7 @@ class SpillEntry:
     """What the writer keeps in memory of one record of a spilled group.
 
     Everything ``plan``, ``dedupe_by_key`` and the shard stats need, without
-    the image, JSON and Arrow bytes. ``index`` is the record's arrival index
+    the image and JSON bytes. ``index`` is the record's arrival index
     in its ``SpilledGroup`` (``SpilledGroup.get`` reads the record back).
     """
 
@@ -92,7 +92,6 @@ class SpillEntry:
     size: int
     n_image: int
     n_json: int
-    n_arrow: int
     n_instances: int
     n_refs: int
     n_samples: int
@@ -152,7 +151,6 @@ class SpilledGroup:
             size=enc.size,
             n_image=len(enc.image),
             n_json=len(enc.json),
-            n_arrow=len(enc.arrow),
             n_instances=enc.n_instances,
             n_refs=enc.n_refs,
             n_samples=enc.n_samples,
@@ -162,7 +160,7 @@ class SpilledGroup:
             sha256=enc.sha256,
         )
         self.entries.append(entry)
-        n = entry.n_image + entry.n_json + entry.n_arrow
+        n = entry.n_image + entry.n_json
         if self._file is None and self._held and self._held_bytes + n > self._budget:
             self._write_run()
         if self._file is not None:
@@ -195,9 +193,9 @@ class SpilledGroup:
             self._write_run()
 
     def _append(self, enc: EncodedExample) -> int:
-        """Appends one record's image, JSON and Arrow bytes with one system call; returns its offset."""
+        """Appends one record's image and JSON bytes with one system call; returns its offset."""
         offset = self._end
-        self._end += _write_all(self._fd, (enc.image, enc.json, enc.arrow), self._spill_dir)
+        self._end += _write_all(self._fd, (enc.image, enc.json), self._spill_dir)
         return offset
 
     def get(self, entry: SpillEntry) -> EncodedExample:
@@ -209,7 +207,7 @@ class SpilledGroup:
         # One read per member: each lands in its own bytes object, with no
         # second copy to cut a combined buffer apart.
         parts = []
-        for n in (entry.n_image, entry.n_json, entry.n_arrow):
+        for n in (entry.n_image, entry.n_json):
             data = os.pread(self._fd, n, offset) if n else b""
             if len(data) != n:
                 raise OSError(
@@ -217,13 +215,12 @@ class SpilledGroup:
                 )
             parts.append(data)
             offset += n
-        image, json_bytes, arrow = parts
+        image, json_bytes = parts
         return EncodedExample(
             key=entry.key,
             split=entry.split,
             image=image,
             json=json_bytes,
-            arrow=arrow,
             n_instances=entry.n_instances,
             n_refs=entry.n_refs,
             n_samples=entry.n_samples,
