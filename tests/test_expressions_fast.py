@@ -125,25 +125,46 @@ def _row_variants() -> list[dict]:
 
 def test_rows_batch_equals_from_pylist():
     # The writer's Parquet rows come from the JSON members: the same
-    # serialized batch as from_pylist of the rows themselves, across the
-    # conversion's chunk boundary, with nulls, NaN, -0.0, huge floats,
-    # non-ASCII / NUL text, a missing key and an extra one.
+    # serialized batch as from_pylist of the rows themselves, on both paths
+    # (Arrow's JSON reader, and json.loads for what it might read otherwise),
+    # across the Python path's chunk boundary, with nulls, NaN, -0.0, huge
+    # and subnormal floats, big ints, non-ASCII / NUL / escaped text, a
+    # missing key and an extra one.
+    import copy
+
     import pyarrow as pa
 
     from orsgen.schemas.arrow import EXAMPLE_SCHEMA
-    from orsgen.stages.write.plan import _ROWS_PER_CONVERSION, _json_bytes, rows_batch
+    from orsgen.stages.write.plan import _ROWS_PER_CONVERSION, _json_bytes, _read_members, _rows_batch_python, rows_batch
 
     variants = _row_variants()
     assert any(r["samples"] for r in variants) and any(r["instances"] for r in variants)
-    for rows in [[r] for r in variants] + [(variants * _ROWS_PER_CONVERSION)[: 2 * _ROWS_PER_CONVERSION + 3]]:
+    finite = copy.deepcopy(variants[0])
+    finite["instances"][0]["bbox_xywh"] = [-0.0, 1e308, 5e-324, 0.30000000000000004]
+    finite["file_name"] = "d\u00e9\x00j \x1f \u2028 \\ \" \U0001f600"
+    finite["refs"] = [{"ref_id": 2**62, "image_id": "x", "ann_ids": [-(2**63)], "category_ids": [1], "split": "val",
+                       "sentences": [{"sent_id": 1, "raw": "\n", "sent": ""}], "dataset": "r"}]
+    variants.append(finite)
+    batches = [[r] for r in variants] + [(variants * _ROWS_PER_CONVERSION)[: 2 * _ROWS_PER_CONVERSION + 3]]
+    fast = 0
+    for rows in batches:
         images = [f"img-{i}".encode() for i in range(len(rows))]
         full = [dict(r, image=img) for r, img in zip(rows, images)]
         members = [_json_bytes({k: v for k, v in r.items() if k != "image"}) for r in rows]
+        want = pa.RecordBatch.from_pylist(full, schema=EXAMPLE_SCHEMA).serialize().to_pybytes()
         got = rows_batch(members, images)
-        want = pa.RecordBatch.from_pylist(full, schema=EXAMPLE_SCHEMA)
         assert got.schema == EXAMPLE_SCHEMA and got.num_rows == len(rows)
-        assert got.serialize().to_pybytes() == want.serialize().to_pybytes()
+        assert got.serialize().to_pybytes() == want
+        assert _rows_batch_python(members, pa.array(images, type=pa.binary())).serialize().to_pybytes() == want
+        fast += _read_members(members) is not None
+    # Most batches take the JSON reader; the ones with NaN / inf do not.
+    assert fast == sum(1 for rows in batches if not any(b"NaN" in _json_bytes(r) or b"Infinity" in _json_bytes(r)
+                                                         for r in ({k: v for k, v in x.items() if k != "image"} for x in rows)))
+    assert 0 < fast < len(batches)
     assert rows_batch([], []).num_rows == 0
+    # A null key (not nullable) or a value Arrow refuses goes the Python way.
+    no_key = dict(variants[0], key=None)
+    assert _read_members([_json_bytes({k: v for k, v in no_key.items() if k != "image"})]) is None
 
 
 def _polygon_range_problem_reference(segm, width, height):
