@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import tarfile
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -214,9 +215,12 @@ _ROWS_PER_CONVERSION = 64
 _JSON_SCHEMA = pa.schema([f for f in EXAMPLE_SCHEMA if f.name != "image"])
 _NOT_NULL = [f.name for f in _JSON_SCHEMA if not f.nullable]
 
-#: Python's json writes non-finite floats as these bare words, which are not
-#: JSON: Arrow's reader takes them otherwise than ``json.loads``.
-_NON_JSON_WORDS = (b"NaN", b"Infinity")
+#: Python's json writes non-finite floats as the bare words NaN, Infinity and
+#: -Infinity, which are not JSON: Arrow's reader takes them otherwise than
+#: ``json.loads``. As values they stand after ``:``, ``,`` or ``[`` and before
+#: ``,``, ``]`` or ``}``; inside a string (RLE counts often hold "NaN") the
+#: pattern is rare, and a false match only sends the rows the Python way.
+_NON_JSON_NUMBER = re.compile(rb"[:,\[]-?(?:NaN|Infinity)[,\]}]")
 
 
 def rows_batch(json_members: Sequence[bytes], images: Sequence[bytes] | pa.Array) -> pa.RecordBatch:
@@ -254,7 +258,7 @@ def rows_batch(json_members: Sequence[bytes], images: Sequence[bytes] | pa.Array
 
 def _read_members(json_members: Sequence[bytes]) -> pa.Table | None:
     """The members as one table by Arrow's JSON reader, or None where the Python path must read them."""
-    if not json_members or any(w in m for m in json_members for w in _NON_JSON_WORDS):
+    if not json_members or any(_NON_JSON_NUMBER.search(m) for m in json_members):
         return None
     # Canonical JSON has no raw newline (json.dumps escapes them in strings),
     # so the members are JSON lines; one block holds them all (one chunk).
