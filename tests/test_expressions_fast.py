@@ -246,3 +246,47 @@ def test_sample_metadata_json_equals_json_dumps():
     r = example_to_row(dataclasses.replace(ex, instances=(inst,)))["instances"][0]
     assert r["bbox_xywh"] == [float(np.float32(1.1)), 2.0, 1.0, 3.0] and all(type(v) is float for v in r["bbox_xywh"])
     assert r["crop_box"] == [0.1, 1.0, 2.0, 3.0] and all(type(v) is float for v in r["crop_box"])
+
+
+def test_unit_pick_and_shuffle_equal_hash_unit_of_the_joined_text():
+    """``unit`` hashes a per-image head joined once; ``pick`` of one option hashes nothing."""
+    import dataclasses
+
+    from orsgen.schemas.config import ExpressionConfig
+    from orsgen.stages.expressions.context import ImageContext
+    from orsgen.stages.expressions.stage import margins_for
+    from orsgen.stages.splits import hash_unit
+
+    class Loud:
+        def __str__(self) -> str:
+            raise AssertionError("pick() of one option must not need a number")
+
+    for image_id, seed in [("coco:7", 3), ("sa1b:é\x00x", 0), ("", -12), ("x" * 300, 2**70)]:
+        m = margins_for(ExpressionConfig(), 64, 48)
+        built = ImageContext.build(image_id, 64, 48, [], m, seed=seed)
+        # A context made field by field, and a replaced one, hash under their own seed and id.
+        made = ImageContext(image_id, 64, 48, {}, {}, frozenset(), frozenset(), frozenset(), frozenset(), frozenset(), m, seed)
+        other = dataclasses.replace(built, seed=seed + 1, image_id=image_id + "!")
+
+        def direct(ctx: ImageContext, *parts: object) -> float:
+            return hash_unit("\x00".join([ctx.image_id, *map(str, parts)]), f"expressions:{ctx.seed}")
+
+        for ctx in (built, made, other):
+            for parts in [(1,), (1.0,), (True,), ("a", "b"), ("a\x00b",), ("order", "x"), (), ("é", None, (1, 2))]:
+                assert ctx.unit(*parts) == direct(ctx, *parts)
+            for n in range(1, 8):
+                options = [f"o{i}" for i in range(n)]
+                for parts in [("t", "description", "", "i1"), ("category", "cup"), (n,)]:
+                    assert ctx.pick(options, *parts) == options[min(int(direct(ctx, *parts) * n), n - 1)]
+            assert ctx.pick(["only"], Loud()) == "only"
+            items = [(k % 5, i) for i, k in enumerate([3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9])]
+            for key in (lambda it: it[0], lambda it: it, lambda it: f"é\x00{it}"):
+                want = sorted(items, key=lambda it: (direct(ctx, "order", key(it)), str(key(it))))
+                assert ctx.shuffled(items, key=key) == want
+        assert built.unit("x") != other.unit("x")
+    try:
+        built.pick([], "x")
+    except ValueError:
+        pass
+    else:
+        raise AssertionError("pick() of no options must raise")
