@@ -290,3 +290,116 @@ def test_sample_metadata_json_equals_json_dumps():
     r = example_to_row(dataclasses.replace(ex, instances=(inst,)))["instances"][0]
     assert r["bbox_xywh"] == [float(np.float32(1.1)), 2.0, 1.0, 3.0] and all(type(v) is float for v in r["bbox_xywh"])
     assert r["crop_box"] == [0.1, 1.0, 2.0, 3.0] and all(type(v) is float for v in r["crop_box"])
+
+
+def test_unit_pick_and_shuffle_equal_hash_unit_of_the_joined_text():
+    """``unit`` hashes a per-image head joined once; ``pick`` of one option hashes nothing."""
+    import dataclasses
+
+    from orsgen.schemas.config import ExpressionConfig
+    from orsgen.stages.expressions.context import ImageContext
+    from orsgen.stages.expressions.stage import margins_for
+    from orsgen.stages.splits import hash_unit
+
+    class Loud:
+        def __str__(self) -> str:
+            raise AssertionError("pick() of one option must not need a number")
+
+    for image_id, seed in [("coco:7", 3), ("sa1b:é\x00x", 0), ("", -12), ("x" * 300, 2**70)]:
+        m = margins_for(ExpressionConfig(), 64, 48)
+        built = ImageContext.build(image_id, 64, 48, [], m, seed=seed)
+        # A context made field by field, and a replaced one, hash under their own seed and id.
+        made = ImageContext(image_id, 64, 48, {}, {}, frozenset(), frozenset(), frozenset(), frozenset(), frozenset(), m, seed)
+        other = dataclasses.replace(built, seed=seed + 1, image_id=image_id + "!")
+
+        def direct(ctx: ImageContext, *parts: object) -> float:
+            return hash_unit("\x00".join([ctx.image_id, *map(str, parts)]), f"expressions:{ctx.seed}")
+
+        for ctx in (built, made, other):
+            for parts in [(1,), (1.0,), (True,), ("a", "b"), ("a\x00b",), ("order", "x"), (), ("é", None, (1, 2))]:
+                assert ctx.unit(*parts) == direct(ctx, *parts)
+            for n in range(1, 8):
+                options = [f"o{i}" for i in range(n)]
+                for parts in [("t", "description", "", "i1"), ("category", "cup"), (n,)]:
+                    assert ctx.pick(options, *parts) == options[min(int(direct(ctx, *parts) * n), n - 1)]
+            assert ctx.pick(["only"], Loud()) == "only"
+            items = [(k % 5, i) for i, k in enumerate([3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9])]
+            for key in (lambda it: it[0], lambda it: it, lambda it: f"é\x00{it}"):
+                want = sorted(items, key=lambda it: (direct(ctx, "order", key(it)), str(key(it))))
+                assert ctx.shuffled(items, key=key) == want
+        assert built.unit("x") != other.unit("x")
+    try:
+        built.pick([], "x")
+    except ValueError:
+        pass
+    else:
+        raise AssertionError("pick() of no options must raise")
+
+
+def _tricky_geoms(width: int, height: int, m: float, rng: np.random.Generator) -> list:
+    """Instances on and around the third lines (within, at and past the margin), NaN and off-image."""
+    from orsgen.stages.expressions.geometry import Geom
+
+    lines_x = [width / 3.0, 2.0 * width / 3.0]
+    lines_y = [height / 3.0, 2.0 * height / 3.0]
+    xs = [lx + d for lx in lines_x for d in (-m, -m / 2, 0.0, m / 2, m, m + 1e-9, -m - 1e-9)]
+    xs += [-5.0, 0.0, float(width), width + 7.0, float("nan"), width / 2.0]
+    ys = [ly + d for ly in lines_y for d in (-m, 0.0, m, m + 1e-9)] + [float("nan"), -1.0, height / 2.0]
+    out = []
+    for i in range(60):
+        cx, cy = float(rng.choice(xs)), float(rng.choice(ys))
+        # A box whose centre is another (or the same) tricky point.
+        bx, by = float(rng.choice(xs)), float(rng.choice(ys))
+        hw, hh = float(rng.choice([0.0, 0.5, m, 3.0])), float(rng.choice([0.0, 1.0, 2 * m]))
+        out.append(Geom(f"i{i:02d}", "cup", False, 10.0, cx, cy, bx - hw, by - hh, bx + hw, by + hh))
+    return out
+
+
+def test_absolute_truth_table_equals_absolute_truth_per_region():
+    from orsgen.stages.expressions.geometry import ABSOLUTE_REGIONS, Margins, absolute_truth, absolute_truth_table
+
+    rng = np.random.default_rng(5)
+    seen = set()
+    for width, height in [(640, 480), (100, 100), (7, 3000)]:
+        for m_px in (0.0, 2.0, 8.5, -1.0):
+            margins = Margins(position_px=m_px, size_ratio=0.25, near_px=10.0)
+            geoms = _tricky_geoms(width, height, abs(m_px), rng)
+            for pool in [geoms, geoms[:1], [], geoms[5:9]]:
+                table = absolute_truth_table(pool, width, height, margins)
+                assert list(table) == list(ABSOLUTE_REGIONS)
+                for region in ABSOLUTE_REGIONS:
+                    want = absolute_truth(pool, region, width, height, margins)
+                    assert table[region] == want, (width, height, m_px, region)
+                    seen.update(want)
+    assert len(seen) == 3  # TRUE, FALSE and UNSURE all reached
+
+
+def test_ordinal_bounds_give_ordinal_truth_for_every_rank():
+    from orsgen.stages.expressions.geometry import (
+        ORDINAL_SIDES,
+        Margins,
+        ordinal_bounds,
+        ordinal_truth,
+        ordinal_truth_of_bounds,
+    )
+
+    rng = np.random.default_rng(9)
+    seen = set()
+    for m_px in (0.0, 1.0, 6.0):
+        margins = Margins(position_px=m_px, size_ratio=0.25, near_px=10.0)
+        geoms = _tricky_geoms(90, 60, max(m_px, 1.0), rng)
+        pools = [geoms[:2], geoms[:3], geoms[10:17], [geoms[0], geoms[0]], geoms[:1], []]
+        for pool in pools:
+            for side in ORDINAL_SIDES:
+                bounds = ordinal_bounds(pool, side, margins)
+                for rank in range(len(pool) + 2):
+                    want = ordinal_truth(pool, side, rank, margins)
+                    assert ordinal_truth_of_bounds(bounds, rank) == want, (m_px, side, rank)
+                    seen.update(want)
+    assert len(seen) == 3
+    try:
+        ordinal_bounds(geoms[:2], "middle", Margins(1.0, 0.25, 10.0))
+    except ValueError as err:
+        assert "middle" in str(err)
+    else:
+        raise AssertionError("an unknown side must raise")

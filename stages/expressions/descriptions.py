@@ -26,13 +26,17 @@ from typing import Any
 from orsgen.schemas.records import ExpressionKind
 from orsgen.stages.expressions.context import Candidate, ImageContext
 from orsgen.stages.expressions.geometry import (
+    ABSOLUTE_REGIONS,
+    ORDINAL_SIDES,
     Geom,
     Truth,
     absolute_truth,
+    absolute_truth_table,
+    ordinal_bounds,
     ordinal_truth,
+    ordinal_truth_of_bounds,
     relation_truth,
     size_truth,
-    unique_selection,
 )
 from orsgen.stages.expressions.templates import (
     AbsoluteTemplate,
@@ -43,6 +47,8 @@ from orsgen.stages.expressions.templates import (
     noun_forms,
 )
 
+_TABLE_REGIONS = frozenset(ABSOLUTE_REGIONS)
+_ORDINAL_SIDES = frozenset(ORDINAL_SIDES)
 _FAMILY_FIELDS = {"absolute": ("region",), "ordinal": ("side", "rank"), "size": ("order",), "relation": ("relation",)}
 
 
@@ -114,11 +120,15 @@ def description_candidates(
     if not kinds:
         return out, counts
     active = [t for t in templates.enabled() if t.family in families]
-    # Loop invariants, made once per image: the kinds' text fields, the
-    # rounded margin, and each category's anchors (the same for every
-    # relation template).
+    # Loop invariants, made once per image: the kinds' text fields, each
+    # template's texts and semantics, the rounded margin, and each category's
+    # anchors (the same for every relation template).
     kind_fields = [(key, f"{key}_plural") for key in map(str, kinds)]
+    texts_of = {id(t): [(key, getattr(t, key), getattr(t, pf)) for key, pf in kind_fields] for t in active}
     margin_px = round(ctx.margins.position_px, 4)
+    semantics = {id(t): template_semantics(t) for t in active}
+    kept_ids = ctx.kept_ids
+    true, unsure = Truth.TRUE, Truth.UNSURE
     anchors_of: dict[str, list[tuple[str, Geom]]] = {}
     for name in sorted(ctx.pools):
         if name in ctx.crowd_categories:
@@ -136,6 +146,10 @@ def description_candidates(
             counts["too_many_instances"] += 1
             continue
         forms = noun_forms(name, templates.nouns)
+        # Every region of the category at once (the nine absolute templates ask
+        # them all), and each side's possible ranks once for both ordinal ranks.
+        abs_table: dict[str, list[Truth]] | None = None
+        ord_bounds: dict[str, list[tuple[int, int, int, int]]] = {}
         for t in active:
             if n < t.min_count or (t.max_count is not None and n > t.max_count):
                 continue
@@ -149,37 +163,50 @@ def description_candidates(
                 anchors = [None]
             for anchor in anchors:
                 anchor_geom = anchor[1] if anchor else None
-                truths = evaluate(t, pool, ctx, anchor_geom)
-                sel = unique_selection(truths)
-                if sel is None:
-                    counts["near_tie" if Truth.UNSURE in truths else "no_match"] += 1
+                if isinstance(t, AbsoluteTemplate) and t.region in _TABLE_REGIONS:
+                    if abs_table is None:
+                        abs_table = absolute_truth_table(pool, ctx.width, ctx.height, ctx.margins)
+                    truths = abs_table[t.region]
+                elif isinstance(t, OrdinalTemplate) and t.side in _ORDINAL_SIDES:
+                    bounds = ord_bounds.get(t.side)
+                    if bounds is None:
+                        bounds = ord_bounds[t.side] = ordinal_bounds(pool, t.side, ctx.margins)
+                    truths = ordinal_truth_of_bounds(bounds, t.rank)
+                else:
+                    truths = evaluate(t, pool, ctx, anchor_geom)
+                # unique_selection, inlined (a hot path), with the reason when there is none.
+                if unsure in truths:
+                    counts["near_tie"] += 1
                     continue
-                targets = tuple(sorted(pool[i].instance_id for i in sel))
-                if any(tid not in ctx.kept_ids for tid in targets):
+                sel = [i for i, x in enumerate(truths) if x is true]
+                if not sel:
+                    counts["no_match"] += 1
+                    continue
+                targets = tuple(sorted([pool[i].instance_id for i in sel]))
+                if not kept_ids.issuperset(targets):
                     counts["target_dropped"] += 1
                     continue
                 plural = len(targets) > 1
                 if plural and not (t.description_plural or t.phrase_plural):
                     counts["plural_unsupported"] += 1
                     continue
-                anchor_forms = noun_forms(anchor[0], templates.nouns) if anchor else None
+                anchor_name = anchor[0] if anchor else ""
+                anchor_noun = noun_forms(anchor_name, templates.nouns).singular if anchor else ""
                 meta: dict[str, Any] = {
                     "category": name,
                     "n_instances": n,
-                    "semantics": template_semantics(t),
+                    "semantics": dict(semantics[id(t)]),
                     "margin_px": margin_px,
                 }
                 if anchor:
-                    meta["anchor_category"] = anchor[0]
+                    meta["anchor_category"] = anchor_name
                     meta["anchor_id"] = anchor[1].instance_id
-                for key, plural_field in kind_fields:
-                    texts = getattr(t, plural_field if plural else key)
+                for key, singular_texts, plural_texts in texts_of[id(t)]:
+                    texts = plural_texts if plural else singular_texts
                     if not texts:
                         continue
-                    text = ctx.pick(texts, t.id, key, anchor[0] if anchor else "", *targets).format(
-                        noun=forms.singular,
-                        plural=forms.plural,
-                        anchor=anchor_forms.singular if anchor_forms else "",
+                    text = ctx.pick(texts, t.id, key, anchor_name, *targets).format(
+                        noun=forms.singular, plural=forms.plural, anchor=anchor_noun
                     )
-                    out.append(Candidate(kind=key, expression=text, target_ids=targets, template=t.id, metadata=dict(meta)))
+                    out.append(Candidate(key, text, targets, t.id, dict(meta)))
     return out, counts

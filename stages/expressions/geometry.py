@@ -501,6 +501,65 @@ def absolute_truth(pool: Sequence[Geom], region: str, width: int, height: int, m
     return out
 
 
+_BY_CLASS = (Truth.FALSE, Truth.UNSURE, Truth.TRUE)
+
+
+def absolute_truth_table(pool: Sequence[Geom], width: int, height: int, margins: Margins) -> dict[str, list[Truth]]:
+    """``absolute_truth`` of every region in ``ABSOLUTE_REGIONS`` at once: ``{region: truths}``.
+
+    A hot path (the descriptive generator asks every region of every
+    category): each reading's four base values (left, right, top, bottom,
+    and the negations the centre uses) are computed and classified once per
+    instance; a region's truth is the conjunction of its values' classes,
+    which is ``_additive_truth`` of the region's ``absolute_conditions``
+    (tests/test_expressions_fast.py checks the two agree).
+    """
+    m = margins.position_px
+    w3, w23, h3, h23 = width / 3.0, 2.0 * width / 3.0, height / 3.0, 2.0 * height / 3.0
+    by_class = _BY_CLASS
+    unsure = Truth.UNSURE
+    cols: list[list[Truth]] = [[] for _ in range(9)]
+    for g in pool:
+        both = []
+        for x, y in ((g.cx, g.cy), ((g.x0 + g.x1) / 2.0, (g.y0 + g.y1) / 2.0)):
+            # Classes: 0 clearly false (v + m < 0, checked first as in
+            # _additive_truth), 2 clearly true, 1 unsure (NaN included); a
+            # conjunction's class is the smallest of its values' classes.
+            v = w3 - x
+            cl = 0 if v + m < 0 else 2 if v - m > 0 else 1
+            nl = 0 if -v + m < 0 else 2 if -v - m > 0 else 1
+            v = x - w23
+            cr = 0 if v + m < 0 else 2 if v - m > 0 else 1
+            nr = 0 if -v + m < 0 else 2 if -v - m > 0 else 1
+            v = h3 - y
+            ct = 0 if v + m < 0 else 2 if v - m > 0 else 1
+            nt = 0 if -v + m < 0 else 2 if -v - m > 0 else 1
+            v = y - h23
+            cb = 0 if v + m < 0 else 2 if v - m > 0 else 1
+            nb = 0 if -v + m < 0 else 2 if -v - m > 0 else 1
+            both.append(
+                (
+                    cl,
+                    cr,
+                    ct,
+                    cb,
+                    min(nl, nr, nt, nb),
+                    min(ct, cl),
+                    min(ct, cr),
+                    min(cb, cl),
+                    min(cb, cr),
+                )
+            )
+        a, b = both
+        for col, ca, cb_ in zip(cols, a, b):
+            col.append(by_class[ca] if ca == cb_ else unsure)
+    return dict(zip(_TABLE_REGIONS, cols))
+
+
+#: The regions in ``absolute_truth_table``'s column order.
+_TABLE_REGIONS = ("left", "right", "top", "bottom", "center", "top_left", "top_right", "bottom_left", "bottom_right")
+
+
 def _additive_truth(values: Sequence[float], m: float) -> Truth:
     """``_truth`` of ``additive(v, m)`` conditions, without building them (a hot path)."""
     for v in values:
@@ -534,6 +593,44 @@ def _ordinal_truth_one(pool: Sequence[Geom], side: str, rank: int, margins: Marg
             out.append(Truth.FALSE)
         else:
             out.append(Truth.UNSURE)
+    return out
+
+
+def ordinal_bounds(pool: Sequence[Geom], side: str, margins: Margins) -> list[tuple[int, int, int, int]]:
+    """Each instance's possible ranks from ``side`` under both readings: ``(lo, hi)`` centroid, then box.
+
+    The rank-free part of ``ordinal_truth`` (the sort and the counts),
+    computed once per category and side for every rank
+    (``ordinal_truth_of_bounds``).
+    """
+    m = margins.position_px
+    # _ordinal_value of each reading, a list at a time.
+    if side == "left":
+        readings = ([g.cx for g in pool], [g.x0 for g in pool])
+    elif side == "right":
+        readings = ([-g.cx for g in pool], [-g.x1 for g in pool])
+    elif side == "top":
+        readings = ([g.cy for g in pool], [g.y0 for g in pool])
+    elif side == "bottom":
+        readings = ([-g.cy for g in pool], [-g.y1 for g in pool])
+    else:
+        raise ValueError(f"unknown ordinal side {side!r}; use one of {ORDINAL_SIDES}.")
+    left, right = bisect.bisect_left, bisect.bisect_right
+    per_reading = []
+    for vals in readings:
+        ordered = sorted(vals)
+        per_reading.append([(left(ordered, v - m), right(ordered, v + m) - 1) for v in vals])
+    return [(a[0], a[1], b[0], b[1]) for a, b in zip(*per_reading)]
+
+
+def ordinal_truth_of_bounds(bounds: Sequence[tuple[int, int, int, int]], rank: int) -> list[Truth]:
+    """``ordinal_truth`` for ``rank`` from the instances' ``ordinal_bounds``."""
+    true, false, unsure = Truth.TRUE, Truth.FALSE, Truth.UNSURE
+    out = []
+    for lo_c, hi_c, lo_b, hi_b in bounds:
+        a = true if lo_c == hi_c == rank else false if rank < lo_c or rank > hi_c else unsure
+        b = true if lo_b == hi_b == rank else false if rank < lo_b or rank > hi_b else unsure
+        out.append(a if a is b else unsure)
     return out
 
 
