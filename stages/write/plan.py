@@ -223,6 +223,12 @@ _NOT_NULL = [f.name for f in _JSON_SCHEMA if not f.nullable]
 _NON_JSON_NUMBER = re.compile(rb"[:,\[]-?(?:NaN|Infinity)[,\]}]")
 
 
+def _non_json_number(member: bytes) -> bool:
+    # The substring tests are plain byte searches, several times faster than
+    # the pattern; the pattern runs only on the few members holding a word.
+    return (b"NaN" in member or b"Infinity" in member) and _NON_JSON_NUMBER.search(member) is not None
+
+
 def rows_batch(json_members: Sequence[bytes], images: Sequence[bytes] | pa.Array) -> pa.RecordBatch:
     """The ``EXAMPLE_SCHEMA`` batch of examples from their JSON members and images.
 
@@ -258,7 +264,7 @@ def rows_batch(json_members: Sequence[bytes], images: Sequence[bytes] | pa.Array
 
 def _read_members(json_members: Sequence[bytes]) -> pa.Table | None:
     """The members as one table by Arrow's JSON reader, or None where the Python path must read them."""
-    if not json_members or any(_NON_JSON_NUMBER.search(m) for m in json_members):
+    if not json_members or any(_non_json_number(m) for m in json_members):
         return None
     # Canonical JSON has no raw newline (json.dumps escapes them in strings),
     # so the members are JSON lines; one block holds them all (one chunk).
