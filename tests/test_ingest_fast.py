@@ -47,3 +47,174 @@ def test_local_read_errors_are_the_ones_load_task_maps(tmp_path: Path) -> None:
     (tmp_path / "file").write_bytes(b"x")
     with pytest.raises(NotADirectoryError):
         ic._read_image(str(tmp_path / "file" / "x.jpg"), 10)
+
+
+# ---------------------------------------------------------------- COCO segmentations
+
+
+import enum
+import math
+
+import numpy as np
+from pycocotools import mask as mask_utils
+
+from orsgen.schemas.records import Rle
+from orsgen.stages.common import masks as M
+
+
+def _polygons_to_rle_reference(polygons, height, width):
+    """polygons_to_rle as written before the shortcuts (numpy checks, merge of every list)."""
+    polys = [list(map(float, p)) for p in polygons]
+    if not polys:
+        return M.empty_rle(height, width)
+    for p in polys:
+        if len(p) < 6 or len(p) % 2:
+            raise M.MaskError("bad_polygon", f"a COCO polygon needs >= 3 (x, y) pairs, got {len(p)} numbers.")
+        arr = np.asarray(p)
+        lim = 2.0 * max(height, width) + 1.0
+        if not np.isfinite(arr).all() or (np.abs(arr) > lim).any():
+            raise M.MaskError("bad_polygon", f"polygon coordinates must be finite and within {lim:.0f} px of the image.")
+    return Rle.from_coco(mask_utils.merge(mask_utils.frPyObjects(polys, height, width)))
+
+
+def _segmentation_checks_reference(segm):
+    """The type checks of segmentation_to_rle as written before the shortcuts."""
+    if isinstance(segm, list):
+        return all(isinstance(p, list) and all(isinstance(v, (int, float)) for v in p) for p in segm)
+    return all(isinstance(c, int) and c >= 0 for c in segm["counts"])
+
+
+def _outcome(fn, *args):
+    try:
+        return ("ok", fn(*args))
+    except M.MaskError as err:
+        return (err.reason, str(err))
+
+
+def _random_polygons(rng, h, w):
+    cases = []
+    for _ in range(150):
+        n = int(rng.integers(3, 12))
+        k = int(rng.integers(1, 4))
+        polys = []
+        for _ in range(k):
+            cx, cy, r = rng.uniform(-w, 2 * w), rng.uniform(-h, 2 * h), rng.uniform(0.3, max(h, w))
+            ang = np.sort(rng.uniform(0, 2 * np.pi, n)) if rng.random() < 0.7 else rng.uniform(0, 2 * np.pi, n)
+            pts = np.stack([cx + r * np.cos(ang), cy + r * np.sin(ang)], 1).ravel()
+            polys.append(pts.round().astype(int).tolist() if rng.random() < 0.3 else pts.tolist())
+        cases.append(polys)
+    return cases
+
+
+def test_polygons_to_rle_equals_the_reference_on_random_polygons(rng):
+    h, w = 37, 53
+    cases = _random_polygons(rng, h, w)
+    lim = 2.0 * max(h, w) + 1.0
+    cases += [
+        [[0, 0, 0, 0, 0, 0]],  # a point
+        [[0, 0, 10, 10, 20, 20]],  # collinear
+        [[0, 0, w, 0, w, h, 0, h]],  # the whole image
+        [[-0.0, 0.0, 5.5, 0.0, 5.5, 5.5]],
+        [[lim, lim, -lim, lim, 0, -lim]],  # exactly at the limit: accepted
+        [[lim + 1e-9, 0, 0, 0, 0, 1]],  # just beyond: refused
+        [[0, 0, 1, 1, 2, -lim - 1]],
+        [[0, 0, 1, float("nan"), 2, 2]],
+        [[0, 0, 1, float("inf"), 2, 2]],
+        [[0, 0, 1, float("-inf"), 2, 2]],
+        [[1e308, 1e308, 1e308, 0, 0, 0]],  # the sum overflows: refused by the array check
+        [[0, 0, 1, 1, 2, 2], [0, 0, 1, 1]],  # a second polygon too short
+        [[0, 0, 1, 1, 2, 2, 3]],  # odd
+        [[True, False, 5, 0, 5, 5]],  # bools are ints
+        [[10**30, 0, 0, 0, 0, 1]],  # a huge int becomes a huge float
+        [np.array([1.0, 1.0, 9.0, 1.0, 9.0, 9.0])],
+        [[1, 1, 9, 1, 9, 9], [1, 1, 9, 1, 9, 9]],  # the same polygon twice
+        [],
+    ]
+    for polys in cases:
+        got = _outcome(M.polygons_to_rle, polys, h, w)
+        assert got == _outcome(_polygons_to_rle_reference, polys, h, w), polys
+    # The cases cover both outcomes, and a single polygon (the merge-free path).
+    outcomes = [_outcome(M.polygons_to_rle, p, h, w)[0] for p in cases]
+    assert outcomes.count("ok") > 100 and outcomes.count("bad_polygon") >= 6
+
+
+class _Number(enum.IntEnum):
+    ONE = 1
+
+
+class _Float(float):
+    pass
+
+
+@pytest.mark.parametrize(
+    "segm",
+    [
+        [[0, 0, 5, 0, 5, 5]],
+        [[0.5, 0, 5, 0, 5, 5.5], [1, 1, 2, 1, 2, 2]],
+        [[True, 0, 5, 0, 5, 5]],
+        [[_Number.ONE, 0, 5, 0, 5, 5]],
+        [[_Float(1.5), 0, 5, 0, 5, 5]],
+        [[np.float64(1.5), 0, 5, 0, 5, 5]],  # a float subclass: accepted
+        [[np.int64(1), 0, 5, 0, 5, 5]],  # not an int subclass: refused
+        [[None, 0, 5, 0, 5, 5]],
+        [["1", 0, 5, 0, 5, 5]],
+        [[[1], 0, 5, 0, 5, 5]],
+        [(0, 0, 5, 0, 5, 5)],  # a tuple is not a list
+        [[0, 0, 5, 0, 5, 5], "x"],
+        [[]],
+    ],
+)
+def test_polygon_type_check_equals_the_reference(segm):
+    expected_ok = _segmentation_checks_reference(segm)
+    if expected_ok:
+        assert _outcome(M.segmentation_to_rle, segm, 8, 8) == _outcome(
+            lambda: (_polygons_to_rle_reference(segm, 8, 8), "polygon")
+        )
+    else:
+        assert _outcome(M.segmentation_to_rle, segm, 8, 8) == (
+            "bad_polygon",
+            "segmentation polygons must be lists of numbers.",
+        )
+
+
+@pytest.mark.parametrize(
+    "counts",
+    [
+        [0, 64],
+        [10, 20, 34],
+        [True, 63],
+        [_Number.ONE, 63],
+        [64, 0],
+        [-1, 65],
+        [np.int64(10), 54],
+        [10.0, 54],
+        [None, 64],
+        ["10", 54],
+        [],
+        [10**30, -(10**30) + 64],
+    ],
+)
+def test_uncompressed_counts_check_equals_the_reference(counts):
+    segm = {"size": [8, 8], "counts": counts}
+    got = _outcome(M.segmentation_to_rle, segm, 8, 8)
+    if _segmentation_checks_reference(segm) and sum(counts) == 64:
+        assert got[0] == "ok"
+        assert got[1] == (Rle.from_coco(mask_utils.frPyObjects(segm, 8, 8)), "uncompressed_rle")
+    else:
+        assert got == ("bad_rle", "uncompressed RLE counts must be non-negative ints summing to h*w.")
+
+
+def test_instance_geometry_equals_box_and_area(rng):
+    for _ in range(40):
+        m = np.zeros((23, 31), dtype=np.uint8)
+        if rng.random() < 0.9:
+            y0, x0 = rng.integers(0, 23), rng.integers(0, 31)
+            m[y0 : y0 + rng.integers(1, 9), x0 : x0 + rng.integers(1, 9)] = 1
+        rle = M.encode_mask(m)
+        box = M.rle_bbox_xywh(rle)
+        assert M.instance_geometry(rle) == {
+            "bbox_xywh": box,
+            "bbox_xyxy": M.xywh_to_xyxy(box),
+            "area_px": M.rle_area(rle),
+        }
+        assert M.instance_geometry(rle)["area_px"] == int(m.sum())

@@ -79,8 +79,10 @@ def instance_geometry(rle: Rle) -> dict[str, Any]:
         ``{"bbox_xywh", "bbox_xyxy", "area_px"}``, ready for
         ``Instance(**...)`` or ``dataclasses.replace(inst, **...)``.
     """
-    bbox = rle_bbox_xywh(rle)
-    return {"bbox_xywh": bbox, "bbox_xyxy": xywh_to_xyxy(bbox), "area_px": rle_area(rle)}
+    coco = rle.to_coco()  # once for both calls (rle_bbox_xywh and rle_area each convert it)
+    x, y, w, h = mask_utils.toBbox(coco).tolist()
+    bbox = (float(x), float(y), float(w), float(h))
+    return {"bbox_xywh": bbox, "bbox_xyxy": xywh_to_xyxy(bbox), "area_px": int(mask_utils.area(coco))}
 
 
 def rle_iou_matrix(a: Sequence[Rle], b: Sequence[Rle]) -> np.ndarray:
@@ -841,17 +843,22 @@ def polygons_to_rle(polygons: Sequence[Sequence[float]], height: int, width: int
     polys = [list(map(float, p)) for p in polygons]
     if not polys:
         return empty_rle(height, width)
+    lim = 2.0 * max(height, width) + 1.0
     for p in polys:
         if len(p) < 6 or len(p) % 2:
             raise MaskError("bad_polygon", f"a COCO polygon needs >= 3 (x, y) pairs, got {len(p)} numbers.")
-        arr = np.asarray(p)
         # pycocotools' rasteriser crashes the process (not an exception) on
         # huge or non-finite coordinates, so refuse them before it sees them.
-        lim = 2.0 * max(height, width) + 1.0
+        # A finite sum means no NaN or inf, so min and max are then exact
+        # (an overflowing sum of finite values goes to the array check).
+        if math.isfinite(sum(p)) and -lim <= min(p) and max(p) <= lim:
+            continue
+        arr = np.asarray(p)
         if not np.isfinite(arr).all() or (np.abs(arr) > lim).any():
             raise MaskError("bad_polygon", f"polygon coordinates must be finite and within {lim:.0f} px of the image.")
     rles = mask_utils.frPyObjects(polys, height, width)
-    return Rle.from_coco(mask_utils.merge(rles))
+    # The merge of one mask copies its runs and writes the same string again.
+    return Rle.from_coco(rles[0] if len(rles) == 1 else mask_utils.merge(rles))
 
 
 def geometry_to_rle(geom: BaseGeometry, height: int, width: int) -> Rle:
@@ -937,6 +944,24 @@ def _ring_format(n_points: int, precision: int) -> str:
 # ---------------------------------------------------------------- COCO segmentations
 
 
+_PLAIN_NUMBER_TYPES = frozenset((int, float, bool))
+_PLAIN_INT_TYPES = frozenset((int, bool))
+
+
+def _is_number_list(p: Any) -> bool:
+    """``isinstance(p, list)`` and every item an int or float (bools count, as ints)."""
+    if type(p) is list and set(map(type, p)) <= _PLAIN_NUMBER_TYPES:
+        return True  # one C pass over the item types; subclasses take the loop
+    return isinstance(p, list) and all(isinstance(v, (int, float)) for v in p)
+
+
+def _is_count_list(counts: list[Any]) -> bool:
+    """Every item of an uncompressed RLE ``counts`` list is an int >= 0 (bools count, as ints)."""
+    if set(map(type, counts)) <= _PLAIN_INT_TYPES:
+        return not counts or min(counts) >= 0
+    return all(isinstance(c, int) and c >= 0 for c in counts)
+
+
 def segmentation_to_rle(segm: Any, height: int, width: int) -> tuple[Rle, str]:
     """Converts any COCO ``segmentation`` to compressed RLE.
 
@@ -958,7 +983,7 @@ def segmentation_to_rle(segm: Any, height: int, width: int) -> tuple[Rle, str]:
     if isinstance(segm, list):
         if not segm:
             raise MaskError("empty_mask", "segmentation is an empty polygon list.")
-        if not all(isinstance(p, list) and all(isinstance(v, (int, float)) for v in p) for p in segm):
+        if not all(_is_number_list(p) for p in segm):
             raise MaskError("bad_polygon", "segmentation polygons must be lists of numbers.")
         return polygons_to_rle(segm, height, width), "polygon"
     if isinstance(segm, dict) and "counts" in segm and "size" in segm:
@@ -972,7 +997,7 @@ def segmentation_to_rle(segm: Any, height: int, width: int) -> tuple[Rle, str]:
             )
         counts = segm["counts"]
         if isinstance(counts, list):
-            if not all(isinstance(c, int) and c >= 0 for c in counts) or sum(counts) != height * width:
+            if not _is_count_list(counts) or sum(counts) != height * width:
                 raise MaskError("bad_rle", "uncompressed RLE counts must be non-negative ints summing to h*w.")
             return Rle.from_coco(mask_utils.frPyObjects(segm, height, width)), "uncompressed_rle"
         if isinstance(counts, (str, bytes)):
