@@ -218,3 +218,93 @@ def test_instance_geometry_equals_box_and_area(rng):
             "area_px": M.rle_area(rle),
         }
         assert M.instance_geometry(rle)["area_px"] == int(m.sum())
+
+
+# ---------------------------------------------------------------- counts decoded per image
+
+
+def _counts_bytes(runs: list[int]) -> bytes:
+    """COCO's compressed-counts writer (rleToString) written out: deltas after the third run, 5-bit groups."""
+    out = bytearray()
+    for i, x in enumerate(runs):
+        if i > 2:
+            x -= runs[i - 2]
+        more = True
+        while more:
+            c = x & 0x1F
+            x >>= 5
+            more = (x != -1) if (c & 0x10) else (x != 0)
+            if more:
+                c |= 0x20
+            out.append(c + 48)
+    return bytes(out)
+
+
+def _random_counts(rng, n_strings: int) -> list[bytes]:
+    out = []
+    for _ in range(n_strings):
+        n = int(rng.choice([1, 2, 3, 4, 5, int(rng.integers(6, 60))]))
+        scale = int(rng.choice([2, 40, 5000, 1 << 30]))
+        out.append(_counts_bytes([int(v) for v in rng.integers(0, scale, n)]))
+    return out
+
+
+def test_counts_decoded_together_equal_each_decoded_alone(rng):
+    for _ in range(300):
+        datas = _random_counts(rng, int(rng.integers(1, 25)))
+        got = M._decode_counts_many(datas)
+        assert got is not None and len(got) == len(datas)
+        for g, d in zip(got, datas):
+            want = M._decode_counts(d)
+            assert g.dtype == want.dtype == np.int64
+            assert g.tolist() == want.tolist()
+    # Real masks, strings of one, two and three runs around them (every
+    # parity of where a string's runs start in the joined bytes).
+    real = [M.encode_mask(rng.random((29, 23)) < p).counts.encode() for p in (0.05, 0.5, 0.95)]
+    mixed = [real[0], b"1", real[1], b"12", b"123", real[2], b"0", b"0", real[0]]
+    assert [a.tolist() for a in M._decode_counts_many(mixed)] == [M._decode_counts(d).tolist() for d in mixed]
+
+
+def test_counts_decoded_together_defer_negative_and_long_runs():
+    negative = _counts_bytes([5, 3, 9, -4])
+    with pytest.raises(M.MaskError, match="negative run"):
+        M._decode_counts(negative)
+    assert M._decode_counts_many([_counts_bytes([1, 2, 3]), negative]) is None
+    thirteen_groups = _counts_bytes([1 << 62])
+    assert M._decode_counts_many([_counts_bytes([1, 2, 3]), thirteen_groups]) is None
+
+
+def test_warm_runs_cache_fills_the_cache_with_the_same_runs(rng, monkeypatch):
+    datas = _random_counts(rng, 20)
+    bad = ["0\u00e9", b"0\xff", b"0P", "", None, 7, {"x": 1}]
+    calls: list[bytes] = []
+    real = M._decode_counts
+    monkeypatch.setattr(M, "_decode_counts", lambda d: calls.append(d) or real(d))
+    M._cached_runs.cache_clear()
+    M.warm_runs_cache([d.decode("ascii") for d in datas] + bad)
+    # None of the clean strings is decoded again, and each gives its own runs.
+    for d in datas:
+        runs = M.rle_counts_to_runs(d.decode("ascii"))
+        assert runs.tolist() == real(d).tolist()
+        assert not runs.flags.writeable
+    assert calls == []
+    assert M._WARM_RUNS == {}
+    # What was skipped still fails mask by mask with its own message.
+    with pytest.raises(M.MaskError, match="invalid byte"):
+        M.rle_counts_to_runs(b"0\xff")
+    with pytest.raises(M.MaskError, match="middle of a run"):
+        M.rle_counts_to_runs(b"0P")
+    M._cached_runs.cache_clear()
+
+
+def test_warm_runs_cache_leaves_a_negative_run_to_the_mask_by_mask_check(rng):
+    datas = _random_counts(rng, 5)
+    negative = _counts_bytes([0, 0, 0, -20])
+    M._cached_runs.cache_clear()
+    M.warm_runs_cache(datas + [negative])
+    assert M._WARM_RUNS == {}
+    for d in datas:
+        assert M.rle_counts_to_runs(d).tolist() == M._decode_counts(d).tolist()
+    with pytest.raises(M.MaskError, match="negative run"):
+        M.rle_counts_to_runs(negative)
+    M._cached_runs.cache_clear()
