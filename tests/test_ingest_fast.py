@@ -7,12 +7,17 @@ replaces, on inputs chosen to hit its edges.
 
 from __future__ import annotations
 
+import enum
 import os
 from pathlib import Path
 
 import fsspec
+import numpy as np
 import pytest
+from pycocotools import mask as mask_utils
 
+from orsgen.schemas.records import Rle
+from orsgen.stages.common import masks as M
 from orsgen.stages.ingest import coco as ic
 
 
@@ -51,15 +56,6 @@ def test_local_read_errors_are_the_ones_load_task_maps(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------- COCO segmentations
 
-
-import enum
-import math
-
-import numpy as np
-from pycocotools import mask as mask_utils
-
-from orsgen.schemas.records import Rle
-from orsgen.stages.common import masks as M
 
 
 def _polygons_to_rle_reference(polygons, height, width):
