@@ -79,8 +79,10 @@ def instance_geometry(rle: Rle) -> dict[str, Any]:
         ``{"bbox_xywh", "bbox_xyxy", "area_px"}``, ready for
         ``Instance(**...)`` or ``dataclasses.replace(inst, **...)``.
     """
-    bbox = rle_bbox_xywh(rle)
-    return {"bbox_xywh": bbox, "bbox_xyxy": xywh_to_xyxy(bbox), "area_px": rle_area(rle)}
+    coco = rle.to_coco()  # once for both calls (rle_bbox_xywh and rle_area each convert it)
+    x, y, w, h = mask_utils.toBbox(coco).tolist()
+    bbox = (float(x), float(y), float(w), float(h))
+    return {"bbox_xywh": bbox, "bbox_xyxy": xywh_to_xyxy(bbox), "area_px": int(mask_utils.area(coco))}
 
 
 def rle_iou_matrix(a: Sequence[Rle], b: Sequence[Rle]) -> np.ndarray:
@@ -181,9 +183,119 @@ def rle_counts_to_runs(counts: str) -> np.ndarray:
 
 @functools.lru_cache(maxsize=RUNS_CACHE_SIZE)
 def _cached_runs(data: bytes) -> np.ndarray:
-    runs = _decode_counts(data)
+    # warm_runs_cache leaves the runs it decoded in one pass here.
+    runs = _WARM_RUNS.pop(data, None)
+    if runs is None:
+        runs = _decode_counts(data)
     runs.flags.writeable = False
     return runs
+
+
+#: Runs decoded by ``warm_runs_cache``, on their way into ``_cached_runs``.
+#: Only ever holds the exact runs of its key, so whichever thread takes an
+#: entry gets the same array ``_decode_counts`` would have returned.
+_WARM_RUNS: dict[bytes, np.ndarray] = {}
+#: ``warm_runs_cache`` decodes at most this many counts bytes in one pass
+#: (a hostile file's long strings are left to the checks mask by mask).
+WARM_MAX_BYTES = 1 << 20
+
+
+def warm_runs_cache(counts: Sequence[Any]) -> None:
+    """Decodes several compressed counts strings in one numpy pass into the runs cache.
+
+    ``rle_counts_to_runs`` (and ``validate_rle``) then find them cached: one
+    image's masks cost one vectorised decode instead of one each (the numpy
+    calls, not the bytes, are what a short counts string costs). Anything
+    that is not clean compressed counts (not ASCII text, invalid bytes, a
+    negative run, runs too long for the vectorised sums), more masks than
+    the cache holds or more than ``WARM_MAX_BYTES`` in all are simply not
+    warmed: the mask-by-mask call decodes or refuses them as before.
+
+    Args:
+        counts: candidate counts values (``str`` or ``bytes``; others are skipped).
+    """
+    keys: dict[bytes, None] = {}
+    total = 0
+    for c in counts:
+        if type(c) is str and c.isascii():
+            key = c.encode("ascii")
+        elif type(c) is bytes:
+            key = c
+        else:
+            continue
+        if key and not key.translate(None, _COUNTS_BYTES) and _IS_FINAL[key[-1]]:
+            keys[key] = None
+            total += len(key)
+    if len(keys) < 2 or len(keys) > RUNS_CACHE_SIZE or total > WARM_MAX_BYTES:
+        return
+    datas = list(keys)
+    runs = _decode_counts_many(datas)
+    if runs is None:
+        return
+    _WARM_RUNS.update(zip(datas, runs))
+    try:
+        for key in datas:
+            _cached_runs(key)
+    finally:
+        for key in datas:
+            _WARM_RUNS.pop(key, None)
+
+
+def _decode_counts_many(datas: list[bytes]) -> list[np.ndarray] | None:
+    """``[_decode_counts(d) for d in datas]`` in one pass, for clean strings only.
+
+    Every string must be non-empty, hold only counts bytes and end with a
+    run's final group (``warm_runs_cache`` checks). The strings are joined
+    (each ends a run, so runs never straddle two strings), every run is
+    summed from its 5-bit groups at once, and the delta chains (run ``k >= 3``
+    of a string adds run ``k - 2``) are one cumulative sum that restarts at
+    each string's runs 0, 1 and 2.
+
+    Returns:
+        One int64 runs array per string (views of one array), or None when a
+        string needs the single-string path (runs beyond the vectorised
+        bound, a negative run) to be decoded or refused exactly.
+    """
+    data = b"".join(datas)
+    v = np.frombuffer(data.translate(_GROUP_VALUE), dtype=np.int8).astype(np.int64)
+    final = data.translate(_IS_FINAL)
+    ends = np.frombuffer(final, dtype=np.bool_).nonzero()[0]
+    firsts = np.frombuffer(b"\x01" + final[:-1], dtype=np.bool_).nonzero()[0]
+    group_len = ends - firsts + 1
+    max_groups = int(group_len.max())
+    # The single-string bound with every run of every string counted: a
+    # chain's sum stays below 2 ** 62 whenever one string's would.
+    if max_groups > 12 or ends.size * 2.0 ** (5 * max_groups) >= 2.0**62:
+        return None
+    k5 = 5 * (np.arange(len(data), dtype=np.int64) - firsts.repeat(group_len))
+    x = np.add.reduceat(v << k5, firsts)
+    # Each string's first run index, and every run's index inside its string.
+    lengths = np.fromiter(map(len, datas), dtype=np.int64, count=len(datas))
+    byte_starts = np.zeros(len(datas), dtype=np.int64)
+    lengths[:-1].cumsum(out=byte_starts[1:])
+    run_starts = firsts.searchsorted(byte_starts)
+    n_runs = np.empty_like(run_starts)
+    n_runs[:-1] = run_starts[1:] - run_starts[:-1]
+    n_runs[-1] = x.size - run_starts[-1]
+    local = np.arange(x.size, dtype=np.int64) - run_starts.repeat(n_runs)
+    # Runs of one parity (globally, hence inside each string) in a row, then
+    # the others: a chain is a stretch of one of them, and every run 0, 1 or
+    # 2 of a string starts a stretch (run 0 is alone, as run 2 starts anew).
+    half = (x.size + 1) // 2
+    xs = np.concatenate((x[0::2], x[1::2]))
+    starts = (np.concatenate((local[0::2], local[1::2])) <= 2).nonzero()[0]
+    c = xs.cumsum()
+    base = c[starts] - xs[starts]
+    stretch = np.zeros(xs.size, dtype=np.int64)
+    stretch[starts[1:]] = 1
+    c -= base[stretch.cumsum()]
+    if c.min() < 0:
+        return None
+    out = np.empty(x.size, dtype=np.int64)
+    out[0::2] = c[:half]
+    out[1::2] = c[half:]
+    bounds = run_starts.tolist()
+    return [out[a:b] for a, b in zip(bounds, [*bounds[1:], x.size])]
 
 
 def _decode_counts(data: bytes) -> np.ndarray:
@@ -853,17 +965,22 @@ def polygons_to_rle(polygons: Sequence[Sequence[float]], height: int, width: int
     polys = [list(map(float, p)) for p in polygons]
     if not polys:
         return empty_rle(height, width)
+    lim = 2.0 * max(height, width) + 1.0
     for p in polys:
         if len(p) < 6 or len(p) % 2:
             raise MaskError("bad_polygon", f"a COCO polygon needs >= 3 (x, y) pairs, got {len(p)} numbers.")
-        arr = np.asarray(p)
         # pycocotools' rasteriser crashes the process (not an exception) on
         # huge or non-finite coordinates, so refuse them before it sees them.
-        lim = 2.0 * max(height, width) + 1.0
+        # A finite sum means no NaN or inf, so min and max are then exact
+        # (an overflowing sum of finite values goes to the array check).
+        if math.isfinite(sum(p)) and -lim <= min(p) and max(p) <= lim:
+            continue
+        arr = np.asarray(p)
         if not np.isfinite(arr).all() or (np.abs(arr) > lim).any():
             raise MaskError("bad_polygon", f"polygon coordinates must be finite and within {lim:.0f} px of the image.")
     rles = mask_utils.frPyObjects(polys, height, width)
-    return Rle.from_coco(mask_utils.merge(rles))
+    # The merge of one mask copies its runs and writes the same string again.
+    return Rle.from_coco(rles[0] if len(rles) == 1 else mask_utils.merge(rles))
 
 
 def geometry_to_rle(geom: BaseGeometry, height: int, width: int) -> Rle:
@@ -949,6 +1066,24 @@ def _ring_format(n_points: int, precision: int) -> str:
 # ---------------------------------------------------------------- COCO segmentations
 
 
+_PLAIN_NUMBER_TYPES = frozenset((int, float, bool))
+_PLAIN_INT_TYPES = frozenset((int, bool))
+
+
+def _is_number_list(p: Any) -> bool:
+    """``isinstance(p, list)`` and every item an int or float (bools count, as ints)."""
+    if type(p) is list and set(map(type, p)) <= _PLAIN_NUMBER_TYPES:
+        return True  # one C pass over the item types; subclasses take the loop
+    return isinstance(p, list) and all(isinstance(v, (int, float)) for v in p)
+
+
+def _is_count_list(counts: list[Any]) -> bool:
+    """Every item of an uncompressed RLE ``counts`` list is an int >= 0 (bools count, as ints)."""
+    if set(map(type, counts)) <= _PLAIN_INT_TYPES:
+        return not counts or min(counts) >= 0
+    return all(isinstance(c, int) and c >= 0 for c in counts)
+
+
 def segmentation_to_rle(segm: Any, height: int, width: int) -> tuple[Rle, str]:
     """Converts any COCO ``segmentation`` to compressed RLE.
 
@@ -970,7 +1105,7 @@ def segmentation_to_rle(segm: Any, height: int, width: int) -> tuple[Rle, str]:
     if isinstance(segm, list):
         if not segm:
             raise MaskError("empty_mask", "segmentation is an empty polygon list.")
-        if not all(isinstance(p, list) and all(isinstance(v, (int, float)) for v in p) for p in segm):
+        if not all(_is_number_list(p) for p in segm):
             raise MaskError("bad_polygon", "segmentation polygons must be lists of numbers.")
         return polygons_to_rle(segm, height, width), "polygon"
     if isinstance(segm, dict) and "counts" in segm and "size" in segm:
@@ -984,7 +1119,7 @@ def segmentation_to_rle(segm: Any, height: int, width: int) -> tuple[Rle, str]:
             )
         counts = segm["counts"]
         if isinstance(counts, list):
-            if not all(isinstance(c, int) and c >= 0 for c in counts) or sum(counts) != height * width:
+            if not _is_count_list(counts) or sum(counts) != height * width:
                 raise MaskError("bad_rle", "uncompressed RLE counts must be non-negative ints summing to h*w.")
             return Rle.from_coco(mask_utils.frPyObjects(segm, height, width)), "uncompressed_rle"
         if isinstance(counts, (str, bytes)):

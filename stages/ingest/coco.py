@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pickle
 from collections import defaultdict
 from collections.abc import Iterator
@@ -816,10 +817,31 @@ def plan_input(
 # ---------------------------------------------------------------- loading
 
 
+def _read_capped(f: Any, max_bytes: int) -> bytes:
+    """The first ``max_bytes + 1`` bytes of an open local file (all of it if shorter).
+
+    ``f.read(max_bytes + 1)`` alone allocates the whole cap (64 MiB by
+    default) for every image before shrinking it; asking for the file's size
+    plus one byte reads the same bytes. A file longer than its ``st_size``
+    (one that grows, a pipe) fills the buffer asked for and is read on to the
+    cap, so the result never depends on the size hint.
+    """
+    want = min(os.fstat(f.fileno()).st_size, max_bytes) + 1
+    data = f.read(want)
+    if len(data) == want and want <= max_bytes:
+        data += f.read(max_bytes + 1 - want)
+    return data
+
+
 def _read_image(uri: str, max_bytes: int) -> bytes:
     # Read one byte past the cap so check_image can refuse it without
     # loading an arbitrarily large file.
     def read() -> bytes:
+        if uri.startswith("/") and "::" not in uri:
+            # A plain absolute local path: fsspec's local file would open the
+            # same path with open() after ~0.2 ms of its own Python per image.
+            with open(uri, "rb") as f:
+                return _read_capped(f, max_bytes)
         with fsspec.open(uri, "rb") as f:
             return f.read(max_bytes + 1)
 

@@ -85,7 +85,7 @@ from orsgen.schemas.records import (
 from orsgen.stages.common.transient import ResilientFile
 from orsgen.stages.ingest.images import ImageError, check_image
 from orsgen.stages.ingest.validate import MAX_TEXT_CHARS, int_problem, value_problem
-from orsgen.stages.common.masks import MaskError, instance_geometry, segmentation_to_rle
+from orsgen.stages.common.masks import MaskError, instance_geometry, segmentation_to_rle, warm_runs_cache
 
 STAGE = "ingest_sa1b"
 
@@ -508,6 +508,9 @@ def _build_example(
             )
         return out_rejects
 
+    # Every mask's compressed counts decoded in one pass: validate_rle then
+    # finds their runs cached instead of decoding them one by one.
+    warm_runs_cache([_counts_of(ann) for ann in annotations])
     out: list[ImageExample | Reject] = []
     instances: list[Instance] = []
     seen_ids: set[int] = set()
@@ -649,6 +652,12 @@ def _to_instance(ann: Any, image_id: str, height: int, width: int, seen_ids: set
 
 
 # ---------------------------------------------------------------- small helpers
+
+
+def _counts_of(ann: Any) -> Any:
+    """``ann["segmentation"]["counts"]`` if the annotation has that shape, else None (checked later)."""
+    segm = ann.get("segmentation") if isinstance(ann, dict) else None
+    return segm.get("counts") if isinstance(segm, dict) else None
 
 
 def _is_int(v: Any) -> bool:

@@ -1,0 +1,306 @@
+"""The ingest path's shortcuts give what the direct computation gives.
+
+Each shortcut in ``stages.ingest`` (and the COCO segmentation helpers of
+``stages.common.masks``) is checked here against the plain computation it
+replaces, on inputs chosen to hit its edges.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pytest
+from pycocotools import mask as mask_utils
+
+from orsgen.schemas.records import Rle
+from orsgen.stages.common import masks as M
+from orsgen.stages.ingest import coco as ic
+
+
+# ---------------------------------------------------------------- reading image bytes
+
+
+@pytest.mark.parametrize("size", [0, 1, 9, 10, 11, 4096])
+@pytest.mark.parametrize("cap", [0, 1, 9, 10, 11, 5000])
+def test_local_read_equals_fsspec_read(tmp_path: Path, size: int, cap: int) -> None:
+    path = tmp_path / "img.bin"
+    path.write_bytes(bytes(i % 251 for i in range(size)))
+    with fsspec.open(str(path), "rb") as f:
+        expected = f.read(cap + 1)
+    assert ic._read_image(str(path), cap) == expected
+
+
+def test_local_read_does_not_trust_the_size_hint() -> None:
+    # A pipe reports st_size 0: the read must go on to the cap, not stop at the hint.
+    payload = bytes(range(256)) * 40
+    r, w = os.pipe()
+    os.write(w, payload)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        assert ic._read_capped(f, 5000) == payload[:5001]
+
+
+def test_local_read_errors_are_the_ones_load_task_maps(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        ic._read_image(str(tmp_path / "missing.jpg"), 10)
+    with pytest.raises(IsADirectoryError):
+        ic._read_image(str(tmp_path), 10)
+    (tmp_path / "file").write_bytes(b"x")
+    with pytest.raises(NotADirectoryError):
+        ic._read_image(str(tmp_path / "file" / "x.jpg"), 10)
+
+
+# ---------------------------------------------------------------- COCO segmentations
+
+
+
+def _polygons_to_rle_reference(polygons, height, width):
+    """polygons_to_rle as written before the shortcuts (numpy checks, merge of every list)."""
+    polys = [list(map(float, p)) for p in polygons]
+    if not polys:
+        return M.empty_rle(height, width)
+    for p in polys:
+        if len(p) < 6 or len(p) % 2:
+            raise M.MaskError("bad_polygon", f"a COCO polygon needs >= 3 (x, y) pairs, got {len(p)} numbers.")
+        arr = np.asarray(p)
+        lim = 2.0 * max(height, width) + 1.0
+        if not np.isfinite(arr).all() or (np.abs(arr) > lim).any():
+            raise M.MaskError("bad_polygon", f"polygon coordinates must be finite and within {lim:.0f} px of the image.")
+    return Rle.from_coco(mask_utils.merge(mask_utils.frPyObjects(polys, height, width)))
+
+
+def _segmentation_checks_reference(segm):
+    """The type checks of segmentation_to_rle as written before the shortcuts."""
+    if isinstance(segm, list):
+        return all(isinstance(p, list) and all(isinstance(v, (int, float)) for v in p) for p in segm)
+    return all(isinstance(c, int) and c >= 0 for c in segm["counts"])
+
+
+def _outcome(fn, *args):
+    try:
+        return ("ok", fn(*args))
+    except M.MaskError as err:
+        return (err.reason, str(err))
+
+
+def _random_polygons(rng, h, w):
+    cases = []
+    for _ in range(150):
+        n = int(rng.integers(3, 12))
+        k = int(rng.integers(1, 4))
+        polys = []
+        for _ in range(k):
+            cx, cy, r = rng.uniform(-w, 2 * w), rng.uniform(-h, 2 * h), rng.uniform(0.3, max(h, w))
+            ang = np.sort(rng.uniform(0, 2 * np.pi, n)) if rng.random() < 0.7 else rng.uniform(0, 2 * np.pi, n)
+            pts = np.stack([cx + r * np.cos(ang), cy + r * np.sin(ang)], 1).ravel()
+            polys.append(pts.round().astype(int).tolist() if rng.random() < 0.3 else pts.tolist())
+        cases.append(polys)
+    return cases
+
+
+def test_polygons_to_rle_equals_the_reference_on_random_polygons(rng):
+    h, w = 37, 53
+    cases = _random_polygons(rng, h, w)
+    lim = 2.0 * max(h, w) + 1.0
+    cases += [
+        [[0, 0, 0, 0, 0, 0]],  # a point
+        [[0, 0, 10, 10, 20, 20]],  # collinear
+        [[0, 0, w, 0, w, h, 0, h]],  # the whole image
+        [[-0.0, 0.0, 5.5, 0.0, 5.5, 5.5]],
+        [[lim, lim, -lim, lim, 0, -lim]],  # exactly at the limit: accepted
+        [[lim + 1e-9, 0, 0, 0, 0, 1]],  # just beyond: refused
+        [[0, 0, 1, 1, 2, -lim - 1]],
+        [[0, 0, 1, float("nan"), 2, 2]],
+        [[0, 0, 1, float("inf"), 2, 2]],
+        [[0, 0, 1, float("-inf"), 2, 2]],
+        [[1e308, 1e308, 1e308, 0, 0, 0]],  # the sum overflows: refused by the array check
+        [[0, 0, 1, 1, 2, 2], [0, 0, 1, 1]],  # a second polygon too short
+        [[0, 0, 1, 1, 2, 2, 3]],  # odd
+        [[True, False, 5, 0, 5, 5]],  # bools are ints
+        [[10**30, 0, 0, 0, 0, 1]],  # a huge int becomes a huge float
+        [np.array([1.0, 1.0, 9.0, 1.0, 9.0, 9.0])],
+        [[1, 1, 9, 1, 9, 9], [1, 1, 9, 1, 9, 9]],  # the same polygon twice
+        [],
+    ]
+    for polys in cases:
+        got = _outcome(M.polygons_to_rle, polys, h, w)
+        assert got == _outcome(_polygons_to_rle_reference, polys, h, w), polys
+    # The cases cover both outcomes, and a single polygon (the merge-free path).
+    outcomes = [_outcome(M.polygons_to_rle, p, h, w)[0] for p in cases]
+    assert outcomes.count("ok") > 100 and outcomes.count("bad_polygon") >= 6
+
+
+class _Number(enum.IntEnum):
+    ONE = 1
+
+
+class _Float(float):
+    pass
+
+
+@pytest.mark.parametrize(
+    "segm",
+    [
+        [[0, 0, 5, 0, 5, 5]],
+        [[0.5, 0, 5, 0, 5, 5.5], [1, 1, 2, 1, 2, 2]],
+        [[True, 0, 5, 0, 5, 5]],
+        [[_Number.ONE, 0, 5, 0, 5, 5]],
+        [[_Float(1.5), 0, 5, 0, 5, 5]],
+        [[np.float64(1.5), 0, 5, 0, 5, 5]],  # a float subclass: accepted
+        [[np.int64(1), 0, 5, 0, 5, 5]],  # not an int subclass: refused
+        [[None, 0, 5, 0, 5, 5]],
+        [["1", 0, 5, 0, 5, 5]],
+        [[[1], 0, 5, 0, 5, 5]],
+        [(0, 0, 5, 0, 5, 5)],  # a tuple is not a list
+        [[0, 0, 5, 0, 5, 5], "x"],
+        [[]],
+    ],
+)
+def test_polygon_type_check_equals_the_reference(segm):
+    expected_ok = _segmentation_checks_reference(segm)
+    if expected_ok:
+        assert _outcome(M.segmentation_to_rle, segm, 8, 8) == _outcome(
+            lambda: (_polygons_to_rle_reference(segm, 8, 8), "polygon")
+        )
+    else:
+        assert _outcome(M.segmentation_to_rle, segm, 8, 8) == (
+            "bad_polygon",
+            "segmentation polygons must be lists of numbers.",
+        )
+
+
+@pytest.mark.parametrize(
+    "counts",
+    [
+        [0, 64],
+        [10, 20, 34],
+        [True, 63],
+        [_Number.ONE, 63],
+        [64, 0],
+        [-1, 65],
+        [np.int64(10), 54],
+        [10.0, 54],
+        [None, 64],
+        ["10", 54],
+        [],
+        [10**30, -(10**30) + 64],
+    ],
+)
+def test_uncompressed_counts_check_equals_the_reference(counts):
+    segm = {"size": [8, 8], "counts": counts}
+    got = _outcome(M.segmentation_to_rle, segm, 8, 8)
+    if _segmentation_checks_reference(segm) and sum(counts) == 64:
+        assert got[0] == "ok"
+        assert got[1] == (Rle.from_coco(mask_utils.frPyObjects(segm, 8, 8)), "uncompressed_rle")
+    else:
+        assert got == ("bad_rle", "uncompressed RLE counts must be non-negative ints summing to h*w.")
+
+
+def test_instance_geometry_equals_box_and_area(rng):
+    for _ in range(40):
+        m = np.zeros((23, 31), dtype=np.uint8)
+        if rng.random() < 0.9:
+            y0, x0 = rng.integers(0, 23), rng.integers(0, 31)
+            m[y0 : y0 + rng.integers(1, 9), x0 : x0 + rng.integers(1, 9)] = 1
+        rle = M.encode_mask(m)
+        box = M.rle_bbox_xywh(rle)
+        assert M.instance_geometry(rle) == {
+            "bbox_xywh": box,
+            "bbox_xyxy": M.xywh_to_xyxy(box),
+            "area_px": M.rle_area(rle),
+        }
+        assert M.instance_geometry(rle)["area_px"] == int(m.sum())
+
+
+# ---------------------------------------------------------------- counts decoded per image
+
+
+def _counts_bytes(runs: list[int]) -> bytes:
+    """COCO's compressed-counts writer (rleToString) written out: deltas after the third run, 5-bit groups."""
+    out = bytearray()
+    for i, x in enumerate(runs):
+        if i > 2:
+            x -= runs[i - 2]
+        more = True
+        while more:
+            c = x & 0x1F
+            x >>= 5
+            more = (x != -1) if (c & 0x10) else (x != 0)
+            if more:
+                c |= 0x20
+            out.append(c + 48)
+    return bytes(out)
+
+
+def _random_counts(rng, n_strings: int) -> list[bytes]:
+    out = []
+    for _ in range(n_strings):
+        n = int(rng.choice([1, 2, 3, 4, 5, int(rng.integers(6, 60))]))
+        scale = int(rng.choice([2, 40, 5000, 1 << 30]))
+        out.append(_counts_bytes([int(v) for v in rng.integers(0, scale, n)]))
+    return out
+
+
+def test_counts_decoded_together_equal_each_decoded_alone(rng):
+    for _ in range(300):
+        datas = _random_counts(rng, int(rng.integers(1, 25)))
+        got = M._decode_counts_many(datas)
+        assert got is not None and len(got) == len(datas)
+        for g, d in zip(got, datas):
+            want = M._decode_counts(d)
+            assert g.dtype == want.dtype == np.int64
+            assert g.tolist() == want.tolist()
+    # Real masks, strings of one, two and three runs around them (every
+    # parity of where a string's runs start in the joined bytes).
+    real = [M.encode_mask(rng.random((29, 23)) < p).counts.encode() for p in (0.05, 0.5, 0.95)]
+    mixed = [real[0], b"1", real[1], b"12", b"123", real[2], b"0", b"0", real[0]]
+    assert [a.tolist() for a in M._decode_counts_many(mixed)] == [M._decode_counts(d).tolist() for d in mixed]
+
+
+def test_counts_decoded_together_defer_negative_and_long_runs():
+    negative = _counts_bytes([5, 3, 9, -4])
+    with pytest.raises(M.MaskError, match="negative run"):
+        M._decode_counts(negative)
+    assert M._decode_counts_many([_counts_bytes([1, 2, 3]), negative]) is None
+    thirteen_groups = _counts_bytes([1 << 62])
+    assert M._decode_counts_many([_counts_bytes([1, 2, 3]), thirteen_groups]) is None
+
+
+def test_warm_runs_cache_fills_the_cache_with_the_same_runs(rng, monkeypatch):
+    datas = _random_counts(rng, 20)
+    bad = ["0\u00e9", b"0\xff", b"0P", "", None, 7, {"x": 1}]
+    calls: list[bytes] = []
+    real = M._decode_counts
+    monkeypatch.setattr(M, "_decode_counts", lambda d: calls.append(d) or real(d))
+    M._cached_runs.cache_clear()
+    M.warm_runs_cache([d.decode("ascii") for d in datas] + bad)
+    # None of the clean strings is decoded again, and each gives its own runs.
+    for d in datas:
+        runs = M.rle_counts_to_runs(d.decode("ascii"))
+        assert runs.tolist() == real(d).tolist()
+        assert not runs.flags.writeable
+    assert calls == []
+    assert M._WARM_RUNS == {}
+    # What was skipped still fails mask by mask with its own message.
+    with pytest.raises(M.MaskError, match="invalid byte"):
+        M.rle_counts_to_runs(b"0\xff")
+    with pytest.raises(M.MaskError, match="middle of a run"):
+        M.rle_counts_to_runs(b"0P")
+    M._cached_runs.cache_clear()
+
+
+def test_warm_runs_cache_leaves_a_negative_run_to_the_mask_by_mask_check(rng):
+    datas = _random_counts(rng, 5)
+    negative = _counts_bytes([0, 0, 0, -20])
+    M._cached_runs.cache_clear()
+    M.warm_runs_cache(datas + [negative])
+    assert M._WARM_RUNS == {}
+    for d in datas:
+        assert M.rle_counts_to_runs(d).tolist() == M._decode_counts(d).tolist()
+    with pytest.raises(M.MaskError, match="negative run"):
+        M.rle_counts_to_runs(negative)
+    M._cached_runs.cache_clear()
