@@ -265,6 +265,14 @@ def _read_group_records(_: bytes, out: str, config_sha256: str) -> dict[tuple[st
     return read_group_records(out, config_sha256=config_sha256)
 
 
+def _completed_groups(records: dict[tuple[str, int, int], GroupRecord]) -> list[GroupRecord]:
+    return [records[k] for k in sorted(records)]
+
+
+def _completed_groups_of(_: bytes, records: dict[tuple[str, int, int], GroupRecord]) -> list[GroupRecord]:
+    return _completed_groups(records)
+
+
 def _not_resumed(kv: tuple[tuple[str, int, int], EncodedExample], resumed: frozenset[tuple[str, int, int]]) -> bool:
     return kv[0] not in resumed
 
@@ -341,6 +349,12 @@ def rejects_num_buckets(n_rejects: int, cfg: OrsgenConfig) -> int:
 
 def _key_by_bucket(enc: EncodedExample, buckets: dict[str, int]) -> tuple[tuple[str, int, int], EncodedExample]:
     nb = buckets[enc.split]
+    return (enc.split, bucket_of(enc.key, nb), nb), enc
+
+
+def _key_by_fixed_bucket(enc: EncodedExample, nb: int) -> tuple[tuple[str, int, int], EncodedExample]:
+    # ``_key_by_bucket`` with every split's count known before the run (an
+    # integer ``write.num_buckets``): the same keys, no side input.
     return (enc.split, bucket_of(enc.key, nb), nb), enc
 
 
@@ -648,18 +662,40 @@ def build_pipeline(p: beam.Pipeline, cfg: OrsgenConfig, out: str, index: Any = N
         | "ResumeScan" >> beam.Impulse()
         | "ReadGroupRecords" >> beam.Map(_read_group_records, out=out, config_sha256=sha)
     )
+    # A fixed ``num_buckets`` is known now: keying needs no side input, so it
+    # fuses with Encode and the encoded records cross one boundary (the
+    # GroupByKey), not two (``auto`` materialises them once more before
+    # ``KeyByBucket``, which waits for every split's size).
+    fixed_nb = cfg.write.num_buckets if isinstance(cfg.write.num_buckets, int) else None
     written = (
         encoded
-        | "KeyByBucket" >> beam.Map(_key_by_bucket, buckets=buckets)
+        | "KeyByBucket"
+        >> (
+            beam.Map(_key_by_bucket, buckets=buckets)
+            if fixed_nb is None
+            else beam.Map(_key_by_fixed_bucket, nb=fixed_nb)
+        )
         # Before the shuffle: a completed group's records never cross it.
         | "SkipCompletedGroups"
         >> beam.Filter(_not_resumed, resumed=beam.pvalue.AsSingleton(resumed | "ResumedKeys" >> beam.Map(frozenset)))
         | "GroupBuckets" >> beam.GroupByKey()
         | "WriteShards" >> beam.ParDo(WriteBucketDoFn(out, cfg)).with_outputs(EVENTS, REJECTS, main="stats")
     )
+    if fixed_nb is None:
+        completed = resumed | "CompletedGroups" >> beam.FlatMap(_completed_groups)
+    else:
+        # The records reach the stand-ins as a side input of their own
+        # impulse: fused with the scan, ResumeGroups (which waits for the
+        # split sizes, i.e. for Encode's stage) would make that stage wait for
+        # itself through the SkipCompletedGroups side input, now that
+        # KeyByBucket is fused with Encode.
+        completed = (
+            p
+            | "ResumeTrigger" >> beam.Impulse()
+            | "CompletedGroups" >> beam.FlatMap(_completed_groups_of, records=beam.pvalue.AsSingleton(resumed))
+        )
     recorded = (
-        resumed
-        | "CompletedGroups" >> beam.FlatMap(lambda records: [records[k] for k in sorted(records)])
+        completed
         | "ResumeGroups" >> beam.ParDo(ResumedGroupsDoFn(), buckets=buckets).with_outputs(EVENTS, REJECTS, main="stats")
     )
     events_l.append(recorded[EVENTS])
@@ -667,12 +703,15 @@ def build_pipeline(p: beam.Pipeline, cfg: OrsgenConfig, out: str, index: Any = N
     events_l.append(written[EVENTS])
     rejects_l.append(written[REJECTS])
     all_rejects = rejects_l | "AllRejects" >> beam.Flatten()
-    rejects_nb = beam.pvalue.AsSingleton(
-        all_rejects
-        | "CountRejects" >> beam.combiners.Count.Globally(has_defaults=False)
-        | "RejectsBuckets" >> beam.Map(rejects_num_buckets, cfg=cfg),
-        default_value=rejects_num_buckets(0, cfg),
-    )
+    # A fixed count needs no count of the rejects first (see KeyByBucket).
+    rejects_nb: Any = fixed_nb
+    if fixed_nb is None:
+        rejects_nb = beam.pvalue.AsSingleton(
+            all_rejects
+            | "CountRejects" >> beam.combiners.Count.Globally(has_defaults=False)
+            | "RejectsBuckets" >> beam.Map(rejects_num_buckets, cfg=cfg),
+            default_value=rejects_num_buckets(0, cfg),
+        )
     reject_stats = (
         all_rejects
         | "KeyRejects" >> beam.Map(_key_reject, nb=rejects_nb)

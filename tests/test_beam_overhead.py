@@ -156,3 +156,34 @@ def test_a_run_where_every_image_is_rejected_and_one_without_rejects(tmp_path):
     assert m["counts"]["written"] == 0 and m["counts"]["rejected"] == 2
     assert not list((tmp_path / "bad").glob("webdataset/data/*.tar"))
     assert json.loads((tmp_path / "bad" / "manifest.json").read_text())["counts"]["levels"]["images"]["reconciled"]
+
+
+def _side_inputs_by_step(cfg, out) -> dict[str, int]:
+    from orsgen.pipelines.build import build_pipeline
+
+    p = beam.Pipeline(runner="FnApiRunner")
+    build_pipeline(p, cfg, str(out))
+    found: dict[str, int] = {}
+
+    class Visitor(beam.pipeline.PipelineVisitor):
+        def visit_transform(self, node):  # noqa: ANN001
+            found[node.full_label.split("/", 1)[0]] = found.get(node.full_label.split("/", 1)[0], 0) + len(node.side_inputs)
+
+    p.visit(Visitor())
+    return found
+
+
+def test_a_fixed_bucket_count_keys_records_without_waiting_for_split_sizes(tmp_path):
+    """An integer ``num_buckets`` needs no side input to key records and rejects (so the encoded
+    records are not materialised before the shuffle); ``auto`` waits for the sizes and counts."""
+    from orsgen.pipelines.demo_data import generate_demo_inputs
+    from orsgen.schemas.config import load_config
+
+    cfg_path = generate_demo_inputs(tmp_path / "inputs", seed=0)
+    fixed = _side_inputs_by_step(load_config(cfg_path, ["write.num_buckets=3"]), tmp_path / "o1")
+    auto = _side_inputs_by_step(load_config(cfg_path, ["write.num_buckets=auto"]), tmp_path / "o2")
+    assert fixed["KeyByBucket"] == fixed["KeyRejects"] == 0 and "CountRejects" not in fixed
+    assert auto["KeyByBucket"] == auto["KeyRejects"] == 1 and "CountRejects" in auto
+    # The completed groups' records still gate the shuffle in both.
+    assert fixed["SkipCompletedGroups"] == auto["SkipCompletedGroups"] == 1
+    assert fixed["CompletedGroups"] == 1 and auto["CompletedGroups"] == 0

@@ -149,6 +149,30 @@ def test_rerun_skips_completed_shards(demo):
     assert after == before, "a completed shard was rewritten"
 
 
+def test_rerun_after_a_crash_with_a_fixed_bucket_count_equals_the_clean_run(demo, tmp_path):
+    """With an integer ``num_buckets`` the records are keyed in Encode's own stage and the
+    completed groups' records reach their stand-ins as a side input: a rerun after a crash
+    still skips the completed groups and writes what the clean run wrote."""
+    assert isinstance(demo["cfg"].write.num_buckets, int)
+    out = tmp_path / "out"
+    shutil.copytree(demo["out1"], out)
+    reference = _digests(out)
+    groups = sorted((out / "_meta" / "groups").iterdir())
+    assert len(groups) >= 3
+    # The crash: one group lost its record and its shards' markers; no manifest was written.
+    lost = groups[1]
+    for marker in (out / "_meta" / "shards").rglob(f"{lost.name[: -len('.json')]}-*.done"):
+        marker.unlink()
+    lost.unlink()
+    (out / "manifest.json").unlink()
+    kept = {p: p.stat().st_mtime_ns for p in groups if p != lost}
+    m = run_pipeline(demo["cfg"], str(out), ["--runner=FnApiRunner"], show_progress=False)
+    assert m == demo["m1"] and _digests(out) == reference
+    # The completed groups were replayed from their records, not rewritten.
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept
+    assert lost.exists()
+
+
 def test_other_config_into_same_output_is_refused(demo):
     cfg = load_config(demo["cfg_path"], ["regions.min_area_px=100"])
     with pytest.raises(OutputConflictError, match="another config"):
