@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from orsgen.stages.common import masks as M
-from tests.conftest import random_mask
+from tests.conftest import interior_points_reference, random_mask
 from tests.test_throughput import _outline_reference
 
 
@@ -55,3 +55,38 @@ def test_outlines_of_targets_and_their_unions_in_one_batch_equal_one_at_a_time(r
     for tol in (0.0, 1.0):
         want = [_outline_reference(r, tol).wkb for r in rles]
         assert [g.wkb for g in M.rle_to_geometries([(r, M.decode_crop(r, pad_px=1)) for r in rles], tol)] == want
+
+
+def test_one_hypot_says_whether_every_offset_at_a_squared_distance_has_one_hypot():
+    span = np.arange(-80, 81, dtype=np.float64)
+    dx, dy = np.meshgrid(span, span)
+    sq = (dx * dx + dy * dy).astype(np.int64).ravel()
+    d = np.hypot(dx, dy).ravel()
+    values = np.unique(sq[sq <= 80 * 80])
+    lo = np.full(values.size, np.inf)
+    hi = np.full(values.size, -np.inf)
+    at = np.searchsorted(values, sq[sq <= 80 * 80])
+    np.minimum.at(lo, at, d[sq <= 80 * 80])
+    np.maximum.at(hi, at, d[sq <= 80 * 80])
+    want = dict(zip(values.tolist(), (lo == hi).tolist()))
+    got = {v: M._one_hypot(v) for v in want}
+    assert got == want
+    assert not got[2993] and not got[3874] and got[25] and got[0]  # 17,52 / 28,47 and 25,57 / 43,45 differ
+
+
+def test_interior_points_where_the_median_pixels_have_two_hypots_and_on_even_counts(rng):
+    # A disc whose median squared distance from its centre is 3874 = 25**2 + 57**2
+    # = 43**2 + 45**2, two hypot values: the band's farther pixels are beyond
+    # the median and hold the farthest pixels' deepest point. Taking the
+    # squared distance alone for the distance there moves the second point.
+    yy, xx = np.mgrid[-128:129, -128:129]
+    disc = np.zeros((261, 261), bool)
+    disc[2:-2, 2:-2] = xx * xx + yy * yy <= 7748
+    assert M.interior_points(M.encode_mask(disc)) == interior_points_reference(M.encode_mask(disc)) == ((130, 130), (87, 85))
+    # Even pixel counts (two middle values), odd ones, lines and single pixels.
+    for h, w in [(2, 2), (3, 5), (1, 9), (40, 31)]:
+        for _ in range(12):
+            m = random_mask(rng, h, w, 2) if min(h, w) > 1 else rng.random((h, w)) < 0.6
+            if m.any():
+                rle = M.encode_mask(m)
+                assert M.interior_points(rle) == interior_points_reference(rle)

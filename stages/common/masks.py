@@ -446,17 +446,26 @@ def _median(values: np.ndarray) -> float:
 
 
 def _squares(n: int) -> np.ndarray:
-    """``(np.arange(2 * n) - n) ** 2`` (read-only, shared): ``[n - y : n - y + k]`` is ``(np.arange(k) - y) ** 2`` for ``0 <= y < n``, ``k <= n``."""
+    """``(np.arange(2 * n) - n) ** 2`` (read-only, shared): ``[n - y : n - y + k]`` is ``(np.arange(k) - y) ** 2`` for ``0 <= y < n``, ``k <= n``.
+
+    int32 while the sum of two of them fits (``2 * n**2 < 2**31``: crops
+    under 32,768 pixels a side), which halves the memory the points' grid
+    arithmetic moves; int64 beyond.
+    """
     global _SQUARES
     if _SQUARES.size < 2 * n:
+        dtype = np.int32 if n < _INT32_SQUARES_MAX_N else np.int64
         table = (np.arange(2 * n, dtype=np.int64) - n) ** 2
+        table = table.astype(dtype)
         table.flags.writeable = False
         _SQUARES = table
     m = _SQUARES.size // 2
     return _SQUARES[m - n : m + n]
 
 
-_SQUARES = np.zeros(0, dtype=np.int64)
+_SQUARES = np.zeros(0, dtype=np.int32)
+#: Largest crop side (exclusive) whose squared distances ``dx**2 + dy**2`` fit int32.
+_INT32_SQUARES_MAX_N = 32768
 
 
 def _beyond_median(sq: np.ndarray, flat: np.ndarray, cw: int, x1: int, y1: int) -> np.ndarray:
@@ -548,13 +557,7 @@ def interior_points(
             raise MaskError("empty_mask", "interior points of an empty mask do not exist.")
         return _segzero_points(rle)
     crop, (ox, oy) = crop if crop is not None else decode_crop(rle, pad_px=1)
-    # The padded crop covers the mask's box, so it holds every mask pixel:
-    # no pixel in it means an empty mask (cheaper than the area on the runs).
-    # Flat indices in row-major order, as np.nonzero lists the pixels.
     cw = crop.shape[1]
-    flat = crop.ravel().nonzero()[0]
-    if flat.size == 0:
-        raise MaskError("empty_mask", "interior points of an empty mask do not exist.")
     dist = cv2.distanceTransform(_as_uint8(crop), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
     # The precise transform is exact: sqrt of an integer squared distance. Its
     # float32 result varies in the last bits between calls on different
@@ -565,15 +568,41 @@ def interior_points(
     np.multiply(dist, dist, out=dist)
     np.rint(dist, out=dist)
     i1 = int(dist.argmax())
+    # Every mask pixel is at least 1 from the background and every other
+    # pixel 0 (the padded crop covers the mask's box, so it holds every mask
+    # pixel and a background ring): a zero maximum means an empty mask.
+    if dist.flat[i1] == 0.0:
+        raise MaskError("empty_mask", "interior points of an empty mask do not exist.")
     y1, x1 = divmod(i1, cw)
     # The squared distance of every crop pixel to the first point, from one
     # row and one column of squares (no per-pixel row/column split), then
-    # the mask's pixels in row-major order.
+    # the mask's pixels in row-major order (as np.nonzero lists them).
     ch = crop.shape[0]
     n = max(ch, cw)
     sqr = _squares(n)
     sq_grid = np.add.outer(sqr[n - y1 : n - y1 + ch], sqr[n - x1 : n - x1 + cw])
-    far = _beyond_median(sq_grid.ravel()[flat], flat, cw, x1, y1)
+    sq = sq_grid[crop]
+    m = sq.size
+    k = m // 2
+    # The middle value(s) of the squared distances: one selection, and for an
+    # even count the largest value below it (partitioning at two ranks
+    # costs about three times one).
+    part = np.partition(sq, k)
+    hi = int(part[k])
+    lo = hi if m % 2 else int(part[:k].max())
+    if lo == hi and _one_hypot(lo):
+        # The usual case of ``_beyond_median``: one middle squared distance,
+        # whose pixels all have one hypot, so the farther pixels are those
+        # with a larger squared distance. Their distance-transform maximum,
+        # first in row-major order, is the grid's first maximum once the
+        # others are zeroed (pixels off the mask are 0 already, mask pixels
+        # at least 1).
+        far_dist = np.where(sq_grid > hi, dist, 0.0)
+        j = int(far_dist.argmax())
+        p2 = (j % cw, j // cw) if far_dist.flat[j] > 0.0 else (x1, y1)
+        return (int(x1 + ox), int(y1 + oy)), (int(p2[0] + ox), int(p2[1] + oy))
+    flat = crop.ravel().nonzero()[0]
+    far = _beyond_median(sq, flat, cw, x1, y1)
     if far.size == 0:
         p2 = (x1, y1)
     else:
@@ -582,6 +611,22 @@ def interior_points(
         j = int(cand[int(dist.ravel()[cand].argmax())])
         p2 = (j % cw, j // cw)
     return (int(x1 + ox), int(y1 + oy)), (int(p2[0] + ox), int(p2[1] + oy))
+
+
+@functools.lru_cache(maxsize=4096)
+def _one_hypot(sq: int) -> bool:
+    """Whether every pixel offset ``(dx, dy)`` with ``dx**2 + dy**2 == sq`` has the same ``np.hypot``.
+
+    Then the pixels at squared distance ``sq`` from a point are all at one
+    distance, whichever of them a mask holds (every sign and order of each
+    way of writing ``sq`` as a sum of two squares is checked).
+    """
+    a = np.arange(math.isqrt(sq // 2) + 1, dtype=np.int64)
+    b = np.sqrt((sq - a * a).astype(np.float64)).round().astype(np.int64)
+    ok = a * a + b * b == sq
+    a, b = a[ok].astype(np.float64), b[ok].astype(np.float64)
+    d = np.hypot(np.concatenate([a, -a, a, -a, b, -b, b, -b]), np.concatenate([b, b, -b, -b, a, a, -a, -a]))
+    return bool(d.size == 0 or d.min() == d.max())
 
 
 def _exact_sq_dist(mask: np.ndarray) -> np.ndarray:
