@@ -114,7 +114,9 @@ def test_distance_transforms_from_mosaics_equal_one_crop_at_a_time(rng, monkeypa
     assert M.padded_distance_transforms([]) == []
 
 
-def test_points_prepared_from_mosaics_equal_the_points_of_each_mask(rng):
+@pytest.mark.parametrize("limit", [1 << 20, 6000])  # one mosaic; two or three crops per mosaic
+def test_points_prepared_from_mosaics_equal_the_points_of_each_mask(rng, monkeypatch, limit):
+    monkeypatch.setattr(M, "MOSAIC_MAX_PX", limit)
     h, w = 60, 80
     rles = [M.encode_mask(random_mask(rng, h, w, int(rng.integers(1, 4)))) for _ in range(12)]
     rles = [r for r in rles if M.rle_area(r)]

@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from orsgen.schemas.records import Instance, Rle, Sample, TargetGeometry
+from orsgen.stages.common import masks
 from orsgen.stages.common.masks import (
     MaskError,
     PaddedCrop,
@@ -144,9 +145,23 @@ class TargetCache:
                 todo.setdefault(key, t.rle)
         if not todo:
             return
-        crops = [self.crop(rle) for rle in todo.values()]
-        dists = padded_distance_transforms([pixels for pixels, _ in crops])
-        for (key, rle), crop, dist in zip(todo.items(), crops, dists):
+        # A mosaic's worth of crops at a time: its transform is dropped once
+        # their points are stored, so the transient memory stays one mosaic.
+        chunk: list[tuple[tuple[Any, ...], Rle, PaddedCrop]] = []
+        area = 0
+        for key, rle in todo.items():
+            crop = self.crop(rle)
+            if chunk and area + crop[0].size > masks.MOSAIC_MAX_PX:
+                self._points_of(chunk)
+                chunk, area = [], 0
+            chunk.append((key, rle, crop))
+            area += crop[0].size
+        self._points_of(chunk)
+
+    def _points_of(self, chunk: Sequence[tuple[tuple[Any, ...], Rle, PaddedCrop]]) -> None:
+        """Stores the points of ``(key, mask, crop)`` items, their distance transforms from one mosaic."""
+        dists = padded_distance_transforms([crop[0] for _, _, crop in chunk])
+        for (key, rle, crop), dist in zip(chunk, dists):
             try:
                 self._points[key] = interior_points(rle, crop=crop, distance=dist)
             except MaskError:
