@@ -6,10 +6,14 @@ against the one-mask-at-a-time reference of ``tests/test_throughput.py``.
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
+import pytest
 
+from orsgen.schemas.records import Instance
 from orsgen.stages.common import masks as M
-from tests.conftest import random_mask
+from orsgen.stages.common import targets as T
+from tests.conftest import interior_points_reference, random_mask
 from tests.test_throughput import _outline_reference
 
 
@@ -55,3 +59,84 @@ def test_outlines_of_targets_and_their_unions_in_one_batch_equal_one_at_a_time(r
     for tol in (0.0, 1.0):
         want = [_outline_reference(r, tol).wkb for r in rles]
         assert [g.wkb for g in M.rle_to_geometries([(r, M.decode_crop(r, pad_px=1)) for r in rles], tol)] == want
+
+
+def test_one_hypot_says_whether_every_offset_at_a_squared_distance_has_one_hypot():
+    span = np.arange(-80, 81, dtype=np.float64)
+    dx, dy = np.meshgrid(span, span)
+    sq = (dx * dx + dy * dy).astype(np.int64).ravel()
+    d = np.hypot(dx, dy).ravel()
+    values = np.unique(sq[sq <= 80 * 80])
+    lo = np.full(values.size, np.inf)
+    hi = np.full(values.size, -np.inf)
+    at = np.searchsorted(values, sq[sq <= 80 * 80])
+    np.minimum.at(lo, at, d[sq <= 80 * 80])
+    np.maximum.at(hi, at, d[sq <= 80 * 80])
+    want = dict(zip(values.tolist(), (lo == hi).tolist()))
+    got = {v: M._one_hypot(v) for v in want}
+    assert got == want
+    assert not got[2993] and not got[3874] and got[25] and got[0]  # 17,52 / 28,47 and 25,57 / 43,45 differ
+
+
+def test_interior_points_where_the_median_pixels_have_two_hypots_and_on_even_counts(rng):
+    # A disc whose median squared distance from its centre is 3874 = 25**2 + 57**2
+    # = 43**2 + 45**2, two hypot values: the band's farther pixels are beyond
+    # the median and hold the farthest pixels' deepest point. Taking the
+    # squared distance alone for the distance there moves the second point.
+    yy, xx = np.mgrid[-128:129, -128:129]
+    disc = np.zeros((261, 261), bool)
+    disc[2:-2, 2:-2] = xx * xx + yy * yy <= 7748
+    assert M.interior_points(M.encode_mask(disc)) == interior_points_reference(M.encode_mask(disc)) == ((130, 130), (87, 85))
+    # Even pixel counts (two middle values), odd ones, lines and single pixels.
+    for h, w in [(2, 2), (3, 5), (1, 9), (40, 31)]:
+        for _ in range(12):
+            m = random_mask(rng, h, w, 2) if min(h, w) > 1 else rng.random((h, w)) < 0.6
+            if m.any():
+                rle = M.encode_mask(m)
+                assert M.interior_points(rle) == interior_points_reference(rle)
+
+
+def test_distance_transforms_from_mosaics_equal_one_crop_at_a_time(rng, monkeypatch):
+    masks = [random_mask(rng, int(rng.integers(2, 40)), int(rng.integers(2, 40)), 3) for _ in range(40)]
+    masks += [np.ones((1, 1), bool), np.ones((1, 30), bool), np.ones((25, 1), bool), np.ones((30, 30), bool), np.zeros((4, 6), bool)]
+    crops = [M.decode_crop(M.encode_mask(m), pad_px=1)[0] for m in masks]
+    crops.insert(7, np.zeros((60, 61), bool))  # larger than the patched limit: its own transform
+
+    def squared(d):
+        return np.rint(d.astype(np.float64) ** 2)
+
+    want = [squared(cv2.distanceTransform(c.view(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)) for c in crops]
+    for limit in (1 << 20, 2000, 1):  # one mosaic; several; every crop alone
+        monkeypatch.setattr(M, "MOSAIC_MAX_PX", limit)
+        got = M.padded_distance_transforms(crops)
+        assert [g.shape for g in got] == [c.shape for c in crops]
+        assert all(np.array_equal(squared(g), w) for g, w in zip(got, want))
+    assert M.padded_distance_transforms([]) == []
+
+
+@pytest.mark.parametrize("limit", [1 << 20, 6000])  # one mosaic; two or three crops per mosaic
+def test_points_prepared_from_mosaics_equal_the_points_of_each_mask(rng, monkeypatch, limit):
+    monkeypatch.setattr(M, "MOSAIC_MAX_PX", limit)
+    h, w = 60, 80
+    rles = [M.encode_mask(random_mask(rng, h, w, int(rng.integers(1, 4)))) for _ in range(12)]
+    rles = [r for r in rles if M.rle_area(r)]
+    insts = [
+        Instance(f"img/ann:{k}", "img", r, M.rle_bbox_xywh(r), M.xywh_to_xyxy(M.rle_bbox_xywh(r)), M.rle_area(r))
+        for k, r in enumerate(rles)
+    ]
+    # A record that says its mask has pixels when it has none: its error must surface where it did.
+    blank = M.empty_rle(h, w)
+    insts.append(Instance("img/ann:99", "img", blank, (0.0, 0.0, 0.0, 0.0), (0.0, 0.0, 0.0, 0.0), 5))
+    by_id = {i.instance_id: i for i in insts}
+    ids = list(by_id)
+    sets = [(i,) for i in ids] + [tuple(ids[:3]), tuple(ids[2:6])]
+    cache = T.TargetCache()
+    cache.prepare(sets, by_id, w, h)
+    for target_ids in sets:
+        if "img/ann:99" in target_ids:
+            with pytest.raises(M.MaskError, match="empty"):
+                T.target_fields(target_ids, by_id, w, h, cache=cache)
+            continue
+        got = T.target_fields(target_ids, by_id, w, h, cache=cache)
+        assert [(g.point_1, g.point_2) for g in got[2]] == [M.interior_points(by_id[i].rle) for i in target_ids]
+        assert got == T.target_fields(target_ids, by_id, w, h, cache=T.TargetCache())

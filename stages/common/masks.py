@@ -558,17 +558,26 @@ def _median(values: np.ndarray) -> float:
 
 
 def _squares(n: int) -> np.ndarray:
-    """``(np.arange(2 * n) - n) ** 2`` (read-only, shared): ``[n - y : n - y + k]`` is ``(np.arange(k) - y) ** 2`` for ``0 <= y < n``, ``k <= n``."""
+    """``(np.arange(2 * n) - n) ** 2`` (read-only, shared): ``[n - y : n - y + k]`` is ``(np.arange(k) - y) ** 2`` for ``0 <= y < n``, ``k <= n``.
+
+    int32 while the sum of two of them fits (``2 * n**2 < 2**31``: crops
+    under 32,768 pixels a side), which halves the memory the points' grid
+    arithmetic moves; int64 beyond.
+    """
     global _SQUARES
     if _SQUARES.size < 2 * n:
+        dtype = np.int32 if n < _INT32_SQUARES_MAX_N else np.int64
         table = (np.arange(2 * n, dtype=np.int64) - n) ** 2
+        table = table.astype(dtype)
         table.flags.writeable = False
         _SQUARES = table
     m = _SQUARES.size // 2
     return _SQUARES[m - n : m + n]
 
 
-_SQUARES = np.zeros(0, dtype=np.int64)
+_SQUARES = np.zeros(0, dtype=np.int32)
+#: Largest crop side (exclusive) whose squared distances ``dx**2 + dy**2`` fit int32.
+_INT32_SQUARES_MAX_N = 32768
 
 
 def _beyond_median(sq: np.ndarray, flat: np.ndarray, cw: int, x1: int, y1: int) -> np.ndarray:
@@ -620,7 +629,7 @@ def _median_ranks(d: np.ndarray, r: int, odd: bool) -> float:
 
 
 def interior_points(
-    rle: Rle, rule: str = "orsgen", crop: PaddedCrop | None = None
+    rle: Rle, rule: str = "orsgen", crop: PaddedCrop | None = None, distance: np.ndarray | None = None
 ) -> tuple[tuple[int, int], tuple[int, int]]:
     """Two interior points by the Seg-Zero rule (``rule="orsgen"``) or exactly as Seg-Zero's code.
 
@@ -645,6 +654,8 @@ def interior_points(
         rule: ``orsgen`` (points keep away from the image border) or
             ``segzero`` (Seg-Zero's own rule).
         crop: ``decode_crop(rle, pad_px=1)`` if already decoded (not changed).
+        distance: OpenCV's precise distance transform of that crop if already
+            computed (``padded_distance_transforms``; not changed).
 
     Returns:
         ``((x1, y1), (x2, y2))`` in integer image pixel coordinates.
@@ -660,32 +671,53 @@ def interior_points(
             raise MaskError("empty_mask", "interior points of an empty mask do not exist.")
         return _segzero_points(rle)
     crop, (ox, oy) = crop if crop is not None else decode_crop(rle, pad_px=1)
-    # The padded crop covers the mask's box, so it holds every mask pixel:
-    # no pixel in it means an empty mask (cheaper than the area on the runs).
-    # Flat indices in row-major order, as np.nonzero lists the pixels.
     cw = crop.shape[1]
-    flat = crop.ravel().nonzero()[0]
-    if flat.size == 0:
-        raise MaskError("empty_mask", "interior points of an empty mask do not exist.")
-    dist = cv2.distanceTransform(_as_uint8(crop), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    if distance is None:
+        distance = cv2.distanceTransform(_as_uint8(crop), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
     # The precise transform is exact: sqrt of an integer squared distance. Its
     # float32 result varies in the last bits between calls on different
     # threads (as Beam makes them), which flips ties; the rounded squared
     # distance is the exact integer, so ties break the same way every time.
     # (In place: d * d is what ``d ** 2`` computes.)
-    dist = dist.astype(np.float64)
+    dist = distance.astype(np.float64)
     np.multiply(dist, dist, out=dist)
     np.rint(dist, out=dist)
     i1 = int(dist.argmax())
+    # Every mask pixel is at least 1 from the background and every other
+    # pixel 0 (the padded crop covers the mask's box, so it holds every mask
+    # pixel and a background ring): a zero maximum means an empty mask.
+    if dist.flat[i1] == 0.0:
+        raise MaskError("empty_mask", "interior points of an empty mask do not exist.")
     y1, x1 = divmod(i1, cw)
     # The squared distance of every crop pixel to the first point, from one
     # row and one column of squares (no per-pixel row/column split), then
-    # the mask's pixels in row-major order.
+    # the mask's pixels in row-major order (as np.nonzero lists them).
     ch = crop.shape[0]
     n = max(ch, cw)
     sqr = _squares(n)
     sq_grid = np.add.outer(sqr[n - y1 : n - y1 + ch], sqr[n - x1 : n - x1 + cw])
-    far = _beyond_median(sq_grid.ravel()[flat], flat, cw, x1, y1)
+    sq = sq_grid[crop]
+    m = sq.size
+    k = m // 2
+    # The middle value(s) of the squared distances: one selection, and for an
+    # even count the largest value below it (partitioning at two ranks
+    # costs about three times one).
+    part = np.partition(sq, k)
+    hi = int(part[k])
+    lo = hi if m % 2 else int(part[:k].max())
+    if lo == hi and _one_hypot(lo):
+        # The usual case of ``_beyond_median``: one middle squared distance,
+        # whose pixels all have one hypot, so the farther pixels are those
+        # with a larger squared distance. Their distance-transform maximum,
+        # first in row-major order, is the grid's first maximum once the
+        # others are zeroed (pixels off the mask are 0 already, mask pixels
+        # at least 1).
+        far_dist = np.where(sq_grid > hi, dist, 0.0)
+        j = int(far_dist.argmax())
+        p2 = (j % cw, j // cw) if far_dist.flat[j] > 0.0 else (x1, y1)
+        return (int(x1 + ox), int(y1 + oy)), (int(p2[0] + ox), int(p2[1] + oy))
+    flat = crop.ravel().nonzero()[0]
+    far = _beyond_median(sq, flat, cw, x1, y1)
     if far.size == 0:
         p2 = (x1, y1)
     else:
@@ -694,6 +726,94 @@ def interior_points(
         j = int(cand[int(dist.ravel()[cand].argmax())])
         p2 = (j % cw, j // cw)
     return (int(x1 + ox), int(y1 + oy)), (int(p2[0] + ox), int(p2[1] + oy))
+
+
+#: Pixels per distance-transform mosaic (``padded_distance_transforms``):
+#: bounds the mosaic's memory (4 bytes a pixel); a larger crop has its own.
+MOSAIC_MAX_PX = 1 << 20
+
+
+def padded_distance_transforms(crops: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """``cv2.distanceTransform(crop, DIST_L2, DIST_MASK_PRECISE)`` of each padded crop, from mosaics of them.
+
+    Every crop must have an all-background border (``decode_crop`` with
+    ``pad_px >= 1`` and ``union_crop`` make such crops: the mask lies inside
+    its box). Then the nearest background pixel of any crop pixel lies in
+    its own crop (a pixel outside it is farther than the border pixel in the
+    same row or column), so the precise (exact Euclidean) transform of a
+    mosaic of crops holds each crop's own transform: the same exact roots,
+    which ``interior_points`` squares and rounds. One transform per mosaic
+    costs about two thirds of one per crop (OpenCV's cost per row and column
+    is paid on a few long ones instead of many short ones).
+
+    Crops go into mosaics of up to ``MOSAIC_MAX_PX`` pixels, on shelves:
+    the tallest first, side by side up to about the square root of their
+    area, the next shelf below.
+
+    Returns:
+        float32 views, one per crop, into the mosaics (read them, do not
+        write: neighbours share the mosaic).
+    """
+    out: list[np.ndarray | None] = [None] * len(crops)
+    group: list[int] = []
+    area = 0
+    for i, c in enumerate(crops):
+        if c.size > MOSAIC_MAX_PX:
+            out[i] = cv2.distanceTransform(_as_uint8(c), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+            continue
+        if area + c.size > MOSAIC_MAX_PX:
+            _mosaic_distances(crops, group, out)
+            group, area = [], 0
+        group.append(i)
+        area += c.size
+    _mosaic_distances(crops, group, out)
+    return out  # type: ignore[return-value]
+
+
+def _mosaic_distances(crops: Sequence[np.ndarray], group: list[int], out: list[np.ndarray | None]) -> None:
+    """Shelf-packs ``crops[i] for i in group`` into one image, transforms it, and stores each crop's view in ``out[i]``."""
+    if not group:
+        return
+    if len(group) == 1:
+        i = group[0]
+        out[i] = cv2.distanceTransform(_as_uint8(crops[i]), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+        return
+    order = sorted(group, key=lambda i: -crops[i].shape[0])
+    width = max(max(crops[i].shape[1] for i in group), int(math.sqrt(sum(crops[i].size for i in group)) * 1.1))
+    at: list[tuple[int, int, int]] = []
+    x = y = shelf = right = 0
+    for i in order:
+        h, w = crops[i].shape
+        if x + w > width:
+            y, x, shelf = y + shelf, 0, 0
+        shelf = shelf or h
+        at.append((i, y, x))
+        x += w
+        right = max(right, x)
+    mosaic = np.zeros((y + shelf, right), dtype=np.uint8)
+    for i, y0, x0 in at:
+        h, w = crops[i].shape
+        mosaic[y0 : y0 + h, x0 : x0 + w] = crops[i]
+    dist = cv2.distanceTransform(mosaic, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    for i, y0, x0 in at:
+        h, w = crops[i].shape
+        out[i] = dist[y0 : y0 + h, x0 : x0 + w]
+
+
+@functools.lru_cache(maxsize=4096)
+def _one_hypot(sq: int) -> bool:
+    """Whether every pixel offset ``(dx, dy)`` with ``dx**2 + dy**2 == sq`` has the same ``np.hypot``.
+
+    Then the pixels at squared distance ``sq`` from a point are all at one
+    distance, whichever of them a mask holds (every sign and order of each
+    way of writing ``sq`` as a sum of two squares is checked).
+    """
+    a = np.arange(math.isqrt(sq // 2) + 1, dtype=np.int64)
+    b = np.sqrt((sq - a * a).astype(np.float64)).round().astype(np.int64)
+    ok = a * a + b * b == sq
+    a, b = a[ok].astype(np.float64), b[ok].astype(np.float64)
+    d = np.hypot(np.concatenate([a, -a, a, -a, b, -b, b, -b]), np.concatenate([b, b, -b, -b, a, a, -a, -a]))
+    return bool(d.size == 0 or d.min() == d.max())
 
 
 def _exact_sq_dist(mask: np.ndarray) -> np.ndarray:

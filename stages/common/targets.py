@@ -17,10 +17,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from orsgen.schemas.records import Instance, Rle, Sample, TargetGeometry
+from orsgen.stages.common import masks
 from orsgen.stages.common.masks import (
+    MaskError,
     PaddedCrop,
     decode_crop,
     interior_points,
+    padded_distance_transforms,
     rle_to_geometries,
     rle_union,
     svg_path,
@@ -59,12 +62,19 @@ def qwen_box(bbox_xyxy: Sequence[float], width: int, height: int) -> tuple[int, 
     return (norm(x0, width), norm(y0, height), norm(x1, width), norm(y1, height))
 
 
-def target_geometry(inst: Instance, width: int, height: int, crop: PaddedCrop | None = None) -> TargetGeometry:
+def target_geometry(
+    inst: Instance,
+    width: int,
+    height: int,
+    crop: PaddedCrop | None = None,
+    points: tuple[tuple[int, int], tuple[int, int]] | None = None,
+) -> TargetGeometry:
     """Box, interior points and Qwen box of one target instance.
 
-    ``crop`` is ``decode_crop(inst.rle, pad_px=1)`` if already decoded.
+    ``crop`` is ``decode_crop(inst.rle, pad_px=1)`` if already decoded;
+    ``points`` is ``interior_points(inst.rle)`` if already computed.
     """
-    p1, p2 = interior_points(inst.rle, crop=crop)
+    p1, p2 = points if points is not None else interior_points(inst.rle, crop=crop)
     return TargetGeometry(
         instance_id=inst.instance_id,
         bbox_xyxy=tuple(float(v) for v in inst.bbox_xyxy),  # type: ignore[arg-type]
@@ -84,11 +94,12 @@ class TargetCache:
     sets, and is dropped with the image.
     """
 
-    __slots__ = ("_crops", "_geoms", "_shapes")
+    __slots__ = ("_crops", "_geoms", "_points", "_shapes")
 
     def __init__(self) -> None:
         self._crops: dict[tuple[Any, ...], PaddedCrop] = {}
         self._geoms: dict[tuple[Any, ...], TargetGeometry] = {}
+        self._points: dict[tuple[Any, ...], tuple[tuple[int, int], tuple[int, int]]] = {}
         self._shapes: dict[tuple[Any, ...], tuple[Rle, str]] = {}
 
     def crop(self, rle: Rle) -> PaddedCrop:
@@ -117,8 +128,44 @@ class TargetCache:
         key = (inst.instance_id, inst.rle.counts, inst.rle.size, tuple(inst.bbox_xyxy), width, height)
         got = self._geoms.get(key)
         if got is None:
-            got = self._geoms[key] = target_geometry(inst, width, height, self.crop(inst.rle))
+            points = self._points.get((inst.rle.counts, inst.rle.size))
+            got = self._geoms[key] = target_geometry(inst, width, height, self.crop(inst.rle), points)
         return got
+
+    def _fill_points(self, targets: Sequence[Instance]) -> None:
+        """Stores ``interior_points`` of each target mask not stored yet, the distance transforms in mosaics.
+
+        A mask whose points cannot be computed (an empty mask) is left to
+        ``geometry``, which raises its error as before.
+        """
+        todo: dict[tuple[Any, ...], Rle] = {}
+        for t in targets:
+            key = (t.rle.counts, t.rle.size)
+            if key not in self._points:
+                todo.setdefault(key, t.rle)
+        if not todo:
+            return
+        # A mosaic's worth of crops at a time: its transform is dropped once
+        # their points are stored, so the transient memory stays one mosaic.
+        chunk: list[tuple[tuple[Any, ...], Rle, PaddedCrop]] = []
+        area = 0
+        for key, rle in todo.items():
+            crop = self.crop(rle)
+            if chunk and area + crop[0].size > masks.MOSAIC_MAX_PX:
+                self._points_of(chunk)
+                chunk, area = [], 0
+            chunk.append((key, rle, crop))
+            area += crop[0].size
+        self._points_of(chunk)
+
+    def _points_of(self, chunk: Sequence[tuple[tuple[Any, ...], Rle, PaddedCrop]]) -> None:
+        """Stores the points of ``(key, mask, crop)`` items, their distance transforms from one mosaic."""
+        dists = padded_distance_transforms([crop[0] for _, _, crop in chunk])
+        for (key, rle, crop), dist in zip(chunk, dists):
+            try:
+                self._points[key] = interior_points(rle, crop=crop, distance=dist)
+            except MaskError:
+                continue
 
     def prepare(
         self,
@@ -143,6 +190,7 @@ class TargetCache:
             targets = [instances[t] for t in ids]
             if not any(t.area_px <= 0 for t in targets):
                 lists.append(targets)
+        self._fill_points([t for targets in lists for t in targets])
         self._fill_shapes(lists, width, height, tolerance_px)
 
     def _fill_shapes(
