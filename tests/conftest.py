@@ -161,3 +161,24 @@ def interior_points_reference(rle):
         j = int(np.argmax(dist[ys[far], xs[far]]))
         p2 = (int(xs[far][j]), int(ys[far][j]))
     return (x1 + ox, y1 + oy), (p2[0] + ox, p2[1] + oy)
+
+
+def coco_counts(runs: list[int]) -> bytes:
+    """COCO's compressed-counts writer (rleToString) written out: deltas after the third run, 5-bit groups.
+
+    Takes any ints (negative deltas and runs included), so tests can build
+    the strings the decoders must refuse as well as the ones they accept.
+    """
+    out = bytearray()
+    for i, x in enumerate(runs):
+        if i > 2:
+            x -= runs[i - 2]
+        more = True
+        while more:
+            c = x & 0x1F
+            x >>= 5
+            more = (x != -1) if (c & 0x10) else (x != 0)
+            if more:
+                c |= 0x20
+            out.append(c + 48)
+    return bytes(out)

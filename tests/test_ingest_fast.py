@@ -19,6 +19,7 @@ from pycocotools import mask as mask_utils
 from orsgen.schemas.records import Rle
 from orsgen.stages.common import masks as M
 from orsgen.stages.ingest import coco as ic
+from tests.conftest import coco_counts
 
 
 # ---------------------------------------------------------------- reading image bytes
@@ -219,29 +220,12 @@ def test_instance_geometry_equals_box_and_area(rng):
 # ---------------------------------------------------------------- counts decoded per image
 
 
-def _counts_bytes(runs: list[int]) -> bytes:
-    """COCO's compressed-counts writer (rleToString) written out: deltas after the third run, 5-bit groups."""
-    out = bytearray()
-    for i, x in enumerate(runs):
-        if i > 2:
-            x -= runs[i - 2]
-        more = True
-        while more:
-            c = x & 0x1F
-            x >>= 5
-            more = (x != -1) if (c & 0x10) else (x != 0)
-            if more:
-                c |= 0x20
-            out.append(c + 48)
-    return bytes(out)
-
-
 def _random_counts(rng, n_strings: int) -> list[bytes]:
     out = []
     for _ in range(n_strings):
         n = int(rng.choice([1, 2, 3, 4, 5, int(rng.integers(6, 60))]))
         scale = int(rng.choice([2, 40, 5000, 1 << 30]))
-        out.append(_counts_bytes([int(v) for v in rng.integers(0, scale, n)]))
+        out.append(coco_counts([int(v) for v in rng.integers(0, scale, n)]))
     return out
 
 
@@ -262,12 +246,12 @@ def test_counts_decoded_together_equal_each_decoded_alone(rng):
 
 
 def test_counts_decoded_together_defer_negative_and_long_runs():
-    negative = _counts_bytes([5, 3, 9, -4])
+    negative = coco_counts([5, 3, 9, -4])
     with pytest.raises(M.MaskError, match="negative run"):
         M._decode_counts(negative)
-    assert M._decode_counts_many([_counts_bytes([1, 2, 3]), negative]) is None
-    thirteen_groups = _counts_bytes([1 << 62])
-    assert M._decode_counts_many([_counts_bytes([1, 2, 3]), thirteen_groups]) is None
+    assert M._decode_counts_many([coco_counts([1, 2, 3]), negative]) is None
+    thirteen_groups = coco_counts([1 << 62])
+    assert M._decode_counts_many([coco_counts([1, 2, 3]), thirteen_groups]) is None
 
 
 def test_warm_runs_cache_fills_the_cache_with_the_same_runs(rng, monkeypatch):
@@ -295,7 +279,7 @@ def test_warm_runs_cache_fills_the_cache_with_the_same_runs(rng, monkeypatch):
 
 def test_warm_runs_cache_leaves_a_negative_run_to_the_mask_by_mask_check(rng):
     datas = _random_counts(rng, 5)
-    negative = _counts_bytes([0, 0, 0, -20])
+    negative = coco_counts([0, 0, 0, -20])
     M._cached_runs.cache_clear()
     M.warm_runs_cache(datas + [negative])
     assert M._WARM_RUNS == {}

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from orsgen.stages.common import masks as M
-from tests.conftest import interior_points_reference, random_mask
+from tests.conftest import coco_counts, interior_points_reference, random_mask
 
 
 def _far_direct(flat: np.ndarray, cw: int, x1: int, y1: int) -> np.ndarray:
@@ -134,23 +134,6 @@ def test_squares_table_slices_are_the_direct_squares():
     assert not M._squares(5).flags.writeable
 
 
-def _coco_counts(runs: list[int]) -> bytes:
-    """COCO's compressed-counts writer (rleToString), written out: deltas after the second run, 5-bit groups."""
-    out = bytearray()
-    for i, x in enumerate(runs):
-        if i > 2:
-            x -= runs[i - 2]
-        more = True
-        while more:
-            c = x & 0x1F
-            x >>= 5
-            more = (x != -1) if (c & 0x10) else (x != 0)
-            if more:
-                c |= 0x20
-            out.append(c + 48)
-    return bytes(out)
-
-
 def test_counts_decoder_with_signed_groups_equals_the_scalar_decoder(rng):
     # Runs whose deltas from the run two before are negative and positive
     # with final groups of every length 1..6 (sign bit set and clear), runs
@@ -168,12 +151,12 @@ def test_counts_decoder_with_signed_groups_equals_the_scalar_decoder(rng):
         m = rng.random((int(rng.integers(1, 50)), int(rng.integers(1, 50)))) < rng.random()
         cases.append(M.rle_counts_to_runs(M.encode_mask(m).counts).tolist())
     for runs in cases:
-        data = _coco_counts(runs)
+        data = coco_counts(runs)
         assert M._decode_counts(data).tolist() == M._rle_counts_to_runs_scalar(data).tolist() == runs
     # A pycocotools-made string decodes to what our writer would write.
     m = rng.random((20, 30)) < 0.4
     rle = M.encode_mask(m)
-    assert _coco_counts(M._decode_counts(rle.counts.encode()).tolist()) == rle.counts.encode()
+    assert coco_counts(M._decode_counts(rle.counts.encode()).tolist()) == rle.counts.encode()
     for b in range(48, 112):
         data = bytes([b])
         try:
