@@ -61,6 +61,7 @@ import os
 import platform
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -733,7 +734,9 @@ def compare_beam_with_revision(rev: str, work: Path, n_full: int, n_small: int, 
     trees = {rev: str(base), "this tree": ""}
     best: dict[tuple[str, int], float] = {}
     images: dict[tuple[str, int], int] = {}
+    rounds: list[dict[tuple[str, int], float]] = []
     for _ in range(repeat):
+        rounds.append({})
         for n in (n_small, n_full):
             for label, env_path in trees.items():
                 env = {**os.environ, "PYTHONPATH": env_path}
@@ -742,14 +745,22 @@ def compare_beam_with_revision(rev: str, work: Path, n_full: int, n_small: int, 
                     check=True, capture_output=True, text=True, env=env, cwd=REPO,
                 ).stdout.strip().splitlines()[-1])
                 best[(label, n)] = min(best.get((label, n), float("inf")), got["cpu_s"])
+                rounds[-1][(label, n)] = got["cpu_s"]
                 images[(label, n)] = got["images"]
     marginal = {
         label: (best[(label, n_full)] - best[(label, n_small)]) / (images[(label, n_full)] - images[(label, n_small)]) * 1e3
         for label in trees
     }
+    # The VM's speed drifts within minutes: each round's own ratio (its four
+    # runs back to back) shows how far the best-of figure can be trusted.
+    ratios = sorted(
+        (r[(rev, n_full)] - r[(rev, n_small)]) / (r[("this tree", n_full)] - r[("this tree", n_small)])
+        for r in rounds
+    )
     print(f"marginal CPU per image of the Beam run (in-process direct runner, {n_small} -> {n_full} COCO-style "
           f"images, write.num_buckets 128, best of {repeat}): {rev} {marginal[rev]:.1f} ms, this tree "
-          f"{marginal['this tree']:.1f} ms: {marginal[rev] / marginal['this tree']:.2f}x less")
+          f"{marginal['this tree']:.1f} ms: {marginal[rev] / marginal['this tree']:.2f}x less "
+          f"(per round: {' / '.join(f'{x:.2f}x' for x in ratios)}; median {statistics.median(ratios):.2f}x)")
 
 
 def compare_with_revision(rev: str, work: Path, n_coco: int, n_sa1b: int, repeat: int) -> tuple[float, float]:
@@ -790,8 +801,12 @@ def compare_with_revision(rev: str, work: Path, n_coco: int, n_sa1b: int, repeat
     b, t = (best[k]["cpu_s"] / best[k]["images"] * 1e3 for k in (rev, "this tree"))
     same = len({r["digest"] for v in results.values() for r in v}) == 1
     runs = ", ".join(f"{k}: " + " / ".join(f"{r['cpu_s'] / r['images'] * 1e3:.1f}" for r in v) for k, v in results.items())
+    pairs = sorted(
+        (x["cpu_s"] / x["images"]) / (y["cpu_s"] / y["images"]) for x, y in zip(results[rev], results["this tree"])
+    )
     print(f"per-image CPU of the plain loop, warm, {best[rev]['images']} dense COCO-style images, each tree with its own "
-          f"benchmark config: {rev} {b:.1f} ms, this tree {t:.1f} ms: {b / t:.2f}x less (all runs, ms/image: {runs})")
+          f"benchmark config: {rev} {b:.1f} ms, this tree {t:.1f} ms: {b / t:.2f}x less (all runs, ms/image: {runs}; "
+          f"per back-to-back pair: {' / '.join(f'{x:.2f}x' for x in pairs)}, median {statistics.median(pairs):.2f}x)")
     print("  data files: " + ("byte-identical" if same else
           f"differ between {rev} and this tree (expected when commits between them change the output or the "
           "config on purpose; byte identity of an optimisation is checked against the tree just before it)"))
