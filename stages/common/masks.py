@@ -257,18 +257,12 @@ def _decode_counts_many(datas: list[bytes]) -> list[np.ndarray] | None:
         bound, a negative run) to be decoded or refused exactly.
     """
     data = b"".join(datas)
-    v = np.frombuffer(data.translate(_GROUP_VALUE), dtype=np.int8).astype(np.int64)
-    final = data.translate(_IS_FINAL)
-    ends = np.frombuffer(final, dtype=np.bool_).nonzero()[0]
-    firsts = np.frombuffer(b"\x01" + final[:-1], dtype=np.bool_).nonzero()[0]
-    group_len = ends - firsts + 1
-    max_groups = int(group_len.max())
     # The single-string bound with every run of every string counted: a
     # chain's sum stays below 2 ** 62 whenever one string's would.
-    if max_groups > 12 or ends.size * 2.0 ** (5 * max_groups) >= 2.0**62:
+    summed = _group_sums(data, data.translate(_IS_FINAL))
+    if summed is None:
         return None
-    k5 = 5 * (np.arange(len(data), dtype=np.int64) - firsts.repeat(group_len))
-    x = np.add.reduceat(v << k5, firsts)
+    x, firsts = summed
     # Each string's first run index, and every run's index inside its string.
     lengths = np.fromiter(map(len, datas), dtype=np.int64, count=len(datas))
     byte_starts = np.zeros(len(datas), dtype=np.int64)
@@ -296,6 +290,31 @@ def _decode_counts_many(datas: list[bytes]) -> list[np.ndarray] | None:
     out[1::2] = c[half:]
     bounds = run_starts.tolist()
     return [out[a:b] for a, b in zip(bounds, [*bounds[1:], x.size])]
+
+
+def _group_sums(data: bytes, final: bytes) -> tuple[np.ndarray, np.ndarray] | None:
+    """Every run of clean counts bytes summed from its 5-bit groups: ``(runs, first byte of each run)``.
+
+    The runs are as stored (runs after the second still deltas). ``final``
+    is ``data.translate(_IS_FINAL)`` and must end with a run's final group.
+    None when a run has more than 12 groups or the runs' sums could pass
+    2 ** 62 (int64 could not hold them): the caller decodes otherwise.
+    """
+    # Each byte's 5-bit group as a signed value: a run's final group (bit
+    # 0x20 clear) carries the sign bit 0x10, i.e. is the 5-bit two's
+    # complement -16..15, so the sum below is the signed run directly.
+    v = np.frombuffer(data.translate(_GROUP_VALUE), dtype=np.int8).astype(np.int64)
+    ends = np.frombuffer(final, dtype=np.bool_).nonzero()[0]
+    # A run starts at the first byte and after each final group but the last.
+    firsts = np.frombuffer(b"\x01" + final[:-1], dtype=np.bool_).nonzero()[0]
+    group_len = ends - firsts + 1
+    max_groups = int(group_len.max())
+    if max_groups > 12 or ends.size * 2.0 ** (5 * max_groups) >= 2.0**62:
+        return None
+    k5 = 5 * (np.arange(len(data), dtype=np.int64) - firsts.repeat(group_len))
+    # A set sign bit (0x10) in a run's final group makes the run negative (a
+    # delta): that group's value minus 32 subtracts 2 ** (5 * groups).
+    return np.add.reduceat(v << k5, firsts), firsts
 
 
 def _decode_counts(data: bytes) -> np.ndarray:
@@ -330,24 +349,13 @@ def _decode_counts(data: bytes) -> np.ndarray:
     if data.translate(None, _COUNTS_BYTES):
         p = next(i for i, b in enumerate(data) if not 48 <= b <= 111)
         raise MaskError("bad_rle", f"compressed RLE counts hold an invalid byte {data[p]!r}.")
-    # Each byte's 5-bit group as a signed value: a run's final group (bit
-    # 0x20 clear) carries the sign bit 0x10, i.e. is the 5-bit two's
-    # complement -16..15, so the sum below is the signed run directly.
-    v = np.frombuffer(data.translate(_GROUP_VALUE), dtype=np.int8).astype(np.int64)
     final = data.translate(_IS_FINAL)  # 1 at the final 5-bit group of a run
     if not final[-1]:
         raise MaskError("bad_rle", "compressed RLE counts end in the middle of a run.")
-    ends = np.frombuffer(final, dtype=np.bool_).nonzero()[0]
-    # A run starts at the first byte and after each final group but the last.
-    firsts = np.frombuffer(b"\x01" + final[:-1], dtype=np.bool_).nonzero()[0]
-    group_len = ends - firsts + 1
-    max_groups = int(group_len.max())
-    if max_groups > 12 or ends.size * 2.0 ** (5 * max_groups) >= 2.0**62:
+    summed = _group_sums(data, final)
+    if summed is None:
         return _rle_counts_to_runs_scalar(data)
-    k5 = 5 * (np.arange(n, dtype=np.int64) - firsts.repeat(group_len))
-    # A set sign bit (0x10) in a run's final group makes the run negative (a
-    # delta): that group's value minus 32 subtracts 2 ** (5 * groups).
-    x = np.add.reduceat(v << k5, firsts)
+    x = summed[0]
     # Runs after the second are deltas from the run two before.
     x[1::2] = x[1::2].cumsum()
     x[2::2] = x[2::2].cumsum()

@@ -304,7 +304,7 @@ def encode_example(ex: ImageExample, formats: Sequence[str]) -> EncodedExample:
             stays for callers.
 
     Returns:
-        The example's tar members, Arrow row and counts.
+        The example's tar members and counts.
     """
     row = example_to_row(ex)
     image = row.pop("image")
