@@ -9,12 +9,14 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import pytest
+import shapely
+from shapely.geometry import MultiPolygon, Polygon
 
 from orsgen.schemas.records import Instance
 from orsgen.stages.common import masks as M
 from orsgen.stages.common import targets as T
 from tests.conftest import interior_points_reference, random_mask
-from tests.test_throughput import _outline_reference
+from tests.test_throughput import _outline_reference, _svg_reference
 
 
 def _contour(points: list[tuple[int, int]]) -> np.ndarray:
@@ -140,3 +142,21 @@ def test_points_prepared_from_mosaics_equal_the_points_of_each_mask(rng, monkeyp
         got = T.target_fields(target_ids, by_id, w, h, cache=cache)
         assert [(g.point_1, g.point_2) for g in got[2]] == [M.interior_points(by_id[i].rle) for i in target_ids]
         assert got == T.target_fields(target_ids, by_id, w, h, cache=T.TargetCache())
+
+
+def test_svg_paths_of_a_batch_equal_each_geometry_written_alone(rng):
+    holed = Polygon([(0, 0), (30, 0), (30, 30), (0, 30)], [[(5, 5), (10, 5), (10, 10)], [(20, 20), (25, 20), (25, 26), (20, 25)]])
+    outside = Polygon([(-3.3, -1), (70.123456, 2.00005), (69.99995, 44.5), (1 / 3, 50)])
+    multi = MultiPolygon([holed, shapely.affinity.translate(outside, 35, 0)])
+    # A collection's polygons are written; its points, lines, empty polygons
+    # and nested multipolygons are not (as _iter_polygons reads it).
+    coll = shapely.GeometryCollection([shapely.Point(1, 1), holed, Polygon(), shapely.LineString([(0, 0), (1, 1)]), multi, outside])
+    only_lines = shapely.GeometryCollection([shapely.LineString([(0, 0), (1, 1)])])
+    outlines = [M.rle_to_geometry(M.encode_mask(random_mask(rng, 23, 31)), 1.0) for _ in range(6)]
+    geoms = [Polygon(), holed, MultiPolygon(), outside, coll, only_lines, multi, *outlines, Polygon(), holed]
+    for w, h, precision in ((64, 48, 4), (31, 23, 4), (7, 3, 2)):
+        want = [_svg_reference(g, w, h, precision) for g in geoms]
+        assert M.svg_paths(geoms, w, h, precision) == want
+        assert [M.svg_path(g, w, h, precision) for g in geoms] == want
+        assert M.svg_paths(geoms[:1] + geoms[2:3], w, h, precision) == ["", ""]
+    assert M.svg_paths([], 10, 10) == []

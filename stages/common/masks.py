@@ -1157,31 +1157,54 @@ def svg_path(geom: BaseGeometry, width: int, height: int, precision: int = 4) ->
     Returns:
         The path string; "" for an empty geometry.
     """
-    polys = _iter_polygons(geom)
-    if not polys:
-        return ""
-    rings: list[Any] = []
-    for poly in polys:
-        rings.append(poly.exterior)
-        rings.extend(poly.interiors)
-    # Every ring's coordinates in one GEOS call and one division: the same
-    # float64 values, divided and clipped element by element, as ring by ring.
-    coords, index = shapely.get_coordinates(rings, return_index=True)
+    return svg_paths([geom], width, height, precision)[0]
+
+
+def svg_paths(geoms: Sequence[BaseGeometry], width: int, height: int, precision: int = 4) -> list[str]:
+    """``[svg_path(g, width, height, precision) for g in geoms]``, the rings of all in one pass.
+
+    The polygons (``_iter_polygons``: the non-empty Polygon parts), their
+    rings (exterior, then holes) and the rings' coordinates come from one
+    shapely array call each for all geometries, and the coordinates are
+    divided and clipped in one numpy operation: the same float64 values,
+    element by element, as geometry by geometry, so the same digits.
+    """
+    out = [""] * len(geoms)
+    if not out:
+        return out
+    arr = np.empty(len(geoms), dtype=object)
+    arr[:] = geoms
+    parts, owner = shapely.get_parts(arr, return_index=True)
+    # isinstance(part, Polygon) is type id 3; get_parts gives a Polygon
+    # itself, and a collection's direct members (a nested MultiPolygon is
+    # skipped, as _iter_polygons skips it).
+    keep = (shapely.get_type_id(parts) == 3) & ~shapely.is_empty(parts)
+    polys = parts[keep]
+    if not polys.size:
+        return out
+    rings, ring_poly = shapely.get_rings(polys, return_index=True)
+    coords = shapely.get_coordinates(rings)
     flat = (coords / np.array([float(width), float(height)])).clip(0.0, 1.0).ravel().tolist()
-    counts = np.bincount(index, minlength=len(rings)).tolist()
-    parts: list[str] = []
+    counts = shapely.get_num_coordinates(rings).tolist()
+    ring_owner = owner[keep][ring_poly].tolist()
+    pieces: list[str] = []
     at = 0
-    for n in counts:
+    last = ring_owner[0]
+    for g, n in zip(ring_owner, counts):
+        if g != last:
+            out[last] = " ".join(pieces)
+            pieces, last = [], g
         # A ring's last point repeats its first; the path closes with Z instead.
         k = n - 1
         if k <= 0:
-            parts.append(" Z")
+            pieces.append(" Z")
         else:
             # One %-format of the whole ring writes the same digits as one
             # "%.4f %.4f" per point (and as format() of the numpy values).
-            parts.append(_ring_format(k, precision) % tuple(flat[2 * at : 2 * (at + k)]))
+            pieces.append(_ring_format(k, precision) % tuple(flat[2 * at : 2 * (at + k)]))
         at += n
-    return " ".join(parts)
+    out[last] = " ".join(pieces)
+    return out
 
 
 @functools.lru_cache(maxsize=1024)

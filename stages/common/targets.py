@@ -26,7 +26,7 @@ from orsgen.stages.common.masks import (
     padded_distance_transforms,
     rle_to_geometries,
     rle_union,
-    svg_path,
+    svg_paths,
     union_crop,
 )
 
@@ -210,8 +210,8 @@ class TargetCache:
             keys.add(key)
             todo.append((key, union, self.union_crop(union, targets)))
         outlines = rle_to_geometries([(union, crop) for _, union, crop in todo], tolerance_px)
-        for (key, union, _), geom in zip(todo, outlines):
-            self._shapes[key] = (union, svg_path(geom, width, height))
+        for (key, union, _), svg in zip(todo, svg_paths(outlines, width, height)):
+            self._shapes[key] = (union, svg)
 
     @staticmethod
     def _shape_key(targets: Sequence[Instance], width: int, height: int, tolerance_px: float) -> tuple[Any, ...]:
