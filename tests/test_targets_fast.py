@@ -160,3 +160,22 @@ def test_svg_paths_of_a_batch_equal_each_geometry_written_alone(rng):
         assert [M.svg_path(g, w, h, precision) for g in geoms] == want
         assert M.svg_paths(geoms[:1] + geoms[2:3], w, h, precision) == ["", ""]
     assert M.svg_paths([], 10, 10) == []
+
+
+def test_grown_rings_without_repeats_and_with_short_contours_between_equal_the_scalar_rings():
+    # No ring repeats (the rings go to GEOS as the one coordinate array), one-
+    # and two-point contours between them, groups at negative origins, a
+    # self-touching ring, and a batch of a single ring.
+    square = _contour([(0, 0), (4, 0), (4, 4), (0, 4)])
+    touching = _contour([(0, 0), (2, 2), (4, 0), (4, 4), (2, 2), (0, 4)])
+    tri = _contour([(0, 0), (5, 1), (2, 6)])
+    groups = [
+        ([_contour([(3, 3)]), square, _contour([(1, 1), (2, 1)])], -1, -1),
+        ([tri, _contour([(0, 0)]), touching], 7, 2),
+        ([], 0, 0),
+        ([square + np.int32(9), tri + np.int32(1)], -3, 5),
+    ]
+    for batch in (groups, groups[1:2], [([square], 2, 2)]):
+        got = M._grown_rings_many(batch)
+        want = [[M._ring_geometry(c, ox, oy).wkb for c in cs] for cs, ox, oy in batch]
+        assert [[g.wkb for g in gs] for gs in got] == want
