@@ -684,14 +684,14 @@ def export_tree(rev: str, work: Path) -> Path:
     return base
 
 
-def _tree_beam_cpu(input_root: str, n_images: str, out: str) -> None:
+def _tree_beam_cpu(input_root: str, n_images: str, out: str, buckets: str = "128") -> None:
     """Prints the CPU of ``orsgen run``'s pipeline on the first ``n_images`` COCO-style images, warm.
 
     Works with whichever ``orsgen`` is first on ``PYTHONPATH``, from the tree
     issue 14 was filed against (``run_pipeline`` in ``pipelines/cli.py``, no
-    ``num_buckets: auto``) to today's. Both get the benchmark's COCO config
-    with ``write.num_buckets: 128``, the value ``configs/coco_ors_bench.yaml``
-    had then.
+    ``num_buckets: auto``) to today's. ``buckets`` is ``write.num_buckets``:
+    ``"128"`` (the value ``configs/coco_ors_bench.yaml`` had then) or
+    ``"own"`` (the benchmark config's, ``auto`` today).
     """
     import json
 
@@ -703,7 +703,8 @@ def _tree_beam_cpu(input_root: str, n_images: str, out: str) -> None:
 
     root = Path(input_root)
     data = yaml.safe_load((root / "bench_coco.yaml").read_text())
-    data["write"]["num_buckets"] = 128
+    if buckets != "own":
+        data["write"]["num_buckets"] = int(buckets)
     for n, name in ((1, "warm"), (int(n_images), "timed")):
         data["inputs"][0]["max_images"] = n
         # Beside the generated configs: input paths are relative to the YAML's folder.
@@ -726,22 +727,30 @@ def compare_beam_with_revision(rev: str, work: Path, n_full: int, n_small: int, 
     COCO-style images for ``rev`` and this tree: (CPU of ``n_full`` images -
     CPU of ``n_small``) / the extra images, each size in a fresh warm process,
     trees alternating, best of ``repeat``. ``rev`` needs no benchmark of its own.
+
+    ``rev`` runs with ``write.num_buckets: 128``, its benchmark config's
+    value. This tree runs twice: with 128 too (the same work), and with its
+    own benchmark config (``auto``: buckets follow the split sizes). With 128
+    buckets, 50 -> 200 images also means about 70 more bucket groups, each
+    writing six files, so the marginal figure then carries a per-shard cost
+    that a run of thousands of images spreads to almost nothing.
     """
     import json
 
     base = export_tree(rev, work)
     inputs = work / "inputs"
-    trees = {rev: str(base), "this tree": ""}
+    # (label, PYTHONPATH, write.num_buckets)
+    ways = [(rev, str(base), "128"), ("this tree", "", "128"), ("this tree, own config", "", "own")]
     best: dict[tuple[str, int], float] = {}
     images: dict[tuple[str, int], int] = {}
     rounds: list[dict[tuple[str, int], float]] = []
     for _ in range(repeat):
         rounds.append({})
         for n in (n_small, n_full):
-            for label, env_path in trees.items():
+            for label, env_path, buckets in ways:
                 env = {**os.environ, "PYTHONPATH": env_path}
                 got = json.loads(subprocess.run(
-                    [sys.executable, __file__, "--tree-beam-cpu", str(inputs), str(n), str(work / "beam-cmp")],
+                    [sys.executable, __file__, "--tree-beam-cpu", str(inputs), str(n), str(work / "beam-cmp"), buckets],
                     check=True, capture_output=True, text=True, env=env, cwd=REPO,
                 ).stdout.strip().splitlines()[-1])
                 best[(label, n)] = min(best.get((label, n), float("inf")), got["cpu_s"])
@@ -749,18 +758,19 @@ def compare_beam_with_revision(rev: str, work: Path, n_full: int, n_small: int, 
                 images[(label, n)] = got["images"]
     marginal = {
         label: (best[(label, n_full)] - best[(label, n_small)]) / (images[(label, n_full)] - images[(label, n_small)]) * 1e3
-        for label in trees
+        for label, _, _ in ways
     }
-    # The VM's speed drifts within minutes: each round's own ratio (its four
-    # runs back to back) shows how far the best-of figure can be trusted.
-    ratios = sorted(
-        (r[(rev, n_full)] - r[(rev, n_small)]) / (r[("this tree", n_full)] - r[("this tree", n_small)])
-        for r in rounds
-    )
-    print(f"marginal CPU per image of the Beam run (in-process direct runner, {n_small} -> {n_full} COCO-style "
-          f"images, write.num_buckets 128, best of {repeat}): {rev} {marginal[rev]:.1f} ms, this tree "
-          f"{marginal['this tree']:.1f} ms: {marginal[rev] / marginal['this tree']:.2f}x less "
-          f"(per round: {' / '.join(f'{x:.2f}x' for x in ratios)}; median {statistics.median(ratios):.2f}x)")
+    for label, what in (("this tree", "write.num_buckets 128 for both"),
+                        ("this tree, own config", f"{rev} with 128, this tree with its own config (auto)")):
+        # The VM's speed drifts within minutes: each round's own ratio (its
+        # runs back to back) shows how far the best-of figure can be trusted.
+        ratios = sorted(
+            (r[(rev, n_full)] - r[(rev, n_small)]) / (r[(label, n_full)] - r[(label, n_small)]) for r in rounds
+        )
+        print(f"marginal CPU per image of the Beam run (in-process direct runner, {n_small} -> {n_full} COCO-style "
+              f"images, {what}, best of {repeat}): {rev} {marginal[rev]:.1f} ms, this tree "
+              f"{marginal[label]:.1f} ms: {marginal[rev] / marginal[label]:.2f}x less "
+              f"(per round: {' / '.join(f'{x:.2f}x' for x in ratios)}; median {statistics.median(ratios):.2f}x)")
 
 
 def compare_with_revision(rev: str, work: Path, n_coco: int, n_sa1b: int, repeat: int) -> tuple[float, float]:
@@ -816,7 +826,7 @@ def compare_with_revision(rev: str, work: Path, n_coco: int, n_sa1b: int, repeat
 if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "--one-loop":
         _one_loop(sys.argv[2], sys.argv[3])
-    elif len(sys.argv) == 5 and sys.argv[1] == "--tree-beam-cpu":
+    elif len(sys.argv) in (5, 6) and sys.argv[1] == "--tree-beam-cpu":
         _tree_beam_cpu(*sys.argv[2:])
     elif len(sys.argv) == 7 and sys.argv[1] == "--tree-loop-cpu":
         _tree_loop_cpu(*sys.argv[2:])
