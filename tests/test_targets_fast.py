@@ -179,3 +179,30 @@ def test_grown_rings_without_repeats_and_with_short_contours_between_equal_the_s
         got = M._grown_rings_many(batch)
         want = [[M._ring_geometry(c, ox, oy).wkb for c in cs] for cs, ox, oy in batch]
         assert [[g.wkb for g in gs] for gs in got] == want
+
+
+def test_union_of_one_polygon_is_the_polygon_itself_except_when_empty():
+    # rle_to_geometries skips GEOS's union for a mask whose grown rings are one
+    # non-empty Polygon: its cascaded union of one item is a clone. An invalid
+    # bow tie, a repeated point and a hole must come back with the same WKB;
+    # an empty polygon does not (so the shortcut tests emptiness).
+    polys = [
+        Polygon([(0, 0), (4, 0), (4, 3), (0, 3)]),
+        Polygon([(0, 0), (4, 4), (4, 0), (0, 4)]),  # bow tie (invalid)
+        Polygon([(0, 0), (4, 0), (4, 0), (4, 3), (0, 3)]),  # repeated point
+        Polygon([(0, 0), (9, 0), (9, 9), (0, 9)], [[(3, 3), (3, 6), (6, 6), (6, 3)]]),
+        Polygon([(0.5, 0.25), (7.75, 0.5), (3.25, 5.5)]),
+    ]
+    for p in polys:
+        assert shapely.unary_union([p]).wkb == p.wkb
+    assert shapely.unary_union([Polygon()]).geom_type == "GeometryCollection"
+    # And through rle_to_geometries: one-component masks (one with a hole) equal the reference.
+    for m in (np.pad(np.ones((5, 7), bool), 3), np.pad(np.eye(6, dtype=bool) | np.eye(6, k=1, dtype=bool), 2)):
+        r = M.encode_mask(m)
+        for tol in (0.0, 1.0):
+            assert M.rle_to_geometries([(r, None)], tol)[0].wkb == _outline_reference(r, tol).wkb
+    ring = np.pad(np.ones((7, 7), bool), 2)
+    ring[4:7, 4:7] = False
+    r = M.encode_mask(ring)
+    for tol in (0.0, 1.0):
+        assert M.rle_to_geometries([(r, None)], tol)[0].wkb == _outline_reference(r, tol).wkb

@@ -944,7 +944,14 @@ def rle_to_geometries(
                 if not hole.is_empty:
                     polys[n] = polys[n].difference(hole.buffer(-0.5, join_style="mitre"))
                 child = hier[child][0]
-        unions.append(shapely.unary_union(polys))
+        if len(polys) == 1 and type(polys[0]) is Polygon and not _is_empty(polys[0]):
+            # GEOS's union of one non-empty polygon is a clone of it (its
+            # cascaded union of a single item copies it; no overlay runs),
+            # so the polygon itself is the union. An empty one would come
+            # back as an empty collection: it takes the call.
+            unions.append(polys[0])
+        else:
+            unions.append(shapely.unary_union(polys))
     if unions:
         geoms = np.empty(len(unions), dtype=object)
         geoms[:] = unions
@@ -979,6 +986,8 @@ def _make_valid(geom: BaseGeometry) -> BaseGeometry:
 #: GEOS reports invalidity as the False result). Called on every outline
 #: several times, where the wrapper cost as much as the check.
 _is_valid = getattr(getattr(shapely, "lib", None), "is_valid", None) or shapely.is_valid
+#: GEOS's emptiness check, likewise without shapely's wrapper.
+_is_empty = getattr(getattr(shapely, "lib", None), "is_empty", None) or shapely.is_empty
 
 
 def _grown_rings_many(groups: Sequence[tuple[Sequence[np.ndarray], int, int]]) -> list[list[BaseGeometry]]:
