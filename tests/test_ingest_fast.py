@@ -122,7 +122,53 @@ def _small_jpegs() -> list[bytes]:
                 buf = io.BytesIO()
                 Image.fromarray(arr).convert(mode).save(buf, "JPEG", quality=85, **kw)
                 out.append(buf.getvalue())
+    out.append(_lossless_jpeg(smooth[:, :, 0]))
     return out
+
+
+def _lossless_jpeg(gray: np.ndarray) -> bytes:
+    """A lossless (SOF3) 8-bit grayscale JPEG, predictor 1 (Pillow cannot write one).
+
+    ITU-T T.81 annex H: each sample minus its left neighbour (the first column:
+    minus the sample above; the very first: minus 128), Huffman-coded with the
+    standard luminance DC table.
+    """
+    bits_per_len = [0, 1, 5, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0]
+    codes, code, k = {}, 0, 0
+    for length, count in enumerate(bits_per_len, 1):
+        for _ in range(count):
+            codes[k] = (code, length)
+            code, k = code + 1, k + 1
+        code <<= 1
+    x = gray.astype(int)
+    h, w = x.shape
+    bits: list[int] = []
+    for r in range(h):
+        for c in range(w):
+            pred = 128 if r == c == 0 else x[r - 1, c] if c == 0 else x[r, c - 1]
+            d = int(x[r, c] - pred)
+            mag, extra = (-d, d - 1) if d < 0 else (d, d)
+            n = mag.bit_length()
+            code, length = codes[n]
+            bits += [(code >> (length - 1 - i)) & 1 for i in range(length)]
+            bits += [(extra >> (n - 1 - i)) & 1 for i in range(n)]
+    bits += [1] * (-len(bits) % 8)
+    entropy = bytearray()
+    for i in range(0, len(bits), 8):
+        byte = int("".join(map(str, bits[i : i + 8])), 2)
+        entropy += bytes([byte, 0]) if byte == 0xFF else bytes([byte])
+
+    def segment(marker: int, payload: bytes) -> bytes:
+        return bytes([0xFF, marker]) + (len(payload) + 2).to_bytes(2, "big") + payload
+
+    return (
+        b"\xff\xd8"
+        + segment(0xC4, bytes([0]) + bytes(bits_per_len) + bytes(range(12)))
+        + segment(0xC3, bytes([8]) + h.to_bytes(2, "big") + w.to_bytes(2, "big") + bytes([1, 1, 0x11, 0]))
+        + segment(0xDA, bytes([1, 1, 0x00, 1, 0, 0]))
+        + bytes(entropy)
+        + b"\xff\xd9"
+    )
 
 
 def _mutations(data: bytes, rnd, n: int):
@@ -164,6 +210,41 @@ def test_draft_decode_refuses_exactly_what_the_full_decode_refuses():
                 seen[want[0]] += 1
     # The fuzz must reach both verdicts after a clean header, else it tests nothing.
     assert seen["ok"] > 100 and seen["corrupt_image"] > 1000, seen
+
+
+def test_only_huffman_dct_frames_are_draft_decoded():
+    # Pillow's draft mode sizes its buffers for the scaled image, but libjpeg
+    # never scales a lossless frame: a drafted lossless JPEG overruns the heap
+    # (a segfault). Only a clean header reaching SOF0/1/2 may be drafted.
+    import io
+
+    from PIL import Image
+
+    from orsgen.schemas.config import ImageConfig
+    from orsgen.stages.ingest.images import check_image, draft_decodable
+
+    yy, xx = np.mgrid[0:24, 0:40]
+    gray = ((xx * 5 + yy * 3) % 256).astype(np.uint8)
+    lossless = _lossless_jpeg(gray)
+    with Image.open(io.BytesIO(lossless)) as im:
+        assert np.array_equal(np.asarray(im), gray)  # a real lossless JPEG, decoded in full
+    assert not draft_decodable(lossless)
+    info = check_image(lossless, ImageConfig())
+    assert (info.width, info.height, info.format) == (40, 24, "JPEG")
+
+    buf = io.BytesIO()
+    Image.fromarray(gray).save(buf, "JPEG")
+    baseline = buf.getvalue()
+    sof = baseline.index(b"\xff\xc0")
+    assert draft_decodable(baseline)
+    assert draft_decodable(baseline[: sof + 1] + b"\xc1" + baseline[sof + 2 :])  # extended sequential
+    for frame in (0xC3, 0xC5, 0xC9, 0xCA, 0xCB):  # lossless, hierarchical, arithmetic-coded
+        assert not draft_decodable(baseline[: sof + 1] + bytes([frame]) + baseline[sof + 2 :])
+    assert not draft_decodable(baseline[:2] + b"\x00" + baseline[2:])  # stray byte before a marker
+    assert not draft_decodable(baseline[:2] + b"\xff" + baseline[2:])  # a fill byte
+    assert not draft_decodable(baseline[:sof])  # header ends before the frame
+    assert not draft_decodable(baseline[:2] + b"\xff\xfe\x00\x01" + baseline[2:])  # length < 2
+    assert not draft_decodable(b"\x89PNG\r\n\x1a\n" + baseline[2:])
 
 
 def test_draft_decode_failure_falls_back_to_the_full_decode(monkeypatch):

@@ -46,19 +46,56 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+#: Frame markers whose decoding Pillow's draft mode handles: Huffman-coded
+#: baseline, extended sequential and progressive DCT.
+_DRAFT_FRAMES = frozenset((0xC0, 0xC1, 0xC2))
+#: Segments allowed before that frame marker: APPn, COM, DQT, DHT, DRI.
+_HEADER_SEGMENTS = frozenset((*range(0xE0, 0xF0), 0xFE, 0xDB, 0xC4, 0xDD))
+
+
+def draft_decodable(data: bytes) -> bool:
+    """True when a JPEG's first frame is a Huffman-coded DCT frame (SOF0, SOF1, SOF2).
+
+    Pillow's draft mode tells libjpeg to scale the output and sizes its own
+    buffers for the scaled image; libjpeg does not scale a lossless frame
+    (SOF3), so a drafted lossless JPEG overruns the buffer (a heap overflow,
+    seen as a segfault with Pillow 12 / libjpeg-turbo 3.1). This walks the
+    marker segments by their lengths exactly as libjpeg reads them and answers
+    True only for a clean header (SOI, then only APPn / COM / DQT / DHT / DRI
+    segments) that reaches one of the three frame markers; anything else
+    (another frame type, fill bytes, stray data, a truncated header) is False.
+    """
+    if data[:2] != b"\xff\xd8":
+        return False
+    pos, end = 2, len(data)
+    while pos + 4 <= end:
+        if data[pos] != 0xFF:
+            return False
+        marker = data[pos + 1]
+        if marker in _DRAFT_FRAMES:
+            return True
+        length = (data[pos + 2] << 8) | data[pos + 3]
+        if marker not in _HEADER_SEGMENTS or length < 2:
+            return False
+        pos += 2 + length
+    return False
+
+
 def _full_decode(data: bytes, img: Image.Image, fmt: str, width: int, height: int) -> None:
     """Decodes every byte of the image's pixel data; raises what ``img.load()`` raises.
 
-    A JPEG is decoded in draft mode first: libjpeg still reads and entropy-decodes
-    every scan and every coefficient of the stream (the same bytes, in the same
-    order, with the same errors); only the inverse DCT, the upsampling and the
-    colour conversion run at 1/8 scale, which halves the cost. Only when that decode raises
-    is the file decoded again at full size, so a refused file is refused by, and
-    with the message of, the plain full decode, exactly as before; a file the full
-    decode refuses is never accepted by the draft one (tests/test_ingest_fast.py
-    fuzzes truncated, flipped and spliced JPEGs against the plain decode).
+    A Huffman-coded DCT JPEG (``draft_decodable``; lossless and arithmetic-coded
+    frames are not) is decoded in draft mode first: libjpeg still reads and
+    entropy-decodes every scan and every coefficient of the stream (the same
+    bytes, in the same order, with the same errors); only the inverse DCT, the
+    upsampling and the colour conversion run at 1/8 scale, which halves the
+    cost. Only when that decode raises is the file decoded again at full size,
+    so a refused file is refused by, and with the message of, the plain full
+    decode, exactly as before; a file the full decode refuses is never accepted
+    by the draft one (tests/test_ingest_fast.py fuzzes truncated, flipped and
+    spliced JPEGs against the plain decode).
     """
-    if fmt != "JPEG":
+    if fmt != "JPEG" or not draft_decodable(data):
         img.load()
         return
     try:
