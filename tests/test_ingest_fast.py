@@ -58,13 +58,6 @@ def test_local_read_errors_are_the_ones_load_task_maps(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- verifying JPEG bytes
 
 
-def _no_address(message: str) -> str:
-    # PIL names the unidentifiable stream by its repr (a memory address).
-    import re
-
-    return re.sub(r" at 0x[0-9a-f]+>", ">", message)
-
-
 def _check_image_reference(data: bytes, cfg) -> tuple:
     """check_image's verdict as it was before the draft decode (a plain full ``load()``)."""
     import io
@@ -72,7 +65,7 @@ def _check_image_reference(data: bytes, cfg) -> tuple:
 
     from PIL import Image, UnidentifiedImageError
 
-    from orsgen.stages.ingest.images import ImageError
+    from orsgen.stages.ingest.images import UNIDENTIFIED_IMAGE_MESSAGE, ImageError
 
     try:
         with warnings.catch_warnings():
@@ -84,8 +77,10 @@ def _check_image_reference(data: bytes, cfg) -> tuple:
             img.load()
     except ImageError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        return ("corrupt_image", _no_address(f"the image cannot be decoded: {err}"))
+    except UnidentifiedImageError:
+        return ("corrupt_image", UNIDENTIFIED_IMAGE_MESSAGE)
+    except (OSError, SyntaxError, ValueError) as err:
+        return ("corrupt_image", f"the image cannot be decoded: {err}")
     return ("ok", width, height, img.format)
 
 
@@ -95,7 +90,7 @@ def _check_image_outcome(data: bytes, cfg) -> tuple:
     try:
         info = check_image(data, cfg)
     except ImageError as err:
-        return ("header",) if err.reason != "corrupt_image" else (err.reason, _no_address(str(err)))
+        return ("header",) if err.reason != "corrupt_image" else (err.reason, str(err))
     return ("ok", info.width, info.height, info.format)
 
 
@@ -245,6 +240,19 @@ def test_only_huffman_dct_frames_are_draft_decoded():
     assert not draft_decodable(baseline[:sof])  # header ends before the frame
     assert not draft_decodable(baseline[:2] + b"\xff\xfe\x00\x01" + baseline[2:])  # length < 2
     assert not draft_decodable(b"\x89PNG\r\n\x1a\n" + baseline[2:])
+
+
+def test_unidentified_image_message_is_the_same_every_time():
+    # Pillow names an unidentifiable stream by its repr (a memory address): the
+    # reject message must not carry it, or two runs write different rejects.
+    from orsgen.schemas.config import ImageConfig
+    from orsgen.stages.ingest.images import UNIDENTIFIED_IMAGE_MESSAGE, ImageError, check_image
+
+    for data in (b"not an image", b"\xff\xd8", b"GIF8"):
+        with pytest.raises(ImageError) as err:
+            check_image(data, ImageConfig())
+        assert (err.value.reason, str(err.value)) == ("corrupt_image", UNIDENTIFIED_IMAGE_MESSAGE)
+        assert "0x" not in str(err.value)
 
 
 def test_draft_decode_failure_falls_back_to_the_full_decode(monkeypatch):

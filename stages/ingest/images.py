@@ -16,6 +16,12 @@ from PIL import Image, UnidentifiedImageError
 from orsgen.schemas.config import ImageConfig
 
 
+#: The ``corrupt_image`` message for bytes in no format Pillow reads.
+UNIDENTIFIED_IMAGE_MESSAGE = (
+    "the image cannot be decoded: cannot identify image file (its bytes match no image format Pillow reads)."
+)
+
+
 class ImageError(ValueError):
     """An image failed a check; ``reason`` is the reject reason code."""
 
@@ -167,7 +173,11 @@ def check_image(
             f"the image header claims more pixels than Pillow opens ({err}); "
             "image.max_pixels cannot raise Pillow's limit (PIL.Image.MAX_IMAGE_PIXELS).",
         ) from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+    except UnidentifiedImageError:
+        # Pillow's message names the stream by its repr, a memory address, which
+        # would make this reject's message differ from run to run.
+        raise ImageError("corrupt_image", UNIDENTIFIED_IMAGE_MESSAGE) from None
+    except (OSError, SyntaxError, ValueError) as err:
         raise ImageError("corrupt_image", f"the image cannot be decoded: {err}") from None
     if expect_wh is not None and (int(expect_wh[0]), int(expect_wh[1])) != (width, height):
         raise ImageError(
