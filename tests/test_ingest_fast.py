@@ -55,6 +55,223 @@ def test_local_read_errors_are_the_ones_load_task_maps(tmp_path: Path) -> None:
         ic._read_image(str(tmp_path / "file" / "x.jpg"), 10)
 
 
+# ---------------------------------------------------------------- verifying JPEG bytes
+
+
+def _check_image_reference(data: bytes, cfg) -> tuple:
+    """check_image's verdict as it was before the draft decode (a plain full ``load()``)."""
+    import io
+    import warnings
+
+    from PIL import Image, UnidentifiedImageError
+
+    from orsgen.stages.ingest.images import UNIDENTIFIED_IMAGE_MESSAGE, ImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            width, height = img.size
+            if width <= 0 or height <= 0 or width * height > cfg.max_pixels:
+                return ("header",)
+            img.load()
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        return ("corrupt_image", UNIDENTIFIED_IMAGE_MESSAGE)
+    except (OSError, SyntaxError, ValueError) as err:
+        return ("corrupt_image", f"the image cannot be decoded: {err}")
+    return ("ok", width, height, img.format)
+
+
+def _check_image_outcome(data: bytes, cfg) -> tuple:
+    from orsgen.stages.ingest.images import ImageError, check_image
+
+    try:
+        info = check_image(data, cfg)
+    except ImageError as err:
+        return ("header",) if err.reason != "corrupt_image" else (err.reason, str(err))
+    return ("ok", info.width, info.height, info.format)
+
+
+def _small_jpegs() -> list[bytes]:
+    """Small JPEGs of every layout the draft decode must treat like the full one."""
+    import io
+
+    from PIL import Image
+
+    yy, xx = np.mgrid[0:27, 0:38]
+    noise = np.random.default_rng(5).integers(0, 256, (27, 38, 3), dtype=np.uint8)
+    smooth = np.stack([(xx * 7) % 256, (yy * 9) % 256, ((xx + yy) * 3) % 256], -1).astype(np.uint8)
+    out = []
+    layouts = [
+        {},
+        {"progressive": True},
+        {"optimize": True, "subsampling": 0},
+        {"restart_marker_blocks": 2},
+        {"progressive": True, "restart_marker_rows": 1},
+    ]
+    for arr in (noise, smooth):
+        for kw in layouts:
+            for mode in ("RGB", "L", "CMYK"):
+                buf = io.BytesIO()
+                Image.fromarray(arr).convert(mode).save(buf, "JPEG", quality=85, **kw)
+                out.append(buf.getvalue())
+    out.append(_lossless_jpeg(smooth[:, :, 0]))
+    return out
+
+
+def _lossless_jpeg(gray: np.ndarray) -> bytes:
+    """A lossless (SOF3) 8-bit grayscale JPEG, predictor 1 (Pillow cannot write one).
+
+    ITU-T T.81 annex H: each sample minus its left neighbour (the first column:
+    minus the sample above; the very first: minus 128), Huffman-coded with the
+    standard luminance DC table.
+    """
+    bits_per_len = [0, 1, 5, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0]
+    codes, code, k = {}, 0, 0
+    for length, count in enumerate(bits_per_len, 1):
+        for _ in range(count):
+            codes[k] = (code, length)
+            code, k = code + 1, k + 1
+        code <<= 1
+    x = gray.astype(int)
+    h, w = x.shape
+    bits: list[int] = []
+    for r in range(h):
+        for c in range(w):
+            pred = 128 if r == c == 0 else x[r - 1, c] if c == 0 else x[r, c - 1]
+            d = int(x[r, c] - pred)
+            mag, extra = (-d, d - 1) if d < 0 else (d, d)
+            n = mag.bit_length()
+            code, length = codes[n]
+            bits += [(code >> (length - 1 - i)) & 1 for i in range(length)]
+            bits += [(extra >> (n - 1 - i)) & 1 for i in range(n)]
+    bits += [1] * (-len(bits) % 8)
+    entropy = bytearray()
+    for i in range(0, len(bits), 8):
+        byte = int("".join(map(str, bits[i : i + 8])), 2)
+        entropy += bytes([byte, 0]) if byte == 0xFF else bytes([byte])
+
+    def segment(marker: int, payload: bytes) -> bytes:
+        return bytes([0xFF, marker]) + (len(payload) + 2).to_bytes(2, "big") + payload
+
+    return (
+        b"\xff\xd8"
+        + segment(0xC4, bytes([0]) + bytes(bits_per_len) + bytes(range(12)))
+        + segment(0xC3, bytes([8]) + h.to_bytes(2, "big") + w.to_bytes(2, "big") + bytes([1, 1, 0x11, 0]))
+        + segment(0xDA, bytes([1, 1, 0x00, 1, 0, 0]))
+        + bytes(entropy)
+        + b"\xff\xd9"
+    )
+
+
+def _mutations(data: bytes, rnd, n: int):
+    for cut in range(2, len(data), 3):
+        yield data[:cut]
+    for _ in range(n):
+        p = rnd.randrange(2, len(data))
+        op = rnd.randrange(5)
+        if op == 0:  # one bit flipped
+            yield data[:p] + bytes([data[p] ^ (1 << rnd.randrange(8))]) + data[p + 1 :]
+        elif op == 1:  # one byte replaced
+            yield data[:p] + bytes([rnd.randrange(256)]) + data[p + 1 :]
+        elif op == 2:  # garbage inserted
+            yield data[:p] + bytes(rnd.randrange(256) for _ in range(rnd.randrange(1, 9))) + data[p:]
+        elif op == 3:  # bytes cut out
+            yield data[:p] + data[p + rnd.randrange(1, 9) :]
+        else:  # a stray marker
+            yield data[:p] + b"\xff" + bytes([rnd.randrange(0xC0, 0x100)]) + data[p:]
+
+
+def test_draft_decode_refuses_exactly_what_the_full_decode_refuses():
+    # check_image decodes a JPEG at 1/8 scale: the same entropy decoding of every
+    # byte, a smaller IDCT. Truncated, bit-flipped and spliced files must get the
+    # verdict (and message) of the plain full decode; a file the full decode refuses
+    # must never be accepted. (A bigger run of this fuzz by hand: see issue 14's notes.)
+    import random
+
+    from orsgen.schemas.config import ImageConfig
+
+    cfg = ImageConfig(max_pixels=1 << 16)
+    rnd = random.Random(14)
+    seen = {"ok": 0, "corrupt_image": 0}
+    for data in _small_jpegs():
+        for bad in _mutations(data, rnd, 40):
+            want = _check_image_reference(bad, cfg)
+            got = _check_image_outcome(bad, cfg)
+            assert got == want, bad
+            if want[0] in seen:
+                seen[want[0]] += 1
+    # The fuzz must reach both verdicts after a clean header, else it tests nothing.
+    assert seen["ok"] > 100 and seen["corrupt_image"] > 1000, seen
+
+
+def test_only_huffman_dct_frames_are_draft_decoded():
+    # Pillow's draft mode sizes its buffers for the scaled image, but libjpeg
+    # never scales a lossless frame: a drafted lossless JPEG overruns the heap
+    # (a segfault). Only a clean header reaching SOF0/1/2 may be drafted.
+    import io
+
+    from PIL import Image
+
+    from orsgen.schemas.config import ImageConfig
+    from orsgen.stages.ingest.images import check_image, draft_decodable
+
+    yy, xx = np.mgrid[0:24, 0:40]
+    gray = ((xx * 5 + yy * 3) % 256).astype(np.uint8)
+    lossless = _lossless_jpeg(gray)
+    with Image.open(io.BytesIO(lossless)) as im:
+        assert np.array_equal(np.asarray(im), gray)  # a real lossless JPEG, decoded in full
+    assert not draft_decodable(lossless)
+    info = check_image(lossless, ImageConfig())
+    assert (info.width, info.height, info.format) == (40, 24, "JPEG")
+
+    buf = io.BytesIO()
+    Image.fromarray(gray).save(buf, "JPEG")
+    baseline = buf.getvalue()
+    sof = baseline.index(b"\xff\xc0")
+    assert draft_decodable(baseline)
+    assert draft_decodable(baseline[: sof + 1] + b"\xc1" + baseline[sof + 2 :])  # extended sequential
+    for frame in (0xC3, 0xC5, 0xC9, 0xCA, 0xCB):  # lossless, hierarchical, arithmetic-coded
+        assert not draft_decodable(baseline[: sof + 1] + bytes([frame]) + baseline[sof + 2 :])
+    assert not draft_decodable(baseline[:2] + b"\x00" + baseline[2:])  # stray byte before a marker
+    assert not draft_decodable(baseline[:2] + b"\xff" + baseline[2:])  # a fill byte
+    assert not draft_decodable(baseline[:sof])  # header ends before the frame
+    assert not draft_decodable(baseline[:2] + b"\xff\xfe\x00\x01" + baseline[2:])  # length < 2
+    assert not draft_decodable(b"\x89PNG\r\n\x1a\n" + baseline[2:])
+
+
+def test_unidentified_image_message_is_the_same_every_time():
+    # Pillow names an unidentifiable stream by its repr (a memory address): the
+    # reject message must not carry it, or two runs write different rejects.
+    from orsgen.schemas.config import ImageConfig
+    from orsgen.stages.ingest.images import UNIDENTIFIED_IMAGE_MESSAGE, ImageError, check_image
+
+    for data in (b"not an image", b"\xff\xd8", b"GIF8"):
+        with pytest.raises(ImageError) as err:
+            check_image(data, ImageConfig())
+        assert (err.value.reason, str(err.value)) == ("corrupt_image", UNIDENTIFIED_IMAGE_MESSAGE)
+        assert "0x" not in str(err.value)
+
+
+def test_draft_decode_failure_falls_back_to_the_full_decode(monkeypatch):
+    # Whatever makes the draft decode raise, the verdict is the full decode's:
+    # a sound file stays accepted.
+    from PIL import JpegImagePlugin
+
+    from orsgen.schemas.config import ImageConfig
+    from orsgen.stages.ingest.images import check_image
+
+    def broken_draft(self, mode, size):
+        self.tile = [("jpeg", (0, 0, 1, 1), 10**6, ("RGB", ""))]
+
+    data = _small_jpegs()[0]
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", broken_draft)
+    info = check_image(data, ImageConfig())
+    assert (info.width, info.height, info.format) == (38, 27, "JPEG")
+
+
 # ---------------------------------------------------------------- COCO segmentations
 
 

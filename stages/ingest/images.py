@@ -16,6 +16,12 @@ from PIL import Image, UnidentifiedImageError
 from orsgen.schemas.config import ImageConfig
 
 
+#: The ``corrupt_image`` message for bytes in no format Pillow reads.
+UNIDENTIFIED_IMAGE_MESSAGE = (
+    "the image cannot be decoded: cannot identify image file (its bytes match no image format Pillow reads)."
+)
+
+
 class ImageError(ValueError):
     """An image failed a check; ``reason`` is the reject reason code."""
 
@@ -44,6 +50,67 @@ class ImageInfo:
 def sha256_hex(data: bytes) -> str:
     """Hex sha256 of ``data``."""
     return hashlib.sha256(data).hexdigest()
+
+
+#: Frame markers whose decoding Pillow's draft mode handles: Huffman-coded
+#: baseline, extended sequential and progressive DCT.
+_DRAFT_FRAMES = frozenset((0xC0, 0xC1, 0xC2))
+#: Segments allowed before that frame marker: APPn, COM, DQT, DHT, DRI.
+_HEADER_SEGMENTS = frozenset((*range(0xE0, 0xF0), 0xFE, 0xDB, 0xC4, 0xDD))
+
+
+def draft_decodable(data: bytes) -> bool:
+    """True when a JPEG's first frame is a Huffman-coded DCT frame (SOF0, SOF1, SOF2).
+
+    Pillow's draft mode tells libjpeg to scale the output and sizes its own
+    buffers for the scaled image; libjpeg does not scale a lossless frame
+    (SOF3), so a drafted lossless JPEG overruns the buffer (a heap overflow,
+    seen as a segfault with Pillow 12 / libjpeg-turbo 3.1). This walks the
+    marker segments by their lengths exactly as libjpeg reads them and answers
+    True only for a clean header (SOI, then only APPn / COM / DQT / DHT / DRI
+    segments) that reaches one of the three frame markers; anything else
+    (another frame type, fill bytes, stray data, a truncated header) is False.
+    """
+    if data[:2] != b"\xff\xd8":
+        return False
+    pos, end = 2, len(data)
+    while pos + 4 <= end:
+        if data[pos] != 0xFF:
+            return False
+        marker = data[pos + 1]
+        if marker in _DRAFT_FRAMES:
+            return True
+        length = (data[pos + 2] << 8) | data[pos + 3]
+        if marker not in _HEADER_SEGMENTS or length < 2:
+            return False
+        pos += 2 + length
+    return False
+
+
+def _full_decode(data: bytes, img: Image.Image, fmt: str, width: int, height: int) -> None:
+    """Decodes every byte of the image's pixel data; raises what ``img.load()`` raises.
+
+    A Huffman-coded DCT JPEG (``draft_decodable``; lossless and arithmetic-coded
+    frames are not) is decoded in draft mode first: libjpeg still reads and
+    entropy-decodes every scan and every coefficient of the stream (the same
+    bytes, in the same order, with the same errors); only the inverse DCT, the
+    upsampling and the colour conversion run at 1/8 scale, which halves the
+    cost. Only when that decode raises is the file decoded again at full size,
+    so a refused file is refused by, and with the message of, the plain full
+    decode, exactly as before; a file the full decode refuses is never accepted
+    by the draft one (tests/test_ingest_fast.py fuzzes truncated, flipped and
+    spliced JPEGs against the plain decode).
+    """
+    if fmt != "JPEG" or not draft_decodable(data):
+        img.load()
+        return
+    try:
+        img.draft(img.mode, (max(1, width // 8), max(1, height // 8)))
+        img.load()
+    except Exception:
+        # Whatever the draft decode raised, the verdict and the message are the
+        # full decode's (which may also raise nothing: then the file is fine).
+        Image.open(io.BytesIO(data)).load()
 
 
 def check_image(
@@ -93,7 +160,7 @@ def check_image(
                     f"the image is {width}x{height} = {width * height} px, above image.max_pixels={cfg.max_pixels}.",
                 )
             if cfg.verify == "full":
-                img.load()
+                _full_decode(data, img, fmt, width, height)
     except ImageError:
         raise
     except Image.DecompressionBombError as err:
@@ -106,7 +173,11 @@ def check_image(
             f"the image header claims more pixels than Pillow opens ({err}); "
             "image.max_pixels cannot raise Pillow's limit (PIL.Image.MAX_IMAGE_PIXELS).",
         ) from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+    except UnidentifiedImageError:
+        # Pillow's message names the stream by its repr, a memory address, which
+        # would make this reject's message differ from run to run.
+        raise ImageError("corrupt_image", UNIDENTIFIED_IMAGE_MESSAGE) from None
+    except (OSError, SyntaxError, ValueError) as err:
         raise ImageError("corrupt_image", f"the image cannot be decoded: {err}") from None
     if expect_wh is not None and (int(expect_wh[0]), int(expect_wh[1])) != (width, height):
         raise ImageError(
