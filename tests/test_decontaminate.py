@@ -422,3 +422,34 @@ def test_config_identity_and_manifest_show_benchmark_paths_as_written(tmp_path):
         assert dec["index"] == "bench.parquet" and dec["sources"][0]["path"] == "bench", dec
     assert shas[0] == shas[1]
     assert str(tmp_path) not in dumps[0] + dumps[1]
+
+
+def test_decode_grey_never_drafts_a_lossless_jpeg_and_names_no_address(monkeypatch):
+    # Pillow's draft mode overruns its buffer on a lossless JPEG (a segfault on
+    # large ones), so such a file is decoded in full; a JPEG of the usual kind
+    # is still drafted. An unreadable file's message holds no memory address.
+    import io
+
+    import numpy as np
+    from PIL import Image, JpegImagePlugin
+
+    from orsgen.stages.decontaminate import hashing
+    from tests.test_ingest_fast import _lossless_jpeg
+
+    drafted: list[str] = []
+    real_draft = JpegImagePlugin.JpegImageFile.draft
+
+    def spy(self, mode, size):
+        drafted.append(self.format)
+        return real_draft(self, mode, size)
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
+    yy, xx = np.mgrid[0:30, 0:40]
+    im = hashing.decode_grey(_lossless_jpeg(((xx * 5 + yy * 3) % 256).astype(np.uint8)))
+    assert im.size == (40, 30) and drafted == []
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(buf, "JPEG")
+    assert hashing.decode_grey(buf.getvalue()).size == (40, 30) and drafted == ["JPEG"]
+    with pytest.raises(hashing.HashError) as err:
+        hashing.decode_grey(b"not an image at all")
+    assert "0x" not in str(err.value) and "no image format" in str(err.value)

@@ -40,6 +40,7 @@ from pycocotools import mask as mask_utils
 
 from orsgen.schemas.arrow import example_from_row
 from orsgen.schemas.records import ExpressionKind, ImageExample, Instance, Sample
+from orsgen.stages.ingest.images import draft_decodable
 
 #: Kinds in the order the sheet cycles through them.
 KIND_ORDER = (
@@ -621,7 +622,8 @@ def _load_match_image(uri: str) -> Image.Image | None:
                 if len(data) > MAX_MATCH_IMAGE_BYTES:
                     return None
         im = Image.open(io.BytesIO(data))
-        im.draft("RGB", (600, 600))
+        if draft_decodable(data):  # draft mode on a lossless JPEG overruns Pillow's buffer
+            im.draft("RGB", (600, 600))
         return im.convert("RGB")
     except (OSError, ValueError, tarfile.TarError, Image.DecompressionBombError):
         return None

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from orsgen.stages.ingest.images import draft_decodable
+
 #: Bits of the perceptual hash and bytes of its packed form.
 HASH_BITS = 256
 HASH_BYTES = HASH_BITS // 8
@@ -79,9 +81,15 @@ def decode_grey(data: bytes) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # DecompressionBombWarning: ingest already capped the size
             im = Image.open(io.BytesIO(data))
-            im.draft("L", (WORK_PX, WORK_PX))
+            # Pillow's draft mode overruns its buffer on a lossless JPEG (a
+            # crash, not an error): only Huffman-coded DCT frames are drafted.
+            if draft_decodable(data):
+                im.draft("L", (WORK_PX, WORK_PX))
             im = im.convert("L")
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
+    except UnidentifiedImageError:
+        # Pillow's message names the stream by its repr (a memory address).
+        raise HashError("the image cannot be decoded for hashing: its bytes match no image format Pillow reads.") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
         raise HashError(f"the image cannot be decoded for hashing: {err}") from None
     if max(im.size) > WORK_PX:
         scale = WORK_PX / max(im.size)
