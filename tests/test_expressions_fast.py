@@ -403,3 +403,40 @@ def test_ordinal_bounds_give_ordinal_truth_for_every_rank():
         assert "middle" in str(err)
     else:
         raise AssertionError("an unknown side must raise")
+
+
+def test_rle_moments_by_prefix_sums_equal_the_column_formulas_and_refuse_out_of_bounds():
+    from orsgen.stages.expressions import geometry as G
+
+    rng = np.random.default_rng(1414)
+    # The tricky masks whose runs cover their size, and random ones of every
+    # run count parity (an odd count ends in background), zero-length runs included.
+    rles = [r for r in _tricky_rles() if int(rle_counts_to_runs(r.counts).sum()) == r.size[0] * r.size[1]]
+    for _ in range(40):
+        h, w = (int(v) for v in rng.integers(1, 40, size=2))
+        runs = [int(v) for v in rng.integers(0, 4, size=int(rng.integers(0, 30))).cumsum() % 5]
+        while sum(runs) > h * w:
+            runs.pop()
+        runs.append(h * w - sum(runs))
+        rles.append(rle_from_runs(runs, (h, w)))
+    for batch in (rles, rles[::-1], rles[:1], rles[7:8], rles[30:45]):
+        runs_list = [rle_counts_to_runs(r.counts) for r in batch]
+        fast = G._rle_moments_by_prefix(runs_list, batch)
+        assert fast is not None  # the prefix sums are taken for every mask of the bench's size
+        ref = [_rle_moments_one_at_a_time(r) for r in batch]
+        for got in (fast, G._rle_moments_by_columns(runs_list, batch), rle_moments_many(batch)):
+            assert [(a, x.hex(), y.hex()) for a, x, y in got] == [(a, float(x).hex(), float(y).hex()) for a, x, y in ref]
+    # Beyond the exact bound (a 2**18-pixel square), runs longer or shorter than
+    # the mask, and no height: the prefix sums step aside for the column formulas.
+    from tests.conftest import coco_counts
+
+    huge = Rle(size=(2**18, 2**18), counts=coco_counts([3, 2**30, 5, 2**36 - 2**30 - 8]).decode("ascii"))
+    short = Rle(size=(5, 6), counts=rle_from_runs([4, 3, 2], (3, 3)).counts)
+    long = Rle(size=(2, 2), counts=rle_from_runs([1, 9], (2, 5)).counts)
+    flat = Rle(size=(0, 3), counts=rle_from_runs([0], (0, 3)).counts)
+    for odd in (huge, short, long, flat):
+        batch = [rles[3], odd]
+        runs_list = [rle_counts_to_runs(r.counts) for r in batch]
+        assert G._rle_moments_by_prefix(runs_list, batch) is None
+        assert rle_moments_many(batch) == G._rle_moments_by_columns(runs_list, batch)
+    assert rle_moments(huge) == _rle_moments_one_at_a_time(huge)
