@@ -440,3 +440,59 @@ def test_rle_moments_by_prefix_sums_equal_the_column_formulas_and_refuse_out_of_
         assert G._rle_moments_by_prefix(runs_list, batch) is None
         assert rle_moments_many(batch) == G._rle_moments_by_columns(runs_list, batch)
     assert rle_moments(huge) == _rle_moments_one_at_a_time(huge)
+
+
+def test_description_texts_are_the_seeded_picks_and_candidates_equal_built_ones():
+    """``description_candidates`` inlines ``ctx.pick``: every text is the pick of its template's texts."""
+    import dataclasses
+
+    import pytest
+
+    from orsgen.schemas.config import ExpressionConfig
+    from orsgen.stages.expressions.context import Candidate, ImageContext, make_candidate
+    from orsgen.stages.expressions.descriptions import description_candidates
+    from orsgen.stages.expressions.geometry import Geom
+    from orsgen.stages.expressions.stage import margins_for
+    from orsgen.stages.expressions.templates import load_templates, noun_forms
+
+    templates = load_templates()
+    by_id = {t.id: t for t in templates.enabled()}
+    rng = np.random.default_rng(21)
+    w, h = 120, 90
+    picked = anchored = 0
+    for image_id, seed in [("coco:9", 0), ("é\x00 id", 5), ("x" * 200, -3)]:
+        for _ in range(8):
+            geoms = []
+            for cat, n in (("cup", int(rng.integers(1, 5))), ("dining table", 1), ("person", int(rng.integers(1, 4))), ("kite", 1)):
+                for _k in range(n):
+                    x0, y0 = float(rng.integers(0, w - 10)), float(rng.integers(0, h - 10))
+                    x1, y1 = x0 + float(rng.integers(2, 30)), y0 + float(rng.integers(2, 30))
+                    area = float(rng.integers(1, 900))
+                    geoms.append(Geom(f"{image_id}/ann:{len(geoms)}é", cat, False, area, (x0 + x1) / 2, (y0 + y1) / 2, x0, y0, x1, y1))
+            geoms.sort(key=lambda g: g.instance_id)
+            pools: dict[str, list[Geom]] = {}
+            for g in geoms:
+                pools.setdefault(g.category, []).append(g)
+            m = margins_for(ExpressionConfig(), w, h)
+            ids = frozenset(g.instance_id for g in geoms)
+            ctx = ImageContext(image_id, w, h, {g.instance_id: g for g in geoms}, pools, frozenset(), frozenset(pools), frozenset(), frozenset(), ids, m, seed)
+            cands, _ = description_candidates(ctx, templates, families=["absolute", "ordinal", "size", "relation"])
+            for c in cands:
+                t = by_id[c.template]
+                texts = getattr(t, f"{c.kind}_plural" if len(c.target_ids) > 1 else c.kind)
+                anchor = c.metadata.get("anchor_category", "")
+                forms = noun_forms(c.metadata["category"], templates.nouns)
+                want = ctx.pick(texts, t.id, c.kind, anchor, *c.target_ids).format(
+                    noun=forms.singular, plural=forms.plural, anchor=noun_forms(anchor, templates.nouns).singular if anchor else ""
+                )
+                assert c.expression == want
+                assert type(c) is Candidate and c == Candidate(c.kind, c.expression, c.target_ids, c.template, dict(c.metadata))
+                picked += len(texts) > 1
+                anchored += bool(anchor)
+    assert picked > 50 and anchored > 10  # multi-text picks and anchored relations were both checked
+    # make_candidate builds what the dataclass builds, and the result stays frozen.
+    fields = ("phrase", "the cup", ("a", "b"), "t.x", {"k": [1]})
+    made = make_candidate(*fields)
+    assert made == Candidate(*fields) and repr(made) == repr(Candidate(*fields)) and made.metadata is fields[4]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        made.kind = "x"  # type: ignore[misc]

@@ -19,12 +19,13 @@ itself refers unambiguously.
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
 from orsgen.schemas.records import ExpressionKind
-from orsgen.stages.expressions.context import Candidate, ImageContext
+from orsgen.stages.expressions.context import _TWO_64, Candidate, ImageContext, make_candidate
 from orsgen.stages.expressions.geometry import (
     ABSOLUTE_REGIONS,
     ORDINAL_SIDES,
@@ -124,7 +125,15 @@ def description_candidates(
     # template's texts and semantics, the rounded margin, and each category's
     # anchors (the same for every relation template).
     kind_fields = [(key, f"{key}_plural") for key in map(str, kinds)]
-    texts_of = {id(t): [(key, getattr(t, key), getattr(t, pf)) for key, pf in kind_fields] for t in active}
+    # Per template and kind: the texts, and what ``ctx.pick(texts, t.id, key,
+    # anchor_name, *targets)`` hashes before the anchor name (the pick is
+    # inlined below: ``unit`` of the joined text, only where there is a choice).
+    head = ctx._unit_prefix
+    texts_of = {
+        id(t): [(key, getattr(t, key), getattr(t, pf), f"{head}\x00{t.id}\x00{key}\x00") for key, pf in kind_fields]
+        for t in active
+    }
+    sha256, from_bytes = hashlib.sha256, int.from_bytes
     margin_px = round(ctx.margins.position_px, 4)
     semantics = {id(t): template_semantics(t) for t in active}
     kept_ids = ctx.kept_ids
@@ -201,12 +210,17 @@ def description_candidates(
                 if anchor:
                     meta["anchor_category"] = anchor_name
                     meta["anchor_id"] = anchor[1].instance_id
-                for key, singular_texts, plural_texts in texts_of[id(t)]:
+                tail = "\x00".join((anchor_name, *targets))
+                for key, singular_texts, plural_texts, pick_head in texts_of[id(t)]:
                     texts = plural_texts if plural else singular_texts
-                    if not texts:
+                    n_texts = len(texts)
+                    if not n_texts:
                         continue
-                    text = ctx.pick(texts, t.id, key, anchor_name, *targets).format(
-                        noun=forms.singular, plural=forms.plural, anchor=anchor_noun
-                    )
-                    out.append(Candidate(key, text, targets, t.id, dict(meta)))
+                    if n_texts == 1:
+                        text = texts[0]
+                    else:
+                        u = from_bytes(sha256((pick_head + tail).encode("utf-8")).digest()[:8], "big") / _TWO_64
+                        text = texts[min(int(u * n_texts), n_texts - 1)]
+                    text = text.format(noun=forms.singular, plural=forms.plural, anchor=anchor_noun)
+                    out.append(make_candidate(key, text, targets, t.id, dict(meta)))
     return out, counts
