@@ -496,3 +496,25 @@ def test_description_texts_are_the_seeded_picks_and_candidates_equal_built_ones(
     assert made == Candidate(*fields) and repr(made) == repr(Candidate(*fields)) and made.metadata is fields[4]
     with pytest.raises(dataclasses.FrozenInstanceError):
         made.kind = "x"  # type: ignore[misc]
+
+
+def test_size_truth_table_equals_size_truth_per_order():
+    from orsgen.stages.expressions.geometry import SIZE_ORDERS, Geom, Margins, size_truth, size_truth_table
+
+    rng = np.random.default_rng(33)
+    reached = set()
+    for size_ratio in (0.0, 0.25, 0.5, -0.1):
+        f = 1.0 + size_ratio
+        # Areas at, just inside and just past the ratio of one another, equal, zero, NaN and inf.
+        base = [100.0, 100.0 * f, 100.0 * f + 1e-9, 100.0 * f - 1e-9, 100.0 / f if f else 7.0, 100.0, 0.0, 3.0]
+        base += [float("nan"), float("inf"), 1e12, 250.0, 1.0]
+        margins = Margins(position_px=3.0, size_ratio=size_ratio, near_px=10.0)
+        for n in (0, 1, 2, 3, 5, 9):
+            for _ in range(25):
+                pool = [Geom(f"i{k}", "cup", False, float(rng.choice(base)), 0, 0, 0, 0, 1, 1) for k in range(n)]
+                table = size_truth_table(pool, margins)
+                for order in SIZE_ORDERS:
+                    want = size_truth(pool, order, margins)
+                    assert table[order] == want, (order, [g.area_px for g in pool], size_ratio)
+                    reached.update(want)
+    assert len(reached) == 3  # TRUE, FALSE and UNSURE all checked

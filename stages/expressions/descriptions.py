@@ -37,7 +37,9 @@ from orsgen.stages.expressions.geometry import (
     ordinal_truth,
     ordinal_truth_of_bounds,
     relation_truth,
+    SIZE_ORDERS,
     size_truth,
+    size_truth_table,
 )
 from orsgen.stages.expressions.templates import (
     AbsoluteTemplate,
@@ -50,6 +52,7 @@ from orsgen.stages.expressions.templates import (
 
 _TABLE_REGIONS = frozenset(ABSOLUTE_REGIONS)
 _ORDINAL_SIDES = frozenset(ORDINAL_SIDES)
+_SIZE_ORDERS = frozenset(SIZE_ORDERS)
 _FAMILY_FIELDS = {"absolute": ("region",), "ordinal": ("side", "rank"), "size": ("order",), "relation": ("relation",)}
 
 
@@ -156,8 +159,10 @@ def description_candidates(
             continue
         forms = noun_forms(name, templates.nouns)
         # Every region of the category at once (the nine absolute templates ask
-        # them all), and each side's possible ranks once for both ordinal ranks.
+        # them all), both size orders at once, and each side's possible ranks
+        # once for both ordinal ranks.
         abs_table: dict[str, list[Truth]] | None = None
+        size_table: dict[str, list[Truth]] | None = None
         ord_bounds: dict[str, list[tuple[int, int, int, int]]] = {}
         for t in active:
             if n < t.min_count or (t.max_count is not None and n > t.max_count):
@@ -176,6 +181,10 @@ def description_candidates(
                     if abs_table is None:
                         abs_table = absolute_truth_table(pool, ctx.width, ctx.height, ctx.margins)
                     truths = abs_table[t.region]
+                elif isinstance(t, SizeTemplate) and t.order in _SIZE_ORDERS:
+                    if size_table is None:
+                        size_table = size_truth_table(pool, ctx.margins)
+                    truths = size_table[t.order]
                 elif isinstance(t, OrdinalTemplate) and t.side in _ORDINAL_SIDES:
                     bounds = ord_bounds.get(t.side)
                     if bounds is None:

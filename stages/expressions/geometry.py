@@ -732,6 +732,41 @@ def size_truth(pool: Sequence[Geom], order: str, margins: Margins) -> list[Truth
     return out
 
 
+def size_truth_table(pool: Sequence[Geom], margins: Margins) -> dict[str, list[Truth]]:
+    """``size_truth`` of both orders at once: ``{"largest": truths, "smallest": truths}``.
+
+    A hot path (every category asks both): each pair's two ``ratio``
+    conditions are the same float expressions, written inline, and an
+    instance's truth is ``_truth`` of its conditions against all others
+    (tests/test_expressions_fast.py checks against ``size_truth``).
+    """
+    f = 1.0 + margins.size_ratio
+    unsure, true, false = Truth.UNSURE, Truth.TRUE, Truth.FALSE
+    areas = [g.area_px for g in pool]
+    largest: list[Truth] = []
+    smallest: list[Truth] = []
+    if len(areas) < 2:
+        return {"largest": [unsure] * len(areas), "smallest": [unsure] * len(areas)}  # no others: nothing decides
+    for i, a in enumerate(areas):
+        # largest: ratio(a, b) = (a - f b, f a - b); smallest: ratio(b, a) = (b - f a, f b - a).
+        l_false = s_false = False
+        l_true = s_true = True
+        for j, b in enumerate(areas):
+            if j == i:
+                continue
+            if f * a - b < 0:
+                l_false = True
+            if not a - f * b > 0:
+                l_true = False
+            if f * b - a < 0:
+                s_false = True
+            if not b - f * a > 0:
+                s_true = False
+        largest.append(false if l_false else true if l_true else unsure)
+        smallest.append(false if s_false else true if s_true else unsure)
+    return {"largest": largest, "smallest": smallest}
+
+
 def relation_truth(pool: Sequence[Geom], anchor: Geom, relation: str, margins: Margins) -> list[Truth]:
     """Truth of ``<instance> <relation> anchor`` for every instance of ``pool``."""
     return [_truth(relation_conditions(g, anchor, relation, margins)) for g in pool]
