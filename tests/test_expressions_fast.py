@@ -443,53 +443,73 @@ def test_rle_moments_by_prefix_sums_equal_the_column_formulas_and_refuse_out_of_
 
 
 def test_description_texts_are_the_seeded_picks_and_candidates_equal_built_ones():
-    """``description_candidates`` inlines ``ctx.pick``: every text is the pick of its template's texts."""
+    """``description_candidates`` inlines ``ctx.pick`` and plans each template set once: every
+    text is the pick of its own template set's texts, from the asked families only."""
     import dataclasses
 
     import pytest
 
     from orsgen.schemas.config import ExpressionConfig
     from orsgen.stages.expressions.context import Candidate, ImageContext, make_candidate
-    from orsgen.stages.expressions.descriptions import description_candidates
+    from orsgen.stages.expressions.descriptions import description_candidates, template_semantics
     from orsgen.stages.expressions.geometry import Geom
     from orsgen.stages.expressions.stage import margins_for
-    from orsgen.stages.expressions.templates import load_templates, noun_forms
+    from orsgen.stages.expressions.templates import load_templates, noun_forms, parse_templates
 
-    templates = load_templates()
-    by_id = {t.id: t for t in templates.enabled()}
+    bundled = load_templates()
+    # Another template set with the same ids (its plan must not be the bundled
+    # one's): other texts, another text count, a template switched off.
+    data = bundled.model_dump()
+    for t in data["templates"]:
+        extra = ["one more {noun}"] if t["family"] != "relation" else []
+        t["description"] = [x.replace("the ", "that ") for x in t["description"]] + extra
+    data["templates"][0]["enabled"] = False
+    other = parse_templates(data)
+    all_families = ["absolute", "ordinal", "size", "relation"]
     rng = np.random.default_rng(21)
     w, h = 120, 90
     picked = anchored = 0
-    for image_id, seed in [("coco:9", 0), ("é\x00 id", 5), ("x" * 200, -3)]:
-        for _ in range(8):
-            geoms = []
-            for cat, n in (("cup", int(rng.integers(1, 5))), ("dining table", 1), ("person", int(rng.integers(1, 4))), ("kite", 1)):
-                for _k in range(n):
-                    x0, y0 = float(rng.integers(0, w - 10)), float(rng.integers(0, h - 10))
-                    x1, y1 = x0 + float(rng.integers(2, 30)), y0 + float(rng.integers(2, 30))
-                    area = float(rng.integers(1, 900))
-                    geoms.append(Geom(f"{image_id}/ann:{len(geoms)}é", cat, False, area, (x0 + x1) / 2, (y0 + y1) / 2, x0, y0, x1, y1))
-            geoms.sort(key=lambda g: g.instance_id)
-            pools: dict[str, list[Geom]] = {}
-            for g in geoms:
-                pools.setdefault(g.category, []).append(g)
-            m = margins_for(ExpressionConfig(), w, h)
-            ids = frozenset(g.instance_id for g in geoms)
-            ctx = ImageContext(image_id, w, h, {g.instance_id: g for g in geoms}, pools, frozenset(), frozenset(pools), frozenset(), frozenset(), ids, m, seed)
-            cands, _ = description_candidates(ctx, templates, families=["absolute", "ordinal", "size", "relation"])
-            for c in cands:
-                t = by_id[c.template]
-                texts = getattr(t, f"{c.kind}_plural" if len(c.target_ids) > 1 else c.kind)
-                anchor = c.metadata.get("anchor_category", "")
-                forms = noun_forms(c.metadata["category"], templates.nouns)
-                want = ctx.pick(texts, t.id, c.kind, anchor, *c.target_ids).format(
-                    noun=forms.singular, plural=forms.plural, anchor=noun_forms(anchor, templates.nouns).singular if anchor else ""
-                )
-                assert c.expression == want
-                assert type(c) is Candidate and c == Candidate(c.kind, c.expression, c.target_ids, c.template, dict(c.metadata))
-                picked += len(texts) > 1
-                anchored += bool(anchor)
+    used: set[tuple[int, str]] = set()
+    cases = [
+        ("coco:9", 0, bundled, all_families),
+        ("é\x00 id", 5, other, all_families),
+        ("x" * 200, -3, bundled, ["size", "relation"]),
+        ("coco:9", 1, other, ["ordinal", "absolute"]),
+        ("coco:9", 0, bundled, all_families),
+    ]
+    for image_id, seed, templates, families in cases * 6:
+        by_id = {t.id: t for t in templates.enabled() if t.family in families}
+        geoms = []
+        for cat, n in (("cup", int(rng.integers(1, 5))), ("dining table", 1), ("person", int(rng.integers(1, 4))), ("kite", 1)):
+            for _k in range(n):
+                x0, y0 = float(rng.integers(0, w - 10)), float(rng.integers(0, h - 10))
+                x1, y1 = x0 + float(rng.integers(2, 30)), y0 + float(rng.integers(2, 30))
+                area = float(rng.integers(1, 900))
+                geoms.append(Geom(f"{image_id}/ann:{len(geoms)}é", cat, False, area, (x0 + x1) / 2, (y0 + y1) / 2, x0, y0, x1, y1))
+        geoms.sort(key=lambda g: g.instance_id)
+        pools: dict[str, list[Geom]] = {}
+        for g in geoms:
+            pools.setdefault(g.category, []).append(g)
+        m = margins_for(ExpressionConfig(), w, h)
+        ids = frozenset(g.instance_id for g in geoms)
+        ctx = ImageContext(image_id, w, h, {g.instance_id: g for g in geoms}, pools, frozenset(), frozenset(pools), frozenset(), frozenset(), ids, m, seed)
+        cands, _ = description_candidates(ctx, templates, families=families)
+        for c in cands:
+            t = by_id[c.template]  # an enabled template of the asked families
+            assert c.metadata["semantics"] == template_semantics(t)
+            texts = getattr(t, f"{c.kind}_plural" if len(c.target_ids) > 1 else c.kind)
+            anchor = c.metadata.get("anchor_category", "")
+            forms = noun_forms(c.metadata["category"], templates.nouns)
+            want = ctx.pick(texts, t.id, c.kind, anchor, *c.target_ids).format(
+                noun=forms.singular, plural=forms.plural, anchor=noun_forms(anchor, templates.nouns).singular if anchor else ""
+            )
+            assert c.expression == want
+            assert type(c) is Candidate and c == Candidate(c.kind, c.expression, c.target_ids, c.template, dict(c.metadata))
+            picked += len(texts) > 1
+            anchored += bool(anchor)
+            used.add((id(templates), t.family))
     assert picked > 50 and anchored > 10  # multi-text picks and anchored relations were both checked
+    assert {f for _, f in used} == set(all_families) and {i for i, _ in used} == {id(bundled), id(other)}
     # make_candidate builds what the dataclass builds, and the result stays frozen.
     fields = ("phrase", "the cup", ("a", "b"), "t.x", {"k": [1]})
     made = make_candidate(*fields)
