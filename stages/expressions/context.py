@@ -60,6 +60,7 @@ def _candidate_maker() -> Any:
     def make_candidate(
         kind: str, expression: str, target_ids: tuple[str, ...], template: str, metadata: dict[str, Any]
     ) -> Candidate:
+        """``Candidate(kind, expression, target_ids, template, metadata)``, its slots set directly."""
         c = new(Candidate)
         set_kind(c, kind)
         set_expression(c, expression)

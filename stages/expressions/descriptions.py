@@ -29,6 +29,7 @@ from orsgen.stages.expressions.context import _TWO_64, Candidate, ImageContext, 
 from orsgen.stages.expressions.geometry import (
     ABSOLUTE_REGIONS,
     ORDINAL_SIDES,
+    SIZE_ORDERS,
     Geom,
     Truth,
     absolute_truth,
@@ -37,7 +38,6 @@ from orsgen.stages.expressions.geometry import (
     ordinal_truth,
     ordinal_truth_of_bounds,
     relation_truth,
-    SIZE_ORDERS,
     size_truth,
     size_truth_table,
 )
