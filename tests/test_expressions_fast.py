@@ -403,3 +403,138 @@ def test_ordinal_bounds_give_ordinal_truth_for_every_rank():
         assert "middle" in str(err)
     else:
         raise AssertionError("an unknown side must raise")
+
+
+def test_rle_moments_by_prefix_sums_equal_the_column_formulas_and_refuse_out_of_bounds():
+    from orsgen.stages.expressions import geometry as G
+
+    rng = np.random.default_rng(1414)
+    # The tricky masks whose runs cover their size, and random ones of every
+    # run count parity (an odd count ends in background), zero-length runs included.
+    rles = [r for r in _tricky_rles() if int(rle_counts_to_runs(r.counts).sum()) == r.size[0] * r.size[1]]
+    for _ in range(40):
+        h, w = (int(v) for v in rng.integers(1, 40, size=2))
+        runs = [int(v) for v in rng.integers(0, 4, size=int(rng.integers(0, 30))).cumsum() % 5]
+        while sum(runs) > h * w:
+            runs.pop()
+        runs.append(h * w - sum(runs))
+        rles.append(rle_from_runs(runs, (h, w)))
+    for batch in (rles, rles[::-1], rles[:1], rles[7:8], rles[30:45]):
+        runs_list = [rle_counts_to_runs(r.counts) for r in batch]
+        fast = G._rle_moments_by_prefix(runs_list, batch)
+        assert fast is not None  # the prefix sums are taken for every mask of the bench's size
+        ref = [_rle_moments_one_at_a_time(r) for r in batch]
+        for got in (fast, G._rle_moments_by_columns(runs_list, batch), rle_moments_many(batch)):
+            assert [(a, x.hex(), y.hex()) for a, x, y in got] == [(a, float(x).hex(), float(y).hex()) for a, x, y in ref]
+    # Beyond the exact bound (a 2**18-pixel square), runs longer or shorter than
+    # the mask, and no height: the prefix sums step aside for the column formulas.
+    from tests.conftest import coco_counts
+
+    huge = Rle(size=(2**18, 2**18), counts=coco_counts([3, 2**30, 5, 2**36 - 2**30 - 8]).decode("ascii"))
+    short = Rle(size=(5, 6), counts=rle_from_runs([4, 3, 2], (3, 3)).counts)
+    long = Rle(size=(2, 2), counts=rle_from_runs([1, 9], (2, 5)).counts)
+    flat = Rle(size=(0, 3), counts=rle_from_runs([0], (0, 3)).counts)
+    for odd in (huge, short, long, flat):
+        batch = [rles[3], odd]
+        runs_list = [rle_counts_to_runs(r.counts) for r in batch]
+        assert G._rle_moments_by_prefix(runs_list, batch) is None
+        assert rle_moments_many(batch) == G._rle_moments_by_columns(runs_list, batch)
+    assert rle_moments(huge) == _rle_moments_one_at_a_time(huge)
+
+
+def test_description_texts_are_the_seeded_picks_and_candidates_equal_built_ones():
+    """``description_candidates`` inlines ``ctx.pick`` and plans each template set once: every
+    text is the pick of its own template set's texts, from the asked families only."""
+    import dataclasses
+
+    import pytest
+
+    from orsgen.schemas.config import ExpressionConfig
+    from orsgen.stages.expressions.context import Candidate, ImageContext, make_candidate
+    from orsgen.stages.expressions.descriptions import description_candidates, template_semantics
+    from orsgen.stages.expressions.geometry import Geom
+    from orsgen.stages.expressions.stage import margins_for
+    from orsgen.stages.expressions.templates import load_templates, noun_forms, parse_templates
+
+    bundled = load_templates()
+    # Another template set with the same ids (its plan must not be the bundled
+    # one's): other texts, another text count, a template switched off.
+    data = bundled.model_dump()
+    for t in data["templates"]:
+        extra = ["one more {noun}"] if t["family"] != "relation" else []
+        t["description"] = [x.replace("the ", "that ") for x in t["description"]] + extra
+    data["templates"][0]["enabled"] = False
+    other = parse_templates(data)
+    all_families = ["absolute", "ordinal", "size", "relation"]
+    rng = np.random.default_rng(21)
+    w, h = 120, 90
+    picked = anchored = 0
+    used: set[tuple[int, str]] = set()
+    cases = [
+        ("coco:9", 0, bundled, all_families),
+        ("é\x00 id", 5, other, all_families),
+        ("x" * 200, -3, bundled, ["size", "relation"]),
+        ("coco:9", 1, other, ["ordinal", "absolute"]),
+        ("coco:9", 0, bundled, all_families),
+    ]
+    for image_id, seed, templates, families in cases * 6:
+        by_id = {t.id: t for t in templates.enabled() if t.family in families}
+        geoms = []
+        for cat, n in (("cup", int(rng.integers(1, 5))), ("dining table", 1), ("person", int(rng.integers(1, 4))), ("kite", 1)):
+            for _k in range(n):
+                x0, y0 = float(rng.integers(0, w - 10)), float(rng.integers(0, h - 10))
+                x1, y1 = x0 + float(rng.integers(2, 30)), y0 + float(rng.integers(2, 30))
+                area = float(rng.integers(1, 900))
+                geoms.append(Geom(f"{image_id}/ann:{len(geoms)}é", cat, False, area, (x0 + x1) / 2, (y0 + y1) / 2, x0, y0, x1, y1))
+        geoms.sort(key=lambda g: g.instance_id)
+        pools: dict[str, list[Geom]] = {}
+        for g in geoms:
+            pools.setdefault(g.category, []).append(g)
+        m = margins_for(ExpressionConfig(), w, h)
+        ids = frozenset(g.instance_id for g in geoms)
+        ctx = ImageContext(image_id, w, h, {g.instance_id: g for g in geoms}, pools, frozenset(), frozenset(pools), frozenset(), frozenset(), ids, m, seed)
+        cands, _ = description_candidates(ctx, templates, families=families)
+        for c in cands:
+            t = by_id[c.template]  # an enabled template of the asked families
+            assert c.metadata["semantics"] == template_semantics(t)
+            texts = getattr(t, f"{c.kind}_plural" if len(c.target_ids) > 1 else c.kind)
+            anchor = c.metadata.get("anchor_category", "")
+            forms = noun_forms(c.metadata["category"], templates.nouns)
+            want = ctx.pick(texts, t.id, c.kind, anchor, *c.target_ids).format(
+                noun=forms.singular, plural=forms.plural, anchor=noun_forms(anchor, templates.nouns).singular if anchor else ""
+            )
+            assert c.expression == want
+            assert type(c) is Candidate and c == Candidate(c.kind, c.expression, c.target_ids, c.template, dict(c.metadata))
+            picked += len(texts) > 1
+            anchored += bool(anchor)
+            used.add((id(templates), t.family))
+    assert picked > 50 and anchored > 10  # multi-text picks and anchored relations were both checked
+    assert {f for _, f in used} == set(all_families) and {i for i, _ in used} == {id(bundled), id(other)}
+    # make_candidate builds what the dataclass builds, and the result stays frozen.
+    fields = ("phrase", "the cup", ("a", "b"), "t.x", {"k": [1]})
+    made = make_candidate(*fields)
+    assert made == Candidate(*fields) and repr(made) == repr(Candidate(*fields)) and made.metadata is fields[4]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        made.kind = "x"  # type: ignore[misc]
+
+
+def test_size_truth_table_equals_size_truth_per_order():
+    from orsgen.stages.expressions.geometry import SIZE_ORDERS, Geom, Margins, size_truth, size_truth_table
+
+    rng = np.random.default_rng(33)
+    reached = set()
+    for size_ratio in (0.0, 0.25, 0.5, -0.1):
+        f = 1.0 + size_ratio
+        # Areas at, just inside and just past the ratio of one another, equal, zero, NaN and inf.
+        base = [100.0, 100.0 * f, 100.0 * f + 1e-9, 100.0 * f - 1e-9, 100.0 / f if f else 7.0, 100.0, 0.0, 3.0]
+        base += [float("nan"), float("inf"), 1e12, 250.0, 1.0]
+        margins = Margins(position_px=3.0, size_ratio=size_ratio, near_px=10.0)
+        for n in (0, 1, 2, 3, 5, 9):
+            for _ in range(25):
+                pool = [Geom(f"i{k}", "cup", False, float(rng.choice(base)), 0, 0, 0, 0, 1, 1) for k in range(n)]
+                table = size_truth_table(pool, margins)
+                for order in SIZE_ORDERS:
+                    want = size_truth(pool, order, margins)
+                    assert table[order] == want, (order, [g.area_px for g in pool], size_ratio)
+                    reached.update(want)
+    assert len(reached) == 3  # TRUE, FALSE and UNSURE all checked

@@ -19,15 +19,17 @@ itself refers unambiguously.
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
 from orsgen.schemas.records import ExpressionKind
-from orsgen.stages.expressions.context import Candidate, ImageContext
+from orsgen.stages.expressions.context import _TWO_64, Candidate, ImageContext, make_candidate
 from orsgen.stages.expressions.geometry import (
     ABSOLUTE_REGIONS,
     ORDINAL_SIDES,
+    SIZE_ORDERS,
     Geom,
     Truth,
     absolute_truth,
@@ -37,6 +39,7 @@ from orsgen.stages.expressions.geometry import (
     ordinal_truth_of_bounds,
     relation_truth,
     size_truth,
+    size_truth_table,
 )
 from orsgen.stages.expressions.templates import (
     AbsoluteTemplate,
@@ -49,6 +52,7 @@ from orsgen.stages.expressions.templates import (
 
 _TABLE_REGIONS = frozenset(ABSOLUTE_REGIONS)
 _ORDINAL_SIDES = frozenset(ORDINAL_SIDES)
+_SIZE_ORDERS = frozenset(SIZE_ORDERS)
 _FAMILY_FIELDS = {"absolute": ("region",), "ordinal": ("side", "rank"), "size": ("order",), "relation": ("relation",)}
 
 
@@ -87,6 +91,48 @@ def _anchors(ctx: ImageContext, target_category: str) -> list[tuple[str, Geom]]:
     return out
 
 
+#: How ``description_candidates`` evaluates a template (``_template_plan``).
+_ABSOLUTE, _ORDINAL, _SIZE, _RELATION, _OTHER = range(5)
+#: Plans by (id of the template set, families, kinds); each entry holds its
+#: template set, so an id is never reused while its plan is kept.
+_PLANS: dict[tuple[int, tuple[str, ...], tuple[str, ...]], tuple[TemplateSet, list[tuple[Any, ...]]]] = {}
+_MAX_PLANS = 8
+
+
+def _template_plan(templates: TemplateSet, families: tuple[str, ...], keys: tuple[str, ...]) -> list[tuple[Any, ...]]:
+    """The enabled templates of ``families``, each with what every image reads of it, made once per template set.
+
+    Each entry is ``(template, how, parameter, min_count, max_count,
+    categories, texts, semantics, has_plural)``; ``how`` picks the
+    evaluation (``_ABSOLUTE`` / ``_SIZE`` / ``_ORDINAL`` tables, ``evaluate``
+    for the rest), ``texts`` holds per kind ``(kind, singular texts, plural
+    texts, what a pick hashes between the image's head and the anchor name)``.
+    """
+    cache_key = (id(templates), families, keys)
+    got = _PLANS.get(cache_key)
+    if got is not None and got[0] is templates:
+        return got[1]
+    plan = []
+    for t in templates.enabled():
+        if t.family not in families:
+            continue
+        if isinstance(t, AbsoluteTemplate) and t.region in _TABLE_REGIONS:
+            how, param = _ABSOLUTE, t.region
+        elif isinstance(t, SizeTemplate) and t.order in _SIZE_ORDERS:
+            how, param = _SIZE, t.order
+        elif isinstance(t, OrdinalTemplate) and t.side in _ORDINAL_SIDES:
+            how, param = _ORDINAL, t.side
+        else:
+            how, param = (_RELATION if t.family == "relation" else _OTHER), None
+        texts = [(key, getattr(t, key), getattr(t, f"{key}_plural"), f"\x00{t.id}\x00{key}\x00") for key in keys]
+        has_plural = bool(t.description_plural or t.phrase_plural)
+        plan.append((t, how, param, t.min_count, t.max_count, t.categories, texts, template_semantics(t), has_plural))
+    if len(_PLANS) >= _MAX_PLANS:
+        _PLANS.clear()
+    _PLANS[cache_key] = (templates, plan)
+    return plan
+
+
 def description_candidates(
     ctx: ImageContext,
     templates: TemplateSet,
@@ -119,14 +165,14 @@ def description_candidates(
     kinds = [k for k, on in ((ExpressionKind.DESCRIPTION, description), (ExpressionKind.PHRASE, phrase)) if on]
     if not kinds:
         return out, counts
-    active = [t for t in templates.enabled() if t.family in families]
-    # Loop invariants, made once per image: the kinds' text fields, each
-    # template's texts and semantics, the rounded margin, and each category's
-    # anchors (the same for every relation template).
-    kind_fields = [(key, f"{key}_plural") for key in map(str, kinds)]
-    texts_of = {id(t): [(key, getattr(t, key), getattr(t, pf)) for key, pf in kind_fields] for t in active}
+    plan = _template_plan(templates, tuple(families), tuple(map(str, kinds)))
+    # Loop invariants, made once per image: the hashed head of every pick
+    # (``ctx.pick(texts, t.id, key, anchor_name, *targets)`` is inlined below:
+    # ``unit`` of the joined text, only where there is a choice), the rounded
+    # margin, and each category's anchors (the same for every relation template).
+    head = ctx._unit_prefix
+    sha256, from_bytes = hashlib.sha256, int.from_bytes
     margin_px = round(ctx.margins.position_px, 4)
-    semantics = {id(t): template_semantics(t) for t in active}
     kept_ids = ctx.kept_ids
     true, unsure = Truth.TRUE, Truth.UNSURE
     anchors_of: dict[str, list[tuple[str, Geom]]] = {}
@@ -147,33 +193,38 @@ def description_candidates(
             continue
         forms = noun_forms(name, templates.nouns)
         # Every region of the category at once (the nine absolute templates ask
-        # them all), and each side's possible ranks once for both ordinal ranks.
+        # them all), both size orders at once, and each side's possible ranks
+        # once for both ordinal ranks.
         abs_table: dict[str, list[Truth]] | None = None
+        size_table: dict[str, list[Truth]] | None = None
         ord_bounds: dict[str, list[tuple[int, int, int, int]]] = {}
-        for t in active:
-            if n < t.min_count or (t.max_count is not None and n > t.max_count):
+        for t, how, param, min_count, max_count, only, texts_of, semantics, has_plural in plan:
+            if n < min_count or (max_count is not None and n > max_count):
                 continue
-            if t.categories is not None and name not in t.categories:
+            if only is not None and name not in only:
                 continue
-            if t.family == "relation":
+            if how == _RELATION:
                 if name not in anchors_of:
                     anchors_of[name] = _anchors(ctx, name)
                 anchors: list[tuple[str, Geom] | None] = list(anchors_of[name])
             else:
                 anchors = [None]
             for anchor in anchors:
-                anchor_geom = anchor[1] if anchor else None
-                if isinstance(t, AbsoluteTemplate) and t.region in _TABLE_REGIONS:
+                if how == _ABSOLUTE:
                     if abs_table is None:
                         abs_table = absolute_truth_table(pool, ctx.width, ctx.height, ctx.margins)
-                    truths = abs_table[t.region]
-                elif isinstance(t, OrdinalTemplate) and t.side in _ORDINAL_SIDES:
-                    bounds = ord_bounds.get(t.side)
+                    truths = abs_table[param]
+                elif how == _ORDINAL:
+                    bounds = ord_bounds.get(param)
                     if bounds is None:
-                        bounds = ord_bounds[t.side] = ordinal_bounds(pool, t.side, ctx.margins)
+                        bounds = ord_bounds[param] = ordinal_bounds(pool, param, ctx.margins)
                     truths = ordinal_truth_of_bounds(bounds, t.rank)
+                elif how == _SIZE:
+                    if size_table is None:
+                        size_table = size_truth_table(pool, ctx.margins)
+                    truths = size_table[param]
                 else:
-                    truths = evaluate(t, pool, ctx, anchor_geom)
+                    truths = evaluate(t, pool, ctx, anchor[1] if anchor else None)
                 # unique_selection, inlined (a hot path), with the reason when there is none.
                 if unsure in truths:
                     counts["near_tie"] += 1
@@ -187,7 +238,7 @@ def description_candidates(
                     counts["target_dropped"] += 1
                     continue
                 plural = len(targets) > 1
-                if plural and not (t.description_plural or t.phrase_plural):
+                if plural and not has_plural:
                     counts["plural_unsupported"] += 1
                     continue
                 anchor_name = anchor[0] if anchor else ""
@@ -195,18 +246,23 @@ def description_candidates(
                 meta: dict[str, Any] = {
                     "category": name,
                     "n_instances": n,
-                    "semantics": dict(semantics[id(t)]),
+                    "semantics": dict(semantics),
                     "margin_px": margin_px,
                 }
                 if anchor:
                     meta["anchor_category"] = anchor_name
                     meta["anchor_id"] = anchor[1].instance_id
-                for key, singular_texts, plural_texts in texts_of[id(t)]:
+                tail = "\x00".join((anchor_name, *targets))
+                for key, singular_texts, plural_texts, pick_mid in texts_of:
                     texts = plural_texts if plural else singular_texts
-                    if not texts:
+                    n_texts = len(texts)
+                    if not n_texts:
                         continue
-                    text = ctx.pick(texts, t.id, key, anchor_name, *targets).format(
-                        noun=forms.singular, plural=forms.plural, anchor=anchor_noun
-                    )
-                    out.append(Candidate(key, text, targets, t.id, dict(meta)))
+                    if n_texts == 1:
+                        text = texts[0]
+                    else:
+                        u = from_bytes(sha256((head + pick_mid + tail).encode("utf-8")).digest()[:8], "big") / _TWO_64
+                        text = texts[min(int(u * n_texts), n_texts - 1)]
+                    text = text.format(noun=forms.singular, plural=forms.plural, anchor=anchor_noun)
+                    out.append(make_candidate(key, text, targets, t.id, dict(meta)))
     return out, counts

@@ -81,7 +81,7 @@ from enum import Enum
 import numpy as np
 
 from orsgen.schemas.records import Instance, Rle
-from orsgen.stages.common.masks import rle_counts_to_runs
+from orsgen.stages.common.masks import rle_counts_to_runs, warm_runs_cache
 
 #: ``on``: the subject's box must overlap the anchor's box on at least this
 #: fraction of the subject's width.
@@ -232,18 +232,100 @@ def rle_moments(rle: Rle) -> tuple[int, float, float]:
 def rle_moments_many(rles: Sequence[Rle]) -> list[tuple[int, float, float]]:
     """``[rle_moments(r) for r in rles]``, computed in one pass over all runs.
 
-    Each mask's foreground runs split into a partial first column, whole
-    middle columns and a partial last column (``rle_moments``); their terms
-    are exact int64 segment sums per mask, and the float steps are the same
-    operations in the same order as a mask-at-a-time computation, so every
-    result is bit-identical to it. The terms of the run kind a mask lacks are
-    added as ``0.0``, which leaves a non-negative sum unchanged
-    (tests/test_expressions_fast.py checks against the mask-at-a-time code).
+    The masks' counts are decoded in one numpy pass (``warm_runs_cache``;
+    the runs stay cached for the target stage). A foreground run's
+    coordinate sums are the difference of a prefix's closed-form sums at
+    its two ends (``_rle_moments_by_prefix``): a few int64 operations over
+    every run of every mask. Those sums are exact integers below 2 ** 52,
+    so the floats equal the column-wise formulas' (``_rle_moments_by_columns``,
+    which masks beyond that bound, or whose runs do not cover their size,
+    still take); tests/test_expressions_fast.py checks both against the
+    mask-at-a-time code.
     """
     n = len(rles)
     if n == 0:
         return []
+    warm_runs_cache([r.counts for r in rles])
     runs_list = [rle_counts_to_runs(r.counts) for r in rles]
+    got = _rle_moments_by_prefix(runs_list, rles)
+    return got if got is not None else _rle_moments_by_columns(runs_list, rles)
+
+
+#: A mask's prefix sums stay exact (and halve exactly as floats) below this.
+_EXACT_SUM_BOUND = 2**52
+_ZERO_RUN = np.zeros(1, dtype=np.int64)
+
+
+def _rle_moments_by_prefix(runs_list: Sequence[np.ndarray], rles: Sequence[Rle]) -> list[tuple[int, float, float]] | None:
+    """``_rle_moments_by_columns`` from prefix sums, or None where their exactness is not guaranteed.
+
+    For a prefix of ``p`` pixels (``c = p // h`` whole columns, ``r = p % h``
+    more), twice its x sum is ``h c (c - 1) + 2 r c`` and twice its y sum
+    ``c h (h - 1) + r (r - 1)``; a foreground run's sums are the difference
+    at its two ends. Each mask's runs are padded to an even count (a zero
+    background run), so every foreground run is an odd entry of the
+    concatenation.
+    """
+    parts: list[np.ndarray] = []
+    pairs: list[int] = []
+    hs: list[int] = []
+    sizes: list[int] = []
+    bound = 0
+    for rle, runs in zip(rles, runs_list):
+        h, w = int(rle.size[0]), int(rle.size[1])
+        # Twice a prefix's x or y sum, and every product below, stays under
+        # this when the runs cover the mask's h * w pixels (checked below).
+        b = h * w * (max(h, w) + 3)
+        if h <= 0 or w < 0 or b >= _EXACT_SUM_BOUND:
+            return None
+        bound += b
+        hs.append(h)
+        sizes.append(h * w)
+        parts.append(runs)
+        k = len(runs)
+        if k & 1:
+            parts.append(_ZERO_RUN)
+            k += 1
+        pairs.append(k >> 1)
+    runs = np.concatenate(parts)
+    # No int64 wrap anywhere: the cumulative sums stay under 2 ** 62.
+    if bound >= 2**62 or runs.size >= 2**22 or (runs.size and int(runs.max()) >= 2**40):
+        return None
+    n_pairs = np.array(pairs, dtype=np.int64)
+    # Each mask's pairs, and its position (in pixels) at each pair's end.
+    last = np.zeros(n_pairs.size + 1, dtype=np.int64)
+    n_pairs.cumsum(out=last[1:])
+    ends = np.zeros(int(last[-1]) + 1, dtype=np.int64)
+    ends[1:] = runs.cumsum()[1::2]
+    mask_ends = ends[last]
+    if not np.array_equal(np.diff(mask_ends), sizes):
+        return None  # runs that do not cover the mask: the column-wise code's answer
+    h = np.array(hs, dtype=np.int64).repeat(n_pairs)
+    r = runs[1::2]
+    e = ends[1:] - mask_ends[:-1].repeat(n_pairs)
+    s = e - r
+    ce, re = np.divmod(e, h)
+    cs, rs = np.divmod(s, h)
+    acc = np.zeros((3, r.size + 1), dtype=np.int64)
+    acc[0, 1:] = r
+    acc[1, 1:] = h * (ce * (ce - 1) - cs * (cs - 1)) + 2 * (re * ce - rs * cs)
+    acc[2, 1:] = h * (h - 1) * (ce - cs) + re * (re - 1) - rs * (rs - 1)
+    acc.cumsum(axis=1, out=acc)
+    sums = acc[:, last[1:]] - acc[:, last[:-1]]
+    # Exact integers below 2 ** 52: float and halving are exact.
+    return list(zip(sums[0].tolist(), (sums[1] / 2.0).tolist(), (sums[2] / 2.0).tolist()))
+
+
+def _rle_moments_by_columns(runs_list: Sequence[np.ndarray], rles: Sequence[Rle]) -> list[tuple[int, float, float]]:
+    """``rle_moments_many`` by columns: each mask's foreground runs split into a
+    partial first column, whole middle columns and a partial last column;
+    their terms are exact int64 segment sums per mask, and the float steps
+    are the same operations in the same order as a mask-at-a-time
+    computation, so every result is bit-identical to it. The terms of the
+    run kind a mask lacks are added as ``0.0``, which leaves a non-negative
+    sum unchanged.
+    """
+    n = len(rles)
     lengths = np.fromiter((len(r) for r in runs_list), dtype=np.int64, count=n)
     runs = np.concatenate(runs_list) if n > 1 else runs_list[0]
     if runs.size == 0:
@@ -648,6 +730,41 @@ def size_truth(pool: Sequence[Geom], order: str, margins: Margins) -> list[Truth
             conds = [ratio(h.area_px, g.area_px, s) for h in others]
         out.append(_truth(conds) if conds else Truth.UNSURE)
     return out
+
+
+def size_truth_table(pool: Sequence[Geom], margins: Margins) -> dict[str, list[Truth]]:
+    """``size_truth`` of both orders at once: ``{"largest": truths, "smallest": truths}``.
+
+    A hot path (every category asks both): each pair's two ``ratio``
+    conditions are the same float expressions, written inline, and an
+    instance's truth is ``_truth`` of its conditions against all others
+    (tests/test_expressions_fast.py checks against ``size_truth``).
+    """
+    f = 1.0 + margins.size_ratio
+    unsure, true, false = Truth.UNSURE, Truth.TRUE, Truth.FALSE
+    areas = [g.area_px for g in pool]
+    largest: list[Truth] = []
+    smallest: list[Truth] = []
+    if len(areas) < 2:
+        return {"largest": [unsure] * len(areas), "smallest": [unsure] * len(areas)}  # no others: nothing decides
+    for i, a in enumerate(areas):
+        # largest: ratio(a, b) = (a - f b, f a - b); smallest: ratio(b, a) = (b - f a, f b - a).
+        l_false = s_false = False
+        l_true = s_true = True
+        for j, b in enumerate(areas):
+            if j == i:
+                continue
+            if f * a - b < 0:
+                l_false = True
+            if not a - f * b > 0:
+                l_true = False
+            if f * b - a < 0:
+                s_false = True
+            if not b - f * a > 0:
+                s_true = False
+        largest.append(false if l_false else true if l_true else unsure)
+        smallest.append(false if s_false else true if s_true else unsure)
+    return {"largest": largest, "smallest": smallest}
 
 
 def relation_truth(pool: Sequence[Geom], anchor: Geom, relation: str, margins: Margins) -> list[Truth]:

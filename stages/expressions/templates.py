@@ -316,10 +316,12 @@ def _plural(name: str) -> str:
 _PARENTHETICAL = re.compile(r"\s*\([^()]*\)\s*$")
 
 
+@functools.lru_cache(maxsize=4096)
 def display_name(name: str) -> str:
     """How a category name is written in text: LVIS-style ``_`` become spaces, a trailing ``(...)`` goes.
 
     ``glass_(drink_container)`` -> ``glass``; COCO names are unchanged.
+    Kept per name (every image's generators and coverage checks ask again).
     """
     text = _PARENTHETICAL.sub("", name.replace("_", " "))
     return " ".join(text.split()) or name
@@ -340,5 +342,12 @@ def noun_forms(name: str, overrides: dict[str, NounForms] | None = None) -> Noun
     """
     if overrides and name in overrides:
         return overrides[name]
+    return _written_forms(name)
+
+
+@functools.lru_cache(maxsize=4096)
+def _written_forms(name: str) -> NounForms:
+    # Kept per name: NounForms is frozen, and its validation costs more than
+    # the lookup (each image's generators ask for every category again).
     written = display_name(name)
     return NounForms(singular=written, plural=_plural(written))
