@@ -453,3 +453,35 @@ def test_decode_grey_never_drafts_a_lossless_jpeg_and_names_no_address(monkeypat
     with pytest.raises(hashing.HashError) as err:
         hashing.decode_grey(b"not an image at all")
     assert "0x" not in str(err.value) and "no image format" in str(err.value)
+
+
+def test_preview_never_drafts_a_lossless_jpeg(tmp_path, monkeypatch):
+    # The matched-pair preview reads benchmark pictures straight from disk:
+    # a lossless JPEG is decoded whole (draft mode would overrun Pillow's
+    # buffer), an ordinary JPEG is still drafted.
+    import io
+
+    import numpy as np
+    from PIL import Image, JpegImagePlugin
+
+    from orsgen.stages.dataset import preview
+    from tests.test_ingest_fast import _lossless_jpeg
+
+    drafted: list[str] = []
+    real_draft = JpegImagePlugin.JpegImageFile.draft
+
+    def spy(self, mode, size):
+        drafted.append(self.format)
+        return real_draft(self, mode, size)
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
+    yy, xx = np.mgrid[0:24, 0:40]
+    lossless = tmp_path / "lossless.jpg"
+    lossless.write_bytes(_lossless_jpeg(((xx * 7 + yy) % 256).astype(np.uint8)))
+    im = preview._load_match_image(str(lossless))
+    assert im is not None and im.size == (40, 24) and drafted == []
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 24), (10, 200, 10)).save(buf, "JPEG")
+    plain = tmp_path / "plain.jpg"
+    plain.write_bytes(buf.getvalue())
+    assert preview._load_match_image(str(plain)) is not None and drafted == ["JPEG"]
