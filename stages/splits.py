@@ -25,10 +25,14 @@ from orsgen.schemas.records import ImageExample, Reject, RejectLevel
 from orsgen.stages.common.masks import rle_area
 
 
+def sha256_unit(text: str) -> float:
+    """A uniform number in [0, 1): the first 8 bytes of ``text``'s sha256, big-endian, over 2**64."""
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big") / 2.0**64
+
+
 def hash_unit(text: str, salt: str) -> float:
     """Maps ``salt + text`` to a uniform number in [0, 1) with sha256."""
-    digest = hashlib.sha256(f"{salt}\x00{text}".encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") / 2.0**64
+    return sha256_unit(f"{salt}\x00{text}")
 
 
 def ood_split(

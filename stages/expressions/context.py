@@ -15,7 +15,6 @@ change it.
 
 from __future__ import annotations
 
-import hashlib
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -23,13 +22,13 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from orsgen.schemas.records import Instance, Presence
 from orsgen.stages.expressions.geometry import Geom, Margins, instance_geom, rle_moments_many
+from orsgen.stages.splits import sha256_unit
 
 if TYPE_CHECKING:
     from orsgen.stages.expressions.vocabulary import Coverage
 
 T = TypeVar("T")
 
-_TWO_64 = 2.0**64
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,8 +248,7 @@ class ImageContext:
         Equal to ``hash_unit("\x00".join([image_id, *map(str, parts)]), f"expressions:{seed}")``
         (tests/test_throughput.py), with the fixed head of the hashed text joined once per image.
         """
-        text = "\x00".join([self._unit_prefix, *map(str, parts)])
-        return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big") / _TWO_64
+        return sha256_unit("\x00".join([self._unit_prefix, *map(str, parts)]))
 
     def pick(self, options: Sequence[T], *parts: Any) -> T:
         """One of ``options``, chosen by ``unit(*parts)``."""
@@ -264,11 +262,9 @@ class ImageContext:
     def shuffled(self, items: Iterable[T], key: Any) -> list[T]:
         """``items`` in a seeded order; ``key(item)`` names each item stably."""
         head = f"{self._unit_prefix}\x00order\x00"
-        sha256 = hashlib.sha256
-        from_bytes = int.from_bytes
 
         def order(it: T) -> tuple[float, str]:
-            name = str(key(it))  # unit("order", name), inlined (one call per item)
-            return (from_bytes(sha256((head + name).encode("utf-8")).digest()[:8], "big") / _TWO_64, name)
+            name = str(key(it))  # unit("order", name), with the fixed head joined once
+            return (sha256_unit(head + name), name)
 
         return sorted(items, key=order)

@@ -19,13 +19,12 @@ itself refers unambiguously.
 
 from __future__ import annotations
 
-import hashlib
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
 from orsgen.schemas.records import ExpressionKind
-from orsgen.stages.expressions.context import _TWO_64, Candidate, ImageContext, make_candidate
+from orsgen.stages.expressions.context import Candidate, ImageContext, make_candidate
 from orsgen.stages.expressions.geometry import (
     ABSOLUTE_REGIONS,
     ORDINAL_SIDES,
@@ -49,6 +48,7 @@ from orsgen.stages.expressions.templates import (
     TemplateSet,
     noun_forms,
 )
+from orsgen.stages.splits import sha256_unit
 
 _TABLE_REGIONS = frozenset(ABSOLUTE_REGIONS)
 _ORDINAL_SIDES = frozenset(ORDINAL_SIDES)
@@ -171,7 +171,6 @@ def description_candidates(
     # ``unit`` of the joined text, only where there is a choice), the rounded
     # margin, and each category's anchors (the same for every relation template).
     head = ctx._unit_prefix
-    sha256, from_bytes = hashlib.sha256, int.from_bytes
     margin_px = round(ctx.margins.position_px, 4)
     kept_ids = ctx.kept_ids
     true, unsure = Truth.TRUE, Truth.UNSURE
@@ -261,7 +260,7 @@ def description_candidates(
                     if n_texts == 1:
                         text = texts[0]
                     else:
-                        u = from_bytes(sha256((head + pick_mid + tail).encode("utf-8")).digest()[:8], "big") / _TWO_64
+                        u = sha256_unit(head + pick_mid + tail)
                         text = texts[min(int(u * n_texts), n_texts - 1)]
                     text = text.format(noun=forms.singular, plural=forms.plural, anchor=anchor_noun)
                     out.append(make_candidate(key, text, targets, t.id, dict(meta)))
