@@ -347,15 +347,14 @@ def rejects_num_buckets(n_rejects: int, cfg: OrsgenConfig) -> int:
     return auto_num_buckets(n_rejects, 0, w.rejects_shard_max_rows, 0)
 
 
-def _key_by_bucket(enc: EncodedExample, buckets: dict[str, int]) -> tuple[tuple[str, int, int], EncodedExample]:
-    nb = buckets[enc.split]
-    return (enc.split, bucket_of(enc.key, nb), nb), enc
-
-
 def _key_by_fixed_bucket(enc: EncodedExample, nb: int) -> tuple[tuple[str, int, int], EncodedExample]:
-    # ``_key_by_bucket`` with every split's count known before the run (an
-    # integer ``write.num_buckets``): the same keys, no side input.
+    # Every split's count known before the run (an integer
+    # ``write.num_buckets``): the keys of ``_key_by_bucket``, no side input.
     return (enc.split, bucket_of(enc.key, nb), nb), enc
+
+
+def _key_by_bucket(enc: EncodedExample, buckets: dict[str, int]) -> tuple[tuple[str, int, int], EncodedExample]:
+    return _key_by_fixed_bucket(enc, buckets[enc.split])
 
 
 def _key_reject(r: Reject, nb: int) -> tuple[tuple[int, int], Reject]:
