@@ -424,26 +424,34 @@ def test_config_identity_and_manifest_show_benchmark_paths_as_written(tmp_path):
     assert str(tmp_path) not in dumps[0] + dumps[1]
 
 
-def test_decode_grey_never_drafts_a_lossless_jpeg_and_names_no_address(monkeypatch):
+@pytest.fixture
+def drafted(monkeypatch) -> list[str]:
+    """The formats of the images Pillow's JPEG draft mode was asked for, in order."""
+    from PIL import JpegImagePlugin
+
+    calls: list[str] = []
+    real_draft = JpegImagePlugin.JpegImageFile.draft
+
+    def spy(self, mode, size):
+        calls.append(self.format)
+        return real_draft(self, mode, size)
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
+    return calls
+
+
+def test_decode_grey_never_drafts_a_lossless_jpeg_and_names_no_address(drafted):
     # Pillow's draft mode overruns its buffer on a lossless JPEG (a segfault on
     # large ones), so such a file is decoded in full; a JPEG of the usual kind
     # is still drafted. An unreadable file's message holds no memory address.
     import io
 
     import numpy as np
-    from PIL import Image, JpegImagePlugin
+    from PIL import Image
 
     from orsgen.stages.decontaminate import hashing
     from tests.test_ingest_fast import _lossless_jpeg
 
-    drafted: list[str] = []
-    real_draft = JpegImagePlugin.JpegImageFile.draft
-
-    def spy(self, mode, size):
-        drafted.append(self.format)
-        return real_draft(self, mode, size)
-
-    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
     yy, xx = np.mgrid[0:30, 0:40]
     im = hashing.decode_grey(_lossless_jpeg(((xx * 5 + yy * 3) % 256).astype(np.uint8)))
     assert im.size == (40, 30) and drafted == []
@@ -455,26 +463,18 @@ def test_decode_grey_never_drafts_a_lossless_jpeg_and_names_no_address(monkeypat
     assert "0x" not in str(err.value) and "no image format" in str(err.value)
 
 
-def test_preview_never_drafts_a_lossless_jpeg(tmp_path, monkeypatch):
+def test_preview_never_drafts_a_lossless_jpeg(tmp_path, drafted):
     # The matched-pair preview reads benchmark pictures straight from disk:
     # a lossless JPEG is decoded whole (draft mode would overrun Pillow's
     # buffer), an ordinary JPEG is still drafted.
     import io
 
     import numpy as np
-    from PIL import Image, JpegImagePlugin
+    from PIL import Image
 
     from orsgen.stages.dataset import preview
     from tests.test_ingest_fast import _lossless_jpeg
 
-    drafted: list[str] = []
-    real_draft = JpegImagePlugin.JpegImageFile.draft
-
-    def spy(self, mode, size):
-        drafted.append(self.format)
-        return real_draft(self, mode, size)
-
-    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
     yy, xx = np.mgrid[0:24, 0:40]
     lossless = tmp_path / "lossless.jpg"
     lossless.write_bytes(_lossless_jpeg(((xx * 7 + yy) % 256).astype(np.uint8)))
