@@ -206,3 +206,86 @@ def test_union_of_one_polygon_is_the_polygon_itself_except_when_empty():
     r = M.encode_mask(ring)
     for tol in (0.0, 1.0):
         assert M.rle_to_geometries([(r, None)], tol)[0].wkb == _outline_reference(r, tol).wkb
+
+
+def _ring_part(h: int, w: int, x: int, y: int, size: int = 3) -> np.ndarray:
+    m = np.zeros((h, w), bool)
+    m[y : y + size, x : x + size] = True
+    m[y + size // 2, x + size // 2] = False  # a one-pixel hole
+    return m
+
+
+def _spread_part_groups(rng: np.random.Generator, h: int, w: int) -> list[list[np.ndarray]]:
+    """Target masks in groups whose unions are mostly background: far apart, one or two pixels apart, touching at a corner."""
+    nested = np.zeros((h, w), bool)
+    nested[5:40, 5:40] = True
+    nested[10:35, 10:35] = False
+    nested[15:30, 15:30] = True  # an island in the hole, with a hole of its own
+    nested[20:25, 20:25] = False
+    corner = np.zeros((h, w), bool)
+    corner[50:55, 60:65] = True
+    corner2 = np.zeros((h, w), bool)
+    corner2[55:60, 65:70] = True  # meets corner diagonally: one component together
+    gap1 = np.zeros((h, w), bool)
+    gap1[50:60, 71:74] = True  # one empty column after corner2
+    gap2 = np.zeros((h, w), bool)
+    gap2[61:63, 50:75] = True  # one empty row under corner2; two under gap1's end
+    edge = np.zeros((h, w), bool)
+    edge[0:4, w - 6 :] = True  # at the image's corner: padded windows leave the image
+    edge[h - 1, 0:3] = True
+    # Many small holed rings, each its own target: more than OpenCV's 127
+    # contour labels, holes and all, their windows apart by 0 to 4 pixels.
+    rings, x, y = [], 80, 2
+    while len(rings) < 90:
+        rings.append(_ring_part(h, w, x, y))
+        x += 3 + int(rng.integers(0, 5))
+        if x > w - 10:
+            x, y = 80, y + 3 + int(rng.integers(0, 5))
+    groups = [
+        [nested, corner],
+        [corner, corner2, gap1, gap2],
+        [nested, edge, gap1],
+        rings,
+        rings[::3] + [nested, edge],
+        [corner, corner],  # the same mask twice
+        [corner, corner | corner2],  # one part inside another
+    ]
+    groups += [[random_mask(rng, h, w, 1) for _ in range(int(rng.integers(2, 5)))] for _ in range(6)]
+    return groups
+
+
+def test_contours_of_a_compact_crop_are_the_contours_of_the_full_crop(rng):
+    # The OpenCV property compact_crop rests on: background rows and columns
+    # away from every mask pixel change no contour and no hierarchy row, only
+    # the positions (which the kept rows and columns give back).
+    h, w = 70, 400
+    most, removed = 0, 0
+    for parts in _spread_part_groups(rng, h, w):
+        union = M.encode_mask(np.logical_or.reduce(parts))
+        full, (ox, oy) = M.decode_crop(union, pad_px=1)
+        want, want_h = cv2.findContours(full.view(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+        for pad in (0, 1):
+            crop = M.compact_crop([M.decode_crop(M.encode_mask(p), pad_px=pad) for p in parts])
+            removed += full.size - crop.pixels.size
+            got, got_h = cv2.findContours(crop.pixels.view(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+            assert np.array_equal(got_h, want_h) and len(got) == len(want)
+            for g, c in zip(M._uncompacted(got, crop.cols, crop.rows), want):
+                assert g.dtype == c.dtype == np.int32 and g.shape == c.shape
+                assert np.array_equal(g, c + np.array([ox, oy], dtype=np.int32))
+        most = max(most, len(want))
+    # The rings' union has more contours than OpenCV's 127 labels (its hole
+    # parents are then found by box order), and rows and columns went.
+    assert most > 127 and removed > 10_000
+
+
+def test_outlines_from_compact_crops_equal_the_outlines_of_the_unions(rng):
+    h, w = 70, 400
+    groups = _spread_part_groups(rng, h, w)
+    unions = [M.encode_mask(np.logical_or.reduce(parts)) for parts in groups]
+    for tol in (0.0, 1.0):
+        want = [_outline_reference(u, tol).wkb for u in unions]
+        given = [(u, M.compact_crop([M.decode_crop(M.encode_mask(p), pad_px=1) for p in parts])) for u, parts in zip(unions, groups)]
+        assert [g.wkb for g in M.rle_to_geometries(given, tol)] == want
+        # Mixed with full crops in one batch (rings shared between them).
+        mixed = given + [(u, M.decode_crop(u, pad_px=1)) for u in unions]
+        assert [g.wkb for g in M.rle_to_geometries(mixed, tol)] == want + want

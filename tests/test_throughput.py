@@ -246,7 +246,7 @@ def test_batched_svg_rings_match_ring_by_ring_on_tricky_geometry():
     assert M.svg_path(shapely.MultiPolygon(), 10, 10) == ""
 
 
-def test_union_crop_equals_decoding_the_union(rng):
+def test_compact_crop_holds_the_union_on_the_rows_and_columns_it_keeps(rng):
     h, w = 37, 53
     border = np.zeros((h, w), bool)
     border[0:3, 0:4] = True  # touches two image edges: its padded window leaves the image
@@ -259,20 +259,21 @@ def test_union_crop_equals_decoding_the_union(rng):
     rles = [M.encode_mask(m) for m in masks]
     groups = [(0, 1), (1, 2), (0, 2), (1, 3), (3, 3), (0, 1, 2, 3), (4, 5), (4, 5, 6, 7, 8, 9), (5, 5), (2, 9)]
     for group in groups:
-        union = M.rle_union([rles[i] for i in group])
-        for pad in (0, 1, 3):
-            want_crop, want_origin = M.decode_crop(union, pad_px=pad)
-            for part_pad in (0, 1, 2):
-                parts = [M.decode_crop(rles[i], pad_px=part_pad) for i in group]
-                got_crop, got_origin = M.union_crop(union, parts, pad_px=pad)
-                assert got_origin == want_origin and got_crop.shape == want_crop.shape
-                assert np.array_equal(got_crop, want_crop), (group, pad, part_pad)
-    # A part that is not in the union would show up: the check is real.
-    stray = np.zeros((h, w), bool)
-    stray[20, 10] = True  # inside the union's window, not in the union
-    union = M.rle_union([rles[1], rles[2]])
-    got, _ = M.union_crop(union, [M.decode_crop(r, pad_px=1) for r in (rles[1], rles[2], M.encode_mask(stray))])
-    assert not np.array_equal(got, M.decode_crop(union, pad_px=1)[0])
+        union = np.logical_or.reduce([masks[i] for i in group])
+        for part_pad in (0, 1, 2):
+            pixels, cols, rows = M.compact_crop([M.decode_crop(rles[i], pad_px=part_pad) for i in group])
+            assert cols.dtype == rows.dtype == np.int32
+            assert np.all(np.diff(cols) > 0) and np.all(np.diff(rows) > 0)
+            # The kept pixels are the union's (background off the image) ...
+            inside = (rows[:, None] >= 0) & (rows[:, None] < h) & (cols[None, :] >= 0) & (cols[None, :] < w)
+            want = np.zeros(pixels.shape, bool)
+            want[inside] = union[np.clip(rows, 0, h - 1)[:, None], np.clip(cols, 0, w - 1)[None, :]][inside]
+            assert np.array_equal(pixels, want), (group, part_pad)
+            # ... every union pixel and its neighbours are kept, and the frame is background.
+            ys, xs = union.nonzero()
+            for d in (-1, 0, 1):
+                assert np.isin(xs + d, cols).all() and np.isin(ys + d, rows).all()
+            assert not pixels[[0, -1], :].any() and not pixels[:, [0, -1]].any()
 
 
 def test_crop_window_equals_numpy_floor_and_ceil():

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import cv2
 import numpy as np
@@ -487,30 +487,85 @@ def _crop_window(bbox_xyxy: Sequence[float], pad_px: int) -> tuple[int, int, int
     )
 
 
-def union_crop(union: Rle, parts: Sequence[PaddedCrop], pad_px: int = 1) -> PaddedCrop:
-    """``decode_crop(union, pad_px=pad_px)`` assembled from the crops of the masks it unites.
+class CompactCrop(NamedTuple):
+    """A mask's pixels on only the rows and columns that can hold them or touch them (``compact_crop``).
 
-    Every mask pixel lies inside its own crop, and the union's window covers
-    every part's box, so OR-ing the parts' crops into the union's window gives
-    the union's decoded window without decoding its runs again.
+    ``pixels[i, j]`` is the image pixel ``(cols[j], rows[i])``; every mask
+    pixel and its eight neighbours are kept, and the frame of ``pixels`` is
+    background. ``rle_to_geometries`` traces it as it would the full crop.
+    """
+
+    pixels: np.ndarray
+    cols: np.ndarray
+    rows: np.ndarray
+
+
+def compact_crop(parts: Sequence[PaddedCrop]) -> CompactCrop:
+    """The union of several masks' crops, without the empty rows and columns between the crops.
+
+    The union of masks that lie apart (the targets of a set) has a large
+    window, mostly background, and OpenCV's contour tracing costs per pixel
+    of it. Here only the image columns (rows) inside some part's window, or
+    next to one, are kept, in image order: no mask pixel is dropped (each
+    lies inside its own crop), every kept mask pixel keeps its eight
+    neighbours around it as in the image, and a run of background between
+    two crops shrinks to at least two pixels but never vanishes.
+
+    Suzuki's border following, as OpenCV runs it, reads only the pixels next
+    to mask pixels and the left-to-right, top-to-bottom order of the pixels
+    it meets (the raster scan, and the order tests of its bounding boxes for
+    a hole's parent); rows and columns of background that are removed change
+    neither. So ``cv2.findContours`` of ``pixels`` gives the contours and
+    hierarchy of the full crop, each point at its kept row and column:
+    ``cols[x], rows[y]`` is its image position (tests/test_targets_fast.py
+    checks this OpenCV property on tricky masks).
 
     Args:
-        union: the union of the masks (``rle_union``).
-        parts: ``decode_crop(rle)`` of each united mask (any padding, each
-            with every pixel of its mask).
-        pad_px: the padding of the returned window.
+        parts: ``decode_crop(rle)`` of each mask (any padding; each crop
+            holds every pixel of its mask).
 
     Returns:
-        ``(crop, (x0, y0))`` equal to ``decode_crop(union, pad_px=pad_px)``.
+        ``CompactCrop(pixels, cols, rows)``: ``pixels`` is the OR of the parts
+        on the kept rows and columns; ``cols`` and ``rows`` (int32, increasing)
+        are their image coordinates.
     """
-    wx0, wy0, wx1, wy1 = _crop_window(xywh_to_xyxy(rle_bbox_xywh(union)), pad_px)
-    out = np.zeros((wy1 - wy0, wx1 - wx0), dtype=bool)
-    for crop, (ox, oy) in parts:
-        x0, y0 = max(ox, wx0), max(oy, wy0)
-        x1, y1 = min(ox + crop.shape[1], wx1), min(oy + crop.shape[0], wy1)
-        if x0 < x1 and y0 < y1:
-            out[y0 - wy0 : y1 - wy0, x0 - wx0 : x1 - wx0] |= crop[y0 - oy : y1 - oy, x0 - ox : x1 - ox]
-    return out, (wx0, wy0)
+    xs = _merged_spans([(ox - 1, ox + crop.shape[1] + 1) for crop, (ox, _) in parts])
+    ys = _merged_spans([(oy - 1, oy + crop.shape[0] + 1) for crop, (_, oy) in parts])
+    cols = np.concatenate([np.arange(a, b, dtype=np.int32) for a, b, _ in xs])
+    rows = np.concatenate([np.arange(a, b, dtype=np.int32) for a, b, _ in ys])
+    out = np.zeros((rows.size, cols.size), dtype=bool)
+    for k, (crop, (ox, oy)) in enumerate(parts):
+        x, y = _kept_index(xs, ox), _kept_index(ys, oy)
+        window = out[y : y + crop.shape[0], x : x + crop.shape[1]]
+        if k:
+            window |= crop
+        else:
+            window[...] = crop  # onto zeros: the same as OR, and cheaper
+    return CompactCrop(out, cols, rows)
+
+
+def _merged_spans(spans: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
+    """The union of half-open integer intervals as disjoint ``(start, end, kept index of start)``, in order."""
+    merged: list[list[int]] = []
+    for a, b in sorted(spans):
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    out = []
+    at = 0
+    for a, b in merged:
+        out.append((a, b, at))
+        at += b - a
+    return out
+
+
+def _kept_index(spans: list[tuple[int, int, int]], v: int) -> int:
+    """The kept index of image coordinate ``v`` (inside one of ``spans``)."""
+    for a, b, at in spans:
+        if a <= v < b:
+            return at + v - a
+    raise AssertionError("a part lies outside the kept spans")
 
 
 def encode_crop(crop: np.ndarray, origin_xy: tuple[int, int], size: tuple[int, int]) -> Rle:
@@ -905,9 +960,13 @@ def rle_to_geometry(rle: Rle, tolerance_px: float = 0.0, crop: PaddedCrop | None
 
 
 def rle_to_geometries(
-    masks: Sequence[tuple[Rle, PaddedCrop | None]], tolerance_px: float = 0.0
+    masks: Sequence[tuple[Rle, PaddedCrop | CompactCrop | None]], tolerance_px: float = 0.0
 ) -> list[BaseGeometry]:
     """``[rle_to_geometry(rle, tolerance_px, crop) for rle, crop in masks]``, GEOS called on arrays.
+
+    A crop may also be a ``CompactCrop`` of the mask (``compact_crop`` of
+    crops whose union is the mask): its contours, put back at their image
+    rows and columns, are those of the full crop.
 
     Each GEOS step (ring polygons, validity, repair, the half-pixel growth,
     validity after the union, simplification) runs once over the rings or
@@ -925,12 +984,20 @@ def rle_to_geometries(
                 out[i] = Polygon()
                 continue
             crop = decode_crop(rle, pad_px=1)
-        pixels, (ox, oy) = crop
+        if type(crop) is CompactCrop:
+            pixels, cols, rows = crop
+            ox = oy = 0
+        else:
+            pixels, (ox, oy) = crop
         # An empty mask has no contour (the padded crop holds every mask pixel).
         contours, hierarchy = cv2.findContours(_as_uint8(pixels), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
         if hierarchy is None:
             out[i] = Polygon()
             continue
+        if type(crop) is CompactCrop:
+            # Image coordinates with a zero origin: every later step adds
+            # ``origin + 0.5`` to int coordinates, exact either way.
+            contours = _uncompacted(contours, cols, rows)
         hier = hierarchy[0].tolist()
         outer_idx = [k for k, h in enumerate(hier) if h[3] == -1]  # the others are holes, attached below
         traced.append((i, contours, hier, outer_idx, ox, oy))
@@ -961,6 +1028,20 @@ def rle_to_geometries(
         for (i, *_), geom in zip(traced, geoms.tolist()):
             out[i] = _polygonal(geom)
     return out  # type: ignore[return-value]
+
+
+def _uncompacted(contours: Sequence[np.ndarray], cols: np.ndarray, rows: np.ndarray) -> list[np.ndarray]:
+    """OpenCV's contours of a ``CompactCrop``'s pixels, at image coordinates (same int32 ``(n, 1, 2)`` shape)."""
+    pts = np.concatenate(contours)
+    xy = pts.reshape(-1, 2)
+    xy[:, 0] = cols[xy[:, 0]]
+    xy[:, 1] = rows[xy[:, 1]]
+    out = []
+    at = 0
+    for c in contours:
+        out.append(pts[at : at + len(c)])
+        at += len(c)
+    return out
 
 
 def _made_valid(geoms: np.ndarray) -> np.ndarray:

@@ -19,15 +19,16 @@ from typing import Any
 from orsgen.schemas.records import Instance, Rle, Sample, TargetGeometry
 from orsgen.stages.common import masks
 from orsgen.stages.common.masks import (
+    CompactCrop,
     MaskError,
     PaddedCrop,
+    compact_crop,
     decode_crop,
     interior_points,
     padded_distance_transforms,
     rle_to_geometries,
     rle_union,
     svg_paths,
-    union_crop,
 )
 
 
@@ -110,18 +111,17 @@ class TargetCache:
             got = self._crops[key] = decode_crop(rle, pad_px=1)
         return got
 
-    def union_crop(self, union: Rle, targets: Sequence[Instance]) -> PaddedCrop:
-        """``decode_crop(union, pad_px=1)`` of ``union = rle_union(targets' masks)``, from the targets' crops.
+    def outline_crop(self, targets: Sequence[Instance]) -> PaddedCrop | CompactCrop:
+        """The pixels ``rle_to_geometries`` traces for the union of ``targets``' masks.
 
         One target's union is its own mask (the same crop); several targets'
-        crops, decoded once each for their points, are OR-ed together instead
-        of decoding the union's runs again.
+        crops, decoded once each for their points, are put together on the
+        rows and columns they span (``compact_crop``) instead of decoding the
+        union's window, mostly background when the targets lie apart.
         """
-        key = (union.counts, union.size)
-        got = self._crops.get(key)
-        if got is None:
-            got = self._crops[key] = union_crop(union, [self.crop(t.rle) for t in targets], pad_px=1)
-        return got
+        if len(targets) == 1:
+            return self.crop(targets[0].rle)
+        return compact_crop([self.crop(t.rle) for t in targets])
 
     def geometry(self, inst: Instance, width: int, height: int) -> TargetGeometry:
         """``target_geometry(inst, width, height)``, computed once per instance."""
@@ -197,7 +197,7 @@ class TargetCache:
         self, target_lists: Sequence[Sequence[Instance]], width: int, height: int, tolerance_px: float
     ) -> None:
         """Stores the union mask and SVG path of each target list not stored yet, outlines in one batch."""
-        todo: list[tuple[tuple[Any, ...], Rle, PaddedCrop]] = []
+        todo: list[tuple[tuple[Any, ...], Rle, PaddedCrop | CompactCrop]] = []
         keys: set[tuple[Any, ...]] = set()
         for targets in target_lists:
             key = self._shape_key(targets, width, height, tolerance_px)
@@ -208,7 +208,7 @@ class TargetCache:
                 self._shapes[key] = (union, "")
                 continue
             keys.add(key)
-            todo.append((key, union, self.union_crop(union, targets)))
+            todo.append((key, union, self.outline_crop(targets)))
         outlines = rle_to_geometries([(union, crop) for _, union, crop in todo], tolerance_px)
         for (key, union, _), svg in zip(todo, svg_paths(outlines, width, height)):
             self._shapes[key] = (union, svg)
