@@ -507,9 +507,10 @@ def compact_crop(parts: Sequence[PaddedCrop]) -> CompactCrop:
     window, mostly background, and OpenCV's contour tracing costs per pixel
     of it. Here only the image columns (rows) inside some part's window, or
     next to one, are kept, in image order: no mask pixel is dropped (each
-    lies inside its own crop), every kept mask pixel keeps its eight
-    neighbours around it as in the image, and a run of background between
-    two crops shrinks to at least two pixels but never vanishes.
+    lies inside its own crop), every mask pixel keeps its eight neighbours
+    around it as in the image, and a run of background between two mask
+    pixels may shrink but never vanishes (the pixel next to each mask pixel
+    stays).
 
     Suzuki's border following, as OpenCV runs it, reads only the pixels next
     to mask pixels and the left-to-right, top-to-bottom order of the pixels
