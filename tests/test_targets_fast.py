@@ -216,7 +216,7 @@ def _ring_part(h: int, w: int, x: int, y: int, size: int = 3) -> np.ndarray:
 
 
 def _spread_part_groups(rng: np.random.Generator, h: int, w: int) -> list[list[np.ndarray]]:
-    """Target masks in groups whose unions are mostly background: far apart, one or two pixels apart, touching at a corner."""
+    """Groups of target masks whose unions are mostly background: far apart, 1-2 px apart, meeting at a corner."""
     nested = np.zeros((h, w), bool)
     nested[5:40, 5:40] = True
     nested[10:35, 10:35] = False
@@ -284,7 +284,8 @@ def test_outlines_from_compact_crops_equal_the_outlines_of_the_unions(rng):
     unions = [M.encode_mask(np.logical_or.reduce(parts)) for parts in groups]
     for tol in (0.0, 1.0):
         want = [_outline_reference(u, tol).wkb for u in unions]
-        given = [(u, M.compact_crop([M.decode_crop(M.encode_mask(p), pad_px=1) for p in parts])) for u, parts in zip(unions, groups)]
+        crops = [M.compact_crop([M.decode_crop(M.encode_mask(p), pad_px=1) for p in parts]) for parts in groups]
+        given = list(zip(unions, crops))
         assert [g.wkb for g in M.rle_to_geometries(given, tol)] == want
         # Mixed with full crops in one batch (rings shared between them).
         mixed = given + [(u, M.decode_crop(u, pad_px=1)) for u in unions]

@@ -801,8 +801,9 @@ def padded_distance_transforms(crops: Sequence[np.ndarray]) -> list[np.ndarray]:
     """``cv2.distanceTransform(crop, DIST_L2, DIST_MASK_PRECISE)`` of each padded crop, from mosaics of them.
 
     Every crop must have an all-background border (``decode_crop`` with
-    ``pad_px >= 1`` makes such crops: the mask lies inside its box). Then the nearest background pixel of any crop pixel lies in
-    its own crop (a pixel outside it is farther than the border pixel in the
+    ``pad_px >= 1`` makes such crops: the mask lies inside its box). Then
+    the nearest background pixel of any crop pixel lies in its own crop (a
+    pixel outside it is farther than the border pixel in the
     same row or column), so the precise (exact Euclidean) transform of a
     mosaic of crops holds each crop's own transform: the same exact roots,
     which ``interior_points`` squares and rounds. One transform per mosaic
