@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import pyarrow as pa
 import pyarrow.json as pa_json
 
-from orsgen.schemas.arrow import EXAMPLE_SCHEMA, example_to_row
+from orsgen.schemas.arrow import EXAMPLE_SCHEMA, example_json_bytes
 from orsgen.schemas.records import ImageExample, safe_key
 
 if TYPE_CHECKING:
@@ -195,10 +195,10 @@ _IMAGE_INDEX = EXAMPLE_SCHEMA.get_field_index("image")
 
 
 def _json_bytes(row: dict[str, Any]) -> bytes:
-    # ``example_to_row`` yields plain JSON values already, so json.dumps with
-    # canonical_json's settings gives the same bytes as
-    # canonical_json(example_to_json(ex)) without walking the tree again
-    # (tests/test_write.py checks the equality).
+    # The reference for ``example_json_bytes`` (which ``encode_example``
+    # uses): ``example_to_row`` yields plain JSON values already, so
+    # json.dumps with canonical_json's settings gives the same bytes as
+    # canonical_json(example_to_json(ex)) (tests/test_write.py checks both).
     return json.dumps(row, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
@@ -306,9 +306,8 @@ def encode_example(ex: ImageExample, formats: Sequence[str]) -> EncodedExample:
     Returns:
         The example's tar members and counts.
     """
-    row = example_to_row(ex)
-    image = row.pop("image")
-    data = _json_bytes(row)
+    image = ex.image_bytes
+    data = example_json_bytes(ex)
     kinds = Counter(str(s.kind) for s in ex.samples)
     return EncodedExample(
         key=ex.key,
