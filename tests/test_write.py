@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import io
 import json
 import os
@@ -404,6 +406,65 @@ def test_parquet_round_trip(tmp_path, examples):
     assert s.n_bytes == (tmp_path / s.path).stat().st_size
     assert not s.skipped
     assert not (tmp_path / "webdataset").exists()
+
+
+@pytest.mark.parametrize("row_group_cap", [40 * 1024, 64 * 1024 * 1024])
+def test_parquet_through_the_write_buffer_is_the_same_file(tmp_path, examples, monkeypatch, row_group_cap):
+    """Arrow's write buffer hands the sink the same byte stream in fewer pieces (one and several row groups)."""
+    big = [ex.replace(image_bytes=_jpeg(i, 96, 64)) for i, ex in enumerate(examples)]
+    cfg = _cfg(formats=["parquet"], parquet_row_group_max_bytes=row_group_cap)
+    real_write = WS._HashingWriter.write
+    files, writes = {}, {}
+    for buffer_bytes in (1, WS._PARQUET_WRITE_BUFFER_BYTES, 10**9):  # 1: each piece goes straight through
+        calls = []
+
+        def counting_write(self, data, calls=calls):
+            calls.append(len(data))
+            return real_write(self, data)
+
+        monkeypatch.setattr(WS, "_PARQUET_WRITE_BUFFER_BYTES", buffer_bytes)
+        monkeypatch.setattr(WS._HashingWriter, "write", counting_write)
+        out = tmp_path / str(buffer_bytes)
+        (stats,) = W.write_bucket(str(out), "train", 0, big, cfg)
+        files[buffer_bytes], writes[buffer_bytes] = _tree(out), len(calls)
+        assert stats.sha256 == hashlib.sha256((out / stats.path).read_bytes()).hexdigest()
+    assert files[1] == files[WS._PARQUET_WRITE_BUFFER_BYTES] == files[10**9]
+    # One write for the whole file (the rest: its sidecar and marker) instead of one per page.
+    assert writes[10**9] <= 3 and writes[1] > 200
+    (path,) = [p for p in files[1] if p.endswith(".parquet")]
+    n_groups = pq.ParquetFile(io.BytesIO(files[1][path])).metadata.num_row_groups
+    assert n_groups == 1 if row_group_cap > 10**6 else n_groups > 1
+
+
+@pytest.mark.parametrize("fail_at", [1, 2])
+def test_parquet_sink_failure_propagates_and_nothing_follows_it(examples, fail_at):
+    """A store error in the buffered Parquet write is raised as is; Arrow's later flushes never reach the sink."""
+    import gc
+
+    from orsgen.stages.write.files import _HashingWriter
+    from orsgen.stages.write.spill import SpilledGroup
+
+    class Failing(io.BytesIO):
+        calls = 0
+
+        def write(self, data):
+            self.calls += 1
+            if self.calls >= fail_at:
+                raise ConnectionError("store went away")
+            return super().write(data)
+
+    big = [W.encode_example(ex.replace(image_bytes=_jpeg(i, 512, 512)), ["parquet"]) for i, ex in enumerate(examples * 3)]
+    group = SpilledGroup(10**9, None)
+    for i, enc in enumerate(big):
+        group.add(dataclasses.replace(enc, key=f"{enc.key}_{i}"))
+    group.seal()
+    entries = sorted(group.entries, key=lambda e: e.key)
+    assert sum(e.n_image for e in entries) > 2 * WS._PARQUET_WRITE_BUFFER_BYTES  # the buffer fills twice
+    f = Failing()
+    with pytest.raises(ConnectionError, match="store went away"):
+        WS._parquet_writer(entries, group, _cfg(formats=["parquet"]))(_HashingWriter(f))
+    gc.collect()
+    assert f.calls == fail_at
 
 
 def test_webdataset_reads_every_key(tmp_path, examples):
