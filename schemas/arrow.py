@@ -405,7 +405,7 @@ def example_json_bytes(ex: ImageExample) -> bytes:
 
     The same bytes as ``json.dumps(example_to_json(ex), sort_keys=True,
     separators=(",", ":"), ensure_ascii=False).encode("utf-8")``, written
-    from the records in about two thirds of the time (no row dicts are
+    from the records in about three quarters of the time (no row dicts are
     built, no keys sorted). The same value errors are raised, though with
     several bad values the first one raised may differ.
     """
