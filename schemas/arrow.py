@@ -12,6 +12,7 @@ fields of its dataclass in ``schemas.records``.
 from __future__ import annotations
 
 import json
+from json.encoder import encode_basestring as _json_str
 from typing import Any
 
 import pyarrow as pa
@@ -265,6 +266,167 @@ def example_to_row(ex: ImageExample) -> dict[str, Any]:
         "refs": [ref_to_row(r) for r in ex.refs],
         "samples": [sample_to_row(s) for s in ex.samples],
     }
+
+
+# ------------------------------------------------- the example's JSON, written directly
+#
+# ``example_json_bytes`` writes what ``json.dumps(row, sort_keys=True,
+# separators=(",", ":"), ensure_ascii=False)`` writes for the row
+# ``example_to_row`` makes (without ``image``), straight from the records:
+# no row dicts, no per-dict key sort. Each object is one ``%`` format whose
+# keys are its struct's field names in sorted order (built from the structs
+# above, so a field added there and not here fails loudly); every value is
+# the same conversion as in the ``*_to_row`` functions, written the way
+# json's C encoder writes it: strings by the same C function
+# (``encode_basestring``), floats by ``float.__repr__`` with NaN/Infinity,
+# ints by ``int.__repr__``, anything unusual by ``json.dumps`` itself.
+# tests/test_write.py compares the bytes with json.dumps of the rows.
+
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode
+_NON_FINITE = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
+_float_repr = float.__repr__
+_int_repr = int.__repr__
+
+
+def _j(v: Any) -> str:
+    """JSON of one value as json.dumps writes it inside the row."""
+    c = v.__class__
+    if c is str:
+        return _json_str(v)
+    if v is None:
+        return "null"
+    if c is int:
+        return _int_repr(v)
+    if c is float:
+        r = _float_repr(v)
+        return _NON_FINITE.get(r, r)
+    return _CANONICAL(v)
+
+
+def _j_floats(values: Any) -> str:
+    """JSON of ``list(map(float, values))``."""
+    text = ",".join(map(_float_repr, map(float, values)))
+    if "n" in text:  # nan, inf, -inf: the only float reprs with an "n"
+        text = text.replace("nan", "NaN").replace("inf", "Infinity")
+    return "[" + text + "]"
+
+
+def _j_ints(values: Any) -> str:
+    """JSON of ``list(map(int, values))``."""
+    return "[" + ",".join(map(_int_repr, map(int, values))) + "]"
+
+
+def _object_format(fields: Any, skip: tuple[str, ...] = ()) -> str:
+    return "{" + ",".join(f'"{n}":%s' for n in sorted(f.name for f in fields if f.name not in skip)) + "}"
+
+
+_RLE_JSON = _object_format(RLE_TYPE)
+_TARGET_JSON = _object_format(TARGET_TYPE)
+_SAMPLE_JSON = _object_format(SAMPLE_TYPE)
+_INSTANCE_JSON = _object_format(INSTANCE_TYPE)
+_SENTENCE_JSON = _object_format(SENTENCE_TYPE)
+_REF_JSON = _object_format(REF_TYPE)
+_EXAMPLE_JSON = _object_format(EXAMPLE_SCHEMA, skip=("image",))
+
+
+def _rle_json(rle: Rle | None) -> str:
+    if rle is None:
+        return "null"
+    size = rle.size
+    return _RLE_JSON % (_j(rle.counts), "[" + _int_repr(int(size[0])) + "," + _int_repr(int(size[1])) + "]")
+
+
+def _target_json(t: TargetGeometry) -> str:
+    return _TARGET_JSON % (_j_floats(t.bbox_xyxy), _j(t.instance_id), _j_ints(t.point_1), _j_ints(t.point_2), _j_ints(t.qwen_box))
+
+
+def _sample_json(s: Sample, targets: dict[int, str]) -> str:
+    # ``targets``: the JSON of each TargetGeometry object already written for
+    # this example (samples of one image share them), by identity.
+    box = s.reground_box
+    return _SAMPLE_JSON % (
+        _j(s.expression),
+        _j(s.generator),
+        _j(s.image_id),
+        _json_str(str(s.kind)),
+        _json_str(_METADATA_JSON.encode(s.metadata)),
+        _j(s.model),
+        "null" if box is None else _j_floats(box),
+        _j(s.reground_iou),
+        _j_floats(s.sam2_ious),
+        _j(s.sample_id),
+        "true" if s.screened else "false",
+        _j(s.split),
+        "[" + ",".join(map(_j, s.target_ids)) + "]",
+        "[" + ",".join([targets.get(id(t)) or targets.setdefault(id(t), _target_json(t)) for t in s.targets]) + "]",
+        _j(s.template),
+        _rle_json(s.union_rle),
+        _j(s.union_svg),
+    )
+
+
+def _instance_json(inst: Instance) -> str:
+    crop = inst.crop_box
+    return _INSTANCE_JSON % (
+        _int_repr(int(inst.area_px)),
+        _j_floats(inst.bbox_xywh),
+        _j_floats(inst.bbox_xyxy),
+        _j(inst.category_id),
+        _j(inst.category_name),
+        "null" if crop is None else _j_floats(crop),
+        _j(inst.image_id),
+        _j(inst.instance_id),
+        "true" if inst.iscrowd else "false",
+        _j(inst.mask_origin),
+        "[" + ",".join([_j_floats((x, y)) for x, y in inst.point_coords]) + "]",
+        _j(inst.predicted_iou),
+        _rle_json(inst.rle),
+        _j(inst.source_ann_id),
+        _j(inst.stability_score),
+        _j(inst.supercategory),
+    )
+
+
+def _ref_json(ref: Ref) -> str:
+    sentences = [_SENTENCE_JSON % (_j(s.raw), _j(s.sent), _j(s.sent_id)) for s in ref.sentences]
+    return _REF_JSON % (
+        _j_ints(ref.ann_ids),
+        _j_ints(ref.category_ids),
+        _j(ref.dataset),
+        _j(ref.image_id),
+        _int_repr(int(ref.ref_id)),
+        "[" + ",".join(sentences) + "]",
+        _j(ref.split),
+    )
+
+
+def example_json_bytes(ex: ImageExample) -> bytes:
+    """The WebDataset ``json`` member: canonical JSON of ``example_to_json(ex)``.
+
+    The same bytes as ``json.dumps(example_to_json(ex), sort_keys=True,
+    separators=(",", ":"), ensure_ascii=False).encode("utf-8")``, written
+    from the records in about three quarters of the time (no row dicts are
+    built, no keys sorted). The same value errors are raised, though with
+    several bad values the first one raised may differ.
+    """
+    img = ex.image
+    targets: dict[int, str] = {}
+    text = _EXAMPLE_JSON % (
+        _j(img.file_name),
+        _int_repr(int(img.height)),
+        _j(img.image_id),
+        _j(ex.input_name),
+        "[" + ",".join(map(_instance_json, ex.instances)) + "]",
+        _j(ex.key),
+        "[" + ",".join(map(_ref_json, ex.refs)) + "]",
+        "[" + ",".join([_sample_json(s, targets) for s in ex.samples]) + "]",
+        _j(img.sha256),
+        _j(img.source),
+        _j(ex.split),
+        _j(img.uri),
+        _int_repr(int(img.width)),
+    )
+    return text.encode("utf-8")
 
 
 def reject_to_row(r: Reject) -> dict[str, Any]:

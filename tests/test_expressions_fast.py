@@ -134,7 +134,7 @@ def _floats(value):
             yield from _floats(v)
 
 
-def test_rows_batch_equals_from_pylist():
+def test_rows_batch_equals_from_pylist(monkeypatch):
     # The writer's Parquet rows come from the JSON members: the same
     # serialized batch as from_pylist of the rows themselves, on both paths
     # (Arrow's JSON reader, and json.loads for what it might read otherwise),
@@ -146,6 +146,7 @@ def test_rows_batch_equals_from_pylist():
     import pyarrow as pa
 
     from orsgen.schemas.arrow import EXAMPLE_SCHEMA
+    from orsgen.stages.write import plan as P
     from orsgen.stages.write.plan import _ROWS_PER_CONVERSION, _json_bytes, _read_members, _rows_batch_python, rows_batch
 
     variants = _row_variants()
@@ -163,9 +164,12 @@ def test_rows_batch_equals_from_pylist():
         full = [dict(r, image=img) for r, img in zip(rows, images)]
         members = [_json_bytes({k: v for k, v in r.items() if k != "image"}) for r in rows]
         want = pa.RecordBatch.from_pylist(full, schema=EXAMPLE_SCHEMA).serialize().to_pybytes()
-        got = rows_batch(members, images)
-        assert got.schema == EXAMPLE_SCHEMA and got.num_rows == len(rows)
-        assert got.serialize().to_pybytes() == want
+        # Few rows take the Python path; with that switched off, the reader where it may.
+        for few in (P._FEW_ROWS, 0):
+            monkeypatch.setattr(P, "_FEW_ROWS", few)
+            got = rows_batch(members, images)
+            assert got.schema == EXAMPLE_SCHEMA and got.num_rows == len(rows)
+            assert got.serialize().to_pybytes() == want
         assert _rows_batch_python(members, pa.array(images, type=pa.binary())).serialize().to_pybytes() == want
         fast += _read_members(members) is not None
     # Most batches take the JSON reader; the ones with NaN / inf do not.

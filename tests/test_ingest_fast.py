@@ -505,3 +505,93 @@ def test_warm_runs_cache_leaves_a_negative_run_to_the_mask_by_mask_check(rng):
     with pytest.raises(M.MaskError, match="negative run"):
         M.rle_counts_to_runs(negative)
     M._cached_runs.cache_clear()
+
+
+# ------------------------------------------------------------ value_problem's clean-record shortcut
+
+
+def _scan_only(monkeypatch: pytest.MonkeyPatch, value, what: str, limits=None):
+    """``value_problem`` with its shortcut switched off: the full scan alone (the reference)."""
+    from orsgen.stages.ingest import validate as V
+
+    with monkeypatch.context() as m:
+        m.setattr(V, "_clean_count", lambda *a: -1)
+        return V.value_problem(value, what, limits)
+
+
+def _visited(v) -> int:
+    """Values inside a container, recursively: what the scan visits below it."""
+    items = list(v.values()) if isinstance(v, dict) else list(v)
+    return len(items) + sum(_visited(x) for x in items if isinstance(x, (dict, list)))
+
+
+def _hostile_values(rng: np.random.Generator):
+    from orsgen.stages.ingest import validate as V
+
+    leaves = [
+        0, -1, 1.5, float("nan"), float("-inf"), -0.0, True, False, None, V.INT64_MAX, V.INT64_MIN,
+        V.INT64_MAX + 1, V.INT64_MIN - 1, 10**400, "ok", "é ü", "a\x00b", "\x7f", "\x85", "\ud800", "tab\tnl\n",
+        "n" * 256, "n" * 257, "x" * 4097, b"bytes", (1, 2), {1, 2}, np.float64(1.0), np.int64(3), enum.Enum,
+    ]
+    keys = ["id", "name", "supercategory", "file_name", "a.name", "a.b", "k\x00", "\udc00", "é", "n" * 256,
+            "n" * 257, "", "sent", "raw", 7, 2**70, True, 1.5, None, (1,)]
+
+    def make(depth: int):
+        r = rng.random()
+        if depth > 4 or r < 0.35:
+            return leaves[rng.integers(len(leaves))]
+        if r < 0.55:
+            tails = [[], [1], [True], [V.INT64_MAX + 1], [V.INT64_MIN], [float("nan")], ["s"], [[1.0, 2.0]]]
+            return [float(x) for x in rng.normal(size=rng.integers(0, 6))] + tails[rng.integers(len(tails))]
+        if r < 0.75:
+            return [make(depth + 1) for _ in range(rng.integers(0, 4))]
+        return {keys[rng.integers(len(keys))]: make(depth + 1) for _ in range(rng.integers(0, 5))}
+
+    for _ in range(3000):
+        yield {keys[rng.integers(len(keys))]: make(1) for _ in range(rng.integers(0, 6))}
+    for _ in range(300):
+        yield [make(1) for _ in range(rng.integers(0, 4))]
+
+
+def test_value_problem_shortcut_equals_the_full_scan(monkeypatch, rng):
+    """Reason and message are the scan's on hostile records; clean records are shown clean by the shortcut."""
+    from orsgen.stages.ingest import validate as V
+
+    limit_sets = [None, {"name": V.MAX_NAME_CHARS, "supercategory": V.MAX_NAME_CHARS}, {"name": 3, "k[0]": 2}]
+    shown_clean = 0
+    for i, value in enumerate(_hostile_values(rng)):
+        limits = limit_sets[i % 3]
+        got = V.value_problem(value, f"annotations[{i}]", limits)
+        assert got == _scan_only(monkeypatch, value, f"annotations[{i}]", limits), value
+        n = V._clean_count(value, limits or {}, 0, V.MAX_NODES)
+        if n >= 0:
+            shown_clean += 1
+            assert got is None and n == _visited(value)
+    assert shown_clean > 300
+    # Deep nesting, the node budget and polygon-like lists of lists at their limits.
+    nested = []
+    for levels in (V.MAX_DEPTH - 2, V.MAX_DEPTH - 1, V.MAX_DEPTH, V.MAX_DEPTH + 1):
+        for inner in ([], [[1.0, 2.0]], {}, {"a": [1.0]}, "s"):
+            lst, dct = inner, inner
+            for _ in range(levels):
+                lst, dct = [lst], {"k": dct}
+            nested += [lst, dct, {"d": lst}, [dct]]
+    polygons = [[float(x) for x in range(40)], [1, 2, 3.5], []]
+    # One list repeated: a billion values by reference; the budget stops the walk at the scan's limit.
+    row = [0.5] * 1000
+    bomb = [[row] * 1000] * 1000
+    cases = [
+        bomb, {"b": bomb}, {"b": [row] * 1000}, [row] * 999, [[row] * 999],
+        *nested,
+        {"many": [0.5] * V.MAX_NODES}, {"many": [0.5] * (V.MAX_NODES - 1)}, [[0.5] * (V.MAX_NODES - 1)],
+        {"segmentation": polygons}, {"segmentation": polygons + [[V.INT64_MAX + 1]]},
+        {"segmentation": polygons + [[True]]}, {"segmentation": polygons + [["s"]]},
+        {"counts": list(range(500)), "size": [10, 20]}, {"counts": list(range(500)) + [V.INT64_MIN - 1]},
+        {"name": "x" * 300}, {"file_name": "x" * 5000}, {"k": ["abc"]}, {"k": [1.0, "abc"]}, {"a": "x" * (V.MAX_STRING_CHARS + 1)},
+    ]
+    for value in cases:
+        for limits in limit_sets:
+            assert V.value_problem(value, "r", limits) == _scan_only(monkeypatch, value, "r", limits)
+    clean = {"segmentation": polygons, "bbox": [1.0, 2, 3, 4], "id": 5, "iscrowd": 0, "area": 1.5,
+             "rle": {"counts": list(range(500)), "size": [10, 20]}, "name": "é"}
+    assert V._clean_count(clean, {}, 0, V.MAX_NODES) == _visited(clean)

@@ -712,3 +712,26 @@ def test_prepared_target_sets_give_what_each_set_gives_alone(rng):
         assert T.target_fields(target_ids, by_id, w, h, cache=prepared) == want
         assert T.target_fields(target_ids, by_id, w, h, cache=fresh) == want
     assert len(prepared._shapes) == 5  # the empty set, computed on demand
+
+
+def test_with_split_equals_dataclasses_replace():
+    """The positional copy of a sample == ``dataclasses.replace``, every field set; a subclass keeps its type."""
+    from orsgen.pipelines.build import _with_split
+    from orsgen.schemas.records import Rle, Sample, TargetGeometry
+
+    assert all(f.init for f in dataclasses.fields(Sample))
+    full = Sample(
+        sample_id="s", image_id="i", expression="e", kind="phrase", target_ids=("a", "b"), split="train",
+        generator="g", template="t", model="m", union_rle=Rle((2, 3), "06"), union_svg="M 0 0 Z",
+        targets=(TargetGeometry("a", (0.0, 1.0, 2.0, 3.0), (1, 1), (2, 2), (0, 0, 9, 9)),), sam2_ious=(0.5,),
+        reground_box=(0.0, 0.0, 1.0, 1.0), reground_iou=0.25, screened=True, metadata={"k": [1]},
+    )
+
+    class Sub(Sample):
+        __slots__ = ()
+
+    for sample in (full, Sample("s", "i", "e", "no_target", ()), Sub("s", "i", "e", "phrase", ("a",), split="val")):
+        for split in ("test", "", "train"):
+            got, want = _with_split(sample, split), dataclasses.replace(sample, split=split)
+            assert got == want and type(got) is type(want) and got.split == split
+            assert all(getattr(got, f.name) is getattr(want, f.name) for f in dataclasses.fields(Sample) if f.name != "split")

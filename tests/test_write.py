@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import io
 import json
 import os
@@ -197,6 +199,81 @@ def test_json_member_is_canonical_json_of_example_to_json(examples):
         assert W.encode_example(ex, ["webdataset"]).json == canonical_json(example_to_json(ex))
 
 
+def _member_or_error(fn, ex):
+    try:
+        return fn(ex)
+    except Exception as err:  # the same error type is expected from both
+        return type(err)
+
+
+def test_json_member_written_directly_equals_json_dumps_of_the_row(examples):
+    """``example_json_bytes`` == json.dumps of ``example_to_row``'s row, on odd values of every field."""
+    import dataclasses
+    import enum
+
+    from orsgen.schemas.arrow import example_json_bytes
+
+    def reference(ex):
+        row = example_to_row(ex)
+        del row["image"]
+        return WP._json_bytes(row)
+
+    class Kind(str, enum.Enum):
+        PHRASE = "phrase"
+
+    class Text(str):
+        pass
+
+    nan, inf = float("nan"), float("inf")
+    # Converted by float()/int() in the row; the JSON-ready subset is passed through as is.
+    odd = [nan, inf, -inf, -0.0, 1e308, 5e-324, 0.1, np.float64(0.3), np.float32(1.1), True, 7, np.int64(3), 2**70]
+    plain = [v for v in odd if not isinstance(v, (np.float32, np.int64))] + [None]
+    texts = ["", "é ü \u00e9", 'q"uote\\back', "nl\n\t\x00\x1f\x7f", "\u2028\U0001f600", Text("sub"), None]
+    variants = []
+    for ex in examples:
+        variants.append(ex)
+        inst, sample = ex.instances[0], ex.samples[0]
+        target = sample.targets[0] if sample.targets else None
+        for k in range(len(odd)):
+            f4 = tuple(odd[(k + j) % len(odd)] for j in range(4))
+            t = texts[k % len(texts)]
+            inst2 = dataclasses.replace(
+                inst, bbox_xywh=f4, bbox_xyxy=f4[::-1], crop_box=f4 if k % 2 else None, area_px=odd[k] if k > 9 else k,
+                point_coords=((f4[0], f4[1]), (f4[2], f4[3])) if k % 3 else (), predicted_iou=plain[k % len(plain)],
+                stability_score=None if k % 2 else -0.0, category_id=[k, None, True, 2**63][k % 4], category_name=t,
+                supercategory=texts[(k + 1) % len(texts)], mask_origin=t, iscrowd=[0, 1, "", "x"][k % 4],
+                source_ann_id=[k, 10**20, None][k % 3],
+            )
+            t2 = None if target is None else dataclasses.replace(target, bbox_xyxy=f4, point_1=(True, np.int64(k)), qwen_box=(1.9, 2, 3, 4))
+            sample2 = dataclasses.replace(
+                sample, kind=[Kind.PHRASE, "phrase", Text("x")][k % 3], expression=t, model=texts[(k + 2) % len(texts)],
+                target_ids=(Text("a"), "b\u00e9") if k % 2 else (), targets=(t2, t2, *sample.targets) if t2 else (),
+                sam2_ious=f4[:k % 4], reground_box=f4 if k % 2 else None, reground_iou=plain[(k + 5) % len(plain)],
+                screened=[0, 1, "", "y", None][k % 5], union_rle=None if k % 4 == 0 else sample.union_rle, union_svg=t,
+                metadata={"k": k, "é": [plain[k % len(plain)], t], "nested": {"b": 1, "a": None}},
+            )
+            refs = tuple(
+                dataclasses.replace(r, ref_id=np.int64(k), ann_ids=(True, np.int64(2), 3.7), sentences=tuple(
+                    dataclasses.replace(s, raw=t, sent=texts[(k + 3) % len(texts)], sent_id=[k, 2**70, None][k % 3])
+                    for s in r.sentences
+                ), dataset=t)
+                for r in ex.refs
+            )
+            image = dataclasses.replace(ex.image, width=np.int64(ex.image.width), height=True, file_name=t, sha256=Text("h"))
+            variants.append(ex.replace(instances=(inst2, *ex.instances), samples=(sample2, *ex.samples), refs=refs, image=image, key=Text(ex.key)))
+    # Values json.dumps refuses (the same error type) or writes but UTF-8 cannot hold.
+    ex = examples[0]
+    variants += [
+        ex.replace(samples=(dataclasses.replace(ex.samples[0], expression="lone \ud800"),)),
+        ex.replace(instances=(dataclasses.replace(ex.instances[0], category_id=np.int64(3)),)),
+        ex.replace(samples=(dataclasses.replace(ex.samples[0], metadata={"x": object()}),)),
+        ex.replace(instances=(dataclasses.replace(ex.instances[0], bbox_xywh=("x", 1, 2, 3)),)),
+    ]
+    for v in variants:
+        assert _member_or_error(example_json_bytes, v) == _member_or_error(reference, v)
+    assert isinstance(_member_or_error(example_json_bytes, variants[-1]), type)
+
+
 def test_plan_parts_of_encoded_examples_matches_and_returns_them(examples):
     encoded = [W.encode_example(ex, ["webdataset"]) for ex in examples]
     parts = W.plan_parts(encoded, max_images=100, max_bytes=2 * encoded[0].size + WP._TAR_RECORD + 10)
@@ -329,6 +406,65 @@ def test_parquet_round_trip(tmp_path, examples):
     assert s.n_bytes == (tmp_path / s.path).stat().st_size
     assert not s.skipped
     assert not (tmp_path / "webdataset").exists()
+
+
+@pytest.mark.parametrize("row_group_cap", [40 * 1024, 64 * 1024 * 1024])
+def test_parquet_through_the_write_buffer_is_the_same_file(tmp_path, examples, monkeypatch, row_group_cap):
+    """Arrow's write buffer hands the sink the same byte stream in fewer pieces (one and several row groups)."""
+    big = [ex.replace(image_bytes=_jpeg(i, 96, 64)) for i, ex in enumerate(examples)]
+    cfg = _cfg(formats=["parquet"], parquet_row_group_max_bytes=row_group_cap)
+    real_write = WS._HashingWriter.write
+    files, writes = {}, {}
+    for buffer_bytes in (1, WS._PARQUET_WRITE_BUFFER_BYTES, 10**9):  # 1: each piece goes straight through
+        calls = []
+
+        def counting_write(self, data, calls=calls):
+            calls.append(len(data))
+            return real_write(self, data)
+
+        monkeypatch.setattr(WS, "_PARQUET_WRITE_BUFFER_BYTES", buffer_bytes)
+        monkeypatch.setattr(WS._HashingWriter, "write", counting_write)
+        out = tmp_path / str(buffer_bytes)
+        (stats,) = W.write_bucket(str(out), "train", 0, big, cfg)
+        files[buffer_bytes], writes[buffer_bytes] = _tree(out), len(calls)
+        assert stats.sha256 == hashlib.sha256((out / stats.path).read_bytes()).hexdigest()
+    assert files[1] == files[WS._PARQUET_WRITE_BUFFER_BYTES] == files[10**9]
+    # One write for the whole file (the rest: its sidecar and marker) instead of one per page.
+    assert writes[10**9] <= 3 and writes[1] > 200
+    (path,) = [p for p in files[1] if p.endswith(".parquet")]
+    n_groups = pq.ParquetFile(io.BytesIO(files[1][path])).metadata.num_row_groups
+    assert n_groups == 1 if row_group_cap > 10**6 else n_groups > 1
+
+
+@pytest.mark.parametrize("fail_at", [1, 2])
+def test_parquet_sink_failure_propagates_and_nothing_follows_it(examples, fail_at):
+    """A store error in the buffered Parquet write is raised as is; Arrow's later flushes never reach the sink."""
+    import gc
+
+    from orsgen.stages.write.files import _HashingWriter
+    from orsgen.stages.write.spill import SpilledGroup
+
+    class Failing(io.BytesIO):
+        calls = 0
+
+        def write(self, data):
+            self.calls += 1
+            if self.calls >= fail_at:
+                raise ConnectionError("store went away")
+            return super().write(data)
+
+    big = [W.encode_example(ex.replace(image_bytes=_jpeg(i, 512, 512)), ["parquet"]) for i, ex in enumerate(examples * 3)]
+    group = SpilledGroup(10**9, None)
+    for i, enc in enumerate(big):
+        group.add(dataclasses.replace(enc, key=f"{enc.key}_{i}"))
+    group.seal()
+    entries = sorted(group.entries, key=lambda e: e.key)
+    assert sum(e.n_image for e in entries) > 2 * WS._PARQUET_WRITE_BUFFER_BYTES  # the buffer fills twice
+    f = Failing()
+    with pytest.raises(ConnectionError, match="store went away"):
+        WS._parquet_writer(entries, group, _cfg(formats=["parquet"]))(_HashingWriter(f))
+    gc.collect()
+    assert f.calls == fail_at
 
 
 def test_webdataset_reads_every_key(tmp_path, examples):

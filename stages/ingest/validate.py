@@ -20,6 +20,7 @@ Stated limits (characters of ``str`` values, after JSON / pickle decoding):
 
 from __future__ import annotations
 
+import itertools
 import re
 import reprlib
 from typing import Any
@@ -92,6 +93,117 @@ def text_problem(value: str, what: str, max_chars: int = MAX_STRING_CHARS) -> tu
     return None
 
 
+_NUMBERS = frozenset((int, float))
+_LISTS = frozenset((list,))
+_STRS = frozenset((str,))
+_search_bad = _BAD_CHARS.search
+
+
+def _ints_in_range(items: Any, types: set[type]) -> bool:
+    """Whether the ints among ``items`` (of the item ``types``, ints and floats only) are all within int64."""
+    if int not in types:
+        return True
+    ints = items if float not in types else [x for x in items if type(x) is int]
+    return INT64_MIN <= min(ints) and max(ints) <= INT64_MAX
+
+
+def _clean_count(v: dict[Any, Any] | list[Any], limits: dict[str, int], depth: int, budget: int) -> int:
+    """The values ``value_problem`` visits inside ``v`` when it finds no problem there, or -1.
+
+    A sound shortcut for ``value_problem``: a count (>= 0) is returned only
+    where its scan of ``v`` (a container at ``depth``) finds nothing, with
+    the same depth, key, string and integer rules; -1 means "not shown
+    clean" (a problem, more than ``budget`` values, or a shape this shortcut
+    does not follow: other types, subclasses, tuples, non-str keys, a key
+    with a ``.``, a string in a list when a limit key ends with ``]``), and
+    the scan decides. Every value inside a container is visited once by the
+    scan (a flat list of numbers is counted by its length), so the count is
+    the number of values below ``v``; the budget stops the walk as soon as
+    it passes the scan's own node limit, so a record that repeats one list
+    many times costs no more here than in the scan. The type, key and range
+    checks run as C-level passes over whole lists (``set(map(type, ...))``,
+    ``min``/``max``, one regex search over the joined keys).
+    """
+    if depth >= MAX_DEPTH:
+        return -1
+    if type(v) is dict:
+        if not v:
+            return 0
+        keys = list(v)
+        # Keys: each checked as text_problem(key, MAX_NAME_CHARS) would be
+        # (a bad character is in the joined keys iff it is in one of them).
+        if set(map(type, keys)) != {str} or max(map(len, keys)) > MAX_NAME_CHARS or _search_bad("".join(keys)):
+            return -1
+        n = len(keys)
+        if n > budget:
+            return -1
+        for k, x in v.items():
+            c = type(x)
+            if c is float or c is bool or x is None:
+                continue
+            if c is int:
+                if INT64_MIN <= x <= INT64_MAX:
+                    continue
+                return -1
+            if c is str:
+                # The scan's limit key is the text after the last "." of the path.
+                if "." in k or len(x) > limits.get(k, MAX_STRING_CHARS) or _search_bad(x):
+                    return -1
+                continue
+            if c is dict or c is list:
+                m = _clean_count(x, limits, depth + 1, budget - n)
+                if m < 0:
+                    return -1
+                n += m
+                continue
+            return -1
+        return n
+    if type(v) is not list:
+        return -1
+    n = len(v)
+    if n > budget:
+        return -1
+    types = set(map(type, v))
+    if types <= _NUMBERS:
+        return n if not v or _ints_in_range(v, types) else -1
+    if types == _LISTS and depth + 1 < MAX_DEPTH:
+        # Polygons: a list of flat number lists, checked as one chain.
+        n += sum(map(len, v))
+        if n > budget:
+            return -1
+        inner = set(map(type, itertools.chain.from_iterable(v)))
+        if inner <= _NUMBERS:
+            if not _ints_in_range(list(itertools.chain.from_iterable(v)) if int in inner else (), inner):
+                return -1
+            return n
+        n = len(v)
+    # A string item's limit key ends with "]" (the path is "...[i]").
+    str_ok = not any(key.endswith("]") for key in limits)
+    if types == _STRS and str_ok and sum(map(len, v)) <= MAX_STRING_CHARS:
+        # Words (ref tokens): one search over them joined; each is within the limit.
+        return -1 if _search_bad("".join(v)) else n
+    for x in v:
+        c = type(x)
+        if c is float or c is bool or x is None:
+            continue
+        if c is int:
+            if INT64_MIN <= x <= INT64_MAX:
+                continue
+            return -1
+        if c is str:
+            if not str_ok or len(x) > MAX_STRING_CHARS or _search_bad(x):
+                return -1
+            continue
+        if c is dict or c is list:
+            m = _clean_count(x, limits, depth + 1, budget - n)
+            if m < 0:
+                return -1
+            n += m
+            continue
+        return -1
+    return n
+
+
 def value_problem(value: Any, what: str, limits: dict[str, int] | None = None) -> tuple[str, str] | None:
     """Scans one raw record (dicts, lists, str, int, float...) for unsafe values.
 
@@ -106,6 +218,12 @@ def value_problem(value: Any, what: str, limits: dict[str, int] | None = None) -
         ``(reason, message)`` for the first problem found, or None.
     """
     limits = limits or {}
+    if type(value) is dict or type(value) is list:
+        # Most records are clean: prove it in C-level passes, and scan in
+        # full (below, which names the first problem) only when that fails.
+        below = _clean_count(value, limits, 0, MAX_NODES - 1)
+        if below >= 0:  # the scan would visit 1 + below <= MAX_NODES values
+            return None
     stack: list[tuple[Any, str, int]] = [(value, what, 0)]
     nodes = 0
     while stack:

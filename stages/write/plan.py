@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import pyarrow as pa
 import pyarrow.json as pa_json
 
-from orsgen.schemas.arrow import EXAMPLE_SCHEMA, example_to_row
+from orsgen.schemas.arrow import EXAMPLE_SCHEMA, example_json_bytes
 from orsgen.schemas.records import ImageExample, safe_key
 
 if TYPE_CHECKING:
@@ -195,10 +195,10 @@ _IMAGE_INDEX = EXAMPLE_SCHEMA.get_field_index("image")
 
 
 def _json_bytes(row: dict[str, Any]) -> bytes:
-    # ``example_to_row`` yields plain JSON values already, so json.dumps with
-    # canonical_json's settings gives the same bytes as
-    # canonical_json(example_to_json(ex)) without walking the tree again
-    # (tests/test_write.py checks the equality).
+    # The reference for ``example_json_bytes`` (which ``encode_example``
+    # uses): ``example_to_row`` yields plain JSON values already, so
+    # json.dumps with canonical_json's settings gives the same bytes as
+    # canonical_json(example_to_json(ex)) (tests/test_write.py checks both).
     return json.dumps(row, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
@@ -209,6 +209,15 @@ _EXAMPLE_STRUCT = pa.struct(list(EXAMPLE_SCHEMA))
 #: enough to pay the conversion's fixed cost once for many rows, few enough
 #: that the parsed Python rows (about ten times their JSON) stay a few MB.
 _ROWS_PER_CONVERSION = 64
+
+#: Batches of at most this many rows take the Python path: Arrow's JSON
+#: reader costs ~0.4 ms a call whatever the size (its converters for the
+#: nested schema), so ``json.loads`` + ``pa.array`` is cheaper for a few rows
+#: (per batch of bench rows: 1 row 0.60 vs 0.89-1.15 ms, 2 rows 0.97 vs
+#: 1.20-1.36, 3 rows 1.40 vs 1.64, 8 rows 3.1 vs 2.6; a 128-bucket run
+#: writes many one- and two-image shards). Both paths give the same batch
+#: (tests/test_expressions_fast.py compares the IPC bytes).
+_FEW_ROWS = 3
 
 #: ``EXAMPLE_SCHEMA`` without ``image`` (the JSON members' columns), and its
 #: columns that may not hold nulls.
@@ -245,7 +254,8 @@ def rows_batch(json_members: Sequence[bytes], images: Sequence[bytes] | pa.Array
     which Python writes as non-JSON words; a value Arrow refuses; a null
     where the schema forbids one) take the Python path: ``json.loads`` of
     the canonical JSON gives back the row itself (floats round-trip
-    exactly; struct fields match by name), converted by ``pa.array``.
+    exactly; struct fields match by name), converted by ``pa.array``; so
+    do batches of up to ``_FEW_ROWS`` rows, for which it is the cheaper way.
 
     Args:
         json_members: the examples' ``EncodedExample.json``.
@@ -255,7 +265,7 @@ def rows_batch(json_members: Sequence[bytes], images: Sequence[bytes] | pa.Array
         One record batch with ``len(json_members)`` rows.
     """
     image_array = images if isinstance(images, pa.Array) else pa.array(images, type=pa.binary())
-    table = _read_members(json_members)
+    table = _read_members(json_members) if len(json_members) > _FEW_ROWS else None
     if table is None:
         return _rows_batch_python(json_members, image_array)
     columns = [image_array if f.name == "image" else table.column(f.name).combine_chunks() for f in EXAMPLE_SCHEMA]
@@ -306,9 +316,8 @@ def encode_example(ex: ImageExample, formats: Sequence[str]) -> EncodedExample:
     Returns:
         The example's tar members and counts.
     """
-    row = example_to_row(ex)
-    image = row.pop("image")
-    data = _json_bytes(row)
+    image = ex.image_bytes
+    data = example_json_bytes(ex)
     kinds = Counter(str(s.kind) for s in ex.samples)
     return EncodedExample(
         key=ex.key,

@@ -140,27 +140,75 @@ def _row_group(entries: Sequence[SpillEntry], group: SpilledGroup) -> pa.Table:
     return pa.Table.from_batches([rows_batch(members, image_array)], schema=EXAMPLE_SCHEMA)
 
 
+#: Arrow's write buffer in front of a Parquet shard's sink.
+_PARQUET_WRITE_BUFFER_BYTES = 1 << 20
+
+
+class _CutOffSink:
+    """A shard's sink as Arrow's buffered stream sees it; ``cut_off`` makes it take nothing more.
+
+    After a failed write the buffer must not be flushed into the sink (the
+    file is discarded; the sink may be what failed), and Arrow flushes a
+    stream that is neither closed nor detached when it is destroyed.
+    """
+
+    def __init__(self, sink: _HashingWriter) -> None:
+        self._sink: _HashingWriter | None = sink
+
+    def cut_off(self) -> None:
+        self._sink = None
+
+    def write(self, data: bytes | memoryview) -> int:
+        return self._sink.write(data) if self._sink is not None else memoryview(data).nbytes
+
+    def tell(self) -> int:
+        return self._sink.tell() if self._sink is not None else 0
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass  # the sink belongs to the caller
+
+    @property
+    def closed(self) -> bool:
+        return False
+
+
 def _parquet_writer(
     part: Sequence[SpillEntry], group: SpilledGroup, cfg: WriteConfig
 ) -> Callable[[_HashingWriter], None]:
     cap = cfg.parquet_row_group_max_bytes
 
     def produce(sink: _HashingWriter) -> None:
-        writer = pq.ParquetWriter(
-            sink,
-            EXAMPLE_SCHEMA,
-            compression=cfg.parquet_compression,
-            use_dictionary=_DICTIONARY_COLUMNS,
-        )
+        # The Parquet writer sends every page header and page as a write of
+        # its own (about four per column chunk: ~240 for a row group of this
+        # schema), each a call into Python; Arrow's buffer hands the sink the
+        # same byte stream in a few large pieces.
+        cut = _CutOffSink(sink)
+        stream = pa.BufferedOutputStream(pa.PythonFile(cut, mode="w"), buffer_size=_PARQUET_WRITE_BUFFER_BYTES)
         try:
-            # Row groups are read back and built one at a time, so memory
-            # stays at one row group, not one shard (Arrow's Parquet writer
-            # holds about four times the row group while it encodes it).
-            sizes = [e.n_image + e.n_json + _PARQUET_ROW_OVERHEAD for e in part]
-            for a, b in _split_by_size(sizes, len(part), max(1, cap - _PARQUET_GROUP_OVERHEAD)):
-                writer.write_table(_row_group(part[a:b], group), row_group_size=b - a)
-        finally:
-            writer.close()
+            writer = pq.ParquetWriter(
+                stream,
+                EXAMPLE_SCHEMA,
+                compression=cfg.parquet_compression,
+                use_dictionary=_DICTIONARY_COLUMNS,
+            )
+            try:
+                # Row groups are read back and built one at a time, so memory
+                # stays at one row group, not one shard (Arrow's Parquet writer
+                # holds about four times the row group while it encodes it).
+                sizes = [e.n_image + e.n_json + _PARQUET_ROW_OVERHEAD for e in part]
+                for a, b in _split_by_size(sizes, len(part), max(1, cap - _PARQUET_GROUP_OVERHEAD)):
+                    writer.write_table(_row_group(part[a:b], group), row_group_size=b - a)
+            finally:
+                writer.close()
+            stream.close()  # flushes what is buffered into the sink (which stays open)
+        except BaseException:
+            # The file is discarded: nothing more reaches the sink, whatever
+            # Arrow flushes when the stream and the writer are destroyed.
+            cut.cut_off()
+            raise
 
     return produce
 
