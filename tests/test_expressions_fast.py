@@ -538,3 +538,83 @@ def test_size_truth_table_equals_size_truth_per_order():
                     assert table[order] == want, (order, [g.area_px for g in pool], size_ratio)
                     reached.update(want)
     assert len(reached) == 3  # TRUE, FALSE and UNSURE all checked
+
+
+def _balance_by_the_keyed_shuffle(ctx, positives, negatives, cfg):
+    """balance() as written before issue 14's one-pass version: the oracle."""
+    from collections import Counter
+
+    from orsgen.stages.expressions.balance import _DESCRIPTIVE, KIND_ORDER, _cand_key, merge_identical, normalize, stochastic_round
+
+    merged, counts = merge_identical(positives)
+    by_kind: dict[str, list] = {}
+    order = ctx.shuffled(merged, key=_cand_key)
+    for c in order:
+        by_kind.setdefault(c.kind, []).append(c)
+    per_target: Counter = Counter()
+    allowed = set()
+    for c in [c for c in order if c.kind in _DESCRIPTIVE]:
+        if per_target[c.target_ids] < cfg.max_per_target:
+            per_target[c.target_ids] += 1
+            allowed.add(id(c))
+        else:
+            counts["over_target_cap"] += 1
+    for k in _DESCRIPTIVE:
+        by_kind[k] = [c for c in by_kind.get(k, []) if id(c) in allowed]
+    for k in list(by_kind):
+        cap = getattr(cfg.max_per_kind, k)
+        if len(by_kind[k]) > cap:
+            counts["over_kind_cap"] += len(by_kind[k]) - cap
+            by_kind[k] = by_kind[k][:cap]
+    queue, lists = [], [list(by_kind.get(k, [])) for k in KIND_ORDER[:-1]]
+    while any(lists):
+        for lst in lists:
+            if lst:
+                queue.append(lst.pop(0))
+    n_pos0 = min(len(queue), cfg.max_per_image)
+    want = stochastic_round(cfg.negative_ratio * n_pos0, ctx.unit("negative_count"))
+    n_neg = min(want, cfg.max_per_kind.no_target, len(negatives), cfg.max_per_image)
+    if want > n_neg:
+        counts["negatives_short"] += want - n_neg
+    n_pos = min(n_pos0, cfg.max_per_image - n_neg)
+    counts["over_image_cap"] += len(queue) - n_pos
+    selected = queue[:n_pos] + list(negatives[:n_neg])
+    selected.sort(key=lambda c: (KIND_ORDER.index(c.kind), normalize(c.expression), c.expression))
+    return selected, counts
+
+
+def test_named_shuffle_and_one_pass_balance_equal_the_keyed_shuffle():
+    """``shuffled_named`` is ``shuffled`` by identity (ties in input order); balance() equals the oracle."""
+    from orsgen.schemas.config import ExpressionConfig
+    from orsgen.stages.expressions.balance import KIND_ORDER, _cand_key, balance
+    from orsgen.stages.expressions.context import Candidate, ImageContext
+    from orsgen.stages.expressions.geometry import Margins
+
+    margins = Margins(position_px=2.0, size_ratio=0.25, near_px=4.0, axis_overlap_frac=0.5)
+    rng = np.random.default_rng(14)
+    for trial, image_id in enumerate(["img", "é\x00x", "", "z" * 200]):
+        ctx = ImageContext.build(image_id, 64, 48, [], margins, seed=trial - 1)
+        # Equal names (ties keep the input order), NUL, non-ASCII, empty names.
+        names = ["a", "b", "a", "", "é\x00", "\x00", "a", "b\U0001f600", ""] + [f"n{i % 7}" for i in range(40)]
+        items = [object() for _ in names]
+        for perm in (range(len(names)), range(len(names) - 1, -1, -1), rng.permutation(len(names))):
+            its, nms = [items[i] for i in perm], [names[i] for i in perm]
+            keyed = ctx.shuffled(list(zip(its, nms)), key=lambda it: it[1])
+            assert [id(x) for x in ctx.shuffled_named(its, nms)] == [id(x) for x, _ in keyed]
+        assert ctx.shuffled_named([], []) == []
+        for sub in range(30):
+            cands = []
+            for j in range(int(rng.integers(0, 60))):
+                kind = KIND_ORDER[int(rng.integers(len(KIND_ORDER) - 1))]
+                # Few texts and targets: merges, conflicts, equal keys, tight per-target caps.
+                text = f"The  thing {int(rng.integers(12))}" if rng.random() < 0.5 else f"the thing {int(rng.integers(12))}"
+                targets = tuple(sorted({f"t{int(rng.integers(3))}" for _ in range(int(rng.integers(1, 3)))}))
+                cands.append(Candidate(kind, text, targets, f"tp{int(rng.integers(3))}", {"j": j}))
+            negs = [Candidate(KIND_ORDER[-1], f"no {i % 3}", (), "no_target.category", {"i": i}) for i in range(int(rng.integers(0, 5)))]
+            cfg = ExpressionConfig(
+                max_per_target=int(rng.integers(1, 4)), max_per_image=int(rng.integers(1, 30)), negative_ratio=float(rng.random())
+            )
+            got, want = balance(ctx, cands, negs, cfg), _balance_by_the_keyed_shuffle(ctx, cands, negs, cfg)
+            # Equal, not identical: a merge makes a new candidate in each call.
+            assert got[0] == want[0] and list(got[1].items()) == list(want[1].items())
+    assert _cand_key(Candidate("phrase", "x", ("a", "b"), "t", {})) == "phrase\x00t\x00x\x00a,b"
