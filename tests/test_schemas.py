@@ -15,6 +15,7 @@ from orsgen.schemas.records import (
     Ref,
     RefSentence,
     Reject,
+    RejectLevel,
     Rle,
     Sample,
     TargetGeometry,
@@ -81,3 +82,51 @@ def test_row_rejects_wrong_types():
 
 def test_safe_key_has_no_dots():
     assert safe_key("refcoco.unc-coco:1/2") == "refcoco_unc-coco_1_2"
+
+
+def test_records_pickle_to_dataclasses_own_state_and_bytes():
+    """``pickled_by_slots``: the state ``dataclasses`` would pickle (same bytes), and back."""
+    import pickle
+
+    from tests.test_write import _example
+
+    from orsgen.schemas import records
+
+    def own_state(self):  # dataclasses' own __getstate__ for slots classes
+        return [getattr(self, f.name) for f in dataclasses.fields(self)]
+
+    classes = [
+        c for c in vars(records).values()
+        if isinstance(c, type) and dataclasses.is_dataclass(c) and c.__module__ == records.__name__
+    ]
+    assert all(c.__getstate__.__qualname__.startswith("pickled_by_slots") for c in classes), classes
+    ex = _example(0, n_inst=3)
+    odd = dataclasses.replace(ex, presence=(records.Presence(7, "cup", ""),), samples=ex.samples + (
+        dataclasses.replace(ex.samples[0], metadata={"é": [float("nan"), None, b"\x00"]}, sam2_ious=()),
+    ))
+    objs = [ex, odd, _example(1, n_inst=1), Reject("k\x00é", "stage", "reason", "msg", RejectLevel.IMAGE, "img"),
+            records.Category(1, "cup", "kitchen"), ex.samples[0].targets[0]]
+    seen = set()
+    for obj in objs:
+        for proto in (2, 4, pickle.HIGHEST_PROTOCOL):
+            got = pickle.dumps(obj, proto)
+            saved = {c: c.__getstate__ for c in classes}
+            try:
+                for c in classes:
+                    c.__getstate__ = own_state
+                want = pickle.dumps(obj, proto)
+            finally:
+                for c, g in saved.items():
+                    c.__getstate__ = g
+            assert got == want
+            back = pickle.loads(got)
+            assert repr(back) == repr(obj) and type(back) is type(obj)
+        seen.add(type(obj))
+    # Every field is set back by __setstate__, one-field classes included.
+    for c in classes:
+        names = [f.name for f in dataclasses.fields(c)]
+        blank = object.__new__(c)
+        blank.__setstate__(list(range(len(names))))
+        assert [getattr(blank, n) for n in names] == list(range(len(names)))
+        assert blank.__getstate__() == list(range(len(names)))
+    assert {ImageExample, Reject} <= seen
