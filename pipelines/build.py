@@ -24,7 +24,7 @@ from apache_beam.metrics import Metrics
 import orsgen
 from orsgen.pipelines.transforms import EVENTS, REJECTS, IngestDoFn, StageDoFn
 from orsgen.schemas.config import CocoInput, GrefcocoInput, OrsgenConfig, RefcocoInput, Sa1bInput, redacted_config
-from orsgen.schemas.records import ImageExample, Reject, RejectLevel
+from orsgen.schemas.records import ImageExample, Reject, RejectLevel, replace_record
 from orsgen.stages.ingest import coco as ingest_coco, sa1b as ingest_sa1b
 from orsgen.stages.refs import add_human_samples, ref_source_split
 from orsgen.stages.regions import select_regions
@@ -166,9 +166,7 @@ class ImageSplitsDoFn(beam.DoFn):
 
 
 def _with_split(sample: Any, split: str) -> Any:
-    import dataclasses
-
-    return dataclasses.replace(sample, split=split)
+    return replace_record(sample, split=split)  # dataclasses.replace, by the record's slots
 
 
 # ------------------------------------------------------------------ write DoFns
