@@ -618,3 +618,41 @@ def test_named_shuffle_and_one_pass_balance_equal_the_keyed_shuffle():
             # Equal, not identical: a merge makes a new candidate in each call.
             assert got[0] == want[0] and list(got[1].items()) == list(want[1].items())
     assert _cand_key(Candidate("phrase", "x", ("a", "b"), "t", {})) == "phrase\x00t\x00x\x00a,b"
+
+
+def test_negative_candidates_made_as_drawn_equal_the_full_list():
+    """``NegativeCandidates`` reads like ``negative_candidates``' list, and fails where it fails."""
+    import pytest
+
+    from orsgen.schemas.records import Category, Presence
+    from orsgen.stages.expressions import load_templates
+    from orsgen.stages.expressions.context import ImageContext
+    from orsgen.stages.expressions.geometry import Margins
+    from orsgen.stages.expressions.negatives import NegativeCandidates, negative_candidates
+    from orsgen.stages.expressions.plurals import KNOWN_PLURALS
+
+    templates = load_templates()
+    margins = Margins(position_px=2.0, size_ratio=0.25, near_px=4.0, axis_overlap_frac=0.5)
+    sups = ["vehicle", "animal", "kitchen", "food", ""]
+    vocab = tuple(Category(i, name, sups[i % len(sups)]) for i, name in enumerate(KNOWN_PLURALS))
+    for seed, present in ((0, ()), (3, (Presence(1, "bicycle", "animal"), Presence(50, "x\x00é", "kitchen")))):
+        ctx = ImageContext.build("img:é", 64, 48, [], margins, seed=seed, presence=present)
+        for hard_first in (True, False):
+            want = negative_candidates(ctx, vocab, templates, held_out={"dog"}, hard_first=hard_first)
+            got = NegativeCandidates(ctx, vocab, templates, held_out={"dog"}, hard_first=hard_first)
+            n = len(want)
+            assert len(got) == n > 70 and any(c.metadata["hard"] for c in want) == bool(present)
+            for sl in (slice(0, 3), slice(None), slice(5, 2), slice(-4, None), slice(1, 60, 7), slice(0, 10**6)):
+                assert got[sl] == want[sl]
+            assert [got[i] for i in range(-n, n)] == want + want and list(got) == want
+            assert got[2] is got[2] and got[:3][2] is got[2]  # made once
+            for bad in (n, -n - 1):
+                with pytest.raises(IndexError):
+                    got[bad]
+    assert len(NegativeCandidates(ctx, (), templates)) == 0
+    # A name whose noun forms cannot be written fails at once, as the full list does.
+    odd = vocab + (Category(999, "", "x"),)
+    with pytest.raises(Exception) as full:
+        negative_candidates(ctx, odd, templates)
+    with pytest.raises(type(full.value)):
+        NegativeCandidates(ctx, odd, templates)
