@@ -656,3 +656,22 @@ def test_negative_candidates_made_as_drawn_equal_the_full_list():
         negative_candidates(ctx, odd, templates)
     with pytest.raises(type(full.value)):
         NegativeCandidates(ctx, odd, templates)
+
+
+def test_cached_suffixes_equal_the_written_forms_tails():
+    """``Coverage.suffixes`` kept per (name, noun override) equals the tails of the words it is asked for then."""
+    from orsgen.stages.expressions.templates import NounForms
+    from orsgen.stages.expressions.vocabulary import Coverage
+
+    cov = Coverage(version=1, table={})
+
+    def direct(name, nouns):
+        return frozenset(t[i + 1 :] for t in cov.words(name, nouns) for i, ch in enumerate(t) if ch in " -")
+
+    override = {"coffee table": NounForms(singular="end-stand", plural="end stands")}
+    for _ in range(2):
+        for name in ("coffee table", "hot-dog", "dining_table", "cup", "a b-c d", "x(y)"):
+            for nouns in (None, {}, override):
+                assert cov.suffixes(name, nouns) == direct(name, nouns)
+    assert cov.suffixes("coffee table", override) != cov.suffixes("coffee table")
+    assert "stand" in cov.suffixes("coffee table", override) and "stand" not in cov.suffixes("coffee table")
