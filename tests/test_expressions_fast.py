@@ -675,3 +675,72 @@ def test_cached_suffixes_equal_the_written_forms_tails():
                 assert cov.suffixes(name, nouns) == direct(name, nouns)
     assert cov.suffixes("coffee table", override) != cov.suffixes("coffee table")
     assert "stand" in cov.suffixes("coffee table", override) and "stand" not in cov.suffixes("coffee table")
+
+
+def test_relation_truth_equals_the_truth_of_its_conditions():
+    """``relation_truth`` without building conditions == ``_truth(relation_conditions(...))``."""
+    import math
+
+    import pytest
+
+    from orsgen.stages.expressions.geometry import (
+        RELATIONS,
+        Geom,
+        Margins,
+        Truth,
+        _truth,
+        relation_conditions,
+        relation_truth,
+    )
+
+    rng = np.random.default_rng(7)
+    # Coordinates on a coarse grid (ties, margins hit exactly), plus NaN / inf now and then.
+    specials = [math.nan, math.inf, -math.inf, 0.0, -0.0]
+
+    def value(lo: float, hi: float) -> float:
+        if rng.random() < 0.03:
+            return specials[int(rng.integers(len(specials)))]
+        return float(rng.integers(int(lo), int(hi) + 1)) / 2.0
+
+    def geom(i: int) -> Geom:
+        x0, y0 = value(0, 120), value(0, 120)
+        x1, y1 = x0 + value(0, 60), y0 + value(0, 60)
+        return Geom(f"g{i}", "c", False, value(0, 4000), value(0, 160), value(0, 160), x0, y0, x1, y1)
+
+    seen = {r: set() for r in RELATIONS}
+    margins_list = [
+        Margins(position_px=2.0, size_ratio=0.25, near_px=4.0, axis_overlap_frac=0.1),
+        Margins(position_px=0.0, size_ratio=0.0, near_px=0.0, axis_overlap_frac=0.0),
+        Margins(position_px=8.5, size_ratio=1.5, near_px=30.0, axis_overlap_frac=0.5),
+        Margins(position_px=math.inf, size_ratio=0.25, near_px=4.0, axis_overlap_frac=0.1),
+        Margins(position_px=math.nan, size_ratio=math.nan, near_px=math.nan, axis_overlap_frac=math.nan),
+    ]
+    for trial in range(400):
+        pool = [geom(i) for i in range(int(rng.integers(0, 6)))]
+        anchor = geom(99)
+        j = lambda: float(rng.integers(-8, 9)) / 2.0  # noqa: E731
+        if trial % 3 == 1:  # a hand around a cup: "holding" can be true, and "on" false
+            anchor = Geom("a", "cup", False, 500.0 + 50 * j(), 40 + j(), 45 + j(), 20 + j(), 30 + j(), 60 + j(), 60 + j())
+            pool.append(Geom("h", "person", False, 4000.0 + 100 * j(), 50.0, 50.0, 0.0 + j(), 0.0 + j(), 100 + j(), 100 + j()))
+        elif trial % 3 == 2:  # a cat on a sofa: "on" can be true
+            anchor = Geom("a", "sofa", False, 6000.0, 50 + j(), 60 + j(), 0.0 + j(), 20 + j(), 100 + j(), 100 + j())
+            pool.append(Geom("o", "cat", False, 800.0, 30 + j(), 15 + j(), 10 + j(), 0.0 + j(), 50 + j(), 30 + j()))
+        margins = margins_list[trial % len(margins_list)]
+        for relation in RELATIONS:
+            want = [_truth(relation_conditions(g, anchor, relation, margins)) for g in pool]
+            got = relation_truth(pool, anchor, relation, margins)
+            assert got == want, (relation, pool, anchor, margins)
+            seen[relation].update(want)
+    assert all(s == {Truth.TRUE, Truth.FALSE, Truth.UNSURE} for s in seen.values()), {r: sorted(map(str, s)) for r, s in seen.items()}
+    # Values exactly at a bound: the area ratio's false value is 0 (0.625 * 800 - 500), a margin exactly met.
+    m0 = margins_list[0]
+    hand = Geom("h", "person", False, 800.0, 50.0, 50.0, 0.0, 0.0, 100.0, 100.0)
+    for cup in (Geom("a", "cup", False, 500.0, 40.0, 45.0, 20.0, 30.0, 60.0, 60.0),
+                Geom("a", "cup", False, 100.0, 40.0, 45.0, 2.0, 2.0, 98.0, 98.0)):
+        for relation in RELATIONS:
+            want = [_truth(relation_conditions(hand, cup, relation, m0))]
+            assert relation_truth([hand], cup, relation, m0) == want, relation
+    # An unknown relation fails as the conditions do (and, as before, not for an empty pool).
+    with pytest.raises(ValueError, match="unknown relation"):
+        relation_truth([geom(0)], geom(1), "under", margins_list[0])
+    assert relation_truth([], geom(1), "under", margins_list[0]) == []
