@@ -67,9 +67,9 @@ _FIELD_INDEX: dict[type, dict[str, int]] = {}
 
 
 def replace_record(obj: Any, /, **changes: Any) -> Any:
-    """``dataclasses.replace(obj, **changes)``, for a ``pickled_by_slots`` record without a cheaper path.
+    """``dataclasses.replace(obj, **changes)``, faster for the records whose ``__init__`` only sets fields.
 
-    A record whose ``__init__`` only sets its fields (no ``__post_init__``,
+    A ``pickled_by_slots`` record whose ``__init__`` only sets its fields (no ``__post_init__``,
     no ``init=False`` field) is copied by its slots with ``changes`` applied:
     the same record as ``replace`` makes, sharing the same field values, at
     about 40% of the cost (the splits stage copies every sample). Anything
