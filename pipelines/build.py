@@ -14,9 +14,7 @@ runs on the Python direct runner, Dataflow, Flink or Spark.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import operator
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -26,7 +24,7 @@ from apache_beam.metrics import Metrics
 import orsgen
 from orsgen.pipelines.transforms import EVENTS, REJECTS, IngestDoFn, StageDoFn
 from orsgen.schemas.config import CocoInput, GrefcocoInput, OrsgenConfig, RefcocoInput, Sa1bInput, redacted_config
-from orsgen.schemas.records import ImageExample, Reject, RejectLevel, Sample
+from orsgen.schemas.records import ImageExample, Reject, RejectLevel, replace_record
 from orsgen.stages.ingest import coco as ingest_coco, sa1b as ingest_sa1b
 from orsgen.stages.refs import add_human_samples, ref_source_split
 from orsgen.stages.regions import select_regions
@@ -167,22 +165,8 @@ class ImageSplitsDoFn(beam.DoFn):
             yield _stamp_split(ex, split)
 
 
-#: ``Sample``'s fields in order (all are init fields), read in one C call.
-_SAMPLE_FIELDS = operator.attrgetter(*(f.name for f in dataclasses.fields(Sample)))
-_SPLIT_AT = [f.name for f in dataclasses.fields(Sample)].index("split")
-
-
 def _with_split(sample: Any, split: str) -> Any:
-    """``dataclasses.replace(sample, split=split)``.
-
-    For a plain ``Sample`` by one positional call (``replace`` reads each
-    field by name and calls with keywords: about twice the time, ~20 samples
-    per image); anything else through ``replace`` itself.
-    """
-    if sample.__class__ is not Sample:
-        return dataclasses.replace(sample, split=split)
-    values = _SAMPLE_FIELDS(sample)
-    return Sample(*values[:_SPLIT_AT], split, *values[_SPLIT_AT + 1 :])
+    return replace_record(sample, split=split)  # dataclasses.replace, by the record's slots
 
 
 # ------------------------------------------------------------------ write DoFns

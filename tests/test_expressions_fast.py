@@ -542,3 +542,209 @@ def test_size_truth_table_equals_size_truth_per_order():
                     assert table[order] == want, (order, [g.area_px for g in pool], size_ratio)
                     reached.update(want)
     assert len(reached) == 3  # TRUE, FALSE and UNSURE all checked
+
+
+def _balance_by_the_keyed_shuffle(ctx, positives, negatives, cfg):
+    """balance() as written before issue 14's one-pass version: the oracle."""
+    from collections import Counter
+
+    from orsgen.stages.expressions.balance import _DESCRIPTIVE, KIND_ORDER, _cand_key, merge_identical, normalize, stochastic_round
+
+    merged, counts = merge_identical(positives)
+    by_kind: dict[str, list] = {}
+    order = ctx.shuffled(merged, key=_cand_key)
+    for c in order:
+        by_kind.setdefault(c.kind, []).append(c)
+    per_target: Counter = Counter()
+    allowed = set()
+    for c in [c for c in order if c.kind in _DESCRIPTIVE]:
+        if per_target[c.target_ids] < cfg.max_per_target:
+            per_target[c.target_ids] += 1
+            allowed.add(id(c))
+        else:
+            counts["over_target_cap"] += 1
+    for k in _DESCRIPTIVE:
+        by_kind[k] = [c for c in by_kind.get(k, []) if id(c) in allowed]
+    for k in list(by_kind):
+        cap = getattr(cfg.max_per_kind, k)
+        if len(by_kind[k]) > cap:
+            counts["over_kind_cap"] += len(by_kind[k]) - cap
+            by_kind[k] = by_kind[k][:cap]
+    queue, lists = [], [list(by_kind.get(k, [])) for k in KIND_ORDER[:-1]]
+    while any(lists):
+        for lst in lists:
+            if lst:
+                queue.append(lst.pop(0))
+    n_pos0 = min(len(queue), cfg.max_per_image)
+    want = stochastic_round(cfg.negative_ratio * n_pos0, ctx.unit("negative_count"))
+    n_neg = min(want, cfg.max_per_kind.no_target, len(negatives), cfg.max_per_image)
+    if want > n_neg:
+        counts["negatives_short"] += want - n_neg
+    n_pos = min(n_pos0, cfg.max_per_image - n_neg)
+    counts["over_image_cap"] += len(queue) - n_pos
+    selected = queue[:n_pos] + list(negatives[:n_neg])
+    selected.sort(key=lambda c: (KIND_ORDER.index(c.kind), normalize(c.expression), c.expression))
+    return selected, counts
+
+
+def test_named_shuffle_and_one_pass_balance_equal_the_keyed_shuffle():
+    """``shuffled_named`` is ``shuffled`` by identity (ties in input order); balance() equals the oracle."""
+    from orsgen.schemas.config import ExpressionConfig
+    from orsgen.stages.expressions.balance import KIND_ORDER, _cand_key, balance
+    from orsgen.stages.expressions.context import Candidate, ImageContext
+    from orsgen.stages.expressions.geometry import Margins
+
+    margins = Margins(position_px=2.0, size_ratio=0.25, near_px=4.0, axis_overlap_frac=0.5)
+    rng = np.random.default_rng(14)
+    for trial, image_id in enumerate(["img", "é\x00x", "", "z" * 200]):
+        ctx = ImageContext.build(image_id, 64, 48, [], margins, seed=trial - 1)
+        # Equal names (ties keep the input order), NUL, non-ASCII, empty names.
+        names = ["a", "b", "a", "", "é\x00", "\x00", "a", "b\U0001f600", ""] + [f"n{i % 7}" for i in range(40)]
+        items = [object() for _ in names]
+        for perm in (range(len(names)), range(len(names) - 1, -1, -1), rng.permutation(len(names))):
+            its, nms = [items[i] for i in perm], [names[i] for i in perm]
+            keyed = ctx.shuffled(list(zip(its, nms)), key=lambda it: it[1])
+            assert [id(x) for x in ctx.shuffled_named(its, nms)] == [id(x) for x, _ in keyed]
+        assert ctx.shuffled_named([], []) == []
+        for sub in range(30):
+            cands = []
+            for j in range(int(rng.integers(0, 60))):
+                kind = KIND_ORDER[int(rng.integers(len(KIND_ORDER) - 1))]
+                # Few texts and targets: merges, conflicts, equal keys, tight per-target caps.
+                text = f"The  thing {int(rng.integers(12))}" if rng.random() < 0.5 else f"the thing {int(rng.integers(12))}"
+                targets = tuple(sorted({f"t{int(rng.integers(3))}" for _ in range(int(rng.integers(1, 3)))}))
+                cands.append(Candidate(kind, text, targets, f"tp{int(rng.integers(3))}", {"j": j}))
+            negs = [Candidate(KIND_ORDER[-1], f"no {i % 3}", (), "no_target.category", {"i": i}) for i in range(int(rng.integers(0, 5)))]
+            cfg = ExpressionConfig(
+                max_per_target=int(rng.integers(1, 4)), max_per_image=int(rng.integers(1, 30)), negative_ratio=float(rng.random())
+            )
+            got, want = balance(ctx, cands, negs, cfg), _balance_by_the_keyed_shuffle(ctx, cands, negs, cfg)
+            # Equal, not identical: a merge makes a new candidate in each call.
+            assert got[0] == want[0] and list(got[1].items()) == list(want[1].items())
+    assert _cand_key(Candidate("phrase", "x", ("a", "b"), "t", {})) == "phrase\x00t\x00x\x00a,b"
+
+
+def test_negative_candidates_made_as_drawn_equal_the_full_list():
+    """``NegativeCandidates`` reads like ``negative_candidates``' list, and fails where it fails."""
+    import pytest
+
+    from orsgen.schemas.records import Category, Presence
+    from orsgen.stages.expressions import load_templates
+    from orsgen.stages.expressions.context import ImageContext
+    from orsgen.stages.expressions.geometry import Margins
+    from orsgen.stages.expressions.negatives import NegativeCandidates, negative_candidates
+    from orsgen.stages.expressions.plurals import KNOWN_PLURALS
+
+    templates = load_templates()
+    margins = Margins(position_px=2.0, size_ratio=0.25, near_px=4.0, axis_overlap_frac=0.5)
+    sups = ["vehicle", "animal", "kitchen", "food", ""]
+    vocab = tuple(Category(i, name, sups[i % len(sups)]) for i, name in enumerate(KNOWN_PLURALS))
+    for seed, present in ((0, ()), (3, (Presence(1, "bicycle", "animal"), Presence(50, "x\x00é", "kitchen")))):
+        ctx = ImageContext.build("img:é", 64, 48, [], margins, seed=seed, presence=present)
+        for hard_first in (True, False):
+            want = negative_candidates(ctx, vocab, templates, held_out={"dog"}, hard_first=hard_first)
+            got = NegativeCandidates(ctx, vocab, templates, held_out={"dog"}, hard_first=hard_first)
+            n = len(want)
+            assert len(got) == n > 70 and any(c.metadata["hard"] for c in want) == bool(present)
+            for sl in (slice(0, 3), slice(None), slice(5, 2), slice(-4, None), slice(1, 60, 7), slice(0, 10**6)):
+                assert got[sl] == want[sl]
+            assert [got[i] for i in range(-n, n)] == want + want and list(got) == want
+            assert got[2] is got[2] and got[:3][2] is got[2]  # made once
+            for bad in (n, -n - 1):
+                with pytest.raises(IndexError):
+                    got[bad]
+    assert len(NegativeCandidates(ctx, (), templates)) == 0
+    # A name whose noun forms cannot be written fails at once, as the full list does.
+    odd = vocab + (Category(999, "", "x"),)
+    with pytest.raises(Exception) as full:
+        negative_candidates(ctx, odd, templates)
+    with pytest.raises(type(full.value)):
+        NegativeCandidates(ctx, odd, templates)
+
+
+def test_cached_suffixes_equal_the_written_forms_tails():
+    """``Coverage.suffixes`` kept per (name, noun override) equals the tails of the words it is asked for then."""
+    from orsgen.stages.expressions.templates import NounForms
+    from orsgen.stages.expressions.vocabulary import Coverage
+
+    cov = Coverage(version=1, table={})
+
+    def direct(name, nouns):
+        return frozenset(t[i + 1 :] for t in cov.words(name, nouns) for i, ch in enumerate(t) if ch in " -")
+
+    override = {"coffee table": NounForms(singular="end-stand", plural="end stands")}
+    for _ in range(2):
+        for name in ("coffee table", "hot-dog", "dining_table", "cup", "a b-c d", "x(y)"):
+            for nouns in (None, {}, override):
+                assert cov.suffixes(name, nouns) == direct(name, nouns)
+    assert cov.suffixes("coffee table", override) != cov.suffixes("coffee table")
+    assert "stand" in cov.suffixes("coffee table", override) and "stand" not in cov.suffixes("coffee table")
+
+
+def test_relation_truth_equals_the_truth_of_its_conditions():
+    """``relation_truth`` without building conditions == ``_truth(relation_conditions(...))``."""
+    import math
+
+    import pytest
+
+    from orsgen.stages.expressions.geometry import (
+        RELATIONS,
+        Geom,
+        Margins,
+        Truth,
+        _truth,
+        relation_conditions,
+        relation_truth,
+    )
+
+    rng = np.random.default_rng(7)
+    # Coordinates on a coarse grid (ties, margins hit exactly), plus NaN / inf now and then.
+    specials = [math.nan, math.inf, -math.inf, 0.0, -0.0]
+
+    def value(lo: float, hi: float) -> float:
+        if rng.random() < 0.03:
+            return specials[int(rng.integers(len(specials)))]
+        return float(rng.integers(int(lo), int(hi) + 1)) / 2.0
+
+    def geom(i: int) -> Geom:
+        x0, y0 = value(0, 120), value(0, 120)
+        x1, y1 = x0 + value(0, 60), y0 + value(0, 60)
+        return Geom(f"g{i}", "c", False, value(0, 4000), value(0, 160), value(0, 160), x0, y0, x1, y1)
+
+    seen = {r: set() for r in RELATIONS}
+    margins_list = [
+        Margins(position_px=2.0, size_ratio=0.25, near_px=4.0, axis_overlap_frac=0.1),
+        Margins(position_px=0.0, size_ratio=0.0, near_px=0.0, axis_overlap_frac=0.0),
+        Margins(position_px=8.5, size_ratio=1.5, near_px=30.0, axis_overlap_frac=0.5),
+        Margins(position_px=math.inf, size_ratio=0.25, near_px=4.0, axis_overlap_frac=0.1),
+        Margins(position_px=math.nan, size_ratio=math.nan, near_px=math.nan, axis_overlap_frac=math.nan),
+    ]
+    for trial in range(400):
+        pool = [geom(i) for i in range(int(rng.integers(0, 6)))]
+        anchor = geom(99)
+        j = lambda: float(rng.integers(-8, 9)) / 2.0  # noqa: E731
+        if trial % 3 == 1:  # a hand around a cup: "holding" can be true, and "on" false
+            anchor = Geom("a", "cup", False, 500.0 + 50 * j(), 40 + j(), 45 + j(), 20 + j(), 30 + j(), 60 + j(), 60 + j())
+            pool.append(Geom("h", "person", False, 4000.0 + 100 * j(), 50.0, 50.0, 0.0 + j(), 0.0 + j(), 100 + j(), 100 + j()))
+        elif trial % 3 == 2:  # a cat on a sofa: "on" can be true
+            anchor = Geom("a", "sofa", False, 6000.0, 50 + j(), 60 + j(), 0.0 + j(), 20 + j(), 100 + j(), 100 + j())
+            pool.append(Geom("o", "cat", False, 800.0, 30 + j(), 15 + j(), 10 + j(), 0.0 + j(), 50 + j(), 30 + j()))
+        margins = margins_list[trial % len(margins_list)]
+        for relation in RELATIONS:
+            want = [_truth(relation_conditions(g, anchor, relation, margins)) for g in pool]
+            got = relation_truth(pool, anchor, relation, margins)
+            assert got == want, (relation, pool, anchor, margins)
+            seen[relation].update(want)
+    assert all(s == {Truth.TRUE, Truth.FALSE, Truth.UNSURE} for s in seen.values()), {r: sorted(map(str, s)) for r, s in seen.items()}
+    # Values exactly at a bound: the area ratio's false value is 0 (0.625 * 800 - 500), a margin exactly met.
+    m0 = margins_list[0]
+    hand = Geom("h", "person", False, 800.0, 50.0, 50.0, 0.0, 0.0, 100.0, 100.0)
+    for cup in (Geom("a", "cup", False, 500.0, 40.0, 45.0, 20.0, 30.0, 60.0, 60.0),
+                Geom("a", "cup", False, 100.0, 40.0, 45.0, 2.0, 2.0, 98.0, 98.0)):
+        for relation in RELATIONS:
+            want = [_truth(relation_conditions(hand, cup, relation, m0))]
+            assert relation_truth([hand], cup, relation, m0) == want, relation
+    # An unknown relation fails as the conditions do (and, as before, not for an empty pool).
+    with pytest.raises(ValueError, match="unknown relation"):
+        relation_truth([geom(0)], geom(1), "under", margins_list[0])
+    assert relation_truth([], geom(1), "under", margins_list[0]) == []

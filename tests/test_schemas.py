@@ -15,6 +15,7 @@ from orsgen.schemas.records import (
     Ref,
     RefSentence,
     Reject,
+    RejectLevel,
     Rle,
     Sample,
     TargetGeometry,
@@ -81,3 +82,90 @@ def test_row_rejects_wrong_types():
 
 def test_safe_key_has_no_dots():
     assert safe_key("refcoco.unc-coco:1/2") == "refcoco_unc-coco_1_2"
+
+
+def test_records_pickle_to_dataclasses_own_state_and_bytes():
+    """``pickled_by_slots``: the state ``dataclasses`` would pickle (same bytes), and back."""
+    import pickle
+
+    from tests.test_write import _example
+
+    from orsgen.schemas import records
+
+    def own_state(self):  # dataclasses' own __getstate__ for slots classes
+        return [getattr(self, f.name) for f in dataclasses.fields(self)]
+
+    classes = [
+        c for c in vars(records).values()
+        if isinstance(c, type) and dataclasses.is_dataclass(c) and c.__module__ == records.__name__
+    ]
+    assert all(c.__getstate__.__qualname__.startswith("pickled_by_slots") for c in classes), classes
+    ex = _example(0, n_inst=3)
+    odd = dataclasses.replace(ex, presence=(records.Presence(7, "cup", ""),), samples=ex.samples + (
+        dataclasses.replace(ex.samples[0], metadata={"é": [float("nan"), None, b"\x00"]}, sam2_ious=()),
+    ))
+    objs = [ex, odd, _example(1, n_inst=1), Reject("k\x00é", "stage", "reason", "msg", RejectLevel.IMAGE, "img"),
+            records.Category(1, "cup", "kitchen"), ex.samples[0].targets[0]]
+    seen = set()
+    for obj in objs:
+        for proto in (2, 4, pickle.HIGHEST_PROTOCOL):
+            got = pickle.dumps(obj, proto)
+            saved = {c: c.__getstate__ for c in classes}
+            try:
+                for c in classes:
+                    c.__getstate__ = own_state
+                want = pickle.dumps(obj, proto)
+            finally:
+                for c, g in saved.items():
+                    c.__getstate__ = g
+            assert got == want
+            back = pickle.loads(got)
+            assert repr(back) == repr(obj) and type(back) is type(obj)
+        seen.add(type(obj))
+    # Every field is set back by __setstate__, one-field classes included.
+    for c in classes:
+        names = [f.name for f in dataclasses.fields(c)]
+        blank = object.__new__(c)
+        blank.__setstate__(list(range(len(names))))
+        assert [getattr(blank, n) for n in names] == list(range(len(names)))
+        assert blank.__getstate__() == list(range(len(names)))
+    assert {ImageExample, Reject} <= seen
+
+
+def test_replace_record_equals_dataclasses_replace():
+    """Copies by the slots where ``__init__`` only sets fields; ``dataclasses.replace`` (and its errors) elsewhere."""
+    from tests.test_write import _example
+
+    from orsgen.schemas import records
+
+    ex = _example(0, n_inst=2)
+    cases = [
+        (ex, {"split": "val", "samples": ex.samples[:1]}),
+        (ex, {}),
+        (ex.samples[0], {"split": "test"}),
+        (ex.samples[1], {"split": "", "metadata": {"é": None}, "union_rle": None}),
+        (ex.instances[0], {"category_name": "x\x00é", "area_px": 0}),
+        (ex.image, {"width": 1}),
+        (ex.samples[0].union_rle, {"counts": "0"}),
+        (records.Presence(3, "cup"), {"iscrowd": True}),
+    ]
+    for obj, changes in cases:
+        got, want = records.replace_record(obj, **changes), dataclasses.replace(obj, **changes)
+        assert type(got) is type(obj) and got == want and repr(got) == repr(want) and got is not obj
+        for f in dataclasses.fields(obj):  # the same values, shared as replace shares them
+            assert getattr(got, f.name) is getattr(want, f.name)
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(got, dataclasses.fields(got)[0].name, "x")
+    assert ex.replace(split="val") == dataclasses.replace(ex, split="val")
+    # Reject's __post_init__ (cuts long text) still runs: it goes through dataclasses.replace.
+    r = Reject("k", "stage", "reason", "m", RejectLevel.IMAGE, "img")
+    long = "y" * (records.MAX_REJECT_MESSAGE_CHARS + 50)
+    assert records.replace_record(r, message=long) == dataclasses.replace(r, message=long)
+    assert len(records.replace_record(r, message=long).message) <= records.MAX_REJECT_MESSAGE_CHARS + 50
+    assert Reject not in records._FIELD_INDEX and ImageExample in records._FIELD_INDEX
+    for bad in ({"nope": 1}, {"split": "val", "nope": 1}):
+        with pytest.raises(TypeError) as want_err:
+            dataclasses.replace(ex.samples[0], **bad)
+        with pytest.raises(TypeError) as got_err:
+            records.replace_record(ex.samples[0], **bad)
+        assert str(got_err.value) == str(want_err.value)

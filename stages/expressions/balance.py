@@ -21,7 +21,7 @@ the result depends only on the seed, the image and the candidates.
 from __future__ import annotations
 
 import math
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import replace
 
@@ -46,6 +46,7 @@ def normalize(text: str) -> str:
 
 
 def _cand_key(c: Candidate) -> str:
+    # A candidate's name in the seeded order (``balance`` writes the same text inline).
     return f"{c.kind}\x00{c.template}\x00{c.expression}\x00{','.join(c.target_ids)}"
 
 
@@ -55,9 +56,14 @@ def merge_identical(cands: Sequence[Candidate]) -> tuple[list[Candidate], Counte
     Returns:
         ``(kept, counts)`` with ``counts["merged"]`` and ``counts["conflict"]``.
     """
-    groups: dict[str, list[Candidate]] = defaultdict(list)
+    groups: dict[str, list[Candidate]] = {}
     for c in cands:
-        groups[normalize(c.expression)].append(c)
+        text = " ".join(c.expression.lower().split())  # normalize(c.expression), inlined (a hot loop)
+        group = groups.get(text)
+        if group is None:
+            groups[text] = [c]
+        else:
+            group.append(c)
     kept: list[Candidate] = []
     counts: Counter[str] = Counter()
     for _text, group in sorted(groups.items()):
@@ -105,25 +111,33 @@ def balance(
         ``over_image_cap``).
     """
     merged, counts = merge_identical(positives)
-    by_kind: dict[str, list[Candidate]] = defaultdict(list)
-    order = ctx.shuffled(merged, key=_cand_key)
-    for c in order:
-        by_kind[c.kind].append(c)
+    # ctx.shuffled(merged, key=_cand_key), the keys made in one comprehension.
+    order = ctx.shuffled_named(
+        merged, [f"{c.kind}\x00{c.template}\x00{c.expression}\x00{','.join(c.target_ids)}" for c in merged]
+    )
 
     # Per-target cap over phrase + description, in the seeded order: the
     # descriptive candidates as they come in ``order`` (shuffling them again
-    # with the same key gives that same order: tests/test_expressions_fast.py).
-    per_target: Counter[tuple[str, ...]] = Counter()
-    descriptive = [c for c in order if c.kind in _DESCRIPTIVE]
-    allowed: set[int] = set()
-    for c in descriptive:
-        if per_target[c.target_ids] < cfg.max_per_target:
-            per_target[c.target_ids] += 1
-            allowed.add(id(c))
-        else:
-            counts["over_target_cap"] += 1
-    for k in _DESCRIPTIVE:
-        by_kind[k] = [c for c in by_kind.get(k, []) if id(c) in allowed]
+    # with the same key gives that same order: tests/test_expressions_fast.py),
+    # in the same pass that sorts the candidates by kind.
+    by_kind: dict[str, list[Candidate]] = {}
+    per_target: dict[tuple[str, ...], int] = {}
+    max_per_target = cfg.max_per_target
+    over_target_cap = 0
+    for c in order:
+        kind = c.kind
+        lst = by_kind.get(kind)
+        if lst is None:
+            lst = by_kind[kind] = []
+        if kind in _DESCRIPTIVE:
+            n = per_target.get(c.target_ids, 0)
+            if n >= max_per_target:
+                over_target_cap += 1
+                continue
+            per_target[c.target_ids] = n + 1
+        lst.append(c)
+    if over_target_cap:
+        counts["over_target_cap"] += over_target_cap
 
     caps = cfg.max_per_kind
     for k in list(by_kind):

@@ -122,6 +122,8 @@ def _template_plan(templates: TemplateSet, families: tuple[str, ...], keys: tupl
             how, param = _SIZE, t.order
         elif isinstance(t, OrdinalTemplate) and t.side in _ORDINAL_SIDES:
             how, param = _ORDINAL, t.side
+        elif isinstance(t, RelationTemplate):
+            how, param = _RELATION, t.relation  # relation_truth directly (what evaluate calls)
         else:
             how, param = (_RELATION if t.family == "relation" else _OTHER), None
         texts = [(key, getattr(t, key), getattr(t, f"{key}_plural"), f"\x00{t.id}\x00{key}\x00") for key in keys]
@@ -222,6 +224,8 @@ def description_candidates(
                     if size_table is None:
                         size_table = size_truth_table(pool, ctx.margins)
                     truths = size_table[param]
+                elif how == _RELATION and param is not None and anchor:
+                    truths = relation_truth(pool, anchor[1], param, ctx.margins)
                 else:
                     truths = evaluate(t, pool, ctx, anchor[1] if anchor else None)
                 # unique_selection, inlined (a hot path), with the reason when there is none.

@@ -768,8 +768,102 @@ def size_truth_table(pool: Sequence[Geom], margins: Margins) -> dict[str, list[T
 
 
 def relation_truth(pool: Sequence[Geom], anchor: Geom, relation: str, margins: Margins) -> list[Truth]:
-    """Truth of ``<instance> <relation> anchor`` for every instance of ``pool``."""
+    """Truth of ``<instance> <relation> anchor`` for every instance of ``pool``.
+
+    ``_truth(relation_conditions(g, anchor, relation, margins))`` for each
+    instance, without building the conditions: a hot path wherever a category
+    has a single instance (every relation template asks about every instance
+    against every anchor). Each condition's values are the same float
+    expressions, computed in full, and combined in ``_truth``'s order: any
+    clearly false (an ``additive`` or ``ratio`` value plus its margin below
+    0; a ``plain`` one never is), then all clearly true (each ``tv > 0``, so
+    a NaN is never true). tests/test_expressions_fast.py checks it against
+    the conditions.
+    """
+    m = margins.position_px
+    true, false, unsure = Truth.TRUE, Truth.FALSE, Truth.UNSURE
+    out: list[Truth] = []
+    if relation in _DIRECTIONAL:
+        horizontal = relation in ("left_of", "right_of")
+        before = relation in ("left_of", "above")
+        frac = margins.axis_overlap_frac
+        a = anchor
+        # The anchor's centroid, tested against each instance's box (_apart).
+        acx, acy = a.cx, a.cy
+        for g in pool:
+            if horizontal:
+                c_g, c_a, lo_g, hi_g, lo_a, hi_a = g.cx, a.cx, g.x0, g.x1, a.x0, a.x1
+            else:
+                c_g, c_a, lo_g, hi_g, lo_a, hi_a = g.cy, a.cy, g.y0, g.y1, a.y0, a.y1
+            overlap = min(hi_g, hi_a) - max(lo_g, lo_a)
+            allowed = frac * min(hi_g - lo_g, hi_a - lo_a)
+            if before:
+                v, p1, p2 = c_a - c_g, hi_a - hi_g, lo_a - lo_g
+            else:
+                v, p1, p2 = c_g - c_a, hi_g - hi_a, lo_g - lo_a
+            p3 = allowed - overlap
+            p4 = outside_px(g.cx, g.cy, a)
+            p5 = outside_px(acx, acy, g)
+            if v + m < 0:
+                out.append(false)
+            elif v - m > 0 and p1 - m > 0 and p2 - m > 0 and p3 - m > 0 and p4 - m > 0 and p5 - m > 0:
+                out.append(true)
+            else:
+                out.append(unsure)
+        return out
+    if relation == "next_to":
+        near = margins.near_px
+        for g in pool:
+            v = near - box_gap_px(g, anchor)
+            p4 = outside_px(g.cx, g.cy, anchor)
+            p5 = outside_px(anchor.cx, anchor.cy, g)
+            if v + m < 0:
+                out.append(false)
+            elif v - m > 0 and p4 - m > 0 and p5 - m > 0:
+                out.append(true)
+            else:
+                out.append(unsure)
+        return out
+    if relation == "on":
+        for g in pool:
+            overlap_x = min(g.x1, anchor.x1) - max(g.x0, anchor.x0)
+            v1 = overlap_x - ON_MIN_X_OVERLAP * g.width
+            v2 = g.y1 - anchor.y0
+            v3 = anchor.cy - g.y1
+            v4 = anchor.y0 - g.y0
+            if v1 + m < 0 or v2 + m < 0 or v3 + m < 0 or v4 + m < 0:
+                out.append(false)
+            elif v1 - m > 0 and v2 - m > 0 and v3 - m > 0 and v4 - m > 0:
+                out.append(true)
+            else:
+                out.append(unsure)
+        return out
+    if relation == "holding":
+        f = 1.0 + margins.size_ratio
+        for g in pool:
+            band_top = g.y0 + HOLD_BAND[0] * g.height
+            band_bottom = g.y0 + HOLD_BAND[1] * g.height
+            v1 = anchor.x0 - g.x0
+            v2 = g.x1 - anchor.x1
+            v3 = anchor.y0 - g.y0
+            v4 = g.y1 - anchor.y1
+            v5 = anchor.cy - band_top
+            v6 = band_bottom - anchor.cy
+            # ratio(HOLD_MAX_AREA_RATIO * g.area_px, anchor.area_px, size_ratio) = (x - f y, f x - y)
+            x, y = HOLD_MAX_AREA_RATIO * g.area_px, anchor.area_px
+            r_true, r_false = x - f * y, f * x - y
+            if v1 + m < 0 or v2 + m < 0 or v3 + m < 0 or v4 + m < 0 or v5 + m < 0 or v6 + m < 0 or r_false < 0:
+                out.append(false)
+            elif v1 - m > 0 and v2 - m > 0 and v3 - m > 0 and v4 - m > 0 and v5 - m > 0 and v6 - m > 0 and r_true > 0:
+                out.append(true)
+            else:
+                out.append(unsure)
+        return out
+    # An unknown relation: relation_conditions raises its error (for a non-empty pool, as before).
     return [_truth(relation_conditions(g, anchor, relation, margins)) for g in pool]
+
+
+_DIRECTIONAL = ("left_of", "right_of", "above", "below")
 
 
 def unique_selection(truths: Sequence[Truth]) -> list[int] | None:

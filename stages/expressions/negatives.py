@@ -13,7 +13,9 @@ reach training data).
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Collection, Sequence
+from typing import overload
 
 from orsgen.schemas.records import Category, ExpressionKind
 from orsgen.stages.expressions.context import Candidate, ImageContext
@@ -56,7 +58,7 @@ def absent_categories(
             continue
         seen.add(cat.name)
         absent.append((cat, bool(cat.supercategory) and cat.supercategory in ctx.present_supercategories))
-    ordered = ctx.shuffled(absent, key=lambda cb: cb[0].name)
+    ordered = ctx.shuffled_named(absent, [str(cb[0].name) for cb in absent])  # ctx.shuffled(absent, key=name)
     if hard_first:
         ordered = [cb for cb in ordered if cb[1]] + [cb for cb in ordered if not cb[1]]
     return ordered
@@ -76,12 +78,61 @@ def negative_candidates(
         One candidate per absent category (see ``absent_categories``); the
         caller takes as many as the negative ratio asks for.
     """
-    out = []
-    for cat, hard in absent_categories(ctx, vocabulary, templates, held_out=held_out, hard_first=hard_first):
-        f = noun_forms(cat.name, templates.nouns)
-        text = ctx.pick(templates.no_target, "no_target", cat.name).format(noun=f.singular, plural=f.plural)
-        out.append(
-            Candidate(
+    return list(NegativeCandidates(ctx, vocabulary, templates, held_out=held_out, hard_first=hard_first))
+
+
+class NegativeCandidates(Sequence[Candidate]):
+    """``negative_candidates(...)`` as a sequence that makes each candidate when it is first read.
+
+    ``balance`` reads the length and draws the first few (a few per image);
+    with COCO's 80 categories some 75 are absent from an image, and with
+    LVIS's 1,203 nearly all, so the text pick, its formatting and the
+    record of every other absent category are never made. The order
+    (``absent_categories``) and every category's noun forms are made at
+    once, as ``negative_candidates`` makes them, so a name whose forms
+    cannot be written fails here as it fails there.
+    """
+
+    def __init__(
+        self,
+        ctx: ImageContext,
+        vocabulary: Sequence[Category],
+        templates: TemplateSet,
+        *,
+        held_out: Collection[str] = (),
+        hard_first: bool = True,
+    ) -> None:
+        self._ctx = ctx
+        self._texts = templates.no_target
+        absent = absent_categories(ctx, vocabulary, templates, held_out=held_out, hard_first=hard_first)
+        self._absent = [(cat, hard, noun_forms(cat.name, templates.nouns)) for cat, hard in absent]
+        self._made: dict[int, Candidate] = {}
+
+    def __len__(self) -> int:
+        return len(self._absent)
+
+    @overload
+    def __getitem__(self, index: int) -> Candidate: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[Candidate]: ...
+
+    def __getitem__(self, index: int | slice) -> Candidate | list[Candidate]:
+        if isinstance(index, slice):
+            return [self._candidate(i) for i in range(*index.indices(len(self._absent)))]
+        i = operator.index(index)
+        if i < 0:
+            i += len(self._absent)
+        if not 0 <= i < len(self._absent):
+            raise IndexError("negative candidate index out of range")
+        return self._candidate(i)
+
+    def _candidate(self, i: int) -> Candidate:
+        made = self._made.get(i)
+        if made is None:
+            cat, hard, f = self._absent[i]
+            text = self._ctx.pick(self._texts, "no_target", cat.name).format(noun=f.singular, plural=f.plural)
+            made = self._made[i] = Candidate(
                 kind=str(ExpressionKind.NO_TARGET),
                 expression=text,
                 target_ids=(),
@@ -93,5 +144,4 @@ def negative_candidates(
                     "hard": hard,
                 },
             )
-        )
-    return out
+        return made

@@ -28,7 +28,7 @@ from orsgen.stages.expressions.categories import category_candidates
 from orsgen.stages.expressions.context import Candidate, ImageContext
 from orsgen.stages.expressions.descriptions import description_candidates
 from orsgen.stages.expressions.geometry import Margins
-from orsgen.stages.expressions.negatives import negative_candidates
+from orsgen.stages.expressions.negatives import NegativeCandidates
 from orsgen.stages.expressions.templates import TemplateSet
 from orsgen.stages.expressions.vocabulary import load_vocabulary
 from orsgen.stages.regions import select_regions
@@ -88,8 +88,9 @@ def generate_candidates(
         description=k.description,
         max_instances_per_category=cfg.max_instances_per_category,
     )
-    negs = (
-        negative_candidates(ctx, vocabulary, templates, held_out=held_out, hard_first=cfg.hard_negatives)
+    # Made as balance draws them (a few of the absent categories).
+    negs: Sequence[Candidate] = (
+        NegativeCandidates(ctx, vocabulary, templates, held_out=held_out, hard_first=cfg.hard_negatives)
         if k.no_target
         else []
     )

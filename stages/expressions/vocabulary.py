@@ -57,6 +57,8 @@ class Coverage:
     version: int
     table: dict[str, frozenset[str]]
     _words: dict[tuple[str, NounForms | None], frozenset[str]] = field(default_factory=dict, compare=False, repr=False)
+    #: ``suffixes`` by the same key as ``_words`` (every image's negatives ask for each vocabulary category).
+    _suffixes: dict[tuple[str, NounForms | None], frozenset[str]] = field(default_factory=dict, compare=False, repr=False)
 
     def words(self, name: str, nouns: dict[str, NounForms] | None = None) -> frozenset[str]:
         """The written forms of a category: normalised name, singular and plural (lower case)."""
@@ -86,7 +88,12 @@ class Coverage:
 
     def suffixes(self, name: str, nouns: dict[str, NounForms] | None = None) -> frozenset[str]:
         """Every proper tail of the category's written forms after a space or hyphen ("coffee table" -> "table")."""
-        return frozenset(t[i + 1 :] for t in self.words(name, nouns) for i, ch in enumerate(t) if ch in " -")
+        key = (name, nouns.get(name) if nouns else None)
+        got = self._suffixes.get(key)
+        if got is None:
+            got = frozenset(t[i + 1 :] for t in self.words(name, nouns) for i, ch in enumerate(t) if ch in " -")
+            self._suffixes[key] = got
+        return got
 
     def index(self, present: Sequence[tuple[str, str]], nouns: dict[str, NounForms] | None = None) -> "PresentIndex":
         """The present categories of one image, indexed for ``PresentIndex.touches``."""
