@@ -121,6 +121,10 @@ def _inject(inputs: Path) -> dict[str, str]:
     doc = json.loads(cpath.read_text())
     doc["categories"].append({"id": 903, "note": f"{SECRETS['env']} {SECRETS['hf']}"})
     expected["instances_demo.json#category:903"] = "bad_category"
+    # A blank name: the expressions stage (which says every category's name,
+    # present or absent) raised on it and failed the run.
+    doc["categories"].append({"id": 904, "name": " \t", "supercategory": "x"})
+    expected["instances_demo.json#category:904"] = "bad_category"
     cpath.write_text(json.dumps(doc, ensure_ascii=True))
     grefs = json.loads(gpath.read_text())
     bad = json.loads(json.dumps(grefs[0]))

@@ -302,8 +302,15 @@ def test_bad_categories_and_duplicates(tmp_path: Path) -> None:
             {"id": 1, "file_name": "img.jpg", "width": W, "height": H},
             {"id": 1, "file_name": "x.jpg", "width": W, "height": H},
         ],
-        "annotations": [ann(1, 1, POLY, cat=5), ann(1, 1, POLY), ann(2, 1, POLY, cat=1)],
-        "categories": [{"id": 1, "name": "a"}, {"id": 1, "name": "b"}, {"name": "noid"}, {"id": 5, "name": 7}],
+        "annotations": [ann(1, 1, POLY, cat=5), ann(1, 1, POLY), ann(2, 1, POLY, cat=1), ann(3, 1, POLY, cat=6)],
+        "categories": [
+            {"id": 1, "name": "a"},
+            {"id": 1, "name": "b"},
+            {"name": "noid"},
+            {"id": 5, "name": 7},
+            {"id": 6, "name": " \t\u00a0"},  # blank: no words for an expression
+            {"id": 7, "name": ""},
+        ],
     }
     (tmp_path / "i.json").write_text(json.dumps(doc))
     cfg = CocoInput(name="c", annotations=str(tmp_path / "i.json"), images=str(tmp_path))
@@ -317,7 +324,11 @@ def test_bad_categories_and_duplicates(tmp_path: Path) -> None:
         f"{url}#image_index:1": "duplicate_image",
         f"{url}#ann_index:1": "duplicate_annotation",
         f"{url}#ann:1": "unknown_category",
+        f"{url}#category:6": "bad_category",
+        f"{url}#category:7": "bad_category",
+        f"{url}#ann:3": "unknown_category",
     }
+    assert "blank name" in by_key(rejects)[f"{url}#category:6"].message
     assert [i.source_ann_id for i in examples[0].instances] == [2]
 
 

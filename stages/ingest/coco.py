@@ -333,6 +333,18 @@ def _parse_instances(url: str, shown: str = "") -> _Instances | Reject:
                     RejectLevel.SHARD,
                 )
             )
+        elif not name.split():
+            # Expressions say the category's name ("the cups", "no zebra"):
+            # a blank one has no words to say (and inflect fails on it).
+            shard_rejects.append(
+                _reject(
+                    key,
+                    BAD_CATEGORY,
+                    f"category id {cid} has the blank name {_short(name)}; give it a name, "
+                    "or remove the category (its annotations are rejected as unknown_category).",
+                    RejectLevel.SHARD,
+                )
+            )
         elif cid in categories:
             shard_rejects.append(
                 _reject(
