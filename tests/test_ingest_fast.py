@@ -588,6 +588,9 @@ def test_value_problem_shortcut_equals_the_full_scan(monkeypatch, rng):
         {"segmentation": polygons + [[True]]}, {"segmentation": polygons + [["s"]]},
         {"counts": list(range(500)), "size": [10, 20]}, {"counts": list(range(500)) + [V.INT64_MIN - 1]},
         {"name": "x" * 300}, {"file_name": "x" * 5000}, {"k": ["abc"]}, {"k": [1.0, "abc"]}, {"a": "x" * (V.MAX_STRING_CHARS + 1)},
+        # A dotted key: the scan's limit key is the text after its last "."
+        # ({"name": 3} limits "a.name"), which the shortcut must not skip.
+        {"a.name": "abcd"}, {"x": {"a.name": "abcd"}}, {"a.name": "ab"},
     ]
     for value in cases:
         for limits in limit_sets:

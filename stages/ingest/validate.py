@@ -138,25 +138,12 @@ def _clean_count(v: dict[Any, Any] | list[Any], limits: dict[str, int], depth: i
         if n > budget:
             return -1
         for k, x in v.items():
-            c = type(x)
-            if c is float or c is bool or x is None:
-                continue
-            if c is int:
-                if INT64_MIN <= x <= INT64_MAX:
-                    continue
+            # A string's limit key is the text after the last "." of the
+            # scan's path: a dotted key is left to the scan.
+            m = _clean_item(x, -1 if "." in k else limits.get(k, MAX_STRING_CHARS), limits, depth, budget - n)
+            if m < 0:
                 return -1
-            if c is str:
-                # The scan's limit key is the text after the last "." of the path.
-                if "." in k or len(x) > limits.get(k, MAX_STRING_CHARS) or _search_bad(x):
-                    return -1
-                continue
-            if c is dict or c is list:
-                m = _clean_count(x, limits, depth + 1, budget - n)
-                if m < 0:
-                    return -1
-                n += m
-                continue
-            return -1
+            n += m
         return n
     if type(v) is not list:
         return -1
@@ -182,26 +169,31 @@ def _clean_count(v: dict[Any, Any] | list[Any], limits: dict[str, int], depth: i
     if types == _STRS and str_ok and sum(map(len, v)) <= MAX_STRING_CHARS:
         # Words (ref tokens): one search over them joined; each is within the limit.
         return -1 if _search_bad("".join(v)) else n
+    str_limit = MAX_STRING_CHARS if str_ok else -1
     for x in v:
-        c = type(x)
-        if c is float or c is bool or x is None:
-            continue
-        if c is int:
-            if INT64_MIN <= x <= INT64_MAX:
-                continue
+        m = _clean_item(x, str_limit, limits, depth, budget - n)
+        if m < 0:
             return -1
-        if c is str:
-            if not str_ok or len(x) > MAX_STRING_CHARS or _search_bad(x):
-                return -1
-            continue
-        if c is dict or c is list:
-            m = _clean_count(x, limits, depth + 1, budget - n)
-            if m < 0:
-                return -1
-            n += m
-            continue
-        return -1
+        n += m
     return n
+
+
+def _clean_item(x: Any, str_limit: int, limits: dict[str, int], depth: int, budget: int) -> int:
+    """``_clean_count`` of one value inside a container at ``depth``: 0 for a clean scalar, -1 if not shown clean.
+
+    ``str_limit`` is the character limit of a string here (-1: leave any
+    string to the scan).
+    """
+    c = type(x)
+    if c is float or c is bool or x is None:
+        return 0
+    if c is int:
+        return 0 if INT64_MIN <= x <= INT64_MAX else -1
+    if c is str:
+        return 0 if len(x) <= str_limit and not _search_bad(x) else -1
+    if c is dict or c is list:
+        return _clean_count(x, limits, depth + 1, budget)
+    return -1
 
 
 def value_problem(value: Any, what: str, limits: dict[str, int] | None = None) -> tuple[str, str] | None:
