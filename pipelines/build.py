@@ -22,7 +22,7 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 import orsgen
-from orsgen.pipelines.transforms import EVENTS, REJECTS, IngestDoFn, StageDoFn
+from orsgen.pipelines.transforms import EVENTS, REJECTS, IngestDoFn, StageChainDoFn, StageDoFn
 from orsgen.schemas.config import CocoInput, GrefcocoInput, OrsgenConfig, RefcocoInput, Sa1bInput, redacted_config
 from orsgen.schemas.records import ImageExample, Reject, RejectLevel, replace_record
 from orsgen.stages.ingest import coco as ingest_coco, sa1b as ingest_sa1b
@@ -511,6 +511,29 @@ def _plan_items(_: bytes, inp: Any) -> Iterator[Any]:
             yield item
 
 
+def _apply_stages(
+    examples: Any, stages: list[tuple[str, Any, tuple[Any, ...]]], rejects_l: list[Any], events_l: list[Any]
+) -> Any:
+    """Consecutive stage functions ``(name, fn, side inputs)`` on ``examples``; returns the examples out.
+
+    One stage is a ``StageDoFn`` ParDo of its own name; several are one
+    ``StageChainDoFn`` ParDo named after them all (``Expressions+Regions+...``):
+    the same rejects, events and counters, without an example element
+    between each two of them.
+    """
+    if len(stages) == 1:
+        name, fn, side = stages[0]
+        res = examples | name >> beam.ParDo(StageDoFn(name, fn), *side).with_outputs(REJECTS, EVENTS, main="examples")
+    else:
+        chain = StageChainDoFn([(StageDoFn(name, fn), len(side)) for name, fn, side in stages])
+        res = examples | "+".join(name for name, _, _ in stages) >> beam.ParDo(
+            chain, *(s for _, _, side in stages for s in side)
+        ).with_outputs(REJECTS, EVENTS, main="examples")
+    rejects_l.append(res[REJECTS])
+    events_l.append(res[EVENTS])
+    return res.examples
+
+
 def build_pipeline(p: beam.Pipeline, cfg: OrsgenConfig, out: str, index: Any = None) -> None:
     """Adds the whole orsgen graph to ``p``.
 
@@ -548,13 +571,14 @@ def build_pipeline(p: beam.Pipeline, cfg: OrsgenConfig, out: str, index: Any = N
         ("Regions", functools.partial(regions_stage, cfg=cfg, input_types=input_types)),
         ("HumanSamples", refs_stage),
     ]
-    for name, fn in stages:
-        res = examples | name >> beam.ParDo(StageDoFn(name, fn), *side_inputs.get(name, ())).with_outputs(
-            REJECTS, EVENTS, main="examples"
-        )
-        examples = res.examples
-        rejects_l.append(res[REJECTS])
-        events_l.append(res[EVENTS])
+    pending = [(name, fn, side_inputs.get(name, ())) for name, fn in stages]
+    # With one input and no caption, SAM2 or decontamination stage in between,
+    # Splits follows HumanSamples directly and joins the same ParDo.
+    chain_splits = len(cfg.inputs) == 1 and not (
+        cfg.caption.enabled or cfg.verify_sam2.active or cfg.decontaminate.active
+    )
+    if not chain_splits:
+        examples = _apply_stages(examples, pending, rejects_l, events_l)
 
     # VLM captioning (SA1B-CoRS / SA1B-DeRS): after region selection, before SAM2
     # verification and splits (off by default: it needs a VLM server or model).
@@ -602,13 +626,12 @@ def build_pipeline(p: beam.Pipeline, cfg: OrsgenConfig, out: str, index: Any = N
             | "GroupByImage" >> beam.GroupByKey()
             | "Splits" >> beam.ParDo(ImageSplitsDoFn(cfg), *split_side).with_outputs(REJECTS, EVENTS, main="examples")
         )
+        examples = res.examples
+        rejects_l.append(res[REJECTS])
+        events_l.append(res[EVENTS])
     else:
-        res = examples | "Splits" >> beam.ParDo(
-            StageDoFn("Splits", functools.partial(_splits_with_overrides, cfg=cfg)), *split_side
-        ).with_outputs(REJECTS, EVENTS, main="examples")
-    examples = res.examples
-    rejects_l.append(res[REJECTS])
-    events_l.append(res[EVENTS])
+        splits = ("Splits", functools.partial(_splits_with_overrides, cfg=cfg), split_side)
+        examples = _apply_stages(examples, [*pending, splits] if chain_splits else [splits], rejects_l, events_l)
     if cfg.decontaminate.matching:
         res_o = examples | "BenchmarkOverlap" >> BenchmarkOverlap(cfg.decontaminate, matches, cfg.splits.train_splits, out)
         examples = res_o[0]

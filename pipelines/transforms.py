@@ -8,7 +8,7 @@ has to know about Beam and no drop goes uncounted.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import Any
 
 import apache_beam as beam
@@ -110,6 +110,12 @@ class StageDoFn(BundleCounts):
         # Side inputs given to ParDo (e.g. a category vocabulary) reach the
         # stage function as extra positional arguments. (Unannotated: Beam reads
         # an annotation on *args as a type hint of one tuple-valued input.)
+        out = yield from self._stage(ex, side_inputs)
+        if out is not None:
+            yield out
+
+    def _stage(self, ex: ImageExample, side_inputs: tuple[Any, ...]) -> Generator[Any, None, ImageExample | None]:
+        """Runs the stage on ``ex``: yields its rejects and events, returns its example (None: dropped)."""
         self._in.inc()
         result = self._fn(ex, *side_inputs)
         out, rejects = result[0], result[1]
@@ -137,9 +143,9 @@ class StageDoFn(BundleCounts):
                     ("dropped_with_image/samples", sum(s.sample_id not in own for s in ex.samples)),
                 )
             )
-            return
+            return None
         yield from self._account(ex, out, rejects)
-        yield out
+        return out
 
     def _account(self, ex: ImageExample, out: ImageExample, rejects: list[Reject]) -> Iterator[Any]:
         """Checks that nothing vanished without a reject, and counts new samples.
@@ -164,6 +170,50 @@ class StageDoFn(BundleCounts):
                 created = len(after - before) + len(keys - before)
                 if created:
                     yield from self._events((("created/samples", created),))
+
+
+class StageChainDoFn(BundleCounts):
+    """Consecutive stages in one ParDo: each ``StageDoFn`` runs on what the one before returned.
+
+    Every stage keeps its own rules and figures: its ``<name>_in`` and
+    ``dropped_<reason>`` counters, its accounting checks and its error
+    messages; an image one stage drops never reaches the next. What goes is
+    one main output per stage in between: each is an element that Beam hands
+    on, counts and, for some elements, pickles to estimate its size (an
+    ``ImageExample`` is tens of kilobytes). The rejects and events are the
+    same elements the separate ParDos emitted (events summed per bundle, as
+    ``BundleCounts`` does), and the examples that come out are the same.
+
+    Args:
+        stages: ``(stage, number of side inputs)`` in order; the ParDo's
+            side inputs are handed out to the stages in that order.
+    """
+
+    def __init__(self, stages: list[tuple[StageDoFn, int]]) -> None:
+        self._stages = tuple(stages)
+
+    def setup(self) -> None:
+        _redact_worker_logs()
+
+    def start_bundle(self) -> None:
+        super().start_bundle()
+        # One dict for the bundle: the stages count into the chain's sums.
+        for stage, _ in self._stages:
+            stage._sums = self._sums
+
+    def finish_bundle(self) -> Iterator[Any]:
+        for stage, _ in self._stages:
+            stage._sums = None
+        yield from super().finish_bundle()
+
+    def process(self, ex: ImageExample, *side_inputs) -> Iterator[Any]:  # type: ignore[no-untyped-def]
+        at = 0
+        for stage, n_side in self._stages:
+            ex = yield from stage._stage(ex, side_inputs[at : at + n_side])
+            if ex is None:
+                return
+            at += n_side
+        yield ex
 
 
 class IngestDoFn(BundleCounts):

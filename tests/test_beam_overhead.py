@@ -187,3 +187,120 @@ def test_a_fixed_bucket_count_keys_records_without_waiting_for_split_sizes(tmp_p
     # The completed groups' records still gate the shuffle in both.
     assert fixed["SkipCompletedGroups"] == auto["SkipCompletedGroups"] == 1
     assert fixed["CompletedGroups"] == 1 and auto["CompletedGroups"] == 0
+
+
+# ------------------------------------------------------------------ stage chains
+
+
+def _chain_stages():
+    """Three stages: a drop with events, a side input, a sample-level reject, a second drop."""
+
+    def first(ex: ImageExample, offset: int):
+        i = int(ex.key[1:])
+        if i % 5 == 0:
+            return None, [Reject(ex.image.image_id, "first", "bad", "bad image", RejectLevel.IMAGE, ex.image.image_id)], []
+        return ex.replace(key=f"k{i}", split=f"s{i + offset}"), [], [("first/n", i)]
+
+    def second(ex: ImageExample):
+        i = int(ex.key[1:])
+        rejects = [Reject(f"{ex.key}/x", "second", "odd", "odd one", RejectLevel.REF, ex.image.image_id)] if i % 2 else []
+        return ex, rejects
+
+    def third(ex: ImageExample, bad: int):
+        # Never sees an image that ``first`` dropped (it would fail on i % 5 == 0).
+        i = int(ex.key[1:])
+        assert i % 5, "a dropped image reached the next stage"
+        if i % bad == 0:
+            return None, [Reject(ex.image.image_id, "third", "worse", "worse", RejectLevel.IMAGE, ex.image.image_id)]
+        return ex.replace(split=ex.split + "!"), [], [("third/n", 1)]
+
+    return [("First", first), ("Second", second), ("Third", third)]
+
+
+_SINK: dict[str, list] = {}
+
+
+def _keep(xs, label):  # noqa: ANN001, ANN202
+    # The FnApiRunner runs in this process: the collected lists land here.
+    _SINK[label] = sorted(xs)
+
+
+def _run_stages(chain: bool, n: int) -> tuple[dict[str, list], dict[str, int]]:
+    """The three stages as one ParDo each, or as one StageChainDoFn: (collected outputs, counters)."""
+    from apache_beam.metrics.metric import MetricsFilter
+
+    from orsgen.pipelines.transforms import StageChainDoFn
+
+    _SINK.clear()
+    p = beam.Pipeline(options=PipelineOptions(["--runner=FnApiRunner"]))
+    examples = p | beam.Create(list(range(n))) | beam.Reshuffle() | beam.Map(_example)
+    offset = beam.pvalue.AsSingleton(p | "Offset" >> beam.Create([100]))
+    sides = {"First": (offset,), "Second": (), "Third": (7,)}
+    outs = []
+    if chain:
+        fn = StageChainDoFn([(StageDoFn(name, f), len(sides[name])) for name, f in _chain_stages()])
+        outs.append(examples | "Chain" >> beam.ParDo(fn, offset, 7).with_outputs(REJECTS, EVENTS, main="examples"))
+    else:
+        for name, f in _chain_stages():
+            res = examples | name >> beam.ParDo(StageDoFn(name, f), *sides[name]).with_outputs(
+                REJECTS, EVENTS, main="examples"
+            )
+            examples = res.examples
+            outs.append(res)
+    written = outs[-1].examples | beam.Map(lambda ex: (ex.key, ex.split))
+    rejects = [o[REJECTS] for o in outs] | "R" >> beam.Flatten() | beam.Map(lambda r: (r.source_key, r.stage, r.reason))
+    events = [o[EVENTS] for o in outs] | "E" >> beam.Flatten() | beam.CombinePerKey(sum)
+    for label, pc in (("written", written), ("rejects", rejects), ("events", events)):
+        _ = pc | f"Collect{label}" >> beam.combiners.ToList() | f"Keep{label}" >> beam.Map(_keep, label)
+    result = p.run()
+    result.wait_until_finish()
+    counters = {
+        c.key.metric.name: c.committed
+        for c in result.metrics().query(MetricsFilter().with_namespace("orsgen"))["counters"]
+    }
+    return dict(_SINK), counters
+
+
+def test_a_stage_chain_gives_what_the_separate_stages_give():
+    """Outputs, rejects, summed events and each stage's counters are those of one ParDo per stage."""
+    n = 40
+    separate, chained = _run_stages(False, n), _run_stages(True, n)
+    assert chained == separate
+    written = dict(separate[0]["written"])
+    # The side inputs reached their stages: First's offset and Third's divisor.
+    assert written["k1"] == "s101!" and "k7" not in written and "k14" not in written and "k5" not in written
+    assert len(separate[0]["rejects"]) == 8 + 4 + sum(1 for i in range(n) if i % 5 and i % 2)
+    counters = separate[1]
+    assert counters["First_in"] == n and counters["Second_in"] == counters["Third_in"] == n - n // 5
+    assert counters["dropped_bad"] == n // 5 and counters["dropped_worse"] == 4
+    events = dict(separate[0]["events"])
+    assert events["first/n"] == sum(i for i in range(n) if i % 5) and events["third/n"] == len(written)
+
+
+def test_a_stage_chain_stops_at_a_drop_and_names_the_stage_that_broke_the_rules():
+    from orsgen.pipelines.transforms import StageChainDoFn
+
+    stages = dict(_chain_stages())
+    fn = StageChainDoFn([(StageDoFn("First", stages["First"]), 1), (StageDoFn("Third", stages["Third"]), 1)])
+    # Outside a bundle: every event comes out with the example, as StageDoFn's do.
+    out = list(fn.process(_example(3), 100, 7))
+    assert [o for o in out if isinstance(o, ImageExample)] == [_example(3).replace(split="s103!")]
+    assert [o.value for o in out if isinstance(o, beam.pvalue.TaggedOutput) and o.tag == EVENTS] == [
+        ("first/n", 3), ("third/n", 1)]
+    # Dropped by First: Third never runs (it asserts so), one image reject comes out.
+    out = list(fn.process(_example(10), 100, 7))
+    assert [o.value.reason for o in out if isinstance(o, beam.pvalue.TaggedOutput) and o.tag == REJECTS] == ["bad"]
+    assert not [o for o in out if isinstance(o, ImageExample)]
+    # Inside a bundle the events wait for finish_bundle, summed over the stages.
+    fn.start_bundle()
+    list(fn.process(_example(3), 100, 7))
+    list(fn.process(_example(4), 100, 7))
+    assert sorted(o.value.value for o in fn.finish_bundle()) == [("first/n", 7), ("third/n", 2)]
+    # A stage that drops an image without an image reject is named in the error.
+    silent = StageChainDoFn([(StageDoFn("First", stages["First"]), 1), (StageDoFn("Quiet", lambda ex: (None, [])), 0)])
+    try:
+        list(silent.process(_example(3), 100))
+    except RuntimeError as e:
+        assert "stage Quiet dropped image img:3" in str(e)
+    else:
+        raise AssertionError("a silent drop went through")
