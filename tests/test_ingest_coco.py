@@ -310,13 +310,16 @@ def test_bad_categories_and_duplicates(tmp_path: Path) -> None:
             {"id": 5, "name": 7},
             {"id": 6, "name": " \t\u00a0"},  # blank: no words for an expression
             {"id": 7, "name": ""},
+            {"id": 8, "name": "_"},  # no letter or digit: "all _S"
+            {"id": 9, "name": "\u200b()"},
+            {"id": 10, "name": "t-shirt (2)"},  # kept
         ],
     }
     (tmp_path / "i.json").write_text(json.dumps(doc))
     cfg = CocoInput(name="c", annotations=str(tmp_path / "i.json"), images=str(tmp_path))
     examples, rejects, cats = split_items(list(read_input(cfg, IMAGE_CFG)))
     url = cfg.annotations
-    assert cats == [Category(1, "a", "")]
+    assert cats == [Category(1, "a", ""), Category(10, "t-shirt (2)", "")]
     assert {k: r.reason for k, r in by_key(rejects).items()} == {
         f"{url}#category:1": "bad_category",
         f"{url}#category_index:2": "bad_category",
@@ -326,9 +329,11 @@ def test_bad_categories_and_duplicates(tmp_path: Path) -> None:
         f"{url}#ann:1": "unknown_category",
         f"{url}#category:6": "bad_category",
         f"{url}#category:7": "bad_category",
+        f"{url}#category:8": "bad_category",
+        f"{url}#category:9": "bad_category",
         f"{url}#ann:3": "unknown_category",
     }
-    assert "blank name" in by_key(rejects)[f"{url}#category:6"].message
+    assert "no letter or digit" in by_key(rejects)[f"{url}#category:6"].message
     assert [i.source_ann_id for i in examples[0].instances] == [2]
 
 

@@ -333,14 +333,16 @@ def _parse_instances(url: str, shown: str = "") -> _Instances | Reject:
                     RejectLevel.SHARD,
                 )
             )
-        elif not name.split():
-            # Expressions say the category's name ("the cups", "no zebra"):
-            # a blank one has no words to say (and inflect fails on it).
+        elif not any(map(str.isalnum, name)):
+            # Expressions say the category's name ("the cups", "no zebra"): a
+            # blank name has no words to say (inflect fails on it), and one
+            # of only marks, underscores or zero-width characters ("_", "()",
+            # U+200B) would be written as "all _S".
             shard_rejects.append(
                 _reject(
                     key,
                     BAD_CATEGORY,
-                    f"category id {cid} has the blank name {_short(name)}; give it a name, "
+                    f"category id {cid} has the name {_short(name)}, with no letter or digit; give it a name, "
                     "or remove the category (its annotations are rejected as unknown_category).",
                     RejectLevel.SHARD,
                 )
