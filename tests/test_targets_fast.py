@@ -290,3 +290,24 @@ def test_outlines_from_compact_crops_equal_the_outlines_of_the_unions(rng):
         # Mixed with full crops in one batch (rings shared between them).
         mixed = given + [(u, M.decode_crop(u, pad_px=1)) for u in unions]
         assert [g.wkb for g in M.rle_to_geometries(mixed, tol)] == want + want
+
+
+def test_targets_of_different_mask_sizes_trace_their_union_as_before(rng):
+    """Masks of two sizes (ingest rejects them first): pycocotools' union is its empty 0x0 mask.
+
+    The outline is that union's (empty), as before the compact crops; the
+    targets' own crops would show their pixels instead.
+    """
+    a = np.zeros((10, 10), dtype=bool)
+    a[2:5, 2:5] = True
+    b = np.zeros((10, 12), dtype=bool)
+    b[6:9, 7:11] = True
+    insts = {}
+    for k, m in enumerate((a, b)):
+        r = M.encode_mask(m)
+        insts[f"i{k}"] = Instance(f"i{k}", "img", r, M.rle_bbox_xywh(r), M.xywh_to_xyxy(M.rle_bbox_xywh(r)), M.rle_area(r))
+    union = M.rle_union([i.rle for i in insts.values()], size=(10, 12))
+    cache = T.TargetCache()
+    cache.prepare([["i0", "i1"]], insts, 12, 10)
+    got_union, svg = cache.union_and_svg(list(insts.values()), 12, 10, T.SVG_TOLERANCE_PX)
+    assert got_union == union and svg == M.svg_path(_outline_reference(union, T.SVG_TOLERANCE_PX), 12, 10) == ""

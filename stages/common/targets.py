@@ -111,16 +111,22 @@ class TargetCache:
             got = self._crops[key] = decode_crop(rle, pad_px=1)
         return got
 
-    def outline_crop(self, targets: Sequence[Instance]) -> PaddedCrop | CompactCrop:
+    def outline_crop(self, targets: Sequence[Instance]) -> PaddedCrop | CompactCrop | None:
         """The pixels ``rle_to_geometries`` traces for the union of ``targets``' masks.
 
         One target's union is its own mask (the same crop); several targets'
         crops, decoded once each for their points, are put together on the
         rows and columns they span (``compact_crop``) instead of decoding the
-        union's window, mostly background when the targets lie apart.
+        union's window, mostly background when the targets lie apart. None
+        (trace the union itself) when the masks differ in size: their union
+        is then pycocotools' empty 0×0 mask, which the crops do not show
+        (ingest rejects such masks first).
         """
         if len(targets) == 1:
             return self.crop(targets[0].rle)
+        size = targets[0].rle.size
+        if any(t.rle.size != size for t in targets):
+            return None
         return compact_crop([self.crop(t.rle) for t in targets])
 
     def geometry(self, inst: Instance, width: int, height: int) -> TargetGeometry:
@@ -197,7 +203,7 @@ class TargetCache:
         self, target_lists: Sequence[Sequence[Instance]], width: int, height: int, tolerance_px: float
     ) -> None:
         """Stores the union mask and SVG path of each target list not stored yet, outlines in one batch."""
-        todo: list[tuple[tuple[Any, ...], Rle, PaddedCrop | CompactCrop]] = []
+        todo: list[tuple[tuple[Any, ...], Rle, PaddedCrop | CompactCrop | None]] = []
         keys: set[tuple[Any, ...]] = set()
         for targets in target_lists:
             key = self._shape_key(targets, width, height, tolerance_px)
