@@ -209,7 +209,12 @@ class StageChainDoFn(BundleCounts):
     def process(self, ex: ImageExample, *side_inputs) -> Iterator[Any]:  # type: ignore[no-untyped-def]
         at = 0
         for stage, n_side in self._stages:
-            ex = yield from stage._stage(ex, side_inputs[at : at + n_side])
+            try:
+                ex = yield from stage._stage(ex, side_inputs[at : at + n_side])
+            except Exception as err:
+                # Beam names the chained step ("A+B+C"): say which stage raised.
+                err.add_note(f"orsgen: raised in stage {stage._name} of the chained step, on image {ex.image.image_id}.")
+                raise
             if ex is None:
                 return
             at += n_side

@@ -304,3 +304,14 @@ def test_a_stage_chain_stops_at_a_drop_and_names_the_stage_that_broke_the_rules(
         assert "stage Quiet dropped image img:3" in str(e)
     else:
         raise AssertionError("a silent drop went through")
+    # A stage that raises is named too (Beam names only the chained step).
+    def broken(ex):  # noqa: ANN001, ANN202
+        raise ValueError("boom")
+
+    raising = StageChainDoFn([(StageDoFn("First", stages["First"]), 1), (StageDoFn("Broken", broken), 0)])
+    try:
+        list(raising.process(_example(3), 100))
+    except ValueError as e:
+        assert "raised in stage Broken of the chained step, on image img:3" in " ".join(e.__notes__)
+    else:
+        raise AssertionError("the stage's error was lost")
