@@ -46,7 +46,7 @@ def normalize(text: str) -> str:
 
 
 def _cand_key(c: Candidate) -> str:
-    # A candidate's name in the seeded order (``balance`` writes the same text inline).
+    # A candidate's name in the seeded order.
     return f"{c.kind}\x00{c.template}\x00{c.expression}\x00{','.join(c.target_ids)}"
 
 
@@ -58,7 +58,7 @@ def merge_identical(cands: Sequence[Candidate]) -> tuple[list[Candidate], Counte
     """
     groups: dict[str, list[Candidate]] = {}
     for c in cands:
-        text = " ".join(c.expression.lower().split())  # normalize(c.expression), inlined (a hot loop)
+        text = normalize(c.expression)
         group = groups.get(text)
         if group is None:
             groups[text] = [c]
@@ -111,10 +111,7 @@ def balance(
         ``over_image_cap``).
     """
     merged, counts = merge_identical(positives)
-    # ctx.shuffled(merged, key=_cand_key), the keys made in one comprehension.
-    order = ctx.shuffled_named(
-        merged, [f"{c.kind}\x00{c.template}\x00{c.expression}\x00{','.join(c.target_ids)}" for c in merged]
-    )
+    order = ctx.shuffled_named(merged, [_cand_key(c) for c in merged])
 
     # Per-target cap over phrase + description, in the seeded order: the
     # descriptive candidates as they come in ``order`` (shuffling them again

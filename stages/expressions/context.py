@@ -15,7 +15,6 @@ change it.
 
 from __future__ import annotations
 
-import hashlib
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -261,25 +260,16 @@ class ImageContext:
         return options[min(int(self.unit(*parts) * n), n - 1)]
 
     def shuffled(self, items: Iterable[T], key: Any) -> list[T]:
-        """``items`` in a seeded order; ``key(item)`` names each item stably."""
-        head = f"{self._unit_prefix}\x00order\x00"
-
-        def order(it: T) -> tuple[float, str]:
-            name = str(key(it))  # unit("order", name), with the fixed head joined once
-            return (sha256_unit(head + name), name)
-
-        return sorted(items, key=order)
+        """``items`` in a seeded order; ``key(item)`` names each item stably (``shuffled_named`` of the names)."""
+        items = list(items)
+        return self.shuffled_named(items, [str(key(it)) for it in items])
 
     def shuffled_named(self, items: Sequence[T], names: Sequence[str]) -> list[T]:
-        """``shuffled(items, key)`` where ``names[i] == str(key(items[i]))``, the names made by the caller.
+        """``items`` in a seeded order, ``names[i]`` naming ``items[i]`` (made by the caller, no key calls).
 
-        The same order: each item's ``(unit("order", name), name)``, ties in
-        the given order (the index is the last element of the sort key, so the
-        sort is as stable as ``sorted``'s); the digests in one comprehension,
-        without a key function call per item.
+        Each item's place is ``(unit("order", name), name)``, ties in the
+        given order (the index is the last element of the sort key).
         """
-        head = f"{self._unit_prefix}\x00order\x00"
-        sha256, from_bytes = hashlib.sha256, int.from_bytes
-        # sha256_unit(head + name), inlined: a hundred items per image.
-        units = [from_bytes(sha256((head + name).encode("utf-8")).digest()[:8], "big") / 2.0**64 for name in names]
+        head = f"{self._unit_prefix}\x00order\x00"  # unit("order", name), the fixed head joined once
+        units = [sha256_unit(head + name) for name in names]
         return [items[i] for _, _, i in sorted(zip(units, names, range(len(names))))]
