@@ -137,6 +137,18 @@ def demo_output(tmp_path_factory):
     return out
 
 
+def json_member_reference(row: dict) -> bytes:
+    """The WebDataset JSON member of an example row (without ``image``), by ``json.dumps``.
+
+    ``example_to_row`` yields plain JSON values, so this is
+    ``canonical_json(example_to_json(ex))``: the reference of
+    ``schemas.arrow.example_json_bytes`` and of the Parquet rows' readers.
+    """
+    import json
+
+    return json.dumps(row, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
 def interior_points_reference(rle):
     """The interior-points rule written out the direct way (the oracle of the fast paths).
 

@@ -147,7 +147,8 @@ def test_rows_batch_equals_from_pylist(monkeypatch):
 
     from orsgen.schemas.arrow import EXAMPLE_SCHEMA
     from orsgen.stages.write import plan as P
-    from orsgen.stages.write.plan import _ROWS_PER_CONVERSION, _json_bytes, _read_members, _rows_batch_python, rows_batch
+    from orsgen.stages.write.plan import _ROWS_PER_CONVERSION, _read_members, _rows_batch_python, rows_batch
+    from tests.conftest import json_member_reference as _json_bytes
 
     variants = _row_variants()
     assert any(r["samples"] for r in variants) and any(r["instances"] for r in variants)

@@ -35,6 +35,7 @@ from orsgen.stages import write as W
 from orsgen.stages.dataset.features import webdataset_features
 from orsgen.stages.write import plan as WP
 from orsgen.stages.write import shards as WS
+from tests.conftest import json_member_reference
 
 
 # ------------------------------------------------------------------ fixtures
@@ -216,7 +217,7 @@ def test_json_member_written_directly_equals_json_dumps_of_the_row(examples):
     def reference(ex):
         row = example_to_row(ex)
         del row["image"]
-        return WP._json_bytes(row)
+        return json_member_reference(row)
 
     class Kind(str, enum.Enum):
         PHRASE = "phrase"

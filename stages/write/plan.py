@@ -194,14 +194,6 @@ class EncodedExample:
 _IMAGE_INDEX = EXAMPLE_SCHEMA.get_field_index("image")
 
 
-def _json_bytes(row: dict[str, Any]) -> bytes:
-    # The reference for ``example_json_bytes`` (which ``encode_example``
-    # uses): ``example_to_row`` yields plain JSON values already, so
-    # json.dumps with canonical_json's settings gives the same bytes as
-    # canonical_json(example_to_json(ex)) (tests/test_write.py checks both).
-    return json.dumps(row, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-
-
 #: ``EXAMPLE_SCHEMA``'s fields as one struct: rows convert as one array.
 _EXAMPLE_STRUCT = pa.struct(list(EXAMPLE_SCHEMA))
 
