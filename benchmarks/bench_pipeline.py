@@ -37,7 +37,8 @@ Figures:
   pipeline modules' import and the same 1 image through the loop.
 * per-image CPU of the loop against the tree before the optimisation
   (``--baseline``, default ``c63fce4``): each tree's own loop and config,
-  alternating fresh processes.
+  alternating fresh processes; and this tree again with the baseline's
+  ``write.num_buckets`` (the same work: ``auto`` buckets came with issue 10).
 * the C work under the per-image cost: the loop once more under cProfile,
   the own time of GEOS, OpenCV, libjpeg, pycocotools, Arrow and file system
   calls, next to what 3x less than the baseline would need.
@@ -661,12 +662,13 @@ def _one_loop(cfg_path: str, out: str) -> None:
     plain_loop(load_config(cfg_path), out)
 
 
-def _tree_loop_cpu(bench_dir: str, input_root: str, n_coco: str, n_sa1b: str, out: str) -> None:
+def _tree_loop_cpu(bench_dir: str, input_root: str, n_coco: str, n_sa1b: str, out: str, buckets: str = "own") -> None:
     """Prints the warm CPU seconds of the plain loop of the tree whose benchmark is in ``bench_dir``.
 
     That tree's own ``make_inputs`` (its config for the same demo images) and
     ``plain_loop`` (its own stage API) are used, so a revision from before
     later API changes still runs; ``orsgen`` itself comes from ``PYTHONPATH``.
+    ``buckets`` other than ``"own"`` sets ``write.num_buckets`` (an int).
     """
     import importlib
     import json
@@ -677,6 +679,8 @@ def _tree_loop_cpu(bench_dir: str, input_root: str, n_coco: str, n_sa1b: str, ou
 
     coco_cfg, _ = bench.make_inputs(Path(input_root), int(n_coco), int(n_sa1b))
     cfg = load_config(coco_cfg)
+    if buckets != "own":
+        cfg = cfg.model_copy(update={"write": cfg.write.model_copy(update={"num_buckets": int(buckets)})})
     warm = cfg.model_copy(update={"inputs": [cfg.inputs[0].model_copy(update={"max_images": 1})]})
     shutil.rmtree(out, ignore_errors=True)
     bench.plain_loop(warm, out + "-warm")
@@ -806,31 +810,54 @@ def compare_with_revision(rev: str, work: Path, n_coco: int, n_sa1b: int, repeat
     rev_bench = base / "orsgen" / "benchmarks"
     if not (rev_bench / "bench_pipeline.py").exists():
         raise SystemExit(f"revision {rev} has no benchmarks/bench_pipeline.py; pick c63fce4 or a later revision.")
+    same_buckets = f"this tree, {rev}'s write.num_buckets"
     trees = {
         # Its own inputs folder: each tree's make_inputs writes its own config there.
         rev: (str(base), str(rev_bench), work / f"inputs-{rev}", 1),
         "this tree": ("", str(REPO / "benchmarks"), work / "inputs", n_sa1b),
+        # The same work as rev's run: this tree's config with rev's bucket
+        # count (128 for c63fce4, whose small shards cost several ms per
+        # image at 200 images; ``auto`` came with issue 10, not with the
+        # optimisation). Known once rev's own run has written its config.
+        same_buckets: ("", str(REPO / "benchmarks"), work / "inputs", n_sa1b),
     }
+    rev_buckets = "own"
     results: dict[str, list[dict[str, Any]]] = {k: [] for k in trees}
     for _ in range(repeat):
         for label, (env_path, bench_dir, inputs, n_s) in trees.items():
+            if label == same_buckets:
+                if rev_buckets == "own":
+                    continue
+                buckets = rev_buckets
+            else:
+                buckets = "own"
             env = {**os.environ, "PYTHONPATH": env_path}
             got = subprocess.run(
                 [sys.executable, __file__, "--tree-loop-cpu", bench_dir, str(inputs), str(n_coco), str(n_s),
-                 str(work / "cmp-out")],
+                 str(work / "cmp-out"), buckets],
                 check=True, capture_output=True, text=True, env=env, cwd=REPO,
             ).stdout.strip().splitlines()[-1]
             results[label].append(json.loads(got))
+            if label == rev:
+                rev_nb = yaml.safe_load((inputs / "bench_coco.yaml").read_text())["write"]["num_buckets"]
+                own_nb = yaml.safe_load((work / "inputs" / "bench_coco.yaml").read_text())["write"]["num_buckets"]
+                rev_buckets = str(rev_nb) if isinstance(rev_nb, int) and rev_nb != own_nb else "own"
+    results = {k: v for k, v in results.items() if v}
     best = {k: min(v, key=lambda r: r["cpu_s"]) for k, v in results.items()}
-    b, t = (best[k]["cpu_s"] / best[k]["images"] * 1e3 for k in (rev, "this tree"))
-    same = len({r["digest"] for v in results.values() for r in v}) == 1
+    b = best[rev]["cpu_s"] / best[rev]["images"] * 1e3
+    t = best["this tree"]["cpu_s"] / best["this tree"]["images"] * 1e3
     runs = ", ".join(f"{k}: " + " / ".join(f"{r['cpu_s'] / r['images'] * 1e3:.1f}" for r in v) for k, v in results.items())
-    pairs = sorted(
-        (x["cpu_s"] / x["images"]) / (y["cpu_s"] / y["images"]) for x, y in zip(results[rev], results["this tree"])
-    )
-    print(f"per-image CPU of the plain loop, warm, {best[rev]['images']} dense COCO-style images, each tree with its own "
-          f"benchmark config: {rev} {b:.1f} ms, this tree {t:.1f} ms: {b / t:.2f}x less (all runs, ms/image: {runs}; "
-          f"per back-to-back pair: {' / '.join(f'{x:.2f}x' for x in pairs)}, median {statistics.median(pairs):.2f}x)")
+    print(f"per-image CPU of the plain loop, warm, {best[rev]['images']} dense COCO-style images (all runs, ms/image: "
+          f"{runs}):")
+    for label, what in (("this tree", "each tree with its own benchmark config"),
+                        (same_buckets, f"the same work: this tree with {rev}'s write.num_buckets {rev_buckets}")):
+        if label not in results:
+            continue
+        mine = best[label]["cpu_s"] / best[label]["images"] * 1e3
+        pairs = sorted((x["cpu_s"] / x["images"]) / (y["cpu_s"] / y["images"]) for x, y in zip(results[rev], results[label]))
+        print(f"  {what}: {rev} {b:.1f} ms, this tree {mine:.1f} ms: {b / mine:.2f}x less (per back-to-back pair: "
+              f"{' / '.join(f'{x:.2f}x' for x in pairs)}, median {statistics.median(pairs):.2f}x)")
+    same = len({r["digest"] for k in (rev, "this tree") for r in results[k]}) == 1
     print("  data files: " + ("byte-identical" if same else
           f"differ between {rev} and this tree (expected when commits between them change the output or the "
           "config on purpose; byte identity of an optimisation is checked against the tree just before it)"))
@@ -842,7 +869,7 @@ if __name__ == "__main__":
         _one_loop(sys.argv[2], sys.argv[3])
     elif len(sys.argv) in (5, 6) and sys.argv[1] == "--tree-beam-cpu":
         _tree_beam_cpu(*sys.argv[2:])
-    elif len(sys.argv) == 7 and sys.argv[1] == "--tree-loop-cpu":
+    elif len(sys.argv) in (7, 8) and sys.argv[1] == "--tree-loop-cpu":
         _tree_loop_cpu(*sys.argv[2:])
     else:
         main()
