@@ -37,8 +37,9 @@ Figures:
   pipeline modules' import and the same 1 image through the loop.
 * per-image CPU of the loop against the tree before the optimisation
   (``--baseline``, default ``c63fce4``): each tree's own loop and config,
-  alternating fresh processes; and this tree again with the baseline's
-  ``write.num_buckets`` (the same work: ``auto`` buckets came with issue 10).
+  alternating fresh processes; then both trees with the baseline's
+  ``write.num_buckets`` (the same work: ``auto`` buckets came with issue 10)
+  and both with one bucket (the per-image work without small shards' cost).
 * the C work under the per-image cost: the loop once more under cProfile,
   the own time of GEOS, OpenCV, libjpeg, pycocotools, Arrow and file system
   calls, next to what 3x less than the baseline would need.
@@ -810,27 +811,27 @@ def compare_with_revision(rev: str, work: Path, n_coco: int, n_sa1b: int, repeat
     rev_bench = base / "orsgen" / "benchmarks"
     if not (rev_bench / "bench_pipeline.py").exists():
         raise SystemExit(f"revision {rev} has no benchmarks/bench_pipeline.py; pick c63fce4 or a later revision.")
-    same_buckets = f"this tree, {rev}'s write.num_buckets"
-    trees = {
-        # Its own inputs folder: each tree's make_inputs writes its own config there.
-        rev: (str(base), str(rev_bench), work / f"inputs-{rev}", 1),
-        "this tree": ("", str(REPO / "benchmarks"), work / "inputs", n_sa1b),
-        # The same work as rev's run: this tree's config with rev's bucket
-        # count (128 for c63fce4, whose small shards cost several ms per
-        # image at 200 images; ``auto`` came with issue 10, not with the
-        # optimisation). Known once rev's own run has written its config.
-        same_buckets: ("", str(REPO / "benchmarks"), work / "inputs", n_sa1b),
-    }
-    rev_buckets = "own"
-    results: dict[str, list[dict[str, Any]]] = {k: [] for k in trees}
+    # (label, PYTHONPATH, benchmark folder, inputs folder, SA-1B images, write.num_buckets). Besides each
+    # tree's own config, both trees with rev's bucket count (the same work as
+    # rev's own run: ``auto`` buckets came with issue 10, and at 200 images
+    # 128 buckets make shards of one or two images, whose fixed cost is
+    # several ms per image) and both with one bucket per split (the
+    # per-image work, without that fixed cost). Rev's count is known once
+    # its first run has written its config.
+    rev_run = (str(base), str(rev_bench), work / f"inputs-{rev}", 1)
+    own_run = ("", str(REPO / "benchmarks"), work / "inputs", n_sa1b)
+    ways: list[tuple[str, tuple[str, str, Path, int], str]] = [
+        (rev, rev_run, "own"), ("this tree", own_run, "own"), ("this tree@rev", own_run, "rev"),
+        (f"{rev}@1", rev_run, "1"), ("this tree@1", own_run, "1"),
+    ]
+    rev_buckets = ""
+    results: dict[str, list[dict[str, Any]]] = {label: [] for label, _, _ in ways}
     for _ in range(repeat):
-        for label, (env_path, bench_dir, inputs, n_s) in trees.items():
-            if label == same_buckets:
-                if rev_buckets == "own":
+        for label, (env_path, bench_dir, inputs, n_s), buckets in ways:
+            if buckets == "rev":
+                if not rev_buckets:
                     continue
                 buckets = rev_buckets
-            else:
-                buckets = "own"
             env = {**os.environ, "PYTHONPATH": env_path}
             got = subprocess.run(
                 [sys.executable, __file__, "--tree-loop-cpu", bench_dir, str(inputs), str(n_coco), str(n_s),
@@ -838,25 +839,28 @@ def compare_with_revision(rev: str, work: Path, n_coco: int, n_sa1b: int, repeat
                 check=True, capture_output=True, text=True, env=env, cwd=REPO,
             ).stdout.strip().splitlines()[-1]
             results[label].append(json.loads(got))
-            if label == rev:
+            if label == rev and not rev_buckets:
                 rev_nb = yaml.safe_load((inputs / "bench_coco.yaml").read_text())["write"]["num_buckets"]
                 own_nb = yaml.safe_load((work / "inputs" / "bench_coco.yaml").read_text())["write"]["num_buckets"]
-                rev_buckets = str(rev_nb) if isinstance(rev_nb, int) and rev_nb != own_nb else "own"
-    results = {k: v for k, v in results.items() if v}
-    best = {k: min(v, key=lambda r: r["cpu_s"]) for k, v in results.items()}
-    b = best[rev]["cpu_s"] / best[rev]["images"] * 1e3
-    t = best["this tree"]["cpu_s"] / best["this tree"]["images"] * 1e3
-    runs = ", ".join(f"{k}: " + " / ".join(f"{r['cpu_s'] / r['images'] * 1e3:.1f}" for r in v) for k, v in results.items())
-    print(f"per-image CPU of the plain loop, warm, {best[rev]['images']} dense COCO-style images (all runs, ms/image: "
-          f"{runs}):")
-    for label, what in (("this tree", "each tree with its own benchmark config"),
-                        (same_buckets, f"the same work: this tree with {rev}'s write.num_buckets {rev_buckets}")):
-        if label not in results:
+                rev_buckets = str(rev_nb) if isinstance(rev_nb, int) and rev_nb != own_nb else ""
+
+    def ms(r: dict[str, Any]) -> float:
+        return r["cpu_s"] / r["images"] * 1e3
+
+    best = {k: min(ms(r) for r in v) for k, v in results.items() if v}
+    print(f"per-image CPU of the plain loop, warm, {results[rev][0]['images']} dense COCO-style images, ms/image, "
+          "all runs: " + ", ".join(f"{k}: " + " / ".join(f"{ms(r):.1f}" for r in v) for k, v in results.items() if v))
+    for old, new, what in (
+        (rev, "this tree", "each tree with its own benchmark config"),
+        (rev, "this tree@rev", f"the same work, both with {rev}'s write.num_buckets {rev_buckets}"),
+        (f"{rev}@1", "this tree@1", "the per-image work: both with write.num_buckets 1"),
+    ):
+        if not results.get(new):
             continue
-        mine = best[label]["cpu_s"] / best[label]["images"] * 1e3
-        pairs = sorted((x["cpu_s"] / x["images"]) / (y["cpu_s"] / y["images"]) for x, y in zip(results[rev], results[label]))
-        print(f"  {what}: {rev} {b:.1f} ms, this tree {mine:.1f} ms: {b / mine:.2f}x less (per back-to-back pair: "
-              f"{' / '.join(f'{x:.2f}x' for x in pairs)}, median {statistics.median(pairs):.2f}x)")
+        pairs = sorted(ms(x) / ms(y) for x, y in zip(results[old], results[new]))
+        print(f"  {what}: {rev} {best[old]:.1f} ms, this tree {best[new]:.1f} ms: {best[old] / best[new]:.2f}x less "
+              f"(per back-to-back pair: {' / '.join(f'{x:.2f}x' for x in pairs)}, median {statistics.median(pairs):.2f}x)")
+    b, t = best[rev], best["this tree"]
     same = len({r["digest"] for k in (rev, "this tree") for r in results[k]}) == 1
     print("  data files: " + ("byte-identical" if same else
           f"differ between {rev} and this tree (expected when commits between them change the output or the "
