@@ -749,3 +749,42 @@ def test_relation_truth_equals_the_truth_of_its_conditions():
     with pytest.raises(ValueError, match="unknown relation"):
         relation_truth([geom(0)], geom(1), "under", margins_list[0])
     assert relation_truth([], geom(1), "under", margins_list[0]) == []
+
+
+def test_sha256_unit_normalize_and_the_float_sort_equal_the_written_formulas(monkeypatch):
+    """``sha256_unit`` is the first 8 digest bytes over 2**64, ``normalize`` the split and join; ``shuffled_named`` orders by (unit, name, index)."""
+    import hashlib
+
+    from orsgen.stages.expressions import context as context_module
+    from orsgen.stages.expressions.balance import normalize
+    from orsgen.stages.expressions.context import ImageContext
+    from orsgen.stages.expressions.geometry import Margins
+    from orsgen.stages.splits import sha256_unit
+
+    for text in ["", "a", "\x00", "é\x00x", "\U0001f600" * 40, "x" * 1000, "expressions:0\x00img\x00order\x00a"]:
+        want = int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big") / 2.0**64
+        assert sha256_unit(text) == want and 0.0 <= want < 1.0
+    # balance's normalize, kept per text, answers as the split and join do, asked once or again.
+    for text in ["", " ", "The  Cup", "the cup", "ÉCLAIR\tà\u00a0la\u2003crème ", "\u0130x", "a\x00 B", "ǅ"] * 2:
+        assert normalize(text) == " ".join(text.lower().split())
+
+    margins = Margins(position_px=2.0, size_ratio=0.25, near_px=4.0, axis_overlap_frac=0.5)
+    ctx = ImageContext.build("img", 64, 48, [], margins, seed=0)
+    rng = np.random.default_rng(15)
+    names = [f"n{i}" for i in range(60)] + ["a", "a", "", "é\x00"]
+
+    def reference(items, nms):
+        units = [context_module.sha256_unit(f"{ctx._unit_prefix}\x00order\x00{n}") for n in nms]
+        return [items[i] for _, _, i in sorted(zip(units, nms, range(len(nms))))]
+
+    def check():
+        for _ in range(20):
+            nms = [names[int(i)] for i in rng.integers(0, len(names), int(rng.integers(0, 40)))]
+            items = [object() for _ in nms]
+            assert [id(x) for x in ctx.shuffled_named(items, nms)] == [id(x) for x in reference(items, nms)]
+
+    check()  # real digests: distinct names never tie on the unit (only equal names do)
+    # Coarse units: distinct names tie on their unit, and the name then decides.
+    for levels in (1, 2, 5):
+        monkeypatch.setattr(context_module, "sha256_unit", lambda t, k=levels: (sum(map(ord, t)) % k) / k)
+        check()

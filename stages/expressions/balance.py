@@ -20,6 +20,7 @@ the result depends only on the seed, the image and the candidates.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import Counter
 from collections.abc import Sequence
@@ -40,8 +41,13 @@ KIND_ORDER = (
 _DESCRIPTIVE = (str(ExpressionKind.DESCRIPTION), str(ExpressionKind.PHRASE))
 
 
+@functools.lru_cache(maxsize=16384)
 def normalize(text: str) -> str:
-    """The form identical expressions share: lower case, single spaces."""
+    """The form identical expressions share: lower case, single spaces.
+
+    Kept per text: the same texts recur in image after image, and the lookup
+    costs a fraction of the split and join (a pure function of the string).
+    """
     return " ".join(text.lower().split())
 
 
