@@ -788,3 +788,61 @@ def test_sha256_unit_normalize_and_the_float_sort_equal_the_written_formulas(mon
     for levels in (1, 2, 5):
         monkeypatch.setattr(context_module, "sha256_unit", lambda t, k=levels: (sum(map(ord, t)) % k) / k)
         check()
+
+
+def _word_covers_by_scan(cov, words, name, supercategory="", nouns=None):
+    """``Coverage.word_covers`` as written before its set form (a scan with ``endswith``): the oracle."""
+    from orsgen.stages.expressions.vocabulary import normalize
+
+    target = cov.words(name, nouns)
+    if words & target:
+        return True
+    sup = normalize(supercategory) if supercategory else ""
+    for w in words:
+        listed = cov.table.get(w)
+        if listed and not listed.isdisjoint(target):
+            return True
+        if sup and w == sup:
+            return True
+        if any(t.endswith(" " + w) or t.endswith("-" + w) for t in target):
+            return True
+    return False
+
+
+def test_word_covers_by_sets_equals_the_scan():
+    """The set form of ``word_covers`` answers like the scan, on COCO-, LVIS-style and odd names and words."""
+    from dataclasses import replace
+
+    from orsgen.stages.expressions import load_templates
+    from orsgen.stages.expressions.plurals import KNOWN_PLURALS
+    from orsgen.stages.expressions.templates import NounForms
+    from orsgen.stages.expressions.vocabulary import load_vocabulary
+
+    bundled = load_vocabulary()
+    extra = {**bundled.table, "ball": frozenset({"tennis ball"}), "dog": frozenset({"hot-dog"}), "-": frozenset({"a-"})}
+    rng = np.random.default_rng(16)
+    names = sorted(KNOWN_PLURALS)[:60] + [
+        "tennis ball", "hot-dog", "dining_table", "glass_(drink_container)", "a-", "x -y", "coffee table", "ball",
+        "table", "a b-c d", "Hot Dog", "-", "x(y)",
+    ]
+    sups = ["", "animal", "Animal", "kitchen(x)", "_", "()", "food", "table", "vehicle", "-"]
+    pool = sorted({w for n in names for w in bundled.words(n)} | {"", "-", " ", "dog", "table", "ball", "d", "y", "animal"})
+    overrides = {"coffee table": NounForms(singular="end-stand", plural="end stands")}
+    templates = load_templates()
+    reached = set()
+    for cov in (bundled, replace(bundled, table=extra, _words={}, _suffixes={})):
+        for nouns in (None, templates.nouns, overrides):
+            for _ in range(300):
+                words = frozenset(pool[int(i)] for i in rng.integers(0, len(pool), int(rng.integers(0, 4))))
+                name = names[int(rng.integers(len(names)))]
+                sup = sups[int(rng.integers(len(sups)))]
+                want = _word_covers_by_scan(cov, words, name, sup, nouns)
+                assert cov.word_covers(words, name, sup, nouns) == want, (words, name, sup)
+                assert cov.word_covers(set(words), name, sup, nouns) == want
+                reached.add(want)
+            for name in names:  # every name's own words and its tails
+                for sup in sups:
+                    for w in sorted(cov.words(name, nouns) | cov.suffixes(name, nouns) | {"", "-", "animal"}):
+                        words = frozenset({w})
+                        assert cov.word_covers(words, name, sup, nouns) == _word_covers_by_scan(cov, words, name, sup, nouns)
+    assert reached == {True, False}
