@@ -846,3 +846,74 @@ def test_word_covers_by_sets_equals_the_scan():
                         words = frozenset({w})
                         assert cov.word_covers(words, name, sup, nouns) == _word_covers_by_scan(cov, words, name, sup, nouns)
     assert reached == {True, False}
+
+
+def _anchors_by_scan(ctx, target_category):
+    """``descriptions._anchors`` as written before the image's anchors were made once: the oracle."""
+    out = []
+    for name in sorted(ctx.pools):
+        pool = ctx.pools[name]
+        if name == target_category or ctx.unknown_extent(name) or len(pool) != 1:
+            continue
+        if ctx.covers_another(name) is not None:
+            continue
+        if pool[0].instance_id in ctx.kept_ids:
+            out.append((name, pool[0]))
+    return out
+
+
+def test_image_anchors_and_formatted_texts_equal_the_direct_ones():
+    """The anchors made once per image equal the per-target scan; the kept formatted texts equal ``str.format``."""
+    import pytest
+
+    from orsgen.stages.expressions import load_templates
+    from orsgen.stages.expressions.context import ImageContext
+    from orsgen.stages.expressions.descriptions import _anchors, _formatted
+    from orsgen.stages.expressions.geometry import Geom, Margins
+    from orsgen.stages.expressions.vocabulary import load_vocabulary
+
+    coverage, nouns = load_vocabulary(), load_templates().nouns
+    margins = Margins(position_px=2.0, size_ratio=0.25, near_px=4.0, axis_overlap_frac=0.5)
+    names = ["cup", "dining table", "coffee_table", "dog", "tennis ball", "ball", "person", "hot dog", "zebra"]
+    rng = np.random.default_rng(17)
+    seen = set()
+    for trial in range(60):
+        present = [n for n in names if rng.random() < 0.6]
+        pools = {
+            n: [Geom(f"{n}:{k}", n, False, 10.0, 5.0 * k, 3.0, 0.0, 0.0, 9.0, 9.0) for k in range(int(rng.integers(1, 3)))]
+            for n in present
+        }
+        geoms = {g.instance_id: g for pool in pools.values() for g in pool}
+        ctx = ImageContext(
+            image_id=f"img{trial}",
+            width=64,
+            height=48,
+            geoms=geoms,
+            pools=pools,
+            crowd_categories=frozenset(n for n in present if rng.random() < 0.2),
+            present_names=frozenset(present),
+            present_ids=frozenset(),
+            present_supercategories=frozenset(),
+            kept_ids=frozenset(i for i in geoms if rng.random() < 0.8),
+            margins=margins,
+            seed=0,
+            rejected_categories=frozenset(n for n in present if rng.random() < 0.2),
+            present_categories=tuple(sorted((n, "") for n in present)),
+            coverage=coverage if trial % 3 else None,
+            nouns=nouns,
+        )
+        for target in names + ["absent", ""]:
+            got = _anchors(ctx, target)
+            assert got == _anchors_by_scan(ctx, target), (trial, target)
+            seen.add(len(got))
+    assert max(seen) >= 2 and 0 in seen
+    for text in ["the {noun}", "{plural} left of the {anchor}", "{noun!r}", "{{noun}}", "{noun:>9}|", "", "{anchor}{anchor}"]:
+        for forms in (("cup", "cups", ""), ("é\x00", "", "dog"), ("{noun}", "{plural}", "{anchor}")):
+            for _ in range(2):
+                assert _formatted(text, *forms) == text.format(noun=forms[0], plural=forms[1], anchor=forms[2])
+    for bad in ["{x}", "{0}", "{noun", "{noun.x}"]:
+        for _ in range(2):  # raised again, not a kept answer
+            with pytest.raises(Exception) as want:
+                bad.format(noun="cup", plural="cups", anchor="")
+            with pytest.raises(type(want.value)):
+                _formatted(bad, "cup", "cups", "")
