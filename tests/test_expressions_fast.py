@@ -424,7 +424,9 @@ def test_rle_moments_by_prefix_sums_equal_the_column_formulas_and_refuse_out_of_
             runs.pop()
         runs.append(h * w - sum(runs))
         rles.append(rle_from_runs(runs, (h, w)))
-    for batch in (rles, rles[::-1], rles[:1], rles[7:8], rles[30:45]):
+    # No pixels: no runs at all (a mask with no pair), one or two zero runs; all background; all foreground.
+    edges = [rle_from_runs(r, size) for r, size in (([], (4, 0)), ([0], (4, 0)), ([0, 0], (4, 0)), ([12], (4, 3)), ([0, 12], (4, 3)))]
+    for batch in (rles, rles[::-1], rles[:1], rles[7:8], rles[30:45], edges, edges[::-1], rles[:3] + edges + rles[3:6], edges[:1]):
         runs_list = [rle_counts_to_runs(r.counts) for r in batch]
         fast = G._rle_moments_by_prefix(runs_list, batch)
         assert fast is not None  # the prefix sums are taken for every mask of the bench's size
@@ -917,3 +919,41 @@ def test_image_anchors_and_formatted_texts_equal_the_direct_ones():
                 bad.format(noun="cup", plural="cups", anchor="")
             with pytest.raises(type(want.value)):
                 _formatted(bad, "cup", "cups", "")
+
+
+def test_instance_geom_made_by_slots_equals_the_dataclass_built_one():
+    """``instance_geom`` sets Geom's slots directly: the same fields (types included), frozen, equal and hashed alike."""
+    import dataclasses
+
+    import pytest
+
+    from orsgen.schemas.records import Instance
+    from orsgen.stages.expressions.geometry import Geom, instance_geom
+
+    rles = _tricky_rles()[:6]
+    cases = [
+        ((3, 7.0, 12.0), (1, 2, 4, 9), "cup", 0),
+        ((0, 0.0, 0.0), (1.5, -0.0, 4, 9), None, True),  # no area: the box's centre
+        ((5, 1e300, -3.5), (float("nan"), 2, float("inf"), 9), "é\x00", 1),
+        (None, (0, 0, 1, 1), "", False),  # moments from the mask
+    ]
+    for k, (moments, box, name, crowd) in enumerate(cases):
+        inst = Instance(
+            instance_id=f"i{k}", image_id="img", rle=rles[k], bbox_xywh=(0.0, 0.0, 1.0, 1.0), bbox_xyxy=box,
+            area_px=1, category_name=name, iscrowd=crowd,
+        )
+        g = instance_geom(inst, moments)
+        area, sx, sy = moments if moments is not None else rle_moments(inst.rle)
+        if area:
+            cx, cy = sx / area + 0.5, sy / area + 0.5
+        else:
+            cx, cy = (box[0] + box[2]) / 2.0, (box[1] + box[3]) / 2.0
+        want = Geom(f"i{k}", name, bool(crowd), float(area), float(cx), float(cy), *(float(v) for v in box))
+        assert type(g) is Geom and repr(g) == repr(want)
+        assert [type(v) for v in dataclasses.astuple(g)] == [type(v) for v in dataclasses.astuple(want)]
+        if all(v == v for v in dataclasses.astuple(want)[3:]):  # NaN is never equal
+            assert g == want and hash(g) == hash(want)
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            g.cx = 0.0
+    with pytest.raises(ValueError):
+        instance_geom(dataclasses.replace(inst, bbox_xyxy=(0, 1, 2)), (1, 0.0, 0.0))
