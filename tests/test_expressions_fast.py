@@ -921,6 +921,57 @@ def test_image_anchors_and_formatted_texts_equal_the_direct_ones():
                 _formatted(bad, "cup", "cups", "")
 
 
+def _merge_identical_by_groups(cands):
+    """``merge_identical`` as written before it kept one candidate per text (a list per text): the oracle."""
+    from collections import Counter
+    from dataclasses import replace
+
+    from orsgen.stages.expressions.balance import KIND_ORDER, normalize
+
+    groups: dict = {}
+    for c in cands:
+        groups.setdefault(normalize(c.expression), []).append(c)
+    kept, counts = [], Counter()
+    for _text, group in sorted(groups.items()):
+        if len(group) == 1:
+            kept.append(group[0])
+            continue
+        if len({c.target_ids for c in group}) > 1:
+            counts["conflict"] += len(group)
+            continue
+        group = sorted(group, key=lambda c: (KIND_ORDER.index(c.kind) if c.kind in KIND_ORDER else 99, c.template, c.expression))
+        first = group[0]
+        counts["merged"] += len(group) - 1
+        others = sorted({c.template for c in group[1:]} - {first.template})
+        if others:
+            first = replace(first, metadata={**first.metadata, "merged_templates": others})
+        kept.append(first)
+    return kept, counts
+
+
+def test_merge_identical_equals_the_grouping_by_lists():
+    """One candidate per text plus lists for repeats: the same kept candidates, in the same order, and counts."""
+    from orsgen.stages.expressions.balance import KIND_ORDER, merge_identical
+    from orsgen.stages.expressions.context import Candidate
+
+    rng = np.random.default_rng(18)
+    texts = ["the cup", "The  cup", "the cup ", "a dog", "A DOG", "\tthe\ncup", "é x", "É X", "z"]
+    seen = set()
+    for trial in range(300):
+        cands = []
+        for j in range(int(rng.integers(0, 25 if trial % 2 else 6))):
+            kind = KIND_ORDER[int(rng.integers(len(KIND_ORDER)))] if rng.random() < 0.9 else "other"
+            targets = tuple(sorted({f"t{int(rng.integers(2))}" for _ in range(int(rng.integers(1, 3)))}))
+            text = texts[int(rng.integers(len(texts)))] if trial % 3 else f"text {j}"
+            cands.append(Candidate(kind, text, targets, f"tp{int(rng.integers(3))}", {"j": j}))
+        got, want = merge_identical(cands), _merge_identical_by_groups(cands)
+        assert got[0] == want[0] and list(got[1].items()) == list(want[1].items())
+        assert all(a is b for a, b in zip(got[0], want[0]) if "merged_templates" not in a.metadata)
+        seen.update(got[1])
+        seen.add("none" if not got[1] else "some")
+    assert {"merged", "conflict", "none"} <= seen
+
+
 def test_instance_geom_made_by_slots_equals_the_dataclass_built_one():
     """``instance_geom`` sets Geom's slots directly: the same fields (types included), frozen, equal and hashed alike."""
     import dataclasses
