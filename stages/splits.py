@@ -18,6 +18,7 @@ copies that wanted another split become ``split_conflict`` rejects.
 from __future__ import annotations
 
 import hashlib
+import struct
 from collections.abc import Collection, Iterable, Sequence
 
 from orsgen.schemas.config import OodRule, SplitConfig
@@ -25,9 +26,14 @@ from orsgen.schemas.records import ImageExample, Reject, RejectLevel
 from orsgen.stages.common.masks import rle_area
 
 
+_sha256 = hashlib.sha256
+#: The first 8 bytes as a big-endian unsigned integer: ``int.from_bytes(digest[:8], "big")``.
+_first_u64 = struct.Struct(">Q").unpack_from
+
+
 def sha256_unit(text: str) -> float:
     """A uniform number in [0, 1): the first 8 bytes of ``text``'s sha256, big-endian, over 2**64."""
-    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big") / 2.0**64
+    return _first_u64(_sha256(text.encode("utf-8")).digest())[0] / 2.0**64
 
 
 def hash_unit(text: str, salt: str) -> float:

@@ -424,7 +424,9 @@ def test_rle_moments_by_prefix_sums_equal_the_column_formulas_and_refuse_out_of_
             runs.pop()
         runs.append(h * w - sum(runs))
         rles.append(rle_from_runs(runs, (h, w)))
-    for batch in (rles, rles[::-1], rles[:1], rles[7:8], rles[30:45]):
+    # No pixels: no runs at all (a mask with no pair), one or two zero runs; all background; all foreground.
+    edges = [rle_from_runs(r, size) for r, size in (([], (4, 0)), ([0], (4, 0)), ([0, 0], (4, 0)), ([12], (4, 3)), ([0, 12], (4, 3)))]
+    for batch in (rles, rles[::-1], rles[:1], rles[7:8], rles[30:45], edges, edges[::-1], rles[:3] + edges + rles[3:6], edges[:1]):
         runs_list = [rle_counts_to_runs(r.counts) for r in batch]
         fast = G._rle_moments_by_prefix(runs_list, batch)
         assert fast is not None  # the prefix sums are taken for every mask of the bench's size
@@ -749,3 +751,260 @@ def test_relation_truth_equals_the_truth_of_its_conditions():
     with pytest.raises(ValueError, match="unknown relation"):
         relation_truth([geom(0)], geom(1), "under", margins_list[0])
     assert relation_truth([], geom(1), "under", margins_list[0]) == []
+
+
+def test_sha256_unit_normalize_and_the_float_sort_equal_the_written_formulas(monkeypatch):
+    """``sha256_unit`` is the first 8 digest bytes over 2**64, ``normalize`` the split and join; ``shuffled_named`` orders by (unit, name, index)."""
+    import hashlib
+
+    from orsgen.stages.expressions import context as context_module
+    from orsgen.stages.expressions.balance import normalize
+    from orsgen.stages.expressions.context import ImageContext
+    from orsgen.stages.expressions.geometry import Margins
+    from orsgen.stages.splits import sha256_unit
+
+    for text in ["", "a", "\x00", "é\x00x", "\U0001f600" * 40, "x" * 1000, "expressions:0\x00img\x00order\x00a"]:
+        want = int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big") / 2.0**64
+        assert sha256_unit(text) == want and 0.0 <= want < 1.0
+    # balance's normalize, kept per text, answers as the split and join do, asked once or again.
+    for text in ["", " ", "The  Cup", "the cup", "ÉCLAIR\tà\u00a0la\u2003crème ", "\u0130x", "a\x00 B", "ǅ"] * 2:
+        assert normalize(text) == " ".join(text.lower().split())
+
+    margins = Margins(position_px=2.0, size_ratio=0.25, near_px=4.0, axis_overlap_frac=0.5)
+    ctx = ImageContext.build("img", 64, 48, [], margins, seed=0)
+    rng = np.random.default_rng(15)
+    names = [f"n{i}" for i in range(60)] + ["a", "a", "", "é\x00"]
+
+    def reference(items, nms):
+        units = [context_module.sha256_unit(f"{ctx._unit_prefix}\x00order\x00{n}") for n in nms]
+        return [items[i] for _, _, i in sorted(zip(units, nms, range(len(nms))))]
+
+    def check():
+        for _ in range(20):
+            nms = [names[int(i)] for i in rng.integers(0, len(names), int(rng.integers(0, 40)))]
+            items = [object() for _ in nms]
+            assert [id(x) for x in ctx.shuffled_named(items, nms)] == [id(x) for x in reference(items, nms)]
+
+    check()  # real digests: distinct names never tie on the unit (only equal names do)
+    # Coarse units: distinct names tie on their unit, and the name then decides.
+    for levels in (1, 2, 5):
+        monkeypatch.setattr(context_module, "sha256_unit", lambda t, k=levels: (sum(map(ord, t)) % k) / k)
+        check()
+
+
+def _word_covers_by_scan(cov, words, name, supercategory="", nouns=None):
+    """``Coverage.word_covers`` as written before its set form (a scan with ``endswith``): the oracle."""
+    from orsgen.stages.expressions.vocabulary import normalize
+
+    target = cov.words(name, nouns)
+    if words & target:
+        return True
+    sup = normalize(supercategory) if supercategory else ""
+    for w in words:
+        listed = cov.table.get(w)
+        if listed and not listed.isdisjoint(target):
+            return True
+        if sup and w == sup:
+            return True
+        if any(t.endswith(" " + w) or t.endswith("-" + w) for t in target):
+            return True
+    return False
+
+
+def test_word_covers_by_sets_equals_the_scan():
+    """The set form of ``word_covers`` answers like the scan, on COCO-, LVIS-style and odd names and words."""
+    from dataclasses import replace
+
+    from orsgen.stages.expressions import load_templates
+    from orsgen.stages.expressions.plurals import KNOWN_PLURALS
+    from orsgen.stages.expressions.templates import NounForms
+    from orsgen.stages.expressions.vocabulary import load_vocabulary
+
+    bundled = load_vocabulary()
+    extra = {**bundled.table, "ball": frozenset({"tennis ball"}), "dog": frozenset({"hot-dog"}), "-": frozenset({"a-"})}
+    rng = np.random.default_rng(16)
+    names = sorted(KNOWN_PLURALS)[:60] + [
+        "tennis ball", "hot-dog", "dining_table", "glass_(drink_container)", "a-", "x -y", "coffee table", "ball",
+        "table", "a b-c d", "Hot Dog", "-", "x(y)",
+    ]
+    sups = ["", "animal", "Animal", "kitchen(x)", "_", "()", "food", "table", "vehicle", "-"]
+    pool = sorted({w for n in names for w in bundled.words(n)} | {"", "-", " ", "dog", "table", "ball", "d", "y", "animal"})
+    overrides = {"coffee table": NounForms(singular="end-stand", plural="end stands")}
+    templates = load_templates()
+    reached = set()
+    for cov in (bundled, replace(bundled, table=extra, _words={}, _suffixes={})):
+        for nouns in (None, templates.nouns, overrides):
+            for _ in range(300):
+                words = frozenset(pool[int(i)] for i in rng.integers(0, len(pool), int(rng.integers(0, 4))))
+                name = names[int(rng.integers(len(names)))]
+                sup = sups[int(rng.integers(len(sups)))]
+                want = _word_covers_by_scan(cov, words, name, sup, nouns)
+                assert cov.word_covers(words, name, sup, nouns) == want, (words, name, sup)
+                assert cov.word_covers(set(words), name, sup, nouns) == want
+                reached.add(want)
+            for name in names:  # every name's own words and its tails
+                for sup in sups:
+                    for w in sorted(cov.words(name, nouns) | cov.suffixes(name, nouns) | {"", "-", "animal"}):
+                        words = frozenset({w})
+                        assert cov.word_covers(words, name, sup, nouns) == _word_covers_by_scan(cov, words, name, sup, nouns)
+    assert reached == {True, False}
+
+
+def _anchors_by_scan(ctx, target_category):
+    """``descriptions._anchors`` as written before the image's anchors were made once: the oracle."""
+    out = []
+    for name in sorted(ctx.pools):
+        pool = ctx.pools[name]
+        if name == target_category or ctx.unknown_extent(name) or len(pool) != 1:
+            continue
+        if ctx.covers_another(name) is not None:
+            continue
+        if pool[0].instance_id in ctx.kept_ids:
+            out.append((name, pool[0]))
+    return out
+
+
+def test_image_anchors_and_formatted_texts_equal_the_direct_ones():
+    """The anchors made once per image equal the per-target scan; the kept formatted texts equal ``str.format``."""
+    import pytest
+
+    from orsgen.stages.expressions import load_templates
+    from orsgen.stages.expressions.context import ImageContext
+    from orsgen.stages.expressions.descriptions import _anchors, _formatted
+    from orsgen.stages.expressions.geometry import Geom, Margins
+    from orsgen.stages.expressions.vocabulary import load_vocabulary
+
+    coverage, nouns = load_vocabulary(), load_templates().nouns
+    margins = Margins(position_px=2.0, size_ratio=0.25, near_px=4.0, axis_overlap_frac=0.5)
+    names = ["cup", "dining table", "coffee_table", "dog", "tennis ball", "ball", "person", "hot dog", "zebra"]
+    rng = np.random.default_rng(17)
+    seen = set()
+    for trial in range(60):
+        present = [n for n in names if rng.random() < 0.6]
+        pools = {
+            n: [Geom(f"{n}:{k}", n, False, 10.0, 5.0 * k, 3.0, 0.0, 0.0, 9.0, 9.0) for k in range(int(rng.integers(1, 3)))]
+            for n in present
+        }
+        geoms = {g.instance_id: g for pool in pools.values() for g in pool}
+        ctx = ImageContext(
+            image_id=f"img{trial}",
+            width=64,
+            height=48,
+            geoms=geoms,
+            pools=pools,
+            crowd_categories=frozenset(n for n in present if rng.random() < 0.2),
+            present_names=frozenset(present),
+            present_ids=frozenset(),
+            present_supercategories=frozenset(),
+            kept_ids=frozenset(i for i in geoms if rng.random() < 0.8),
+            margins=margins,
+            seed=0,
+            rejected_categories=frozenset(n for n in present if rng.random() < 0.2),
+            present_categories=tuple(sorted((n, "") for n in present)),
+            coverage=coverage if trial % 3 else None,
+            nouns=nouns,
+        )
+        for target in names + ["absent", ""]:
+            got = _anchors(ctx, target)
+            assert got == _anchors_by_scan(ctx, target), (trial, target)
+            seen.add(len(got))
+    assert max(seen) >= 2 and 0 in seen
+    for text in ["the {noun}", "{plural} left of the {anchor}", "{noun!r}", "{{noun}}", "{noun:>9}|", "", "{anchor}{anchor}"]:
+        for forms in (("cup", "cups", ""), ("é\x00", "", "dog"), ("{noun}", "{plural}", "{anchor}")):
+            for _ in range(2):
+                assert _formatted(text, *forms) == text.format(noun=forms[0], plural=forms[1], anchor=forms[2])
+    for bad in ["{x}", "{0}", "{noun", "{noun.x}"]:
+        for _ in range(2):  # raised again, not a kept answer
+            with pytest.raises(Exception) as want:
+                bad.format(noun="cup", plural="cups", anchor="")
+            with pytest.raises(type(want.value)):
+                _formatted(bad, "cup", "cups", "")
+
+
+def _merge_identical_by_groups(cands):
+    """``merge_identical`` as written before it kept one candidate per text (a list per text): the oracle."""
+    from collections import Counter
+    from dataclasses import replace
+
+    from orsgen.stages.expressions.balance import KIND_ORDER, normalize
+
+    groups: dict = {}
+    for c in cands:
+        groups.setdefault(normalize(c.expression), []).append(c)
+    kept, counts = [], Counter()
+    for _text, group in sorted(groups.items()):
+        if len(group) == 1:
+            kept.append(group[0])
+            continue
+        if len({c.target_ids for c in group}) > 1:
+            counts["conflict"] += len(group)
+            continue
+        group = sorted(group, key=lambda c: (KIND_ORDER.index(c.kind) if c.kind in KIND_ORDER else 99, c.template, c.expression))
+        first = group[0]
+        counts["merged"] += len(group) - 1
+        others = sorted({c.template for c in group[1:]} - {first.template})
+        if others:
+            first = replace(first, metadata={**first.metadata, "merged_templates": others})
+        kept.append(first)
+    return kept, counts
+
+
+def test_merge_identical_equals_the_grouping_by_lists():
+    """One candidate per text plus lists for repeats: the same kept candidates, in the same order, and counts."""
+    from orsgen.stages.expressions.balance import KIND_ORDER, merge_identical
+    from orsgen.stages.expressions.context import Candidate
+
+    rng = np.random.default_rng(18)
+    texts = ["the cup", "The  cup", "the cup ", "a dog", "A DOG", "\tthe\ncup", "é x", "É X", "z"]
+    seen = set()
+    for trial in range(300):
+        cands = []
+        for j in range(int(rng.integers(0, 25 if trial % 2 else 6))):
+            kind = KIND_ORDER[int(rng.integers(len(KIND_ORDER)))] if rng.random() < 0.9 else "other"
+            targets = tuple(sorted({f"t{int(rng.integers(2))}" for _ in range(int(rng.integers(1, 3)))}))
+            text = texts[int(rng.integers(len(texts)))] if trial % 3 else f"text {j}"
+            cands.append(Candidate(kind, text, targets, f"tp{int(rng.integers(3))}", {"j": j}))
+        got, want = merge_identical(cands), _merge_identical_by_groups(cands)
+        assert got[0] == want[0] and list(got[1].items()) == list(want[1].items())
+        assert all(a is b for a, b in zip(got[0], want[0]) if "merged_templates" not in a.metadata)
+        seen.update(got[1])
+        seen.add("none" if not got[1] else "some")
+    assert {"merged", "conflict", "none"} <= seen
+
+
+def test_instance_geom_made_by_slots_equals_the_dataclass_built_one():
+    """``instance_geom`` sets Geom's slots directly: the same fields (types included), frozen, equal and hashed alike."""
+    import dataclasses
+
+    import pytest
+
+    from orsgen.schemas.records import Instance
+    from orsgen.stages.expressions.geometry import Geom, instance_geom
+
+    rles = _tricky_rles()[:6]
+    cases = [
+        ((3, 7.0, 12.0), (1, 2, 4, 9), "cup", 0),
+        ((0, 0.0, 0.0), (1.5, -0.0, 4, 9), None, True),  # no area: the box's centre
+        ((5, 1e300, -3.5), (float("nan"), 2, float("inf"), 9), "é\x00", 1),
+        (None, (0, 0, 1, 1), "", False),  # moments from the mask
+    ]
+    for k, (moments, box, name, crowd) in enumerate(cases):
+        inst = Instance(
+            instance_id=f"i{k}", image_id="img", rle=rles[k], bbox_xywh=(0.0, 0.0, 1.0, 1.0), bbox_xyxy=box,
+            area_px=1, category_name=name, iscrowd=crowd,
+        )
+        g = instance_geom(inst, moments)
+        area, sx, sy = moments if moments is not None else rle_moments(inst.rle)
+        if area:
+            cx, cy = sx / area + 0.5, sy / area + 0.5
+        else:
+            cx, cy = (box[0] + box[2]) / 2.0, (box[1] + box[3]) / 2.0
+        want = Geom(f"i{k}", name, bool(crowd), float(area), float(cx), float(cy), *(float(v) for v in box))
+        assert type(g) is Geom and repr(g) == repr(want)
+        assert [type(v) for v in dataclasses.astuple(g)] == [type(v) for v in dataclasses.astuple(want)]
+        if all(v == v for v in dataclasses.astuple(want)[3:]):  # NaN is never equal
+            assert g == want and hash(g) == hash(want)
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            g.cx = 0.0
+    with pytest.raises(ValueError):
+        instance_geom(dataclasses.replace(inst, bbox_xyxy=(0, 1, 2)), (1, 0.0, 0.0))

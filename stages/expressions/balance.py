@@ -20,6 +20,7 @@ the result depends only on the seed, the image and the candidates.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import Counter
 from collections.abc import Sequence
@@ -40,8 +41,13 @@ KIND_ORDER = (
 _DESCRIPTIVE = (str(ExpressionKind.DESCRIPTION), str(ExpressionKind.PHRASE))
 
 
+@functools.lru_cache(maxsize=16384)
 def normalize(text: str) -> str:
-    """The form identical expressions share: lower case, single spaces."""
+    """The form identical expressions share: lower case, single spaces.
+
+    Kept per text: the same texts recur in image after image, and the lookup
+    costs a fraction of the split and join (a pure function of the string).
+    """
     return " ".join(text.lower().split())
 
 
@@ -56,31 +62,37 @@ def merge_identical(cands: Sequence[Candidate]) -> tuple[list[Candidate], Counte
     Returns:
         ``(kept, counts)`` with ``counts["merged"]`` and ``counts["conflict"]``.
     """
-    groups: dict[str, list[Candidate]] = {}
+    # Each text's first candidate, and the rest of its group (input order) for
+    # the few texts that repeat: most texts need no list of their own.
+    first: dict[str, Candidate] = {}
+    more: dict[str, list[Candidate]] = {}
     for c in cands:
         text = normalize(c.expression)
-        group = groups.get(text)
-        if group is None:
-            groups[text] = [c]
+        if text in first:
+            more.setdefault(text, []).append(c)
         else:
-            group.append(c)
-    kept: list[Candidate] = []
+            first[text] = c
     counts: Counter[str] = Counter()
-    for _text, group in sorted(groups.items()):
-        if len(group) == 1:
-            kept.append(group[0])  # nothing to merge or to conflict with (most texts)
+    if not more:
+        return [first[text] for text in sorted(first)], counts  # nothing to merge or to conflict with
+    kept: list[Candidate] = []
+    for text in sorted(first):
+        rest = more.get(text)
+        if rest is None:
+            kept.append(first[text])
             continue
+        group = [first[text], *rest]
         if len({c.target_ids for c in group}) > 1:
             counts["conflict"] += len(group)
             continue
         group = sorted(group, key=lambda c: (KIND_ORDER.index(c.kind) if c.kind in KIND_ORDER else 99, c.template, c.expression))
-        first = group[0]
+        best = group[0]
         if len(group) > 1:
             counts["merged"] += len(group) - 1
-            others = sorted({c.template for c in group[1:]} - {first.template})
+            others = sorted({c.template for c in group[1:]} - {best.template})
             if others:
-                first = replace(first, metadata={**first.metadata, "merged_templates": others})
-        kept.append(first)
+                best = replace(best, metadata={**best.metadata, "merged_templates": others})
+        kept.append(best)
     return kept, counts
 
 

@@ -75,8 +75,9 @@ from __future__ import annotations
 import bisect
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from enum import Enum
+from typing import Any
 
 import numpy as np
 
@@ -254,20 +255,24 @@ def rle_moments_many(rles: Sequence[Rle]) -> list[tuple[int, float, float]]:
 #: A mask's prefix sums stay exact (and halve exactly as floats) below this.
 _EXACT_SUM_BOUND = 2**52
 _ZERO_RUN = np.zeros(1, dtype=np.int64)
+_ZERO_PAIR = np.zeros(2, dtype=np.int64)
 
 
 def _rle_moments_by_prefix(runs_list: Sequence[np.ndarray], rles: Sequence[Rle]) -> list[tuple[int, float, float]] | None:
     """``_rle_moments_by_columns`` from prefix sums, or None where their exactness is not guaranteed.
 
-    For a prefix of ``p`` pixels (``c = p // h`` whole columns, ``r = p % h``
-    more), twice its x sum is ``h c (c - 1) + 2 r c`` and twice its y sum
-    ``c h (h - 1) + r (r - 1)``; a foreground run's sums are the difference
-    at its two ends. Each mask's runs are padded to an even count (a zero
-    background run), so every foreground run is an odd entry of the
-    concatenation.
+    For a prefix of ``p`` pixels (``c = p // h`` whole columns, ``q = p % h``
+    more), twice its x sum is ``X(p) = h c (c - 1) + 2 q c`` and twice its y
+    sum ``Y(p) = c h (h - 1) + q (q - 1)``; a foreground run's sums are the
+    difference at its two ends. Each mask's runs are padded to an even count
+    (zero-length runs, which add nothing; a mask with no runs gets a pair),
+    so the foreground runs are the odd entries of the concatenation and a
+    mask's sums are those of ``F(end of run 2i + 1) - F(end of run 2i)`` over
+    its pairs: ``F`` is evaluated once per run end, and the differences are
+    summed per mask (``np.add.reduceat``; every mask has a pair).
     """
     parts: list[np.ndarray] = []
-    pairs: list[int] = []
+    n_runs: list[int] = []
     hs: list[int] = []
     sizes: list[int] = []
     bound = 0
@@ -286,32 +291,31 @@ def _rle_moments_by_prefix(runs_list: Sequence[np.ndarray], rles: Sequence[Rle])
         if k & 1:
             parts.append(_ZERO_RUN)
             k += 1
-        pairs.append(k >> 1)
+        elif not k:
+            parts.append(_ZERO_PAIR)
+            k = 2
+        n_runs.append(k)
     runs = np.concatenate(parts)
     # No int64 wrap anywhere: the cumulative sums stay under 2 ** 62.
-    if bound >= 2**62 or runs.size >= 2**22 or (runs.size and int(runs.max()) >= 2**40):
+    if bound >= 2**62 or runs.size >= 2**22 or int(runs.max()) >= 2**40:
         return None
-    n_pairs = np.array(pairs, dtype=np.int64)
-    # Each mask's pairs, and its position (in pixels) at each pair's end.
-    last = np.zeros(n_pairs.size + 1, dtype=np.int64)
-    n_pairs.cumsum(out=last[1:])
-    ends = np.zeros(int(last[-1]) + 1, dtype=np.int64)
-    ends[1:] = runs.cumsum()[1::2]
-    mask_ends = ends[last]
-    if not np.array_equal(np.diff(mask_ends), sizes):
+    n = np.array(n_runs, dtype=np.int64)
+    first = np.zeros(n.size + 1, dtype=np.int64)  # each mask's first run, and the end
+    n.cumsum(out=first[1:])
+    ends = runs.cumsum()
+    mask_ends = ends[first[1:] - 1]
+    base = np.zeros(n.size, dtype=np.int64)  # where each mask starts in the concatenation
+    base[1:] = mask_ends[:-1]
+    if not np.array_equal(mask_ends - base, sizes):
         return None  # runs that do not cover the mask: the column-wise code's answer
-    h = np.array(hs, dtype=np.int64).repeat(n_pairs)
-    r = runs[1::2]
-    e = ends[1:] - mask_ends[:-1].repeat(n_pairs)
-    s = e - r
-    ce, re = np.divmod(e, h)
-    cs, rs = np.divmod(s, h)
-    acc = np.zeros((3, r.size + 1), dtype=np.int64)
-    acc[0, 1:] = r
-    acc[1, 1:] = h * (ce * (ce - 1) - cs * (cs - 1)) + 2 * (re * ce - rs * cs)
-    acc[2, 1:] = h * (h - 1) * (ce - cs) + re * (re - 1) - rs * (rs - 1)
-    acc.cumsum(axis=1, out=acc)
-    sums = acc[:, last[1:]] - acc[:, last[:-1]]
+    p = ends - base.repeat(n)  # each run's end within its mask
+    h = np.array(hs, dtype=np.int64).repeat(n)
+    c, q = np.divmod(p, h)
+    f = np.empty((3, p.size), dtype=np.int64)
+    f[0] = p
+    f[1] = h * c * (c - 1) + 2 * q * c
+    f[2] = c * (h * (h - 1)) + q * (q - 1)
+    sums = np.add.reduceat(f[:, 1::2] - f[:, 0::2], first[:-1] >> 1, axis=1)
     # Exact integers below 2 ** 52: float and halving are exact.
     return list(zip(sums[0].tolist(), (sums[1] / 2.0).tolist(), (sums[2] / 2.0).tolist()))
 
@@ -389,19 +393,41 @@ def instance_geom(inst: Instance, moments: tuple[int, float, float] | None = Non
     else:
         x0, y0, x1, y1 = inst.bbox_xyxy
         cx, cy = (x0 + x1) / 2.0, (y0 + y1) / 2.0
-    x0, y0, x1, y1 = (float(v) for v in inst.bbox_xyxy)
-    return Geom(
-        instance_id=inst.instance_id,
-        category=inst.category_name,
-        iscrowd=bool(inst.iscrowd),
-        area_px=float(area),
-        cx=float(cx),
-        cy=float(cy),
-        x0=x0,
-        y0=y0,
-        x1=x1,
-        y1=y1,
-    )
+    x0, y0, x1, y1 = map(float, inst.bbox_xyxy)
+    return _make_geom(inst.instance_id, inst.category_name, bool(inst.iscrowd), float(area), float(cx), float(cy), x0, y0, x1, y1)
+
+
+def _geom_maker() -> Any:
+    new = object.__new__
+    setters = tuple(getattr(Geom, f.name).__set__ for f in fields(Geom))
+    if len(setters) != 10:
+        raise AssertionError("Geom's fields changed: update _geom_maker.")
+    s_id, s_cat, s_crowd, s_area, s_cx, s_cy, s_x0, s_y0, s_x1, s_y1 = setters
+
+    def make_geom(
+        instance_id: str, category: str | None, iscrowd: bool, area_px: float,
+        cx: float, cy: float, x0: float, y0: float, x1: float, y1: float,
+    ) -> Geom:
+        """``Geom(...)`` of the same fields in order, its slots set directly."""
+        g = new(Geom)
+        s_id(g, instance_id)
+        s_cat(g, category)
+        s_crowd(g, iscrowd)
+        s_area(g, area_px)
+        s_cx(g, cx)
+        s_cy(g, cy)
+        s_x0(g, x0)
+        s_y0(g, y0)
+        s_x1(g, x1)
+        s_y1(g, y1)
+        return g
+
+    return make_geom
+
+
+#: ``Geom(...)`` without the frozen dataclass's ``object.__setattr__`` per field
+#: (ten fields; ``ImageContext.build`` makes one per instance of every image).
+_make_geom = _geom_maker()
 
 
 # ---------------------------------------------------------------- conditions

@@ -71,19 +71,28 @@ class Coverage:
         return got
 
     def word_covers(self, words: frozenset[str], name: str, supercategory: str = "", nouns: dict[str, NounForms] | None = None) -> bool:
-        """Whether one of ``words`` names category ``name`` (the rules of the module docstring)."""
+        """Whether one of ``words`` names category ``name`` (the rules of the module docstring).
+
+        Set operations on cached sets (every image asks about each pair of its
+        categories): a word ends one of the category's forms after a space or
+        a hyphen exactly when it is one of ``suffixes`` (the tails after each
+        space or hyphen).
+        """
+        if not isinstance(words, (set, frozenset)):
+            words = frozenset(words)
         target = self.words(name, nouns)
-        if words & target:
-            return True
+        if not words.isdisjoint(target):
+            return True  # written the same way
         sup = normalize(supercategory) if supercategory else ""
+        if sup and sup in words:
+            return True  # the word is the category's supercategory
+        if not words.isdisjoint(self.suffixes(name, nouns)):
+            return True  # the word ends the category's name ("ball" -> "tennis ball")
+        table = self.table
         for w in words:
-            listed = self.table.get(w)
+            listed = table.get(w)
             if listed and not listed.isdisjoint(target):
-                return True
-            if sup and w == sup:
-                return True
-            if any(t.endswith(" " + w) or t.endswith("-" + w) for t in target):
-                return True
+                return True  # the file lists the category under the word
         return False
 
     def suffixes(self, name: str, nouns: dict[str, NounForms] | None = None) -> frozenset[str]:
