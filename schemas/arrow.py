@@ -305,6 +305,17 @@ def _j(v: Any) -> str:
 
 def _j_floats(values: Any) -> str:
     """JSON of ``list(map(float, values))``."""
+    if values.__class__ is tuple:  # the records' own fields: two common shapes written directly
+        if not values:
+            return "[]"
+        if len(values) == 4:  # a box: one %-format when all four are exact floats
+            a, b, c, d = values
+            if a.__class__ is float and b.__class__ is float and c.__class__ is float and d.__class__ is float:
+                # %r of an exact float is float.__repr__, as below.
+                text = "[%r,%r,%r,%r]" % values
+                if "n" in text:  # nan, inf, -inf: the only float reprs with an "n"
+                    text = text.replace("nan", "NaN").replace("inf", "Infinity")
+                return text
     text = ",".join(map(_float_repr, map(float, values)))
     if "n" in text:  # nan, inf, -inf: the only float reprs with an "n"
         text = text.replace("nan", "NaN").replace("inf", "Infinity")
@@ -340,16 +351,53 @@ def _target_json(t: TargetGeometry) -> str:
     return _TARGET_JSON % (_j_floats(t.bbox_xyxy), _j(t.instance_id), _j_ints(t.point_1), _j_ints(t.point_2), _j_ints(t.qwen_box))
 
 
-def _sample_json(s: Sample, targets: dict[int, str]) -> str:
-    # ``targets``: the JSON of each TargetGeometry object already written for
-    # this example (samples of one image share them), by identity.
+def _metadata_json(metadata: Any) -> str:
+    """``_METADATA_JSON.encode(metadata)``, by one C encoder made once.
+
+    ``JSONEncoder.encode`` makes the same C encoder (``c_make_encoder``, with
+    the encoder's own arguments) on every call; this one is kept. Its markers
+    dict (the circular-reference check) is empty again after every call that
+    returns; after one that raises it may not be, so the value is encoded
+    again by ``encode`` itself, which raises its own error, and the markers
+    are cleared.
+    """
+    try:
+        return "".join(_metadata_chunks(metadata, 0))
+    except Exception:
+        _METADATA_MARKERS.clear()
+        return _METADATA_JSON.encode(metadata)
+
+
+_METADATA_MARKERS: dict[int, Any] = {}
+if json.encoder.c_make_encoder is not None:
+    _metadata_chunks = json.encoder.c_make_encoder(
+        _METADATA_MARKERS,
+        _METADATA_JSON.default,
+        json.encoder.encode_basestring_ascii,  # ensure_ascii, as _METADATA_JSON
+        _METADATA_JSON.indent,
+        _METADATA_JSON.key_separator,
+        _METADATA_JSON.item_separator,
+        _METADATA_JSON.sort_keys,
+        _METADATA_JSON.skipkeys,
+        _METADATA_JSON.allow_nan,
+    )
+else:  # no C accelerator: the encoder's own (Python) path
+    _metadata_json = _METADATA_JSON.encode  # noqa: F811
+
+
+def _sample_json(s: Sample, memo: dict[int, str], image_id: str, image_id_json: str) -> str:
+    # ``memo``: the JSON of each TargetGeometry and Rle object already written
+    # for this example (samples share targets, and a one-target sample's
+    # union is its instance's mask), by identity; every sample of an example
+    # has the example's image id string (``image_id``, written once).
     box = s.reground_box
+    rle = s.union_rle
     return _SAMPLE_JSON % (
         _j(s.expression),
         _j(s.generator),
-        _j(s.image_id),
+        image_id_json if s.image_id is image_id else _j(s.image_id),
         _json_str(str(s.kind)),
-        _json_str(_METADATA_JSON.encode(s.metadata)),
+        _json_str(_metadata_json(s.metadata)),
         _j(s.model),
         "null" if box is None else _j_floats(box),
         _j(s.reground_iou),
@@ -358,15 +406,16 @@ def _sample_json(s: Sample, targets: dict[int, str]) -> str:
         "true" if s.screened else "false",
         _j(s.split),
         "[" + ",".join(map(_j, s.target_ids)) + "]",
-        "[" + ",".join([targets.get(id(t)) or targets.setdefault(id(t), _target_json(t)) for t in s.targets]) + "]",
+        "[" + ",".join([memo.get(id(t)) or memo.setdefault(id(t), _target_json(t)) for t in s.targets]) + "]",
         _j(s.template),
-        _rle_json(s.union_rle),
+        "null" if rle is None else memo.get(id(rle)) or memo.setdefault(id(rle), _rle_json(rle)),
         _j(s.union_svg),
     )
 
 
-def _instance_json(inst: Instance) -> str:
+def _instance_json(inst: Instance, memo: dict[int, str] | None = None) -> str:
     crop = inst.crop_box
+    rle = inst.rle
     return _INSTANCE_JSON % (
         _int_repr(int(inst.area_px)),
         _j_floats(inst.bbox_xywh),
@@ -380,7 +429,7 @@ def _instance_json(inst: Instance) -> str:
         _j(inst.mask_origin),
         "[" + ",".join([_j_floats((x, y)) for x, y in inst.point_coords]) + "]",
         _j(inst.predicted_iou),
-        _rle_json(inst.rle),
+        _rle_json(rle) if memo is None or rle is None else memo.setdefault(id(rle), _rle_json(rle)),
         _j(inst.source_ann_id),
         _j(inst.stability_score),
         _j(inst.supercategory),
@@ -410,16 +459,18 @@ def example_json_bytes(ex: ImageExample) -> bytes:
     several bad values the first one raised may differ.
     """
     img = ex.image
-    targets: dict[int, str] = {}
+    image_id = img.image_id
+    image_id_json = _j(image_id)
+    memo: dict[int, str] = {}  # id() -> JSON of the Rle and TargetGeometry objects written (all alive in ex)
     text = _EXAMPLE_JSON % (
         _j(img.file_name),
         _int_repr(int(img.height)),
-        _j(img.image_id),
+        image_id_json,
         _j(ex.input_name),
-        "[" + ",".join(map(_instance_json, ex.instances)) + "]",
+        "[" + ",".join([_instance_json(i, memo) for i in ex.instances]) + "]",
         _j(ex.key),
         "[" + ",".join(map(_ref_json, ex.refs)) + "]",
-        "[" + ",".join([_sample_json(s, targets) for s in ex.samples]) + "]",
+        "[" + ",".join([_sample_json(s, memo, image_id, image_id_json) for s in ex.samples]) + "]",
         _j(img.sha256),
         _j(img.source),
         _j(ex.split),

@@ -8,6 +8,7 @@ replaces, on inputs chosen to hit its edges.
 from __future__ import annotations
 
 import enum
+import json
 import os
 from pathlib import Path
 
@@ -432,6 +433,181 @@ def test_instance_geometry_equals_box_and_area(rng):
             "area_px": M.rle_area(rle),
         }
         assert M.instance_geometry(rle)["area_px"] == int(m.sum())
+
+
+def test_instance_geometries_equal_instance_geometry_one_by_one(rng):
+    # More masks than one pycocotools batch holds (255), of two image sizes,
+    # empty and full ones among them.
+    rles = []
+    for i in range(600):
+        h, w = (23, 31) if i % 3 else (7, 300)
+        m = np.zeros((h, w), dtype=np.uint8)
+        r = rng.random()
+        if r < 0.8:
+            y0, x0 = rng.integers(0, h), rng.integers(0, w)
+            m[y0 : y0 + rng.integers(1, 9), x0 : x0 + rng.integers(1, 40)] = 1
+        elif r < 0.9:
+            m[:] = 1
+        rles.append(M.encode_mask(m))
+    expected = [M.instance_geometry(r) for r in rles]
+    got = M.instance_geometries(rles)
+    assert got == [(g["bbox_xywh"], g["bbox_xyxy"], g["area_px"]) for g in expected]
+    assert all(type(v) is float for box, xyxy, _ in got for v in (*box, *xyxy))
+    assert all(type(a) is int for _, _, a in got)
+    assert {a for _, _, a in got} >= {0, 23 * 31, 7 * 300}
+    assert M.instance_geometries([]) == []
+
+
+def _annotation_reference(ann, task, categories):
+    """_annotation_to_instance as written before the clean-polygon path and the batched geometry."""
+    from orsgen.schemas.records import Instance
+
+    aid = ann["id"]
+    cid = ic._as_int(ann.get("category_id"))
+    if cid is None:
+        return ic.BAD_ANNOTATION, f"annotation {aid} needs an int category_id, got {ic._short(ann.get('category_id'))}."
+    if "segmentation" not in ann:
+        return ic.BAD_ANNOTATION, f"annotation {aid} has no segmentation."
+    iscrowd = ann.get("iscrowd", 0)
+    if iscrowd not in (0, 1) or (not isinstance(iscrowd, (int, bool))):
+        return ic.BAD_ANNOTATION, f"annotation {aid} iscrowd must be 0 or 1, got {ic._short(iscrowd)}."
+    cat = categories.get(cid)
+    if cat is None:
+        return ic.UNKNOWN_CATEGORY, f"annotation {aid} has category_id {cid}, which is not in categories."
+    segm = ann["segmentation"]
+    problem = ic._polygon_range_problem(segm, task.width, task.height)
+    if problem is not None:
+        return ic.BAD_POLYGON, f"annotation {aid}: {problem}"
+    try:
+        rle, origin = M.segmentation_to_rle(segm, task.height, task.width)
+    except M.MaskError as err:
+        return err.reason, f"annotation {aid}: {err}"
+    except (ValueError, TypeError, OverflowError) as err:
+        return "bad_segmentation", f"annotation {aid} segmentation cannot be converted: {type(err).__name__}: {err}"
+    geometry = M.instance_geometry(rle)
+    if geometry["area_px"] == 0:
+        return ic.EMPTY_MASK, f"annotation {aid} mask has no pixels."
+    return Instance(
+        instance_id=f"coco:{task.coco_image_id}/ann:{aid}",
+        image_id=f"coco:{task.coco_image_id}",
+        rle=rle,
+        **geometry,
+        category_id=cid,
+        category_name=cat["name"],
+        supercategory=cat["supercategory"],
+        iscrowd=bool(iscrowd),
+        source_ann_id=aid,
+        mask_origin=origin,
+    )
+
+
+def _hostile_polygon(rng, h, w):
+    """One polygon list, clean most of the time, with every kind of flaw the checks look for."""
+    n = int(rng.integers(3, 9))
+    cx, cy, r = rng.uniform(-0.5 * w, 1.5 * w), rng.uniform(-0.5 * h, 1.5 * h), rng.uniform(0.5, max(h, w))
+    ang = np.sort(rng.uniform(0, 2 * np.pi, n))
+    p = np.stack([cx + r * np.cos(ang), cy + r * np.sin(ang)], 1).ravel()
+    p = p.round().astype(int).tolist() if rng.random() < 0.3 else p.tolist()
+    flaw = rng.random()
+    if flaw < 0.45:
+        return p
+    i = int(rng.integers(0, len(p)))
+    axis = w if i % 2 == 0 else h
+    bad = [
+        float("nan"), float("inf"), float("-inf"), 10**30, -(10**30), 1e308, True, False, None, "1", [1],
+        -axis, 2 * axis, -axis - 1, 2 * axis + 1, 2 * axis + 1e-9, -axis - 1e-9, 2.0 * axis, -float(axis),
+        np.float64(2.5), _Float(1.5), _Number.ONE,
+    ]
+    pick = rng.random()
+    if pick < 0.6:
+        p[i] = bad[int(rng.integers(0, len(bad)))]
+    elif pick < 0.7:
+        p = p[: int(rng.integers(0, 6))]  # too short, 4 numbers among them (pycocotools reads 4 as a box)
+    elif pick < 0.8:
+        p = p + [1.0]  # odd
+    elif pick < 0.85:
+        p = tuple(p)
+    elif pick < 0.9:
+        p = [float(-axis - 5)] * len(p)  # outside the image: an empty mask
+    else:
+        p = [1e308] * len(p)  # a sum that overflows
+    return p
+
+
+def _hostile_segmentation(rng, h, w):
+    r = rng.random()
+    if r < 0.75:
+        return [_hostile_polygon(rng, h, w) for _ in range(1 if rng.random() < 0.7 else int(rng.integers(0, 4)))]
+    m = np.zeros((h, w), dtype=np.uint8)
+    m[rng.integers(0, h) :, rng.integers(0, w) :] = 1
+    rle = M.encode_mask(m) if rng.random() < 0.9 else M.encode_mask(np.zeros((h, w), dtype=np.uint8))
+    if r < 0.85:
+        return rle.to_json() if rng.random() < 0.8 else {"size": [h, w + 1], "counts": rle.counts}
+    runs = M.rle_counts_to_runs(rle.counts).tolist()
+    if rng.random() < 0.2:
+        runs[-1] += 1
+    return {"size": [h, w], "counts": runs} if rng.random() < 0.9 else "nope"
+
+
+def test_load_task_equals_the_annotation_by_annotation_reference(tmp_path, rng):
+    from PIL import Image
+
+    from orsgen.schemas.config import ImageConfig
+    from orsgen.schemas.records import ImageExample, Instance
+
+    h, w = 29, 41
+    Image.new("RGB", (w, h), (120, 30, 200)).save(tmp_path / "a.png")
+    categories = {"1": {"name": "cat", "supercategory": "animal"}, "2": {"name": "cup", "supercategory": ""}}
+    seen_clean = seen_rejects = 0
+    for round_no in range(6):
+        anns = []
+        for aid in range(1, 121):
+            ann = {"id": aid, "image_id": 7, "category_id": 1 if aid % 2 else 2, "segmentation": _hostile_segmentation(rng, h, w)}
+            r = rng.random()
+            if r < 0.03:
+                ann["category_id"] = [None, True, 3, "1", 1.0][int(rng.integers(0, 5))]
+            elif r < 0.05:
+                ann["iscrowd"] = [1, True, False, 2, "1", None, 0.0][int(rng.integers(0, 7))]
+            elif r < 0.06:
+                del ann["segmentation"]
+            anns.append(ann)
+            if isinstance(ann.get("segmentation"), list) and ic._clean_polygons(ann["segmentation"], w, h):
+                seen_clean += 1
+        task = ic.CocoImageTask(
+            input_name="in", source="coco", coco_image_id=7, file_name="a.png", width=w, height=h,
+            image_uri=str(tmp_path / "a.png"), annotations_json=ic._dumps(anns), refs=(),
+            categories_json=ic._dumps(categories), annotations_url="ann.json",
+        )
+        cats = {int(k): v for k, v in categories.items()}
+        anns = json.loads(task.annotations_json)  # as load_task reads them (tuples are lists there)
+        expected = [_annotation_reference(a, task, cats) for a in sorted(anns, key=lambda a: a["id"])]
+        example, *rejects = ic.load_task(task, ImageConfig())
+        assert isinstance(example, ImageExample)
+        assert list(example.instances) == [e for e in expected if isinstance(e, Instance)]
+        assert [(r.reason, r.message) for r in rejects] == [e for e in expected if not isinstance(e, Instance)]
+        # The one-annotation form gives the same, too.
+        assert [ic._annotation_to_instance(a, task, cats) for a in sorted(anns, key=lambda a: a["id"])] == expected
+        seen_rejects += len(rejects)
+    assert seen_clean > 150 and seen_rejects > 150
+
+
+def test_clean_polygons_only_where_every_check_passes(rng):
+    h, w = 29, 41
+    clean = 0
+    for _ in range(1500):
+        segm = [_hostile_polygon(rng, h, w) for _ in range(int(rng.integers(1, 3)))]
+        if ic._clean_polygons(segm, w, h):
+            clean += 1
+            assert ic._polygon_range_problem(segm, w, h) is None
+            assert M.segmentation_to_rle(segm, h, w) == (M.rasterize_polygons(segm, h, w), "polygon")
+    assert clean > 300
+    p = [[0, 0, 5, 0, 5, 5]]
+    assert ic._clean_polygons(p, 1 << 24, 1 << 24)
+    assert not ic._clean_polygons(p, (1 << 24) + 1, 8) and not ic._clean_polygons(p, 8, (1 << 24) + 1)
+    assert not ic._clean_polygons(p, 8.0, 8) and not ic._clean_polygons(p, 8, True)
+    assert not ic._clean_polygons([], 8, 8) and not ic._clean_polygons([[0, 0, 5, 0]], 8, 8)
+    assert not ic._clean_polygons([[0, 0, 5, 0, 5, 5, 1]], 8, 8)
+    assert not ic._clean_polygons([[10**400, 0, 5, 0, 5, 5]], 8, 8)  # the sum's OverflowError
 
 
 # ---------------------------------------------------------------- counts decoded per image

@@ -422,6 +422,52 @@ def test_bad_annotation_fields(tmp_path: Path) -> None:
     assert all(r.level == RejectLevel.INSTANCE and r.image_id == "sa1b:1" for r in rejects)
 
 
+def test_batched_geometry_equals_the_annotation_by_annotation_path(tmp_path: Path) -> None:
+    # read_sa1b_shard checks all masks of an image, then takes their boxes and
+    # areas in batches of 255: the same instances and rejects, in the same
+    # order, as one _to_instance per annotation (the former loop), across a
+    # batch boundary, with empty masks, duplicates and bad records interleaved.
+    from orsgen.stages.ingest import sa1b as S
+
+    w, h = SIZES[1]
+    rng = np.random.default_rng(7)
+    anns: list[Any] = []
+    for i in range(380):
+        m = np.zeros((h, w), dtype=bool)
+        if rng.random() < 0.85:
+            y, x = int(rng.integers(0, h)), int(rng.integers(0, w))
+            m[y : y + int(rng.integers(1, 6)), x : x + int(rng.integers(1, 6))] = True
+        ann = _ann(5000 + i, m)
+        r = rng.random()
+        if r < 0.04:
+            ann["id"] = 5000 + int(rng.integers(0, i + 1))  # a duplicate (or itself)
+        elif r < 0.07:
+            ann = "junk"
+        elif r < 0.1:
+            ann["segmentation"] = {"size": [h, w + 1], "counts": ann["segmentation"]["counts"]}
+        elif r < 0.12:
+            ann["predicted_iou"] = float("nan")
+        anns.append(ann)
+    doc = {"image": {"image_id": 1, "width": w, "height": h, "file_name": "sa_1.jpg"}, "annotations": anns}
+    url = _write(tmp_path / "x.tar", [("sa_1.jpg", _jpeg(w, h, 1)), ("sa_1.json", _dump(doc))])
+    examples, rejects = _read(url)
+
+    parsed = json.loads(_dump(doc))["annotations"]
+    want_instances, want_rejects, seen = [], [], set()
+    for index, ann in enumerate(parsed):
+        ann_ref = str(ann["id"]) if isinstance(ann, dict) and isinstance(ann.get("id"), int) else f"index{index}"
+        try:
+            want_instances.append(S._to_instance(ann, "sa1b:1", h, w, seen))
+        except S._BadAnnotation as err:
+            want_rejects.append((f"{url}#sa_1.json/ann:{ann_ref}", err.reason, f"annotation {ann_ref} of 'sa_1.json': {err}"))
+    want_instances.sort(key=lambda i: i.source_ann_id)
+    assert list(examples[0].instances) == want_instances
+    assert [(r.source_key, r.reason, r.message) for r in rejects] == want_rejects
+    reasons = {r.reason for r in rejects}
+    assert {"empty_mask", "bad_annotation", "rle_size_mismatch"} <= reasons
+    assert len(want_instances) > 255  # more masks than one batch
+
+
 # ---------------------------------------------------------------- hostile members
 
 

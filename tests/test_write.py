@@ -275,6 +275,47 @@ def test_json_member_written_directly_equals_json_dumps_of_the_row(examples):
     assert isinstance(_member_or_error(example_json_bytes, variants[-1]), type)
 
 
+def test_json_member_shortcuts_equal_json_dumps_of_the_row(examples):
+    """The per-example memo (Rle and target JSON by identity, the image id written
+    once), the box format and the kept metadata encoder write what json.dumps writes."""
+    from orsgen.schemas import arrow as A
+    from orsgen.schemas.records import Rle
+
+    def reference(ex):
+        row = example_to_row(ex)
+        del row["image"]
+        return json_member_reference(row)
+
+    ex = next(e for e in examples if e.instances and e.samples)
+    inst, sample = ex.instances[0], ex.samples[0]
+    other = ex.instances[-1].rle if ex.instances[-1].rle != inst.rle else Rle(inst.rle.size, "0" + inst.rle.counts)
+    cases = []
+    for union in (inst.rle, Rle(inst.rle.size, str(inst.rle.counts)), other, None):
+        for image_id in (ex.image.image_id, "".join(ex.image.image_id), "coco:other"):
+            s2 = dataclasses.replace(sample, union_rle=union, image_id=image_id, reground_box=(1.5, -0.0, float("nan"), 4.0))
+            # The same union object on two samples and on the instance, an equal one elsewhere.
+            cases.append(ex.replace(samples=(s2, sample, s2)))
+    boxes = [(0.5, 1.0, 2.0, 3.0), (1, 2.0, 3.0, 4.0), (np.float64(1.0), 2.0, 3.0, 4.0), (True, 2.0, 3.0, 4.0),
+             (float("inf"), -float("inf"), 5e-324, 1e308), [0.5, 1.0, 2.0, 3.0], (), (1.0, 2.0, 3.0)]
+    for box in boxes:
+        i2 = dataclasses.replace(inst, bbox_xywh=box, bbox_xyxy=box, crop_box=box)
+        cases.append(ex.replace(instances=(i2, *ex.instances[1:]), samples=(dataclasses.replace(sample, sam2_ious=box),)))
+    for ex2 in cases:
+        assert A.example_json_bytes(ex2) == reference(ex2)
+    # Metadata: an error is json.dumps's own, and the encoder is still right afterwards.
+    loop: dict = {"a": 1}
+    loop["self"] = loop
+    for bad, err in (({"x": object()}, TypeError), (loop, ValueError), ({1: {2: [set()]}}, TypeError)):
+        with pytest.raises(err) as raised:
+            A.example_json_bytes(ex.replace(samples=(dataclasses.replace(sample, metadata=bad),)))
+        with pytest.raises(err) as expected:
+            json.dumps(bad, sort_keys=True, separators=(",", ":"))
+        assert str(raised.value) == str(expected.value)
+        good = ex.replace(samples=(dataclasses.replace(sample, metadata={"b": [1, {"c": 2.5}], "a": "é"}),))
+        assert A.example_json_bytes(good) == reference(good)
+        assert not A._METADATA_MARKERS
+
+
 def test_plan_parts_of_encoded_examples_matches_and_returns_them(examples):
     encoded = [W.encode_example(ex, ["webdataset"]) for ex in examples]
     parts = W.plan_parts(encoded, max_images=100, max_bytes=2 * encoded[0].size + WP._TAR_RECORD + 10)

@@ -85,6 +85,29 @@ def instance_geometry(rle: Rle) -> dict[str, Any]:
     return {"bbox_xywh": bbox, "bbox_xyxy": xywh_to_xyxy(bbox), "area_px": int(mask_utils.area(coco))}
 
 
+#: Masks per pycocotools call in ``instance_geometries``: ``area`` of 256 or
+#: more masks raises with numpy 2 (it builds a placeholder ``uint8`` array
+#: from the count), so batches stay below that.
+_GEOMETRY_BATCH = 255
+
+
+def instance_geometries(rles: Sequence[Rle]) -> list[tuple[tuple[float, float, float, float], tuple[float, float, float, float], int]]:
+    """``(bbox_xywh, bbox_xyxy, area_px)`` of each mask: ``instance_geometry``'s values, batched.
+
+    One ``toBbox`` and one ``area`` call per batch of masks instead of one
+    each per mask: the same C functions on the same runs, element by element,
+    so the same numbers (tests/test_ingest_fast.py compares them).
+    """
+    out = []
+    for at in range(0, len(rles), _GEOMETRY_BATCH):
+        coco = [r.to_coco() for r in rles[at : at + _GEOMETRY_BATCH]]
+        for (x, y, w, h), area in zip(mask_utils.toBbox(coco).tolist(), mask_utils.area(coco).tolist()):
+            # tolist() gives Python floats and ints, as float() and int() of
+            # the single-mask arrays do.
+            out.append(((x, y, w, h), (x, y, x + w, y + h), area))
+    return out
+
+
 def rle_iou_matrix(a: Sequence[Rle], b: Sequence[Rle]) -> np.ndarray:
     """Pairwise mask IoU, computed on the runs.
 
@@ -1197,7 +1220,19 @@ def polygons_to_rle(polygons: Sequence[Sequence[float]], height: int, width: int
         arr = np.asarray(p)
         if not np.isfinite(arr).all() or (np.abs(arr) > lim).any():
             raise MaskError("bad_polygon", f"polygon coordinates must be finite and within {lim:.0f} px of the image.")
-    rles = mask_utils.frPyObjects(polys, height, width)
+    return rasterize_polygons(polys, height, width)
+
+
+def rasterize_polygons(polygons: list[list[float]], height: int, width: int) -> Rle:
+    """``polygons_to_rle``'s rasterisation, without its checks: only for polygons known to pass them.
+
+    Every polygon must be a list of at least 6 (an even number of) finite
+    numbers within ``polygons_to_rle``'s bounds, and ints among them must be
+    exact as doubles (pycocotools converts each list with ``np.array(p,
+    dtype=double)``, which gives ``float(v)`` for such an int): pycocotools'
+    rasteriser crashes the process on what the checks refuse.
+    """
+    rles = mask_utils.frPyObjects(polygons, height, width)
     # The merge of one mask copies its runs and writes the same string again.
     return Rle.from_coco(rles[0] if len(rles) == 1 else mask_utils.merge(rles))
 

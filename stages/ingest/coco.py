@@ -58,10 +58,17 @@ from orsgen.schemas.records import (
     RefSentence,
     Reject,
     RejectLevel,
+    Rle,
     safe_key,
 )
 from orsgen.stages.ingest.images import ImageError, check_image
-from orsgen.stages.common.masks import MaskError, instance_geometry, segmentation_to_rle
+from orsgen.stages.common.masks import (
+    MaskError,
+    instance_geometries,
+    instance_geometry,
+    rasterize_polygons,
+    segmentation_to_rle,
+)
 from orsgen.stages.common.transient import retry_transient
 from orsgen.stages.ingest.safe_pickle import UnsafePickleError, restricted_loads
 from orsgen.stages.ingest.validate import (
@@ -920,12 +927,71 @@ def _polygon_range_problem(segm: Any, width: int, height: int) -> str | None:
     return None
 
 
-def _annotation_to_instance(
+#: The clean-polygon path (``_clean_polygons``) takes images of at most this
+#: many pixels a side: every coordinate it accepts is then a plain int or
+#: float of magnitude at most 2 ** 25, which a double holds exactly.
+_CLEAN_POLYGON_MAX_SIDE = 1 << 24
+
+
+def _clean_polygons(segm: list[Any], width: int, height: int) -> bool:
+    """True when a polygon segmentation passes every check before rasterising.
+
+    One pass per polygon (item types, a finite sum, the coordinate bounds)
+    instead of the three of ``_polygon_range_problem``, ``segmentation_to_rle``'s
+    type check and ``polygons_to_rle``'s, which True implies pass:
+
+    * every polygon is a ``list`` of plain ints and floats (no bools), at least
+      6 of them and an even number, with a finite sum: so every coordinate is
+      finite, ``_polygon_clearly_in_range``'s and ``_is_number_list``'s type
+      tests hold and ``polygons_to_rle``'s length check passes;
+    * x within ``[-width, 2 * width]`` and y within ``[-height, 2 * height]``:
+      ``_polygon_range_problem`` finds nothing, and every ``float(v)`` lies
+      within ``polygons_to_rle``'s bound ``2 * max(height, width) + 1``;
+    * int sides of at most ``_CLEAN_POLYGON_MAX_SIDE``: every coordinate's
+      magnitude is at most 2 ** 25, so pycocotools' ``np.array(p, dtype=double)``
+      of the list as it is holds the same doubles as of the ``float`` copies
+      ``polygons_to_rle`` passes (``rasterize_polygons``).
+
+    Anything else answers False and takes the checks, which name the problem.
+    """
+    if not (
+        segm
+        and type(width) is int
+        and type(height) is int
+        and 0 < width <= _CLEAN_POLYGON_MAX_SIDE
+        and 0 < height <= _CLEAN_POLYGON_MAX_SIDE
+    ):
+        return False
+    try:
+        for p in segm:
+            if type(p) is not list or len(p) < 6 or len(p) % 2 or not set(map(type, p)) <= _PLAIN_NUMBERS:
+                return False
+            # A finite sum means no NaN or inf, so min and max are exact.
+            if not math.isfinite(sum(p)):
+                return False
+            xs, ys = p[0::2], p[1::2]
+            if not (-width <= min(xs) and max(xs) <= 2 * width and -height <= min(ys) and max(ys) <= 2 * height):
+                return False
+    except OverflowError:  # an int too large for the float sum: the checks name it
+        return False
+    return True
+
+
+#: ``_annotation_mask``'s result for an annotation whose checks passed.
+_Masked = tuple[Rle, str, int, dict[str, str], bool]
+
+
+def _annotation_mask(
     ann: dict[str, Any],
     task: CocoImageTask,
     categories: dict[int, dict[str, str]],
-) -> Instance | tuple[str, str]:
-    """Converts one raw annotation; returns the instance or ``(reason, message)``."""
+) -> _Masked | tuple[str, str]:
+    """The checks and the mask of one raw annotation.
+
+    Returns:
+        ``(rle, mask_origin, category_id, category, iscrowd)``, or
+        ``(reason, message)`` for a reject.
+    """
     aid = ann["id"]
     cid = _as_int(ann.get("category_id"))
     if cid is None:
@@ -939,31 +1005,66 @@ def _annotation_to_instance(
     if cat is None:
         return UNKNOWN_CATEGORY, f"annotation {aid} has category_id {cid}, which is not in categories."
     segm = ann["segmentation"]
-    problem = _polygon_range_problem(segm, task.width, task.height)
-    if problem is not None:
-        return BAD_POLYGON, f"annotation {aid}: {problem}"
+    clean = type(segm) is list and _clean_polygons(segm, task.width, task.height)
+    if not clean:
+        problem = _polygon_range_problem(segm, task.width, task.height)
+        if problem is not None:
+            return BAD_POLYGON, f"annotation {aid}: {problem}"
     try:
-        rle, origin = segmentation_to_rle(segm, task.height, task.width)
+        if clean:
+            rle, origin = rasterize_polygons(segm, task.height, task.width), "polygon"
+        else:
+            rle, origin = segmentation_to_rle(segm, task.height, task.width)
     except MaskError as err:
         return err.reason, f"annotation {aid}: {err}"
     except (ValueError, TypeError, OverflowError) as err:
         # pycocotools / ASCII decoding errors on malformed counts or sizes.
         return "bad_segmentation", f"annotation {aid} segmentation cannot be converted: {type(err).__name__}: {err}"
-    geometry = instance_geometry(rle)
-    if geometry["area_px"] == 0:
+    return rle, origin, cid, cat, bool(iscrowd)
+
+
+def _masked_instance(
+    aid: int,
+    task: CocoImageTask,
+    masked: _Masked,
+    geometry: tuple[tuple[float, float, float, float], tuple[float, float, float, float], int],
+) -> Instance | tuple[str, str]:
+    """The instance of an annotation whose checks passed, from its mask's geometry, or an ``empty_mask`` reject."""
+    bbox_xywh, bbox_xyxy, area_px = geometry
+    if area_px == 0:
         return EMPTY_MASK, f"annotation {aid} mask has no pixels."
+    rle, origin, cid, cat, iscrowd = masked
     return Instance(
-        instance_id=f"coco:{task.coco_image_id}/ann:{aid}",
-        image_id=f"coco:{task.coco_image_id}",
-        rle=rle,
-        **geometry,
-        category_id=cid,
-        category_name=cat["name"],
-        supercategory=cat["supercategory"],
-        iscrowd=bool(iscrowd),
+        f"coco:{task.coco_image_id}/ann:{aid}",
+        f"coco:{task.coco_image_id}",
+        rle,
+        bbox_xywh,
+        bbox_xyxy,
+        area_px,
+        cid,
+        cat["name"],
+        cat["supercategory"],
+        iscrowd,
         source_ann_id=aid,
         mask_origin=origin,
     )
+
+
+def _annotation_to_instance(
+    ann: dict[str, Any],
+    task: CocoImageTask,
+    categories: dict[int, dict[str, str]],
+) -> Instance | tuple[str, str]:
+    """Converts one raw annotation; returns the instance or ``(reason, message)``.
+
+    ``load_task`` does the same for all of an image's annotations, with the
+    masks' boxes and areas computed in one batch.
+    """
+    masked = _annotation_mask(ann, task, categories)
+    if len(masked) == 2:
+        return masked  # type: ignore[return-value]
+    g = instance_geometry(masked[0])  # type: ignore[arg-type]
+    return _masked_instance(ann["id"], task, masked, (g["bbox_xywh"], g["bbox_xyxy"], g["area_px"]))  # type: ignore[arg-type]
 
 
 def load_task(task: CocoImageTask, image_cfg: ImageConfig) -> list[ImageExample | Reject]:
@@ -1013,8 +1114,13 @@ def load_task(task: CocoImageTask, image_cfg: ImageConfig) -> list[ImageExample 
     rejects: list[Reject] = []
     instances: list[Instance] = []
     presence: list[Presence] = []
-    for ann in sorted(json.loads(task.annotations_json), key=lambda a: a["id"]):
-        result = _annotation_to_instance(ann, task, categories)
+    anns = sorted(json.loads(task.annotations_json), key=lambda a: a["id"])
+    masked = [_annotation_mask(ann, task, categories) for ann in anns]
+    # Boxes and areas of all the masks in one batch (the same values as one
+    # instance_geometry call each); rejects keep the annotations' order.
+    geometries = iter(instance_geometries([m[0] for m in masked if len(m) != 2]))  # type: ignore[misc]
+    for ann, m in zip(anns, masked):
+        result = m if len(m) == 2 else _masked_instance(ann["id"], task, m, next(geometries))  # type: ignore[arg-type]
         if isinstance(result, Instance):
             instances.append(result)
         else:

@@ -79,13 +79,20 @@ from orsgen.schemas.records import (
     Instance,
     Reject,
     RejectLevel,
+    Rle,
     Source,
     safe_key,
 )
 from orsgen.stages.common.transient import ResilientFile
 from orsgen.stages.ingest.images import ImageError, check_image
 from orsgen.stages.ingest.validate import MAX_TEXT_CHARS, int_problem, value_problem
-from orsgen.stages.common.masks import MaskError, instance_geometry, segmentation_to_rle, warm_runs_cache
+from orsgen.stages.common.masks import (
+    MaskError,
+    instance_geometries,
+    instance_geometry,
+    segmentation_to_rle,
+    warm_runs_cache,
+)
 
 STAGE = "ingest_sa1b"
 
@@ -514,25 +521,37 @@ def _build_example(
     out: list[ImageExample | Reject] = []
     instances: list[Instance] = []
     seen_ids: set[int] = set()
+    # Every annotation's checks and mask first, then the boxes and areas of
+    # all the masks in one batch (the same values as one instance_geometry
+    # call each), then the instances and rejects in annotation order.
+    checked: list[tuple[str, _Checked | tuple[str, str]]] = []
     for index, ann in enumerate(annotations):
         ann_ref = f"index{index}"
         try:
             if isinstance(ann, dict) and _is_int(ann.get("id")) and int_problem(ann["id"], "") is None:
                 ann_ref = str(ann["id"])
-            inst = _to_instance(ann, image_id, info.height, info.width, seen_ids)
+            checked.append((ann_ref, _checked_annotation(ann, height=info.height, width=info.width, seen_ids=seen_ids)))
         except _BadAnnotation as err:
-            out.append(
-                Reject(
-                    source_key=f"{_member_key(url, js.name)}/ann:{ann_ref}",
-                    stage=STAGE,
-                    reason=err.reason,
-                    message=f"annotation {ann_ref} of {_show(js.name)}: {err}",
-                    level=RejectLevel.INSTANCE,
-                    image_id=image_id,
-                )
+            checked.append((ann_ref, (err.reason, str(err))))
+    geometries = iter(instance_geometries([c[0] for _, c in checked if len(c) != 2]))  # type: ignore[misc]
+    for ann_ref, c in checked:
+        if len(c) != 2:
+            try:
+                instances.append(_checked_instance(c, image_id, next(geometries)))  # type: ignore[arg-type]
+                continue
+            except _BadAnnotation as err:
+                c = (err.reason, str(err))
+        reason, message = c  # type: ignore[misc]
+        out.append(
+            Reject(
+                source_key=f"{_member_key(url, js.name)}/ann:{ann_ref}",
+                stage=STAGE,
+                reason=reason,
+                message=f"annotation {ann_ref} of {_show(js.name)}: {message}",
+                level=RejectLevel.INSTANCE,
+                image_id=image_id,
             )
-            continue
-        instances.append(inst)
+        )
     # Tar and JSON order are the producer's; sorting by the source id makes
     # the record independent of how the JSON was written.
     instances.sort(key=lambda i: i.source_ann_id)
@@ -593,7 +612,23 @@ def _parse_json(data: bytes, stem: str) -> tuple[dict[str, Any], list[Any]]:
 
 
 def _to_instance(ann: Any, image_id: str, height: int, width: int, seen_ids: set[int]) -> Instance:
-    """Builds one instance; raises ``_BadAnnotation`` with a reason code."""
+    """Builds one instance; raises ``_BadAnnotation`` with a reason code.
+
+    ``_build_example`` does the same for all of an image's annotations, with the
+    masks' boxes and areas computed in one batch.
+    """
+    checked = _checked_annotation(ann, height=height, width=width, seen_ids=seen_ids)
+    g = instance_geometry(checked[0])
+    return _checked_instance(checked, image_id, (g["bbox_xywh"], g["bbox_xyxy"], g["area_px"]))
+
+
+#: ``_checked_annotation``'s result: the mask, its origin, the annotation id,
+#: predicted_iou, stability_score, point_coords and crop_box.
+_Checked = tuple[Rle, str, int, "float | None", "float | None", tuple[tuple[float, float], ...], "tuple[float, float, float, float] | None"]
+
+
+def _checked_annotation(ann: Any, *, height: int, width: int, seen_ids: set[int]) -> _Checked:
+    """The checks and the mask of one annotation; raises ``_BadAnnotation`` with a reason code."""
     if not isinstance(ann, dict):
         raise _BadAnnotation(BAD_ANNOTATION, f"must be an object, got {type(ann).__name__}.")
     problem = value_problem(ann, "the annotation")
@@ -634,14 +669,26 @@ def _to_instance(ann: Any, image_id: str, height: int, width: int, seen_ids: set
     except UnicodeError:
         # validate_rle encodes counts as ASCII; anything else is not COCO RLE.
         raise _BadAnnotation("bad_rle", "compressed RLE counts hold non-ASCII characters.") from None
-    geometry = instance_geometry(rle)
-    if geometry["area_px"] == 0:
+    return rle, origin, ann_id, predicted_iou, stability_score, point_coords, crop_box
+
+
+def _checked_instance(
+    checked: _Checked,
+    image_id: str,
+    geometry: tuple[tuple[float, float, float, float], tuple[float, float, float, float], int],
+) -> Instance:
+    """The instance of an annotation whose checks passed; raises ``_BadAnnotation`` for an empty mask."""
+    bbox_xywh, bbox_xyxy, area_px = geometry
+    if area_px == 0:
         raise _BadAnnotation(EMPTY_MASK, "the mask has no pixels.")
+    rle, origin, ann_id, predicted_iou, stability_score, point_coords, crop_box = checked
     return Instance(
         instance_id=f"{image_id}/ann:{ann_id}",
         image_id=image_id,
         rle=rle,
-        **geometry,
+        bbox_xywh=bbox_xywh,
+        bbox_xyxy=bbox_xyxy,
+        area_px=area_px,
         predicted_iou=predicted_iou,
         stability_score=stability_score,
         point_coords=point_coords,
