@@ -311,3 +311,44 @@ def test_targets_of_different_mask_sizes_trace_their_union_as_before(rng):
     cache.prepare([["i0", "i1"]], insts, 12, 10)
     got_union, svg = cache.union_and_svg(list(insts.values()), 12, 10, T.SVG_TOLERANCE_PX)
     assert got_union == union and svg == M.svg_path(_outline_reference(union, T.SVG_TOLERANCE_PX), 12, 10) == ""
+
+
+def test_decode_crop_of_any_runs_equals_the_runs_expanded(rng):
+    # decode_crop expands only the runs over the window's columns, cutting the
+    # first and last of them: check it against every pixel expanded from the
+    # runs, for runs with zero-length runs anywhere (first, last, in a row),
+    # runs that stop short of h * w, and windows that start or end exactly
+    # on a run boundary, cut one run at both ends, or leave the image.
+    cases = [
+        ([2, 0, 3, 0, 0, 4, 1], (4, 4)),
+        ([0, 16], (4, 4)),
+        ([16], (4, 4)),
+        ([0, 0, 0, 5], (4, 4)),  # stops short
+        ([4, 4, 4, 4], (4, 4)),  # run boundaries on column boundaries
+        ([1, 14, 1], (4, 4)),  # one run crossing every column
+        ([0], (3, 5)),
+    ]
+    for _ in range(40):
+        h, w = (int(v) for v in rng.integers(1, 9, size=2))
+        runs = rng.integers(0, 5, size=int(rng.integers(1, 12)))
+        runs[rng.random(runs.size) < 0.3] = 0
+        total = int(runs.sum())
+        if total > h * w:
+            runs = np.diff(np.minimum(np.concatenate([[0], runs.cumsum()]), h * w))
+        elif rng.random() < 0.6:
+            runs = np.concatenate([runs, [h * w - total]])
+        cases.append(([int(v) for v in runs], (h, w)))
+    for runs, (h, w) in cases:
+        rle = M.rle_from_runs(runs, (h, w))
+        assert M.rle_counts_to_runs(rle.counts).tolist() == runs
+        flat = np.repeat(np.arange(len(runs)) % 2 == 1, runs)
+        dense = np.concatenate([flat, np.zeros(h * w - flat.size, dtype=bool)]).reshape(w, h).T
+        boxes = [(x0, y0, x1, y1) for x0 in (-2, 0, 1, w - 1) for x1 in (x0 + 1, w, w + 3) for y0, y1 in ((0, h), (1, max(h - 1, 2)), (-1, h + 2))]
+        for box in boxes:
+            for pad in (0, 1):
+                crop, (ox, oy) = M.decode_crop(rle, box, pad)
+                ys, xs = np.mgrid[oy : oy + crop.shape[0], ox : ox + crop.shape[1]]
+                inside = (ys >= 0) & (ys < h) & (xs >= 0) & (xs < w)
+                ref = np.zeros(crop.shape, dtype=bool)
+                ref[inside] = dense[ys[inside], xs[inside]]
+                assert crop.dtype == np.bool_ and np.array_equal(crop, ref), (runs, (h, w), box, pad)

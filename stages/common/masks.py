@@ -459,18 +459,39 @@ def decode_crop(
     ends = runs.cumsum()
     lo, hi = cx0 * h, cx1 * h
     # The runs overlapping the column strip, clipped to it, expanded in one
-    # np.repeat (foreground runs are the odd ones).
+    # np.repeat (foreground runs are the odd ones). The runs are never
+    # negative (the decoder refuses them), so ``ends`` is sorted: run
+    # ``first`` holds pixel ``lo``, run ``stop - 1`` pixel ``hi - 1`` (or is
+    # the last run), and only those two are cut by the strip's ends.
     first = int(ends.searchsorted(lo, side="right"))
-    last = int(ends.searchsorted(hi, side="left")) + 1
-    idx = np.arange(first, min(last, runs.size))
-    seg_ends = np.minimum(ends[idx], hi)
-    seg_starts = np.maximum(ends[idx] - runs[idx], lo)
-    strip = (idx % 2 == 1).repeat(np.maximum(seg_ends - seg_starts, 0))
+    stop = min(int(ends.searchsorted(hi, side="left")) + 1, runs.size)
+    if first < stop:
+        seg = runs[first:stop].copy()
+        for k in {first, stop - 1}:
+            end = int(ends[k])
+            seg[k - first] = max(min(end, hi) - max(end - int(runs[k]), lo), 0)
+        strip = _parity(first, stop).repeat(seg)
+    else:
+        strip = np.zeros(0, dtype=bool)
     if strip.size < hi - lo:  # runs that stop short of the strip: the rest is background
         strip = np.concatenate([strip, np.zeros(hi - lo - strip.size, dtype=bool)])
     cols = strip.reshape(cx1 - cx0, h).T  # column-major -> (h, ncols)
     out[cy0 - wy0 : cy1 - wy0, cx0 - wx0 : cx1 - wx0] = cols[cy0:cy1]
     return out, (wx0, wy0)
+
+
+def _parity(first: int, stop: int) -> np.ndarray:
+    """``np.arange(first, stop) % 2 == 1`` (read-only, shared): which of runs ``first .. stop - 1`` are foreground."""
+    global _PARITY
+    table = _PARITY  # one read: another thread may swap in a larger table meanwhile
+    if table.size < stop:
+        table = np.arange(max(2 * table.size, stop, 1024)) % 2 == 1
+        table.flags.writeable = False
+        _PARITY = table
+    return table[first:stop]
+
+
+_PARITY = np.zeros(0, dtype=bool)
 
 
 def _crop_window(bbox_xyxy: Sequence[float], pad_px: int) -> tuple[int, int, int, int]:
