@@ -352,3 +352,84 @@ def test_decode_crop_of_any_runs_equals_the_runs_expanded(rng):
                 ref = np.zeros(crop.shape, dtype=bool)
                 ref[inside] = dense[ys[inside], xs[inside]]
                 assert crop.dtype == np.bool_ and np.array_equal(crop, ref), (runs, (h, w), box, pad)
+
+
+def _apart_part(rng: np.random.Generator, h: int, w: int, x: int, y: int) -> np.ndarray:
+    """A small mask at (x, y): speckle (several components, single pixels, diagonal steps), or a ring with an island."""
+    m = np.zeros((h, w), bool)
+    bh, bw = (int(v) for v in rng.integers(1, 9, size=2))
+    if rng.random() < 0.3 and bh >= 5 and bw >= 5:
+        m[y : y + bh, x : x + bw] = True
+        m[y + 1 : y + bh - 1, x + 1 : x + bw - 1] = False
+        if bh >= 7 and bw >= 7:
+            m[y + 3 : y + bh - 3, x + 3 : x + bw - 3] = True  # an island in the hole
+    else:
+        m[y : y + bh, x : x + bw] = rng.random((bh, bw)) < 0.45
+        m[y, x] = True
+    return m
+
+
+def test_contours_of_masks_apart_merged_are_the_contours_of_their_union(rng):
+    # The OpenCV property ApartCrops rests on: when no pixel of one mask is
+    # next to a pixel of another, the union's CCOMP contours are the masks'
+    # own (same points, same holes under each outer contour), its outer
+    # contours last found first, each found at its first point.
+    h, w = 40, 60
+    apart = interleaved = 0
+    for trial in range(150):
+        parts = []
+        for _ in range(int(rng.integers(2, 5))):
+            parts.append(_apart_part(rng, h, w, int(rng.integers(0, w - 8)), int(rng.integers(0, h - 8))))
+        if trial % 5 == 0:  # side by side: rows shared, windows 0 to 3 px apart
+            gap = int(rng.integers(0, 4))
+            parts = [_apart_part(rng, h, w, 2, 5), _apart_part(rng, h, w, 12 + gap, 4)]
+        union = np.logical_or.reduce(parts)
+        full, (ox, oy) = M.decode_crop(M.encode_mask(union), pad_px=1)
+        want, want_h = cv2.findContours(full.view(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+        hier = want_h[0].tolist()
+        shift = np.array([ox, oy], dtype=np.int32)
+        want_outer = [want[k] + shift for k, r in enumerate(hier) if r[3] == -1]
+        want_holes = [[c + shift for c in M._holes(want, hier, k)] for k, r in enumerate(hier) if r[3] == -1]
+        for pad in (0, 1):
+            crops = [M.decode_crop(M.encode_mask(p), pad_px=pad) for p in parts]
+            got = M.outline_parts(crops)
+            if type(got) is not M.ApartCrops:
+                assert type(got) is M.CompactCrop
+                continue
+            apart += 1
+            runs = M._apart_rings(got, {})
+            outer = [c + np.array([rx, ry], dtype=np.int32) for cs, _, rx, ry in runs for c in cs]
+            holes = [[c + np.array([rx, ry], dtype=np.int32) for c in hs] for _, hss, rx, ry in runs for hs in hss]
+            assert len(outer) == len(want_outer) and len(holes) == len(want_holes)
+            for g, c in zip(outer, want_outer):
+                assert g.dtype == c.dtype and np.array_equal(g, c)
+            for gs, cs in zip(holes, want_holes):
+                assert len(gs) == len(cs) and all(np.array_equal(g, c) for g, c in zip(gs, cs))
+            # Outer contours of one crop met again after another crop's.
+            interleaved += len(runs) > len({(rx, ry) for _, _, rx, ry in runs})
+    assert apart > 100 and interleaved > 10
+
+
+def test_outlines_of_masks_apart_equal_the_outlines_of_their_unions(rng):
+    h, w = 70, 400
+    groups = _spread_part_groups(rng, h, w)
+    # 60 holed rings 3 px apart: 120 contours, more than the crop-by-crop limit.
+    groups.append([_ring_part(h, w, 80 + 6 * (k % 50), 2 + 6 * (k // 50)) for k in range(60)])
+    for _ in range(12):
+        groups.append([_apart_part(rng, h, w, int(rng.integers(0, w - 8)), int(rng.integers(0, h - 8))) for _ in range(4)])
+    unions = [M.encode_mask(np.logical_or.reduce(parts)) for parts in groups]
+    part_crops = [[M.decode_crop(M.encode_mask(p), pad_px=1) for p in parts] for parts in groups]
+    given = [(u, M.outline_parts(crops)) for u, crops in zip(unions, part_crops)]
+    kinds = [type(c) for _, c in given]
+    assert kinds.count(M.ApartCrops) >= 8 and kinds.count(M.CompactCrop) >= 3
+    # The 60 rings lie apart but have more contours than the limit: traced as a union.
+    rings = given[len(groups) - 13][1]
+    assert type(rings) is M.ApartCrops and M._apart_rings(rings, {}) is None
+    for tol in (0.0, 1.0):
+        want = [_outline_reference(u, tol).wkb for u in unions]
+        assert [g.wkb for g in M.rle_to_geometries(given, tol)] == want
+        # With the parts' own outlines in the batch (their traces shared), and undecoded unions.
+        own = [(M.encode_mask(p), c) for parts, crops in zip(groups, part_crops) for p, c in zip(parts, crops)]
+        own_want = [_outline_reference(r, tol).wkb for r, _ in own]
+        mixed = own + given + [(u, None) for u in unions]
+        assert [g.wkb for g in M.rle_to_geometries(mixed, tol)] == own_want + want + want
