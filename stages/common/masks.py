@@ -1149,27 +1149,29 @@ def _apart_rings(crop: ApartCrops, traces: dict[int, _Trace]) -> list[_RingRun] 
         Runs of consecutive outer contours from one crop; None when the
         masks have ``APART_MAX_CONTOURS`` contours or more (trace the union).
     """
-    found = []
+    parts: list[tuple[Sequence[np.ndarray], list[list[int]], int, int]] = []
+    found: list[tuple[int, int, int, int]] = []  # (row, column) of the first point, part, contour
     total = 0
-    for n, (pixels, (ox, oy)) in enumerate(crop.parts):
+    for pixels, (ox, oy) in crop.parts:
         contours, hierarchy = _traced(pixels, traces)
         if hierarchy is None:
             continue
         total += len(contours)
         hier = hierarchy[0].tolist()
+        n = len(parts)
+        parts.append((contours, hier, ox, oy))
         for k, h in enumerate(hier):
             if h[3] == -1:
                 first = contours[k][0, 0]
-                found.append((int(first[1]) + oy, int(first[0]) + ox, n, k, hier))
+                found.append((int(first[1]) + oy, int(first[0]) + ox, n, k))
     if total >= APART_MAX_CONTOURS:
         return None
-    found.sort(reverse=True)  # (row, column) of the first points are distinct: the rest is never compared
+    found.sort(reverse=True)  # the first points of different outer contours are different pixels
     runs: list[_RingRun] = []
     last = -1
-    for _, _, n, k, hier in found:
-        contours = traces[id(crop.parts[n][0])][1]
+    for _, _, n, k in found:
+        contours, hier, ox, oy = parts[n]
         if n != last:
-            ox, oy = crop.parts[n][1]
             runs.append(([], [], ox, oy))
             last = n
         runs[-1][0].append(contours[k])
