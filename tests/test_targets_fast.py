@@ -311,3 +311,125 @@ def test_targets_of_different_mask_sizes_trace_their_union_as_before(rng):
     cache.prepare([["i0", "i1"]], insts, 12, 10)
     got_union, svg = cache.union_and_svg(list(insts.values()), 12, 10, T.SVG_TOLERANCE_PX)
     assert got_union == union and svg == M.svg_path(_outline_reference(union, T.SVG_TOLERANCE_PX), 12, 10) == ""
+
+
+def test_decode_crop_of_any_runs_equals_the_runs_expanded(rng):
+    # decode_crop expands only the runs over the window's columns, cutting the
+    # first and last of them: check it against every pixel expanded from the
+    # runs, for runs with zero-length runs anywhere (first, last, in a row),
+    # runs that stop short of h * w, and windows that start or end exactly
+    # on a run boundary, cut one run at both ends, or leave the image.
+    cases = [
+        ([2, 0, 3, 0, 0, 4, 1], (4, 4)),
+        ([0, 16], (4, 4)),
+        ([16], (4, 4)),
+        ([0, 0, 0, 5], (4, 4)),  # stops short
+        ([4, 4, 4, 4], (4, 4)),  # run boundaries on column boundaries
+        ([1, 14, 1], (4, 4)),  # one run crossing every column
+        ([0], (3, 5)),
+    ]
+    for _ in range(40):
+        h, w = (int(v) for v in rng.integers(1, 9, size=2))
+        runs = rng.integers(0, 5, size=int(rng.integers(1, 12)))
+        runs[rng.random(runs.size) < 0.3] = 0
+        total = int(runs.sum())
+        if total > h * w:
+            runs = np.diff(np.minimum(np.concatenate([[0], runs.cumsum()]), h * w))
+        elif rng.random() < 0.6:
+            runs = np.concatenate([runs, [h * w - total]])
+        cases.append(([int(v) for v in runs], (h, w)))
+    for runs, (h, w) in cases:
+        rle = M.rle_from_runs(runs, (h, w))
+        assert M.rle_counts_to_runs(rle.counts).tolist() == runs
+        flat = np.repeat(np.arange(len(runs)) % 2 == 1, runs)
+        dense = np.concatenate([flat, np.zeros(h * w - flat.size, dtype=bool)]).reshape(w, h).T
+        boxes = [(x0, y0, x1, y1) for x0 in (-2, 0, 1, w - 1) for x1 in (x0 + 1, w, w + 3) for y0, y1 in ((0, h), (1, max(h - 1, 2)), (-1, h + 2))]
+        for box in boxes:
+            for pad in (0, 1):
+                crop, (ox, oy) = M.decode_crop(rle, box, pad)
+                ys, xs = np.mgrid[oy : oy + crop.shape[0], ox : ox + crop.shape[1]]
+                inside = (ys >= 0) & (ys < h) & (xs >= 0) & (xs < w)
+                ref = np.zeros(crop.shape, dtype=bool)
+                ref[inside] = dense[ys[inside], xs[inside]]
+                assert crop.dtype == np.bool_ and np.array_equal(crop, ref), (runs, (h, w), box, pad)
+
+
+def _apart_part(rng: np.random.Generator, h: int, w: int, x: int, y: int) -> np.ndarray:
+    """A small mask at (x, y): speckle (several components, single pixels, diagonal steps), or a ring with an island."""
+    m = np.zeros((h, w), bool)
+    bh, bw = (int(v) for v in rng.integers(1, 9, size=2))
+    if rng.random() < 0.3 and bh >= 5 and bw >= 5:
+        m[y : y + bh, x : x + bw] = True
+        m[y + 1 : y + bh - 1, x + 1 : x + bw - 1] = False
+        if bh >= 7 and bw >= 7:
+            m[y + 3 : y + bh - 3, x + 3 : x + bw - 3] = True  # an island in the hole
+    else:
+        m[y : y + bh, x : x + bw] = rng.random((bh, bw)) < 0.45
+        m[y, x] = True
+    return m
+
+
+def test_contours_of_masks_apart_merged_are_the_contours_of_their_union(rng):
+    # The OpenCV property ApartCrops rests on: when no pixel of one mask is
+    # next to a pixel of another, the union's CCOMP contours are the masks'
+    # own (same points, same holes under each outer contour), its outer
+    # contours last found first, each found at its first point.
+    h, w = 40, 60
+    apart = interleaved = 0
+    for trial in range(150):
+        parts = []
+        for _ in range(int(rng.integers(2, 5))):
+            parts.append(_apart_part(rng, h, w, int(rng.integers(0, w - 8)), int(rng.integers(0, h - 8))))
+        if trial % 5 == 0:  # side by side: rows shared, windows 0 to 3 px apart
+            gap = int(rng.integers(0, 4))
+            parts = [_apart_part(rng, h, w, 2, 5), _apart_part(rng, h, w, 12 + gap, 4)]
+        union = np.logical_or.reduce(parts)
+        full, (ox, oy) = M.decode_crop(M.encode_mask(union), pad_px=1)
+        want, want_h = cv2.findContours(full.view(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+        hier = want_h[0].tolist()
+        shift = np.array([ox, oy], dtype=np.int32)
+        want_outer = [want[k] + shift for k, r in enumerate(hier) if r[3] == -1]
+        want_holes = [[c + shift for c in M._holes(want, hier, k)] for k, r in enumerate(hier) if r[3] == -1]
+        for pad in (0, 1):
+            crops = [M.decode_crop(M.encode_mask(p), pad_px=pad) for p in parts]
+            got = M.outline_parts(crops)
+            if type(got) is not M.ApartCrops:
+                assert type(got) is M.CompactCrop
+                continue
+            apart += 1
+            runs = M._apart_rings(got, {})
+            outer = [c + np.array([rx, ry], dtype=np.int32) for cs, _, rx, ry in runs for c in cs]
+            holes = [[c + np.array([rx, ry], dtype=np.int32) for c in hs] for _, hss, rx, ry in runs for hs in hss]
+            assert len(outer) == len(want_outer) and len(holes) == len(want_holes)
+            for g, c in zip(outer, want_outer):
+                assert g.dtype == c.dtype and np.array_equal(g, c)
+            for gs, cs in zip(holes, want_holes):
+                assert len(gs) == len(cs) and all(np.array_equal(g, c) for g, c in zip(gs, cs))
+            # Outer contours of one crop met again after another crop's.
+            interleaved += len(runs) > len({(rx, ry) for _, _, rx, ry in runs})
+    assert apart > 100 and interleaved > 10
+
+
+def test_outlines_of_masks_apart_equal_the_outlines_of_their_unions(rng):
+    h, w = 70, 400
+    groups = _spread_part_groups(rng, h, w)
+    # 60 holed rings 3 px apart: 120 contours, more than the crop-by-crop limit.
+    groups.append([_ring_part(h, w, 80 + 6 * (k % 50), 2 + 6 * (k // 50)) for k in range(60)])
+    for _ in range(12):
+        groups.append([_apart_part(rng, h, w, int(rng.integers(0, w - 8)), int(rng.integers(0, h - 8))) for _ in range(4)])
+    unions = [M.encode_mask(np.logical_or.reduce(parts)) for parts in groups]
+    part_crops = [[M.decode_crop(M.encode_mask(p), pad_px=1) for p in parts] for parts in groups]
+    given = [(u, M.outline_parts(crops)) for u, crops in zip(unions, part_crops)]
+    kinds = [type(c) for _, c in given]
+    assert kinds.count(M.ApartCrops) >= 8 and kinds.count(M.CompactCrop) >= 3
+    # The 60 rings lie apart but have more contours than the limit: traced as a union.
+    rings = given[len(groups) - 13][1]
+    assert type(rings) is M.ApartCrops and M._apart_rings(rings, {}) is None
+    for tol in (0.0, 1.0):
+        want = [_outline_reference(u, tol).wkb for u in unions]
+        assert [g.wkb for g in M.rle_to_geometries(given, tol)] == want
+        # With the parts' own outlines in the batch (their traces shared), and undecoded unions.
+        own = [(M.encode_mask(p), c) for parts, crops in zip(groups, part_crops) for p, c in zip(parts, crops)]
+        own_want = [_outline_reference(r, tol).wkb for r, _ in own]
+        mixed = own + given + [(u, None) for u in unions]
+        assert [g.wkb for g in M.rle_to_geometries(mixed, tol)] == own_want + want + want

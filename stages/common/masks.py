@@ -482,18 +482,39 @@ def decode_crop(
     ends = runs.cumsum()
     lo, hi = cx0 * h, cx1 * h
     # The runs overlapping the column strip, clipped to it, expanded in one
-    # np.repeat (foreground runs are the odd ones).
+    # np.repeat (foreground runs are the odd ones). The runs are never
+    # negative (the decoder refuses them), so ``ends`` is sorted: run
+    # ``first`` holds pixel ``lo``, run ``stop - 1`` pixel ``hi - 1`` (or is
+    # the last run), and only those two are cut by the strip's ends.
     first = int(ends.searchsorted(lo, side="right"))
-    last = int(ends.searchsorted(hi, side="left")) + 1
-    idx = np.arange(first, min(last, runs.size))
-    seg_ends = np.minimum(ends[idx], hi)
-    seg_starts = np.maximum(ends[idx] - runs[idx], lo)
-    strip = (idx % 2 == 1).repeat(np.maximum(seg_ends - seg_starts, 0))
+    stop = min(int(ends.searchsorted(hi, side="left")) + 1, runs.size)
+    if first < stop:
+        seg = runs[first:stop].copy()
+        for k in {first, stop - 1}:
+            end = int(ends[k])
+            seg[k - first] = max(min(end, hi) - max(end - int(runs[k]), lo), 0)
+        strip = _parity(first, stop).repeat(seg)
+    else:
+        strip = np.zeros(0, dtype=bool)
     if strip.size < hi - lo:  # runs that stop short of the strip: the rest is background
         strip = np.concatenate([strip, np.zeros(hi - lo - strip.size, dtype=bool)])
     cols = strip.reshape(cx1 - cx0, h).T  # column-major -> (h, ncols)
     out[cy0 - wy0 : cy1 - wy0, cx0 - wx0 : cx1 - wx0] = cols[cy0:cy1]
     return out, (wx0, wy0)
+
+
+def _parity(first: int, stop: int) -> np.ndarray:
+    """``np.arange(first, stop) % 2 == 1`` (read-only, shared): which of runs ``first .. stop - 1`` are foreground."""
+    global _PARITY
+    table = _PARITY  # one read: another thread may swap in a larger table meanwhile
+    if table.size < stop:
+        table = np.arange(max(2 * table.size, stop, 1024)) % 2 == 1
+        table.flags.writeable = False
+        _PARITY = table
+    return table[first:stop]
+
+
+_PARITY = np.zeros(0, dtype=bool)
 
 
 def _crop_window(bbox_xyxy: Sequence[float], pad_px: int) -> tuple[int, int, int, int]:
@@ -590,6 +611,33 @@ def _kept_index(spans: list[tuple[int, int, int]], v: int) -> int:
         if a <= v < b:
             return at + v - a
     raise AssertionError("a part lies outside the kept spans")
+
+
+class ApartCrops(NamedTuple):
+    """Crops of masks that lie apart (``outline_parts``): their union's outline is traced from each crop alone.
+
+    The crops' windows, each grown by one pixel to the right and below, do
+    not meet: any two pixels of different masks are at least two columns or
+    two rows apart, so no pixel of one mask is next to a pixel of another.
+    """
+
+    parts: tuple[PaddedCrop, ...]
+
+
+def outline_parts(parts: Sequence[PaddedCrop]) -> ApartCrops | CompactCrop:
+    """What ``rle_to_geometries`` traces for the union of the masks of ``parts`` (``decode_crop`` crops).
+
+    ``ApartCrops`` when the masks lie apart (no two crop windows meet, with
+    a pixel between them): the union's contours are then the masks' own
+    contours, which ``rle_to_geometries`` traces once per crop and orders as
+    OpenCV orders the union's. Otherwise ``compact_crop(parts)``.
+    """
+    boxes = [(ox, oy, ox + crop.shape[1] + 1, oy + crop.shape[0] + 1) for crop, (ox, oy) in parts]
+    for k, (ax0, ay0, ax1, ay1) in enumerate(boxes):
+        for bx0, by0, bx1, by1 in boxes[k + 1 :]:
+            if ax0 < bx1 and bx0 < ax1 and ay0 < by1 and by0 < ay1:
+                return compact_crop(parts)
+    return ApartCrops(tuple(parts))
 
 
 def encode_crop(crop: np.ndarray, origin_xy: tuple[int, int], size: tuple[int, int]) -> Rle:
@@ -984,13 +1032,15 @@ def rle_to_geometry(rle: Rle, tolerance_px: float = 0.0, crop: PaddedCrop | None
 
 
 def rle_to_geometries(
-    masks: Sequence[tuple[Rle, PaddedCrop | CompactCrop | None]], tolerance_px: float = 0.0
+    masks: Sequence[tuple[Rle, PaddedCrop | CompactCrop | ApartCrops | None]], tolerance_px: float = 0.0
 ) -> list[BaseGeometry]:
     """``[rle_to_geometry(rle, tolerance_px, crop) for rle, crop in masks]``, GEOS called on arrays.
 
     A crop may also be a ``CompactCrop`` of the mask (``compact_crop`` of
     crops whose union is the mask): its contours, put back at their image
-    rows and columns, are those of the full crop.
+    rows and columns, are those of the full crop. Or ``ApartCrops`` of
+    crops whose union is the mask (``outline_parts``): the union's contours
+    are then those of the crops, each traced once per batch (``_apart_rings``).
 
     Each GEOS step (ring polygons, validity, repair, the half-pixel growth,
     validity after the union, simplification) runs once over the rings or
@@ -1000,21 +1050,36 @@ def rle_to_geometries(
     rings and its holes stay per mask.
     """
     out: list[BaseGeometry | None] = [None] * len(masks)
-    # (mask index, contours, hierarchy rows, outer contour indices, ox, oy)
-    traced: list[tuple[int, Sequence[np.ndarray], list[list[int]], list[int], int, int]] = []
+    # Per mask: (mask index, its outer contours in OpenCV's order, in runs
+    # that share a crop origin: (outer contours, the holes of each, ox, oy)).
+    traced: list[tuple[int, list[_RingRun]]] = []
+    # findContours of each crop array met in this batch (a target's crop
+    # is traced once for its own outline and for the unions that hold it).
+    traces: dict[int, _Trace] = {}
     for i, (rle, crop) in enumerate(masks):
         if crop is None:
             if rle_area(rle) == 0:
                 out[i] = Polygon()
                 continue
             crop = decode_crop(rle, pad_px=1)
+        if type(crop) is ApartCrops:
+            runs = _apart_rings(crop, traces)
+            if runs is None:
+                crop = compact_crop(crop.parts)
+            elif not runs:
+                out[i] = Polygon()
+                continue
+            else:
+                traced.append((i, runs))
+                continue
         if type(crop) is CompactCrop:
             pixels, cols, rows = crop
             ox = oy = 0
+            contours, hierarchy = cv2.findContours(_as_uint8(pixels), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
         else:
             pixels, (ox, oy) = crop
+            contours, hierarchy = _traced(pixels, traces)
         # An empty mask has no contour (the padded crop holds every mask pixel).
-        contours, hierarchy = cv2.findContours(_as_uint8(pixels), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
         if hierarchy is None:
             out[i] = Polygon()
             continue
@@ -1024,17 +1089,21 @@ def rle_to_geometries(
             contours = _uncompacted(contours, cols, rows)
         hier = hierarchy[0].tolist()
         outer_idx = [k for k, h in enumerate(hier) if h[3] == -1]  # the others are holes, attached below
-        traced.append((i, contours, hier, outer_idx, ox, oy))
-    grown = _grown_rings_many([([contours[k] for k in outer_idx], ox, oy) for _, contours, _, outer_idx, ox, oy in traced])
+        traced.append((i, [([contours[k] for k in outer_idx], [_holes(contours, hier, k) for k in outer_idx], ox, oy)]))
+    grown = _grown_rings_many([(outer, ox, oy) for _, runs in traced for outer, _, ox, oy in runs])
     unions = []
-    for (_, contours, hier, outer_idx, ox, oy), polys in zip(traced, grown):
-        for n, k in enumerate(outer_idx):
-            child = hier[k][2]
-            while child != -1:
-                hole = _ring_geometry(contours[child], ox, oy, grow=False)
-                if not hole.is_empty:
-                    polys[n] = polys[n].difference(hole.buffer(-0.5, join_style="mitre"))
-                child = hier[child][0]
+    at = 0
+    for _, runs in traced:
+        polys = []
+        for outer, holes, ox, oy in runs:
+            run_polys = grown[at]
+            at += 1
+            for n, hole_contours in enumerate(holes):
+                for cnt in hole_contours:
+                    hole = _ring_geometry(cnt, ox, oy, grow=False)
+                    if not hole.is_empty:
+                        run_polys[n] = run_polys[n].difference(hole.buffer(-0.5, join_style="mitre"))
+            polys.extend(run_polys)
         if len(polys) == 1 and type(polys[0]) is Polygon and not _is_empty(polys[0]):
             # GEOS's union of one non-empty polygon is a clone of it (its
             # cascaded union of a single item copies it; no overlay runs),
@@ -1052,6 +1121,85 @@ def rle_to_geometries(
         for (i, *_), geom in zip(traced, geoms.tolist()):
             out[i] = _polygonal(geom)
     return out  # type: ignore[return-value]
+
+
+#: A run of outer contours that share a crop origin: (contours, the hole contours of each, ox, oy).
+_RingRun = tuple[list[np.ndarray], list[list[np.ndarray]], int, int]
+#: A crop array and its ``cv2.findContours`` result.
+_Trace = tuple[np.ndarray, Sequence[np.ndarray], np.ndarray | None]
+
+#: ``rle_to_geometries`` traces an ``ApartCrops`` union crop by crop only
+#: below this many contours in all (OpenCV's border labels are 7-bit: the
+#: union's own trace never wraps them then).
+APART_MAX_CONTOURS = 100
+
+
+def _traced(pixels: np.ndarray, traces: dict[int, _Trace]) -> tuple[Sequence[np.ndarray], np.ndarray | None]:
+    """``cv2.findContours`` (CCOMP, SIMPLE) of a crop, once per crop array (``traces``: by ``id``, with the array)."""
+    got = traces.get(id(pixels))
+    if got is None or got[0] is not pixels:  # an id is only reused once its array is gone
+        contours, hierarchy = cv2.findContours(_as_uint8(pixels), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+        got = traces[id(pixels)] = (pixels, contours, hierarchy)
+    return got[1], got[2]
+
+
+def _holes(contours: Sequence[np.ndarray], hier: list[list[int]], k: int) -> list[np.ndarray]:
+    """The hole contours of outer contour ``k``, in OpenCV's order (its first child, then each next sibling)."""
+    holes = []
+    child = hier[k][2]
+    while child != -1:
+        holes.append(contours[child])
+        child = hier[child][0]
+    return holes
+
+
+def _apart_rings(crop: ApartCrops, traces: dict[int, _Trace]) -> list[_RingRun] | None:
+    """The outer contours (with holes) of the union of masks that lie apart, as ``cv2.findContours`` lists the union's.
+
+    No pixel of one mask is next to a pixel of another, so Suzuki's border
+    following, which reads only the eight neighbours of mask pixels, traces
+    in the union exactly the borders it traces in each mask alone (same
+    start pixel, chain and kept points; each hole stays with its own outer
+    border). What the union changes is their order: OpenCV's raster scan
+    finds each outer border at its component's first pixel in row-major
+    order, which is the contour's first point, and RETR_CCOMP lists the
+    outer borders last found first, each with its holes. So the masks'
+    outer contours are merged in decreasing (row, column) of their first
+    point in image coordinates. tests/test_targets_fast.py checks this
+    against OpenCV's trace of the union on tricky masks.
+
+    Returns:
+        Runs of consecutive outer contours from one crop; None when the
+        masks have ``APART_MAX_CONTOURS`` contours or more (trace the union).
+    """
+    parts: list[tuple[Sequence[np.ndarray], list[list[int]], int, int]] = []
+    found: list[tuple[int, int, int, int]] = []  # (row, column) of the first point, part, contour
+    total = 0
+    for pixels, (ox, oy) in crop.parts:
+        contours, hierarchy = _traced(pixels, traces)
+        if hierarchy is None:
+            continue
+        total += len(contours)
+        hier = hierarchy[0].tolist()
+        n = len(parts)
+        parts.append((contours, hier, ox, oy))
+        for k, h in enumerate(hier):
+            if h[3] == -1:
+                first = contours[k][0, 0]
+                found.append((int(first[1]) + oy, int(first[0]) + ox, n, k))
+    if total >= APART_MAX_CONTOURS:
+        return None
+    found.sort(reverse=True)  # the first points of different outer contours are different pixels
+    runs: list[_RingRun] = []
+    last = -1
+    for _, _, n, k in found:
+        contours, hier, ox, oy = parts[n]
+        if n != last:
+            runs.append(([], [], ox, oy))
+            last = n
+        runs[-1][0].append(contours[k])
+        runs[-1][1].append(_holes(contours, hier, k))
+    return runs
 
 
 def _uncompacted(contours: Sequence[np.ndarray], cols: np.ndarray, rows: np.ndarray) -> list[np.ndarray]:

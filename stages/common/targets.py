@@ -19,12 +19,13 @@ from typing import Any
 from orsgen.schemas.records import Instance, Rle, Sample, TargetGeometry
 from orsgen.stages.common import masks
 from orsgen.stages.common.masks import (
+    ApartCrops,
     CompactCrop,
     MaskError,
     PaddedCrop,
-    compact_crop,
     decode_crop,
     interior_points,
+    outline_parts,
     padded_distance_transforms,
     rle_to_geometries,
     rle_union,
@@ -111,23 +112,24 @@ class TargetCache:
             got = self._crops[key] = decode_crop(rle, pad_px=1)
         return got
 
-    def outline_crop(self, targets: Sequence[Instance]) -> PaddedCrop | CompactCrop | None:
+    def outline_crop(self, targets: Sequence[Instance]) -> PaddedCrop | CompactCrop | ApartCrops | None:
         """The pixels ``rle_to_geometries`` traces for the union of ``targets``' masks.
 
         One target's union is its own mask (the same crop); several targets'
-        crops, decoded once each for their points, are put together on the
-        rows and columns they span (``compact_crop``) instead of decoding the
-        union's window, mostly background when the targets lie apart. None
-        (trace the union itself) when the masks differ in size: their union
-        is then pycocotools' empty 0×0 mask, which the crops do not show
-        (ingest rejects such masks first).
+        crops, decoded once each for their points, are traced each alone
+        when the targets lie apart (``ApartCrops``), or else put together on
+        the rows and columns they span (``compact_crop``), instead of
+        decoding the union's window (``outline_parts``). None (trace the
+        union itself) when the masks differ in size: their union is then
+        pycocotools' empty 0×0 mask, which the crops do not show (ingest
+        rejects such masks first).
         """
         if len(targets) == 1:
             return self.crop(targets[0].rle)
         size = targets[0].rle.size
         if any(t.rle.size != size for t in targets):
             return None
-        return compact_crop([self.crop(t.rle) for t in targets])
+        return outline_parts([self.crop(t.rle) for t in targets])
 
     def geometry(self, inst: Instance, width: int, height: int) -> TargetGeometry:
         """``target_geometry(inst, width, height)``, computed once per instance."""
@@ -203,7 +205,7 @@ class TargetCache:
         self, target_lists: Sequence[Sequence[Instance]], width: int, height: int, tolerance_px: float
     ) -> None:
         """Stores the union mask and SVG path of each target list not stored yet, outlines in one batch."""
-        todo: list[tuple[tuple[Any, ...], Rle, PaddedCrop | CompactCrop | None]] = []
+        todo: list[tuple[tuple[Any, ...], Rle, PaddedCrop | CompactCrop | ApartCrops | None]] = []
         keys: set[tuple[Any, ...]] = set()
         for targets in target_lists:
             key = self._shape_key(targets, width, height, tolerance_px)
