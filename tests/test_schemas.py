@@ -169,3 +169,30 @@ def test_replace_record_equals_dataclasses_replace():
         with pytest.raises(TypeError) as got_err:
             records.replace_record(ex.samples[0], **bad)
         assert str(got_err.value) == str(want_err.value)
+
+
+def test_slots_constructor_equals_the_dataclass_init():
+    """``slots_constructor(cls)(*values)`` is ``cls(*values)``; classes whose ``__init__`` does more are refused."""
+    from orsgen.schemas import records
+    from orsgen.stages.expressions.context import Candidate
+    from orsgen.stages.expressions.geometry import Geom
+
+    cases = [
+        (Geom, ("i1", None, True, 0.0, -0.0, float("nan"), 1, 2.5, 3e300, -4.0)),
+        (Geom, ("", "cup", False, 12.0, 1.5, 2.5, 0.0, 0.0, 3.0, 4.0)),
+        (Candidate, ("category_single", "the é cup", ("a", "b"), "category.single", {"k": [1]})),
+        (records.Presence, (3, "cup\x00", "kitchen", True, "k")),
+    ]
+    for cls, values in cases:
+        make = records.slots_constructor(cls)
+        got, want = make(*values), cls(*values)
+        assert type(got) is cls and repr(got) == repr(want)
+        for f, v in zip(dataclasses.fields(cls), values):
+            assert getattr(got, f.name) is v  # the values themselves, as __init__ stores them
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(got, dataclasses.fields(cls)[0].name, "x")
+        with pytest.raises(TypeError):
+            make(*values[:-1])  # every field is required, positionally
+    # Reject's __post_init__ cuts long text: its constructor must stay its own.
+    with pytest.raises(TypeError, match="Reject"):
+        records.slots_constructor(Reject)

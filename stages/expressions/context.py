@@ -20,7 +20,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from orsgen.schemas.records import Instance, Presence
+from orsgen.schemas.records import Instance, Presence, slots_constructor
 from orsgen.stages.expressions.geometry import Geom, Margins, instance_geom, rle_moments_many
 from orsgen.stages.splits import sha256_unit
 
@@ -50,32 +50,11 @@ class Candidate:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
-def _candidate_maker() -> Any:
-    new = object.__new__
-    set_kind, set_expression, set_targets, set_template, set_metadata = (
-        getattr(Candidate, name).__set__ for name in ("kind", "expression", "target_ids", "template", "metadata")
-    )
-
-    def make_candidate(
-        kind: str, expression: str, target_ids: tuple[str, ...], template: str, metadata: dict[str, Any]
-    ) -> Candidate:
-        """``Candidate(kind, expression, target_ids, template, metadata)``, its slots set directly."""
-        c = new(Candidate)
-        set_kind(c, kind)
-        set_expression(c, expression)
-        set_targets(c, target_ids)
-        set_template(c, template)
-        set_metadata(c, metadata)
-        return c
-
-    return make_candidate
-
-
 #: ``make_candidate(kind, expression, target_ids, template, metadata)`` equals
 #: ``Candidate(...)`` of the same fields: the slots set directly, without the
 #: frozen dataclass's ``object.__setattr__`` call per field (about half the
 #: cost; the generators make a hundred candidates per image).
-make_candidate = _candidate_maker()
+make_candidate = slots_constructor(Candidate)
 
 
 @dataclass(frozen=True)

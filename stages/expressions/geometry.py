@@ -75,13 +75,13 @@ from __future__ import annotations
 import bisect
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
 import numpy as np
 
-from orsgen.schemas.records import Instance, Rle
+from orsgen.schemas.records import Instance, Rle, slots_constructor
 from orsgen.stages.common.masks import rle_counts_to_runs, warm_runs_cache
 
 #: ``on``: the subject's box must overlap the anchor's box on at least this
@@ -397,37 +397,9 @@ def instance_geom(inst: Instance, moments: tuple[int, float, float] | None = Non
     return _make_geom(inst.instance_id, inst.category_name, bool(inst.iscrowd), float(area), float(cx), float(cy), x0, y0, x1, y1)
 
 
-def _geom_maker() -> Any:
-    new = object.__new__
-    setters = tuple(getattr(Geom, f.name).__set__ for f in fields(Geom))
-    if len(setters) != 10:
-        raise AssertionError("Geom's fields changed: update _geom_maker.")
-    s_id, s_cat, s_crowd, s_area, s_cx, s_cy, s_x0, s_y0, s_x1, s_y1 = setters
-
-    def make_geom(
-        instance_id: str, category: str | None, iscrowd: bool, area_px: float,
-        cx: float, cy: float, x0: float, y0: float, x1: float, y1: float,
-    ) -> Geom:
-        """``Geom(...)`` of the same fields in order, its slots set directly."""
-        g = new(Geom)
-        s_id(g, instance_id)
-        s_cat(g, category)
-        s_crowd(g, iscrowd)
-        s_area(g, area_px)
-        s_cx(g, cx)
-        s_cy(g, cy)
-        s_x0(g, x0)
-        s_y0(g, y0)
-        s_x1(g, x1)
-        s_y1(g, y1)
-        return g
-
-    return make_geom
-
-
 #: ``Geom(...)`` without the frozen dataclass's ``object.__setattr__`` per field
 #: (ten fields; ``ImageContext.build`` makes one per instance of every image).
-_make_geom = _geom_maker()
+_make_geom = slots_constructor(Geom)
 
 
 # ---------------------------------------------------------------- conditions

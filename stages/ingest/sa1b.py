@@ -504,13 +504,9 @@ def _build_example(
         for index, ann in enumerate(annotations):
             ann_ref = str(ann["id"]) if isinstance(ann, dict) and _is_int(ann.get("id")) else f"index{index}"
             out_rejects.append(
-                Reject(
-                    source_key=f"{_member_key(url, js.name)}/ann:{ann_ref}",
-                    stage=STAGE,
-                    reason=IMAGE_REJECTED,
-                    message=f"annotation {ann_ref} of {_show(js.name)} is on an image rejected as {err.reason}.",
-                    level=RejectLevel.INSTANCE,
-                    image_id=image_id,
+                _annotation_reject(
+                    url, js.name, ann_ref, image_id, IMAGE_REJECTED,
+                    f"annotation {ann_ref} of {_show(js.name)} is on an image rejected as {err.reason}.",
                 )
             )
         return out_rejects
@@ -542,16 +538,7 @@ def _build_example(
             except _BadAnnotation as err:
                 c = (err.reason, str(err))
         reason, message = c  # type: ignore[misc]
-        out.append(
-            Reject(
-                source_key=f"{_member_key(url, js.name)}/ann:{ann_ref}",
-                stage=STAGE,
-                reason=reason,
-                message=f"annotation {ann_ref} of {_show(js.name)}: {message}",
-                level=RejectLevel.INSTANCE,
-                image_id=image_id,
-            )
-        )
+        out.append(_annotation_reject(url, js.name, ann_ref, image_id, reason, f"annotation {ann_ref} of {_show(js.name)}: {message}"))
     # Tar and JSON order are the producer's; sorting by the source id makes
     # the record independent of how the JSON was written.
     instances.sort(key=lambda i: i.source_ann_id)
@@ -756,6 +743,18 @@ def _image_reject(url: str, name: str, stem: str, reason: str, message: str) -> 
         message=message,
         level=RejectLevel.IMAGE,
         image_id=f"sa1b:{int(stem.removeprefix('sa_'))}",
+    )
+
+
+def _annotation_reject(url: str, name: str, ann_ref: str, image_id: str, reason: str, message: str) -> Reject:
+    """An instance-level reject of annotation ``ann_ref`` of the JSON member ``name``."""
+    return Reject(
+        source_key=f"{_member_key(url, name)}/ann:{ann_ref}",
+        stage=STAGE,
+        reason=reason,
+        message=message,
+        level=RejectLevel.INSTANCE,
+        image_id=image_id,
     )
 
 
