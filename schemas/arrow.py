@@ -312,14 +312,15 @@ def _j_floats(values: Any) -> str:
             a, b, c, d = values
             if a.__class__ is float and b.__class__ is float and c.__class__ is float and d.__class__ is float:
                 # %r of an exact float is float.__repr__, as below.
-                text = "[%r,%r,%r,%r]" % values
-                if "n" in text:  # nan, inf, -inf: the only float reprs with an "n"
-                    text = text.replace("nan", "NaN").replace("inf", "Infinity")
-                return text
-    text = ",".join(map(_float_repr, map(float, values)))
+                return _non_finite_as_json("[%r,%r,%r,%r]" % values)
+    return _non_finite_as_json("[" + ",".join(map(_float_repr, map(float, values))) + "]")
+
+
+def _non_finite_as_json(text: str) -> str:
+    """Float reprs written as json.dumps writes them: ``nan``, ``inf`` -> ``NaN``, ``Infinity``."""
     if "n" in text:  # nan, inf, -inf: the only float reprs with an "n"
         text = text.replace("nan", "NaN").replace("inf", "Infinity")
-    return "[" + text + "]"
+    return text
 
 
 def _j_ints(values: Any) -> str:

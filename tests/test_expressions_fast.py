@@ -870,7 +870,7 @@ def test_image_anchors_and_formatted_texts_equal_the_direct_ones():
 
     from orsgen.stages.expressions import load_templates
     from orsgen.stages.expressions.context import ImageContext
-    from orsgen.stages.expressions.descriptions import _anchors, _formatted
+    from orsgen.stages.expressions.descriptions import _anchors, _formatted, _image_anchors
     from orsgen.stages.expressions.geometry import Geom, Margins
     from orsgen.stages.expressions.vocabulary import load_vocabulary
 
@@ -905,7 +905,7 @@ def test_image_anchors_and_formatted_texts_equal_the_direct_ones():
             nouns=nouns,
         )
         for target in names + ["absent", ""]:
-            got = _anchors(ctx, target)
+            got = _anchors(_image_anchors(ctx), target)
             assert got == _anchors_by_scan(ctx, target), (trial, target)
             seen.add(len(got))
     assert max(seen) >= 2 and 0 in seen

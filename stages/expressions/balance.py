@@ -123,7 +123,7 @@ def balance(
         ``over_image_cap``).
     """
     merged, counts = merge_identical(positives)
-    order = ctx.shuffled_named(merged, [_cand_key(c) for c in merged])
+    order = ctx.shuffled(merged, key=_cand_key)
 
     # Per-target cap over phrase + description, in the seeded order: the
     # descriptive candidates as they come in ``order`` (shuffling them again

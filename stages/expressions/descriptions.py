@@ -78,9 +78,12 @@ def evaluate(t: Any, pool: Sequence[Geom], ctx: ImageContext, anchor: Geom | Non
     raise TypeError(f"unknown template type {type(t).__name__}.")
 
 
-def _anchors(ctx: ImageContext, target_category: str) -> list[tuple[str, Geom]]:
-    """Categories other than the target's with exactly one instance and no crowd, kept by region selection."""
-    return [a for a in _image_anchors(ctx) if a[0] != target_category]
+def _anchors(image_anchors: list[tuple[str, Geom]], target_category: str) -> list[tuple[str, Geom]]:
+    """Categories other than the target's with exactly one instance and no crowd, kept by region selection.
+
+    ``image_anchors`` is ``_image_anchors(ctx)``, made once per image.
+    """
+    return [a for a in image_anchors if a[0] != target_category]
 
 
 def _image_anchors(ctx: ImageContext) -> list[tuple[str, Geom]]:
@@ -226,8 +229,8 @@ def description_candidates(
             if how == _RELATION:
                 if name not in anchors_of:
                     if image_anchors is None:
-                        image_anchors = _image_anchors(ctx)  # what _anchors filters, once per image
-                    anchors_of[name] = [a for a in image_anchors if a[0] != name]
+                        image_anchors = _image_anchors(ctx)  # once per image
+                    anchors_of[name] = _anchors(image_anchors, name)
                 anchors: list[tuple[str, Geom] | None] = list(anchors_of[name])
             else:
                 anchors = [None]

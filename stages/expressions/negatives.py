@@ -58,7 +58,7 @@ def absent_categories(
             continue
         seen.add(cat.name)
         absent.append((cat, bool(cat.supercategory) and cat.supercategory in ctx.present_supercategories))
-    ordered = ctx.shuffled_named(absent, [str(cb[0].name) for cb in absent])  # ctx.shuffled(absent, key=name)
+    ordered = ctx.shuffled(absent, key=lambda cb: cb[0].name)
     if hard_first:
         ordered = [cb for cb in ordered if cb[1]] + [cb for cb in ordered if not cb[1]]
     return ordered

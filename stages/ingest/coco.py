@@ -74,6 +74,7 @@ from orsgen.stages.ingest.safe_pickle import UnsafePickleError, restricted_loads
 from orsgen.stages.ingest.validate import (
     MAX_NAME_CHARS,
     MAX_TEXT_CHARS,
+    PLAIN_NUMBERS,
     int_problem,
     show,
     split_problem,
@@ -871,9 +872,6 @@ def _read_image(uri: str, max_bytes: int) -> bytes:
     return retry_transient(read, what=f"reading {uri}")
 
 
-_PLAIN_NUMBERS = frozenset((int, float))
-
-
 def _polygon_clearly_in_range(poly: list[Any], width: int, height: int) -> bool:
     """True when every coordinate is a plain finite int or float within the bounds.
 
@@ -884,7 +882,7 @@ def _polygon_clearly_in_range(poly: list[Any], width: int, height: int) -> bool:
     names the problem.
     """
     try:
-        if not set(map(type, poly)) <= _PLAIN_NUMBERS:
+        if not set(map(type, poly)) <= PLAIN_NUMBERS:
             return False
         # No NaN or inf (a sum of finite values that overflows only sends the
         # polygon to the loop), so min and max below are exact.
@@ -964,7 +962,7 @@ def _clean_polygons(segm: list[Any], width: int, height: int) -> bool:
         return False
     try:
         for p in segm:
-            if type(p) is not list or len(p) < 6 or len(p) % 2 or not set(map(type, p)) <= _PLAIN_NUMBERS:
+            if type(p) is not list or len(p) < 6 or len(p) % 2 or not set(map(type, p)) <= PLAIN_NUMBERS:
                 return False
             # A finite sum means no NaN or inf, so min and max are exact.
             if not math.isfinite(sum(p)):

@@ -93,7 +93,8 @@ def text_problem(value: str, what: str, max_chars: int = MAX_STRING_CHARS) -> tu
     return None
 
 
-_NUMBERS = frozenset((int, float))
+#: The plain number types (``type(x)``, so no bool and no subclass) the clean-value shortcuts accept.
+PLAIN_NUMBERS = frozenset((int, float))
 _LISTS = frozenset((list,))
 _STRS = frozenset((str,))
 _search_bad = _BAD_CHARS.search
@@ -151,7 +152,7 @@ def _clean_count(v: dict[Any, Any] | list[Any], limits: dict[str, int], depth: i
     if n > budget:
         return -1
     types = set(map(type, v))
-    if types <= _NUMBERS:
+    if types <= PLAIN_NUMBERS:
         return n if not v or _ints_in_range(v, types) else -1
     if types == _LISTS and depth + 1 < MAX_DEPTH:
         # Polygons: a list of flat number lists, checked as one chain.
@@ -159,7 +160,7 @@ def _clean_count(v: dict[Any, Any] | list[Any], limits: dict[str, int], depth: i
         if n > budget:
             return -1
         inner = set(map(type, itertools.chain.from_iterable(v)))
-        if inner <= _NUMBERS:
+        if inner <= PLAIN_NUMBERS:
             if not _ints_in_range(list(itertools.chain.from_iterable(v)) if int in inner else (), inner):
                 return -1
             return n
